@@ -1,0 +1,27 @@
+# One entry point per developer task; every target sets up what it needs first.
+.PHONY: setup run test lint protos bench clean
+
+PY := .venv/bin/python
+
+setup:
+	@scripts/setup
+
+run: setup
+	$(PY) -m services.cli.main demo
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+	.venv/bin/mypy
+
+protos: setup
+	$(PY) protos/generate.py
+
+bench: setup
+	$(PY) -m bench.idle_memory
+
+clean:
+	rm -rf .venv .mypy_cache .ruff_cache .pytest_cache .run

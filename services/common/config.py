@@ -1,0 +1,668 @@
+"""The one node configuration: a typed YAML file per node plus ``PEERMIRROR_*`` overrides.
+
+Every service and the CLI load their settings through :func:`load_config`, so a typo or a wrong
+type fails at start with a message naming the dotted key and where it came from (file or
+environment variable), instead of surfacing later as an odd runtime error.
+
+The loader is deliberately small and hand-written (no pydantic): it walks the frozen dataclasses
+below and their type hints, which keeps each service's resident memory low.
+
+Environment overrides are spelled ``PEERMIRROR_<SECTION>__<KEY>`` (a double underscore separates
+nesting levels, e.g. ``PEERMIRROR_REGISTRY__PORT=7443``). Lists are comma separated, mappings are
+``k=v,k2=v2``, booleans accept true/false/1/0/yes/no, and an empty value sets an optional key to
+null. ``PEERMIRROR_*`` variables without a double underscore are not config overrides and are left
+alone (the CLI may use them for other things).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+ENV_PREFIX = "PEERMIRROR_"
+ENV_NESTING = "__"
+
+
+class ConfigError(Exception):
+    """The configuration is unusable; the message names the key and its source."""
+
+
+def parse_host_port(s: str) -> tuple[str, int]:
+    """Split ``host:port`` (``[v6]:port`` for IPv6 literals) into host and port.
+
+    The host may be empty (``:5001`` means every interface to the caller). Raises ``ValueError``.
+    """
+    host, sep, port_text = s.rpartition(":")
+    if not sep:
+        raise ValueError(f"expected host:port, got {s!r}")
+    if host.startswith("["):
+        if not host.endswith("]"):
+            raise ValueError(f"unterminated IPv6 literal in {s!r}")
+        host = host[1:-1]
+    elif ":" in host:
+        # A bare IPv6 address would make the port ambiguous.
+        raise ValueError(f"IPv6 addresses must be bracketed ([addr]:port), got {s!r}")
+    if not port_text.isdigit():
+        raise ValueError(f"port must be a number in {s!r}")
+    port = int(port_text)
+    if port > 65535:
+        raise ValueError(f"port out of range in {s!r}")
+    return host, port
+
+
+def _check_port(value: object) -> None:
+    if isinstance(value, int) and not 0 <= value <= 65535:
+        raise ValueError(f"port out of range 0-65535: {value}")
+
+
+def _check_host_port(value: object) -> None:
+    if isinstance(value, str):
+        parse_host_port(value)
+
+
+def _check_listen_address(value: object) -> None:
+    # gRPC listeners may also be unix sockets.
+    if isinstance(value, str) and not value.startswith("unix:"):
+        parse_host_port(value)
+
+
+def _check_positive(value: object) -> None:
+    if isinstance(value, int | float) and value <= 0:
+        raise ValueError(f"must be > 0, got {value}")
+
+
+def _doc(
+    text: str, check: Callable[[object], None] | None = None, shown: str | None = None
+) -> dict[str, Any]:
+    """Field metadata: the one-line doc, an optional value check, an optional shown default."""
+    meta: dict[str, Any] = {"doc": text}
+    if check is not None:
+        meta["check"] = check
+    if shown is not None:
+        meta["shown_default"] = shown
+    return meta
+
+
+LogLevel = Literal["debug", "info", "warning", "error"]
+LogFormat = Literal["json", "console"]
+StoreBackend = Literal["containerd", "oci-layout"]
+
+
+@dataclass(frozen=True)
+class NodeSection:
+    """Identity of this node."""
+
+    name: str = field(
+        default_factory=socket.gethostname,
+        metadata=_doc("node name used in logs and status", shown="<hostname>"),
+    )
+    data_dir: Path = field(
+        default=Path("/var/lib/peermirror"),
+        metadata=_doc("directory for peermirror's own state (keys, caches)"),
+    )
+    address: str = field(
+        default="",
+        metadata=_doc("IP address peers use to reach this node; empty = autodetect"),
+    )
+    k3s_config: Path | None = field(
+        default=None,
+        metadata=_doc("path of a K3s config.yaml to read K3s registry switches from; null = none"),
+    )
+
+
+@dataclass(frozen=True)
+class LogSection:
+    """How services log."""
+
+    level: LogLevel = field(default="info", metadata=_doc("minimum level logged"))
+    format: LogFormat = field(
+        default="json", metadata=_doc("json (one object per line) or console (human readable)")
+    )
+
+
+@dataclass(frozen=True)
+class RegistrySection:
+    """The node-local OCI pull registry containerd uses as its mirror."""
+
+    host: str = field(default="0.0.0.0", metadata=_doc("HTTP listen host of the registry"))
+    port: int = field(
+        default=6443, metadata=_doc("HTTP listen port of the registry", check=_check_port)
+    )
+    grpc_address: str = field(
+        default="127.0.0.1:6444",
+        metadata=_doc(
+            "node-local gRPC introspection address (host:port or unix:/path)",
+            check=_check_listen_address,
+        ),
+    )
+    default_registry: str | None = field(
+        default=None,
+        metadata=_doc(
+            "registry assumed when a request carries no ns parameter; null = refuse such requests"
+        ),
+    )
+    allow_latest: bool = field(
+        default=False, metadata=_doc("serve tags named 'latest' (mutable, so refused by default)")
+    )
+    filters: list[str] = field(
+        default_factory=list,
+        metadata=_doc(
+            "regexes (re.search) on 'registry/name:tag' of tag requests; when set, only "
+            "matching tags are resolved (digest requests are not filtered)"
+        ),
+    )
+    registries_file: Path = field(
+        default=Path("/etc/rancher/k3s/registries.yaml"),
+        metadata=_doc("K3s registries.yaml whose 'mirrors' decide which registries are mirrored"),
+    )
+    resolve_timeout: float = field(
+        default=0.05,
+        metadata=_doc("seconds to wait for discovery to name a provider", check=_check_positive),
+    )
+    header_timeout: float = field(
+        default=0.04,
+        metadata=_doc(
+            "seconds to wait for a peer's response headers before asking another peer",
+            check=_check_positive,
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class DiscoverySection:
+    """The peer-to-peer discovery service (DHT of content providers)."""
+
+    host: str = field(default="0.0.0.0", metadata=_doc("peer-facing listen host"))
+    port: int = field(default=5001, metadata=_doc("peer-facing listen port", check=_check_port))
+    local_address: str = field(
+        default="127.0.0.1:5002",
+        metadata=_doc(
+            "node-local gRPC API address (host:port or unix:/path); never expose to peers",
+            check=_check_listen_address,
+        ),
+    )
+    bootstrap_peers: list[str] = field(
+        default_factory=list, metadata=_doc("static peer addresses (host:port) to join through")
+    )
+    bootstrap_dns: str | None = field(
+        default=None, metadata=_doc("DNS name whose A/AAAA records are bootstrap peers")
+    )
+    bootstrap_url: str | None = field(
+        default=None, metadata=_doc("URL returning a JSON list of peer addresses")
+    )
+    record_ttl: float = field(
+        default=600.0,
+        metadata=_doc("seconds a provider record lives without republish", check=_check_positive),
+    )
+    republish_interval: float = field(
+        default=120.0,
+        metadata=_doc("seconds between republishing this node's records", check=_check_positive),
+    )
+    lookup_cache_ttl: float = field(
+        default=5.0, metadata=_doc("seconds provider lookups are cached for")
+    )
+    probe_interval: float = field(
+        default=10.0,
+        metadata=_doc(
+            "seconds a peer or provider may stay silent before it is pinged",
+            check=_check_positive,
+        ),
+    )
+    probe_timeout: float = field(
+        default=2.0,
+        metadata=_doc("deadline in seconds of a liveness ping", check=_check_positive),
+    )
+    liveness_window: float = field(
+        default=30.0,
+        metadata=_doc(
+            "seconds of silence after which a peer and its provider records are dropped "
+            "(must exceed probe_interval)",
+            check=_check_positive,
+        ),
+    )
+    max_failures: int = field(
+        default=2,
+        metadata=_doc(
+            "consecutive failed calls after which a peer is taken for dead", check=_check_positive
+        ),
+    )
+    rpc_timeout: float = field(
+        default=1.0,
+        metadata=_doc("deadline in seconds of every other call to a peer", check=_check_positive),
+    )
+
+
+@dataclass(frozen=True)
+class PinnerSection:
+    """The node's containerd agent: advertises content, imports air-gap images, writes mirrors."""
+
+    grpc_address: str = field(
+        default="127.0.0.1:5003",
+        metadata=_doc(
+            "node-local gRPC API address (host:port or unix:/path)", check=_check_listen_address
+        ),
+    )
+    images_dir: Path = field(
+        default=Path("/var/lib/rancher/k3s/agent/images"),
+        metadata=_doc("air-gap image archives to import and pin"),
+    )
+    certs_dir: Path = field(
+        default=Path("/var/lib/rancher/k3s/agent/etc/containerd/certs.d"),
+        metadata=_doc("containerd certs.d directory the hosts.toml mirror files are written to"),
+    )
+    resync_interval: float = field(
+        default=300.0,
+        metadata=_doc("seconds between full re-walks of the content store", check=_check_positive),
+    )
+    import_settle: float = field(
+        default=2.0,
+        metadata=_doc(
+            "seconds a changed images-directory file must stay unchanged before it is imported",
+            check=_check_positive,
+        ),
+    )
+    import_poll_interval: float = field(
+        default=1.0,
+        metadata=_doc("seconds between scans of the images directory", check=_check_positive),
+    )
+    write_hosts: bool = field(
+        default=True,
+        metadata=_doc("write certs_dir/<host>/hosts.toml from registry.registries_file at start"),
+    )
+    mirror_tls: bool = field(
+        default=True,
+        metadata=_doc("the embedded registry serves https (false: hosts.toml points at http)"),
+    )
+    ca_file: Path | None = field(
+        default=None,
+        metadata=_doc("cluster CA containerd trusts for the embedded registry; null = system CAs"),
+    )
+    client_cert_file: Path | None = field(
+        default=None,
+        metadata=_doc("client certificate containerd presents to the embedded registry"),
+    )
+    client_key_file: Path | None = field(
+        default=None, metadata=_doc("private key of client_cert_file")
+    )
+    disable_default_endpoint: bool = field(
+        default=False,
+        metadata=_doc("K3s disable-default-registry-endpoint: mirrored registries lose upstream"),
+    )
+    containerd_flavour: Literal["k3s", "upstream"] = field(
+        default="k3s",
+        metadata=_doc("containerd reading hosts.toml: k3s (rewrites honoured) or upstream"),
+    )
+    containerd_version: str = field(
+        default="1.7",
+        metadata=_doc("major.minor of that containerd (dial_timeout needs >= 2.1)"),
+    )
+    dial_timeout: float | None = field(
+        default=None,
+        metadata=_doc("seconds for hosts.toml dial_timeout (containerd >= 2.1); null = unset"),
+    )
+
+
+@dataclass(frozen=True)
+class StoreSection:
+    """Where the node's content lives."""
+
+    backend: StoreBackend = field(
+        default="containerd", metadata=_doc("content store: containerd or oci-layout")
+    )
+    containerd_address: str = field(
+        default="/run/k3s/containerd/containerd.sock",
+        metadata=_doc("containerd gRPC socket path"),
+    )
+    containerd_namespace: str = field(
+        default="k8s.io", metadata=_doc("containerd namespace holding the images")
+    )
+    content_root: Path | None = field(
+        default=None,
+        metadata=_doc(
+            "containerd content store directory for zero-copy reads; null = ask containerd"
+        ),
+    )
+    oci_layout_path: Path = field(
+        default=Path("/var/lib/peermirror/oci-layout"),
+        metadata=_doc("OCI image layout directory used by the oci-layout backend"),
+    )
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """The whole configuration of one node."""
+
+    node: NodeSection = field(default_factory=NodeSection)
+    log: LogSection = field(default_factory=LogSection)
+    registry: RegistrySection = field(default_factory=RegistrySection)
+    discovery: DiscoverySection = field(default_factory=DiscoverySection)
+    pinner: PinnerSection = field(default_factory=PinnerSection)
+    store: StoreSection = field(default_factory=StoreSection)
+
+
+# --- type introspection --------------------------------------------------------------------
+
+_D = TypeVar("_D")
+
+_hints_cache: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    # The module uses postponed annotations, so field types must be resolved by name.
+    if cls not in _hints_cache:
+        _hints_cache[cls] = typing.get_type_hints(cls)
+    return _hints_cache[cls]
+
+
+def _optional_inner(tp: Any) -> Any | None:
+    """The ``X`` of ``X | None``, or None when ``tp`` is not optional."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(tp)) == 2:
+            return args[0]
+    return None
+
+
+def _type_name(tp: Any) -> str:
+    inner = _optional_inner(tp)
+    if inner is not None:
+        return f"{_type_name(inner)} | null"
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list[{_type_name(typing.get_args(tp)[0])}]"
+    if origin is dict:
+        k, v = typing.get_args(tp)
+        return f"dict[{_type_name(k)}, {_type_name(v)}]"
+    if tp is Path:
+        return "path"
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp)
+
+
+def _describe_value(value: object) -> str:
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{type(value).__name__} {text}"
+
+
+class _ValueError(Exception):
+    """A conversion failure without location; the caller adds key and source."""
+
+
+def _from_yaml(value: object, tp: Any) -> object:
+    """Check and convert one YAML value to ``tp`` (nested dataclasses handled by the caller)."""
+    inner = _optional_inner(tp)
+    if inner is not None:
+        return None if value is None else _from_yaml(value, inner)
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices or isinstance(value, bool):
+            allowed = ", ".join(repr(c) for c in choices)
+            raise _ValueError(f"expected one of {allowed}, got {_describe_value(value)}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise _ValueError(f"expected {_type_name(tp)}, got {_describe_value(value)}")
+        (item_tp,) = typing.get_args(tp)
+        out = []
+        for i, item in enumerate(value):
+            try:
+                out.append(_from_yaml(item, item_tp))
+            except _ValueError as exc:
+                raise _ValueError(f"item {i}: {exc}") from None
+        return out
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _ValueError(f"expected {_type_name(tp)}, got {_describe_value(value)}")
+        k_tp, v_tp = typing.get_args(tp)
+        result: dict[object, object] = {}
+        for k, v in value.items():
+            try:
+                result[_from_yaml(k, k_tp)] = _from_yaml(v, v_tp)
+            except _ValueError as exc:
+                raise _ValueError(f"entry {k!r}: {exc}") from None
+        return result
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise _ValueError(f"expected bool, got {_describe_value(value)}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _ValueError(f"expected int, got {_describe_value(value)}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise _ValueError(f"expected float, got {_describe_value(value)}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise _ValueError(f"expected str, got {_describe_value(value)}")
+        return value
+    if tp is Path:
+        if not isinstance(value, str) or not value:
+            raise _ValueError(f"expected path, got {_describe_value(value)}")
+        return Path(value)
+    raise TypeError(f"config schema uses an unsupported type {tp!r}")
+
+
+_TRUE = frozenset({"true", "1", "yes"})
+_FALSE = frozenset({"false", "0", "no"})
+
+
+def _from_env(text: str, tp: Any) -> object:
+    """Parse one environment variable's text as ``tp``."""
+    inner = _optional_inner(tp)
+    if inner is not None:
+        return None if text == "" else _from_env(text, inner)
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        return [_from_env(part.strip(), item_tp) for part in text.split(",") if part.strip()]
+    if origin is dict:
+        k_tp, v_tp = typing.get_args(tp)
+        result: dict[object, object] = {}
+        for part in text.split(","):
+            if not part.strip():
+                continue
+            k, sep, v = part.partition("=")
+            if not sep:
+                raise _ValueError(f"expected k=v pairs separated by commas, got {part!r}")
+            result[_from_env(k.strip(), k_tp)] = _from_env(v.strip(), v_tp)
+        return result
+    if tp is bool:
+        low = text.strip().lower()
+        if low in _TRUE:
+            return True
+        if low in _FALSE:
+            return False
+        raise _ValueError(f"expected bool (true/false/1/0/yes/no), got {text!r}")
+    if tp is int:
+        try:
+            return int(text.strip())
+        except ValueError:
+            raise _ValueError(f"expected int, got {text!r}") from None
+    if tp is float:
+        try:
+            return float(text.strip())
+        except ValueError:
+            raise _ValueError(f"expected float, got {text!r}") from None
+    # str, Path and Literal: the text itself, checked like a YAML string.
+    return _from_yaml(text, tp)
+
+
+def _run_check(f: dataclasses.Field[Any], value: object) -> None:
+    check = f.metadata.get("check")
+    if check is not None and value is not None:
+        try:
+            check(value)
+        except ValueError as exc:
+            raise _ValueError(str(exc)) from None
+
+
+def _build(cls: type[_D], data: object, prefix: str, source: str, problems: list[str]) -> _D | None:
+    """Build dataclass ``cls`` from a YAML mapping; append every problem found to ``problems``.
+
+    All problems are collected (not just the first) so one run tells the operator every bad key.
+    Returns None when anything was wrong.
+    """
+    where = prefix.rstrip(".") or "top level"
+    if not isinstance(data, dict):
+        problems.append(f"{where}: expected a mapping, got {_describe_value(data)}")
+        return None
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    before = len(problems)
+    problems.extend(f"unknown key '{prefix}{key}'" for key in data if key not in fields)
+    hints = _hints(cls)
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        if name not in fields:
+            continue
+        tp = hints[name]
+        dotted = f"{prefix}{name}"
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+            section = {} if value is None else value
+            kwargs[name] = _build(tp, section, f"{dotted}.", source, problems)
+            continue
+        try:
+            converted = _from_yaml(value, tp)
+            _run_check(fields[name], converted)
+        except _ValueError as exc:
+            problems.append(f"{dotted}: {exc}")
+            continue
+        kwargs[name] = converted
+    if len(problems) > before:
+        return None
+    return cls(**kwargs)
+
+
+def _build_or_raise(data: object, source: str) -> NodeConfig:
+    problems: list[str] = []
+    cfg = _build(NodeConfig, data, "", source, problems)
+    if cfg is None:
+        raise ConfigError(f"{source}: " + f"; {source}: ".join(problems))
+    return cfg
+
+
+def _apply_env(cfg: NodeConfig, env: Mapping[str, str]) -> NodeConfig:
+    for var in sorted(env):
+        if not var.startswith(ENV_PREFIX) or ENV_NESTING not in var:
+            continue
+        path = [p.lower() for p in var[len(ENV_PREFIX) :].split(ENV_NESTING)]
+        cfg = _replace_path(cfg, path, 0, env[var], var)
+    return cfg
+
+
+def _replace_path(obj: _D, path: list[str], depth: int, text: str, var: str) -> _D:
+    """Copy of ``obj`` with the key at ``path[depth:]`` set from ``text``."""
+    fields = {f.name: f for f in dataclasses.fields(obj)}  # type: ignore[arg-type]
+    name = path[depth]
+    last = depth == len(path) - 1
+    tp = _hints(type(obj))[name] if name in fields else None
+    is_section = isinstance(tp, type) and dataclasses.is_dataclass(tp)
+    if tp is None or is_section == last:
+        # Absent, or a section named as a key, or a key with something after it.
+        raise ConfigError(f"environment {var}: unknown key '{'.'.join(path)}'")
+    if is_section:
+        child = _replace_path(getattr(obj, name), path, depth + 1, text, var)
+        return dataclasses.replace(obj, **{name: child})  # type: ignore[type-var]
+    try:
+        value = _from_env(text, tp)
+        _run_check(fields[name], value)
+    except _ValueError as exc:
+        raise ConfigError(f"environment {var}: {exc}") from None
+    return dataclasses.replace(obj, **{name: value})  # type: ignore[type-var]
+
+
+def load_config(path: Path | None, env: Mapping[str, str] | None = None) -> NodeConfig:
+    """Load the node config from ``path`` (None = built-in defaults) and apply env overrides.
+
+    ``env`` is the environment to read ``PEERMIRROR_<SECTION>__<KEY>`` overrides from;
+    None means ``os.environ`` (pass ``{}`` to ignore the environment).
+    """
+    data: object = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"{source}: config file not found") from None
+        except OSError as exc:
+            raise ConfigError(f"{source}: cannot read config file: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{source}: config file is not UTF-8 text") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            problem = getattr(exc, "problem", None) or str(exc)
+            if mark is not None:
+                raise ConfigError(
+                    f"{source}:{mark.line + 1}:{mark.column + 1}: YAML syntax error: {problem}"
+                ) from None
+            raise ConfigError(f"{source}: YAML syntax error: {problem}") from None
+        if data is None:  # an empty file means all defaults
+            data = {}
+    cfg = _build_or_raise(data, source)
+    return _apply_env(cfg, os.environ if env is None else env)
+
+
+def _dump_value(value: object) -> object:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _dump_value(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, list):
+        return [_dump_value(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _dump_value(v) for k, v in value.items()}
+    return value
+
+
+def dump_config(cfg: NodeConfig) -> dict[str, Any]:
+    """Plain-data form of ``cfg`` (paths as strings) that ``yaml.safe_dump`` writes and
+    :func:`load_config` reads back to an equal config."""
+    dumped = _dump_value(cfg)
+    assert isinstance(dumped, dict)
+    return dumped
+
+
+def describe_config() -> list[tuple[str, str, str, str]]:
+    """Every leaf key as ``(dotted key, type, default, doc)``, in schema order, for the docs."""
+    rows: list[tuple[str, str, str, str]] = []
+
+    def walk(cls: type, prefix: str) -> None:
+        hints = _hints(cls)
+        for f in dataclasses.fields(cls):
+            tp = hints[f.name]
+            if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+                walk(tp, f"{prefix}{f.name}.")
+                continue
+            if "shown_default" in f.metadata:
+                default = str(f.metadata["shown_default"])
+            else:
+                if f.default is not dataclasses.MISSING:
+                    value: object = f.default
+                else:
+                    assert f.default_factory is not dataclasses.MISSING
+                    value = f.default_factory()
+                default = yaml.safe_dump(_dump_value(value), default_flow_style=True).strip()
+                default = default.removesuffix("\n...").strip()
+            rows.append((f"{prefix}{f.name}", _type_name(tp), default, str(f.metadata["doc"])))
+
+    walk(NodeConfig, "")
+    return rows

@@ -1,0 +1,287 @@
+"""The one gRPC server helper every service uses: health, reflection, loud bind errors, clean stop.
+
+Each service builds a :class:`GrpcServer`, adds its servicers, starts it and then waits in
+:func:`run_until_signal`, which turns SIGTERM/SIGINT into a graceful stop bounded in time (the
+acceptance bar is exit within 5 s). ``grpc.so_reuseport`` is switched off so a second process on a
+taken port fails at start instead of silently sharing (and splitting) the port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import socket
+from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from services.common.logsetup import get_logger
+
+HEALTH_SERVICE_NAME: str = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+REFLECTION_SERVICE_NAME: str = reflection.SERVICE_NAME
+
+# Total time a service may take to stop after SIGTERM before we stop waiting on it.
+STOP_TIMEOUT = 5.0
+# Time in-flight RPCs get to finish once a stop began; well inside STOP_TIMEOUT.
+DEFAULT_GRACE = 3.0
+
+SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
+    # Off so binding a port another process holds fails instead of load-sharing with it.
+    ("grpc.so_reuseport", 0),
+)
+
+_log = get_logger("peermirror.grpc")
+
+
+class AddressInUseError(OSError):
+    """The listening address is taken (or cannot be bound); names the address."""
+
+    def __init__(self, address: str, reason: str = "address already in use") -> None:
+        super().__init__(f"cannot listen on {address}: {reason}")
+        self.address = address
+
+
+AddServicer = Callable[[grpc.aio.Server], None]
+
+
+def _unix_path(address: str) -> str | None:
+    if address.startswith("unix://"):
+        return address[len("unix://") :]
+    if address.startswith("unix:"):
+        return address[len("unix:") :]
+    return None
+
+
+def _unix_socket_in_use(path: str) -> bool:
+    # gRPC unlinks an existing socket file before binding, which would silently take the path
+    # from a live server; probe it first so that case fails like a taken TCP port.
+    if not Path(path).exists():
+        return False
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
+
+
+class GrpcServer:
+    """A ``grpc.aio`` server with standard health and reflection services.
+
+    Usage: ``server = GrpcServer("127.0.0.1:5002", name="discovery-local")``; then
+    ``server.add_service(full_name, lambda s: add_FooServicer_to_server(impl, s))`` per service;
+    ``await server.start()``; later ``await server.stop()``.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        name: str = "grpc",
+        options: Iterable[tuple[str, int | str]] = (),
+    ) -> None:
+        self.address = address
+        self.name = name
+        self._options: list[tuple[str, int | str]] = [*SERVER_OPTIONS, *options]
+        self._adders: list[AddServicer] = []
+        self._service_names: list[str] = []
+        self._server: grpc.aio.Server | None = None
+        self._health: health_aio.HealthServicer | None = None
+        self._port = 0
+        self._stopped = False
+
+    @property
+    def port(self) -> int:
+        """The bound TCP port (resolved when the address asked for port 0); 0 for unix sockets."""
+        return self._port
+
+    @property
+    def bound_address(self) -> str:
+        """The address clients should dial (the real port substituted for port 0)."""
+        if _unix_path(self.address) is not None:
+            return self.address
+        host = self.address.rsplit(":", 1)[0]
+        if host in ("", "0.0.0.0", "[::]"):
+            host = "127.0.0.1"
+        return f"{host}:{self._port}"
+
+    @property
+    def service_names(self) -> list[str]:
+        """Full names of the services registered by callers (not health/reflection)."""
+        return list(self._service_names)
+
+    def add_service(self, full_name: str, add: AddServicer) -> None:
+        """Register a servicer: ``add(server)`` attaches it, ``full_name`` is listed by reflection
+        and gets its own health status."""
+        if self._server is not None:
+            raise RuntimeError("add_service() must be called before start()")
+        self._adders.append(add)
+        self._service_names.append(full_name)
+
+    async def start(self, *, serving: bool = True) -> int:
+        """Bind and start serving; returns the bound port (0 for unix sockets).
+
+        Health for the server as a whole ("") and each registered service starts as SERVING, or
+        NOT_SERVING with ``serving=False`` for services that become ready later.
+        Raises :class:`AddressInUseError` when the address cannot be bound.
+        """
+        if self._server is not None:
+            raise RuntimeError("server already started")
+        unix = _unix_path(self.address)
+        if unix is not None and _unix_socket_in_use(unix):
+            raise AddressInUseError(self.address, "a server is already listening on this socket")
+
+        server = grpc.aio.server(options=self._options)
+        health = health_aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health, server)
+        for add in self._adders:
+            add(server)
+        reflection.enable_server_reflection(
+            [*self._service_names, HEALTH_SERVICE_NAME, REFLECTION_SERVICE_NAME], server
+        )
+        try:
+            port = server.add_insecure_port(self.address)
+        except RuntimeError as exc:  # grpcio raises on bind failure
+            await server.stop(None)
+            raise AddressInUseError(
+                self.address, f"address already in use or not bindable ({exc})"
+            ) from None
+        if port == 0 and unix is None:
+            # Older grpcio signalled a failed bind by returning port 0.
+            await server.stop(None)
+            raise AddressInUseError(self.address)
+
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for svc in ["", *self._service_names]:
+            await health.set(svc, status)
+        await server.start()
+        self._server, self._health, self._port = server, health, port if unix is None else 0
+        _log.info(
+            "grpc server listening",
+            server=self.name,
+            address=self.bound_address,
+            services=self._service_names,
+        )
+        return self._port
+
+    async def set_serving(self, service: str, serving: bool) -> None:
+        """Set the health status of ``service`` ("" = the server as a whole)."""
+        if self._health is None:
+            raise RuntimeError("server not started")
+        await self._health.set(
+            service,
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING,
+        )
+
+    async def stop(self, grace: float | None = DEFAULT_GRACE) -> None:
+        """Report NOT_SERVING, stop accepting RPCs, give in-flight ones ``grace`` seconds.
+
+        Idempotent; a no-op before start.
+        """
+        if self._server is None or self._stopped:
+            return
+        self._stopped = True
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
+        await self._server.stop(grace)
+        _log.info("grpc server stopped", server=self.name, address=self.bound_address)
+
+    async def wait_for_termination(self) -> None:
+        """Return when the server has stopped."""
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+    async def __aenter__(self) -> GrpcServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def install_sigterm(
+    loop: asyncio.AbstractEventLoop,
+    stop_cb: Callable[[signal.Signals], None],
+    signals: Iterable[signal.Signals] = STOP_SIGNALS,
+) -> Callable[[], None]:
+    """Call ``stop_cb(signum)`` on the loop when SIGTERM/SIGINT arrives.
+
+    Returns a function that removes the handlers again (restoring default behaviour).
+    """
+    installed = list(signals)
+    for sig in installed:
+        loop.add_signal_handler(sig, stop_cb, sig)
+
+    def remove() -> None:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+
+    return remove
+
+
+async def run_until_signal(
+    on_stop: Callable[[], Awaitable[None]],
+    *,
+    work: Awaitable[object] | None = None,
+    stop_timeout: float = STOP_TIMEOUT,
+    signals: Iterable[signal.Signals] = STOP_SIGNALS,
+) -> signal.Signals | None:
+    """Wait for SIGTERM/SIGINT (or for ``work`` to end), then run ``on_stop`` within the budget.
+
+    Returns the signal received, or None when ``work`` ended first. ``work`` (if still running)
+    is cancelled after ``on_stop``; an exception raised by ``work`` is re-raised after the stop.
+    ``on_stop`` overrunning ``stop_timeout`` is cancelled and logged, so the process can still
+    exit in time.
+    """
+    loop = asyncio.get_running_loop()
+    received: asyncio.Future[signal.Signals] = loop.create_future()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if not received.done():
+            received.set_result(sig)
+
+    remove = install_sigterm(loop, on_signal, signals)
+    work_task: asyncio.Future[object] | None = (
+        asyncio.ensure_future(work) if work is not None else None
+    )
+    sig: signal.Signals | None = None
+    try:
+        waiters: list[asyncio.Future[object]] = [received]  # type: ignore[list-item]
+        if work_task is not None:
+            waiters.append(work_task)
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        if received.done():
+            sig = received.result()
+            _log.info("stop signal received", signal=sig.name)
+        try:
+            await asyncio.wait_for(on_stop(), timeout=stop_timeout)
+        except TimeoutError:
+            _log.error("graceful stop overran its budget", budget_s=stop_timeout)
+    finally:
+        remove()
+        if work_task is not None and not work_task.done():
+            work_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await work_task
+    if work_task is not None and work_task.done() and not work_task.cancelled():
+        exc = work_task.exception()
+        if exc is not None:
+            raise exc
+    return sig

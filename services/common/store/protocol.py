@@ -1,0 +1,92 @@
+"""The content-store contract every backend (containerd, OCI layout, in-memory fake) honours.
+
+The registry serves from it and the pinner walks it; both only ever see this interface, so a
+backend can be swapped without touching either.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+
+class NotFoundError(LookupError):
+    """The store holds no content (or no image) under the given digest or reference."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(f"not found: {what}")
+        self.what = what
+
+
+@dataclass(frozen=True, slots=True)
+class Descriptor:
+    """What a tag points at: the content address, its size and (when known) its media type."""
+
+    digest: str
+    size: int
+    media_type: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ImageRecord:
+    """One named image of the store: `name` is a full reference, `<registry>/<repo>:<tag>`."""
+
+    name: str
+    target: Descriptor
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+class EventKind(enum.Enum):
+    """The changes a store reports through `watch()`."""
+
+    IMAGE_CREATE = "image_create"
+    IMAGE_UPDATE = "image_update"
+    IMAGE_DELETE = "image_delete"
+    CONTENT_DELETE = "content_delete"
+
+
+@dataclass(frozen=True, slots=True)
+class StoreEvent:
+    """One change: `subject` is an image name for image events and a digest for content events."""
+
+    kind: EventKind
+    subject: str
+
+
+@runtime_checkable
+class ContentStore(Protocol):
+    """Read access to one node's images and blobs."""
+
+    async def resolve(self, reference: str) -> Descriptor:
+        """Return the target of image `reference` (`<registry>/<repo>:<tag>`); NotFoundError if absent."""
+        ...
+
+    async def stat(self, digest: str) -> int:
+        """Return the size in bytes of content `digest`; NotFoundError if absent."""
+        ...
+
+    def read(self, digest: str, offset: int = 0, length: int | None = None) -> AsyncIterator[bytes]:
+        """Stream `length` bytes (all to the end when None) of `digest` from `offset`.
+
+        Raises NotFoundError (on first iteration) when the content is absent.
+        """
+        ...
+
+    def local_path(self, digest: str) -> Path | None:
+        """Return a readable file holding exactly the bytes of `digest`, or None (no fast path)."""
+        ...
+
+    async def list_images(self) -> list[ImageRecord]:
+        """Return every named image of the store."""
+        ...
+
+    def watch(self) -> AsyncIterator[StoreEvent]:
+        """Yield image and content changes from now on, until the iterator is closed."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections and watchers."""
+        ...

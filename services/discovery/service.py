@@ -1,0 +1,139 @@
+"""Runs the discovery service: the Peer protocol on the cluster port, LocalDiscovery on the node.
+
+Two gRPC servers on purpose: the Peer service (discovery.host:discovery.port) is what other
+nodes call; the LocalDiscovery API (discovery.local_address) lets local callers advertise
+and look up, and is never reachable from the peer port. Both report health NOT_SERVING
+until the node has joined (or knows it is alone).
+"""
+
+from __future__ import annotations
+
+from services.common.config import ConfigError, NodeConfig
+from services.common.genproto.peermirror.discovery.v1 import local_pb2_grpc, peer_pb2_grpc
+from services.common.grpc_server import GrpcServer, run_until_signal
+from services.common.logsetup import get_logger
+from services.discovery.bootstrap import BootstrapSources
+from services.discovery.engine import DiscoveryEngine
+from services.discovery.identity import load_or_create_node_id
+from services.discovery.kademlia import DhtConfig
+from services.discovery.local_servicer import SERVICE_NAME as LOCAL_SERVICE
+from services.discovery.local_servicer import LocalDiscoveryServicer
+from services.discovery.peer_servicer import SERVICE_NAME as PEER_SERVICE
+from services.discovery.peer_servicer import PeerServicer
+from services.discovery.wire import normalize_ip
+
+# Leaves headroom inside the 5 s the node and kubelet allow between SIGTERM and exit.
+STOP_BUDGET = 4.0
+# In-flight RPCs get this long once a stop began.
+STOP_GRACE = 1.0
+
+log = get_logger("discovery")
+
+
+def dht_config(cfg: NodeConfig) -> DhtConfig:
+    """The core's settings from the node config; inconsistent timings are a ConfigError."""
+    d = cfg.discovery
+    try:
+        return DhtConfig(
+            max_failures=d.max_failures,
+            probe_interval=d.probe_interval,
+            probe_timeout=d.probe_timeout,
+            liveness_window=d.liveness_window,
+            record_ttl=d.record_ttl,
+            max_record_ttl=d.record_ttl,
+            republish_interval=d.republish_interval,
+        )
+    except ValueError as exc:
+        raise ConfigError(f"discovery: {exc}") from None
+
+
+def _listen_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class DiscoveryService:
+    """Both servers and the engine of one discovery node; tests run many in one process."""
+
+    def __init__(self, cfg: NodeConfig) -> None:
+        d = cfg.discovery
+        self.cfg = cfg
+        address = ""
+        if cfg.node.address:
+            address = normalize_ip(cfg.node.address) or ""
+            if not address:
+                raise ConfigError(f"node.address: not an IP address: {cfg.node.address!r}")
+        self.engine = DiscoveryEngine(
+            load_or_create_node_id(cfg.node.data_dir),
+            dht_config(cfg),
+            discovery_port=d.port,
+            registry_port=cfg.registry.port,
+            address=address,
+            sources=BootstrapSources(
+                peers=tuple(d.bootstrap_peers),
+                dns=d.bootstrap_dns,
+                url=d.bootstrap_url,
+                default_port=d.port,
+            ),
+            rpc_timeout=d.rpc_timeout,
+            lookup_cache_ttl=d.lookup_cache_ttl,
+            on_ready=self._serving,
+        )
+        engine = self.engine
+        self.peer_server = GrpcServer(_listen_address(d.host, d.port), name="discovery-peer")
+        peer = PeerServicer(engine.node, engine.client, engine.sender_info, engine.clock)
+        self.peer_server.add_service(
+            PEER_SERVICE, lambda s: peer_pb2_grpc.add_PeerServicer_to_server(peer, s)
+        )
+        self.local_server = GrpcServer(d.local_address, name="discovery-local")
+        local = LocalDiscoveryServicer(engine)
+        self.local_server.add_service(
+            LOCAL_SERVICE, lambda s: local_pb2_grpc.add_LocalDiscoveryServicer_to_server(local, s)
+        )
+
+    @property
+    def peer_address(self) -> str:
+        """host:port other nodes reach this node's Peer service at."""
+        return self.peer_server.bound_address
+
+    @property
+    def local_address(self) -> str:
+        """Address of the node-local API."""
+        return self.local_server.bound_address
+
+    async def start(self) -> None:
+        """Listen on both addresses, then join the network in the background."""
+        port = await self.peer_server.start(serving=False)
+        self.engine.set_discovery_port(port)
+        try:
+            await self.local_server.start(serving=False)
+        except BaseException:
+            await self.peer_server.stop(None)
+            raise
+        await self.engine.start()
+
+    async def _serving(self) -> None:
+        for server in (self.peer_server, self.local_server):
+            for name in ["", *server.service_names]:
+                await server.set_serving(name, True)
+
+    async def stop(self) -> None:
+        """Stop answering, then stop background work (see DiscoveryEngine.stop on why
+        records are not withdrawn)."""
+        await self.local_server.stop(STOP_GRACE)
+        await self.peer_server.stop(STOP_GRACE)
+        await self.engine.stop()
+
+
+async def run(cfg: NodeConfig) -> None:
+    """Serve until SIGTERM/SIGINT, then stop within the budget."""
+    service = DiscoveryService(cfg)
+    await service.start()
+    log.info(
+        "discovery started",
+        node=cfg.node.name,
+        node_id=service.engine.node_id.hex(),
+        peer_address=service.peer_address,
+        local_address=service.local_address,
+    )
+    await run_until_signal(service.stop, stop_timeout=STOP_BUDGET)
+    log.info("discovery stopped")

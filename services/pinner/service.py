@@ -1,0 +1,228 @@
+"""Runs the pinner service: writes containerd's mirror config, then keeps discovery told what the
+node's containerd holds, with its node-local gRPC API (health SERVING once the first sync ran)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+from services.common.config import NodeConfig
+from services.common.containerd.client import ContainerdClient
+from services.common.containerd.errors import ContainerdUnavailableError
+from services.common.grpc_server import GrpcServer, run_until_signal
+from services.common.logsetup import get_logger
+from services.pinner.advertiser import Advertiser
+from services.pinner.airgap.manager import AirgapManager
+from services.pinner.api import SyncOutcome, SyncState
+from services.pinner.containerd_watch import ContainerdTracker
+from services.pinner.hosts_toml import HostsOptions
+from services.pinner.hosts_writer import write_containerd_config
+from services.pinner.registries import Registries, RegistriesError, load_registries
+from services.pinner.tracker import KeyPolicy
+from services.registry.policy import Policy
+
+# Leaves headroom inside the 5 s the node and kubelet allow between SIGTERM and exit.
+STOP_BUDGET = 4.0
+# Exit code for a configuration the pinner cannot start with (as `peermirror` uses for config).
+EXIT_CONFIG = 2
+
+log = get_logger("pinner")
+
+
+def parse_version(text: str) -> tuple[int, int]:
+    """`"1.7"` or `"2.1.3"` -> (major, minor); ValueError otherwise."""
+    parts = text.strip().lstrip("v").split(".")
+    if len(parts) < 2 or not parts[0].isdigit() or not parts[1].isdigit():
+        raise ValueError(f"expected a containerd version major.minor, got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
+def _path(value: Path | None) -> str | None:
+    return None if value is None else str(value)
+
+
+def hosts_options(cfg: NodeConfig) -> HostsOptions:
+    """How this node's hosts.toml files look, from its config."""
+    p = cfg.pinner
+    return HostsOptions(
+        mirror_port=cfg.registry.port,
+        mirror_tls=p.mirror_tls,
+        ca_file=_path(p.ca_file),
+        client_cert_file=_path(p.client_cert_file),
+        client_key_file=_path(p.client_key_file),
+        disable_default_endpoint=p.disable_default_endpoint,
+        containerd_version=parse_version(p.containerd_version),
+        flavour=p.containerd_flavour,
+        dial_timeout=p.dial_timeout,
+    )
+
+
+def key_policy(cfg: NodeConfig, registries: Registries) -> KeyPolicy:
+    """The advertising rules: the registry's serving policy over this node's mirrors."""
+    policy = Policy(
+        registries.is_mirrored,
+        allow_latest=cfg.registry.allow_latest,
+        filters=cfg.registry.filters,
+    )
+    return KeyPolicy(policy, mirrors_anything=bool(registries.mirrors))
+
+
+def prepare(cfg: NodeConfig) -> Registries:
+    """Read registries.yaml (missing = nothing mirrored) and write hosts.toml from it.
+
+    Raises RegistriesError (naming the file and key) with nothing on disk changed.
+    """
+    registries = load_registries(cfg.registry.registries_file, missing_ok=True)
+    if cfg.pinner.write_hosts:
+        write_containerd_config(
+            cfg.registry.registries_file,
+            cfg.pinner.certs_dir,
+            hosts_options(cfg),
+            missing_ok=True,
+        )
+    return registries
+
+
+class PinnerRuntime:
+    """The pinner's long-running parts, started and stopped together (also used by tests).
+
+    Air-gap import and pinning run on every node; tracking and advertising only on a node that
+    mirrors at least one registry.
+    """
+
+    def __init__(self, cfg: NodeConfig, registries: Registries, *, airgap: bool = True) -> None:
+        self.cfg = cfg
+        self.policy = key_policy(cfg, registries)
+        self.client = ContainerdClient(cfg.store.containerd_address, cfg.store.containerd_namespace)
+        self.airgap = AirgapManager.from_config(self.client, cfg.pinner) if airgap else None
+        self.advertiser: Advertiser | None = None
+        self.tracker: ContainerdTracker | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        if not self.policy.mirrors_anything:
+            # K3s: a node that mirrors no registry takes no part in the peer network.
+            log.info(
+                "no registry is mirrored on this node; advertising nothing",
+                registries_file=str(cfg.registry.registries_file),
+            )
+            return
+        self.advertiser = Advertiser(cfg.discovery.local_address)
+        self.tracker = ContainerdTracker(
+            self.client,
+            self.policy,
+            self.advertiser.apply,
+            resync_interval=cfg.pinner.resync_interval,
+            content_root=cfg.store.content_root,
+        )
+
+    def register(self, server: GrpcServer) -> None:
+        """Serve the Pinner API on `server` (before it starts)."""
+        if self.airgap is not None:
+            self.airgap.register(server, sync_state=self.sync_state, resync=self.resync)
+
+    def start(self) -> None:
+        if self.tracker is not None and self.advertiser is not None:
+            self._spawn(self.advertiser.run(), "advertiser")
+            self._spawn(self.tracker.run(), "tracker")
+        if self.airgap is not None:
+            self._spawn(self._run_airgap(self.airgap), "airgap")
+
+    @property
+    def running(self) -> bool:
+        """Whether every background task is still alive (none crashed or ended)."""
+        return all(not task.done() for task in self._tasks)
+
+    async def _run_airgap(self, airgap: AirgapManager) -> None:
+        # containerd may not be up yet (or restart during the first pass): wait, then redo it.
+        while True:
+            try:
+                await airgap.start()
+                break
+            except ContainerdUnavailableError as exc:
+                log.warning(
+                    "containerd unavailable for the air-gap import; waiting", error=str(exc)
+                )
+                await self.client.wait_connected()
+        await airgap.run()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        self._tasks.append(asyncio.create_task(coro, name=f"pinner-{name}"))
+
+    async def wait_synced(self) -> None:
+        """Return once the first full sync is done (at once when nothing is tracked)."""
+        if self.tracker is not None:
+            await self.tracker.synced.wait()
+
+    def sync_state(self) -> SyncState:
+        """What the status API reports about tracking and advertising."""
+        tracker = self.tracker
+        if tracker is None:
+            return SyncState(participating=False)
+        return SyncState(
+            participating=True,
+            containerd_connected=tracker.connected,
+            last_sync=tracker.last_sync,
+            last_sync_error=tracker.last_error,
+            advertised_keys=len(tracker.index.keys),
+        )
+
+    async def resync(self) -> SyncOutcome:
+        """A full sync now (the API's Resync); nothing when the node takes no part."""
+        if self.tracker is None:
+            return SyncOutcome()
+        delta = await self.tracker.resync()
+        return SyncOutcome(advertised=len(delta.added), withdrawn=len(delta.removed))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        if self.airgap is not None:
+            await self.airgap.close()
+        await self.client.close()
+
+
+async def run(cfg: NodeConfig) -> None:
+    """Serve until SIGTERM/SIGINT, then stop within the budget."""
+    try:
+        registries = prepare(cfg)
+    except RegistriesError as exc:
+        log.error("invalid registries file; not starting", error=str(exc))
+        raise SystemExit(EXIT_CONFIG) from exc
+    runtime = PinnerRuntime(cfg, registries)
+    local = GrpcServer(cfg.pinner.grpc_address, name="pinner-local")
+    runtime.register(local)
+    try:
+        await local.start(serving=False)
+    except BaseException:
+        await runtime.stop()
+        raise
+    runtime.start()
+
+    async def report_ready() -> None:
+        await runtime.wait_synced()
+        for service in ["", *local.service_names]:
+            await local.set_serving(service, True)
+        log.info("pinner ready")
+
+    ready = asyncio.create_task(report_ready())
+    log.info(
+        "pinner started",
+        node=cfg.node.name,
+        grpc_address=local.bound_address,
+        containerd=cfg.store.containerd_address,
+        namespace=cfg.store.containerd_namespace,
+    )
+
+    async def stop() -> None:
+        ready.cancel()
+        await local.stop()
+        await runtime.stop()
+
+    await run_until_signal(stop, stop_timeout=STOP_BUDGET)
+    log.info("pinner stopped")

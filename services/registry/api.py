@@ -1,0 +1,257 @@
+"""The /v2/ OCI Distribution pull endpoints: thin Sanic handlers over paths, policy and content.
+
+Every /v2/ request goes through one catch-all route (repository names contain slashes) and one
+error path (:func:`error_response`), so each failure is an OCI error body with a 4xx status and no
+``WWW-Authenticate`` challenge, and is counted once in the stats.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from types import SimpleNamespace
+from typing import NoReturn
+
+from sanic import Blueprint, HTTPResponse, Request
+from sanic.exceptions import MethodNotAllowed, RequestCancelled
+
+from services.common.logsetup import get_logger
+from services.common.oci.errors import CONTENT_TYPE, ErrorCode, OciError
+from services.common.store.protocol import NotFoundError
+from services.registry.cache import Manifest
+from services.registry.content import StoreUnavailableError
+from services.registry.context import RegistryApp
+from services.registry.headers import (
+    API_VERSION,
+    API_VERSION_HEADER,
+    PEER_HEADER,
+    blob_headers,
+    is_peer_request,
+    manifest_headers,
+    unsatisfiable_headers,
+)
+from services.registry.paths import Kind, Route, kind_hint, parse_v2_path
+from services.registry.ranges import ByteRange, Unsatisfiable, parse_range
+from services.registry.stats import RequestKind, Result
+from services.registry.transfer import ClientGoneError, send_blob
+
+ALLOWED_METHODS = ("GET", "HEAD")
+# Every method is routed here so that the 405 carries an OCI body; Sanic answers the rest.
+ROUTED_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+
+log = get_logger("registry.api")
+
+v2 = Blueprint("v2")
+
+AppRequest = Request[RegistryApp, SimpleNamespace]
+
+_KINDS: dict[Kind | None, RequestKind] = {
+    Kind.MANIFEST: RequestKind.MANIFEST,
+    Kind.BLOB: RequestKind.BLOB,
+}
+
+
+class Scope(enum.Enum):
+    """Where a request may be answered from."""
+
+    # Requests from peers: this node's own content only, so a relay is never relayed again.
+    LOCAL_ONLY = "local_only"
+    # Requests from local clients (containerd): local content, then peers once relaying exists.
+    LOCAL_THEN_PEERS = "local_then_peers"
+
+
+class _Refused(Exception):
+    """A policy refusal or a peer request this node cannot answer locally (REFUSED)."""
+
+    def __init__(self, error: OciError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def error_response(error: OciError, headers: dict[str, str] | None = None) -> HTTPResponse:
+    """The one rendering of an OCI error as an HTTP answer."""
+    return HTTPResponse(
+        error.body(),
+        status=error.status,
+        headers={API_VERSION_HEADER: API_VERSION, **(headers or {})},
+        content_type=CONTENT_TYPE,
+    )
+
+
+def _result_of(error: OciError) -> Result:
+    if isinstance(error, StoreUnavailableError):
+        return Result.ERROR
+    if error.status == 404:
+        return Result.NOT_FOUND
+    return Result.CLIENT_ERROR
+
+
+def _on_local_miss(error: OciError, scope: Scope) -> NoReturn:
+    """Decide what a local miss becomes. This is where the peer relay of the peer-to-peer pull
+    plugs in for LOCAL_THEN_PEERS; peer requests (LOCAL_ONLY) always end here with a refusal."""
+    if scope is Scope.LOCAL_ONLY and not isinstance(error, StoreUnavailableError):
+        raise _Refused(
+            OciError(
+                error.code,
+                f"{error.message}; peer requests are served from local content only",
+                detail=error.detail,
+                status=404,
+            )
+        )
+    raise error
+
+
+def _base_response(method: str) -> HTTPResponse:
+    if method not in ALLOWED_METHODS:
+        return error_response(_unsupported_method(method))
+    return HTTPResponse(b"{}", headers={API_VERSION_HEADER: API_VERSION}, content_type=CONTENT_TYPE)
+
+
+async def base(request: AppRequest) -> HTTPResponse:
+    """API version check: 200 with an empty JSON object for GET and HEAD."""
+    return _base_response(request.method)
+
+
+def _unsupported_method(method: str) -> OciError:
+    return OciError(
+        ErrorCode.UNSUPPORTED,
+        f"method {method} not supported: this registry is read-only (GET and HEAD)",
+        detail={"method": method},
+    )
+
+
+async def content(request: AppRequest, path: str) -> HTTPResponse | None:
+    """Manifests and blobs: parse, apply policy, look up, answer; count the outcome."""
+    ctx = request.app.ctx
+    stats = ctx.stats
+    from_peer = is_peer_request(request.headers.get(PEER_HEADER))
+    kind = _KINDS.get(kind_hint(path), RequestKind.OTHER)
+    result = Result.CLIENT_ERROR
+    stats.begin()
+    try:
+        if request.method not in ALLOWED_METHODS:
+            return error_response(_unsupported_method(request.method))
+        route = parse_v2_path(path)
+        if route.kind is Kind.BASE:
+            result = Result.LOCAL_HIT
+            return _base_response(request.method)
+        scope = Scope.LOCAL_ONLY if from_peer else Scope.LOCAL_THEN_PEERS
+        try:
+            response: HTTPResponse | None
+            if route.kind is Kind.MANIFEST:
+                response = await _manifest(request, route, scope)
+            else:
+                response = await _blob(request, route, scope)
+        except _Refused as refused:
+            result = Result.REFUSED
+            return error_response(refused.error)
+        result = Result.LOCAL_HIT
+        return response
+    except _RangeNotSatisfiable as unsatisfiable:
+        result = Result.CLIENT_ERROR
+        return error_response(unsatisfiable.error, unsatisfiable.headers)
+    except ClientGoneError as gone:
+        result = Result.ERROR
+        log.info("client disconnected mid-body", path=path, error=str(gone))
+        # Sanic treats a cancelled request quietly: nothing more is sent, the connection closes.
+        raise RequestCancelled() from gone
+    except asyncio.CancelledError:
+        # Sanic cancels a handler whose client went away (or the server is stopping).
+        result = Result.ERROR
+        raise
+    except OciError as error:
+        result = _result_of(error)
+        return error_response(error)
+    finally:
+        stats.end(kind, result, from_peer)
+
+
+def _policy_target_or_refuse(request: AppRequest, route: Route) -> tuple[str, str]:
+    """(registry, normalised name) the request may be served for; _Refused otherwise."""
+    policy = request.app.ctx.policy
+    try:
+        target = policy.check(request.args.get("ns"), route.name, route.tag)
+    except OciError as error:
+        if error.status == 404:
+            raise _Refused(error) from None
+        raise
+    return target.registry, target.store_key(route.tag) if route.tag is not None else target.name
+
+
+async def _manifest(request: AppRequest, route: Route, scope: Scope) -> HTTPResponse:
+    service = request.app.ctx.content
+    registry, key = _policy_target_or_refuse(request, route)
+    try:
+        if route.tag is not None:
+            target = await service.resolve_tag(key)
+            manifest: Manifest = await service.manifest(target.digest, target.media_type)
+        else:
+            assert route.digest is not None
+            manifest = await service.manifest(route.digest)
+    except OciError as error:
+        _on_local_miss(error, scope)
+    headers = manifest_headers(manifest.digest, manifest.size, manifest.media_type, registry)
+    if request.method == "HEAD":
+        return HTTPResponse(b"", headers=headers)
+    request.app.ctx.stats.bytes_served_local += manifest.size
+    content_type = headers.pop("Content-Type")
+    return HTTPResponse(manifest.body, headers=headers, content_type=content_type)
+
+
+class _RangeNotSatisfiable(Exception):
+    def __init__(self, error: OciError, headers: dict[str, str]) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.headers = headers
+
+
+async def _blob(request: AppRequest, route: Route, scope: Scope) -> HTTPResponse | None:
+    ctx = request.app.ctx
+    registry, _ = _policy_target_or_refuse(request, route)
+    assert route.digest is not None
+    try:
+        blob = await ctx.content.blob(route.digest)
+    except OciError as error:
+        _on_local_miss(error, scope)
+    selected = parse_range(request.headers.get("range"), blob.size)
+    if isinstance(selected, Unsatisfiable):
+        raise _RangeNotSatisfiable(
+            OciError(
+                ErrorCode.RANGE_INVALID,
+                f"range {request.headers.get('range')!r} selects nothing of a "
+                f"{blob.size}-byte blob",
+            ),
+            unsatisfiable_headers(selected, registry),
+        )
+    byte_range: ByteRange | None = selected
+    headers = blob_headers(blob.digest, blob.size, registry, byte_range)
+    status = 200 if byte_range is None else 206
+    if request.method == "HEAD":
+        return HTTPResponse(b"", status=status, headers=headers)
+    offset, count = (0, blob.size) if byte_range is None else (byte_range.start, byte_range.length)
+    store = ctx.content.keeper.store
+    assert store is not None
+    try:
+        sent = await send_blob(request, status, headers, store, blob, offset, count)
+    except NotFoundError:
+        # Deleted between lookup and first read: nothing was sent yet, so a clean 404 goes out.
+        raise OciError(
+            ErrorCode.BLOB_UNKNOWN, f"blob {blob.digest} was just removed from this node"
+        ) from None
+    ctx.stats.bytes_served_local += sent
+    return None
+
+
+def method_not_allowed(request: AppRequest, exception: Exception) -> HTTPResponse:
+    """Sanic's own 405s (methods no route lists) get the OCI body too."""
+    return error_response(_unsupported_method(request.method))
+
+
+v2.add_route(base, "/v2", methods=ROUTED_METHODS, name="v2_base")
+v2.add_route(content, "/v2/<path:path>", methods=ROUTED_METHODS, name="v2_content")
+
+
+def install(app: RegistryApp) -> None:
+    """Add the /v2/ endpoints and their error rendering to `app`."""
+    app.blueprint(v2)
+    app.error_handler.add(MethodNotAllowed, method_not_allowed)

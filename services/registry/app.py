@@ -1,0 +1,89 @@
+"""Builds the registry's Sanic application (routes and settings, no listening)."""
+
+from __future__ import annotations
+
+from sanic import Sanic
+from sanic.config import Config
+
+from services.common.config import NodeConfig
+from services.common.store.protocol import ContentStore
+from services.registry import api
+from services.registry.backend import StoreKeeper, open_store
+from services.registry.cache import ContentCache
+from services.registry.content import ContentService
+from services.registry.context import RegistryApp, RegistryContext
+from services.registry.health import health
+from services.registry.mirrored import MirroredRegistries
+from services.registry.policy import Policy
+
+APP_NAME = "peermirror_registry"
+# A 1 GiB blob to a slow client must not be cut: Sanic's response timeout only restarts when it
+# writes itself, which the zero-copy path bypasses.
+RESPONSE_TIMEOUT_S = 3600
+
+# Sanic's touch-up (dropping unused signal dispatches from its hot path) rewrites its classes
+# in place and fails when run a second time in one process: only the first app gets it. The
+# service runs one app per process; tests run several.
+_touchup_claimed = False
+
+
+def build_policy(cfg: NodeConfig) -> Policy:
+    """The serving policy `cfg.registry` describes (mirrors re-read from registries_file)."""
+    mirrored = MirroredRegistries(cfg.registry.registries_file)
+    return Policy(
+        mirrored.is_mirrored,
+        default_registry=cfg.registry.default_registry,
+        allow_latest=cfg.registry.allow_latest,
+        filters=cfg.registry.filters,
+    )
+
+
+def create_app(
+    cfg: NodeConfig,
+    *,
+    name: str = APP_NAME,
+    store: ContentStore | None = None,
+    policy: Policy | None = None,
+) -> RegistryApp:
+    """A Sanic app for `cfg`; `name` must be unique per process (Sanic keeps a registry of apps).
+
+    Without `store`, the store `cfg.store` names is opened (and retried) once the server starts
+    and closed when it stops; a given `store` stays the caller's to close.
+    """
+    config = Config(env_prefix="PEERMIRROR_SANIC_")
+    # We run inside our own asyncio loop, so none of Sanic's process management applies.
+    config.MOTD = False
+    config.AUTO_RELOAD = False
+    config.ACCESS_LOG = cfg.log.level == "debug"
+    config.NOISY_EXCEPTIONS = False
+    # Errors Sanic answers itself (404 on unknown paths, 405) come back as JSON, not HTML.
+    config.FALLBACK_ERROR_FORMAT = "json"
+    config.GRACEFUL_SHUTDOWN_TIMEOUT = 2.0
+    config.RESPONSE_TIMEOUT = RESPONSE_TIMEOUT_S
+    global _touchup_claimed
+    config.TOUCHUP = not _touchup_claimed
+    _touchup_claimed = True
+    cache = ContentCache()
+    if store is None:
+        keeper = StoreKeeper(cache, lambda: open_store(cfg))
+    else:
+        keeper = StoreKeeper(cache, store=store, owns_store=False)
+    ctx = RegistryContext(
+        cfg=cfg,
+        policy=policy if policy is not None else build_policy(cfg),
+        content=ContentService(keeper),
+    )
+    # configure_logging=False: Sanic's loggers propagate to the structlog handler from logsetup.
+    app: RegistryApp = Sanic(name, config=config, ctx=ctx, configure_logging=False)
+    app.blueprint(health)
+    api.install(app)
+
+    async def start_store(app: RegistryApp) -> None:
+        keeper.start()
+
+    async def stop_store(app: RegistryApp) -> None:
+        await keeper.close()
+
+    app.before_server_start(start_store)
+    app.after_server_stop(stop_store)
+    return app

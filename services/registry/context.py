@@ -1,0 +1,29 @@
+"""The typed state the registry's Sanic app carries in `app.ctx`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sanic import Sanic
+from sanic.config import Config
+
+from services.common.config import NodeConfig
+from services.registry.content import ContentService
+from services.registry.policy import Policy
+from services.registry.stats import RegistryStats
+
+
+@dataclass
+class RegistryContext:
+    """Everything request handlers may reach through `request.app.ctx`."""
+
+    cfg: NodeConfig
+    policy: Policy
+    content: ContentService
+    stats: RegistryStats = field(default_factory=RegistryStats)
+    # Flipped by the service once the listener is up, and back when a stop begins, so /readyz
+    # takes the node out of rotation before connections are refused.
+    ready: bool = False
+
+
+RegistryApp = Sanic[Config, RegistryContext]

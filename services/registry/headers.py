@@ -1,0 +1,56 @@
+"""Response headers of manifest and blob answers, computed in one place for GET and HEAD alike."""
+
+from __future__ import annotations
+
+from services.common.oci.media_types import OCTET_STREAM
+from services.registry.ranges import ByteRange, Unsatisfiable
+
+# Marks a request sent by a peer's registry: such requests are served from local content only,
+# so a relay never turns into a second hop (or a loop).
+PEER_HEADER = "X-Peermirror-Peer"
+PEER_HEADER_VALUE = "1"
+
+DIGEST_HEADER = "Docker-Content-Digest"
+NAMESPACE_HEADER = "OCI-Namespace"
+API_VERSION_HEADER = "Docker-Distribution-API-Version"
+API_VERSION = "registry/2.0"
+
+
+def is_peer_request(value: str | None) -> bool:
+    """Whether the value of PEER_HEADER marks a peer request."""
+    return value is not None and value.strip() == PEER_HEADER_VALUE
+
+
+def manifest_headers(digest: str, size: int, media_type: str, registry: str) -> dict[str, str]:
+    """200 manifest answer: exact type, length and digest, plus the registry it was served for."""
+    return {
+        "Content-Type": media_type,
+        "Content-Length": str(size),
+        DIGEST_HEADER: digest,
+        NAMESPACE_HEADER: registry,
+    }
+
+
+def blob_headers(
+    digest: str, size: int, registry: str, byte_range: ByteRange | None = None
+) -> dict[str, str]:
+    """200 (whole blob) or 206 (`byte_range`) blob answer; the digest is always the whole blob's."""
+    headers = {
+        "Content-Type": OCTET_STREAM,
+        "Content-Length": str(size if byte_range is None else byte_range.length),
+        DIGEST_HEADER: digest,
+        NAMESPACE_HEADER: registry,
+        "Accept-Ranges": "bytes",
+    }
+    if byte_range is not None:
+        headers["Content-Range"] = byte_range.content_range()
+    return headers
+
+
+def unsatisfiable_headers(unsatisfiable: Unsatisfiable, registry: str) -> dict[str, str]:
+    """Extra headers of a 416 answer: the blob's size, so a client can ask again correctly."""
+    return {
+        "Content-Range": unsatisfiable.content_range(),
+        "Accept-Ranges": "bytes",
+        NAMESPACE_HEADER: registry,
+    }

@@ -1,0 +1,67 @@
+"""Which registries this node mirrors, read from K3s registries.yaml and re-read when it changes.
+
+The file is checked at most every `recheck_s` seconds (one stat), so operators can add mirrors
+without restarting the registry. A missing file means nothing is mirrored (a K3s node without
+mirrors takes no part); a file that becomes invalid keeps the last good answer and is logged.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from services.common.logsetup import get_logger
+from services.pinner.registries import Registries, RegistriesError, load_registries
+
+DEFAULT_RECHECK_S = 2.0
+
+log = get_logger("registry.mirrors")
+
+
+class MirroredRegistries:
+    """`is_mirrored(registry)` over a registries.yaml file, reloaded on change."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        recheck_s: float = DEFAULT_RECHECK_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.path = path
+        self._recheck_s = recheck_s
+        self._clock = clock
+        self._signature: tuple[int, int, int] | None = None
+        self._registries = Registries()
+        self._checked_at = float("-inf")
+        self._reload()
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def _reload(self) -> None:
+        self._checked_at = self._clock()
+        signature = self._stat()
+        if signature == self._signature and signature is not None:
+            return
+        try:
+            registries = load_registries(self.path, missing_ok=True)
+        except RegistriesError as exc:
+            log.error("registries file invalid; keeping the previous mirrors", error=str(exc))
+            self._signature = signature
+            return
+        self._registries, self._signature = registries, signature
+        log.info(
+            "mirrored registries loaded", path=str(self.path), mirrors=list(registries.mirrors)
+        )
+
+    def is_mirrored(self, registry: str) -> bool:
+        if self._clock() - self._checked_at >= self._recheck_s:
+            self._reload()
+        return self._registries.is_mirrored(registry)

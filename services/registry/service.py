@@ -1,0 +1,111 @@
+"""Runs the registry: the Sanic HTTP app and its node-local gRPC server in one asyncio loop."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import cast
+
+from sanic.server.async_server import AsyncioServer
+
+from services.common.config import NodeConfig
+from services.common.grpc_server import AddressInUseError, GrpcServer, run_until_signal
+from services.common.logsetup import get_logger
+from services.registry.app import create_app
+from services.registry.context import RegistryApp
+from services.registry.introspection import register as register_introspection
+from services.registry.protocol import PlainHttpProtocol
+
+# Leaves headroom inside the 5 s the node and kubelet allow between SIGTERM and exit.
+STOP_BUDGET = 4.0
+CONNECTION_DRAIN = 1.0
+
+log = get_logger("registry")
+
+
+def _http_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class HttpServer:
+    """The Sanic app on our loop: bound before it accepts, lifecycle events run by hand."""
+
+    def __init__(self, app: RegistryApp, host: str, port: int) -> None:
+        self.app = app
+        self.host = host
+        self.port = port
+        self._server: AsyncioServer | None = None
+        self._listener: asyncio.Server | None = None
+
+    @property
+    def address(self) -> str:
+        """host:port actually listened on (the real port when 0 was asked for)."""
+        return _http_address(self.host, self.port)
+
+    async def start(self) -> None:
+        """Bind, run Sanic's startup events, then start accepting connections."""
+        try:
+            server = await self.app.create_server(
+                host=self.host,
+                port=self.port,
+                return_asyncio_server=True,
+                protocol=PlainHttpProtocol,
+                # Accept nothing until the router is finalized by startup() below.
+                asyncio_server_kwargs={"start_serving": False},
+            )
+        except OSError as exc:
+            raise AddressInUseError(self.address, exc.strerror or str(exc)) from None
+        assert server is not None
+        # Sanic's AsyncioServer is untyped: its `server` is the bound asyncio.Server.
+        listener = cast(asyncio.Server, server.server)
+        self._server, self._listener = server, listener
+        if listener.sockets:
+            self.port = int(listener.sockets[0].getsockname()[1])
+        await server.startup()  # type: ignore[no-untyped-call]
+        await server.before_start()  # type: ignore[no-untyped-call]
+        await listener.start_serving()
+        await server.after_start()  # type: ignore[no-untyped-call]
+
+    async def stop(self) -> None:
+        """Stop accepting, let idle keep-alive connections go, then close the rest."""
+        server, listener = self._server, self._listener
+        if server is None or listener is None:
+            return
+        self._server = self._listener = None
+        await server.before_stop()  # type: ignore[no-untyped-call]
+        listener.close()
+        busy = [conn for conn in list(server.connections) if not conn.close_if_idle()]
+        if busy:
+            # Give responses in flight a moment to finish before cutting them off.
+            await asyncio.sleep(CONNECTION_DRAIN)
+            for conn in busy:
+                conn.close()
+        await listener.wait_closed()
+        await server.after_stop()  # type: ignore[no-untyped-call]
+
+
+async def run(cfg: NodeConfig) -> None:
+    """Serve until SIGTERM/SIGINT, then stop within the budget."""
+    app = create_app(cfg)
+    grpc_server = GrpcServer(cfg.registry.grpc_address, name="registry-introspection")
+    register_introspection(grpc_server, app.ctx.stats)
+    http = HttpServer(app, cfg.registry.host, cfg.registry.port)
+    await grpc_server.start()
+    try:
+        await http.start()
+    except BaseException:
+        await grpc_server.stop(grace=None)
+        raise
+    app.ctx.ready = True
+    log.info(
+        "registry started",
+        node=cfg.node.name,
+        http_address=http.address,
+        grpc_address=grpc_server.bound_address,
+    )
+
+    async def stop() -> None:
+        app.ctx.ready = False
+        await asyncio.gather(http.stop(), grpc_server.stop())
+
+    await run_until_signal(stop, stop_timeout=STOP_BUDGET)
+    log.info("registry stopped")

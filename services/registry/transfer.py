@@ -1,0 +1,123 @@
+"""Sends blob bodies: zero-copy from a file when the store has one, else the store's stream.
+
+The file path uses ``loop.sendfile`` on the connection's transport: on a plain TCP transport the
+kernel copies file pages straight to the socket (``os.sendfile``); on transports without native
+support (TLS) asyncio falls back to 256 KiB reads. Either way no more than one block per request is
+ever held in memory. Sanic only frames the response (status and headers); the body bypasses it,
+after which its byte accounting is told how much was sent so it finishes the response normally.
+
+The stream path hands the store's chunks (1 MiB) to Sanic one at a time; Sanic waits for the
+socket to drain before taking the next, which bounds memory the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from typing import Any, BinaryIO
+
+from sanic import Request
+
+from services.common.store.protocol import ContentStore
+from services.registry.content import Blob
+
+
+class ClientGoneError(ConnectionError):
+    """The client went away while its body was being sent (nothing to answer any more)."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(f"client disconnected: {type(cause).__name__}: {cause}")
+
+
+def _open_exact(blob: Blob) -> BinaryIO | None:
+    """The blob's file opened for reading, or None when it is gone or no longer the blob's size."""
+    if blob.path is None:
+        return None
+    try:
+        f = open(blob.path, "rb", buffering=0)  # noqa: SIM115 - closed by the caller
+    except OSError:
+        return None
+    if os.fstat(f.fileno()).st_size != blob.size:
+        f.close()
+        return None
+    return f
+
+
+def _body_sent_outside_sanic(request: Request[Any, Any], sent: int) -> None:
+    # Sanic counts the bytes still owed for a Content-Length response; bytes written straight to
+    # the transport must be deducted so that its final (empty) send completes the response.
+    http = request.stream
+    http.response_bytes_left -= sent  # type: ignore[union-attr]
+
+
+async def send_blob(
+    request: Request[Any, Any],
+    status: int,
+    headers: dict[str, str],
+    store: ContentStore,
+    blob: Blob,
+    offset: int,
+    count: int,
+) -> int:
+    """Answer with `status`, `headers` and `count` bytes of `blob` from `offset`; returns the body
+    bytes sent. Raises ClientGoneError when the client disconnects, NotFoundError (before anything
+    is sent) when the content vanished, and store errors as they come."""
+    f = await asyncio.to_thread(_open_exact, blob) if blob.path is not None else None
+    if f is None:
+        return await _send_stream(request, status, headers, store, blob.digest, offset, count)
+    with f:
+        response = await request.respond(status=status, headers=headers)
+        sent = 0
+        try:
+            await response.send(b"", end_stream=False)
+            if count:
+                loop = asyncio.get_running_loop()
+                sent = await loop.sendfile(request.transport, f, offset, count)  # type: ignore[arg-type]
+        except (ConnectionError, OSError, RuntimeError) as exc:
+            # RuntimeError: asyncio refuses to send on a transport that is already closing.
+            _drop(request)
+            raise ClientGoneError(exc) from exc
+        _body_sent_outside_sanic(request, sent)
+        await response.send(b"", end_stream=True)
+        return sent
+
+
+def _drop(request: Request[Any, Any]) -> None:
+    with contextlib.suppress(Exception):
+        request.transport.close()
+
+
+async def _send_stream(
+    request: Request[Any, Any],
+    status: int,
+    headers: dict[str, str],
+    store: ContentStore,
+    digest: str,
+    offset: int,
+    count: int,
+) -> int:
+    chunks = store.read(digest, offset, count).__aiter__()
+    # The first chunk is read before anything is sent, so content that vanished since its
+    # lookup still gets a clean 404 instead of a cut connection.
+    first = await anext(chunks, b"")
+    response = await request.respond(status=status, headers=headers)
+    sent = 0
+    try:
+        chunk = first
+        while chunk:
+            try:
+                await response.send(chunk, end_stream=False)
+            except (ConnectionError, OSError) as exc:
+                _drop(request)
+                raise ClientGoneError(exc) from exc
+            sent += len(chunk)
+            chunk = await anext(chunks, b"")
+        if sent == 0:
+            # An empty body still needs its headers.
+            await response.send(b"", end_stream=True)
+    finally:
+        aclose = getattr(chunks, "aclose", None)
+        if aclose is not None:
+            await aclose()
+    return sent

@@ -1,0 +1,3 @@
+"""Fixtures shared by every test: the real containerd harness lives in tests/harness."""
+
+pytest_plugins = ["tests.harness.fixtures_containerd"]
