@@ -7,7 +7,7 @@ setup:
 	@scripts/setup
 
 run: setup
-	$(PY) -m services.cli.main demo
+	$(PY) -m services.cli.main node --config deploy/dev/node.yaml
 
 test: setup
 	$(PY) -m pytest -q

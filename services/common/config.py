@@ -175,6 +175,38 @@ class RegistrySection:
             check=_check_positive,
         ),
     )
+    peer_fetch: bool = field(
+        default=True,
+        metadata=_doc(
+            "on a local miss, fetch from peers that discovery names (false: local content only)"
+        ),
+    )
+    max_providers: int = field(
+        default=3,
+        metadata=_doc("providers asked of discovery per lookup (K3s: 3)", check=_check_positive),
+    )
+    max_attempts: int = field(
+        default=4,
+        metadata=_doc(
+            "peer requests per client request, hedges and resumes included",
+            check=_check_positive,
+        ),
+    )
+    peer_timeout: float = field(
+        default=2.0,
+        metadata=_doc(
+            "seconds a peer may take to connect, send headers or send more body bytes before "
+            "it is given up",
+            check=_check_positive,
+        ),
+    )
+    quarantine_duration: float = field(
+        default=300.0,
+        metadata=_doc(
+            "seconds a peer that sent content not matching its digest is not asked again",
+            check=_check_positive,
+        ),
+    )
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""The registry's mirror path: a local miss fetched from a peer that discovery names (one hop)."""

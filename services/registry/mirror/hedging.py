@@ -1,0 +1,149 @@
+"""Which peer to ask next and when to ask another one: per-peer load and latency, kept pure.
+
+Every peer answer feeds two figures: the peer's own exponentially weighted header latency (to
+prefer fast peers) and a window of recent header latencies of all peers (to decide when an
+answer is late). A request starts at the least-used peer, fastest first among equals; when its
+headers have not come after the hedge delay, one more peer is asked. The delay is a percentile of
+recent latencies once there are enough of them (a late answer is then an unusual one), never
+more than the configured header wait, so a miss stays short even on a slow cluster.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+from collections import OrderedDict, deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+DEFAULT_ALPHA = 0.3
+DEFAULT_WINDOW = 128
+DEFAULT_MIN_SAMPLES = 20
+DEFAULT_PERCENTILE = 0.9
+# A hedge earlier than this would mostly duplicate requests that are merely scheduled late.
+MIN_HEDGE_DELAY_S = 0.002
+DEFAULT_MAX_PEERS = 1024
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Peer:
+    """A peer's registry endpoint as discovery announced it: an IP address and a port."""
+
+    address: str
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        return f"{host}:{self.port}"
+
+
+def peer_from_contact(address: str, port: int) -> Peer | None:
+    """A Peer for a discovery contact; None unless `address` is an IP literal and `port` usable
+    (names are never resolved: only addresses discovery observed are dialled)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return None
+    if not 0 < port <= 65535 or ip.is_unspecified or ip.is_multicast:
+        return None
+    return Peer(ip.compressed, port)
+
+
+def percentile(samples: Iterable[float], q: float) -> float:
+    """The nearest-rank `q` percentile (0 < q <= 1) of `samples`; ValueError when empty."""
+    ordered = sorted(samples)
+    if not ordered:
+        raise ValueError("no samples")
+    rank = max(1, math.ceil(q * len(ordered)))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+@dataclass(slots=True)
+class PeerLoad:
+    """What is known about one peer: requests in flight and its smoothed header latency."""
+
+    in_flight: int = 0
+    latency: float | None = None
+
+
+class PeerBook:
+    """Load and latency of the peers this registry talks to (single event loop, no locking)."""
+
+    def __init__(
+        self,
+        *,
+        alpha: float = DEFAULT_ALPHA,
+        window: int = DEFAULT_WINDOW,
+        min_samples: int = DEFAULT_MIN_SAMPLES,
+        quantile: float = DEFAULT_PERCENTILE,
+        max_peers: int = DEFAULT_MAX_PEERS,
+    ) -> None:
+        self.alpha = alpha
+        self.min_samples = min_samples
+        self.quantile = quantile
+        self.max_peers = max_peers
+        self.recent: deque[float] = deque(maxlen=window)
+        self._peers: OrderedDict[Peer, PeerLoad] = OrderedDict()
+
+    def load(self, peer: Peer) -> PeerLoad:
+        """The record of `peer` (a fresh one when unknown); the book stays bounded."""
+        record = self._peers.get(peer)
+        if record is None:
+            record = self._peers[peer] = PeerLoad()
+            self._trim()
+        else:
+            self._peers.move_to_end(peer)
+        return record
+
+    def _trim(self) -> None:
+        # Forget the least recently used idle peers; busy ones are still being counted.
+        while len(self._peers) > self.max_peers:
+            victim = next((p for p, r in self._peers.items() if r.in_flight == 0), None)
+            if victim is None:
+                return
+            del self._peers[victim]
+
+    def begin(self, peer: Peer) -> None:
+        """A request to `peer` started."""
+        self.load(peer).in_flight += 1
+
+    def end(self, peer: Peer) -> None:
+        """A request to `peer` started with `begin` finished (any way)."""
+        record = self.load(peer)
+        record.in_flight = max(0, record.in_flight - 1)
+
+    def observe(self, peer: Peer, latency: float) -> None:
+        """`peer` sent response headers `latency` seconds after it was asked."""
+        latency = max(0.0, latency)
+        record = self.load(peer)
+        record.latency = (
+            latency
+            if record.latency is None
+            else self.alpha * latency + (1 - self.alpha) * record.latency
+        )
+        self.recent.append(latency)
+
+    def penalise(self, peer: Peer, latency: float) -> None:
+        """`peer` failed to answer within `latency` seconds: rank it behind peers that answer
+        faster, without letting a dead peer skew the cluster-wide hedge delay."""
+        record = self.load(peer)
+        record.latency = max(record.latency or 0.0, latency)
+
+    def choose(self, candidates: Sequence[Peer]) -> Peer | None:
+        """The least-used candidate, fastest first among equals (unknown latency counts as
+        fastest, so new peers get tried); ties keep discovery's order. None when empty."""
+        best: Peer | None = None
+        best_key: tuple[int, float] | None = None
+        for peer in candidates:
+            record = self._peers.get(peer)
+            key = (0, 0.0) if record is None else (record.in_flight, record.latency or 0.0)
+            if best_key is None or key < best_key:
+                best, best_key = peer, key
+        return best
+
+    def hedge_delay(self, header_wait: float) -> float:
+        """How long to wait for headers before asking another peer: the configured
+        `header_wait` until enough samples exist, then their percentile (bounded by it)."""
+        if len(self.recent) < self.min_samples:
+            return header_wait
+        return min(header_wait, max(MIN_HEDGE_DELAY_S, percentile(self.recent, self.quantile)))

@@ -1,0 +1,86 @@
+"""The registry's HTTP client to peers' registries: pooled per peer, one hop, nothing else.
+
+Every request carries the peer header (the peer answers from its own content only, so a relay is
+never relayed again), follows no redirect, ignores proxy settings and never decompresses. The
+upstream registry travels only as the ``ns`` query parameter: it is never dialled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import aiohttp
+from yarl import URL
+
+from services.registry.headers import PEER_HEADER, PEER_HEADER_VALUE
+from services.registry.mirror.hedging import Peer
+
+# Idle connections per peer kept for the next request; a hedge or failover needs a fresh one
+# rarely enough that more would only hold sockets.
+POOL_PER_PEER = 16
+KEEPALIVE_S = 30.0
+
+
+def peer_url(peer: Peer, name: str, segment: str, reference: str, registry: str) -> URL:
+    """``http://<peer>/v2/<name>/<segment>/<reference>?ns=<registry>``."""
+    return URL.build(
+        scheme="http",
+        host=peer.address,
+        port=peer.port,
+        path=f"/v2/{name}/{segment}/{reference}",
+        query={"ns": registry},
+    )
+
+
+class PeerClient:
+    """One aiohttp session for all peers (its connector pools connections per peer)."""
+
+    def __init__(self, peer_timeout: float) -> None:
+        self.peer_timeout = peer_timeout
+        self._session: aiohttp.ClientSession | None = None
+
+    def _open(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(
+                limit=0,
+                limit_per_host=POOL_PER_PEER,
+                keepalive_timeout=KEEPALIVE_S,
+                # Peers are IP literals; nothing here is ever resolved through DNS.
+                use_dns_cache=False,
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                # A stalled peer (no headers, or no next body bytes) is given up after this.
+                timeout=aiohttp.ClientTimeout(
+                    total=None, sock_connect=self.peer_timeout, sock_read=self.peer_timeout
+                ),
+                auto_decompress=False,
+                trust_env=False,
+                skip_auto_headers=("User-Agent", "Accept-Encoding"),
+                headers={PEER_HEADER: PEER_HEADER_VALUE, "User-Agent": "peermirror-registry"},
+            )
+        return self._session
+
+    async def request(
+        self,
+        method: str,
+        peer: Peer,
+        name: str,
+        segment: str,
+        reference: str,
+        registry: str,
+        headers: Mapping[str, str] | None = None,
+    ) -> aiohttp.ClientResponse:
+        """Send one request and return once the response headers are in; the caller must
+        release or close the response."""
+        return await self._open().request(
+            method,
+            peer_url(peer, name, segment, reference, registry),
+            headers=dict(headers or {}),
+            allow_redirects=False,
+        )
+
+    async def close(self) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()

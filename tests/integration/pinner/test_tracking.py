@@ -1,0 +1,286 @@
+"""The pinner's tracking on a real containerd: what the node holds is advertised, what goes away is
+withdrawn, containerd restarts are survived. Discovery is the in-memory fake on a loopback port."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from services.common.config import NodeConfig, load_config
+from services.common.containerd.client import ContainerdClient
+from services.common.store.protocol import Descriptor
+from services.pinner.registries import load_registries
+from services.pinner.service import PinnerRuntime, prepare
+from tests.harness.containerd import ContainerdDaemon
+from tests.harness.containerd_store_factory import import_image
+from tests.harness.fake_discovery import FakeDiscovery
+from tests.harness.images import OCI_CONFIG, OCI_MANIFEST, BuiltImage, build_image
+
+pytestmark = pytest.mark.containerd
+
+# The issue's bound for an imported image to be advertised.
+ADVERTISE_WITHIN_S = 2.0
+# Upper bound for slower convergence (restarts, GC); only there so a bug fails instead of hangs.
+WAIT_S = 30.0
+GC_REF = "containerd.io/gc.ref.content"
+
+
+def node_config(
+    tmp_path: Path,
+    daemon: ContainerdDaemon,
+    namespace: str,
+    discovery_address: str,
+    registries_yaml: str | None,
+    *,
+    allow_latest: bool = False,
+) -> NodeConfig:
+    registries_file = tmp_path / "registries.yaml"
+    if registries_yaml is not None:
+        registries_file.write_text(registries_yaml)
+    base = load_config(None, {})
+    return dataclasses.replace(
+        base,
+        registry=dataclasses.replace(
+            base.registry, registries_file=registries_file, allow_latest=allow_latest
+        ),
+        discovery=dataclasses.replace(base.discovery, local_address=discovery_address),
+        pinner=dataclasses.replace(
+            base.pinner, certs_dir=tmp_path / "certs.d", grpc_address="127.0.0.1:0"
+        ),
+        store=dataclasses.replace(
+            base.store, containerd_address=daemon.address, containerd_namespace=namespace
+        ),
+    )
+
+
+@contextlib.asynccontextmanager
+async def pinner(cfg: NodeConfig) -> AsyncIterator[PinnerRuntime]:
+    runtime = PinnerRuntime(cfg, prepare(cfg), airgap=False)
+    runtime.start()
+    try:
+        async with asyncio.timeout(WAIT_S):
+            await runtime.wait_synced()
+        yield runtime
+    finally:
+        await runtime.stop()
+
+
+def keys_of(image: BuiltImage, *, tag: bool = True) -> set[str]:
+    keys = {b.digest for b in image.blobs}
+    if tag:
+        keys.add(image.name)
+    return keys
+
+
+async def wait_keys(disco: FakeDiscovery, want: set[str], within: float = WAIT_S) -> None:
+    async with asyncio.timeout(within):
+        await disco.wait_for(lambda keys: keys == want)
+
+
+async def wait_superset(disco: FakeDiscovery, want: set[str], within: float) -> None:
+    async with asyncio.timeout(within):
+        await disco.wait_for(lambda keys: want <= keys)
+
+
+async def put_blob(client: ContainerdClient, data: bytes, labels: dict[str, str]) -> Descriptor:
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    await client.write_content(
+        f"pm-test-{digest[7:19]}", data, expected=digest, size=len(data), labels=labels
+    )
+    return Descriptor(digest=digest, size=len(data), media_type="")
+
+
+async def image_sharing_first_layer(
+    client: ContainerdClient, other: BuiltImage, name: str, *, protect_layer: bool
+) -> tuple[Descriptor, Descriptor]:
+    """Create image `name` whose only layer is `other`'s first one; returns (manifest, config).
+
+    With `protect_layer` False the manifest carries no GC reference to the layer, so containerd's
+    collector removes it as soon as `other` is gone — without publishing any event.
+    """
+    layer = other.platforms[0].layers[0]
+    config_body = json.dumps(
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "config": {"Labels": {"peermirror.test/name": name}},
+            "rootfs": {"type": "layers", "diff_ids": [layer.diff_id]},
+        }
+    ).encode()
+    config = await put_blob(client, config_body, {"containerd.io/gc.root": "test"})
+    manifest_body = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": OCI_CONFIG, "digest": config.digest, "size": config.size},
+            "layers": [
+                {
+                    "mediaType": layer.descriptor.media_type,
+                    "digest": layer.descriptor.digest,
+                    "size": layer.descriptor.size,
+                }
+            ],
+        }
+    ).encode()
+    labels = {f"{GC_REF}.config": config.digest}
+    if protect_layer:
+        labels[f"{GC_REF}.l.0"] = layer.descriptor.digest
+    manifest = await put_blob(client, manifest_body, labels)
+    target = Descriptor(manifest.digest, manifest.size, OCI_MANIFEST)
+    await client.create_image(name, target)
+    # The image now holds the config; it needs no root of its own any more.
+    await client.update_content_labels(config.digest, {"containerd.io/gc.root": None})
+    return manifest, config
+
+
+DOCKER_HUB_ONLY = "mirrors:\n  docker.io: {}\n"
+
+
+@pytest.mark.parametrize("protect_layer", [True, False], ids=["gc-ref", "no-gc-ref"])
+async def test_import_advertises_and_delete_withdraws_only_what_is_gone(
+    tmp_path: Path,
+    containerd_daemon: ContainerdDaemon,
+    containerd_namespace: str,
+    protect_layer: bool,
+) -> None:
+    a = build_image(tmp_path / "a", "docker.io/library/alpha:1", layers=2, layer_size=4096)
+    async with (
+        FakeDiscovery() as disco,
+        ContainerdClient(containerd_daemon.address, containerd_namespace) as client,
+    ):
+        cfg = node_config(
+            tmp_path, containerd_daemon, containerd_namespace, disco.address, DOCKER_HUB_ONLY
+        )
+        async with pinner(cfg):
+            await import_image(containerd_daemon, containerd_namespace, a)
+            await wait_superset(disco, keys_of(a), ADVERTISE_WITHIN_S)
+            await wait_keys(disco, keys_of(a))
+
+            b_name = "docker.io/library/beta:1"
+            manifest, config = await image_sharing_first_layer(
+                client, a, b_name, protect_layer=protect_layer
+            )
+            shared = a.platforms[0].layers[0].descriptor.digest
+            await wait_keys(disco, keys_of(a) | {manifest.digest, config.digest, b_name})
+
+            # No sync: containerd's collector runs on its own after the delete, unannounced.
+            await client.delete_image(a.name)
+            b_keys = {manifest.digest, config.digest, b_name}
+            if protect_layer:
+                await wait_keys(disco, b_keys | {shared})
+                withdrawn = {k for kind, keys in disco.calls if kind == "withdraw" for k in keys}
+                assert shared not in withdrawn
+                assert withdrawn == keys_of(a) - {shared}
+            else:
+                # The layer B did not protect is collected; the pinner notices without an event.
+                await wait_keys(disco, b_keys)
+                assert not containerd_daemon.blob_path(shared).exists()
+
+
+async def test_multi_platform_index_and_digest_reference(
+    tmp_path: Path, containerd_daemon: ContainerdDaemon, containerd_namespace: str
+) -> None:
+    image = build_image(
+        tmp_path / "m",
+        "docker.io/library/multi:2",
+        layers=1,
+        layer_size=2048,
+        platforms=["linux/amd64", "linux/arm64/v8"],
+    )
+    async with FakeDiscovery() as disco:
+        cfg = node_config(
+            tmp_path, containerd_daemon, containerd_namespace, disco.address, DOCKER_HUB_ONLY
+        )
+        async with pinner(cfg) as runtime:
+            await import_image(containerd_daemon, containerd_namespace, image)
+            await wait_keys(disco, keys_of(image))
+            # A name@digest record of the same index adds no key; removing the tag leaves the
+            # digests, still held by the digest reference.
+            async with ContainerdClient(containerd_daemon.address, containerd_namespace) as c:
+                await c.create_image(f"docker.io/library/multi@{image.target.digest}", image.target)
+                await asyncio.sleep(0.2)
+                assert disco.keys == keys_of(image)
+                await c.delete_image(image.name)
+            await wait_keys(disco, keys_of(image, tag=False))
+            assert runtime.tracker is not None
+            assert runtime.tracker.probe_confirmed
+
+
+@pytest.mark.parametrize("allow_latest", [False, True], ids=["latest-off", "latest-on"])
+async def test_only_mirrored_registries_and_latest_rule(
+    tmp_path: Path,
+    containerd_daemon: ContainerdDaemon,
+    containerd_namespace: str,
+    allow_latest: bool,
+) -> None:
+    other = build_image(tmp_path / "o", "docker.io/library/other:1", layers=1, layer_size=1024)
+    app = build_image(tmp_path / "q1", "quay.io/org/app:1", layers=1, layer_size=1024, seed=1)
+    latest = build_image(tmp_path / "q2", "quay.io/org/app:latest", layers=1, layer_size=1024)
+    async with FakeDiscovery() as disco:
+        cfg = node_config(
+            tmp_path,
+            containerd_daemon,
+            containerd_namespace,
+            disco.address,
+            "mirrors:\n  quay.io: {}\n",
+            allow_latest=allow_latest,
+        )
+        async with pinner(cfg):
+            # Imported first: had its keys been advertised, they would be there by the end.
+            await import_image(containerd_daemon, containerd_namespace, other)
+            await import_image(containerd_daemon, containerd_namespace, app)
+            await import_image(containerd_daemon, containerd_namespace, latest)
+            await wait_keys(disco, keys_of(app) | keys_of(latest, tag=allow_latest))
+        assert not (disco.keys & keys_of(other))
+
+
+async def test_a_node_mirroring_nothing_takes_no_part(
+    tmp_path: Path, containerd_daemon: ContainerdDaemon, containerd_namespace: str
+) -> None:
+    image = build_image(tmp_path / "n", "docker.io/library/none:1", layers=1, layer_size=1024)
+    async with FakeDiscovery() as disco:
+        cfg = node_config(tmp_path, containerd_daemon, containerd_namespace, disco.address, None)
+        assert load_registries(cfg.registry.registries_file, missing_ok=True).mirrors == {}
+        async with pinner(cfg) as runtime:
+            assert runtime.tracker is None and runtime.advertiser is None
+            await import_image(containerd_daemon, containerd_namespace, image)
+            await asyncio.sleep(0.5)
+        assert disco.calls == [] and disco.keys == set()
+        # The certs.d directory exists and holds no generated configuration.
+        assert list(cfg.pinner.certs_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("how", ["restart", "kill"])
+async def test_containerd_restart_under_a_running_pinner(
+    tmp_path: Path, containerd_daemon: ContainerdDaemon, containerd_namespace: str, how: str
+) -> None:
+    before = build_image(tmp_path / "b", "docker.io/library/before:1", layers=1, layer_size=1024)
+    after = build_image(tmp_path / "c", "docker.io/library/after:1", layers=1, layer_size=1024)
+    async with FakeDiscovery() as disco:
+        cfg = node_config(
+            tmp_path, containerd_daemon, containerd_namespace, disco.address, DOCKER_HUB_ONLY
+        )
+        async with pinner(cfg) as runtime:
+            assert runtime.tracker is not None
+            await import_image(containerd_daemon, containerd_namespace, before)
+            await wait_keys(disco, keys_of(before))
+            sessions = runtime.tracker.sessions
+            if how == "restart":
+                containerd_daemon.restart()
+            else:
+                containerd_daemon.kill()
+                await asyncio.sleep(0.5)  # the pinner runs on with containerd gone
+                containerd_daemon.start()
+            # Imported right after the restart, possibly before the pinner resubscribed.
+            await import_image(containerd_daemon, containerd_namespace, after)
+            await wait_keys(disco, keys_of(before) | keys_of(after))
+            # `after` can only have come through a new session: the old one's daemon is gone.
+            assert runtime.tracker.sessions > sessions
+            assert runtime.running

@@ -1,0 +1,1 @@
+"""Simulated networks for testing and benchmarking the pure cores without sockets."""

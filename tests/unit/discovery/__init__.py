@@ -1,0 +1,1 @@
+"""Unit tests of the discovery service's pure Kademlia core."""
