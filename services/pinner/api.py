@@ -1,0 +1,184 @@
+"""The pinner's node-local gRPC API (peermirror.pinner.v1.Pinner): pins, status and resync.
+
+Pins and imports come from the AirgapManager; what only the service knows (participation,
+advertisement counts, the containerd connection, a full resync) is asked of it through the
+two optional callbacks, so this module stays independent of how the service tracks state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from services.common.containerd.errors import (
+    ContainerdError,
+    ContainerdNotFoundError,
+    ContainerdUnavailableError,
+)
+from services.common.genproto.peermirror.pinner.v1 import pinner_pb2, pinner_pb2_grpc
+from services.pinner.pins import InvalidReferenceError, Pin
+
+if TYPE_CHECKING:
+    from services.common.grpc_server import GrpcServer
+    from services.pinner.airgap.manager import AirgapManager, ImportStatus
+
+SERVICE_NAME: str = pinner_pb2.DESCRIPTOR.services_by_name["Pinner"].full_name
+
+
+@dataclass(frozen=True, slots=True)
+class SyncState:
+    """What the service reports about advertising (the Status fields the API cannot know)."""
+
+    participating: bool = False
+    containerd_connected: bool = True
+    last_sync: datetime | None = None
+    last_sync_error: str = ""
+    advertised_keys: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class SyncOutcome:
+    """What a service resync changed."""
+
+    advertised: int = 0
+    withdrawn: int = 0
+
+
+SyncStateFn = Callable[[], SyncState]
+ResyncFn = Callable[[], Awaitable[SyncOutcome]]
+
+_RESULTS = {
+    "pending": pinner_pb2.IMPORT_RESULT_PENDING,
+    "imported": pinner_pb2.IMPORT_RESULT_IMPORTED,
+    "failed": pinner_pb2.IMPORT_RESULT_FAILED,
+}
+
+
+def _timestamp(when: datetime | None) -> Timestamp | None:
+    if when is None:
+        return None
+    ts = Timestamp()
+    ts.FromDatetime(when)
+    return ts
+
+
+def pin_message(pin: Pin) -> pinner_pb2.PinnedImage:
+    return pinner_pb2.PinnedImage(
+        name=pin.name,
+        digest=pin.digest,
+        media_type=pin.media_type,
+        managed=pin.managed,
+        source=pin.source,
+    )
+
+
+def import_message(state: ImportStatus) -> pinner_pb2.ImportState:
+    return pinner_pb2.ImportState(
+        path=str(state.path),
+        result=_RESULTS[state.result],
+        error=state.error,
+        images=list(state.images),
+        size=state.size,
+        finished_at=_timestamp(state.finished_at),
+    )
+
+
+class PinnerApi(pinner_pb2_grpc.PinnerServicer):
+    """Servicer of the Pinner API over an AirgapManager."""
+
+    def __init__(
+        self,
+        airgap: AirgapManager,
+        *,
+        sync_state: SyncStateFn | None = None,
+        resync: ResyncFn | None = None,
+    ) -> None:
+        self._airgap = airgap
+        self._sync_state = sync_state
+        self._resync = resync
+
+    def register(self, server: GrpcServer) -> None:
+        server.add_service(
+            SERVICE_NAME, lambda s: pinner_pb2_grpc.add_PinnerServicer_to_server(self, s)
+        )
+
+    async def ListPins(
+        self, request: pinner_pb2.ListPinsRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pinner_pb2.ListPinsResponse:
+        try:
+            pins = await self._airgap.pins.pinned()
+        except ContainerdError as exc:
+            await _abort(context, exc)
+        return pinner_pb2.ListPinsResponse(pins=[pin_message(p) for p in pins])
+
+    async def Pin(
+        self, request: pinner_pb2.PinRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pinner_pb2.PinResponse:
+        try:
+            pin = await self._airgap.pins.pin(request.ref)
+        except InvalidReferenceError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except ContainerdError as exc:
+            await _abort(context, exc, request.ref)
+        return pinner_pb2.PinResponse(pin=pin_message(pin))
+
+    async def Unpin(
+        self, request: pinner_pb2.UnpinRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pinner_pb2.UnpinResponse:
+        try:
+            was_pinned = await self._airgap.pins.unpin(request.ref)
+        except InvalidReferenceError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except ContainerdError as exc:
+            await _abort(context, exc, request.ref)
+        return pinner_pb2.UnpinResponse(was_pinned=was_pinned)
+
+    async def Status(
+        self, request: pinner_pb2.StatusRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pinner_pb2.StatusResponse:
+        state = self._sync_state() if self._sync_state is not None else SyncState()
+        try:
+            pinned = len(await self._airgap.pins.pinned())
+            connected = state.containerd_connected
+        except ContainerdError:
+            pinned, connected = 0, False
+        return pinner_pb2.StatusResponse(
+            participating=state.participating,
+            containerd_connected=connected,
+            namespace=self._airgap.client.namespace,
+            last_sync=_timestamp(state.last_sync),
+            last_sync_error=state.last_sync_error,
+            advertised_keys=state.advertised_keys,
+            pinned_images=pinned,
+            imports=[import_message(s) for s in self._airgap.status()],
+        )
+
+    async def Resync(
+        self, request: pinner_pb2.ResyncRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pinner_pb2.ResyncResponse:
+        try:
+            imported = await self._airgap.rescan()
+            outcome = await self._resync() if self._resync is not None else SyncOutcome()
+        except ContainerdError as exc:
+            await _abort(context, exc)
+        return pinner_pb2.ResyncResponse(
+            advertised=outcome.advertised,
+            withdrawn=outcome.withdrawn,
+            imported=imported,
+            finished_at=_timestamp(datetime.now(UTC)),
+        )
+
+
+async def _abort(
+    context: grpc.aio.ServicerContext[object, object], exc: ContainerdError, ref: str = ""
+) -> None:
+    if isinstance(exc, ContainerdNotFoundError):
+        await context.abort(grpc.StatusCode.NOT_FOUND, f"no such image: {ref}")
+    if isinstance(exc, ContainerdUnavailableError):
+        await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+    await context.abort(grpc.StatusCode.INTERNAL, str(exc))

@@ -1,0 +1,1 @@
+"""Air-gap import, pinning and the Pinner API against a real containerd."""
