@@ -12,6 +12,10 @@ nesting levels, e.g. ``PEERMIRROR_REGISTRY__PORT=7443``). Lists are comma separa
 ``k=v,k2=v2``, booleans accept true/false/1/0/yes/no, and an empty value sets an optional key to
 null. ``PEERMIRROR_*`` variables without a double underscore are not config overrides and are left
 alone (the CLI may use them for other things).
+
+The ``k3s`` section holds K3s's own switches under K3s's hyphenated spelling
+(``embedded-registry``, ``disable-default-registry-endpoint``); switches it leaves null are read
+from the K3s config file named by ``node.k3s_config`` (see :mod:`services.common.k3s_config`).
 """
 
 from __future__ import annotations
@@ -27,6 +31,13 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
+
+from services.common.k3s_config import (
+    DISABLE_DEFAULT_ENDPOINT,
+    EMBEDDED_REGISTRY,
+    K3sConfigError,
+    read_switches,
+)
 
 ENV_PREFIX = "PEERMIRROR_"
 ENV_NESTING = "__"
@@ -81,15 +92,26 @@ def _check_positive(value: object) -> None:
 
 
 def _doc(
-    text: str, check: Callable[[object], None] | None = None, shown: str | None = None
+    text: str,
+    check: Callable[[object], None] | None = None,
+    shown: str | None = None,
+    key: str | None = None,
 ) -> dict[str, Any]:
-    """Field metadata: the one-line doc, an optional value check, an optional shown default."""
+    """Field metadata: the one-line doc, an optional value check, an optional shown default,
+    and the YAML spelling when it is not the field name (K3s's hyphenated flag names)."""
     meta: dict[str, Any] = {"doc": text}
     if check is not None:
         meta["check"] = check
     if shown is not None:
         meta["shown_default"] = shown
+    if key is not None:
+        meta["key"] = key
     return meta
+
+
+def _yaml_key(f: dataclasses.Field[Any]) -> str:
+    """How a field is spelled in the YAML file (environment overrides use the field name)."""
+    return str(f.metadata.get("key", f.name))
 
 
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -138,7 +160,9 @@ class RegistrySection:
         default=6443, metadata=_doc("HTTP listen port of the registry", check=_check_port)
     )
     grpc_address: str = field(
-        default="127.0.0.1:6444",
+        # Not 6444: on K3s nodes 127.0.0.1:6444 is the agent's supervisor load balancer (and the
+        # API server's own port on servers).
+        default="127.0.0.1:5004",
         metadata=_doc(
             "node-local gRPC introspection address (host:port or unix:/path)",
             check=_check_listen_address,
@@ -370,6 +394,38 @@ class StoreSection:
 
 
 @dataclass(frozen=True)
+class K3sSection:
+    """K3s's own registry switches, spelled as in K3s's config.yaml; null = not set here.
+
+    :func:`load_config` fills a null switch from ``node.k3s_config`` (and its ``.d`` drop-ins)
+    when that file sets it, so after loading a switch is null only when nothing set it.
+    """
+
+    embedded_registry: bool | None = field(
+        default=None,
+        metadata=_doc(
+            "K3s embedded-registry: false = the services run but take no part (every mirror "
+            "request is answered 404, nothing is advertised); null = node.k3s_config decides, "
+            "and when it does not either the node takes part",
+            key=EMBEDDED_REGISTRY,
+        ),
+    )
+    disable_default_registry_endpoint: bool | None = field(
+        default=None,
+        metadata=_doc(
+            "K3s disable-default-registry-endpoint; when set here or in node.k3s_config it "
+            "replaces pinner.disable_default_endpoint",
+            key=DISABLE_DEFAULT_ENDPOINT,
+        ),
+    )
+
+    @property
+    def takes_part(self) -> bool:
+        """Whether this node serves mirror requests and advertises content."""
+        return self.embedded_registry is not False
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     """The whole configuration of one node."""
 
@@ -379,6 +435,7 @@ class NodeConfig:
     discovery: DiscoverySection = field(default_factory=DiscoverySection)
     pinner: PinnerSection = field(default_factory=PinnerSection)
     store: StoreSection = field(default_factory=StoreSection)
+    k3s: K3sSection = field(default_factory=K3sSection)
 
 
 # --- type introspection --------------------------------------------------------------------
@@ -555,23 +612,29 @@ def _build(cls: type[_D], data: object, prefix: str, source: str, problems: list
     if not isinstance(data, dict):
         problems.append(f"{where}: expected a mapping, got {_describe_value(data)}")
         return None
-    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    fields = {_yaml_key(f): f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     before = len(problems)
-    problems.extend(f"unknown key '{prefix}{key}'" for key in data if key not in fields)
+    for key in data:
+        if key in fields:
+            continue
+        spelled = str(key).replace("_", "-")
+        hint = f" (spelled '{spelled}', as K3s does)" if spelled in fields else ""
+        problems.append(f"unknown key '{prefix}{key}'{hint}")
     hints = _hints(cls)
     kwargs: dict[str, Any] = {}
-    for name, value in data.items():
-        if name not in fields:
+    for key, value in data.items():
+        if key not in fields:
             continue
+        name = fields[key].name
         tp = hints[name]
-        dotted = f"{prefix}{name}"
+        dotted = f"{prefix}{key}"
         if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             section = {} if value is None else value
             kwargs[name] = _build(tp, section, f"{dotted}.", source, problems)
             continue
         try:
             converted = _from_yaml(value, tp)
-            _run_check(fields[name], converted)
+            _run_check(fields[key], converted)
         except _ValueError as exc:
             problems.append(f"{dotted}: {exc}")
             continue
@@ -650,12 +713,44 @@ def load_config(path: Path | None, env: Mapping[str, str] | None = None) -> Node
         if data is None:  # an empty file means all defaults
             data = {}
     cfg = _build_or_raise(data, source)
-    return _apply_env(cfg, os.environ if env is None else env)
+    cfg = _apply_env(cfg, os.environ if env is None else env)
+    return _apply_k3s(cfg)
+
+
+def _apply_k3s(cfg: NodeConfig) -> NodeConfig:
+    """Fill the K3s switches our config leaves null from ``node.k3s_config``, then let
+    disable-default-registry-endpoint decide the pinner's default-endpoint setting."""
+    k3s = cfg.k3s
+    if cfg.node.k3s_config is not None:
+        try:
+            found = read_switches(cfg.node.k3s_config)
+        except K3sConfigError as exc:
+            raise ConfigError(f"node.k3s_config: {exc}") from None
+        k3s = K3sSection(
+            embedded_registry=(
+                k3s.embedded_registry
+                if k3s.embedded_registry is not None
+                else found.get(EMBEDDED_REGISTRY)
+            ),
+            disable_default_registry_endpoint=(
+                k3s.disable_default_registry_endpoint
+                if k3s.disable_default_registry_endpoint is not None
+                else found.get(DISABLE_DEFAULT_ENDPOINT)
+            ),
+        )
+    pinner = cfg.pinner
+    if k3s.disable_default_registry_endpoint is not None:
+        pinner = dataclasses.replace(
+            pinner, disable_default_endpoint=k3s.disable_default_registry_endpoint
+        )
+    return dataclasses.replace(cfg, k3s=k3s, pinner=pinner)
 
 
 def _dump_value(value: object) -> object:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _dump_value(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {
+            _yaml_key(f): _dump_value(getattr(value, f.name)) for f in dataclasses.fields(value)
+        }
     if isinstance(value, Path):
         return str(value)
     if isinstance(value, list):
@@ -694,7 +789,8 @@ def describe_config() -> list[tuple[str, str, str, str]]:
                     value = f.default_factory()
                 default = yaml.safe_dump(_dump_value(value), default_flow_style=True).strip()
                 default = default.removesuffix("\n...").strip()
-            rows.append((f"{prefix}{f.name}", _type_name(tp), default, str(f.metadata["doc"])))
+            doc = str(f.metadata["doc"])
+            rows.append((f"{prefix}{_yaml_key(f)}", _type_name(tp), default, doc))
 
     walk(NodeConfig, "")
     return rows

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import enum
 from types import SimpleNamespace
-from typing import NoReturn
 
 from sanic import Blueprint, HTTPResponse, Request
 from sanic.exceptions import MethodNotAllowed, RequestCancelled
@@ -86,9 +85,16 @@ def _result_of(error: OciError) -> Result:
     return Result.CLIENT_ERROR
 
 
-def _on_local_miss(error: OciError, scope: Scope) -> NoReturn:
-    """Decide what a local miss becomes. This is where the peer relay of the peer-to-peer pull
-    plugs in for LOCAL_THEN_PEERS; peer requests (LOCAL_ONLY) always end here with a refusal."""
+async def _on_local_miss(
+    request: AppRequest, route: Route, registry: str, key: str, error: OciError, scope: Scope
+) -> HTTPResponse | None:
+    """Decide what a local miss becomes: for LOCAL_THEN_PEERS the mirror path's answer (or its
+    404); peer requests (LOCAL_ONLY) always end here with a refusal, so a relay is one hop."""
+    mirror = request.app.ctx.mirror
+    if scope is Scope.LOCAL_THEN_PEERS and mirror is not None:
+        response = await mirror.relay(request, route, registry, key, error, request.app.ctx.stats)
+        request.ctx.served_by_peer = True
+        return response
     if scope is Scope.LOCAL_ONLY and not isinstance(error, StoreUnavailableError):
         raise _Refused(
             OciError(
@@ -145,7 +151,9 @@ async def content(request: AppRequest, path: str) -> HTTPResponse | None:
         except _Refused as refused:
             result = Result.REFUSED
             return error_response(refused.error)
-        result = Result.LOCAL_HIT
+        result = (
+            Result.PEER_HIT if getattr(request.ctx, "served_by_peer", False) else Result.LOCAL_HIT
+        )
         return response
     except _RangeNotSatisfiable as unsatisfiable:
         result = Result.CLIENT_ERROR
@@ -178,7 +186,7 @@ def _policy_target_or_refuse(request: AppRequest, route: Route) -> tuple[str, st
     return target.registry, target.store_key(route.tag) if route.tag is not None else target.name
 
 
-async def _manifest(request: AppRequest, route: Route, scope: Scope) -> HTTPResponse:
+async def _manifest(request: AppRequest, route: Route, scope: Scope) -> HTTPResponse | None:
     service = request.app.ctx.content
     registry, key = _policy_target_or_refuse(request, route)
     try:
@@ -189,7 +197,7 @@ async def _manifest(request: AppRequest, route: Route, scope: Scope) -> HTTPResp
             assert route.digest is not None
             manifest = await service.manifest(route.digest)
     except OciError as error:
-        _on_local_miss(error, scope)
+        return await _on_local_miss(request, route, registry, key, error, scope)
     headers = manifest_headers(manifest.digest, manifest.size, manifest.media_type, registry)
     if request.method == "HEAD":
         return HTTPResponse(b"", headers=headers)
@@ -207,12 +215,12 @@ class _RangeNotSatisfiable(Exception):
 
 async def _blob(request: AppRequest, route: Route, scope: Scope) -> HTTPResponse | None:
     ctx = request.app.ctx
-    registry, _ = _policy_target_or_refuse(request, route)
+    registry, key = _policy_target_or_refuse(request, route)
     assert route.digest is not None
     try:
         blob = await ctx.content.blob(route.digest)
     except OciError as error:
-        _on_local_miss(error, scope)
+        return await _on_local_miss(request, route, registry, key, error, scope)
     selected = parse_range(request.headers.get("range"), blob.size)
     if isinstance(selected, Unsatisfiable):
         raise _RangeNotSatisfiable(

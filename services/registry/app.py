@@ -13,6 +13,7 @@ from services.registry.cache import ContentCache
 from services.registry.content import ContentService
 from services.registry.context import RegistryApp, RegistryContext
 from services.registry.health import health
+from services.registry.mirror.relay import Mirror
 from services.registry.mirrored import MirroredRegistries
 from services.registry.policy import Policy
 
@@ -35,6 +36,7 @@ def build_policy(cfg: NodeConfig) -> Policy:
         default_registry=cfg.registry.default_registry,
         allow_latest=cfg.registry.allow_latest,
         filters=cfg.registry.filters,
+        taking_part=cfg.k3s.takes_part,
     )
 
 
@@ -72,6 +74,7 @@ def create_app(
         cfg=cfg,
         policy=policy if policy is not None else build_policy(cfg),
         content=ContentService(keeper),
+        mirror=Mirror.from_config(cfg) if cfg.registry.peer_fetch else None,
     )
     # configure_logging=False: Sanic's loggers propagate to the structlog handler from logsetup.
     app: RegistryApp = Sanic(name, config=config, ctx=ctx, configure_logging=False)
@@ -83,6 +86,8 @@ def create_app(
 
     async def stop_store(app: RegistryApp) -> None:
         await keeper.close()
+        if app.ctx.mirror is not None:
+            await app.ctx.mirror.close()
 
     app.before_server_start(start_store)
     app.after_server_stop(stop_store)

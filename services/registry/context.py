@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from sanic import Sanic
 from sanic.config import Config
@@ -11,6 +12,9 @@ from services.common.config import NodeConfig
 from services.registry.content import ContentService
 from services.registry.policy import Policy
 from services.registry.stats import RegistryStats
+
+if TYPE_CHECKING:  # the mirror path imports handler-side modules; keep this module a leaf
+    from services.registry.mirror.relay import Mirror
 
 
 @dataclass
@@ -21,6 +25,8 @@ class RegistryContext:
     policy: Policy
     content: ContentService
     stats: RegistryStats = field(default_factory=RegistryStats)
+    # Serves local misses from peers; None when registry.peer_fetch is off.
+    mirror: Mirror | None = None
     # Flipped by the service once the listener is up, and back when a stop begins, so /readyz
     # takes the node out of rotation before connections are refused.
     ready: bool = False

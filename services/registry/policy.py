@@ -2,6 +2,9 @@
 
 Rules, checked in this order for every manifest and blob request (local and peer alike):
 
+0. On a node whose K3s ``embedded-registry`` switch is off (``taking_part=False``) every request
+   is refused (404 NAME_UNKNOWN): the node takes no part, and containerd moves straight on to its
+   next endpoint.
 1. The upstream registry is the ``ns`` query parameter (normalised: ``index.docker.io`` is
    ``docker.io``); without ``ns`` it is ``registry.default_registry``; with neither the request is
    refused (404 NAME_UNKNOWN), because a store key cannot be formed. A malformed ``ns`` is
@@ -71,8 +74,10 @@ class Policy:
         default_registry: str | None = None,
         allow_latest: bool = False,
         filters: Iterable[str] = (),
+        taking_part: bool = True,
     ) -> None:
         self._is_mirrored = is_mirrored
+        self.taking_part = taking_part
         self.default_registry = (
             normalize_registry(validate_registry(default_registry)) if default_registry else None
         )
@@ -92,7 +97,12 @@ class Policy:
         return self.default_registry
 
     def check(self, ns: str | None, name: str, tag: str | None = None) -> Target:
-        """Apply rules 1-4 to a request for `name` (and `tag` when it is a tag request)."""
+        """Apply rules 0-4 to a request for `name` (and `tag` when it is a tag request)."""
+        if not self.taking_part:
+            raise OciError(
+                ErrorCode.NAME_UNKNOWN,
+                "this node takes no part in the registry mirror (K3s embedded-registry is false)",
+            )
         registry = self.registry_for(ns)
         if not self._is_mirrored(registry):
             raise OciError(

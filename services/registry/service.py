@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from typing import cast
 
 from sanic.server.async_server import AsyncioServer
@@ -43,16 +44,25 @@ class HttpServer:
 
     async def start(self) -> None:
         """Bind, run Sanic's startup events, then start accepting connections."""
+        sock: socket.socket | None = None
         try:
+            if self.port == 0:
+                # Sanic reads port 0 as "its default port" (8000): bind an ephemeral one here.
+                sock = socket.create_server(
+                    (self.host, 0), family=socket.AF_INET6 if ":" in self.host else socket.AF_INET
+                )
             server = await self.app.create_server(
-                host=self.host,
-                port=self.port,
+                host=None if sock else self.host,
+                port=None if sock else self.port,
+                sock=sock,
                 return_asyncio_server=True,
                 protocol=PlainHttpProtocol,
                 # Accept nothing until the router is finalized by startup() below.
                 asyncio_server_kwargs={"start_serving": False},
             )
         except OSError as exc:
+            if sock is not None:
+                sock.close()
             raise AddressInUseError(self.address, exc.strerror or str(exc)) from None
         assert server is not None
         # Sanic's AsyncioServer is untyped: its `server` is the bound asyncio.Server.
@@ -102,6 +112,12 @@ async def run(cfg: NodeConfig) -> None:
         http_address=http.address,
         grpc_address=grpc_server.bound_address,
     )
+    if not cfg.k3s.takes_part:
+        log.warning(
+            "K3s embedded-registry is false: this node takes no part, every mirror request is "
+            "answered 404",
+            node=cfg.node.name,
+        )
 
     async def stop() -> None:
         app.ctx.ready = False

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from services.common.config import NodeConfig, RegistrySection
+from services.common.config import DiscoverySection, NodeConfig, RegistrySection
 from services.common.store.protocol import ContentStore
 from services.registry.app import create_app
 from services.registry.context import RegistryApp
@@ -48,8 +48,10 @@ async def serve_registry(
     default_registry: str | None = None,
     allow_latest: bool = False,
     filters: Sequence[str] = (),
+    discovery: str | None = None,
 ) -> AsyncIterator[RunningRegistry]:
-    """Serve `store` (left open for the caller to close) until the block exits."""
+    """Serve `store` (left open for the caller to close) until the block exits. Local content
+    only, unless `discovery` (a LocalDiscovery address) is given: then misses go to peers."""
     registries = write_registries_file(work_dir / "registries.yaml", mirrors)
     cfg = NodeConfig(
         registry=RegistrySection(
@@ -60,7 +62,9 @@ async def serve_registry(
             allow_latest=allow_latest,
             filters=list(filters),
             registries_file=registries,
-        )
+            peer_fetch=discovery is not None,
+        ),
+        discovery=DiscoverySection(local_address=discovery) if discovery else DiscoverySection(),
     )
     # Sanic keeps a per-process registry of app names, so each app gets its own.
     app = create_app(cfg, name=f"pm_registry_{uuid.uuid4().hex[:12]}", store=store)

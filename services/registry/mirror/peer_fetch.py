@@ -19,6 +19,7 @@ from services.registry.mirror.hedging import Peer
 # rarely enough that more would only hold sockets.
 POOL_PER_PEER = 16
 KEEPALIVE_S = 30.0
+READ_BUFFER = 1024 * 1024
 
 
 def peer_url(peer: Peer, name: str, segment: str, reference: str, registry: str) -> URL:
@@ -55,6 +56,8 @@ class PeerClient:
                     total=None, sock_connect=self.peer_timeout, sock_read=self.peer_timeout
                 ),
                 auto_decompress=False,
+                # Larger socket reads: fewer, bigger pieces through the relay's Python loop.
+                read_bufsize=READ_BUFFER,
                 trust_env=False,
                 skip_auto_headers=("User-Agent", "Accept-Encoding"),
                 headers={PEER_HEADER: PEER_HEADER_VALUE, "User-Agent": "peermirror-registry"},

@@ -72,11 +72,11 @@ class ProviderLookup:
             self.done = True
             self._changed.set()
 
-    async def wait_more(self, known: int, timeout: float) -> bool:
-        """Wait up to `timeout` seconds until more than `known` providers are found; False when
+    async def wait_more(self, known: int, within: float) -> bool:
+        """Wait up to `within` seconds until more than `known` providers are found; False when
         the lookup ended or the time ran out first."""
         loop = asyncio.get_running_loop()
-        until = loop.time() + timeout
+        until = loop.time() + within
         while len(self.found) <= known and not self.done:
             left = until - loop.time()
             if left <= 0:

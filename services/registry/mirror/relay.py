@@ -1,0 +1,604 @@
+"""Serves a local miss from peers: provider lookup, hedged requests, verified relay, resume.
+
+The flow of one relayed request (the registry's hook calls :meth:`Mirror.relay`):
+
+1. discovery is asked for providers of the key (a tag reference or a digest); the first one is
+   used as soon as it arrives, waiting at most ``registry.resolve_timeout``;
+2. a race of attempts: the least-used, fastest untried peer is asked; when no attempt has its
+   response headers after the hedge delay (see :mod:`hedging`), one more peer is asked; the first
+   good answer wins and the others are cancelled; failed attempts are replaced by the next peer
+   until ``registry.max_attempts`` requests were made;
+3. manifests are read whole (at most 4 MiB) and served only once their bytes hash to the digest
+   asked for, or for a tag to the digest the peer names. HEAD is answered the same way (a GET to
+   the peer), since a tag's digest is only as good as the body behind it;
+4. blobs stream through with a running hash. A peer failing mid-body is replaced by the next one,
+   asked for ``Range: bytes=<offset>-<end>``, so the client sees one uninterrupted body. The last
+   chunk is held back until the hash is known: a body that does not hash to its digest is never
+   completed — the client connection is cut short of its Content-Length — and every peer that
+   contributed to it is quarantined. A range the client asked for cannot be checked against the
+   whole blob's digest, so only whole-body answers (200) are verified; partial ones (206) are
+   relayed as the peers' answers were checked (digest header, exact span and length).
+
+Every failure before the first byte is sent is a 404 carrying the local error's code, with the
+attempt count in its ``detail``, so containerd falls back to its next endpoint at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, NoReturn, TypeVar, cast
+
+import aiohttp
+from sanic import HTTPResponse, Request
+
+from services.common.config import NodeConfig, RegistrySection
+from services.common.logsetup import get_logger
+from services.common.oci.errors import OciError
+from services.common.oci.grammar import GrammarError, parse_digest
+from services.common.oci.media_types import detect_manifest_media_type, is_manifest_media_type
+from services.registry.content import MAX_MANIFEST_BYTES
+from services.registry.headers import DIGEST_HEADER, blob_headers, manifest_headers
+from services.registry.mirror.hedging import Peer, PeerBook
+from services.registry.mirror.peer_fetch import PeerClient
+from services.registry.mirror.providers import DiscoveryClient, ProviderLookup
+from services.registry.mirror.quarantine import Quarantine
+from services.registry.mirror.verify import (
+    DigestMismatchError,
+    PeerAnswerError,
+    RunningHash,
+    Span,
+    body_matches,
+    check_blob_answer,
+)
+from services.registry.paths import Kind, Route
+from services.registry.ranges import ByteRange
+from services.registry.stats import RegistryStats
+from services.registry.transfer import ClientGoneError
+
+# Body pieces read from a peer and handed to the client; with the one chunk held back for
+# verification this bounds a relay's memory to a few chunks.
+CHUNK_BYTES = 1024 * 1024
+# Failure reasons kept per request for the 404's message (the count is in `detail`).
+REASONS_SHOWN = 3
+
+log = get_logger("registry.mirror")
+
+T = TypeVar("T")
+AnyRequest = Request[Any, Any]
+# Peer errors: the network, aiohttp's protocol and timeout errors, and unusable answers.
+_PEER_ERRORS = (aiohttp.ClientError, TimeoutError, OSError, PeerAnswerError)
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorSettings:
+    """The relay's budgets and limits (see RegistrySection for their meaning)."""
+
+    resolve_timeout: float = 0.05
+    header_timeout: float = 0.04
+    peer_timeout: float = 2.0
+    max_providers: int = 3
+    max_attempts: int = 4
+    quarantine_duration: float = 300.0
+
+    @classmethod
+    def from_config(cls, section: RegistrySection) -> MirrorSettings:
+        return cls(
+            resolve_timeout=section.resolve_timeout,
+            header_timeout=section.header_timeout,
+            peer_timeout=section.peer_timeout,
+            max_providers=section.max_providers,
+            max_attempts=section.max_attempts,
+            quarantine_duration=section.quarantine_duration,
+        )
+
+
+class RelayAbortedError(ClientGoneError):
+    """A relayed body could not be completed correctly, so the client connection was cut."""
+
+    def __init__(self, reason: str) -> None:
+        ConnectionError.__init__(self, f"relay aborted: {reason}")
+
+
+@dataclass(frozen=True, slots=True)
+class _PeerManifest:
+    digest: str
+    body: bytes
+    media_type: str
+
+
+@dataclass(slots=True)
+class _BlobAnswer:
+    """A peer's blob answer whose headers passed the checks; its body is still unread."""
+
+    peer: Peer
+    response: aiohttp.ClientResponse
+    status: int
+    span: Span
+
+
+Attempt = Callable[[Peer, asyncio.Event], Coroutine[Any, Any, T]]
+
+
+class _Pull:
+    """One relayed request: its provider lookup, the peers tried and why they failed."""
+
+    def __init__(self, mirror: Mirror, lookup: ProviderLookup, local_error: OciError) -> None:
+        self.mirror = mirror
+        self.lookup = lookup
+        self.local_error = local_error
+        self.tried: set[Peer] = set()
+        self.attempts = 0
+        self.reasons: list[str] = []
+
+    def can_attempt(self) -> bool:
+        return self.attempts < self.mirror.settings.max_attempts
+
+    def _candidates(self) -> list[Peer]:
+        quarantine = self.mirror.quarantine
+        return [p for p in self.lookup.found if p not in self.tried and p not in quarantine]
+
+    async def next_peer(self, *, wait: bool) -> Peer | None:
+        """The best untried peer; with `wait`, waits (bounded by the resolve timeout) for
+        discovery to name one when none is known yet."""
+        while True:
+            peer = self.mirror.book.choose(self._candidates())
+            if peer is not None or not wait:
+                return peer
+            more = await self.lookup.wait_more(
+                len(self.lookup.found), self.mirror.settings.resolve_timeout
+            )
+            if not more:
+                return self.mirror.book.choose(self._candidates())
+
+    def failed(self, peer: Peer, error: BaseException) -> None:
+        reason = f"{peer}: {error}" if str(error) else f"{peer}: {type(error).__name__}"
+        self.reasons.append(reason)
+        if isinstance(error, DigestMismatchError):
+            self.mirror.quarantine_peer(peer, str(error))
+        else:
+            log.info("peer attempt failed", key=self.lookup.key, peer=str(peer), error=reason)
+
+    def miss(self) -> OciError:
+        """The local error, now also saying that no peer served it (a 404 either way)."""
+        error = self.local_error
+        if self.reasons:
+            why = "; ".join(self.reasons[-REASONS_SHOWN:])
+        elif self.lookup.error is not None:
+            why = self.lookup.error
+        elif self.lookup.found:
+            why = "every provider is quarantined"
+        else:
+            why = "no provider found"
+        detail: dict[str, object] = (
+            dict(error.detail) if isinstance(error.detail, dict) else {"local": error.detail}
+        )
+        detail.update(attempts=self.attempts, providers=len(self.lookup.found))
+        # The error object is this request's own: extending it keeps its class (a store outage
+        # stays counted as an error, a plain miss as not found).
+        error.message = f"{error.message}; not served by peers either ({why})"
+        error.detail = detail
+        error.status = 404
+        error.args = (f"{error.code}: {error.message}",)
+        return error
+
+
+class Mirror:
+    """The mirror path of one registry: discovery client, peer client, peer book, quarantine."""
+
+    def __init__(
+        self,
+        settings: MirrorSettings,
+        discovery: DiscoveryClient,
+        client: PeerClient,
+        *,
+        book: PeerBook | None = None,
+        quarantine: Quarantine[Peer] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.discovery = discovery
+        self.client = client
+        self.book = book if book is not None else PeerBook()
+        self.quarantine: Quarantine[Peer] = (
+            quarantine if quarantine is not None else Quarantine(settings.quarantine_duration)
+        )
+
+    @classmethod
+    def from_config(cls, cfg: NodeConfig) -> Mirror:
+        settings = MirrorSettings.from_config(cfg.registry)
+        return cls(
+            settings,
+            DiscoveryClient(cfg.discovery.local_address),
+            PeerClient(settings.peer_timeout),
+        )
+
+    async def close(self) -> None:
+        await asyncio.gather(self.client.close(), self.discovery.close())
+
+    def quarantine_peer(self, peer: Peer, reason: str) -> None:
+        self.quarantine.add(peer)
+        log.warning(
+            "peer quarantined: it sent content not matching its digest",
+            peer=str(peer),
+            reason=reason,
+            seconds=self.settings.quarantine_duration,
+        )
+
+    # --- entry point ------------------------------------------------------------------------
+
+    async def relay(
+        self,
+        request: AnyRequest,
+        route: Route,
+        registry: str,
+        key: str,
+        local_error: OciError,
+        stats: RegistryStats,
+    ) -> HTTPResponse | None:
+        """Answer `request` (a local miss of `route`, allowed by policy for `registry`) from
+        peers. `key` is the store key of a tag request. Raises the extended `local_error` when
+        no peer serves it, RelayAbortedError when a body had to be cut short."""
+        lookup_key = route.digest if route.digest is not None else key
+        s = self.settings
+        lookup = self.discovery.find(
+            lookup_key, limit=s.max_providers, deadline=max(s.resolve_timeout, s.peer_timeout)
+        )
+        pull = _Pull(self, lookup, local_error)
+        try:
+            if route.kind is Kind.MANIFEST:
+                return await self._manifest(request, route, registry, pull, stats)
+            return await self._blob(request, route, registry, pull, stats)
+        finally:
+            await lookup.close()
+
+    # --- the race ---------------------------------------------------------------------------
+
+    async def race(
+        self, pull: _Pull, attempt: Attempt[T], discard: Callable[[T], None]
+    ) -> tuple[Peer, T]:
+        """Run `attempt` against peers (hedged, failing over) until one succeeds; raises the
+        pull's miss when none does. Results of attempts that lose are given to `discard`."""
+        loop = asyncio.get_running_loop()
+        running: dict[asyncio.Task[T], tuple[Peer, asyncio.Event]] = {}
+        hedge_at: float | None = None
+        provider_wait: asyncio.Task[bool] | None = None
+
+        def launch(peer: Peer) -> None:
+            nonlocal hedge_at
+            pull.tried.add(peer)
+            pull.attempts += 1
+            headers_in = asyncio.Event()
+            task = asyncio.create_task(attempt(peer, headers_in), name=f"peer {peer}")
+            running[task] = (peer, headers_in)
+            hedge_at = loop.time() + self.book.hedge_delay(self.settings.header_timeout)
+
+        try:
+            while True:
+                if not running:
+                    peer = await pull.next_peer(wait=True) if pull.can_attempt() else None
+                    if peer is None:
+                        raise pull.miss()
+                    launch(peer)
+                waiting: set[asyncio.Future[Any]] = set(running)
+                if provider_wait is not None:
+                    waiting.add(provider_wait)
+                timeout = None if hedge_at is None else max(0.0, hedge_at - loop.time())
+                done, _ = await asyncio.wait(
+                    waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                )
+                retry_hedge = False
+                if provider_wait is not None and provider_wait in done:
+                    done.discard(provider_wait)
+                    retry_hedge = provider_wait.result()
+                    provider_wait = None
+                for finished in done:
+                    task = cast("asyncio.Task[T]", finished)
+                    peer, _ = running.pop(task)
+                    error = task.exception()
+                    if error is None:
+                        return peer, task.result()
+                    pull.failed(peer, error)
+                hedge_due = hedge_at is not None and loop.time() >= hedge_at
+                if not (hedge_due or retry_hedge) or not running:
+                    continue
+                hedge_at = None
+                if any(headers_in.is_set() for _, headers_in in running.values()):
+                    continue
+                if not pull.can_attempt():
+                    continue
+                peer = await pull.next_peer(wait=False)
+                if peer is not None:
+                    launch(peer)
+                elif not pull.lookup.done and provider_wait is None:
+                    # Headers are late and nobody else is known yet: hedge once discovery
+                    # names another provider.
+                    provider_wait = asyncio.create_task(
+                        pull.lookup.wait_more(len(pull.lookup.found), self.settings.peer_timeout)
+                    )
+        finally:
+            if provider_wait is not None:
+                provider_wait.cancel()
+            for task in running:
+                task.cancel()
+            if running:
+                outcomes = await asyncio.gather(*running, return_exceptions=True)
+                for outcome in outcomes:
+                    if not isinstance(outcome, BaseException):
+                        discard(outcome)
+
+    async def _open(
+        self,
+        peer: Peer,
+        headers_in: asyncio.Event,
+        method: str,
+        route: Route,
+        registry: str,
+        headers: dict[str, str],
+    ) -> aiohttp.ClientResponse:
+        """One request to `peer`, returned once its headers are in. The peer counts as busy
+        until the caller calls ``book.end(peer)``; on failure that is done here."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        self.book.begin(peer)
+        segment = "manifests" if route.kind is Kind.MANIFEST else "blobs"
+        try:
+            async with asyncio.timeout(self.settings.peer_timeout):
+                response = await self.client.request(
+                    method, peer, route.name, segment, route.reference, registry, headers
+                )
+        except BaseException as exc:
+            self.book.end(peer)
+            # Slow or dead: rank it behind peers that answer (a cancelled attempt lost a hedge).
+            self.book.penalise(peer, loop.time() - started)
+            if isinstance(exc, _PEER_ERRORS):
+                raise PeerAnswerError(f"{type(exc).__name__}: {exc}") from exc
+            raise
+        self.book.observe(peer, loop.time() - started)
+        headers_in.set()
+        return response
+
+    # --- manifests --------------------------------------------------------------------------
+
+    async def _fetch_manifest(
+        self, peer: Peer, headers_in: asyncio.Event, route: Route, registry: str, accept: str
+    ) -> _PeerManifest:
+        headers = {"Accept": accept} if accept else {}
+        # Manifests are small: the whole exchange gets the budget one peer read gets.
+        async with asyncio.timeout(2 * self.settings.peer_timeout):
+            response = await self._open(peer, headers_in, "GET", route, registry, headers)
+            try:
+                manifest = await self._read_manifest(response, route)
+            except (aiohttp.ClientError, OSError) as exc:
+                raise PeerAnswerError(f"{type(exc).__name__}: {exc}") from exc
+            finally:
+                # Read to the end: the connection goes back to the pool; otherwise it is closed.
+                response.release()
+                self.book.end(peer)
+            return manifest
+
+    async def _read_manifest(self, response: aiohttp.ClientResponse, route: Route) -> _PeerManifest:
+        if response.status != 200:
+            raise PeerAnswerError(f"answered {response.status}")
+        length = response.content_length
+        if length is not None and length > MAX_MANIFEST_BYTES:
+            raise PeerAnswerError(f"manifest of {length} bytes is over the limit")
+        parts: list[bytes] = []
+        size = 0
+        async for chunk in response.content.iter_chunked(CHUNK_BYTES):
+            size += len(chunk)
+            if size > MAX_MANIFEST_BYTES:
+                raise PeerAnswerError("manifest body is over the limit")
+            parts.append(chunk)
+        body = b"".join(parts)
+        named = response.headers.get(DIGEST_HEADER)
+        if route.digest is not None:
+            expected = route.digest
+        else:
+            if named is None:
+                raise PeerAnswerError(f"tag answer has no {DIGEST_HEADER} header")
+            try:
+                expected = str(parse_digest(named.strip()))
+            except GrammarError as exc:
+                raise PeerAnswerError(f"tag answer names an unusable digest: {exc}") from None
+        if not body_matches(expected, body):
+            raise DigestMismatchError(f"manifest body does not hash to {expected}")
+        if named is not None and route.digest is not None and named.strip() != route.digest:
+            raise PeerAnswerError(f"answer names {named.strip()}, not {route.digest}")
+        media_type = response.headers.get("Content-Type", "").strip()
+        if not is_manifest_media_type(media_type.split(";", 1)[0].strip()):
+            detected = detect_manifest_media_type(body)
+            if detected is None:
+                raise PeerAnswerError("answer is not a manifest or index")
+            media_type = detected
+        return _PeerManifest(expected, body, media_type)
+
+    async def _manifest(
+        self,
+        request: AnyRequest,
+        route: Route,
+        registry: str,
+        pull: _Pull,
+        stats: RegistryStats,
+    ) -> HTTPResponse:
+        accept = request.headers.get("accept", "")
+
+        async def attempt(peer: Peer, headers_in: asyncio.Event) -> _PeerManifest:
+            return await self._fetch_manifest(peer, headers_in, route, registry, accept)
+
+        peer, manifest = await self.race(pull, attempt, lambda _: None)
+        log.debug("manifest relayed", digest=manifest.digest, peer=str(peer))
+        headers = manifest_headers(
+            manifest.digest, len(manifest.body), manifest.media_type, registry
+        )
+        if request.method == "HEAD":
+            return HTTPResponse(b"", headers=headers)
+        stats.bytes_relayed += len(manifest.body)
+        content_type = headers.pop("Content-Type")
+        return HTTPResponse(manifest.body, headers=headers, content_type=content_type)
+
+    # --- blobs ------------------------------------------------------------------------------
+
+    async def open_blob(
+        self,
+        peer: Peer,
+        headers_in: asyncio.Event,
+        method: str,
+        route: Route,
+        registry: str,
+        range_header: str | None,
+        wanted: Span | None,
+    ) -> _BlobAnswer:
+        headers = {"Range": range_header} if range_header else {}
+        response = await self._open(peer, headers_in, method, route, registry, headers)
+        try:
+            if response.status not in (200, 206) or (
+                range_header is None and response.status != 200
+            ):
+                raise PeerAnswerError(f"answered {response.status}")
+            assert route.digest is not None
+            span = check_blob_answer(
+                response.status, response.headers, route.digest, wanted, digest_header=DIGEST_HEADER
+            )
+        except BaseException:
+            response.close()
+            self.book.end(peer)
+            raise
+        return _BlobAnswer(peer, response, response.status, span)
+
+    def drop_answer(self, answer: _BlobAnswer) -> None:
+        """Done with `answer`: its connection is pooled again when the body was read to the
+        end, closed otherwise."""
+        answer.response.release()
+        self.book.end(answer.peer)
+
+    async def _blob(
+        self,
+        request: AnyRequest,
+        route: Route,
+        registry: str,
+        pull: _Pull,
+        stats: RegistryStats,
+    ) -> HTTPResponse | None:
+        digest = route.digest
+        assert digest is not None
+        method = "HEAD" if request.method == "HEAD" else "GET"
+        client_range = request.headers.get("range")
+
+        async def first(peer: Peer, headers_in: asyncio.Event) -> _BlobAnswer:
+            return await self.open_blob(
+                peer, headers_in, method, route, registry, client_range, None
+            )
+
+        _, answer = await self.race(pull, first, self.drop_answer)
+        span = answer.span
+        byte_range = None if answer.status == 200 else ByteRange(span.start, span.end, span.size)
+        headers = blob_headers(digest, span.size, registry, byte_range)
+        if method == "HEAD":
+            self.drop_answer(answer)
+            return HTTPResponse(b"", status=answer.status, headers=headers)
+        response = await request.respond(status=answer.status, headers=headers)
+        hasher = RunningHash(digest) if answer.status == 200 else None
+        relay = _BodyRelay(self, request, response, hasher, span, stats)
+        await relay.run(pull, route, registry, answer)
+        return None
+
+
+class _BodyRelay:
+    """Streams one blob body to the client from one or more peers (see the module docstring)."""
+
+    def __init__(
+        self,
+        mirror: Mirror,
+        request: AnyRequest,
+        response: Any,
+        hasher: RunningHash | None,
+        span: Span,
+        stats: RegistryStats,
+    ) -> None:
+        self.mirror = mirror
+        self.request = request
+        self.response = response
+        self.hasher = hasher
+        self.span = span
+        self.stats = stats
+        self.offset = span.start
+        self.end = span.end + 1
+        self.held = b""
+        self.contributors: list[Peer] = []
+
+    async def run(self, pull: _Pull, route: Route, registry: str, answer: _BlobAnswer) -> None:
+        digest = route.digest
+        assert digest is not None
+        while True:
+            self.contributors.append(answer.peer)
+            try:
+                await self._pump(answer.response)
+                if self.offset < self.end:
+                    raise PeerAnswerError(f"body ended at byte {self.offset}")
+            except ClientGoneError:
+                raise
+            except _PEER_ERRORS as exc:
+                pull.failed(answer.peer, exc)
+            finally:
+                self.mirror.drop_answer(answer)
+            if self.offset >= self.end:
+                break
+            wanted = Span(self.offset, self.span.end, self.span.size)
+            resume = functools.partial(
+                self.mirror.open_blob,
+                method="GET",
+                route=route,
+                registry=registry,
+                range_header=f"bytes={wanted.start}-{wanted.end}",
+                wanted=wanted,
+            )
+            try:
+                _, answer = await self.mirror.race(pull, resume, self.mirror.drop_answer)
+            except OciError as miss:
+                self._abort(f"no peer could continue at byte {self.offset}: {miss.message}")
+            log.info("blob relay resumed", digest=digest, offset=self.offset, peer=str(answer.peer))
+        if self.hasher is not None and not self.hasher.matches():
+            for peer in dict.fromkeys(self.contributors):
+                self.mirror.quarantine_peer(peer, f"blob body does not hash to {digest}")
+            self._abort(f"relayed body does not hash to {digest}")
+        await self._send(self.held, end_stream=True)
+
+    async def _pump(self, peer_response: aiohttp.ClientResponse) -> None:
+        async for chunk in peer_response.content.iter_chunked(CHUNK_BYTES):
+            room = self.end - self.offset
+            if len(chunk) > room:
+                chunk = chunk[:room]
+            received = len(chunk)
+            if self.hasher is not None:
+                # The newest chunk waits until the next one (or the verdict) arrives.
+                self.hasher.update(chunk)
+                chunk, self.held = self.held, chunk
+            self.offset += received
+            if chunk:
+                await self._send(chunk, end_stream=False)
+            if self.offset >= self.end:
+                return
+
+    async def _send(self, data: bytes, *, end_stream: bool) -> None:
+        try:
+            await self.response.send(data, end_stream=end_stream)
+        except (ConnectionError, OSError, RuntimeError) as exc:
+            self._drop_client()
+            raise ClientGoneError(exc) from exc
+        self.stats.bytes_relayed += len(data)
+
+    def _drop_client(self) -> None:
+        # abort(): drop whatever is still buffered, the connection ends at once.
+        transport = self.request.transport
+        with contextlib.suppress(Exception):
+            getattr(transport, "abort", transport.close)()
+
+    def _abort(self, reason: str) -> NoReturn:
+        """Cut the client connection short of the announced length, so the client never takes
+        what it received for a complete body."""
+        log.warning("blob relay aborted", reason=reason, sent=self.offset - len(self.held))
+        self._drop_client()
+        raise RelayAbortedError(reason)

@@ -1,0 +1,1 @@
+"""Integration tests of the registry mirror path (peers, discovery fake, fault proxies)."""

@@ -1,0 +1,107 @@
+"""Peer choice and hedge timing of the mirror path (pure)."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.registry.mirror.hedging import (
+    MIN_HEDGE_DELAY_S,
+    Peer,
+    PeerBook,
+    peer_from_contact,
+    percentile,
+)
+
+A, B, C = Peer("10.0.0.1", 6443), Peer("10.0.0.2", 6443), Peer("10.0.0.3", 7443)
+
+
+def test_percentile_is_nearest_rank() -> None:
+    samples = [float(i) for i in range(1, 11)]
+    assert percentile(samples, 0.9) == 9.0
+    assert percentile(samples, 1.0) == 10.0
+    assert percentile(samples, 0.01) == 1.0
+    assert percentile([5.0], 0.9) == 5.0
+    with pytest.raises(ValueError):
+        percentile([], 0.9)
+
+
+def test_unknown_peers_keep_discovery_order() -> None:
+    assert PeerBook().choose([B, A, C]) == B
+    assert PeerBook().choose([]) is None
+
+
+def test_least_used_peer_is_chosen_first() -> None:
+    book = PeerBook()
+    book.begin(B)
+    assert book.choose([B, A]) == A
+    book.begin(A)
+    book.begin(A)
+    assert book.choose([B, A]) == B
+    book.end(A)
+    book.end(A)
+    book.end(A)  # an extra end never makes a count negative
+    assert book.load(A).in_flight == 0
+
+
+def test_among_equally_used_peers_the_fastest_wins() -> None:
+    book = PeerBook()
+    book.observe(A, 0.030)
+    book.observe(B, 0.002)
+    assert book.choose([A, B]) == B
+    # A new peer is tried before known slow ones.
+    assert book.choose([A, C]) == C
+
+
+def test_latency_is_smoothed() -> None:
+    book = PeerBook(alpha=0.5)
+    book.observe(A, 0.010)
+    book.observe(A, 0.030)
+    assert book.load(A).latency == pytest.approx(0.020)
+
+
+def test_a_failed_peer_ranks_behind_answering_ones_without_skewing_hedges() -> None:
+    book = PeerBook(min_samples=1)
+    book.observe(A, 0.004)
+    book.penalise(B, 2.0)
+    assert book.choose([B, A]) == A
+    assert list(book.recent) == [0.004]
+
+
+def test_hedge_delay_is_the_header_wait_until_enough_samples() -> None:
+    book = PeerBook(min_samples=5)
+    for _ in range(4):
+        book.observe(A, 0.001)
+    assert book.hedge_delay(0.04) == 0.04
+    book.observe(A, 0.001)
+    assert book.hedge_delay(0.04) == MIN_HEDGE_DELAY_S
+
+
+def test_hedge_delay_follows_the_latency_percentile_within_bounds() -> None:
+    book = PeerBook(min_samples=10, quantile=0.9)
+    for i in range(1, 11):
+        book.observe(A, i / 1000)
+    assert book.hedge_delay(0.04) == pytest.approx(0.009)
+    # A slow cluster never waits past the configured header wait.
+    for _ in range(200):
+        book.observe(B, 0.5)
+    assert book.hedge_delay(0.04) == 0.04
+
+
+def test_the_book_forgets_idle_peers_beyond_its_bound() -> None:
+    book = PeerBook(max_peers=2)
+    book.begin(A)
+    book.observe(B, 0.01)
+    book.observe(C, 0.01)
+    assert book.load(A).in_flight == 1  # busy peers are kept
+    assert B not in book._peers
+    assert C in book._peers
+
+
+def test_contacts_must_be_ip_literals_with_a_port() -> None:
+    assert peer_from_contact("10.1.2.3", 6443) == Peer("10.1.2.3", 6443)
+    assert peer_from_contact("fd00::0001", 6443) == Peer("fd00::1", 6443)
+    assert str(Peer("fd00::1", 6443)) == "[fd00::1]:6443"
+    assert peer_from_contact("registry.example", 6443) is None
+    assert peer_from_contact("10.1.2.3", 0) is None
+    assert peer_from_contact("0.0.0.0", 6443) is None
+    assert peer_from_contact("224.0.0.1", 6443) is None
