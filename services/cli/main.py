@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from services.cli import (
     config_cmd,
     containerd_config,
+    demo,
+    health_cmd,
     lookup_cmd,
     node_cmd,
     peers_cmd,
@@ -28,6 +30,8 @@ COMMAND_MODULES = (
     peers_cmd,
     lookup_cmd,
     pins,
+    health_cmd,
+    demo,
 )
 
 

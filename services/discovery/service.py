@@ -4,6 +4,9 @@ Two gRPC servers on purpose: the Peer service (discovery.host:discovery.port) is
 nodes call; the LocalDiscovery API (discovery.local_address) lets local callers advertise
 and look up, and is never reachable from the peer port. Both report health NOT_SERVING
 until the node has joined (or knows it is alone).
+
+With K3s ``embedded-registry: false`` the node takes no part: the peer port is not opened and no
+bootstrap source is asked, so the node is alone; the local API and health still answer.
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ class DiscoveryService:
     def __init__(self, cfg: NodeConfig) -> None:
         d = cfg.discovery
         self.cfg = cfg
+        self.taking_part = cfg.k3s.takes_part
         address = ""
         if cfg.node.address:
             address = normalize_ip(cfg.node.address) or ""
@@ -68,11 +72,15 @@ class DiscoveryService:
             discovery_port=d.port,
             registry_port=cfg.registry.port,
             address=address,
-            sources=BootstrapSources(
-                peers=tuple(d.bootstrap_peers),
-                dns=d.bootstrap_dns,
-                url=d.bootstrap_url,
-                default_port=d.port,
+            sources=(
+                BootstrapSources(
+                    peers=tuple(d.bootstrap_peers),
+                    dns=d.bootstrap_dns,
+                    url=d.bootstrap_url,
+                    default_port=d.port,
+                )
+                if self.taking_part
+                else BootstrapSources(default_port=d.port)
             ),
             rpc_timeout=d.rpc_timeout,
             lookup_cache_ttl=d.lookup_cache_ttl,
@@ -101,9 +109,11 @@ class DiscoveryService:
         return self.local_server.bound_address
 
     async def start(self) -> None:
-        """Listen on both addresses, then join the network in the background."""
-        port = await self.peer_server.start(serving=False)
-        self.engine.set_discovery_port(port)
+        """Listen on both addresses (only the local one when not taking part), then join the
+        network in the background."""
+        if self.taking_part:
+            port = await self.peer_server.start(serving=False)
+            self.engine.set_discovery_port(port)
         try:
             await self.local_server.start(serving=False)
         except BaseException:
@@ -112,7 +122,10 @@ class DiscoveryService:
         await self.engine.start()
 
     async def _serving(self) -> None:
-        for server in (self.peer_server, self.local_server):
+        servers = [self.local_server]
+        if self.taking_part:
+            servers.append(self.peer_server)
+        for server in servers:
             for name in ["", *server.service_names]:
                 await server.set_serving(name, True)
 
@@ -132,8 +145,14 @@ async def run(cfg: NodeConfig) -> None:
         "discovery started",
         node=cfg.node.name,
         node_id=service.engine.node_id.hex(),
-        peer_address=service.peer_address,
+        peer_address=service.peer_address if service.taking_part else None,
         local_address=service.local_address,
     )
+    if not service.taking_part:
+        log.warning(
+            "K3s embedded-registry is false: this node takes no part, no peer port is opened "
+            "and no peer is contacted",
+            node=cfg.node.name,
+        )
     await run_until_signal(service.stop, stop_timeout=STOP_BUDGET)
     log.info("discovery stopped")

@@ -1,0 +1,265 @@
+"""The local mesh's plan and report (`peermirror demo`), kept pure: ports, node configs, who
+served what, and the summary text. The processes and the pull live in `demo_mesh`."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+LOOPBACK = "127.0.0.1"
+DEFAULT_BASE_PORT = 15000
+DEFAULT_NODES = 3
+MAX_NODES = 99
+# The five listeners of node i sit at base + i + 100*k, so node numbers read off the ports.
+PORT_STRIDE = 100
+PORTS_PER_NODE = 5
+DEMO_IMAGE = "docker.io/library/peermirror-demo:1.0"
+# Every registry is mirrored: the demo image's docker.io, and whatever an operator pulls next.
+REGISTRIES_YAML = '# Written by `peermirror demo`: mirror every registry.\nmirrors:\n  "*": {}\n'
+
+
+@dataclass(frozen=True)
+class NodePlan:
+    """Where one mesh node lives: its directory and its five loopback ports."""
+
+    number: int
+    directory: Path
+    registry_port: int
+    registry_grpc_port: int
+    discovery_port: int
+    discovery_local_port: int
+    pinner_grpc_port: int
+
+    @property
+    def name(self) -> str:
+        return f"node{self.number}"
+
+    @property
+    def registry_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.registry_port}"
+
+    @property
+    def registry_grpc(self) -> str:
+        return f"{LOOPBACK}:{self.registry_grpc_port}"
+
+    @property
+    def discovery_peer(self) -> str:
+        return f"{LOOPBACK}:{self.discovery_port}"
+
+    @property
+    def discovery_local(self) -> str:
+        return f"{LOOPBACK}:{self.discovery_local_port}"
+
+    @property
+    def pinner_grpc(self) -> str:
+        return f"{LOOPBACK}:{self.pinner_grpc_port}"
+
+    @property
+    def ports(self) -> tuple[int, ...]:
+        return (
+            self.registry_port,
+            self.registry_grpc_port,
+            self.discovery_port,
+            self.discovery_local_port,
+            self.pinner_grpc_port,
+        )
+
+    @property
+    def config_path(self) -> Path:
+        return self.directory / "node.yaml"
+
+    @property
+    def layout_path(self) -> Path:
+        return self.directory / "oci-layout"
+
+
+def plan_mesh(nodes: int, base_port: int, workdir: Path) -> list[NodePlan]:
+    """The nodes of a mesh of `nodes` nodes; ValueError when the numbers do not fit."""
+    if not 2 <= nodes <= MAX_NODES:
+        raise ValueError(f"--nodes must be between 2 and {MAX_NODES}, got {nodes}")
+    highest = base_port + (PORTS_PER_NODE - 1) * PORT_STRIDE + nodes
+    if base_port < 1024 or highest > 65535:
+        raise ValueError(
+            f"--base-port {base_port} needs ports {base_port + 1}..{highest}: "
+            "use a base between 1024 and " + str(65535 - (PORTS_PER_NODE - 1) * PORT_STRIDE - nodes)
+        )
+    return [
+        NodePlan(
+            number=i,
+            directory=workdir / f"node{i}",
+            registry_port=base_port + i,
+            registry_grpc_port=base_port + PORT_STRIDE + i,
+            discovery_port=base_port + 2 * PORT_STRIDE + i,
+            discovery_local_port=base_port + 3 * PORT_STRIDE + i,
+            pinner_grpc_port=base_port + 4 * PORT_STRIDE + i,
+        )
+        for i in range(1, nodes + 1)
+    ]
+
+
+def node_config(node: NodePlan, seed: NodePlan, registries_file: Path) -> dict[str, Any]:
+    """The YAML data of `node`'s config: loopback only, OCI-layout store, no containerd, no
+    root; every node but `seed` joins through `seed`'s discovery."""
+    return {
+        "node": {
+            "name": node.name,
+            "data_dir": str(node.directory / "data"),
+            "address": LOOPBACK,
+        },
+        "log": {"level": "info", "format": "json"},
+        "registry": {
+            "host": LOOPBACK,
+            "port": node.registry_port,
+            "grpc_address": node.registry_grpc,
+            "registries_file": str(registries_file),
+            # skopeo and plain HTTP clients send no `ns`: they are pulling docker.io images.
+            "default_registry": "docker.io",
+            # Two shared cores may be busy: give a cold lookup and a peer's first bytes time
+            # (the defaults are tuned for a quiet cluster, where a miss must be fast).
+            "resolve_timeout": 2.0,
+            "header_timeout": 1.0,
+            "peer_timeout": 10.0,
+        },
+        "discovery": {
+            "host": LOOPBACK,
+            "port": node.discovery_port,
+            "local_address": node.discovery_local,
+            "bootstrap_peers": [] if node.number == seed.number else [seed.discovery_peer],
+        },
+        "pinner": {
+            "grpc_address": node.pinner_grpc,
+            "images_dir": str(node.directory / "images"),
+            "certs_dir": str(node.directory / "certs.d"),
+            # No containerd reads these: nothing to write, and the registry speaks plain HTTP.
+            "mirror_tls": False,
+            "write_hosts": False,
+        },
+        "store": {"backend": "oci-layout", "oci_layout_path": str(node.layout_path)},
+    }
+
+
+def repository_path(image: str) -> tuple[str, str]:
+    """(`<repo>`, `<tag>`) as a client sends them for docker.io image `image` without `ns`."""
+    registry, slash, rest = image.partition("/")
+    repo, colon, tag = rest.rpartition(":")
+    if registry != "docker.io" or not slash or not colon or not repo or "/" in tag:
+        raise ValueError(f"expected docker.io/<repo>:<tag>, got {image!r}")
+    return repo, tag
+
+
+# --- who served what ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServedItem:
+    """One piece of content the client received, and which nodes answered it."""
+
+    kind: str  # "manifest", "index", "config" or "layer"
+    digest: str
+    size: int
+    verified: bool
+    served_by: tuple[str, ...]
+
+
+def servers_of(
+    providers: Collection[str], answered_peers: Collection[str], puller: str
+) -> tuple[str, ...]:
+    """Which nodes served one piece of content to the puller's registry.
+
+    `providers` are the nodes discovery named for its digest; `answered_peers` those whose peer
+    request counters for that kind of content went up during the pull. Content no peer served
+    was answered by the puller's own store.
+    """
+    found = tuple(sorted((set(providers) & set(answered_peers)), key=_node_order))
+    return found if found else (puller,)
+
+
+def _node_order(name: str) -> tuple[int, str]:
+    digits = name.removeprefix("node")
+    return (int(digits), name) if digits.isdigit() else (1 << 30, name)
+
+
+def counter_deltas(
+    before: Mapping[str, Mapping[str, int]], after: Mapping[str, Mapping[str, int]]
+) -> dict[str, dict[str, int]]:
+    """Per node, how much each counter grew between two snapshots."""
+    return {
+        node: {key: value - before.get(node, {}).get(key, 0) for key, value in counters.items()}
+        for node, counters in after.items()
+    }
+
+
+def answered(deltas: Mapping[str, Mapping[str, int]], counter: str) -> list[str]:
+    """Nodes whose `counter` grew."""
+    return sorted((n for n, c in deltas.items() if c.get(counter, 0) > 0), key=_node_order)
+
+
+# --- the report --------------------------------------------------------------------------------
+
+
+def human_bytes(n: float) -> str:
+    """`1536` -> `1.5 KiB`."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def short_digest(digest: str) -> str:
+    """`sha256:0123456789abcdef...` -> `sha256:0123456789ab`."""
+    algorithm, _, encoded = digest.partition(":")
+    return f"{algorithm}:{encoded[:12]}"
+
+
+@dataclass(frozen=True)
+class PullReport:
+    """Everything the summary shows about one pull through the mesh."""
+
+    image: str
+    seed: str
+    puller: str
+    puller_url: str
+    client: str
+    seconds: float
+    items: Sequence[ServedItem]
+    relayed_bytes: int
+
+
+def render_summary(report: PullReport) -> list[str]:
+    """The lines printed after the pull."""
+    total = sum(item.size for item in report.items)
+    rate = total / report.seconds if report.seconds > 0 else 0.0
+    lines = [
+        f"pulled {report.image} (seeded on {report.seed} only) through {report.puller}'s "
+        f"registry {report.puller_url} with {report.client}",
+        f"  {'kind':<8} {'digest':<19} {'size':>10}  served by",
+    ]
+    for item in report.items:
+        check = "verified" if item.verified else "DIGEST MISMATCH"
+        lines.append(
+            f"  {item.kind:<8} {short_digest(item.digest):<19} {human_bytes(item.size):>10}  "
+            f"{', '.join(item.served_by)}  {check}"
+        )
+    lines.append(
+        f"  total {human_bytes(total)} in {report.seconds:.2f} s "
+        f"({human_bytes(rate)}/s); {report.puller} relayed {human_bytes(report.relayed_bytes)} "
+        "from peers"
+    )
+    blobs = [i for i in report.items if i.kind in ("config", "layer")]
+    bad = [i for i in report.items if not i.verified]
+    if bad:
+        lines.append(f"  {len(bad)} of {len(report.items)} items FAILED verification")
+    else:
+        lines.append(
+            f"  all {len(blobs)} blobs and {len(report.items) - len(blobs)} manifests verified"
+        )
+    return lines
+
+
+def render_mesh_up(nodes: Iterable[NodePlan], logs: Path) -> list[str]:
+    """The lines saying where the running mesh can be reached."""
+    urls = ", ".join(f"{n.name} {n.registry_url}" for n in nodes)
+    return [f"mesh is up: {urls}", f"logs: {logs}/node*/*.log; Ctrl-C to stop"]

@@ -1,0 +1,124 @@
+"""`peermirror health`: one standard gRPC health Check, for kubelet exec probes and operators.
+
+Readiness (the default) passes only on SERVING. Liveness (`--live`) passes on any health answer,
+NOT_SERVING included: a discovery node still looking for its first peer, or a pinner waiting for
+containerd, is alive, and restarting it would not help.
+
+Kubernetes `grpc:` probes dial the pod IP, which for a hostNetwork pod is the node's address; the
+node-local APIs listen on 127.0.0.1 only (they must never face peers), so kubelet cannot reach
+them that way. An exec probe runs inside the pod's network namespace, which is the host's, and
+reaches 127.0.0.1 like every other local caller.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from services.cli.args import Subparsers, add_config_option, load_node_config
+from services.common.config import NodeConfig
+
+EXIT_PASS = 0
+EXIT_FAIL = 1
+EXIT_USAGE = 2
+DEFAULT_TIMEOUT = 3.0
+
+# The node-local gRPC address of each service, as the node config names it.
+LOCAL_ADDRESS_KEYS: dict[str, str] = {
+    "discovery": "discovery.local_address",
+    "registry": "registry.grpc_address",
+    "pinner": "pinner.grpc_address",
+}
+
+_WILDCARD_HOSTS = ("", "0.0.0.0", "[::]")
+
+
+def register(subparsers: Subparsers) -> None:
+    """Add the `health` subcommand."""
+    parser = subparsers.add_parser(
+        "health",
+        help="check a service's gRPC health (exit 0 when SERVING)",
+        description=(
+            "Ask a gRPC server for its standard health status (grpc.health.v1.Health/Check) and "
+            "exit 0 when it answers SERVING, 1 otherwise (not serving, unreachable, timed out). "
+            "The address is --address, or the node-local address the config gives SERVICE."
+        ),
+    )
+    parser.add_argument(
+        "target",
+        nargs="?",
+        choices=sorted(LOCAL_ADDRESS_KEYS),
+        metavar="SERVICE",
+        help="discovery, registry or pinner: check its node-local API from the config",
+    )
+    parser.add_argument("--address", help="host:port or unix:/path to check instead")
+    parser.add_argument(
+        "--service",
+        default="",
+        help="health service name to ask about (default: the server as a whole)",
+    )
+    parser.add_argument(
+        "--live",
+        action="store_true",
+        help="liveness: exit 0 on any health answer, NOT_SERVING included",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT,
+        help=f"seconds to wait for the answer (default {DEFAULT_TIMEOUT})",
+    )
+    add_config_option(parser)
+    parser.set_defaults(handler=_run)
+
+
+def local_address(cfg: NodeConfig, service: str) -> str:
+    """The node-local gRPC listen address of `service` in `cfg`."""
+    section, key = LOCAL_ADDRESS_KEYS[service].split(".")
+    value: str = getattr(getattr(cfg, section), key)
+    return value
+
+
+def dial_address(listen: str) -> str:
+    """Where a local client connects for a listen address (wildcard hosts mean loopback)."""
+    if listen.startswith("unix:"):
+        return listen
+    host, _, port = listen.rpartition(":")
+    return f"127.0.0.1:{port}" if host in _WILDCARD_HOSTS else listen
+
+
+def check(address: str, service: str = "", timeout: float = DEFAULT_TIMEOUT) -> str:
+    """The health status name `address` reports for `service`, or `UNREACHABLE: <why>`."""
+    # Imported here: only this subcommand pays for grpc at start.
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(dial_address(address)) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+        except grpc.RpcError as exc:
+            code = exc.code() if isinstance(exc, grpc.Call) else None
+            name = code.name if code is not None else "ERROR"
+            return f"UNREACHABLE: {name}"
+    status: str = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    return status
+
+
+def passes(status: str, live: bool) -> bool:
+    """Whether a probe passes: readiness needs SERVING; liveness any answer from the server."""
+    if live:
+        return status in ("SERVING", "NOT_SERVING")
+    return status == "SERVING"
+
+
+def _run(args: argparse.Namespace) -> int:
+    address: str | None = args.address
+    if address is None:
+        if args.target is None:
+            print("peermirror health: give SERVICE or --address", file=sys.stderr)
+            return EXIT_USAGE
+        address = local_address(load_node_config(args), args.target)
+    status = check(address, args.service, args.timeout)
+    print(f"{address}: {status}")
+    return EXIT_PASS if passes(status, args.live) else EXIT_FAIL

@@ -1,0 +1,277 @@
+"""Calls to other discovery nodes, each reported to the Kademlia core as heard-from or failed.
+
+Every call carries a deadline. Channels are cached per endpoint (a lookup talks to the same
+few nodes again and again) and closed when the core drops the node behind them, or when the
+cache is full and the channel is the least recently used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+
+from services.common.genproto.peermirror.discovery.v1 import peer_pb2 as pb
+from services.common.genproto.peermirror.discovery.v1 import peer_pb2_grpc as pb_grpc
+from services.discovery.bootstrap import Endpoint
+from services.discovery.kademlia import ID_BYTES, Contact, DhtNode
+from services.discovery.wire import contacts_from_proto, duration, normalize_ip
+
+R = TypeVar("R")
+
+CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
+    # Peers are cluster-internal: an HTTP proxy from the environment must not apply.
+    ("grpc.enable_http_proxy", 0),
+    # A restarted peer is reachable again within a couple of seconds, not after gRPC's
+    # default reconnect backoff of up to two minutes.
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+)
+# Open channels kept; beyond it the least recently used one is closed.
+MAX_CHANNELS = 512
+
+
+@dataclass(frozen=True, slots=True)
+class ProvidersAnswer:
+    """A GetProviders answer: providers named and closer contacts."""
+
+    providers: list[Contact]
+    closer: list[Contact]
+
+
+@dataclass(frozen=True, slots=True)
+class PingAnswer:
+    """Who answered a ping and the address it saw us call from."""
+
+    responder: Contact
+    observed_address: str | None
+
+
+class PeerClient:
+    """Issues Peer RPCs for one node; reports every outcome to its DhtNode."""
+
+    def __init__(
+        self,
+        node: DhtNode,
+        sender: Callable[[], pb.SenderInfo],
+        *,
+        rpc_timeout: float,
+        probe_timeout: float,
+        clock: Callable[[], float],
+        on_dropped: Callable[[bytes], None] | None = None,
+        on_heard: Callable[[bytes], None] | None = None,
+        max_channels: int = MAX_CHANNELS,
+    ) -> None:
+        self.node = node
+        self._sender = sender
+        self.rpc_timeout = rpc_timeout
+        self.probe_timeout = probe_timeout
+        self._clock = clock
+        self._on_dropped = on_dropped
+        self._on_heard = on_heard
+        self._max_channels = max_channels
+        self._channels: OrderedDict[str, tuple[grpc.aio.Channel, pb_grpc.PeerAsyncStub]] = (
+            OrderedDict()
+        )
+        self._ids_at: dict[str, set[bytes]] = {}  # endpoint -> node IDs called there
+        self._endpoint_of: dict[bytes, str] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closing: set[asyncio.Task[None]] = set()
+        self._closed = False
+        self.calls = 0
+        self.failures = 0
+
+    # -- liveness bookkeeping ---------------------------------------------------------
+
+    def heard_from(self, contact: Contact) -> None:
+        """A node called or answered us; runs the ping-before-evict the core may ask for."""
+        if self._on_heard is not None:
+            self._on_heard(contact.node_id)
+        to_ping = self.node.heard_from(contact, self._clock())
+        if to_ping is not None:
+            self.spawn(self.ping(to_ping))
+
+    def node_dropped(self, node_id: bytes) -> None:
+        """The core dropped a node: close its channel unless another node shares it."""
+        endpoint = self._endpoint_of.pop(node_id, None)
+        if endpoint is None:
+            return
+        ids = self._ids_at.get(endpoint)
+        if ids is not None:
+            ids.discard(node_id)
+            if ids:
+                return
+        self._close_channel(endpoint)
+
+    def _failed(self, node_id: bytes) -> None:
+        self.failures += 1
+        if self.node.rpc_failed(node_id, self._clock()):
+            self.node_dropped(node_id)
+            if self._on_dropped is not None:
+                self._on_dropped(node_id)
+
+    # -- RPCs -------------------------------------------------------------------------
+
+    async def ping(self, contact: Contact) -> bool:
+        """Liveness probe of a known node (deadline probe_timeout); True when it answered
+        as the node we know. Answering with another ID means our node is gone from there."""
+        answer = await self._ping_endpoint(contact.discovery_endpoint, contact.address)
+        if answer is None or answer.responder.node_id != contact.node_id:
+            self._failed(contact.node_id)
+            if answer is not None:
+                self.heard_from(answer.responder)
+            return False
+        self._note(contact)
+        self.heard_from(answer.responder)
+        return True
+
+    async def ping_endpoint(self, endpoint: Endpoint) -> PingAnswer | None:
+        """Ping an address whose node we do not know yet (bootstrap); None on failure."""
+        answer = await self._ping_endpoint(str(endpoint), endpoint.address)
+        if answer is not None:
+            self._note(answer.responder)
+            self.heard_from(answer.responder)
+        return answer
+
+    async def _ping_endpoint(self, endpoint: str, address: str) -> PingAnswer | None:
+        if self._closed:
+            return None
+        stub = self._stub(endpoint)
+        self.calls += 1
+        try:
+            reply: pb.PingResponse = await stub.Ping(
+                pb.PingRequest(sender=self._sender()), timeout=self.probe_timeout
+            )
+        except grpc.aio.AioRpcError:
+            return None
+        r = reply.responder
+        if (
+            len(r.node_id) != ID_BYTES
+            or not 1 <= r.discovery_port <= 65535
+            or not 1 <= r.registry_port <= 65535
+        ):
+            return None
+        responder = Contact(r.node_id, address, r.discovery_port, r.registry_port)
+        return PingAnswer(responder, normalize_ip(reply.observed_address))
+
+    async def find_node(self, contact: Contact, target: bytes) -> list[Contact] | None:
+        """FindNode; None when the call failed."""
+        request = pb.FindNodeRequest(sender=self._sender(), target=target)
+        reply = await self._call(
+            contact, lambda stub: stub.FindNode(request, timeout=self.rpc_timeout)
+        )
+        return None if reply is None else contacts_from_proto(reply.closest)
+
+    async def get_providers(
+        self, contact: Contact, key: bytes, limit: int
+    ) -> ProvidersAnswer | None:
+        """GetProviders; None when the call failed."""
+        request = pb.GetProvidersRequest(sender=self._sender(), key=key, limit=limit)
+        reply = await self._call(
+            contact, lambda stub: stub.GetProviders(request, timeout=self.rpc_timeout)
+        )
+        if reply is None:
+            return None
+        named = contacts_from_proto([p.node for p in reply.providers if p.HasField("node")])
+        return ProvidersAnswer(named, contacts_from_proto(reply.closer))
+
+    async def add_provider(self, contact: Contact, keys: Sequence[bytes], ttl: float) -> int | None:
+        """AddProvider; the number of records stored, None when the call failed."""
+        request = pb.AddProviderRequest(sender=self._sender(), keys=keys, ttl=duration(ttl))
+        reply = await self._call(
+            contact, lambda stub: stub.AddProvider(request, timeout=self.rpc_timeout)
+        )
+        return None if reply is None else int(reply.stored)
+
+    async def remove_provider(self, contact: Contact, keys: Sequence[bytes]) -> int | None:
+        """RemoveProvider; the number of records removed, None when the call failed."""
+        request = pb.RemoveProviderRequest(sender=self._sender(), keys=keys)
+        reply = await self._call(
+            contact, lambda stub: stub.RemoveProvider(request, timeout=self.rpc_timeout)
+        )
+        return None if reply is None else int(reply.removed)
+
+    async def _call(
+        self, contact: Contact, call: Callable[[pb_grpc.PeerAsyncStub], Awaitable[R]]
+    ) -> R | None:
+        if self._closed:
+            return None
+        stub = self._stub(contact.discovery_endpoint)
+        self._note(contact)
+        self.calls += 1
+        try:
+            reply = await call(stub)
+        except grpc.aio.AioRpcError:
+            self._failed(contact.node_id)
+            return None
+        self.heard_from(contact)
+        return reply
+
+    # -- channels and tasks -----------------------------------------------------------
+
+    def _note(self, contact: Contact) -> None:
+        endpoint = contact.discovery_endpoint
+        old = self._endpoint_of.get(contact.node_id)
+        if old == endpoint:
+            return
+        if old is not None:
+            self._ids_at.get(old, set()).discard(contact.node_id)
+        self._endpoint_of[contact.node_id] = endpoint
+        self._ids_at.setdefault(endpoint, set()).add(contact.node_id)
+
+    def _stub(self, endpoint: str) -> pb_grpc.PeerAsyncStub:
+        cached = self._channels.get(endpoint)
+        if cached is not None:
+            self._channels.move_to_end(endpoint)
+            return cached[1]
+        channel = grpc.aio.insecure_channel(endpoint, options=CHANNEL_OPTIONS)
+        stub = pb_grpc.PeerStub(channel)
+        self._channels[endpoint] = (channel, stub)
+        while len(self._channels) > self._max_channels:
+            oldest = next(iter(self._channels))
+            self._close_channel(oldest)
+        return stub
+
+    def _close_channel(self, endpoint: str) -> None:
+        cached = self._channels.pop(endpoint, None)
+        for node_id in self._ids_at.pop(endpoint, set()):
+            self._endpoint_of.pop(node_id, None)
+        if cached is not None:
+            # Not a spawn(): a close under way must finish even while we shut down.
+            # Calls still in flight on it end by their own deadline, not by the close.
+            grace = max(self.rpc_timeout, self.probe_timeout)
+            task = asyncio.get_running_loop().create_task(cached[0].close(grace))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+    @property
+    def open_channels(self) -> int:
+        """Number of cached channels."""
+        return len(self._channels)
+
+    def spawn(self, work: Coroutine[Any, Any, Any]) -> None:
+        """Runs `work` in the background, kept referenced until done, cancelled on close."""
+        if self._closed:
+            work.close()
+            return
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        """Cancels background work and closes every channel."""
+        self._closed = True
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        channels = [channel for channel, _stub in self._channels.values()]
+        self._channels.clear()
+        await asyncio.gather(
+            *(c.close(None) for c in channels), *list(self._closing), return_exceptions=True
+        )

@@ -1,0 +1,124 @@
+"""The Peer gRPC service (port 5001): checks each request, tells the core who called, answers.
+
+The caller's address is always the connection's source address (context.peer()), never
+anything from the message, so no node can place contacts or provider records for an
+address it does not own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import grpc
+
+from services.common.genproto.peermirror.discovery.v1 import peer_pb2 as pb
+from services.common.genproto.peermirror.discovery.v1 import peer_pb2_grpc as pb_grpc
+from services.discovery.kademlia import Contact, DhtNode
+from services.discovery.peer_client import PeerClient
+from services.discovery.wire import (
+    InvalidRequest,
+    check_id_field,
+    check_keys,
+    contact_to_proto,
+    duration,
+    peer_ip,
+    seconds,
+    sender_contact,
+)
+
+SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["Peer"].full_name
+
+Context = grpc.aio.ServicerContext[object, object]
+
+
+class PeerServicer(pb_grpc.PeerServicer):
+    """Answers other nodes from the DhtNode's state."""
+
+    def __init__(
+        self,
+        node: DhtNode,
+        client: PeerClient,
+        me: Callable[[], pb.SenderInfo],
+        clock: Callable[[], float],
+    ) -> None:
+        self._node = node
+        self._client = client
+        self._me = me
+        self._clock = clock
+        self.requests = 0
+
+    async def _caller(self, has_sender: bool, sender: pb.SenderInfo, context: Context) -> Contact:
+        """The caller as a contact; aborts the call when it is not acceptable."""
+        address = peer_ip(context.peer())
+        if address is None:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "the Peer service only accepts TCP callers with an IP address",
+            )
+        try:
+            return sender_contact(has_sender, sender, address)
+        except InvalidRequest as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+    @staticmethod
+    async def _check(context: Context, check: Callable[[], object]) -> None:
+        try:
+            check()
+        except InvalidRequest as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+    def _heard(self, caller: Contact) -> None:
+        # Only once the whole request was found well-formed.
+        self.requests += 1
+        self._client.heard_from(caller)
+
+    async def Ping(self, request: pb.PingRequest, context: Context) -> pb.PingResponse:
+        caller = await self._caller(request.HasField("sender"), request.sender, context)
+        self._heard(caller)
+        return pb.PingResponse(responder=self._me(), observed_address=caller.address)
+
+    async def FindNode(self, request: pb.FindNodeRequest, context: Context) -> pb.FindNodeResponse:
+        caller = await self._caller(request.HasField("sender"), request.sender, context)
+        await self._check(context, lambda: check_id_field(request.target, "target"))
+        self._heard(caller)
+        closest = self._node.find_node(caller.node_id, request.target)
+        return pb.FindNodeResponse(closest=[contact_to_proto(c) for c in closest])
+
+    async def GetProviders(
+        self, request: pb.GetProvidersRequest, context: Context
+    ) -> pb.GetProvidersResponse:
+        caller = await self._caller(request.HasField("sender"), request.sender, context)
+        await self._check(context, lambda: check_id_field(request.key, "key"))
+        self._heard(caller)
+        now = self._clock()
+        records, closer = self._node.get_providers(caller.node_id, request.key, request.limit, now)
+        return pb.GetProvidersResponse(
+            providers=[
+                pb.Provider(node=contact_to_proto(r.provider), ttl=duration(r.ttl(now)))
+                for r in records
+                if r.provider.node_id != caller.node_id
+            ],
+            closer=[contact_to_proto(c) for c in closer],
+        )
+
+    async def AddProvider(
+        self, request: pb.AddProviderRequest, context: Context
+    ) -> pb.AddProviderResponse:
+        caller = await self._caller(request.HasField("sender"), request.sender, context)
+        limit = self._node.config.max_batch_keys
+        await self._check(context, lambda: check_keys(request.keys, limit))
+        ttl = seconds(request.ttl) if request.HasField("ttl") else 0.0
+        if ttl < 0:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "ttl: must not be negative")
+        self._heard(caller)
+        stored, applied = self._node.add_provider(caller, request.keys, ttl, self._clock())
+        return pb.AddProviderResponse(stored=stored, ttl=duration(applied))
+
+    async def RemoveProvider(
+        self, request: pb.RemoveProviderRequest, context: Context
+    ) -> pb.RemoveProviderResponse:
+        caller = await self._caller(request.HasField("sender"), request.sender, context)
+        limit = self._node.config.max_batch_keys
+        await self._check(context, lambda: check_keys(request.keys, limit))
+        self._heard(caller)
+        return pb.RemoveProviderResponse(removed=self._node.remove_provider(caller, request.keys))

@@ -1,0 +1,121 @@
+"""Many discovery nodes in one process on loopback, each with its own two gRPC servers.
+
+The DHT tests and the latency benchmark build their mesh here: every node is a full
+DiscoveryService (real sockets, real gRPC) joining through one bootstrap address.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from services.common.config import (
+    DiscoverySection,
+    LogSection,
+    NodeConfig,
+    NodeSection,
+    RegistrySection,
+)
+from services.common.genproto.peermirror.discovery.v1 import local_pb2 as lpb
+from services.common.genproto.peermirror.discovery.v1 import local_pb2_grpc as lpb_grpc
+from services.discovery.service import DiscoveryService
+
+# Registry ports the nodes announce (nothing listens there; the DHT only carries them).
+REGISTRY_PORT_BASE = 17000
+
+
+def node_config(root: Path, index: int, bootstrap: list[str], **discovery: Any) -> NodeConfig:
+    """Config of mesh node `index`: loopback, ports picked by the OS, its own data dir."""
+    section = dataclasses.replace(
+        DiscoverySection(
+            host="127.0.0.1",
+            port=0,
+            local_address="127.0.0.1:0",
+            bootstrap_peers=bootstrap,
+        ),
+        **discovery,
+    )
+    return NodeConfig(
+        node=NodeSection(name=f"mesh-{index}", data_dir=root / f"node-{index}"),
+        log=LogSection(level="info", format="json"),
+        registry=RegistrySection(port=REGISTRY_PORT_BASE + index),
+        discovery=section,
+    )
+
+
+@dataclass
+class Mesh:
+    """The running nodes; `nodes[0]` is the bootstrap node."""
+
+    root: Path
+    discovery: dict[str, Any] = field(default_factory=dict)
+    nodes: list[DiscoveryService] = field(default_factory=list)
+    stopped: set[int] = field(default_factory=set)
+
+    @property
+    def bootstrap(self) -> str:
+        """The one address every other node joins through."""
+        return self.nodes[0].peer_address
+
+    async def add(self, *, ready_timeout: float = 20.0) -> DiscoveryService:
+        """Starts one more node (joining through node 0) and waits until it is ready."""
+        index = len(self.nodes)
+        bootstrap = [self.bootstrap] if self.nodes else []
+        service = DiscoveryService(node_config(self.root, index, bootstrap, **self.discovery))
+        self.nodes.append(service)
+        await service.start()
+        await asyncio.wait_for(service.engine.ready.wait(), ready_timeout)
+        return service
+
+    async def grow(self, count: int) -> None:
+        """Adds `count` nodes one after another, as nodes joining a cluster would."""
+        for _ in range(count):
+            await self.add()
+
+    async def kill(self, index: int) -> None:
+        """Stops a node's servers and work at once, as a crash looks to the others."""
+        self.stopped.add(index)
+        service = self.nodes[index]
+        await service.local_server.stop(None)
+        await service.peer_server.stop(None)
+        await service.engine.stop()
+
+    def live(self) -> list[DiscoveryService]:
+        """Nodes not stopped."""
+        return [n for i, n in enumerate(self.nodes) if i not in self.stopped]
+
+    async def close(self) -> None:
+        """Stops every node still running."""
+        for index in range(len(self.nodes)):
+            if index not in self.stopped:
+                self.stopped.add(index)
+                await self.nodes[index].stop()
+
+
+async def find_providers(address: str, key: str, limit: int = 0) -> list[lpb.FindProvidersResponse]:
+    """FindProviders through a node's local gRPC API, the way the registry asks."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = lpb_grpc.LocalDiscoveryStub(channel)
+        call = stub.FindProviders(lpb.FindProvidersRequest(key=key, limit=limit), timeout=10.0)
+        return [reply async for reply in call]
+
+
+async def wait_until(condition: Callable[[], Any], within: float, interval: float = 0.05) -> float:
+    """Awaits `condition()` (sync or async) to be truthy; returns the seconds it took."""
+    started = time.monotonic()
+    while True:
+        result = condition()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return time.monotonic() - started
+        if time.monotonic() - started > within:
+            raise TimeoutError(f"condition not met within {within} s")
+        await asyncio.sleep(interval)
