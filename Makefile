@@ -7,7 +7,7 @@ setup:
 	@scripts/setup
 
 run: setup
-	$(PY) -m services.cli.main node --config deploy/dev/node.yaml
+	$(PY) -m services.cli.main demo
 
 test: setup
 	$(PY) -m pytest -q

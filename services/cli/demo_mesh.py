@@ -17,6 +17,7 @@ import shutil
 import socket
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ from services.cli.demo_plan import (
     answered,
     counter_deltas,
     node_config,
+    peer_servers,
     plan_mesh,
     render_mesh_up,
     render_summary,
@@ -204,8 +206,7 @@ async def _serving(address: str) -> bool:
 
 
 def _http_ready(url: str) -> bool:
-    import urllib.request
-
+    # An empty proxy table: only loopback is contacted, whatever *_proxy says.
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
         with opener.open(url + "/readyz", timeout=1.0) as resp:
@@ -388,6 +389,7 @@ def report_of(
         seconds=result.seconds,
         items=items,
         relayed_bytes=deltas.get(puller.name, {}).get("bytes_relayed", 0),
+        peers=peer_servers(deltas, puller.name),
     )
 
 

@@ -122,6 +122,8 @@ def node_config(node: NodePlan, seed: NodePlan, registries_file: Path) -> dict[s
             "header_timeout": 1.0,
             "peer_timeout": 10.0,
         },
+        # The demo runs on one host's loopback: plain HTTP and plaintext gRPC, said in the log.
+        "tls": {"enabled": False},
         "discovery": {
             "host": LOOPBACK,
             "port": node.discovery_port,
@@ -196,6 +198,20 @@ def answered(deltas: Mapping[str, Mapping[str, int]], counter: str) -> list[str]
     return sorted((n for n, c in deltas.items() if c.get(counter, 0) > 0), key=_node_order)
 
 
+def peer_servers(
+    deltas: Mapping[str, Mapping[str, int]], puller: str
+) -> list[tuple[str, int, int]]:
+    """(node, peer requests answered, bytes sent) of every node but `puller` that answered
+    peer requests."""
+    out: list[tuple[str, int, int]] = []
+    for node in sorted(deltas, key=_node_order):
+        counters = deltas[node]
+        requests = counters.get("manifest_peer", 0) + counters.get("blob_peer", 0)
+        if node != puller and requests > 0:
+            out.append((node, requests, counters.get("bytes_served_local", 0)))
+    return out
+
+
 # --- the report --------------------------------------------------------------------------------
 
 
@@ -226,6 +242,8 @@ class PullReport:
     seconds: float
     items: Sequence[ServedItem]
     relayed_bytes: int
+    # (node, peer requests answered, bytes sent) for each node that answered the puller.
+    peers: Sequence[tuple[str, int, int]] = ()
 
 
 def render_summary(report: PullReport) -> list[str]:
@@ -248,15 +266,20 @@ def render_summary(report: PullReport) -> list[str]:
         f"({human_bytes(rate)}/s); {report.puller} relayed {human_bytes(report.relayed_bytes)} "
         "from peers"
     )
-    blobs = [i for i in report.items if i.kind in ("config", "layer")]
+    for node, requests, sent in report.peers:
+        lines.append(f"  {node} answered {requests} peer requests, sending {human_bytes(sent)}")
+    blobs = sum(1 for i in report.items if i.kind in ("config", "layer"))
+    manifests = len(report.items) - blobs
     bad = [i for i in report.items if not i.verified]
     if bad:
         lines.append(f"  {len(bad)} of {len(report.items)} items FAILED verification")
     else:
-        lines.append(
-            f"  all {len(blobs)} blobs and {len(report.items) - len(blobs)} manifests verified"
-        )
+        lines.append(f"  all {_count(blobs, 'blob')} and {_count(manifests, 'manifest')} verified")
     return lines
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def render_mesh_up(nodes: Iterable[NodePlan], logs: Path) -> list[str]:

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from services.cli import (
+    certs_cmd,
     config_cmd,
     containerd_config,
     demo,
@@ -16,6 +17,7 @@ from services.cli import (
     peers_cmd,
     pins,
     serve_cmd,
+    status_cmd,
 )
 from services.common.config import ConfigError
 
@@ -31,6 +33,8 @@ COMMAND_MODULES = (
     lookup_cmd,
     pins,
     health_cmd,
+    status_cmd,
+    certs_cmd,
     demo,
 )
 

@@ -14,13 +14,18 @@ from services.common.containerd.client import ContainerdClient
 from services.common.containerd.errors import ContainerdUnavailableError
 from services.common.grpc_server import GrpcServer, run_until_signal
 from services.common.logsetup import get_logger
+from services.common.metrics import start_listener
+from services.common.store.oci_layout import OciLayoutStore
+from services.common.tls import tls_files
 from services.pinner.advertiser import Advertiser
 from services.pinner.airgap.manager import AirgapManager
 from services.pinner.api import SyncOutcome, SyncState
 from services.pinner.containerd_watch import ContainerdTracker
 from services.pinner.hosts_toml import HostsOptions
 from services.pinner.hosts_writer import write_containerd_config
+from services.pinner.metrics import PinnerMetrics
 from services.pinner.registries import Registries, RegistriesError, load_registries
+from services.pinner.store_tracker import StoreTracker
 from services.pinner.tracker import KeyPolicy
 from services.registry.policy import Policy
 
@@ -47,12 +52,17 @@ def _path(value: Path | None) -> str | None:
 def hosts_options(cfg: NodeConfig) -> HostsOptions:
     """How this node's hosts.toml files look, from its config."""
     p = cfg.pinner
+    # Unless the pinner section names others, containerd trusts the cluster CA and presents
+    # this node's own certificate (the tls section) to the embedded registry.
+    tls = tls_files(cfg)
     return HostsOptions(
+        # K3s embedded-registry false: hosts.toml keeps the registries.yaml endpoints only.
+        embedded_mirror=cfg.k3s.takes_part,
         mirror_port=cfg.registry.port,
         mirror_tls=p.mirror_tls,
-        ca_file=_path(p.ca_file),
-        client_cert_file=_path(p.client_cert_file),
-        client_key_file=_path(p.client_key_file),
+        ca_file=_path(p.ca_file or (tls.ca_file if tls else None)),
+        client_cert_file=_path(p.client_cert_file or (tls.cert_file if tls else None)),
+        client_key_file=_path(p.client_key_file or (tls.key_file if tls else None)),
         disable_default_endpoint=p.disable_default_endpoint,
         containerd_version=parse_version(p.containerd_version),
         flavour=p.containerd_flavour,
@@ -67,7 +77,7 @@ def key_policy(cfg: NodeConfig, registries: Registries) -> KeyPolicy:
         allow_latest=cfg.registry.allow_latest,
         filters=cfg.registry.filters,
     )
-    return KeyPolicy(policy, mirrors_anything=bool(registries.mirrors))
+    return KeyPolicy(policy, mirrors_anything=bool(registries.mirrors) and cfg.k3s.takes_part)
 
 
 def prepare(cfg: NodeConfig) -> Registries:
@@ -89,18 +99,40 @@ def prepare(cfg: NodeConfig) -> Registries:
 class PinnerRuntime:
     """The pinner's long-running parts, started and stopped together (also used by tests).
 
-    Air-gap import and pinning run on every node; tracking and advertising only on a node that
-    mirrors at least one registry.
+    Air-gap import and pinning run on every containerd node; tracking and advertising only on a
+    node that mirrors at least one registry. With the oci-layout store (dev boxes, the local
+    mesh) the layout directory is tracked instead of containerd, and there is no air-gap import
+    (it imports into containerd).
     """
 
     def __init__(self, cfg: NodeConfig, registries: Registries, *, airgap: bool = True) -> None:
         self.cfg = cfg
         self.policy = key_policy(cfg, registries)
-        self.client = ContainerdClient(cfg.store.containerd_address, cfg.store.containerd_namespace)
-        self.airgap = AirgapManager.from_config(self.client, cfg.pinner) if airgap else None
+        self.client: ContainerdClient | None = None
+        self.store: OciLayoutStore | None = None
+        self.airgap: AirgapManager | None = None
+        if cfg.store.backend == "oci-layout":
+            self.store = OciLayoutStore(cfg.store.oci_layout_path, create=True)
+            if airgap:
+                log.info(
+                    "air-gap import needs containerd; not importing with the oci-layout store",
+                    images_dir=str(cfg.pinner.images_dir),
+                )
+        else:
+            self.client = ContainerdClient(
+                cfg.store.containerd_address, cfg.store.containerd_namespace
+            )
+            if airgap:
+                self.airgap = AirgapManager.from_config(self.client, cfg.pinner)
         self.advertiser: Advertiser | None = None
-        self.tracker: ContainerdTracker | None = None
+        self.tracker: ContainerdTracker | StoreTracker | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        if not cfg.k3s.takes_part:
+            log.warning(
+                "K3s embedded-registry is false: this node takes no part; advertising nothing",
+                node=cfg.node.name,
+            )
+            return
         if not self.policy.mirrors_anything:
             # K3s: a node that mirrors no registry takes no part in the peer network.
             log.info(
@@ -109,13 +141,22 @@ class PinnerRuntime:
             )
             return
         self.advertiser = Advertiser(cfg.discovery.local_address)
-        self.tracker = ContainerdTracker(
-            self.client,
-            self.policy,
-            self.advertiser.apply,
-            resync_interval=cfg.pinner.resync_interval,
-            content_root=cfg.store.content_root,
-        )
+        if self.store is not None:
+            self.tracker = StoreTracker(
+                self.store,
+                self.policy,
+                self.advertiser.apply,
+                resync_interval=cfg.pinner.resync_interval,
+            )
+        else:
+            assert self.client is not None
+            self.tracker = ContainerdTracker(
+                self.client,
+                self.policy,
+                self.advertiser.apply,
+                resync_interval=cfg.pinner.resync_interval,
+                content_root=cfg.store.content_root,
+            )
 
     def register(self, server: GrpcServer) -> None:
         """Serve the Pinner API on `server` (before it starts)."""
@@ -144,7 +185,7 @@ class PinnerRuntime:
                 log.warning(
                     "containerd unavailable for the air-gap import; waiting", error=str(exc)
                 )
-                await self.client.wait_connected()
+                await airgap.client.wait_connected()
         await airgap.run()
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
@@ -184,7 +225,10 @@ class PinnerRuntime:
         self._tasks.clear()
         if self.airgap is not None:
             await self.airgap.close()
-        await self.client.close()
+        if self.client is not None:
+            await self.client.close()
+        if self.store is not None:
+            await self.store.close()
 
 
 async def run(cfg: NodeConfig) -> None:
@@ -197,12 +241,16 @@ async def run(cfg: NodeConfig) -> None:
     runtime = PinnerRuntime(cfg, registries)
     local = GrpcServer(cfg.pinner.grpc_address, name="pinner-local")
     runtime.register(local)
+    metrics = PinnerMetrics(runtime)
     try:
         await local.start(serving=False)
     except BaseException:
         await runtime.stop()
         raise
     runtime.start()
+    listener = await start_listener(
+        cfg.pinner.metrics_address, metrics.registry, service="pinner", refresh=metrics.refresh
+    )
 
     async def report_ready() -> None:
         await runtime.wait_synced()
@@ -211,16 +259,19 @@ async def run(cfg: NodeConfig) -> None:
         log.info("pinner ready")
 
     ready = asyncio.create_task(report_ready())
-    log.info(
-        "pinner started",
-        node=cfg.node.name,
-        grpc_address=local.bound_address,
-        containerd=cfg.store.containerd_address,
-        namespace=cfg.store.containerd_namespace,
-    )
+    if cfg.store.backend == "oci-layout":
+        where = {"oci_layout": str(cfg.store.oci_layout_path)}
+    else:
+        where = {
+            "containerd": cfg.store.containerd_address,
+            "namespace": cfg.store.containerd_namespace,
+        }
+    log.info("pinner started", node=cfg.node.name, grpc_address=local.bound_address, **where)
 
     async def stop() -> None:
         ready.cancel()
+        if listener is not None:
+            await listener.stop()
         await local.stop()
         await runtime.stop()
 

@@ -16,6 +16,7 @@ import pytest
 from services.common.config import NodeConfig, load_config
 from services.common.containerd.client import ContainerdClient
 from services.common.store.protocol import Descriptor
+from services.pinner.containerd_watch import ContainerdTracker
 from services.pinner.registries import load_registries
 from services.pinner.service import PinnerRuntime, prepare
 from tests.harness.containerd import ContainerdDaemon
@@ -209,7 +210,7 @@ async def test_multi_platform_index_and_digest_reference(
                 assert disco.keys == keys_of(image)
                 await c.delete_image(image.name)
             await wait_keys(disco, keys_of(image, tag=False))
-            assert runtime.tracker is not None
+            assert isinstance(runtime.tracker, ContainerdTracker)
             assert runtime.tracker.probe_confirmed
 
 

@@ -62,6 +62,7 @@ async def test_advertised_through_real_discovery_and_again_after_its_restart(
         registry=dataclasses.replace(base.registry, registries_file=registries),
         store=dataclasses.replace(
             base.store,
+            backend="containerd",
             containerd_address=containerd_daemon.address,
             containerd_namespace=containerd_namespace,
         ),

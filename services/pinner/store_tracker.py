@@ -1,0 +1,287 @@
+"""Follows a ContentStore (the OCI-layout backend) so the node's key set matches its images.
+
+The containerd tracker's counterpart for nodes without containerd: the same pure rules of
+`tracker` (walk, keys per image, key index) over the store's Protocol instead of containerd's
+API. One session: start watching (the store takes its first snapshot then), list everything
+(full sync), apply the store's events; a full sync also runs every `resync_interval`. Watching
+before listing means no change is lost between the two, and applying an event the listing
+already shows changes nothing, since every handler re-reads the store.
+
+The OCI layout reports blob deletions itself (CONTENT_DELETE), so unlike containerd no delayed
+re-check after an image delete is needed. A failing store only ends the session; the next one
+starts with a full sync. Nothing here ever ends the pinner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import ChainMap
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Iterator
+from datetime import UTC, datetime
+
+from services.common.logsetup import get_logger
+from services.common.store.protocol import (
+    ContentStore,
+    Descriptor,
+    EventKind,
+    NotFoundError,
+    StoreEvent,
+)
+from services.pinner.tracker import (
+    KeyDelta,
+    KeyIndex,
+    KeyPolicy,
+    digests_to_read,
+    image_key_set,
+    manifest_children,
+    walk_image,
+)
+
+# A manifest or index larger than this is not one (containerd caps manifests at 4 MiB too).
+MAX_MANIFEST_BYTES = 4 << 20
+# Parallel stat calls while checking one image's digests.
+STAT_CONCURRENCY = 16
+BACKOFF_START_S = 0.1
+BACKOFF_MAX_S = 2.0
+
+KeySink = Callable[[KeyDelta], None]
+
+log = get_logger("pinner.store_tracker")
+
+
+class _Everything(Collection[str]):
+    """Every digest counts as present: used to learn an image's graph before checking it."""
+
+    def __contains__(self, item: object) -> bool:
+        return True
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+
+class StoreScanner:
+    """Works out which digests of an image a ContentStore holds; parsed manifests are cached
+    by digest (content is immutable)."""
+
+    def __init__(self, store: ContentStore) -> None:
+        self._store = store
+        self._children: dict[str, tuple[Descriptor, ...]] = {}
+
+    @property
+    def cached_manifests(self) -> int:
+        return len(self._children)
+
+    async def presence(self, digests: Iterable[str]) -> set[str]:
+        """Which of `digests` the store holds (one stat each, a few at a time)."""
+        wanted = list(dict.fromkeys(digests))
+        limit = asyncio.Semaphore(STAT_CONCURRENCY)
+
+        async def check(digest: str) -> bool:
+            async with limit:
+                try:
+                    await self._store.stat(digest)
+                except NotFoundError:
+                    return False
+                return True
+
+        answers = await asyncio.gather(*(check(d) for d in wanted))
+        return {d for d, ok in zip(wanted, answers, strict=True) if ok}
+
+    async def image_digests(self, target: Descriptor) -> frozenset[str]:
+        """Digests reachable from `target` that the store holds.
+
+        First the graph is learned as if everything were present (absent manifests read as
+        childless), then the candidates are checked, then walked again with the real answer.
+        """
+        everything = _Everything()
+        unreadable = await self._load(target, everything)
+        known = ChainMap[str, tuple[Descriptor, ...]](self._children, unreadable)
+        candidates = walk_image(target, lambda d: known.get(d.digest), everything)
+        present = await self.presence(candidates)
+        return walk_image(target, lambda d: known.get(d.digest), present)
+
+    async def _load(
+        self, target: Descriptor, present: Collection[str]
+    ) -> dict[str, tuple[Descriptor, ...]]:
+        """Read every manifest under `target` not cached yet; the unreadable ones come back as
+        childless, for this walk only (they may be complete later)."""
+        unreadable: dict[str, tuple[Descriptor, ...]] = {}
+        while True:
+            known = ChainMap(self._children, unreadable)
+            missing = digests_to_read(target, known, present)
+            if not missing:
+                return unreadable
+            for desc in missing:
+                body = await self._read_manifest(desc.digest)
+                if body is None:
+                    unreadable[desc.digest] = ()
+                else:
+                    self._children[desc.digest] = manifest_children(body, desc.media_type)
+
+    async def _read_manifest(self, digest: str) -> bytes | None:
+        chunks: list[bytes] = []
+        total = 0
+        try:
+            async for chunk in self._store.read(digest):
+                total += len(chunk)
+                if total > MAX_MANIFEST_BYTES:
+                    # Too large for a manifest: no children (b"" parses as nothing).
+                    return b""
+                chunks.append(chunk)
+        except NotFoundError:
+            return None
+        return b"".join(chunks)
+
+    def forget(self, digests: Iterable[str]) -> None:
+        """Drop cached manifests that left the store."""
+        for digest in digests:
+            self._children.pop(digest, None)
+
+    def prune(self, keep: Collection[str]) -> None:
+        """Keep only the cached manifests in `keep`."""
+        self.forget([d for d in self._children if d not in keep])
+
+
+class StoreTracker:
+    """Keeps a `KeyIndex` of the store's mirrored images and reports every change to `sink`.
+
+    Offers what the pinner runtime reads of a tracker: `run`, `synced`, `resync`, `index` and
+    the status fields (`connected`, `last_sync`, `last_error`).
+    """
+
+    def __init__(
+        self,
+        store: ContentStore,
+        policy: KeyPolicy,
+        sink: KeySink,
+        *,
+        resync_interval: float,
+    ) -> None:
+        self._store = store
+        self._policy = policy
+        self._sink = sink
+        self._resync_interval = resync_interval
+        self.index = KeyIndex()
+        self.scanner = StoreScanner(store)
+        # Set once the first full sync has completed (the service reports SERVING then).
+        self.synced = asyncio.Event()
+        self.sessions = 0
+        self.full_syncs = 0
+        self.connected = False
+        self.last_sync: datetime | None = None
+        self.last_error = ""
+        # Full syncs (periodic or asked for) and event handling never interleave.
+        self._lock = asyncio.Lock()
+
+    async def run(self) -> None:
+        """Track until cancelled; store failures only ever start a new session."""
+        backoff = BACKOFF_START_S
+        while True:
+            syncs_before = self.full_syncs
+            try:
+                await self._session()
+            except Exception as exc:
+                # A broken index.json, a vanished directory or a bug in one event: log and
+                # start over with a full sync, never take the pinner down.
+                self.connected = False
+                self.last_error = repr(exc)
+                log.exception("store tracking session failed; starting over")
+            if self.full_syncs > syncs_before:
+                backoff = BACKOFF_START_S
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, BACKOFF_MAX_S)
+
+    async def _session(self) -> None:
+        self.sessions += 1
+        events = self._store.watch()
+        try:
+            await self.full_sync()
+            await self._follow(events)
+        finally:
+            self.connected = False
+            closer = getattr(events, "aclose", None)
+            if closer is not None:
+                with contextlib.suppress(Exception):
+                    await closer()
+
+    async def _follow(self, events: AsyncIterator[StoreEvent]) -> None:
+        loop = asyncio.get_running_loop()
+        next_resync = loop.time() + self._resync_interval
+        while True:
+            try:
+                async with asyncio.timeout_at(next_resync):
+                    event = await anext(events)
+            except TimeoutError:
+                await self.full_sync()
+                next_resync = loop.time() + self._resync_interval
+                continue
+            except StopAsyncIteration:
+                raise RuntimeError("the store's event stream ended") from None
+            async with self._lock:
+                delta = await self._apply(event)
+            self._emit(delta)
+
+    async def resync(self) -> KeyDelta:
+        """Run a full sync now (the API's Resync)."""
+        return await self.full_sync()
+
+    async def full_sync(self) -> KeyDelta:
+        """List every image; make the index match exactly what the store holds."""
+        async with self._lock:
+            images = await self._store.list_images()
+            desired: dict[str, frozenset[str]] = {}
+            reached: set[str] = set()
+            for image in images:
+                if not self._policy.image_keys(image.name).digests:
+                    continue
+                digests = await self.scanner.image_digests(image.target)
+                reached |= digests
+                keys = image_key_set(image.name, digests, self._policy)
+                if keys:
+                    desired[image.name] = keys
+            self.scanner.prune(reached)
+            delta = self.index.replace_all(desired)
+            self.full_syncs += 1
+            self.connected = True
+            self.last_sync = datetime.now(UTC)
+            self.last_error = ""
+        self._emit(delta)
+        if not self.synced.is_set():
+            log.info(
+                "first sync done",
+                images=len(images),
+                mirrored_images=len(desired),
+                keys=len(self.index.keys),
+            )
+            self.synced.set()
+        return delta
+
+    async def refresh_image(self, name: str) -> KeyDelta:
+        """Re-read image `name` from the store and update its keys (gone: removed)."""
+        if not self._policy.image_keys(name).digests:
+            return self.index.remove_image(name)
+        try:
+            target = await self._store.resolve(name)
+        except NotFoundError:
+            return self.index.remove_image(name)
+        digests = await self.scanner.image_digests(target)
+        return self.index.set_image(name, image_key_set(name, digests, self._policy))
+
+    async def _apply(self, event: StoreEvent) -> KeyDelta:
+        if event.kind in (EventKind.IMAGE_CREATE, EventKind.IMAGE_UPDATE, EventKind.IMAGE_DELETE):
+            return await self.refresh_image(event.subject)
+        # CONTENT_DELETE: the images holding that digest lose it (and what only it reached).
+        self.scanner.forget([event.subject])
+        delta = KeyDelta()
+        for name in sorted(self.index.holders_of(event.subject)):
+            delta.merge(await self.refresh_image(name))
+        return delta
+
+    def _emit(self, delta: KeyDelta) -> None:
+        if delta:
+            log.debug("key set changed", added=len(delta.added), removed=len(delta.removed))
+            self._sink(delta)
