@@ -7,11 +7,13 @@ upstream registry travels only as the ``ns`` query parameter: it is never dialle
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Mapping
 
 import aiohttp
 from yarl import URL
 
+from services.common.request_id import outgoing_headers
 from services.registry.headers import PEER_HEADER, PEER_HEADER_VALUE
 from services.registry.mirror.hedging import Peer
 
@@ -22,10 +24,12 @@ KEEPALIVE_S = 30.0
 READ_BUFFER = 1024 * 1024
 
 
-def peer_url(peer: Peer, name: str, segment: str, reference: str, registry: str) -> URL:
-    """``http://<peer>/v2/<name>/<segment>/<reference>?ns=<registry>``."""
+def peer_url(
+    peer: Peer, name: str, segment: str, reference: str, registry: str, *, tls: bool = False
+) -> URL:
+    """``http(s)://<peer>/v2/<name>/<segment>/<reference>?ns=<registry>``."""
     return URL.build(
-        scheme="http",
+        scheme="https" if tls else "http",
         host=peer.address,
         port=peer.port,
         path=f"/v2/{name}/{segment}/{reference}",
@@ -36,8 +40,11 @@ def peer_url(peer: Peer, name: str, segment: str, reference: str, registry: str)
 class PeerClient:
     """One aiohttp session for all peers (its connector pools connections per peer)."""
 
-    def __init__(self, peer_timeout: float) -> None:
+    def __init__(self, peer_timeout: float, ssl_context: ssl.SSLContext | None = None) -> None:
         self.peer_timeout = peer_timeout
+        # Mutual TLS (tls.enabled): this node's certificate is presented and the peer's must be
+        # from the cluster CA and name the peer's IP address. None = plain HTTP.
+        self.ssl_context = ssl_context
         self._session: aiohttp.ClientSession | None = None
 
     def _open(self) -> aiohttp.ClientSession:
@@ -48,6 +55,7 @@ class PeerClient:
                 keepalive_timeout=KEEPALIVE_S,
                 # Peers are IP literals; nothing here is ever resolved through DNS.
                 use_dns_cache=False,
+                ssl=self.ssl_context if self.ssl_context is not None else False,
             )
             self._session = aiohttp.ClientSession(
                 connector=connector,
@@ -78,8 +86,9 @@ class PeerClient:
         release or close the response."""
         return await self._open().request(
             method,
-            peer_url(peer, name, segment, reference, registry),
-            headers=dict(headers or {}),
+            peer_url(peer, name, segment, reference, registry, tls=self.ssl_context is not None),
+            # The request id lets the peer's log line be matched to this node's.
+            headers={**outgoing_headers(), **(headers or {})},
             allow_redirects=False,
         )
 

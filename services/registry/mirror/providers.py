@@ -14,6 +14,7 @@ import grpc
 
 from services.common.genproto.peermirror.discovery.v1 import local_pb2, local_pb2_grpc
 from services.common.logsetup import get_logger
+from services.common.request_id import outgoing_metadata
 from services.registry.mirror.hedging import Peer, peer_from_contact
 
 log = get_logger("registry.mirror.providers")
@@ -39,8 +40,14 @@ class ProviderLookup:
         self.done = False
         self.error: str | None = None
         self._changed = asyncio.Event()
+        self._started = asyncio.get_running_loop().time()
+        # When the first provider arrived, or the lookup ended without one.
+        self._resolved_at: float | None = None
         self._call = stub.FindProviders(
-            local_pb2.FindProvidersRequest(key=key, limit=limit), timeout=deadline
+            local_pb2.FindProvidersRequest(key=key, limit=limit),
+            timeout=deadline,
+            # The request id lets discovery's log line be matched to the registry's.
+            metadata=outgoing_metadata() or None,
         )
         self._limit = limit
         self._task = asyncio.create_task(self._read(), name=f"find-providers {key}")
@@ -60,6 +67,8 @@ class ProviderLookup:
                     continue
                 if peer not in self.found:
                     self.found.append(peer)
+                    if self._resolved_at is None:
+                        self._resolved_at = asyncio.get_running_loop().time()
                     self._changed.set()
                 if len(self.found) >= self._limit:
                     break
@@ -86,6 +95,14 @@ class ProviderLookup:
                 async with asyncio.timeout(left):
                     await self._changed.wait()
         return len(self.found) > known
+
+    def resolve_outcome(self) -> tuple[float, bool]:
+        """(seconds until the first provider arrived, or until the lookup ended or was
+        stopped without one; whether one was found)."""
+        end = self._resolved_at
+        if end is None:
+            end = asyncio.get_running_loop().time()
+        return end - self._started, bool(self.found)
 
     async def close(self) -> None:
         """Stop the lookup (nothing more is needed from it)."""

@@ -28,6 +28,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import ssl
+import sys
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar, cast
@@ -40,8 +42,11 @@ from services.common.logsetup import get_logger
 from services.common.oci.errors import OciError
 from services.common.oci.grammar import GrammarError, parse_digest
 from services.common.oci.media_types import detect_manifest_media_type, is_manifest_media_type
+from services.common.tls import client_context, tls_files
 from services.registry.content import MAX_MANIFEST_BYTES
 from services.registry.headers import DIGEST_HEADER, blob_headers, manifest_headers
+from services.registry.metrics import MirrorMetrics
+from services.registry.mirror.body_stream import Chunk, PeerBody
 from services.registry.mirror.hedging import Peer, PeerBook
 from services.registry.mirror.peer_fetch import PeerClient
 from services.registry.mirror.providers import DiscoveryClient, ProviderLookup
@@ -62,6 +67,12 @@ from services.registry.transfer import ClientGoneError
 # Body pieces read from a peer and handed to the client; with the one chunk held back for
 # verification this bounds a relay's memory to a few chunks.
 CHUNK_BYTES = 1024 * 1024
+# asyncio's plain socket transport before 3.12 copies what it cannot send at once, so a sent
+# buffer is free again as soon as write() returns; later versions, TLS transports and other
+# loops may keep a view of it until it is sent.
+_ASYNCIO_WRITES_COPY = sys.version_info < (3, 12)
+# Chunks at least this large are hashed in a worker thread (smaller ones cost less than the hop).
+THREAD_HASH_BYTES = 64 * 1024
 # Failure reasons kept per request for the 404's message (the count is in `detail`).
 REASONS_SHOWN = 3
 
@@ -186,6 +197,12 @@ class _Pull:
         return error
 
 
+def _peer_ssl_context(cfg: NodeConfig) -> ssl.SSLContext | None:
+    """Client TLS context for peers when ``tls.enabled`` (see services.common.tls)."""
+    files = tls_files(cfg)
+    return client_context(files) if files is not None else None
+
+
 class Mirror:
     """The mirror path of one registry: discovery client, peer client, peer book, quarantine."""
 
@@ -205,6 +222,8 @@ class Mirror:
         self.quarantine: Quarantine[Peer] = (
             quarantine if quarantine is not None else Quarantine(settings.quarantine_duration)
         )
+        # Prometheus metrics of the mirror path; set by the app (None in bare unit tests).
+        self.metrics: MirrorMetrics | None = None
 
     @classmethod
     def from_config(cls, cfg: NodeConfig) -> Mirror:
@@ -212,7 +231,7 @@ class Mirror:
         return cls(
             settings,
             DiscoveryClient(cfg.discovery.local_address),
-            PeerClient(settings.peer_timeout),
+            PeerClient(settings.peer_timeout, _peer_ssl_context(cfg)),
         )
 
     async def close(self) -> None:
@@ -220,6 +239,8 @@ class Mirror:
 
     def quarantine_peer(self, peer: Peer, reason: str) -> None:
         self.quarantine.add(peer)
+        if self.metrics is not None:
+            self.metrics.peer_quarantined()
         log.warning(
             "peer quarantined: it sent content not matching its digest",
             peer=str(peer),
@@ -253,6 +274,8 @@ class Mirror:
             return await self._blob(request, route, registry, pull, stats)
         finally:
             await lookup.close()
+            if self.metrics is not None:
+                self.metrics.resolved(*lookup.resolve_outcome())
 
     # --- the race ---------------------------------------------------------------------------
 
@@ -268,6 +291,8 @@ class Mirror:
 
         def launch(peer: Peer) -> None:
             nonlocal hedge_at
+            if running and self.metrics is not None:
+                self.metrics.hedge_fired()  # others still waiting for headers: a hedge
             pull.tried.add(peer)
             pull.attempts += 1
             headers_in = asyncio.Event()
@@ -354,9 +379,13 @@ class Mirror:
             # Slow or dead: rank it behind peers that answer (a cancelled attempt lost a hedge).
             self.book.penalise(peer, loop.time() - started)
             if isinstance(exc, _PEER_ERRORS):
+                if self.metrics is not None:
+                    self.metrics.peer_fetched(route.kind.value, loop.time() - started, ok=False)
                 raise PeerAnswerError(f"{type(exc).__name__}: {exc}") from exc
             raise
         self.book.observe(peer, loop.time() - started)
+        if self.metrics is not None:
+            self.metrics.peer_fetched(route.kind.value, loop.time() - started, ok=True)
         headers_in.set()
         return response
 
@@ -526,7 +555,7 @@ class _BodyRelay:
         self.stats = stats
         self.offset = span.start
         self.end = span.end + 1
-        self.held = b""
+        self.held: Chunk = b""
         self.contributors: list[Peer] = []
 
     async def run(self, pull: _Pull, route: Route, registry: str, answer: _BlobAnswer) -> None:
@@ -567,22 +596,63 @@ class _BodyRelay:
         await self._send(self.held, end_stream=True)
 
     async def _pump(self, peer_response: aiohttp.ClientResponse) -> None:
-        async for chunk in peer_response.content.iter_chunked(CHUNK_BYTES):
-            room = self.end - self.offset
-            if len(chunk) > room:
-                chunk = chunk[:room]
-            received = len(chunk)
-            if self.hasher is not None:
-                # The newest chunk waits until the next one (or the verdict) arrives.
-                self.hasher.update(chunk)
-                chunk, self.held = self.held, chunk
-            self.offset += received
-            if chunk:
-                await self._send(chunk, end_stream=False)
-            if self.offset >= self.end:
-                return
+        if self.offset >= self.end:
+            return
+        body = PeerBody.take_over(
+            peer_response,
+            self.end - self.offset,
+            chunk_bytes=CHUNK_BYTES,
+            stall_timeout=self.mirror.settings.peer_timeout,
+        )
+        try:
+            while self.offset < self.end:
+                chunk = await body.next_chunk()
+                if chunk is None:
+                    if body.error is not None:
+                        raise PeerAnswerError(body.error)
+                    return
+                self.offset += len(chunk)
+                if self.hasher is None:
+                    await self._send(chunk, end_stream=False)
+                    self._recycle(body, chunk)
+                    continue
+                # The newest chunk is held back until the next one (or the verdict) arrives;
+                # the one before it goes to the client while the newest is hashed.
+                previous, self.held = self.held, chunk
+                await self._hash_while_sending(chunk, previous)
+                self._recycle(body, previous)
+        finally:
+            body.close()
 
-    async def _send(self, data: bytes, *, end_stream: bool) -> None:
+    def _recycle(self, body: PeerBody, sent: Chunk) -> None:
+        """`sent` went to the client transport: its buffer is refilled unless the transport may
+        still point into it (asyncio from 3.12 queues views of unsent data instead of copies)."""
+        transport = cast("asyncio.WriteTransport", self.request.transport)
+        copies = _ASYNCIO_WRITES_COPY and type(transport).__module__ == "asyncio.selector_events"
+        if copies or transport.get_write_buffer_size() == 0:
+            body.give_back(sent)
+        else:
+            body.forget(sent)
+
+    async def _hash_while_sending(self, chunk: Chunk, previous: Chunk) -> None:
+        """Feed `chunk` to the running hash while `previous` is sent. hashlib lets go of the GIL
+        on large buffers, so a worker thread hashes while this loop moves bytes in and out."""
+        assert self.hasher is not None
+        if len(chunk) < THREAD_HASH_BYTES:
+            self.hasher.update(chunk)
+            if previous:
+                await self._send(previous, end_stream=False)
+            return
+        hashing = asyncio.ensure_future(asyncio.to_thread(self.hasher.update, chunk))
+        try:
+            if previous:
+                await self._send(previous, end_stream=False)
+        finally:
+            # Never leave an update running when this relay ends (chunks must go in order, and
+            # the buffer must not be refilled while it is read).
+            await asyncio.shield(hashing)
+
+    async def _send(self, data: Chunk, *, end_stream: bool) -> None:
         try:
             await self.response.send(data, end_stream=end_stream)
         except (ConnectionError, OSError, RuntimeError) as exc:

@@ -35,7 +35,7 @@ class RunningHash:
         self._hash = hashlib.new(parsed.algorithm)
         self.size = 0
 
-    def update(self, data: bytes) -> None:
+    def update(self, data: bytes | memoryview) -> None:
         self._hash.update(data)
         self.size += len(data)
 
