@@ -86,6 +86,12 @@ def _check_listen_address(value: object) -> None:
         parse_host_port(value)
 
 
+def _check_optional_address(value: object) -> None:
+    # Empty turns the listener off; otherwise a TCP host:port (Prometheus scrapes over TCP).
+    if isinstance(value, str) and value:
+        parse_host_port(value)
+
+
 def _check_positive(value: object) -> None:
     if isinstance(value, int | float) and value <= 0:
         raise ValueError(f"must be > 0, got {value}")
@@ -168,6 +174,14 @@ class RegistrySection:
             check=_check_listen_address,
         ),
     )
+    metrics_address: str = field(
+        default="127.0.0.1:5007",
+        metadata=_doc(
+            "host:port of a plain-HTTP Prometheus /metrics listener besides the /metrics route "
+            "of the registry port (node-local by default); empty = off",
+            check=_check_optional_address,
+        ),
+    )
     default_registry: str | None = field(
         default=None,
         metadata=_doc(
@@ -188,9 +202,15 @@ class RegistrySection:
         default=Path("/etc/rancher/k3s/registries.yaml"),
         metadata=_doc("K3s registries.yaml whose 'mirrors' decide which registries are mirrored"),
     )
+    # Discovery ends its stream as soon as a lookup finds nobody, so a true miss answers in
+    # milliseconds whatever this is; the bound only matters while discovery is still asking. At
+    # 0.05 s (Spegel's range) busy nodes answered 404 for content a peer held (tests/integration/mesh).
     resolve_timeout: float = field(
-        default=0.05,
-        metadata=_doc("seconds to wait for discovery to name a provider", check=_check_positive),
+        default=0.5,
+        metadata=_doc(
+            "seconds to wait for discovery to name a provider (a lookup that finds nobody ends sooner)",
+            check=_check_positive,
+        ),
     )
     header_timeout: float = field(
         default=0.04,
@@ -295,6 +315,13 @@ class DiscoverySection:
         default=1.0,
         metadata=_doc("deadline in seconds of every other call to a peer", check=_check_positive),
     )
+    metrics_address: str = field(
+        default="127.0.0.1:5005",
+        metadata=_doc(
+            "host:port of the Prometheus /metrics listener (node-local by default); empty = off",
+            check=_check_optional_address,
+        ),
+    )
 
 
 @dataclass(frozen=True)
@@ -305,6 +332,13 @@ class PinnerSection:
         default="127.0.0.1:5003",
         metadata=_doc(
             "node-local gRPC API address (host:port or unix:/path)", check=_check_listen_address
+        ),
+    )
+    metrics_address: str = field(
+        default="127.0.0.1:5006",
+        metadata=_doc(
+            "host:port of the Prometheus /metrics listener (node-local by default); empty = off",
+            check=_check_optional_address,
         ),
     )
     images_dir: Path = field(
@@ -340,14 +374,21 @@ class PinnerSection:
     )
     ca_file: Path | None = field(
         default=None,
-        metadata=_doc("cluster CA containerd trusts for the embedded registry; null = system CAs"),
+        metadata=_doc(
+            "cluster CA containerd trusts for the embedded registry; null = tls.ca_file when "
+            "tls.enabled, else the system CAs"
+        ),
     )
     client_cert_file: Path | None = field(
         default=None,
-        metadata=_doc("client certificate containerd presents to the embedded registry"),
+        metadata=_doc(
+            "client certificate containerd presents to the embedded registry; null = "
+            "tls.cert_file when tls.enabled"
+        ),
     )
     client_key_file: Path | None = field(
-        default=None, metadata=_doc("private key of client_cert_file")
+        default=None,
+        metadata=_doc("private key of client_cert_file; null = tls.key_file when tls.enabled"),
     )
     disable_default_endpoint: bool = field(
         default=False,
@@ -394,6 +435,42 @@ class StoreSection:
 
 
 @dataclass(frozen=True)
+class TlsSection:
+    """Mutual TLS of the registry port and the discovery peer port, with the cluster CA.
+
+    On by default: plain HTTP and plaintext gRPC between nodes must be asked for explicitly
+    (``enabled: false``, for development and the local demo) and are logged as a warning at
+    start. Create the files with ``peermirror certs init`` and ``peermirror certs node``.
+    """
+
+    enabled: bool = field(
+        default=True,
+        metadata=_doc(
+            "serve the registry and the discovery peer port over mutual TLS with the cluster "
+            "CA; false = plain HTTP and plaintext gRPC (development and demo only)"
+        ),
+    )
+    ca_file: Path | None = field(
+        default=None,
+        metadata=_doc(
+            "cluster CA certificate clients and peers are verified against; "
+            "null = <node.data_dir>/tls/ca.crt"
+        ),
+    )
+    cert_file: Path | None = field(
+        default=None,
+        metadata=_doc(
+            "this node's certificate (server and client), signed by the cluster CA; "
+            "null = <node.data_dir>/tls/node.crt"
+        ),
+    )
+    key_file: Path | None = field(
+        default=None,
+        metadata=_doc("private key of cert_file; null = <node.data_dir>/tls/node.key"),
+    )
+
+
+@dataclass(frozen=True)
 class K3sSection:
     """K3s's own registry switches, spelled as in K3s's config.yaml; null = not set here.
 
@@ -436,6 +513,7 @@ class NodeConfig:
     pinner: PinnerSection = field(default_factory=PinnerSection)
     store: StoreSection = field(default_factory=StoreSection)
     k3s: K3sSection = field(default_factory=K3sSection)
+    tls: TlsSection = field(default_factory=TlsSection)
 
 
 # --- type introspection --------------------------------------------------------------------
