@@ -12,9 +12,9 @@ LOOPBACK = "127.0.0.1"
 DEFAULT_BASE_PORT = 15000
 DEFAULT_NODES = 3
 MAX_NODES = 99
-# The five listeners of node i sit at base + i + 100*k, so node numbers read off the ports.
+# The eight listeners of node i sit at base + i + 100*k, so node numbers read off the ports.
 PORT_STRIDE = 100
-PORTS_PER_NODE = 5
+PORTS_PER_NODE = 8
 DEMO_IMAGE = "docker.io/library/peermirror-demo:1.0"
 # Every registry is mirrored: the demo image's docker.io, and whatever an operator pulls next.
 REGISTRIES_YAML = '# Written by `peermirror demo`: mirror every registry.\nmirrors:\n  "*": {}\n'
@@ -22,7 +22,7 @@ REGISTRIES_YAML = '# Written by `peermirror demo`: mirror every registry.\nmirro
 
 @dataclass(frozen=True)
 class NodePlan:
-    """Where one mesh node lives: its directory and its five loopback ports."""
+    """Where one mesh node lives: its directory and its eight loopback ports."""
 
     number: int
     directory: Path
@@ -31,6 +31,9 @@ class NodePlan:
     discovery_port: int
     discovery_local_port: int
     pinner_grpc_port: int
+    registry_metrics_port: int
+    discovery_metrics_port: int
+    pinner_metrics_port: int
 
     @property
     def name(self) -> str:
@@ -64,6 +67,9 @@ class NodePlan:
             self.discovery_port,
             self.discovery_local_port,
             self.pinner_grpc_port,
+            self.registry_metrics_port,
+            self.discovery_metrics_port,
+            self.pinner_metrics_port,
         )
 
     @property
@@ -94,6 +100,9 @@ def plan_mesh(nodes: int, base_port: int, workdir: Path) -> list[NodePlan]:
             discovery_port=base_port + 2 * PORT_STRIDE + i,
             discovery_local_port=base_port + 3 * PORT_STRIDE + i,
             pinner_grpc_port=base_port + 4 * PORT_STRIDE + i,
+            registry_metrics_port=base_port + 5 * PORT_STRIDE + i,
+            discovery_metrics_port=base_port + 6 * PORT_STRIDE + i,
+            pinner_metrics_port=base_port + 7 * PORT_STRIDE + i,
         )
         for i in range(1, nodes + 1)
     ]
@@ -121,6 +130,7 @@ def node_config(node: NodePlan, seed: NodePlan, registries_file: Path) -> dict[s
             "resolve_timeout": 2.0,
             "header_timeout": 1.0,
             "peer_timeout": 10.0,
+            "metrics_address": f"{LOOPBACK}:{node.registry_metrics_port}",
         },
         # The demo runs on one host's loopback: plain HTTP and plaintext gRPC, said in the log.
         "tls": {"enabled": False},
@@ -129,6 +139,7 @@ def node_config(node: NodePlan, seed: NodePlan, registries_file: Path) -> dict[s
             "port": node.discovery_port,
             "local_address": node.discovery_local,
             "bootstrap_peers": [] if node.number == seed.number else [seed.discovery_peer],
+            "metrics_address": f"{LOOPBACK}:{node.discovery_metrics_port}",
         },
         "pinner": {
             "grpc_address": node.pinner_grpc,
@@ -137,6 +148,7 @@ def node_config(node: NodePlan, seed: NodePlan, registries_file: Path) -> dict[s
             # No containerd reads these: nothing to write, and the registry speaks plain HTTP.
             "mirror_tls": False,
             "write_hosts": False,
+            "metrics_address": f"{LOOPBACK}:{node.pinner_metrics_port}",
         },
         "store": {"backend": "oci-layout", "oci_layout_path": str(node.layout_path)},
     }

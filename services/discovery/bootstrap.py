@@ -12,6 +12,7 @@ import asyncio
 import json
 import random
 import socket
+import time
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ BACKOFF_BASE = 1.0
 BACKOFF_CAP = 30.0
 # A peer-list response larger than this is not a peer list.
 MAX_PEER_LIST_BYTES = 1 << 20
+READ_CHUNK = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -144,11 +146,23 @@ _opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def _fetch(url: str, timeout: float) -> bytes:
+    # `timeout` bounds the whole fetch, not only each socket read: a list trickling in must
+    # not keep this worker thread alive, since the event loop's shutdown waits for it.
+    deadline = time.monotonic() + timeout
+    chunks: list[bytes] = []
+    size = 0
     with _opener.open(url, timeout=timeout) as response:
-        body: bytes = response.read(MAX_PEER_LIST_BYTES + 1)
-    if len(body) > MAX_PEER_LIST_BYTES:
+        while size <= MAX_PEER_LIST_BYTES:
+            chunk: bytes = response.read1(READ_CHUNK)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"peer list not received within {timeout} s")
+    if size > MAX_PEER_LIST_BYTES:
         raise ValueError(f"peer list larger than {MAX_PEER_LIST_BYTES} bytes")
-    return body
+    return b"".join(chunks)
 
 
 async def gather_endpoints(sources: BootstrapSources) -> Gathered:

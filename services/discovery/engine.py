@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import grpc
+
+from services.common.cancellation import cancel_and_wait
 from services.common.genproto.peermirror.discovery.v1 import peer_pb2 as pb
 from services.common.logsetup import get_logger
 from services.discovery.bootstrap import BootstrapSources, Endpoint, backoff_delay, gather_endpoints
@@ -43,6 +47,8 @@ PUBLISH_CONCURRENCY = 8
 PUBLISH_RETRY = 5.0
 # Maintenance runs this often at most (faster when probe_interval is very short).
 MAX_TICK = 1.0
+# How long a stop waits for cancelled background work before going on without it.
+STOP_WAIT = 1.0
 
 log = get_logger("discovery")
 
@@ -59,6 +65,7 @@ class Counters:
     keys_withdrawn: int = 0
     nodes_dropped: int = 0
     bootstrap_attempts: int = 0
+    providers_refused: int = 0
 
 
 class DiscoveryEngine:
@@ -77,8 +84,12 @@ class DiscoveryEngine:
         lookup_cache_ttl: float = 5.0,
         on_ready: Callable[[], Awaitable[None]] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        channel_credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
         self._clock = clock
+        # With mutual TLS every contact heard from proved its address with its certificate, so
+        # providers named by other nodes are handed out only once they are such a contact.
+        self.verify_providers = channel_credentials is not None
         self.address = address
         self.registry_port = registry_port
         me = Contact(node_id, address, discovery_port, registry_port)
@@ -92,6 +103,7 @@ class DiscoveryEngine:
             clock=clock,
             on_dropped=self._node_dropped,
             on_heard=self._node_heard,
+            credentials=channel_credentials,
         )
         self.discovery_port = discovery_port
         self.cache = ProviderCache(lookup_cache_ttl)
@@ -109,6 +121,8 @@ class DiscoveryEngine:
         # still hear of it from a node that has not noticed yet, so answers are filtered.
         self._dead: dict[bytes, float] = {}
         self._rng = random.Random()
+        # Address checks under way, shared by every lookup that was named the same provider.
+        self._verifying: dict[bytes, asyncio.Task[bool]] = {}
 
     # -- identity ---------------------------------------------------------------------
 
@@ -151,11 +165,13 @@ class DiscoveryEngine:
         """Stops background work and closes every channel. Records we published are not
         withdrawn: other nodes drop them when our pings stop answering (within the
         liveness window), which also covers a crash, so a clean stop needs no extra path."""
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(self._tasks, within=STOP_WAIT, owner="discovery-engine")
         for flight in self._flights.values():
             flight.finish()
+        checks = list(self._verifying.values())
+        for check in checks:
+            check.cancel()
+        await asyncio.gather(*checks, return_exceptions=True)
         await self.client.close()
 
     # -- node-local API ---------------------------------------------------------------
@@ -214,24 +230,82 @@ class DiscoveryEngine:
             now = self._clock()
             local = self.node.store.get(key, now, limit=MAX_PROVIDERS, exclude=self.node_id)
             flight.add(r.provider for r in local)
-            alive = self._alive
+            checks: set[asyncio.Task[None]] = set()
             if not flight.full:
                 self.counters.network_lookups += 1
                 lookup = self.node.start_lookup(
                     key, now, find_providers=True, provider_limit=MAX_PROVIDERS
                 )
-                await self._drive(
-                    lookup,
-                    lambda c: self.client.get_providers(c, key, MAX_PROVIDERS),
-                    lambda c, a: lookup.on_response(c, a.closer, a.providers),
-                    on_fresh=lambda fresh: flight.add(alive(fresh)),
-                    until=lambda: flight.full,
-                )
+                try:
+                    await self._drive(
+                        lookup,
+                        lambda c: self.client.get_providers(c, key, MAX_PROVIDERS),
+                        lambda c, a: lookup.on_response(c, a.closer, a.providers),
+                        on_fresh=lambda fresh: self._admit(flight, fresh, checks),
+                        until=lambda: flight.full,
+                    )
+                    if checks:
+                        await asyncio.gather(*checks, return_exceptions=True)
+                finally:
+                    for task in checks:
+                        task.cancel()
         finally:
             flight.finish()
             if self._flights.get(key) is flight:
                 del self._flights[key]
             self.cache.put(key, self._alive(flight.providers), self._clock())
+
+    def _admit(
+        self, flight: Flight, fresh: Iterable[Contact], checks: set[asyncio.Task[None]]
+    ) -> None:
+        """Add providers another node named to `flight`: at once when they are contacts this
+        node authenticated (taken with the ports that contact declared itself), after a ping
+        over mutual TLS proves their address otherwise; never a contact that fails it."""
+        alive = self._alive(fresh)
+        if not self.verify_providers:
+            flight.add(alive)
+            return
+        known: list[Contact] = []
+        for provider in alive:
+            contact = self.node.table.get(provider.node_id)
+            if contact is not None and contact.address == provider.address:
+                known.append(contact)
+                continue
+            check = self._verifying.get(provider.node_id)
+            if check is None:
+                check = asyncio.get_running_loop().create_task(self._verify(provider))
+                self._verifying[provider.node_id] = check
+                check.add_done_callback(functools.partial(self._check_done, provider.node_id))
+            task = asyncio.get_running_loop().create_task(
+                self._add_verified(flight, provider, check)
+            )
+            checks.add(task)
+            task.add_done_callback(checks.discard)
+        flight.add(known)
+
+    def _check_done(self, node_id: bytes, check: asyncio.Task[bool]) -> None:
+        if self._verifying.get(node_id) is check:
+            del self._verifying[node_id]
+
+    async def _verify(self, provider: Contact) -> bool:
+        """Ping `provider` over mutual TLS: True when the node with its ID answered there."""
+        if await self.client.ping(provider):
+            return True
+        self.counters.providers_refused += 1
+        log.info(
+            "provider named by a peer did not prove its address; not used",
+            provider=short_id(provider.node_id),
+            address=provider.address,
+        )
+        return False
+
+    async def _add_verified(
+        self, flight: Flight, provider: Contact, check: asyncio.Task[bool]
+    ) -> None:
+        # Shielded: one lookup ending must not cancel a check another lookup waits for.
+        if await asyncio.shield(check):
+            contact = self.node.table.get(provider.node_id)
+            flight.add([contact if contact is not None else provider])
 
     # -- lookups ----------------------------------------------------------------------
 
@@ -378,8 +452,11 @@ class DiscoveryEngine:
 
     async def _maintenance_loop(self) -> None:
         while True:
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for drops a cancel that lands
+            # while the wake-up is being delivered, and this loop then never ends (stop hung).
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self.tick)
+                async with asyncio.timeout(self.tick):
+                    await self._wake.wait()
             self._wake.clear()
             self._maintain()
             await self._check_ready()

@@ -10,7 +10,10 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.common.genproto.peermirror.discovery.v1 import local_pb2 as pb
 from services.common.genproto.peermirror.discovery.v1 import local_pb2_grpc as pb_grpc
+from services.common.logsetup import get_logger
+from services.common.request_id import from_metadata
 from services.discovery.engine import DiscoveryEngine
+from services.discovery.metrics import DiscoveryMetrics
 from services.discovery.wire import InvalidRequest, contact_to_proto
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["LocalDiscovery"].full_name
@@ -22,6 +25,8 @@ MAX_KEY_LENGTH = 1024
 LIST_BATCH = 1000
 
 Context = grpc.aio.ServicerContext[object, object]
+
+log = get_logger("discovery.local")
 
 
 def check_key(key: str, field: str) -> str:
@@ -52,8 +57,9 @@ def timestamp(wall: float) -> Timestamp:
 class LocalDiscoveryServicer(pb_grpc.LocalDiscoveryServicer):
     """Advertise, withdraw and look up keys for this node's registry and pinner."""
 
-    def __init__(self, engine: DiscoveryEngine) -> None:
+    def __init__(self, engine: DiscoveryEngine, metrics: DiscoveryMetrics | None = None) -> None:
         self._engine = engine
+        self._metrics = metrics
 
     @staticmethod
     async def _keys(keys: Sequence[str], context: Context) -> list[str]:
@@ -88,8 +94,30 @@ class LocalDiscoveryServicer(pb_grpc.LocalDiscoveryServicer):
             key = check_key(request.key, "key")
         except InvalidRequest as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        async for provider in self._engine.find_providers(key, request.limit):
-            yield pb.FindProvidersResponse(provider=contact_to_proto(provider))
+        # The registry's request id comes as metadata; it is logged explicitly (this generator
+        # may be finished from another context, so nothing is bound to contextvars here).
+        request_id = from_metadata(context.invocation_metadata())
+        started = time.monotonic()
+        first: float | None = None
+        found = 0
+        try:
+            async for provider in self._engine.find_providers(key, request.limit):
+                if first is None:
+                    first = time.monotonic() - started
+                found += 1
+                yield pb.FindProvidersResponse(provider=contact_to_proto(provider))
+        finally:
+            took = first if first is not None else time.monotonic() - started
+            if self._metrics is not None:
+                self._metrics.lookup_done(took, found > 0)
+            fields = {"request_id": request_id} if request_id is not None else {}
+            log.info(
+                "lookup",
+                key=key,
+                providers=found,
+                first_ms=round(took * 1000, 2),
+                **fields,
+            )
 
     async def ListPeers(
         self, request: pb.ListPeersRequest, context: Context

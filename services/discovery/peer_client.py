@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from services.common.cancellation import cancel_and_wait
 from services.common.genproto.peermirror.discovery.v1 import peer_pb2 as pb
 from services.common.genproto.peermirror.discovery.v1 import peer_pb2_grpc as pb_grpc
 from services.discovery.bootstrap import Endpoint
@@ -34,6 +35,8 @@ CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
 )
 # Open channels kept; beyond it the least recently used one is closed.
 MAX_CHANNELS = 512
+# How long close() waits for cancelled background calls before closing channels under them.
+CLOSE_WAIT = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,8 +69,12 @@ class PeerClient:
         on_dropped: Callable[[bytes], None] | None = None,
         on_heard: Callable[[bytes], None] | None = None,
         max_channels: int = MAX_CHANNELS,
+        credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
         self.node = node
+        # Mutual TLS (tls.enabled): every channel presents this node's certificate and accepts
+        # only a peer certificate from the cluster CA naming the IP address dialled.
+        self._credentials = credentials
         self._sender = sender
         self.rpc_timeout = rpc_timeout
         self.probe_timeout = probe_timeout
@@ -229,7 +236,10 @@ class PeerClient:
         if cached is not None:
             self._channels.move_to_end(endpoint)
             return cached[1]
-        channel = grpc.aio.insecure_channel(endpoint, options=CHANNEL_OPTIONS)
+        if self._credentials is None:
+            channel = grpc.aio.insecure_channel(endpoint, options=CHANNEL_OPTIONS)
+        else:
+            channel = grpc.aio.secure_channel(endpoint, self._credentials, options=CHANNEL_OPTIONS)
         stub = pb_grpc.PeerStub(channel)
         self._channels[endpoint] = (channel, stub)
         while len(self._channels) > self._max_channels:
@@ -266,10 +276,7 @@ class PeerClient:
     async def close(self) -> None:
         """Cancels background work and closes every channel."""
         self._closed = True
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(list(self._tasks), within=CLOSE_WAIT, owner="discovery-peer-client")
         channels = [channel for channel, _stub in self._channels.values()]
         self._channels.clear()
         await asyncio.gather(

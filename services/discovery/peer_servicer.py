@@ -2,7 +2,8 @@
 
 The caller's address is always the connection's source address (context.peer()), never
 anything from the message, so no node can place contacts or provider records for an
-address it does not own.
+address it does not own. Over mutual TLS that address must also be one the caller's
+certificate names (an IP SAN): a node's identity in the DHT is bound to its certificate.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import grpc
 
 from services.common.genproto.peermirror.discovery.v1 import peer_pb2 as pb
 from services.common.genproto.peermirror.discovery.v1 import peer_pb2_grpc as pb_grpc
+from services.common.logsetup import get_logger
+from services.common.tls import peer_cert_ips
 from services.discovery.kademlia import Contact, DhtNode
 from services.discovery.peer_client import PeerClient
 from services.discovery.wire import (
@@ -21,6 +24,7 @@ from services.discovery.wire import (
     check_keys,
     contact_to_proto,
     duration,
+    normalize_ip,
     peer_ip,
     seconds,
     sender_contact,
@@ -29,6 +33,8 @@ from services.discovery.wire import (
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["Peer"].full_name
 
 Context = grpc.aio.ServicerContext[object, object]
+
+log = get_logger("discovery.peer")
 
 
 class PeerServicer(pb_grpc.PeerServicer):
@@ -40,12 +46,17 @@ class PeerServicer(pb_grpc.PeerServicer):
         client: PeerClient,
         me: Callable[[], pb.SenderInfo],
         clock: Callable[[], float],
+        *,
+        bind_identity: bool = False,
     ) -> None:
         self._node = node
         self._client = client
         self._me = me
         self._clock = clock
+        # Set when the server requires client certificates (tls.enabled).
+        self._bind_identity = bind_identity
         self.requests = 0
+        self.refused_identity = 0
 
     async def _caller(self, has_sender: bool, sender: pb.SenderInfo, context: Context) -> Contact:
         """The caller as a contact; aborts the call when it is not acceptable."""
@@ -55,10 +66,34 @@ class PeerServicer(pb_grpc.PeerServicer):
                 grpc.StatusCode.FAILED_PRECONDITION,
                 "the Peer service only accepts TCP callers with an IP address",
             )
+        if self._bind_identity:
+            await self._check_identity(address, context)
         try:
             return sender_contact(has_sender, sender, address)
         except InvalidRequest as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+    async def _check_identity(self, address: str, context: Context) -> None:
+        """Abort unless the caller's verified certificate names the address it calls from."""
+        named = peer_cert_ips(context.auth_context())
+        if named is None:
+            self.refused_identity += 1
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "a client certificate of the cluster CA is required",
+            )
+        if address not in {normalize_ip(ip) for ip in named}:
+            self.refused_identity += 1
+            log.warning(
+                "peer refused: its certificate does not name the address it calls from",
+                address=address,
+                certificate_ips=named,
+            )
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"the caller's certificate names {named or 'no IP address'}, "
+                f"not the address {address} it calls from",
+            )
 
     @staticmethod
     async def _check(context: Context, check: Callable[[], object]) -> None:

@@ -11,16 +11,21 @@ bootstrap source is asked, so the node is alone; the local API and health still 
 
 from __future__ import annotations
 
+import asyncio
+
 from services.common.config import ConfigError, NodeConfig
 from services.common.genproto.peermirror.discovery.v1 import local_pb2_grpc, peer_pb2_grpc
 from services.common.grpc_server import GrpcServer, run_until_signal
 from services.common.logsetup import get_logger
+from services.common.metrics import start_listener
+from services.common.tls import grpc_channel_credentials, grpc_server_credentials, tls_files
 from services.discovery.bootstrap import BootstrapSources
 from services.discovery.engine import DiscoveryEngine
 from services.discovery.identity import load_or_create_node_id
 from services.discovery.kademlia import DhtConfig
 from services.discovery.local_servicer import SERVICE_NAME as LOCAL_SERVICE
 from services.discovery.local_servicer import LocalDiscoveryServicer
+from services.discovery.metrics import DiscoveryMetrics
 from services.discovery.peer_servicer import SERVICE_NAME as PEER_SERVICE
 from services.discovery.peer_servicer import PeerServicer
 from services.discovery.wire import normalize_ip
@@ -61,6 +66,8 @@ class DiscoveryService:
         d = cfg.discovery
         self.cfg = cfg
         self.taking_part = cfg.k3s.takes_part
+        # Mutual TLS on the peer port and every call to peers, unless tls.enabled is false.
+        self.tls = tls_files(cfg)
         address = ""
         if cfg.node.address:
             address = normalize_ip(cfg.node.address) or ""
@@ -85,15 +92,29 @@ class DiscoveryService:
             rpc_timeout=d.rpc_timeout,
             lookup_cache_ttl=d.lookup_cache_ttl,
             on_ready=self._serving,
+            channel_credentials=(
+                grpc_channel_credentials(self.tls) if self.tls is not None else None
+            ),
         )
         engine = self.engine
-        self.peer_server = GrpcServer(_listen_address(d.host, d.port), name="discovery-peer")
-        peer = PeerServicer(engine.node, engine.client, engine.sender_info, engine.clock)
+        self.peer_server = GrpcServer(
+            _listen_address(d.host, d.port),
+            name="discovery-peer",
+            credentials=grpc_server_credentials(self.tls) if self.tls is not None else None,
+        )
+        peer = PeerServicer(
+            engine.node,
+            engine.client,
+            engine.sender_info,
+            engine.clock,
+            bind_identity=self.tls is not None,
+        )
         self.peer_server.add_service(
             PEER_SERVICE, lambda s: peer_pb2_grpc.add_PeerServicer_to_server(peer, s)
         )
         self.local_server = GrpcServer(d.local_address, name="discovery-local")
-        local = LocalDiscoveryServicer(engine)
+        self.metrics = DiscoveryMetrics(engine)
+        local = LocalDiscoveryServicer(engine, self.metrics)
         self.local_server.add_service(
             LOCAL_SERVICE, lambda s: local_pb2_grpc.add_LocalDiscoveryServicer_to_server(local, s)
         )
@@ -132,9 +153,13 @@ class DiscoveryService:
     async def stop(self) -> None:
         """Stop answering, then stop background work (see DiscoveryEngine.stop on why
         records are not withdrawn)."""
-        await self.local_server.stop(STOP_GRACE)
-        await self.peer_server.stop(STOP_GRACE)
-        await self.engine.stop()
+        try:
+            await asyncio.gather(
+                self.local_server.stop(STOP_GRACE), self.peer_server.stop(STOP_GRACE)
+            )
+        finally:
+            # Background work and channels go even when a server failed to stop.
+            await self.engine.stop()
 
 
 async def run(cfg: NodeConfig) -> None:
@@ -147,12 +172,29 @@ async def run(cfg: NodeConfig) -> None:
         node_id=service.engine.node_id.hex(),
         peer_address=service.peer_address if service.taking_part else None,
         local_address=service.local_address,
+        tls=service.tls is not None,
     )
+    if service.tls is None and service.taking_part:
+        log.warning(
+            "tls.enabled is false: the discovery peer port is plaintext without client "
+            "certificates; any host that reaches it can join and advertise (development and "
+            "demo only)",
+            node=cfg.node.name,
+        )
     if not service.taking_part:
         log.warning(
             "K3s embedded-registry is false: this node takes no part, no peer port is opened "
             "and no peer is contacted",
             node=cfg.node.name,
         )
-    await run_until_signal(service.stop, stop_timeout=STOP_BUDGET)
+    metrics = await start_listener(
+        cfg.discovery.metrics_address, service.metrics.registry, service="discovery"
+    )
+
+    async def stop() -> None:
+        if metrics is not None:
+            await metrics.stop()
+        await service.stop()
+
+    await run_until_signal(stop, stop_timeout=STOP_BUDGET)
     log.info("discovery stopped")

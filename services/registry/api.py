@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import time
 from types import SimpleNamespace
 
+import structlog
 from sanic import Blueprint, HTTPResponse, Request
 from sanic.exceptions import MethodNotAllowed, RequestCancelled
 
 from services.common.logsetup import get_logger
 from services.common.oci.errors import CONTENT_TYPE, ErrorCode, OciError
+from services.common.request_id import HTTP_HEADER as REQUEST_ID_HEADER
+from services.common.request_id import LOG_KEY as REQUEST_ID_KEY
+from services.common.request_id import accept_request_id
 from services.common.store.protocol import NotFoundError
 from services.registry.cache import Manifest
 from services.registry.content import StoreUnavailableError
@@ -29,6 +34,7 @@ from services.registry.headers import (
     manifest_headers,
     unsatisfiable_headers,
 )
+from services.registry.metrics import log_request
 from services.registry.paths import Kind, Route, kind_hint, parse_v2_path
 from services.registry.ranges import ByteRange, Unsatisfiable, parse_range
 from services.registry.stats import RequestKind, Result
@@ -133,6 +139,12 @@ async def content(request: AppRequest, path: str) -> HTTPResponse | None:
     from_peer = is_peer_request(request.headers.get(PEER_HEADER))
     kind = _KINDS.get(kind_hint(path), RequestKind.OTHER)
     result = Result.CLIENT_ERROR
+    error_text: str | None = None
+    started = time.monotonic()
+    # Every line logged while answering (and the lookup and peer requests made for it) carries
+    # the id, so one pull can be followed across nodes.
+    request.ctx.request_id = accept_request_id(request.headers.get(REQUEST_ID_HEADER))
+    tokens = structlog.contextvars.bind_contextvars(**{REQUEST_ID_KEY: request.ctx.request_id})
     stats.begin()
     try:
         if request.method not in ALLOWED_METHODS:
@@ -150,6 +162,7 @@ async def content(request: AppRequest, path: str) -> HTTPResponse | None:
                 response = await _blob(request, route, scope)
         except _Refused as refused:
             result = Result.REFUSED
+            error_text = refused.error.message
             return error_response(refused.error)
         result = (
             Result.PEER_HIT if getattr(request.ctx, "served_by_peer", False) else Result.LOCAL_HIT
@@ -157,21 +170,54 @@ async def content(request: AppRequest, path: str) -> HTTPResponse | None:
         return response
     except _RangeNotSatisfiable as unsatisfiable:
         result = Result.CLIENT_ERROR
+        error_text = unsatisfiable.error.message
         return error_response(unsatisfiable.error, unsatisfiable.headers)
     except ClientGoneError as gone:
         result = Result.ERROR
+        error_text = str(gone)
         log.info("client disconnected mid-body", path=path, error=str(gone))
         # Sanic treats a cancelled request quietly: nothing more is sent, the connection closes.
         raise RequestCancelled() from gone
     except asyncio.CancelledError:
         # Sanic cancels a handler whose client went away (or the server is stopping).
         result = Result.ERROR
+        error_text = "cancelled"
         raise
     except OciError as error:
         result = _result_of(error)
+        error_text = error.message
         return error_response(error)
     finally:
         stats.end(kind, result, from_peer)
+        _finish(request, path, kind, result, from_peer, time.monotonic() - started, error_text)
+        structlog.contextvars.reset_contextvars(**tokens)
+
+
+def _finish(
+    request: AppRequest,
+    path: str,
+    kind: RequestKind,
+    result: Result,
+    from_peer: bool,
+    seconds: float,
+    error: str | None,
+) -> None:
+    """Count and log one finished request. The registry label is the one policy accepted
+    (a bounded set); a refused or unparsable request gets none."""
+    registry: str = getattr(request.ctx, "registry", "")
+    metrics = request.app.ctx.metrics
+    if metrics is not None:
+        metrics.request_done(registry, kind, result, from_peer)
+    log_request(
+        method=request.method,
+        path=f"/v2/{path}",
+        registry=registry,
+        kind=kind,
+        result=result,
+        from_peer=from_peer,
+        seconds=seconds,
+        error=error,
+    )
 
 
 def _policy_target_or_refuse(request: AppRequest, route: Route) -> tuple[str, str]:
@@ -183,6 +229,7 @@ def _policy_target_or_refuse(request: AppRequest, route: Route) -> tuple[str, st
         if error.status == 404:
             raise _Refused(error) from None
         raise
+    request.ctx.registry = target.registry
     return target.registry, target.store_key(route.tag) if route.tag is not None else target.name
 
 

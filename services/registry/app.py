@@ -13,6 +13,8 @@ from services.registry.cache import ContentCache
 from services.registry.content import ContentService
 from services.registry.context import RegistryApp, RegistryContext
 from services.registry.health import health
+from services.registry.metrics import RegistryMetrics
+from services.registry.metrics import install as install_metrics
 from services.registry.mirror.relay import Mirror
 from services.registry.mirrored import MirroredRegistries
 from services.registry.policy import Policy
@@ -78,7 +80,11 @@ def create_app(
     )
     # configure_logging=False: Sanic's loggers propagate to the structlog handler from logsetup.
     app: RegistryApp = Sanic(name, config=config, ctx=ctx, configure_logging=False)
+    ctx.metrics = RegistryMetrics(ctx)
+    if ctx.mirror is not None:
+        ctx.mirror.metrics = ctx.metrics.mirror
     app.blueprint(health)
+    install_metrics(app)
     api.install(app)
 
     async def start_store(app: RegistryApp) -> None:

@@ -14,6 +14,7 @@ from services.registry.policy import Policy
 from services.registry.stats import RegistryStats
 
 if TYPE_CHECKING:  # the mirror path imports handler-side modules; keep this module a leaf
+    from services.registry.metrics import RegistryMetrics
     from services.registry.mirror.relay import Mirror
 
 
@@ -30,6 +31,8 @@ class RegistryContext:
     # Flipped by the service once the listener is up, and back when a stop begins, so /readyz
     # takes the node out of rotation before connections are refused.
     ready: bool = False
+    # Prometheus metrics served on /metrics; set by create_app.
+    metrics: RegistryMetrics | None = None
 
 
 RegistryApp = Sanic[Config, RegistryContext]

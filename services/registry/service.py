@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 from typing import cast
 
 from sanic.server.async_server import AsyncioServer
+from sanic.server.protocols.http_protocol import HttpProtocol
 
 from services.common.config import NodeConfig
 from services.common.grpc_server import AddressInUseError, GrpcServer, run_until_signal
 from services.common.logsetup import get_logger
+from services.common.metrics import start_listener
+from services.common.tls import server_context, tls_files
 from services.registry.app import create_app
 from services.registry.context import RegistryApp
 from services.registry.introspection import register as register_introspection
@@ -30,10 +34,14 @@ def _http_address(host: str, port: int) -> str:
 class HttpServer:
     """The Sanic app on our loop: bound before it accepts, lifecycle events run by hand."""
 
-    def __init__(self, app: RegistryApp, host: str, port: int) -> None:
+    def __init__(
+        self, app: RegistryApp, host: str, port: int, ssl_context: ssl.SSLContext | None = None
+    ) -> None:
         self.app = app
         self.host = host
         self.port = port
+        # With a context the listener speaks TLS only (client certificates as it requires).
+        self.ssl_context = ssl_context
         self._server: AsyncioServer | None = None
         self._listener: asyncio.Server | None = None
 
@@ -56,7 +64,9 @@ class HttpServer:
                 port=None if sock else self.port,
                 sock=sock,
                 return_asyncio_server=True,
-                protocol=PlainHttpProtocol,
+                ssl=self.ssl_context,
+                # The TLS-refusing protocol is for the plain listener only.
+                protocol=PlainHttpProtocol if self.ssl_context is None else HttpProtocol,
                 # Accept nothing until the router is finalized by startup() below.
                 asyncio_server_kwargs={"start_serving": False},
             )
@@ -95,10 +105,12 @@ class HttpServer:
 
 async def run(cfg: NodeConfig) -> None:
     """Serve until SIGTERM/SIGINT, then stop within the budget."""
+    files = tls_files(cfg)
+    ssl_context = server_context(files) if files is not None else None
     app = create_app(cfg)
     grpc_server = GrpcServer(cfg.registry.grpc_address, name="registry-introspection")
     register_introspection(grpc_server, app.ctx.stats)
-    http = HttpServer(app, cfg.registry.host, cfg.registry.port)
+    http = HttpServer(app, cfg.registry.host, cfg.registry.port, ssl_context)
     await grpc_server.start()
     try:
         await http.start()
@@ -111,7 +123,15 @@ async def run(cfg: NodeConfig) -> None:
         node=cfg.node.name,
         http_address=http.address,
         grpc_address=grpc_server.bound_address,
+        tls=files is not None,
     )
+    if files is None:
+        log.warning(
+            "tls.enabled is false: the registry serves plain HTTP without client "
+            "certificates; any host that reaches this port can read every image (development "
+            "and demo only)",
+            node=cfg.node.name,
+        )
     if not cfg.k3s.takes_part:
         log.warning(
             "K3s embedded-registry is false: this node takes no part, every mirror request is "
@@ -119,8 +139,15 @@ async def run(cfg: NodeConfig) -> None:
             node=cfg.node.name,
         )
 
+    assert app.ctx.metrics is not None
+    metrics = await start_listener(
+        cfg.registry.metrics_address, app.ctx.metrics.registry, service="registry"
+    )
+
     async def stop() -> None:
         app.ctx.ready = False
+        if metrics is not None:
+            await metrics.stop()
         await asyncio.gather(http.stop(), grpc_server.stop())
 
     await run_until_signal(stop, stop_timeout=STOP_BUDGET)

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import enum
 import time
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass
+
+# The "recent" of the recent hit rate: outcomes of this many seconds, at most RECENT_MAX kept.
+RECENT_WINDOW_S = 300.0
+RECENT_MAX = 10_000
 
 
 class RequestKind(enum.Enum):
@@ -36,12 +41,38 @@ class CountKey:
     from_peer: bool
 
 
+class RecentOutcomes:
+    """Results of the last `window` seconds of requests (bounded; oldest dropped first)."""
+
+    def __init__(
+        self,
+        window: float = RECENT_WINDOW_S,
+        max_entries: int = RECENT_MAX,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.window = window
+        self._clock = clock
+        self._entries: deque[tuple[float, Result]] = deque(maxlen=max_entries)
+
+    def add(self, result: Result) -> None:
+        self._entries.append((self._clock(), result))
+
+    def counts(self) -> Counter[Result]:
+        """Results within the window, by result."""
+        oldest = self._clock() - self.window
+        while self._entries and self._entries[0][0] < oldest:
+            self._entries.popleft()
+        return Counter(result for _, result in self._entries)
+
+
 class RegistryStats:
     """Counters since start; single event loop, so plain integer updates need no locking."""
 
     def __init__(self) -> None:
         self.started_at = time.time()
         self.requests: Counter[CountKey] = Counter()
+        # Manifest and blob requests of local clients (containerd), for the recent hit rate.
+        self.recent = RecentOutcomes()
         self.bytes_served_local = 0
         self.bytes_relayed = 0
         self.in_flight = 0
@@ -54,6 +85,8 @@ class RegistryStats:
         """A request started with `begin` finished."""
         self.in_flight -= 1
         self.requests[CountKey(kind, result, from_peer)] += 1
+        if kind is not RequestKind.OTHER and not from_peer:
+            self.recent.add(result)
 
     def count(self, kind: RequestKind, result: Result, from_peer: bool = False) -> int:
         """Finished requests of one (kind, result, from_peer)."""

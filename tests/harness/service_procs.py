@@ -71,14 +71,19 @@ def write_node_config(directory: Path, ports: NodePorts) -> Path:
             "host": "127.0.0.1",
             "port": ports.registry_http,
             "grpc_address": f"127.0.0.1:{ports.registry_grpc}",
+            # Ephemeral: many test nodes share loopback, the fixed defaults would collide.
+            "metrics_address": "127.0.0.1:0",
         },
+        "tls": {"enabled": False},
         "discovery": {
             "host": "127.0.0.1",
             "port": ports.discovery_peer,
             "local_address": f"127.0.0.1:{ports.discovery_local}",
+            "metrics_address": "127.0.0.1:0",
         },
         "pinner": {
             "grpc_address": f"127.0.0.1:{ports.pinner_grpc}",
+            "metrics_address": "127.0.0.1:0",
             "images_dir": str(directory / "images"),
             "certs_dir": str(directory / "certs.d"),
         },

@@ -9,6 +9,7 @@ import yaml
 
 from services.cli.demo_plan import (
     DEMO_IMAGE,
+    PORTS_PER_NODE,
     PullReport,
     ServedItem,
     answered,
@@ -33,7 +34,7 @@ DIGEST = "sha256:" + "ab" * 32
 def test_every_port_of_the_plan_is_distinct_and_named_by_node(tmp_path: Path) -> None:
     nodes = plan_mesh(3, 15000, tmp_path)
     ports = [p for n in nodes for p in n.ports]
-    assert len(ports) == len(set(ports)) == 15
+    assert len(ports) == len(set(ports)) == 3 * PORTS_PER_NODE == 24
     assert [n.registry_port for n in nodes] == [15001, 15002, 15003]
     assert [n.name for n in nodes] == ["node1", "node2", "node3"]
     assert nodes[2].registry_url == "http://127.0.0.1:15003"

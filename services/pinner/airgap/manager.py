@@ -90,6 +90,8 @@ class AirgapManager:
         self._clock = clock
         self._states: dict[Path, ImportStatus] = {}
         self._lock = asyncio.Lock()
+        # Told (result "imported" or "failed", seconds) as each file's import ends (metrics).
+        self.on_import: Callable[[str, float], None] | None = None
 
     @classmethod
     def from_config(cls, client: ContainerdClient, section: PinnerSection) -> AirgapManager:
@@ -225,6 +227,8 @@ class AirgapManager:
                 finished_at=datetime.now(UTC),
             )
             log.error("image import failed", file=str(path), error=str(exc))
+            if self.on_import is not None:
+                self.on_import("failed", time.monotonic() - started)
             return
         counters.imported += 1
         counters.names.extend(names)
@@ -242,6 +246,8 @@ class AirgapManager:
             images=names,
             seconds=round(time.monotonic() - started, 3),
         )
+        if self.on_import is not None:
+            self.on_import("imported", time.monotonic() - started)
 
     async def _pull_list(self, path: Path) -> list[str]:
         refs = parse_list(await asyncio.to_thread(_read_list, path))

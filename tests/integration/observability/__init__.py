@@ -1,0 +1,1 @@
+"""Integration tests of metrics, request-id logs and `peermirror status`."""

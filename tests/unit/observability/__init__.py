@@ -1,0 +1,1 @@
+"""Unit tests of metrics helpers, request ids and the status report."""
