@@ -21,7 +21,8 @@ protos: setup
 	$(PY) protos/generate.py
 
 bench: setup
-	$(PY) -m bench.idle_memory
+	for b in idle_memory registry_vs_distribution dht_hops dht_latency import_throughput p2p_mesh; do \
+		$(PY) -m bench.$$b || exit 1; done
 
 clean:
 	rm -rf .venv .mypy_cache .ruff_cache .pytest_cache .run
