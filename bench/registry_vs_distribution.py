@@ -125,6 +125,7 @@ def write_peermirror_config(directory: Path, port: int, store: dict[str, str]) -
             "grpc_address": f"{HOST}:{free_port()}",
             "registries_file": str(registries),
         },
+        "tls": {"enabled": False},
         "store": store,
     }
     path = directory / "peermirror.yaml"

@@ -16,6 +16,7 @@ from services.cli import (
     node_cmd,
     peers_cmd,
     pins,
+    prefetch_cmd,
     serve_cmd,
     status_cmd,
 )
@@ -32,6 +33,7 @@ COMMAND_MODULES = (
     peers_cmd,
     lookup_cmd,
     pins,
+    prefetch_cmd,
     health_cmd,
     status_cmd,
     certs_cmd,

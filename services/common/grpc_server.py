@@ -29,6 +29,8 @@ REFLECTION_SERVICE_NAME: str = reflection.SERVICE_NAME
 STOP_TIMEOUT = 5.0
 # Time in-flight RPCs get to finish once a stop began; well inside STOP_TIMEOUT.
 DEFAULT_GRACE = 3.0
+# What grpc gets past the grace to cancel the calls left and finish its shutdown.
+SHUTDOWN_MARGIN = 2.0
 
 SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     # Off so binding a port another process holds fails instead of load-sharing with it.
@@ -87,9 +89,12 @@ class GrpcServer:
         *,
         name: str = "grpc",
         options: Iterable[tuple[str, int | str]] = (),
+        credentials: grpc.ServerCredentials | None = None,
     ) -> None:
         self.address = address
         self.name = name
+        # TLS credentials for listeners facing other nodes; None = plaintext (node-local APIs).
+        self._credentials = credentials
         self._options: list[tuple[str, int | str]] = [*SERVER_OPTIONS, *options]
         self._adders: list[AddServicer] = []
         self._service_names: list[str] = []
@@ -97,6 +102,7 @@ class GrpcServer:
         self._health: health_aio.HealthServicer | None = None
         self._port = 0
         self._stopped = False
+        self._stopping: asyncio.Future[None] | None = None
 
     @property
     def port(self) -> int:
@@ -148,7 +154,10 @@ class GrpcServer:
             [*self._service_names, HEALTH_SERVICE_NAME, REFLECTION_SERVICE_NAME], server
         )
         try:
-            port = server.add_insecure_port(self.address)
+            if self._credentials is None:
+                port = server.add_insecure_port(self.address)
+            else:
+                port = server.add_secure_port(self.address, self._credentials)
         except RuntimeError as exc:  # grpcio raises on bind failure
             await server.stop(None)
             raise AddressInUseError(
@@ -197,7 +206,20 @@ class GrpcServer:
         self._stopped = True
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
-        await self._server.stop(grace)
+        # Waited on, never cancelled: grpc's shutdown cut short leaves the core server half
+        # stopped. Past the bound (a handler ignoring its cancel keeps the core from finishing)
+        # it completes in the background and the caller goes on.
+        self._stopping = asyncio.ensure_future(self._server.stop(grace))
+        done, _ = await asyncio.wait({self._stopping}, timeout=(grace or 0.0) + SHUTDOWN_MARGIN)
+        if not done:
+            _log.error(
+                "grpc server did not finish stopping in time; going on without it",
+                server=self.name,
+                address=self.bound_address,
+                grace_s=grace,
+            )
+            return
+        self._stopping.result()
         _log.info("grpc server stopped", server=self.name, address=self.bound_address)
 
     async def wait_for_termination(self) -> None:

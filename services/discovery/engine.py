@@ -33,6 +33,7 @@ from services.discovery.kademlia import (
 )
 from services.discovery.peer_client import PeerClient
 from services.discovery.provider_cache import Flight, ProviderCache
+from services.discovery.rejoin import REJOIN_CAP, RejoinSchedule
 
 A = TypeVar("A")
 
@@ -121,6 +122,17 @@ class DiscoveryEngine:
         # still hear of it from a node that has not noticed yet, so answers are filtered.
         self._dead: dict[bytes, float] = {}
         self._rng = random.Random()
+        # Configured bootstrap addresses missing from the table are pinged again (a restarted
+        # bootstrap node knows nobody and would otherwise stay cut off); the list is gathered
+        # again every `recheck`, so a peer-list URL is not fetched on every round.
+        self._rejoin = RejoinSchedule(
+            base=config.probe_interval,
+            cap=max(config.probe_interval, REJOIN_CAP),
+            recheck=max(config.probe_interval, config.refresh_interval),
+            rng=self._rng,
+        )
+        self._bootstrap_endpoints: list[Endpoint] = []
+        self._gathered_at: float | None = None
         # Address checks under way, shared by every lookup that was named the same provider.
         self._verifying: dict[bytes, asyncio.Task[bool]] = {}
 
@@ -500,11 +512,13 @@ class DiscoveryEngine:
         if not self.sources.configured:
             log.info("no bootstrap source configured: running as the first or only node")
             await self._check_ready()
+            await self._await_callers()
             return
         attempt = 0
         while True:
             if len(self.node.table) > 0:
                 attempt = 0
+                await self._rejoin_round()
                 await asyncio.sleep(self.tick)
                 continue
             if self.counters.bootstrap_attempts > 0 and attempt == 0:
@@ -530,7 +544,14 @@ class DiscoveryEngine:
         """One bootstrap attempt: returns (joined, problem)."""
         self.counters.bootstrap_attempts += 1
         gathered = await gather_endpoints(self.sources)
+        self._bootstrap_endpoints = gathered.endpoints
+        self._gathered_at = self._clock()
         answers = await asyncio.gather(*(self.client.ping_endpoint(e) for e in gathered.endpoints))
+        for endpoint, answer in zip(gathered.endpoints, answers, strict=True):
+            if answer is not None:
+                self._rejoin.answered(
+                    endpoint, answer.responder.node_id, self.node_id, self._gathered_at
+                )
         failed = [e for e, a in zip(gathered.endpoints, answers, strict=True) if a is None]
         others = [a for a in answers if a is not None and a.responder.node_id != self.node_id]
         for answer in answers:
@@ -564,3 +585,57 @@ class DiscoveryEngine:
             peers=len(self.node.table),
         )
         await self._check_ready()
+
+    async def _await_callers(self) -> None:
+        """A node without bootstrap sources (the first node) learns peers only from their
+        calls; each time its table fills again after emptying (it restarted, or lost every
+        peer), it joins through them so its lookups and records reach the whole network."""
+        had_peers = len(self.node.table) > 0
+        while True:
+            await asyncio.sleep(self.tick)
+            has_peers = len(self.node.table) > 0
+            if has_peers and not had_peers:
+                via = next(iter(self.node.table))
+                await self._join(via, [])
+            had_peers = len(self.node.table) > 0
+
+    async def _rejoin_round(self) -> None:
+        """Pings configured bootstrap addresses missing from the routing table, each on its
+        own backoff; one that answers is in the table now (heard_from), and a lookup of our
+        own ID then tells both sides about the nodes near them."""
+        now = self._clock()
+        if self._gathered_at is None or now - self._gathered_at >= self._rejoin.recheck:
+            self._gathered_at = now
+            gathered = await gather_endpoints(self.sources)
+            if gathered.problems:
+                log.debug("bootstrap sources for rejoin", problems="; ".join(gathered.problems))
+            # A source failing now keeps the addresses it gave before.
+            if gathered.endpoints or not self._bootstrap_endpoints:
+                self._bootstrap_endpoints = gathered.endpoints
+        table_endpoints = {Endpoint(c.address, c.discovery_port) for c in self.node.table}
+        due = self._rejoin.due(self._bootstrap_endpoints, self.node.table, table_endpoints, now)
+        if not due:
+            return
+        answers = await asyncio.gather(*(self.client.ping_endpoint(e) for e in due))
+        now = self._clock()
+        found: list[Contact] = []
+        for endpoint, answer in zip(due, answers, strict=True):
+            if answer is None:
+                failures = self._rejoin.failed(endpoint, now)
+                # One warning per silent streak of each address.
+                emit = log.warning if failures == 1 else log.debug
+                emit(
+                    "bootstrap peer missing from the routing table does not answer",
+                    endpoint=str(endpoint),
+                    attempt=failures,
+                )
+                continue
+            self._rejoin.answered(endpoint, answer.responder.node_id, self.node_id, now)
+            if answer.responder.node_id in self.node.table:
+                found.append(answer.responder)
+        if found:
+            log.info(
+                "bootstrap peers back in the routing table",
+                peers=[str(c) for c in found],
+            )
+            await self.lookup_nodes(self.node_id)

@@ -1,4 +1,4 @@
-"""The pinner's node-local gRPC API (peermirror.pinner.v1.Pinner): pins, status and resync.
+"""The pinner's node-local gRPC API (peermirror.pinner.v1.Pinner): pins, status, resync, prefetch.
 
 Pins and imports come from the AirgapManager; what only the service knows (participation,
 advertisement counts, the containerd connection, a full resync) is asked of it through the
@@ -7,10 +7,10 @@ two optional callbacks, so this module stays independent of how the service trac
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -22,10 +22,12 @@ from services.common.containerd.errors import (
 )
 from services.common.genproto.peermirror.pinner.v1 import pinner_pb2, pinner_pb2_grpc
 from services.pinner.pins import InvalidReferenceError, Pin
+from services.pinner.prefetch import InvalidPrefetchError, Phase, PrefetchUpdate
 
 if TYPE_CHECKING:
     from services.common.grpc_server import GrpcServer
     from services.pinner.airgap.manager import AirgapManager, ImportStatus
+    from services.pinner.prefetch import Prefetcher
 
 SERVICE_NAME: str = pinner_pb2.DESCRIPTOR.services_by_name["Pinner"].full_name
 
@@ -67,6 +69,31 @@ def _timestamp(when: datetime | None) -> Timestamp | None:
     return ts
 
 
+_PHASES = {
+    Phase.STARTED: pinner_pb2.PREFETCH_PHASE_STARTED,
+    Phase.PULLING: pinner_pb2.PREFETCH_PHASE_PULLING,
+    Phase.DONE: pinner_pb2.PREFETCH_PHASE_DONE,
+}
+
+# What a prefetch on a pinner without containerd answers.
+NO_CONTAINERD = (
+    "prefetch needs containerd: this pinner runs with the oci-layout store "
+    "(store.backend), which has no CRI to pull through"
+)
+
+
+def progress_message(update: PrefetchUpdate) -> pinner_pb2.PrefetchProgress:
+    return pinner_pb2.PrefetchProgress(
+        phase=_PHASES[update.phase],
+        bytes_done=update.bytes_done,
+        bytes_total=update.bytes_total,
+        elapsed_seconds=update.elapsed,
+        image_id=update.image_id,
+        image_size=update.image_size,
+        reference=update.reference,
+    )
+
+
 def pin_message(pin: Pin) -> pinner_pb2.PinnedImage:
     return pinner_pb2.PinnedImage(
         name=pin.name,
@@ -97,10 +124,12 @@ class PinnerApi(pinner_pb2_grpc.PinnerServicer):
         *,
         sync_state: SyncStateFn | None = None,
         resync: ResyncFn | None = None,
+        prefetcher: Prefetcher | None = None,
     ) -> None:
         self._airgap = airgap
         self._sync_state = sync_state
         self._resync = resync
+        self._prefetcher = prefetcher if prefetcher is not None else airgap.prefetcher
 
     def register(self, server: GrpcServer) -> None:
         server.add_service(
@@ -172,6 +201,69 @@ class PinnerApi(pinner_pb2_grpc.PinnerServicer):
             imported=imported,
             finished_at=_timestamp(datetime.now(UTC)),
         )
+
+    async def Prefetch(
+        self,
+        request: pinner_pb2.PrefetchRequest,
+        context: grpc.aio.ServicerContext[object, object],
+    ) -> AsyncIterator[pinner_pb2.PrefetchProgress]:
+        try:
+            async for update in self._prefetcher.prefetch(request.reference):
+                yield progress_message(update)
+        except InvalidPrefetchError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except ContainerdError as exc:
+            # Name the field, keep containerd's reason (not found upstream, unreachable, ...).
+            code = exc.code if exc.code is not None else grpc.StatusCode.INTERNAL
+            await context.abort(code, f"reference {request.reference!r}: {exc}")
+
+
+class ContainerdlessPinnerApi(pinner_pb2_grpc.PinnerServicer):
+    """The Pinner API of a pinner without containerd (oci-layout store): prefetch is refused with
+    FAILED_PRECONDITION saying why; pins, status and resync answer UNIMPLEMENTED, as they did
+    when no Pinner service was served there (`peermirror status` relies on that)."""
+
+    def register(self, server: GrpcServer) -> None:
+        server.add_service(
+            SERVICE_NAME, lambda s: pinner_pb2_grpc.add_PinnerServicer_to_server(self, s)
+        )
+
+    @staticmethod
+    async def _unimplemented(context: grpc.aio.ServicerContext[object, object]) -> NoReturn:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the pinner has no containerd here")
+
+    async def ListPins(
+        self, request: pinner_pb2.ListPinsRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pinner_pb2.ListPinsResponse:
+        await self._unimplemented(context)
+
+    async def Pin(
+        self, request: pinner_pb2.PinRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pinner_pb2.PinResponse:
+        await self._unimplemented(context)
+
+    async def Unpin(
+        self, request: pinner_pb2.UnpinRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pinner_pb2.UnpinResponse:
+        await self._unimplemented(context)
+
+    async def Status(
+        self, request: pinner_pb2.StatusRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pinner_pb2.StatusResponse:
+        await self._unimplemented(context)
+
+    async def Resync(
+        self, request: pinner_pb2.ResyncRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pinner_pb2.ResyncResponse:
+        await self._unimplemented(context)
+
+    async def Prefetch(
+        self,
+        request: pinner_pb2.PrefetchRequest,
+        context: grpc.aio.ServicerContext[object, object],
+    ) -> AsyncIterator[pinner_pb2.PrefetchProgress]:
+        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, NO_CONTAINERD)
+        yield pinner_pb2.PrefetchProgress()  # never reached: makes this a streaming handler
 
 
 async def _abort(

@@ -19,7 +19,7 @@ from services.common.store.oci_layout import OciLayoutStore
 from services.common.tls import tls_files
 from services.pinner.advertiser import Advertiser
 from services.pinner.airgap.manager import AirgapManager
-from services.pinner.api import SyncOutcome, SyncState
+from services.pinner.api import ContainerdlessPinnerApi, SyncOutcome, SyncState
 from services.pinner.containerd_watch import ContainerdTracker
 from services.pinner.hosts_toml import HostsOptions
 from services.pinner.hosts_writer import write_containerd_config
@@ -162,6 +162,10 @@ class PinnerRuntime:
         """Serve the Pinner API on `server` (before it starts)."""
         if self.airgap is not None:
             self.airgap.register(server, sync_state=self.sync_state, resync=self.resync)
+        elif self.store is not None:
+            # Without containerd there is nothing to pin or pull through: callers of Prefetch
+            # learn why (FAILED_PRECONDITION) instead of meeting an unknown service.
+            ContainerdlessPinnerApi().register(server)
 
     def start(self) -> None:
         if self.tracker is not None and self.advertiser is not None:

@@ -37,7 +37,7 @@ from services.registry.headers import (
 from services.registry.metrics import log_request
 from services.registry.paths import Kind, Route, kind_hint, parse_v2_path
 from services.registry.ranges import ByteRange, Unsatisfiable, parse_range
-from services.registry.stats import RequestKind, Result
+from services.registry.stats import PullRecord, RequestKind, Result
 from services.registry.transfer import ClientGoneError, send_blob
 
 ALLOWED_METHODS = ("GET", "HEAD")
@@ -150,6 +150,7 @@ async def content(request: AppRequest, path: str) -> HTTPResponse | None:
         if request.method not in ALLOWED_METHODS:
             return error_response(_unsupported_method(request.method))
         route = parse_v2_path(path)
+        request.ctx.route = route
         if route.kind is Kind.BASE:
             result = Result.LOCAL_HIT
             return _base_response(request.method)
@@ -208,6 +209,10 @@ def _finish(
     metrics = request.app.ctx.metrics
     if metrics is not None:
         metrics.request_done(registry, kind, result, from_peer)
+    if kind is not RequestKind.OTHER:
+        request.app.ctx.stats.record_pull(
+            _pull_record(request, registry, kind, result, from_peer, seconds)
+        )
     log_request(
         method=request.method,
         path=f"/v2/{path}",
@@ -217,6 +222,40 @@ def _finish(
         from_peer=from_peer,
         seconds=seconds,
         error=error,
+    )
+
+
+def _pull_record(
+    request: AppRequest,
+    registry: str,
+    kind: RequestKind,
+    result: Result,
+    from_peer: bool,
+    seconds: float,
+) -> PullRecord:
+    """What the status page shows of one finished request: the reference asked for and where
+    its bytes came from (this node's store, or the peer the relay took them from)."""
+    route: Route | None = getattr(request.ctx, "route", None)
+    if route is None:
+        ref = ""
+    else:
+        name = f"{registry}/{route.name}" if registry else route.name
+        ref = f"{name}@{route.digest}" if route.digest is not None else f"{name}:{route.tag}"
+    if result is Result.PEER_HIT:
+        source = str(getattr(request.ctx, "peer", "peer"))
+    elif result is Result.LOCAL_HIT:
+        source = "local"
+    else:
+        source = ""
+    return PullRecord(
+        at=time.time(),
+        ref=ref,
+        kind=kind,
+        result=result,
+        from_peer=from_peer,
+        source=source,
+        bytes=int(getattr(request.ctx, "bytes_sent", 0)),
+        seconds=seconds,
     )
 
 
@@ -249,6 +288,7 @@ async def _manifest(request: AppRequest, route: Route, scope: Scope) -> HTTPResp
     if request.method == "HEAD":
         return HTTPResponse(b"", headers=headers)
     request.app.ctx.stats.bytes_served_local += manifest.size
+    request.ctx.bytes_sent = manifest.size
     content_type = headers.pop("Content-Type")
     return HTTPResponse(manifest.body, headers=headers, content_type=content_type)
 
@@ -294,6 +334,7 @@ async def _blob(request: AppRequest, route: Route, scope: Scope) -> HTTPResponse
             ErrorCode.BLOB_UNKNOWN, f"blob {blob.digest} was just removed from this node"
         ) from None
     ctx.stats.bytes_served_local += sent
+    request.ctx.bytes_sent = sent
     return None
 
 

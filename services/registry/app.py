@@ -18,6 +18,7 @@ from services.registry.metrics import install as install_metrics
 from services.registry.mirror.relay import Mirror
 from services.registry.mirrored import MirroredRegistries
 from services.registry.policy import Policy
+from services.registry.status_page import install as install_status_page
 
 APP_NAME = "peermirror_registry"
 # A 1 GiB blob to a slow client must not be cut: Sanic's response timeout only restarts when it
@@ -85,6 +86,7 @@ def create_app(
         ctx.mirror.metrics = ctx.metrics.mirror
     app.blueprint(health)
     install_metrics(app)
+    install_status_page(app)
     api.install(app)
 
     async def start_store(app: RegistryApp) -> None:

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 # The "recent" of the recent hit rate: outcomes of this many seconds, at most RECENT_MAX kept.
 RECENT_WINDOW_S = 300.0
 RECENT_MAX = 10_000
+# Manifest and blob requests kept for the status page's "recent pulls" (oldest dropped first).
+RECENT_PULLS_MAX = 100
 
 
 class RequestKind(enum.Enum):
@@ -65,6 +67,24 @@ class RecentOutcomes:
         return Counter(result for _, result in self._entries)
 
 
+@dataclass(frozen=True, slots=True)
+class PullRecord:
+    """One finished manifest or blob request, for the status page.
+
+    `source` is where the content came from: "local" (this node's store) or the address of the
+    peer registry it was relayed from; "" when nothing was served.
+    """
+
+    at: float  # Unix time the request finished
+    ref: str
+    kind: RequestKind
+    result: Result
+    from_peer: bool
+    source: str
+    bytes: int
+    seconds: float
+
+
 class RegistryStats:
     """Counters since start; single event loop, so plain integer updates need no locking."""
 
@@ -73,6 +93,7 @@ class RegistryStats:
         self.requests: Counter[CountKey] = Counter()
         # Manifest and blob requests of local clients (containerd), for the recent hit rate.
         self.recent = RecentOutcomes()
+        self.pulls: deque[PullRecord] = deque(maxlen=RECENT_PULLS_MAX)
         self.bytes_served_local = 0
         self.bytes_relayed = 0
         self.in_flight = 0
@@ -91,3 +112,7 @@ class RegistryStats:
     def count(self, kind: RequestKind, result: Result, from_peer: bool = False) -> int:
         """Finished requests of one (kind, result, from_peer)."""
         return self.requests[CountKey(kind, result, from_peer)]
+
+    def record_pull(self, record: PullRecord) -> None:
+        """Keep one finished manifest or blob request among the recent ones."""
+        self.pulls.append(record)

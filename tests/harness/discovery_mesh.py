@@ -22,6 +22,7 @@ from services.common.config import (
     NodeConfig,
     NodeSection,
     RegistrySection,
+    TlsSection,
 )
 from services.common.genproto.peermirror.discovery.v1 import local_pb2 as lpb
 from services.common.genproto.peermirror.discovery.v1 import local_pb2_grpc as lpb_grpc
@@ -47,6 +48,7 @@ def node_config(root: Path, index: int, bootstrap: list[str], **discovery: Any) 
         log=LogSection(level="info", format="json"),
         registry=RegistrySection(port=REGISTRY_PORT_BASE + index),
         discovery=section,
+        tls=TlsSection(enabled=False),
     )
 
 

@@ -123,6 +123,7 @@ def node_config_data(
             "grpc_address": f"unix:{node_dir / 'registry.sock'}",
             "registries_file": str(node_dir / "registries.yaml"),
         },
+        "tls": {"enabled": False},
         "discovery": {
             "host": "0.0.0.0",
             "port": DISCOVERY_PORT,

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import yaml
 
-from services.common.config import DiscoverySection, NodeConfig, RegistrySection
+from services.common.config import DiscoverySection, NodeConfig, RegistrySection, TlsSection
 from services.common.store.protocol import ContentStore
+from services.common.tls import TlsFiles, server_context
 from services.registry.app import create_app
 from services.registry.context import RegistryApp
 from services.registry.service import HttpServer
@@ -36,7 +37,8 @@ class RunningRegistry:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.http.port}"
+        scheme = "http" if self.http.ssl_context is None else "https"
+        return f"{scheme}://127.0.0.1:{self.http.port}"
 
 
 @contextlib.asynccontextmanager
@@ -49,9 +51,11 @@ async def serve_registry(
     allow_latest: bool = False,
     filters: Sequence[str] = (),
     discovery: str | None = None,
+    tls: TlsFiles | None = None,
 ) -> AsyncIterator[RunningRegistry]:
     """Serve `store` (left open for the caller to close) until the block exits. Local content
-    only, unless `discovery` (a LocalDiscovery address) is given: then misses go to peers."""
+    only, unless `discovery` (a LocalDiscovery address) is given: then misses go to peers.
+    Plain HTTP, unless `tls` is given: then mutual TLS with those files (peers too)."""
     registries = write_registries_file(work_dir / "registries.yaml", mirrors)
     cfg = NodeConfig(
         registry=RegistrySection(
@@ -65,10 +69,15 @@ async def serve_registry(
             peer_fetch=discovery is not None,
         ),
         discovery=DiscoverySection(local_address=discovery) if discovery else DiscoverySection(),
+        tls=(
+            TlsSection(enabled=False)
+            if tls is None
+            else TlsSection(ca_file=tls.ca_file, cert_file=tls.cert_file, key_file=tls.key_file)
+        ),
     )
     # Sanic keeps a per-process registry of app names, so each app gets its own.
     app = create_app(cfg, name=f"pm_registry_{uuid.uuid4().hex[:12]}", store=store)
-    http = HttpServer(app, "127.0.0.1", 0)
+    http = HttpServer(app, "127.0.0.1", 0, None if tls is None else server_context(tls))
     await http.start()
     app.ctx.ready = True
     try:

@@ -15,7 +15,7 @@ import aiohttp
 import grpc
 import pytest
 
-from services.common.config import NodeConfig, RegistrySection, StoreSection
+from services.common.config import NodeConfig, RegistrySection, StoreSection, TlsSection
 from services.common.genproto.peermirror.registry.v1 import introspection_pb2 as pb
 from services.common.genproto.peermirror.registry.v1 import introspection_pb2_grpc as pb_grpc
 from services.common.grpc_server import GrpcServer
@@ -209,6 +209,7 @@ async def test_unreachable_store_answers_404_at_once(tmp_path: Path) -> None:
             registries_file=write_registries_file(tmp_path / "registries.yaml", ["*"]),
         ),
         store=StoreSection(backend="containerd", containerd_address=str(tmp_path / "no.sock")),
+        tls=TlsSection(enabled=False),
     )
     app = create_app(cfg, name=f"pm_registry_{uuid.uuid4().hex[:12]}")
     http = HttpServer(app, "127.0.0.1", 0)

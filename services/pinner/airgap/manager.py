@@ -26,6 +26,7 @@ from services.pinner.airgap.pull import CRI_NAMESPACE, CriPuller, parse_list
 from services.pinner.airgap.stream import ArchiveReadError
 from services.pinner.airgap.watch import ChangeTracker, FileStat, scan
 from services.pinner.pins import PinManager, managed_labels
+from services.pinner.prefetch import Prefetcher
 
 if TYPE_CHECKING:
     from services.common.config import PinnerSection
@@ -86,6 +87,8 @@ class AirgapManager:
         self._ingest = IngestChannel(client.address, client.namespace)
         self._importer = ArchiveImporter(client, self._ingest)
         self._puller = CriPuller(self._ingest.channel)
+        # Prefetches pull through the same CRI (the Pinner API's Prefetch).
+        self.prefetcher = Prefetcher(self._ingest.channel, CRI_NAMESPACE)
         self._tracker = ChangeTracker(settle)
         self._clock = clock
         self._states: dict[Path, ImportStatus] = {}

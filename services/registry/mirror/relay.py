@@ -459,12 +459,14 @@ class Mirror:
 
         peer, manifest = await self.race(pull, attempt, lambda _: None)
         log.debug("manifest relayed", digest=manifest.digest, peer=str(peer))
+        request.ctx.peer = str(peer)
         headers = manifest_headers(
             manifest.digest, len(manifest.body), manifest.media_type, registry
         )
         if request.method == "HEAD":
             return HTTPResponse(b"", headers=headers)
         stats.bytes_relayed += len(manifest.body)
+        request.ctx.bytes_sent = len(manifest.body)
         content_type = headers.pop("Content-Type")
         return HTTPResponse(manifest.body, headers=headers, content_type=content_type)
 
@@ -522,6 +524,8 @@ class Mirror:
             )
 
         _, answer = await self.race(pull, first, self.drop_answer)
+        # The status page names the peer a relay started from.
+        request.ctx.peer = str(answer.peer)
         span = answer.span
         byte_range = None if answer.status == 200 else ByteRange(span.start, span.end, span.size)
         headers = blob_headers(digest, span.size, registry, byte_range)
@@ -531,7 +535,10 @@ class Mirror:
         response = await request.respond(status=answer.status, headers=headers)
         hasher = RunningHash(digest) if answer.status == 200 else None
         relay = _BodyRelay(self, request, response, hasher, span, stats)
-        await relay.run(pull, route, registry, answer)
+        try:
+            await relay.run(pull, route, registry, answer)
+        finally:
+            request.ctx.bytes_sent = relay.sent
         return None
 
 
@@ -557,6 +564,7 @@ class _BodyRelay:
         self.end = span.end + 1
         self.held: Chunk = b""
         self.contributors: list[Peer] = []
+        self.sent = 0
 
     async def run(self, pull: _Pull, route: Route, registry: str, answer: _BlobAnswer) -> None:
         digest = route.digest
@@ -659,6 +667,7 @@ class _BodyRelay:
             self._drop_client()
             raise ClientGoneError(exc) from exc
         self.stats.bytes_relayed += len(data)
+        self.sent += len(data)
 
     def _drop_client(self) -> None:
         # abort(): drop whatever is still buffered, the connection ends at once.

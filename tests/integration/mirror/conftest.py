@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from services.common.config import DiscoverySection, NodeConfig, RegistrySection
+from services.common.config import DiscoverySection, NodeConfig, RegistrySection, TlsSection
 from services.common.store.oci_layout import OciLayoutStore
 from services.registry.app import create_app
 from services.registry.service import HttpServer
@@ -44,6 +44,7 @@ async def mirror_node(
             **registry,
         ),
         discovery=DiscoverySection(local_address=discovery),
+        tls=TlsSection(enabled=False),
     )
     app = create_app(cfg, name=f"pm_mirror_{uuid.uuid4().hex[:12]}", store=store)
     http = HttpServer(app, "127.0.0.1", 0)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63ri/runtime/v1/api.proto\x12\nruntime.v1\"\x8b\x01\n\tImageSpec\x12\r\n\x05image\x18\x01 \x01(\t\x12;\n\x0b\x61nnotations\x18\x02 \x03(\x0b\x32&.runtime.v1.ImageSpec.AnnotationsEntry\x1a\x32\n\x10\x41nnotationsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x86\x01\n\nAuthConfig\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\x12\x0c\n\x04\x61uth\x18\x03 \x01(\t\x12\x16\n\x0eserver_address\x18\x04 \x01(\t\x12\x16\n\x0eidentity_token\x18\x05 \x01(\t\x12\x16\n\x0eregistry_token\x18\x06 \x01(\t\"^\n\x10PullImageRequest\x12$\n\x05image\x18\x01 \x01(\x0b\x32\x15.runtime.v1.ImageSpec\x12$\n\x04\x61uth\x18\x02 \x01(\x0b\x32\x16.runtime.v1.AuthConfig\"&\n\x11PullImageResponse\x12\x11\n\timage_ref\x18\x01 \x01(\t2X\n\x0cImageService\x12H\n\tPullImage\x12\x1c.runtime.v1.PullImageRequest\x1a\x1d.runtime.v1.PullImageResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63ri/runtime/v1/api.proto\x12\nruntime.v1\"\x8b\x01\n\tImageSpec\x12\r\n\x05image\x18\x01 \x01(\t\x12;\n\x0b\x61nnotations\x18\x02 \x03(\x0b\x32&.runtime.v1.ImageSpec.AnnotationsEntry\x1a\x32\n\x10\x41nnotationsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x86\x01\n\nAuthConfig\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\x12\x0c\n\x04\x61uth\x18\x03 \x01(\t\x12\x16\n\x0eserver_address\x18\x04 \x01(\t\x12\x16\n\x0eidentity_token\x18\x05 \x01(\t\x12\x16\n\x0eregistry_token\x18\x06 \x01(\t\"^\n\x10PullImageRequest\x12$\n\x05image\x18\x01 \x01(\x0b\x32\x15.runtime.v1.ImageSpec\x12$\n\x04\x61uth\x18\x02 \x01(\x0b\x32\x16.runtime.v1.AuthConfig\"&\n\x11PullImageResponse\x12\x11\n\timage_ref\x18\x01 \x01(\t\"K\n\x12ImageStatusRequest\x12$\n\x05image\x18\x01 \x01(\x0b\x32\x15.runtime.v1.ImageSpec\x12\x0f\n\x07verbose\x18\x02 \x01(\x08\"Z\n\x05Image\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\trepo_tags\x18\x02 \x03(\t\x12\x14\n\x0crepo_digests\x18\x03 \x03(\t\x12\x0c\n\x04size\x18\x04 \x01(\x04\x12\x0e\n\x06pinned\x18\x08 \x01(\x08\"\x9d\x01\n\x13ImageStatusResponse\x12 \n\x05image\x18\x01 \x01(\x0b\x32\x11.runtime.v1.Image\x12\x37\n\x04info\x18\x02 \x03(\x0b\x32).runtime.v1.ImageStatusResponse.InfoEntry\x1a+\n\tInfoEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\xa8\x01\n\x0cImageService\x12H\n\tPullImage\x12\x1c.runtime.v1.PullImageRequest\x1a\x1d.runtime.v1.PullImageResponse\x12N\n\x0bImageStatus\x12\x1e.runtime.v1.ImageStatusRequest\x1a\x1f.runtime.v1.ImageStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,6 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_IMAGESPEC_ANNOTATIONSENTRY']._loaded_options = None
   _globals['_IMAGESPEC_ANNOTATIONSENTRY']._serialized_options = b'8\001'
+  _globals['_IMAGESTATUSRESPONSE_INFOENTRY']._loaded_options = None
+  _globals['_IMAGESTATUSRESPONSE_INFOENTRY']._serialized_options = b'8\001'
   _globals['_IMAGESPEC']._serialized_start=41
   _globals['_IMAGESPEC']._serialized_end=180
   _globals['_IMAGESPEC_ANNOTATIONSENTRY']._serialized_start=130
@@ -43,6 +45,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PULLIMAGEREQUEST']._serialized_end=413
   _globals['_PULLIMAGERESPONSE']._serialized_start=415
   _globals['_PULLIMAGERESPONSE']._serialized_end=453
-  _globals['_IMAGESERVICE']._serialized_start=455
-  _globals['_IMAGESERVICE']._serialized_end=543
+  _globals['_IMAGESTATUSREQUEST']._serialized_start=455
+  _globals['_IMAGESTATUSREQUEST']._serialized_end=530
+  _globals['_IMAGE']._serialized_start=532
+  _globals['_IMAGE']._serialized_end=622
+  _globals['_IMAGESTATUSRESPONSE']._serialized_start=625
+  _globals['_IMAGESTATUSRESPONSE']._serialized_end=782
+  _globals['_IMAGESTATUSRESPONSE_INFOENTRY']._serialized_start=739
+  _globals['_IMAGESTATUSRESPONSE_INFOENTRY']._serialized_end=782
+  _globals['_IMAGESERVICE']._serialized_start=785
+  _globals['_IMAGESERVICE']._serialized_end=953
 # @@protoc_insertion_point(module_scope)

@@ -40,6 +40,11 @@ class ImageServiceStub:
                 request_serializer=cri_dot_runtime_dot_v1_dot_api__pb2.PullImageRequest.SerializeToString,
                 response_deserializer=cri_dot_runtime_dot_v1_dot_api__pb2.PullImageResponse.FromString,
                 _registered_method=True)
+        self.ImageStatus = channel.unary_unary(
+                '/runtime.v1.ImageService/ImageStatus',
+                request_serializer=cri_dot_runtime_dot_v1_dot_api__pb2.ImageStatusRequest.SerializeToString,
+                response_deserializer=cri_dot_runtime_dot_v1_dot_api__pb2.ImageStatusResponse.FromString,
+                _registered_method=True)
 
 
 class ImageServiceServicer:
@@ -53,6 +58,13 @@ class ImageServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ImageStatus(self, request, context):
+        """Reports an image the runtime holds; `image` is unset when it holds no such image.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ImageServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -60,6 +72,11 @@ def add_ImageServiceServicer_to_server(servicer, server):
                     servicer.PullImage,
                     request_deserializer=cri_dot_runtime_dot_v1_dot_api__pb2.PullImageRequest.FromString,
                     response_serializer=cri_dot_runtime_dot_v1_dot_api__pb2.PullImageResponse.SerializeToString,
+            ),
+            'ImageStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.ImageStatus,
+                    request_deserializer=cri_dot_runtime_dot_v1_dot_api__pb2.ImageStatusRequest.FromString,
+                    response_serializer=cri_dot_runtime_dot_v1_dot_api__pb2.ImageStatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -90,6 +107,33 @@ class ImageService:
             '/runtime.v1.ImageService/PullImage',
             cri_dot_runtime_dot_v1_dot_api__pb2.PullImageRequest.SerializeToString,
             cri_dot_runtime_dot_v1_dot_api__pb2.PullImageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImageStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/runtime.v1.ImageService/ImageStatus',
+            cri_dot_runtime_dot_v1_dot_api__pb2.ImageStatusRequest.SerializeToString,
+            cri_dot_runtime_dot_v1_dot_api__pb2.ImageStatusResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -51,6 +51,34 @@ IMPORT_RESULT_FAILED: ImportResult.ValueType  # 3
 """Import failed; nothing of it was left behind."""
 Global___ImportResult: _TypeAlias = ImportResult  # noqa: Y015
 
+class _PrefetchPhase:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PrefetchPhaseEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PrefetchPhase.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PREFETCH_PHASE_UNSPECIFIED: _PrefetchPhase.ValueType  # 0
+    """Not set."""
+    PREFETCH_PHASE_STARTED: _PrefetchPhase.ValueType  # 1
+    """The pull was accepted and is starting."""
+    PREFETCH_PHASE_PULLING: _PrefetchPhase.ValueType  # 2
+    """containerd is fetching content; the byte counts reflect what it fetched so far."""
+    PREFETCH_PHASE_DONE: _PrefetchPhase.ValueType  # 3
+    """The image is present in containerd; image_id and image_size are set."""
+
+class PrefetchPhase(_PrefetchPhase, metaclass=_PrefetchPhaseEnumTypeWrapper):
+    """Stage of a prefetch."""
+
+PREFETCH_PHASE_UNSPECIFIED: PrefetchPhase.ValueType  # 0
+"""Not set."""
+PREFETCH_PHASE_STARTED: PrefetchPhase.ValueType  # 1
+"""The pull was accepted and is starting."""
+PREFETCH_PHASE_PULLING: PrefetchPhase.ValueType  # 2
+"""containerd is fetching content; the byte counts reflect what it fetched so far."""
+PREFETCH_PHASE_DONE: PrefetchPhase.ValueType  # 3
+"""The image is present in containerd; image_id and image_size are set."""
+Global___PrefetchPhase: _TypeAlias = PrefetchPhase  # noqa: Y015
+
 @_typing.final
 class PinnedImage(_message.Message):
     """One pinned image."""
@@ -396,3 +424,77 @@ class ResyncResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ResyncResponse: _TypeAlias = ResyncResponse  # noqa: Y015
+
+@_typing.final
+class PrefetchRequest(_message.Message):
+    """An image to prefetch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REFERENCE_FIELD_NUMBER: _builtins.int
+    reference: _builtins.str
+    """Image reference, by tag or digest; short Docker-style names are normalised as
+    containerd's CRI does (alpine:3.19 -> docker.io/library/alpine:3.19).
+    """
+    def __init__(
+        self,
+        *,
+        reference: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reference", b"reference"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PrefetchRequest: _TypeAlias = PrefetchRequest  # noqa: Y015
+
+@_typing.final
+class PrefetchProgress(_message.Message):
+    """Progress of one prefetch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PHASE_FIELD_NUMBER: _builtins.int
+    BYTES_DONE_FIELD_NUMBER: _builtins.int
+    BYTES_TOTAL_FIELD_NUMBER: _builtins.int
+    ELAPSED_SECONDS_FIELD_NUMBER: _builtins.int
+    IMAGE_ID_FIELD_NUMBER: _builtins.int
+    IMAGE_SIZE_FIELD_NUMBER: _builtins.int
+    REFERENCE_FIELD_NUMBER: _builtins.int
+    phase: Global___PrefetchPhase.ValueType
+    """Current stage."""
+    bytes_done: _builtins.int
+    """Bytes of the image's blobs fetched so far (as containerd's ingests report them); equals
+    bytes_total once done.
+    """
+    bytes_total: _builtins.int
+    """Bytes known to be fetched in all: the sizes of the blobs seen so far while pulling (it
+    grows as containerd discovers them), the image's size once done; 0 when not yet known.
+    """
+    elapsed_seconds: _builtins.float
+    """Seconds since the prefetch began."""
+    image_id: _builtins.str
+    """The image id containerd reports (digest of the image config); set once done."""
+    image_size: _builtins.int
+    """Bytes of the image's content for the node's platform, from containerd; set once done."""
+    reference: _builtins.str
+    """The reference being pulled, as the request named it."""
+    def __init__(
+        self,
+        *,
+        phase: Global___PrefetchPhase.ValueType = ...,
+        bytes_done: _builtins.int = ...,
+        bytes_total: _builtins.int = ...,
+        elapsed_seconds: _builtins.float = ...,
+        image_id: _builtins.str = ...,
+        image_size: _builtins.int = ...,
+        reference: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_done", b"bytes_done", "bytes_total", b"bytes_total", "elapsed_seconds", b"elapsed_seconds", "image_id", b"image_id", "image_size", b"image_size", "phase", b"phase", "reference", b"reference"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PrefetchProgress: _TypeAlias = PrefetchProgress  # noqa: Y015

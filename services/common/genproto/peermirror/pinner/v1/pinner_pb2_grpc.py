@@ -61,6 +61,11 @@ class PinnerStub:
                 request_serializer=peermirror_dot_pinner_dot_v1_dot_pinner__pb2.ResyncRequest.SerializeToString,
                 response_deserializer=peermirror_dot_pinner_dot_v1_dot_pinner__pb2.ResyncResponse.FromString,
                 _registered_method=True)
+        self.Prefetch = channel.unary_stream(
+                '/peermirror.pinner.v1.Pinner/Prefetch',
+                request_serializer=peermirror_dot_pinner_dot_v1_dot_pinner__pb2.PrefetchRequest.SerializeToString,
+                response_deserializer=peermirror_dot_pinner_dot_v1_dot_pinner__pb2.PrefetchProgress.FromString,
+                _registered_method=True)
 
 
 class PinnerServicer:
@@ -107,6 +112,17 @@ class PinnerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Prefetch(self, request, context):
+        """Pulls an image through this node's containerd CRI, as kubelet would, so the node's mirror
+        configuration applies and peers serve it: warms the node ahead of a rollout. Streams
+        progress until the image is present; the last message has phase PREFETCH_PHASE_DONE.
+        INVALID_ARGUMENT when `reference` is empty or malformed, FAILED_PRECONDITION on a pinner
+        without containerd (oci-layout store), NOT_FOUND or UNAVAILABLE when the pull fails.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PinnerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -134,6 +150,11 @@ def add_PinnerServicer_to_server(servicer, server):
                     servicer.Resync,
                     request_deserializer=peermirror_dot_pinner_dot_v1_dot_pinner__pb2.ResyncRequest.FromString,
                     response_serializer=peermirror_dot_pinner_dot_v1_dot_pinner__pb2.ResyncResponse.SerializeToString,
+            ),
+            'Prefetch': grpc.unary_stream_rpc_method_handler(
+                    servicer.Prefetch,
+                    request_deserializer=peermirror_dot_pinner_dot_v1_dot_pinner__pb2.PrefetchRequest.FromString,
+                    response_serializer=peermirror_dot_pinner_dot_v1_dot_pinner__pb2.PrefetchProgress.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -273,6 +294,33 @@ class Pinner:
             '/peermirror.pinner.v1.Pinner/Resync',
             peermirror_dot_pinner_dot_v1_dot_pinner__pb2.ResyncRequest.SerializeToString,
             peermirror_dot_pinner_dot_v1_dot_pinner__pb2.ResyncResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Prefetch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/peermirror.pinner.v1.Pinner/Prefetch',
+            peermirror_dot_pinner_dot_v1_dot_pinner__pb2.PrefetchRequest.SerializeToString,
+            peermirror_dot_pinner_dot_v1_dot_pinner__pb2.PrefetchProgress.FromString,
             options,
             channel_credentials,
             insecure,

@@ -55,6 +55,13 @@ class PinnerStub:
     archives), re-walks containerd's images and reconciles what discovery advertises.
     Returns when the resync finished.
     """
+    Prefetch: _grpc.UnaryStreamMultiCallable[_pinner_pb2.PrefetchRequest, _pinner_pb2.PrefetchProgress]
+    """Pulls an image through this node's containerd CRI, as kubelet would, so the node's mirror
+    configuration applies and peers serve it: warms the node ahead of a rollout. Streams
+    progress until the image is present; the last message has phase PREFETCH_PHASE_DONE.
+    INVALID_ARGUMENT when `reference` is empty or malformed, FAILED_PRECONDITION on a pinner
+    without containerd (oci-layout store), NOT_FOUND or UNAVAILABLE when the pull fails.
+    """
 
 @_typing.type_check_only
 class PinnerAsyncStub(PinnerStub):
@@ -79,6 +86,13 @@ class PinnerAsyncStub(PinnerStub):
     """Runs a full resync now: rescans the images directory (importing new or changed
     archives), re-walks containerd's images and reconciles what discovery advertises.
     Returns when the resync finished.
+    """
+    Prefetch: _aio.UnaryStreamMultiCallable[_pinner_pb2.PrefetchRequest, _pinner_pb2.PrefetchProgress]  # type: ignore[assignment]
+    """Pulls an image through this node's containerd CRI, as kubelet would, so the node's mirror
+    configuration applies and peers serve it: warms the node ahead of a rollout. Streams
+    progress until the image is present; the last message has phase PREFETCH_PHASE_DONE.
+    INVALID_ARGUMENT when `reference` is empty or malformed, FAILED_PRECONDITION on a pinner
+    without containerd (oci-layout store), NOT_FOUND or UNAVAILABLE when the pull fails.
     """
 
 class PinnerServicer(metaclass=_abc_1.ABCMeta):
@@ -131,6 +145,19 @@ class PinnerServicer(metaclass=_abc_1.ABCMeta):
         """Runs a full resync now: rescans the images directory (importing new or changed
         archives), re-walks containerd's images and reconciles what discovery advertises.
         Returns when the resync finished.
+        """
+
+    @_abc_1.abstractmethod
+    def Prefetch(
+        self,
+        request: _pinner_pb2.PrefetchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_pinner_pb2.PrefetchProgress], _abc.AsyncIterator[_pinner_pb2.PrefetchProgress]]:
+        """Pulls an image through this node's containerd CRI, as kubelet would, so the node's mirror
+        configuration applies and peers serve it: warms the node ahead of a rollout. Streams
+        progress until the image is present; the last message has phase PREFETCH_PHASE_DONE.
+        INVALID_ARGUMENT when `reference` is empty or malformed, FAILED_PRECONDITION on a pinner
+        without containerd (oci-layout store), NOT_FOUND or UNAVAILABLE when the pull fails.
         """
 
 def add_PinnerServicer_to_server(servicer: PinnerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,163 @@
+"""Serves the status page (GET /status, /status.json) from the same answers `peermirror status`
+gathers, plus the discovery's peers, the providers of each local image and recent pulls.
+
+The services are asked exactly as the CLI asks them (:func:`services.cli.status_cmd.observe`,
+blocking gRPC and HTTP, so in a worker thread while this loop keeps serving); this registry then
+fills in what it knows of itself when its own node-local listeners are not reachable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Sequence
+from types import SimpleNamespace
+from typing import Any
+
+from sanic import HTTPResponse, Request
+
+from services.cli.status_cmd import observe
+from services.cli.status_report import build_report, state_of
+from services.common.config import NodeConfig
+from services.common.metrics import version
+from services.common.store.protocol import ImageRecord
+from services.registry.context import RegistryContext
+from services.registry.status_view import (
+    THIS_NODE,
+    ImageRow,
+    PeerRow,
+    StatusData,
+    build_document,
+    render_html,
+)
+
+# Deadline of each call made for one page (the services are node-local: fast or down).
+CALL_TIMEOUT = 2.0
+# Bounds the work of one page on a node with many images: one lookup per image shown.
+MAX_IMAGES = 50
+MAX_PROVIDERS = 20
+_NO_PROXY = [("grpc.enable_http_proxy", 0)]
+
+
+def _host_port(address: str, port: int) -> str:
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+def ask_discovery(
+    address: str, image_names: Sequence[str], timeout: float = CALL_TIMEOUT
+) -> tuple[list[PeerRow] | None, dict[str, list[str]]]:
+    """(routing table, registry addresses of the providers of each name) from the discovery's
+    node-local API; (None, {}) when it does not answer. Blocking."""
+    import grpc
+
+    from services.common.genproto.peermirror.discovery.v1 import local_pb2 as pb
+    from services.common.genproto.peermirror.discovery.v1 import local_pb2_grpc as pb_grpc
+
+    now = time.time()
+    providers: dict[str, list[str]] = {}
+    try:
+        with grpc.insecure_channel(address, options=_NO_PROXY) as ch:
+            stub = pb_grpc.LocalDiscoveryStub(ch)
+            table = stub.ListPeers(pb.ListPeersRequest(), timeout=timeout)
+            peers = [
+                PeerRow(
+                    node_id=p.contact.node_id.hex(),
+                    registry=_host_port(p.contact.address, p.contact.registry_port),
+                    discovery_port=p.contact.discovery_port,
+                    last_seen_ago=(
+                        round(max(0.0, now - p.last_seen.ToNanoseconds() / 1e9), 1)
+                        if p.HasField("last_seen")
+                        else None
+                    ),
+                )
+                for p in table.peers
+            ]
+            for name in image_names:
+                found: list[str] = []
+                request = pb.FindProvidersRequest(key=name, limit=MAX_PROVIDERS)
+                try:
+                    for reply in stub.FindProviders(request, timeout=timeout):
+                        c = reply.provider
+                        found.append(_host_port(c.address, c.registry_port))
+                except grpc.RpcError:
+                    pass  # this image's row shows this node only
+                providers[name] = sorted(set(found))
+    except grpc.RpcError:
+        return None, {}
+    return peers, providers
+
+
+def image_rows(images: Sequence[ImageRecord], providers: dict[str, list[str]]) -> list[ImageRow]:
+    """One row per image (by name), this node first in each node list."""
+    return [
+        ImageRow(
+            name=i.name,
+            digest=i.target.digest,
+            nodes=[THIS_NODE, *providers.get(i.name, [])],
+        )
+        for i in sorted(images, key=lambda i: i.name)
+    ]
+
+
+def _observe_with_self(ctx: RegistryContext, cfg: NodeConfig) -> dict[str, Any]:
+    obs = observe(cfg, CALL_TIMEOUT)
+    me = obs.services["registry"]
+    # Asked over its own node-local listeners; when those are off or unreachable, this process
+    # still knows whether it serves, since when, and which version it is.
+    if state_of(me.health) == "DOWN":
+        me.health = "SERVING" if ctx.ready else "NOT_SERVING"
+    if me.started_at is None:
+        me.started_at = ctx.stats.started_at
+    if me.version is None:
+        me.version = version()
+    return build_report(obs)
+
+
+async def gather(ctx: RegistryContext) -> StatusData:
+    """Everything the page shows, asked now."""
+    store = ctx.content.keeper.store
+    images: list[ImageRecord] | None = None
+    if store is not None:
+        try:
+            images = (await store.list_images())[:MAX_IMAGES]
+        except Exception:  # a store that just went away: the page still renders
+            images = None
+    names = [i.name for i in images or []]
+    report, (peers, providers) = await asyncio.gather(
+        asyncio.to_thread(_observe_with_self, ctx, ctx.cfg),
+        asyncio.to_thread(ask_discovery, ctx.cfg.discovery.local_address, names),
+    )
+    return StatusData(
+        report=report,
+        now=time.time(),
+        peers=peers,
+        images=None if images is None else image_rows(images, providers),
+        pulls=list(ctx.stats.pulls),
+        requests=dict(ctx.stats.requests),
+    )
+
+
+AnyRequest = Request[Any, SimpleNamespace]
+_HEADERS = {"Cache-Control": "no-store"}
+
+
+async def status_html(request: AnyRequest) -> HTTPResponse:
+    """GET /status: the page."""
+    data = await gather(request.app.ctx)
+    return HTTPResponse(
+        render_html(data), headers=_HEADERS, content_type="text/html; charset=utf-8"
+    )
+
+
+async def status_json(request: AnyRequest) -> HTTPResponse:
+    """GET /status.json: the page's data."""
+    data = await gather(request.app.ctx)
+    body = json.dumps(build_document(data), indent=2)
+    return HTTPResponse(body, headers=_HEADERS, content_type="application/json")
+
+
+def install(app: Any) -> None:
+    """Add /status and /status.json to a registry app."""
+    app.add_route(status_html, "/status", methods=["GET"], name="status_page")
+    app.add_route(status_json, "/status.json", methods=["GET"], name="status_json")

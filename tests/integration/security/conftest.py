@@ -1,0 +1,112 @@
+"""A cluster PKI for the security tests: good nodes, and the certificates that must be refused."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import socket
+import ssl
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from services.common import pki
+from services.common.tls import TlsFiles, client_context
+
+LOOPBACK = "127.0.0.1"
+# An address no test node calls from: a certificate naming it is someone else's identity.
+OTHER_IP = "127.0.0.3"
+
+
+@dataclass(frozen=True)
+class ClusterPki:
+    """Files of the cluster CA's nodes and of the clients that must be refused.
+
+    Every set trusts the cluster CA (`ca_file`), so the only thing wrong with a refused client
+    is its own certificate.
+    """
+
+    ca: pki.Issued
+    node: TlsFiles  # 127.0.0.1, from the cluster CA: the node under test
+    peer: TlsFiles  # 127.0.0.1, from the cluster CA: another honest node
+    foreign: TlsFiles  # 127.0.0.1, signed by another CA
+    expired: TlsFiles  # 127.0.0.1, from the cluster CA, validity ended yesterday
+    rogue: TlsFiles  # from the cluster CA but naming OTHER_IP: authenticated, wrong address
+
+    def no_cert_context(self) -> ssl.SSLContext:
+        """A client context trusting the cluster CA but presenting no certificate."""
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.load_verify_locations(cafile=str(self.node.ca_file))
+        return ctx
+
+    def context(self, which: str) -> ssl.SSLContext:
+        """Client context presenting the certificate `which` names."""
+        files: TlsFiles = getattr(self, which)
+        return client_context(files)
+
+
+def _files(directory: Path) -> TlsFiles:
+    return TlsFiles(
+        ca_file=directory / pki.CA_CERT_FILE,
+        cert_file=directory / pki.NODE_CERT_FILE,
+        key_file=directory / pki.NODE_KEY_FILE,
+    )
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> ClusterPki:
+    root = tmp_path_factory.mktemp("pki")
+    ca = pki.create_ca()
+    other_ca = pki.create_ca("some other CA")
+    yesterday = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=2)
+    issued = {
+        "node": pki.issue_node(ca, "node-a", LOOPBACK),
+        "peer": pki.issue_node(ca, "node-b", LOOPBACK),
+        "foreign": pki.issue_node(other_ca, "node-x", LOOPBACK),
+        "expired": pki.issue_node(
+            ca, "node-old", LOOPBACK, not_before=yesterday, valid_for=datetime.timedelta(days=1)
+        ),
+        "rogue": pki.issue_node(ca, "node-rogue", OTHER_IP),
+    }
+    files: dict[str, TlsFiles] = {}
+    for name, cert in issued.items():
+        pki.write_node(root / name, cert, ca.cert)
+        files[name] = _files(root / name)
+    return ClusterPki(ca=ca, **files)
+
+
+@dataclass
+class ConnectionRecorder:
+    """A loopback TCP listener that only counts the connections made to it."""
+
+    host: str = LOOPBACK
+    port: int = 0
+    connections: int = 0
+    _server: asyncio.Server | None = field(default=None, repr=False)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        writer.close()
+
+    async def start(self) -> None:
+        sock = socket.create_server((self.host, 0))
+        self._server = await asyncio.start_server(self._accept, sock=sock)
+        self.port = int(sock.getsockname()[1])
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+
+@pytest.fixture
+async def recorder() -> AsyncIterator[ConnectionRecorder]:
+    """Counts connections to a loopback address no node has (OTHER_IP)."""
+    rec = ConnectionRecorder(host=OTHER_IP)
+    await rec.start()
+    try:
+        yield rec
+    finally:
+        await rec.stop()

@@ -1,0 +1,123 @@
+"""The discovery peer port over mutual TLS, and a node's DHT identity bound to its certificate."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from services.common.genproto.peermirror.discovery.v1 import peer_pb2 as pb
+from services.discovery.kademlia.node_id import dht_key
+from services.discovery.service import DiscoveryService
+from tests.integration.security.conftest import ClusterPki
+from tests.integration.security.nodes import (
+    credentials_of,
+    discovery_config,
+    discovery_node,
+    peer_stub,
+    sender,
+)
+
+KEY = "sha256:" + "ab" * 32
+RPC_TIMEOUT = 5.0
+
+
+@pytest.fixture
+async def node(cluster: ClusterPki, tmp_path: Path) -> AsyncIterator[DiscoveryService]:
+    async with discovery_node(discovery_config(tmp_path / "node-a", cluster.node)) as service:
+        yield service
+
+
+def _records(service: DiscoveryService, key: str) -> list[tuple[bytes, str, int]]:
+    engine = service.engine
+    return [
+        (r.provider.node_id, r.provider.address, r.provider.registry_port)
+        for r in engine.node.store.get(dht_key(key), engine.clock())
+    ]
+
+
+async def test_a_node_certificate_of_the_cluster_ca_is_answered(
+    node: DiscoveryService, cluster: ClusterPki
+) -> None:
+    caller = os.urandom(32)
+    async with peer_stub(node.peer_address, credentials_of(cluster.peer)) as stub:
+        reply = await stub.Ping(pb.PingRequest(sender=sender(caller)), timeout=RPC_TIMEOUT)
+        assert reply.responder.node_id == node.engine.node_id
+        assert reply.observed_address == "127.0.0.1"
+        added = await stub.AddProvider(
+            pb.AddProviderRequest(sender=sender(caller, registry_port=7443), keys=[dht_key(KEY)]),
+            timeout=RPC_TIMEOUT,
+        )
+    assert added.stored == 1
+    # The record carries the address the certificate and the connection agree on.
+    assert _records(node, KEY) == [(caller, "127.0.0.1", 7443)]
+
+
+@pytest.mark.parametrize("which", ["plaintext", "no certificate", "foreign", "expired"])
+async def test_callers_without_a_valid_certificate_are_refused(
+    node: DiscoveryService, cluster: ClusterPki, which: str
+) -> None:
+    if which == "plaintext":
+        credentials = None
+    elif which == "no certificate":
+        credentials = grpc.ssl_channel_credentials(root_certificates=cluster.node.read()[0])
+    else:
+        credentials = credentials_of(getattr(cluster, which))
+    async with peer_stub(node.peer_address, credentials) as stub:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.AddProvider(
+                pb.AddProviderRequest(sender=sender(os.urandom(32)), keys=[dht_key(KEY)]),
+                timeout=RPC_TIMEOUT,
+            )
+    assert err.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert _records(node, KEY) == []
+    assert len(node.engine.node.table) == 0
+
+
+async def test_a_certificate_naming_another_address_cannot_place_records(
+    node: DiscoveryService, cluster: ClusterPki
+) -> None:
+    # Signed by the cluster CA, but for 127.0.0.3: calling from 127.0.0.1 it would place
+    # records (and a routing contact) under an address that is not its own.
+    rogue = os.urandom(32)
+    async with peer_stub(node.peer_address, credentials_of(cluster.rogue)) as stub:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.AddProvider(
+                pb.AddProviderRequest(sender=sender(rogue), keys=[dht_key(KEY)]),
+                timeout=RPC_TIMEOUT,
+            )
+        assert err.value.code() is grpc.StatusCode.PERMISSION_DENIED
+        assert "127.0.0.3" in (err.value.details() or "")
+        with pytest.raises(grpc.aio.AioRpcError) as ping_err:
+            await stub.Ping(pb.PingRequest(sender=sender(rogue)), timeout=RPC_TIMEOUT)
+        assert ping_err.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    assert _records(node, KEY) == []
+    assert rogue not in node.engine.node.table
+
+
+async def test_two_nodes_find_each_others_content_over_mutual_tls(
+    cluster: ClusterPki, tmp_path: Path
+) -> None:
+    cfg_a = discovery_config(tmp_path / "a", cluster.node, registry_port=7001)
+    async with discovery_node(cfg_a) as a:
+        cfg_b = discovery_config(
+            tmp_path / "b", cluster.peer, registry_port=7002, bootstrap=[a.peer_address]
+        )
+        async with discovery_node(cfg_b) as b:
+            assert b.engine.node_id in a.engine.node.table
+            b.engine.advertise([KEY])
+            found: list[tuple[bytes, str, int]] = []
+            for _ in range(100):
+                found = [
+                    (c.node_id, c.address, c.registry_port)
+                    async for c in a.engine.find_providers(KEY)
+                ]
+                if found:
+                    break
+                a.engine.cache.drop_node(b.engine.node_id)
+                await asyncio.sleep(0.05)
+            assert found == [(b.engine.node_id, "127.0.0.1", 7002)]

@@ -1,0 +1,168 @@
+"""No open proxy: the registry dials only authenticated peers on their registry port.
+
+A rogue but authenticated node poisons provider lists with an address where a listener counts
+connections; a client names that address as `ns`; a peer answers with a redirect to it. The
+listener must never see a connection from the registry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from services.common.genproto.peermirror.discovery.v1 import peer_pb2 as pb
+from services.common.store.oci_layout import OciLayoutStore
+from services.common.tls import server_context
+from services.discovery.service import DiscoveryService
+from tests.harness.discovery_mesh import find_providers
+from tests.harness.fake_local_discovery import FakeLocalDiscovery
+from tests.harness.registry_inproc import RunningRegistry, serve_registry
+from tests.integration.security.conftest import OTHER_IP, ClusterPki, ConnectionRecorder
+from tests.integration.security.nodes import discovery_config, discovery_node
+from tests.integration.security.rogue_peer import RoguePeer
+
+DIGEST = "sha256:" + hashlib.sha256(b"content nobody here has").hexdigest()
+TIMEOUT = aiohttp.ClientTimeout(total=20)
+SETTLE_TRIES = 200
+
+
+def _poison(recorder: ConnectionRecorder, discovery_port: int) -> pb.Contact:
+    """A provider at the recorder's address: registry port = the recorder, discovery port =
+    where the honest node may try to verify it (another listener)."""
+    return pb.Contact(
+        node_id=os.urandom(32),
+        address=OTHER_IP,
+        discovery_port=discovery_port,
+        registry_port=recorder.port,
+    )
+
+
+async def _get(registry: RunningRegistry, cluster: ClusterPki, path: str, ns: str) -> int:
+    connector = aiohttp.TCPConnector(ssl=cluster.context("peer"), force_close=True)
+    async with (
+        aiohttp.ClientSession(connector=connector, timeout=TIMEOUT, trust_env=False) as session,
+        session.get(f"{registry.url}{path}", params={"ns": ns}) as resp,
+    ):
+        await resp.read()
+        return resp.status
+
+
+@pytest.fixture
+async def rogue(cluster: ClusterPki) -> AsyncIterator[RoguePeer]:
+    """An authenticated node (certificate of the cluster CA) that lies about providers."""
+    async with RoguePeer(cluster.peer) as peer:
+        yield peer
+
+
+@pytest.fixture
+async def honest(
+    cluster: ClusterPki, rogue: RoguePeer, tmp_path: Path
+) -> AsyncIterator[DiscoveryService]:
+    """Node A, joined through the rogue peer (so the rogue is in its routing table)."""
+    cfg = discovery_config(tmp_path / "a", cluster.node, bootstrap=[rogue.address])
+    async with discovery_node(cfg) as node:
+        assert rogue.node_id in node.engine.node.table
+        yield node
+
+
+async def test_providers_named_by_a_peer_must_prove_their_address(
+    honest: DiscoveryService,
+    rogue: RoguePeer,
+    cluster: ClusterPki,
+    recorder: ConnectionRecorder,
+    tmp_path: Path,
+) -> None:
+    verify_port = ConnectionRecorder(host=OTHER_IP)
+    await verify_port.start()
+    try:
+        # A real node the honest one has never heard of: it proves its address over mTLS.
+        cfg_b = discovery_config(tmp_path / "b", cluster.peer, registry_port=7002)
+        async with discovery_node(cfg_b) as b:
+            real = pb.Contact(
+                node_id=b.engine.node_id,
+                address="127.0.0.1",
+                discovery_port=b.engine.discovery_port,
+                registry_port=7002,
+            )
+            rogue.poison = [_poison(recorder, verify_port.port), real]
+            found = await find_providers(honest.local_address, DIGEST)
+        assert [(r.provider.node_id, r.provider.registry_port) for r in found] == [
+            (b.engine.node_id, 7002)
+        ]
+        assert honest.engine.counters.providers_refused == 1
+    finally:
+        await verify_port.stop()
+    assert recorder.connections == 0
+
+
+async def test_poisoned_provider_lists_and_ns_are_never_dialled(
+    honest: DiscoveryService,
+    rogue: RoguePeer,
+    cluster: ClusterPki,
+    recorder: ConnectionRecorder,
+    tmp_path: Path,
+) -> None:
+    verify_port = ConnectionRecorder(host=OTHER_IP)
+    await verify_port.start()
+    rogue.poison = [_poison(recorder, verify_port.port)]
+    store = OciLayoutStore(tmp_path / "layout", create=True)
+    try:
+        async with serve_registry(
+            store, tmp_path, discovery=honest.local_address, tls=cluster.node
+        ) as registry:
+            path = f"/v2/library/app/blobs/{DIGEST}"
+            assert await _get(registry, cluster, path, "docker.io") == 404
+            # `ns` is only ever a query parameter to peers, never an address to dial.
+            assert await _get(registry, cluster, path, f"{OTHER_IP}:{recorder.port}") == 404
+            # The lookups behind those requests finish in the background: wait until the
+            # poisoned provider was checked and refused before looking at the listener.
+            for _ in range(SETTLE_TRIES):
+                if honest.engine.counters.providers_refused and rogue.asked:
+                    break
+                await asyncio.sleep(0.05)
+            assert honest.engine.counters.providers_refused >= 1
+    finally:
+        await store.close()
+        await verify_port.stop()
+    assert recorder.connections == 0
+
+
+async def test_redirects_from_a_peer_are_not_followed(
+    cluster: ClusterPki, recorder: ConnectionRecorder, tmp_path: Path
+) -> None:
+    redirects: list[str] = []
+
+    async def redirect(request: web.Request) -> web.Response:
+        redirects.append(request.path)
+        target = f"https://{OTHER_IP}:{recorder.port}{request.path_qs}"
+        return web.Response(status=307, headers={"Location": target})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", redirect)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_context(cluster.peer))
+    await site.start()
+    port = runner.addresses[0][1]
+    store = OciLayoutStore(tmp_path / "layout", create=True)
+    try:
+        async with FakeLocalDiscovery() as discovery:
+            discovery.provide([DIGEST], ("127.0.0.1", port))
+            async with serve_registry(
+                store, tmp_path, discovery=discovery.address, tls=cluster.node
+            ) as registry:
+                path = f"/v2/library/app/blobs/{DIGEST}"
+                status = await _get(registry, cluster, path, "docker.io")
+        assert status == 404
+        assert redirects, "the peer was never asked"
+    finally:
+        await store.close()
+        await runner.cleanup()
+    assert recorder.connections == 0
