@@ -32,9 +32,16 @@ DEFAULT_GRACE = 3.0
 # What grpc gets past the grace to cancel the calls left and finish its shutdown.
 SHUTDOWN_MARGIN = 2.0
 
+# Bound on one incoming gRPC message (requests and client-streamed messages alike).
+# Our largest requests (Advertise batches of keys) stay far below it.
+MAX_RECEIVE_MESSAGE_BYTES = 4 * 1024 * 1024
+
 SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     # Off so binding a port another process holds fails instead of load-sharing with it.
     ("grpc.so_reuseport", 0),
+    # Explicit rather than grpc's implicit default: a larger message is refused with
+    # RESOURCE_EXHAUSTED before it is parsed.
+    ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES),
 )
 
 _log = get_logger("peermirror.grpc")
