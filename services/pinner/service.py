@@ -4,11 +4,11 @@ node's containerd holds, with its node-local gRPC API (health SERVING once the f
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
+from services.common.cancellation import cancel_and_wait
 from services.common.config import NodeConfig
 from services.common.containerd.client import ContainerdClient
 from services.common.containerd.errors import ContainerdUnavailableError
@@ -221,11 +221,9 @@ class PinnerRuntime:
         return SyncOutcome(advertised=len(delta.added), withdrawn=len(delta.removed))
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        # Bounded: a task that swallows its cancel (grpc.aio can, mid-call) must not hold the
+        # stop, and one task's error must not skip closing the clients below.
+        await cancel_and_wait(self._tasks, within=2.0, owner="pinner")
         self._tasks.clear()
         if self.airgap is not None:
             await self.airgap.close()

@@ -12,6 +12,7 @@ import contextlib
 
 import grpc
 
+from services.common.cancellation import cancel_and_wait
 from services.common.genproto.peermirror.discovery.v1 import local_pb2, local_pb2_grpc
 from services.common.logsetup import get_logger
 from services.common.request_id import outgoing_metadata
@@ -107,9 +108,8 @@ class ProviderLookup:
     async def close(self) -> None:
         """Stop the lookup (nothing more is needed from it)."""
         self._call.cancel()
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        # Bounded: a request must never wait on a lookup that ignores its cancel.
+        await cancel_and_wait([self._task], within=1.0, owner="find-providers")
 
 
 class DiscoveryClient:
