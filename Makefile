@@ -26,3 +26,8 @@ bench: setup
 
 clean:
 	rm -rf .venv .mypy_cache .ruff_cache .pytest_cache .run
+
+# docs/status-page.png: a 3-node loopback mesh, one pull, node 3's /status in headless Chromium.
+.PHONY: screenshot
+screenshot: setup
+	$(PY) -m scripts.screenshot

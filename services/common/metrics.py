@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import importlib.metadata
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -91,21 +91,30 @@ def registry_of_image(name: str) -> str:
 
 
 Refresh = Callable[[], Awaitable[None]]
+# Another page a listener serves next to /metrics: returns (content type, body).
+Page = Callable[[], Awaitable[tuple[str, bytes]]]
 
 
 class MetricsListener:
     """Serves ``GET /metrics`` of `registry` on `address` (host:port; port 0 picks one).
 
     `refresh`, when given, runs before each scrape (bounded by REFRESH_TIMEOUT) to update
-    values that need an await to read.
+    values that need an await to read. `pages` maps further paths (GET only) to what renders
+    them, such as the registry's status page.
     """
 
     def __init__(
-        self, address: str, registry: CollectorRegistry, *, refresh: Refresh | None = None
+        self,
+        address: str,
+        registry: CollectorRegistry,
+        *,
+        refresh: Refresh | None = None,
+        pages: Mapping[str, Page] | None = None,
     ) -> None:
         self.host, self.port = parse_host_port(address)
         self.registry = registry
         self.refresh = refresh
+        self.pages = dict(pages or {})
         self._server: asyncio.Server | None = None
 
     @property
@@ -130,9 +139,12 @@ class MetricsListener:
             async with asyncio.timeout(REQUEST_TIMEOUT):
                 head = await reader.readuntil(b"\r\n\r\n")
             method, path = _request_line(head)
+            path = path.split("?", 1)[0]
             if method not in ("GET", "HEAD"):
                 status, body, ctype = "405 Method Not Allowed", b"GET or HEAD only\n", "text/plain"
-            elif path.split("?", 1)[0] != METRICS_PATH:
+            elif path in self.pages:
+                status, body, ctype = await self._page(self.pages[path])
+            elif path != METRICS_PATH:
                 status, body, ctype = "404 Not Found", b"try /metrics\n", "text/plain"
             else:
                 await self._refresh()
@@ -150,6 +162,14 @@ class MetricsListener:
             writer.close()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
+
+    async def _page(self, page: Page) -> tuple[str, bytes, str]:
+        try:
+            ctype, body = await page()
+        except Exception as exc:  # one broken page must not take the listener down
+            log.warning("page failed", error=f"{type(exc).__name__}: {exc}")
+            return "500 Internal Server Error", b"page failed; see the service log\n", "text/plain"
+        return "200 OK", body, ctype
 
     async def _refresh(self) -> None:
         if self.refresh is None:
@@ -170,13 +190,18 @@ def _request_line(head: bytes) -> tuple[str, str]:
 
 
 async def start_listener(
-    address: str, registry: CollectorRegistry, *, service: str, refresh: Refresh | None = None
+    address: str,
+    registry: CollectorRegistry,
+    *,
+    service: str,
+    refresh: Refresh | None = None,
+    pages: Mapping[str, Page] | None = None,
 ) -> MetricsListener | None:
     """Start a listener on `address` ("" = metrics off). A taken address is logged, not fatal:
     the service itself matters more than its metrics."""
     if not address:
         return None
-    listener = MetricsListener(address, registry, refresh=refresh)
+    listener = MetricsListener(address, registry, refresh=refresh, pages=pages)
     try:
         await listener.start()
     except OSError as exc:

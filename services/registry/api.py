@@ -34,6 +34,7 @@ from services.registry.headers import (
     manifest_headers,
     unsatisfiable_headers,
 )
+from services.registry.limits import limit_log
 from services.registry.metrics import log_request
 from services.registry.paths import Kind, Route, kind_hint, parse_v2_path
 from services.registry.ranges import ByteRange, Unsatisfiable, parse_range
@@ -98,7 +99,11 @@ async def _on_local_miss(
     404); peer requests (LOCAL_ONLY) always end here with a refusal, so a relay is one hop."""
     mirror = request.app.ctx.mirror
     if scope is Scope.LOCAL_THEN_PEERS and mirror is not None:
-        response = await mirror.relay(request, route, registry, key, error, request.app.ctx.stats)
+        # Each relay holds peer connections and buffers: one client gets a bounded share.
+        with request.app.ctx.relay_slots.hold(request.ip):
+            response = await mirror.relay(
+                request, route, registry, key, error, request.app.ctx.stats
+            )
         request.ctx.served_by_peer = True
         return response
     if scope is Scope.LOCAL_ONLY and not isinstance(error, StoreUnavailableError):
@@ -121,7 +126,18 @@ def _base_response(method: str) -> HTTPResponse:
 
 async def base(request: AppRequest) -> HTTPResponse:
     """API version check: 200 with an empty JSON object for GET and HEAD."""
+    too_long = _too_long(request)
+    if too_long is not None:
+        return error_response(too_long)
     return _base_response(request.method)
+
+
+def _too_long(request: AppRequest) -> OciError | None:
+    """The 414 for a path or query past the configured bounds (logged once per client)."""
+    error = request.app.ctx.limits.check(request.path, request.query_string)
+    if error is not None:
+        limit_log.refused("max_uri_bytes", request.ip, "client refused: request URI too long")
+    return error
 
 
 def _unsupported_method(method: str) -> OciError:
@@ -147,6 +163,9 @@ async def content(request: AppRequest, path: str) -> HTTPResponse | None:
     tokens = structlog.contextvars.bind_contextvars(**{REQUEST_ID_KEY: request.ctx.request_id})
     stats.begin()
     try:
+        too_long = _too_long(request)
+        if too_long is not None:
+            raise too_long
         if request.method not in ALLOWED_METHODS:
             return error_response(_unsupported_method(request.method))
         route = parse_v2_path(path)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from sanic import Sanic
+from sanic import HTTPResponse, Request, Sanic
 from sanic.config import Config
+from sanic.exceptions import PayloadTooLarge, RequestTimeout
 
 from services.common.config import NodeConfig
+from services.common.oci.errors import ErrorCode, OciError
 from services.common.store.protocol import ContentStore
 from services.registry import api
 from services.registry.backend import StoreKeeper, open_store
@@ -13,6 +15,7 @@ from services.registry.cache import ContentCache
 from services.registry.content import ContentService
 from services.registry.context import RegistryApp, RegistryContext
 from services.registry.health import health
+from services.registry.limits import ClientSlots, RequestLimits, headers_too_large, limit_log
 from services.registry.metrics import RegistryMetrics
 from services.registry.metrics import install as install_metrics
 from services.registry.mirror.relay import Mirror
@@ -24,6 +27,7 @@ APP_NAME = "peermirror_registry"
 # A 1 GiB blob to a slow client must not be cut: Sanic's response timeout only restarts when it
 # writes itself, which the zero-copy path bypasses.
 RESPONSE_TIMEOUT_S = 3600
+MAX_REQUEST_BODY_BYTES = 64 * 1024
 
 # Sanic's touch-up (dropping unused signal dispatches from its hot path) rewrites its classes
 # in place and fails when run a second time in one process: only the first app gets it. The
@@ -41,6 +45,43 @@ def build_policy(cfg: NodeConfig) -> Policy:
         filters=cfg.registry.filters,
         taking_part=cfg.k3s.takes_part,
     )
+
+
+def _install_limit_errors(app: RegistryApp, max_header_bytes: int) -> None:
+    """Sanic's own refusals of oversized or slow requests answered with OCI bodies, each
+    client named in the log at most once a minute per limit."""
+
+    def too_large(request: Request, exception: Exception) -> HTTPResponse:
+        client = _client(request)
+        # Sanic raises the same exception for an oversized head and an oversized body.
+        if "header" in str(exception).lower():
+            limit_log.refused("max_header_bytes", client, "client refused: headers too large")
+            return api.error_response(headers_too_large(max_header_bytes))
+        limit_log.refused("max_body_bytes", client, "client refused: request body too large")
+        return api.error_response(
+            OciError(
+                ErrorCode.SIZE_INVALID,
+                f"request body exceeds the {MAX_REQUEST_BODY_BYTES} bytes allowed",
+                status=413,
+            )
+        )
+
+    def too_slow(request: Request, exception: Exception) -> HTTPResponse:
+        limit_log.refused("request_timeout", _client(request), "client cut off: request too slow")
+        return api.error_response(
+            OciError(ErrorCode.UNSUPPORTED, "request not received in time", status=408)
+        )
+
+    app.error_handler.add(PayloadTooLarge, too_large)
+    app.error_handler.add(RequestTimeout, too_slow)
+
+
+def _client(request: Request) -> str:
+    # The head may not have been parsed; the transport still knows the peer.
+    try:
+        return str(request.ip) or "unknown"
+    except Exception:
+        return "unknown"
 
 
 def create_app(
@@ -65,6 +106,16 @@ def create_app(
     config.FALLBACK_ERROR_FORMAT = "json"
     config.GRACEFUL_SHUTDOWN_TIMEOUT = 2.0
     config.RESPONSE_TIMEOUT = RESPONSE_TIMEOUT_S
+    # Slow or idle clients cannot hold a connection: the whole request must arrive within
+    # request_timeout, and an idle keep-alive connection is closed after keep_alive_timeout.
+    # (Sanic types these as int but times them as floats; update() takes them as given.)
+    config.update(
+        REQUEST_TIMEOUT=cfg.registry.request_timeout,
+        KEEP_ALIVE_TIMEOUT=cfg.registry.keep_alive_timeout,
+    )
+    config.REQUEST_MAX_HEADER_SIZE = cfg.registry.max_header_bytes
+    # A pull request has no body; a small cap keeps a client from making us buffer one.
+    config.REQUEST_MAX_SIZE = MAX_REQUEST_BODY_BYTES
     global _touchup_claimed
     config.TOUCHUP = not _touchup_claimed
     _touchup_claimed = True
@@ -78,6 +129,8 @@ def create_app(
         policy=policy if policy is not None else build_policy(cfg),
         content=ContentService(keeper),
         mirror=Mirror.from_config(cfg) if cfg.registry.peer_fetch else None,
+        limits=RequestLimits.of(cfg.registry),
+        relay_slots=ClientSlots(limit=cfg.registry.max_relays_per_client),
     )
     # configure_logging=False: Sanic's loggers propagate to the structlog handler from logsetup.
     app: RegistryApp = Sanic(name, config=config, ctx=ctx, configure_logging=False)
@@ -88,6 +141,7 @@ def create_app(
     install_metrics(app)
     install_status_page(app)
     api.install(app)
+    _install_limit_errors(app, cfg.registry.max_header_bytes)
 
     async def start_store(app: RegistryApp) -> None:
         keeper.start()

@@ -10,6 +10,7 @@ from sanic.config import Config
 
 from services.common.config import NodeConfig
 from services.registry.content import ContentService
+from services.registry.limits import ClientSlots, RequestLimits
 from services.registry.policy import Policy
 from services.registry.stats import RegistryStats
 
@@ -33,6 +34,9 @@ class RegistryContext:
     ready: bool = False
     # Prometheus metrics served on /metrics; set by create_app.
     metrics: RegistryMetrics | None = None
+    # Path/query bounds and the per-client count of peer relays in flight (registry.max_*).
+    limits: RequestLimits = field(default_factory=RequestLimits)
+    relay_slots: ClientSlots = field(default_factory=lambda: ClientSlots(limit=16))
 
 
 RegistryApp = Sanic[Config, RegistryContext]

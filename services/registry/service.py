@@ -19,6 +19,7 @@ from services.registry.app import create_app
 from services.registry.context import RegistryApp
 from services.registry.introspection import register as register_introspection
 from services.registry.protocol import PlainHttpProtocol
+from services.registry.status_page import listener_pages
 
 # Leaves headroom inside the 5 s the node and kubelet allow between SIGTERM and exit.
 STOP_BUDGET = 4.0
@@ -140,8 +141,12 @@ async def run(cfg: NodeConfig) -> None:
         )
 
     assert app.ctx.metrics is not None
+    # The node-local listener also serves the status page (/status, /status.json).
     metrics = await start_listener(
-        cfg.registry.metrics_address, app.ctx.metrics.registry, service="registry"
+        cfg.registry.metrics_address,
+        app.ctx.metrics.registry,
+        service="registry",
+        pages=listener_pages(app.ctx),
     )
 
     async def stop() -> None:

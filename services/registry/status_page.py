@@ -12,6 +12,7 @@ import asyncio
 import json
 import time
 from collections.abc import Sequence
+from functools import partial
 from types import SimpleNamespace
 from typing import Any
 
@@ -20,7 +21,7 @@ from sanic import HTTPResponse, Request
 from services.cli.status_cmd import observe
 from services.cli.status_report import build_report, state_of
 from services.common.config import NodeConfig
-from services.common.metrics import version
+from services.common.metrics import Page, version
 from services.common.store.protocol import ImageRecord
 from services.registry.context import RegistryContext
 from services.registry.status_view import (
@@ -138,26 +139,44 @@ async def gather(ctx: RegistryContext) -> StatusData:
     )
 
 
+HTML_PATH = "/status"
+JSON_PATH = "/status.json"
+HTML_TYPE = "text/html; charset=utf-8"
+JSON_TYPE = "application/json"
+
+
+async def html_page(ctx: RegistryContext) -> tuple[str, bytes]:
+    """(content type, body) of /status."""
+    return HTML_TYPE, render_html(await gather(ctx)).encode("utf-8")
+
+
+async def json_page(ctx: RegistryContext) -> tuple[str, bytes]:
+    """(content type, body) of /status.json."""
+    return JSON_TYPE, json.dumps(build_document(await gather(ctx)), indent=2).encode("utf-8")
+
+
+def listener_pages(ctx: RegistryContext) -> dict[str, Page]:
+    """The pages for the registry's node-local metrics listener."""
+    return {HTML_PATH: partial(html_page, ctx), JSON_PATH: partial(json_page, ctx)}
+
+
 AnyRequest = Request[Any, SimpleNamespace]
 _HEADERS = {"Cache-Control": "no-store"}
 
 
 async def status_html(request: AnyRequest) -> HTTPResponse:
-    """GET /status: the page."""
-    data = await gather(request.app.ctx)
-    return HTTPResponse(
-        render_html(data), headers=_HEADERS, content_type="text/html; charset=utf-8"
-    )
+    """GET /status on the registry's own port (behind its mTLS when that is on)."""
+    ctype, body = await html_page(request.app.ctx)
+    return HTTPResponse(body, headers=_HEADERS, content_type=ctype)
 
 
 async def status_json(request: AnyRequest) -> HTTPResponse:
-    """GET /status.json: the page's data."""
-    data = await gather(request.app.ctx)
-    body = json.dumps(build_document(data), indent=2)
-    return HTTPResponse(body, headers=_HEADERS, content_type="application/json")
+    """GET /status.json on the registry's own port."""
+    ctype, body = await json_page(request.app.ctx)
+    return HTTPResponse(body, headers=_HEADERS, content_type=ctype)
 
 
 def install(app: Any) -> None:
     """Add /status and /status.json to a registry app."""
-    app.add_route(status_html, "/status", methods=["GET"], name="status_page")
-    app.add_route(status_json, "/status.json", methods=["GET"], name="status_json")
+    app.add_route(status_html, HTML_PATH, methods=["GET"], name="status_page")
+    app.add_route(status_json, JSON_PATH, methods=["GET"], name="status_json")

@@ -139,6 +139,8 @@ code{font:12px ui-monospace,monospace}
 .cards{display:flex;gap:1em;flex-wrap:wrap}
 .card{background:#fff;padding:.6em 1em;box-shadow:0 1px 2px #0001;min-width:9em}
 .card b{display:block;font-size:1.5em}
+.pair{display:flex;gap:2em;flex-wrap:wrap;align-items:flex-start}
+td.t{white-space:nowrap}
 """
 
 
@@ -165,6 +167,15 @@ def _ago(seconds: float | None) -> str:
     if s < 3600:
         return f"{s // 60}m ago"
     return f"{s // 3600}h{s % 3600 // 60:02d}m ago"
+
+
+def _short_ref(ref: str) -> str:
+    """A digest reference with its digest cut to 12 hex digits (the full one is the title)."""
+    name, at, digest = ref.partition("@")
+    algorithm, colon, hexits = digest.partition(":")
+    if not at or not colon or len(hexits) <= 12:
+        return ref
+    return f"{name}@{algorithm}:{hexits[:12]}…"
 
 
 def _rate(value: float | None) -> str:
@@ -252,15 +263,18 @@ def _images(images: Sequence[ImageRow] | None) -> str:
 def _pulls(rows: Sequence[Mapping[str, Any]]) -> str:
     cells = [
         [
-            _td(_ago(r["seconds_ago"])),
-            f"<td><code>{_e(r['ref'])}</code></td>",
+            _td(_ago(r["seconds_ago"]), "t"),
+            f'<td class="t" title="{_e(r["ref"])}"><code>{_e(_short_ref(r["ref"]))}</code></td>',
             _td(r["kind"]),
             _td(r["result"], r["result"]),
             _td(r["client"]),
             _td(r["source"] or "-"),
-            _td(_size(r["bytes"]), "n"),
-            _td(f"{r['seconds'] * 1000:.1f} ms", "n"),
-            _td("-" if r["bytes_per_second"] is None else _size(r["bytes_per_second"]) + "/s", "n"),
+            _td(_size(r["bytes"]), "n t"),
+            _td(f"{r['seconds'] * 1000:.1f} ms", "n t"),
+            _td(
+                "-" if r["bytes_per_second"] is None else _size(r["bytes_per_second"]) + "/s",
+                "n t",
+            ),
         ]
         for r in rows
     ]
@@ -287,10 +301,14 @@ def render_html(data: StatusData) -> str:
         f'<h1>peermirror node <span id="node">{_e(report["node"])}</span>: {_e(state)}</h1>'
         f'<div class="sub">{_e(summary)}</div>'
         f'<section id="overview">{_cards(report)}</section>'
-        f'<h2>Services</h2><section id="services">{_services(report)}</section>'
-        f'<h2>Peers</h2><section id="peers">{_peers(data.peers)}</section>'
-        f'<h2>Images</h2><section id="images">{_images(data.images)}</section>'
+        '<div class="pair">'
+        f'<div><h2>Services</h2><section id="services">{_services(report)}</section></div>'
+        f'<div><h2>Peers</h2><section id="peers">{_peers(data.peers)}</section></div>'
+        "</div>"
+        '<div class="pair">'
+        f'<div><h2>Images</h2><section id="images">{_images(data.images)}</section></div>'
+        f'<div><h2>Errors since start</h2><section id="errors">{_errors(doc["errors"])}</section>'
+        "</div></div>"
         f'<h2>Recent pulls</h2><section id="pulls">{_pulls(doc["recent_pulls"])}</section>'
-        f'<h2>Errors since start</h2><section id="errors">{_errors(doc["errors"])}</section>'
         "</body></html>\n"
     )

@@ -50,8 +50,8 @@ def _kill_group(pid: int) -> None:
         os.killpg(pid, signal.SIGKILL)
 
 
-async def run_chromium(args: Sequence[str], timeout: float = RUN_TIMEOUT) -> bytes:
-    """Run Chromium with our flags plus `args`; returns its stdout."""
+async def run_chromium(args: Sequence[str], limit: float = RUN_TIMEOUT) -> bytes:
+    """Run Chromium with our flags plus `args` for at most `limit` seconds; returns stdout."""
     binary = chromium_binary()
     if binary is None:
         raise ChromiumError("chromium is not installed (Debian package `chromium`)")
@@ -69,9 +69,10 @@ async def run_chromium(args: Sequence[str], timeout: float = RUN_TIMEOUT) -> byt
     )
     try:
         try:
-            out, err = await asyncio.wait_for(proc.communicate(), timeout)
+            async with asyncio.timeout(limit):
+                out, err = await proc.communicate()
         except TimeoutError:
-            raise ChromiumError(f"chromium did not finish within {timeout:g}s") from None
+            raise ChromiumError(f"chromium did not finish within {limit:g}s") from None
         if proc.returncode != 0:
             tail = err.decode(errors="replace")[-2000:]
             raise ChromiumError(f"chromium exited with {proc.returncode}: {tail}")
