@@ -22,10 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-CA_CERT_FILE = "ca.crt"
-CA_KEY_FILE = "ca.key"
-NODE_CERT_FILE = "node.crt"
-NODE_KEY_FILE = "node.key"
+from services.common.cert_names import CA_CERT_FILE, CA_KEY_FILE, NODE_CERT_FILE, NODE_KEY_FILE
 
 CA_VALIDITY = datetime.timedelta(days=3650)
 NODE_VALIDITY = datetime.timedelta(days=825)

@@ -14,10 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from cryptography import x509
 
+from services.common.cert_names import CA_CERT_FILE, NODE_CERT_FILE, NODE_KEY_FILE
 from services.common.config import ConfigError, NodeConfig
-from services.common.pki import CA_CERT_FILE, NODE_CERT_FILE, NODE_KEY_FILE, identity_ips
 
 TLS_DIR = "tls"
 # The PEM of the verified peer certificate in a gRPC call's auth context.
@@ -117,6 +116,12 @@ def peer_cert_ips(auth_context: Mapping[str, Iterable[bytes]]) -> list[str] | No
     pems = list(auth_context.get(GRPC_PEER_CERT_KEY, ()))
     if not pems:
         return None
+    # Imported here: only discovery's peer port inspects certificates, and `cryptography` costs
+    # ~10 MiB of resident memory in every service that imports this module.
+    from cryptography import x509
+
+    from services.common.pki import identity_ips
+
     try:
         cert = x509.load_pem_x509_certificate(pems[0])
     except ValueError:
