@@ -145,7 +145,6 @@ EXAMPLE_CONFIGS = [
     K3S_DIR / "node.yaml",
     K3S_DIR / "node-server.yaml",
     REPO / "deploy" / "dev" / "compose-node.yaml",
-    REPO / "deploy" / "dev" / "node.yaml",
 ]
 
 
