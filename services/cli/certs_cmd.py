@@ -48,12 +48,12 @@ def register(subparsers: Subparsers) -> None:
 
 
 def _init(args: argparse.Namespace) -> int:
-    from services.common import pki
+    from services.common import cert_names, pki
 
     out: Path = args.out
-    if (out / pki.CA_KEY_FILE).exists() and not args.force:
+    if (out / cert_names.CA_KEY_FILE).exists() and not args.force:
         print(
-            f"peermirror certs init: {out / pki.CA_KEY_FILE} exists; every node certificate "
+            f"peermirror certs init: {out / cert_names.CA_KEY_FILE} exists; every node certificate "
             "signed by it would stop being trusted if it were replaced (use --force to do so)",
             file=sys.stderr,
         )

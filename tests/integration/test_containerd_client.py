@@ -91,8 +91,9 @@ async def test_write_info_and_read_ranges(client: ContainerdClient) -> None:
     # Larger than one write message, so the upload spans several WRITE requests.
     data, digest = blob(3 * 1024 * 1024 + 123)
     labels = {**GC_ROOT, "containerd.io/distribution.source.docker.io": "library/test"}
-    written = await client.write_content("ref-ranges", data, expected=digest, size=len(data),
-                                         labels=labels)
+    written = await client.write_content(
+        "ref-ranges", data, expected=digest, size=len(data), labels=labels
+    )
     assert written == digest
 
     info = await client.content_info(digest)
@@ -112,8 +113,9 @@ async def test_write_from_async_chunks(client: ContainerdClient) -> None:
         for start in range(0, len(data), 7000):
             yield data[start : start + 7000]
 
-    await client.write_content("ref-chunks", pieces(), expected=digest, size=len(data),
-                               labels=GC_ROOT)
+    await client.write_content(
+        "ref-chunks", pieces(), expected=digest, size=len(data), labels=GC_ROOT
+    )
     assert await collect(client.read_content(digest)) == data
 
 
@@ -125,8 +127,9 @@ async def test_write_refuses_existing_and_wrong_content(client: ContainerdClient
 
     other, other_digest = blob(1000)
     with pytest.raises(ContainerdError) as wrong:
-        await client.write_content("ref-wrong", other, expected=digest.replace(digest[-4:], "0000"),
-                                   size=len(other))
+        await client.write_content(
+            "ref-wrong", other, expected=digest.replace(digest[-4:], "0000"), size=len(other)
+        )
     assert not isinstance(wrong.value, ContainerdAlreadyExistsError)
     with pytest.raises(ContainerdNotFoundError):
         await client.content_info(other_digest)
@@ -282,8 +285,11 @@ async def test_lost_daemon_raises_unavailable_and_client_recovers() -> None:
 
 @pytest.mark.parametrize("form", ["oci", "docker"])
 async def test_import_archive_helper(
-    containerd_daemon: ContainerdDaemon, containerd_namespace: str, client: ContainerdClient,
-    tmp_path: Path, form: str
+    containerd_daemon: ContainerdDaemon,
+    containerd_namespace: str,
+    client: ContainerdClient,
+    tmp_path: Path,
+    form: str,
 ) -> None:
     name = "docker.io/library/imported:3"
     if form == "oci":
@@ -311,8 +317,13 @@ async def test_import_archive_helper(
 async def test_store_over_imported_image(
     containerd_daemon: ContainerdDaemon, containerd_namespace: str, tmp_path: Path
 ) -> None:
-    image = build_image(tmp_path / "layout", name="docker.io/library/sample:1.0", layers=2,
-                        layer_size=300_000, platforms=["linux/amd64", "linux/arm64"])
+    image = build_image(
+        tmp_path / "layout",
+        name="docker.io/library/sample:1.0",
+        layers=2,
+        layer_size=300_000,
+        platforms=["linux/amd64", "linux/arm64"],
+    )
     store = await make_containerd_store(containerd_daemon, containerd_namespace, image)
     try:
         assert isinstance(store, ContentStore)
@@ -356,8 +367,9 @@ async def test_store_grpc_read_path_matches_files(
 ) -> None:
     data, digest = blob(2_500_000)
     await put(client, data, digest)
-    store = await ContainerdStore.open(containerd_daemon.address, containerd_namespace,
-                                       fast_path=False)
+    store = await ContainerdStore.open(
+        containerd_daemon.address, containerd_namespace, fast_path=False
+    )
     try:
         assert store.local_path(digest) is None
         assert await collect(store.read(digest)) == data

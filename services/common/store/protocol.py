@@ -61,7 +61,10 @@ class ContentStore(Protocol):
     """Read access to one node's images and blobs."""
 
     async def resolve(self, reference: str) -> Descriptor:
-        """Return the target of image `reference` (`<registry>/<repo>:<tag>`); NotFoundError if absent."""
+        """Return the target of image `reference` (`<registry>/<repo>:<tag>`).
+
+        Raises NotFoundError if absent.
+        """
         ...
 
     async def stat(self, digest: str) -> int:

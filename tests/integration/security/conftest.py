@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from services.common import pki
+from services.common import cert_names, pki
 from services.common.tls import TlsFiles, client_context
 
 LOOPBACK = "127.0.0.1"
@@ -49,9 +49,9 @@ class ClusterPki:
 
 def _files(directory: Path) -> TlsFiles:
     return TlsFiles(
-        ca_file=directory / pki.CA_CERT_FILE,
-        cert_file=directory / pki.NODE_CERT_FILE,
-        key_file=directory / pki.NODE_KEY_FILE,
+        ca_file=directory / cert_names.CA_CERT_FILE,
+        cert_file=directory / cert_names.NODE_CERT_FILE,
+        key_file=directory / cert_names.NODE_KEY_FILE,
     )
 
 
