@@ -203,12 +203,13 @@ class RegistrySection:
         metadata=_doc("K3s registries.yaml whose 'mirrors' decide which registries are mirrored"),
     )
     # Discovery ends its stream as soon as a lookup finds nobody, so a true miss answers in
-    # milliseconds whatever this is; the bound only matters while discovery is still asking. At
-    # 0.05 s (Spegel's range) busy nodes answered 404 for content a peer held (tests/integration/mesh).
+    # milliseconds whatever this is; the bound only matters while discovery is still asking.
+    # At 0.05 s (Spegel's range) busy nodes answered 404 for content a peer held (mesh tests).
     resolve_timeout: float = field(
         default=0.5,
         metadata=_doc(
-            "seconds to wait for discovery to name a provider (a lookup that finds nobody ends sooner)",
+            "seconds to wait for discovery to name a provider"
+            " (a lookup that finds nobody ends sooner)",
             check=_check_positive,
         ),
     )
@@ -248,6 +249,50 @@ class RegistrySection:
         default=300.0,
         metadata=_doc(
             "seconds a peer that sent content not matching its digest is not asked again",
+            check=_check_positive,
+        ),
+    )
+    # Input limits: image pulls need short paths and few headers, so anything larger is abuse
+    # or a bug, and is refused before it costs memory.
+    max_header_bytes: int = field(
+        default=8192,
+        metadata=_doc(
+            "bytes of request line plus headers a client may send; more is answered 431",
+            check=_check_positive,
+        ),
+    )
+    max_path_bytes: int = field(
+        default=2048,
+        metadata=_doc(
+            "bytes of a request path; a longer one is answered 414", check=_check_positive
+        ),
+    )
+    max_query_bytes: int = field(
+        default=1024,
+        metadata=_doc(
+            "bytes of a request's query string; a longer one is answered 414",
+            check=_check_positive,
+        ),
+    )
+    request_timeout: float = field(
+        default=10.0,
+        metadata=_doc(
+            "seconds a client has to send a whole request (line, headers, body) once it began; "
+            "slower clients are cut off (408)",
+            check=_check_positive,
+        ),
+    )
+    keep_alive_timeout: float = field(
+        default=15.0,
+        metadata=_doc(
+            "seconds an idle keep-alive connection is kept open between requests",
+            check=_check_positive,
+        ),
+    )
+    max_relays_per_client: int = field(
+        default=16,
+        metadata=_doc(
+            "peer relays one client address may have in flight; more are answered 429",
             check=_check_positive,
         ),
     )

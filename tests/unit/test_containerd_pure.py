@@ -26,8 +26,13 @@ from services.common.store.protocol import EventKind, StoreEvent
 from tests.harness.containerd import SANDBOX_IMAGE, render_config
 
 
-def packed(message: image_events.ImageCreate | image_events.ImageUpdate | image_events.ImageDelete
-           | content_events.ContentDelete, prefix: str = "") -> AnyPb:
+def packed(
+    message: image_events.ImageCreate
+    | image_events.ImageUpdate
+    | image_events.ImageDelete
+    | content_events.ContentDelete,
+    prefix: str = "",
+) -> AnyPb:
     return AnyPb(type_url=prefix + message.DESCRIPTOR.full_name, value=message.SerializeToString())
 
 
@@ -81,7 +86,9 @@ def test_label_update_sends_paths_for_removed_labels_without_values() -> None:
 
 
 def test_grpc_target_for_socket_paths() -> None:
-    assert grpc_target("/run/containerd/containerd.sock") == "unix:///run/containerd/containerd.sock"
+    assert (
+        grpc_target("/run/containerd/containerd.sock") == "unix:///run/containerd/containerd.sock"
+    )
     assert grpc_target("unix:///x.sock") == "unix:///x.sock"
 
 

@@ -1,0 +1,102 @@
+"""Slow and idle clients cannot starve the registry: pulls go on, the slow client is cut off."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.fuzz.raw_http import build_request, exchange
+from tests.harness.fuzz_node import REQUEST_TIMEOUT_S, FuzzNode, fuzz_node, raise_open_files
+
+IDLE_CONNECTIONS = 1000
+# Headers one byte a second: far longer than the request timeout to send in full.
+SLOW_REQUEST = b"GET /v2/library/fuzz/manifests/1.0?ns=docker.io HTTP/1.1\r\nHost: x\r\n\r\n"
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[FuzzNode]:
+    # Our 1,000 sockets plus the registry's 1,000 (it inherits the limit), with headroom.
+    assert raise_open_files(4 * IDLE_CONNECTIONS) >= 3 * IDLE_CONNECTIONS
+    with fuzz_node(tmp_path) as running:
+        yield running
+
+
+def _pull(node: FuzzNode) -> None:
+    """GET the manifest and every blob it names; checks the bytes against their digests."""
+    port = node.ports.registry_http
+    manifest = exchange(
+        port,
+        build_request(
+            "GET",
+            "/v2/library/fuzz/manifests/1.0?ns=docker.io",
+            [("Accept", node.image.target.media_type)],
+        ),
+    )
+    assert manifest is not None and manifest.status == 200
+    assert "sha256:" + hashlib.sha256(manifest.body).hexdigest() == node.image.target.digest
+    parsed = json.loads(manifest.body)
+    for desc in [parsed["config"], *parsed["layers"]]:
+        blob = exchange(
+            port, build_request("GET", f"/v2/library/fuzz/blobs/{desc['digest']}?ns=docker.io", [])
+        )
+        assert blob is not None and blob.status == 200
+        assert "sha256:" + hashlib.sha256(blob.body).hexdigest() == desc["digest"]
+
+
+def test_slow_loris_and_idle_connections_do_not_stop_pulls(node: FuzzNode) -> None:
+    port = node.ports.registry_http
+    idle = []
+    slow = socket.create_connection(("127.0.0.1", port), timeout=30)
+    try:
+        for _ in range(IDLE_CONNECTIONS):
+            idle.append(socket.create_connection(("127.0.0.1", port), timeout=30))
+        sent = 0
+        pulls = 0
+        answer = b""
+        # Feed the slow client a byte a second and pull meanwhile, until the server cuts it off.
+        while sent < len(SLOW_REQUEST):
+            try:
+                slow.sendall(SLOW_REQUEST[sent : sent + 1])
+            except OSError:
+                break  # reset by the server
+            sent += 1
+            _pull(node)
+            pulls += 1
+            slow.settimeout(1.0)
+            try:
+                answer = slow.recv(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+            break  # an answer (the 408) or EOF: the server has let go of this client
+        # Cut off well before the request could be complete, after at least one pull succeeded.
+        assert sent < len(SLOW_REQUEST)
+        assert pulls >= 1
+        if answer:
+            assert answer.startswith(b"HTTP/1.1 408")
+        # The idle connections were let go too (keep-alive/request timeout), and pulls still work.
+        time.sleep(REQUEST_TIMEOUT_S)
+        closed = 0
+        for sock in idle:
+            sock.settimeout(5.0)
+            try:
+                if sock.recv(1) in (b"",):
+                    closed += 1
+            except (TimeoutError, OSError):
+                pass
+        assert closed == IDLE_CONNECTIONS
+        _pull(node)
+        assert node.alive("registry")
+    finally:
+        slow.close()
+        for sock in idle:
+            sock.close()
