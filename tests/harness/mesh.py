@@ -8,6 +8,13 @@ that namespace's own loopback, out of the test process's reach); discovery liste
 `<ip>:5001` and the registry on `<ip>:<registry port>` (6443 unless a test gives another).
 Nodes 2..N bootstrap from node 1.
 
+`Mesh(tls=True)` runs the mesh over mutual TLS: one cluster CA in the mesh's work dir, a node
+certificate per node (its SANs name the node's IP and loopback), `tls.enabled` in every config,
+and `pinner.mirror_tls` so containerd reaches its own mirror at https://127.0.0.1:<port> with the
+CA (`ca`) and the node's pair (`client`) from hosts.toml. `registry_url` is then https and the
+harness's own requests to a registry (`MeshNode.registry_get`, readiness) present the node's
+certificate.
+
 containerd reads the hosts.toml files the pinner writes from the node's registries.yaml
 (`docker.io` and `registry.test:5000` mirrored by default); every endpoint besides the node's
 own mirror, the default (`server`) one included, is `http://127.0.0.1:9` where nothing listens,
@@ -40,10 +47,13 @@ import http.client
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -52,6 +62,8 @@ import grpc
 import yaml
 
 from services.common.config import load_config
+from services.common.pki import Issued, create_ca, issue_node, write_ca, write_node
+from services.common.tls import TlsFiles, client_context
 from tests.harness import netns
 from tests.harness.containerd import ContainerdDaemon
 from tests.harness.service_procs import REPO_ROOT, health_status, http_get
@@ -112,8 +124,19 @@ def node_config_data(
     hosts_dir: Path,
     registry_port: int,
     bootstrap_peers: Sequence[str],
+    tls_files: TlsFiles | None = None,
 ) -> dict[str, Any]:
-    """The config of one mesh node (plain data, as written to its YAML file)."""
+    """The config of one mesh node (plain data, as written to its YAML file); with `tls_files`
+    every listener and peer connection uses mutual TLS, and containerd dials its mirror over
+    https."""
+    tls: dict[str, Any] = {"enabled": False}
+    if tls_files is not None:
+        tls = {
+            "enabled": True,
+            "ca_file": str(tls_files.ca_file),
+            "cert_file": str(tls_files.cert_file),
+            "key_file": str(tls_files.key_file),
+        }
     return {
         "node": {"name": name, "data_dir": str(node_dir / "data"), "address": ip},
         "log": {"level": "info", "format": "json"},
@@ -123,7 +146,7 @@ def node_config_data(
             "grpc_address": f"unix:{node_dir / 'registry.sock'}",
             "registries_file": str(node_dir / "registries.yaml"),
         },
-        "tls": {"enabled": False},
+        "tls": tls,
         "discovery": {
             "host": "0.0.0.0",
             "port": DISCOVERY_PORT,
@@ -135,8 +158,9 @@ def node_config_data(
             "images_dir": str(node_dir / "images"),
             "certs_dir": str(hosts_dir),
             "write_hosts": True,
-            # The registry serves plain http inside the mesh.
-            "mirror_tls": False,
+            # hosts.toml names the mirror with the scheme the registry serves; with TLS the pinner
+            # adds `ca` and `client` from the tls section.
+            "mirror_tls": tls_files is not None,
             # Debian's containerd is upstream 1.6: with the default endpoint disabled the last
             # mirror endpoint (127.0.0.1:9) becomes `server`, so nothing falls back to the
             # internet.
@@ -398,10 +422,13 @@ class MeshNode(NetnsHost):
         *,
         registry_port: int,
         config: Mapping[str, Any],
+        tls: TlsFiles | None = None,
     ) -> None:
         super().__init__(label, namespace, ip, index, work_dir)
         self.name = label
         self.registry_port = registry_port
+        self.tls = tls
+        self._ssl_context: ssl.SSLContext | None = None
         self.containerd = ContainerdDaemon(
             base_dir=work_dir / "containerd", wrap=netns.exec_argv(namespace, [])
         )
@@ -429,7 +456,25 @@ class MeshNode(NetnsHost):
     @property
     def registry_url(self) -> str:
         """The node's registry as peers (and the test process, via the bridge) reach it."""
-        return f"http://{self.ip}:{self.registry_port}"
+        scheme = "http" if self.tls is None else "https"
+        return f"{scheme}://{self.ip}:{self.registry_port}"
+
+    def registry_get(self, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
+        """GET `registry_url + path` from the test process, presenting this node's certificate
+        when the mesh runs TLS; returns status and body (HTTP error statuses included)."""
+        url = f"{self.registry_url}{path}"
+        if self.tls is None:
+            return http_get(url, timeout=timeout)
+        if self._ssl_context is None:
+            self._ssl_context = client_context(self.tls)
+        opener = urllib.request.build_opener(
+            urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=self._ssl_context)
+        )
+        try:
+            with opener.open(url, timeout=timeout) as resp:
+                return int(resp.status), bytes(resp.read())
+        except urllib.error.HTTPError as exc:
+            return int(exc.code), bytes(exc.read())
 
     @property
     def discovery_peer_address(self) -> str:
@@ -471,8 +516,9 @@ class MeshNode(NetnsHost):
         """Whether `name` answers as ready right now (gRPC health SERVING, registry /readyz)."""
         if name == "registry":
             try:
-                status, _ = http_get(f"{self.registry_url}/readyz", timeout=1.0)
-            except (OSError, http.client.HTTPException):  # not up, or something else answered
+                status, _ = self.registry_get("/readyz", timeout=1.0)
+            # Not up, something else answered, or (TLS) the handshake did not complete yet.
+            except (OSError, http.client.HTTPException, ssl.SSLError):
                 return False
             return status == 200
         try:
@@ -570,6 +616,7 @@ class Mesh:
     - `overrides`: config merged into every node's config (a mapping), or a function of the node
       number (1-based) returning it; the result is validated with the real config loader.
     - `services`: which services `start()` runs (all three by default).
+    - `tls`: run every node over mutual TLS with one cluster CA (see the module docstring).
     """
 
     def __init__(
@@ -582,6 +629,7 @@ class Mesh:
         services: Sequence[str] = SERVICES,
         parent_dir: Path | None = None,
         start_timeout: float = START_TIMEOUT,
+        tls: bool = False,
     ) -> None:
         if size < 1:
             raise ValueError("a mesh needs at least one node")
@@ -597,6 +645,8 @@ class Mesh:
         self.service_names = [s for s in SERVICES if s in services]
         self.parent_dir = parent_dir
         self.start_timeout = start_timeout
+        self.tls = tls
+        self.ca: Issued | None = None
         self.nodes: list[MeshNode] = []
         self.hosts: list[NetnsHost] = []
         self.lease: netns.MeshLease | None = None
@@ -666,6 +716,12 @@ class Mesh:
     def _start(self) -> None:
         lease = self._lease()
         lease.claim_bridge()
+        if self.tls:
+            # One CA per mesh, its key beside the nodes' files in the work dir (gone at close).
+            self.ca = create_ca(f"peermirror mesh {lease.names.token} CA")
+            ca_dir = lease.work_dir / "ca"
+            ca_dir.mkdir(mode=0o700, exist_ok=True)
+            write_ca(ca_dir, self.ca)
         for i in range(1, self.size + 1):
             self._add_node(i)
         first = self.nodes[0]
@@ -703,6 +759,7 @@ class Mesh:
         namespace, ip, index, work = self._attach_host(label)
         containerd_dir = work / "containerd"
         bootstrap = [] if i == 1 else [self.nodes[0].discovery_peer_address]
+        tls_files = self._issue_node_files(label, ip, work) if self.ca is not None else None
         data = node_config_data(
             name=label,
             ip=ip,
@@ -712,6 +769,7 @@ class Mesh:
             hosts_dir=containerd_dir / "certs.d",
             registry_port=self.registry_ports[i - 1],
             bootstrap_peers=bootstrap,
+            tls_files=tls_files,
         )
         if self.overrides is not None:
             extra = self.overrides(i) if callable(self.overrides) else self.overrides
@@ -732,12 +790,24 @@ class Mesh:
             work,
             registry_port=int(data["registry"]["port"]),
             config=data,
+            tls=tls_files,
         )
         if node.containerd.address != data["store"]["containerd_address"]:
             raise MeshError("containerd socket path and store.containerd_address disagree")
         self.nodes.append(node)
         self.hosts.append(node)
         return node
+
+    def _issue_node_files(self, label: str, ip: str, work: Path) -> TlsFiles:
+        """A certificate for node `label` at `ip`, signed by the mesh CA, written with the CA
+        certificate into `<work>/tls`."""
+        assert self.ca is not None
+        tls_dir = work / "tls"
+        tls_dir.mkdir(mode=0o700, exist_ok=True)
+        cert_file, key_file, ca_file = write_node(
+            tls_dir, issue_node(self.ca, label, ip), self.ca.cert
+        )
+        return TlsFiles(ca_file=ca_file, cert_file=cert_file, key_file=key_file)
 
     def add_host(self, label: str) -> NetnsHost:
         """One more namespace on the bridge (next free address), e.g. for an upstream registry;
