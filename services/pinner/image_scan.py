@@ -1,4 +1,7 @@
-"""Reads an image's graph out of containerd: which digests each image reaches and holds.
+"""Reads an image's graph out of a store: which digests each image reaches and holds.
+
+`ManifestGraph` holds the walk shared by both trackers; `ImageScanner` supplies containerd's reads
+(`store_tracker.StoreScanner` a ContentStore's).
 
 Manifests are read from the content store's files when this process can see them (much faster
 than the gRPC Read stream), else through containerd; their parsed children are cached by digest
@@ -8,9 +11,10 @@ a full sync, Info calls for a single image.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 from collections import ChainMap
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import AsyncIterator, Collection, Iterable, Iterator
 from pathlib import Path
 
 from services.common.containerd.client import ContainerdClient
@@ -20,8 +24,8 @@ from services.pinner.tracker import digests_to_read, manifest_children, walk_ima
 
 # A manifest or index larger than this is not one (containerd itself caps manifests at 4 MiB).
 MAX_MANIFEST_BYTES = 4 << 20
-# Parallel Info calls for one image (a few dozen layers at most).
-INFO_CONCURRENCY = 16
+# Parallel presence checks for one image (a few dozen layers at most).
+CHECK_CONCURRENCY = 16
 
 
 class _Everything(Collection[str]):
@@ -37,37 +41,45 @@ class _Everything(Collection[str]):
         return 0
 
 
-class ImageScanner:
-    """Works out the present digests of images in one containerd namespace."""
+async def read_capped(chunks: AsyncIterator[bytes]) -> bytes:
+    """Join a manifest's chunks; b"" (parses as no children) when it outgrows a manifest."""
+    parts: list[bytes] = []
+    total = 0
+    async for chunk in chunks:
+        total += len(chunk)
+        if total > MAX_MANIFEST_BYTES:
+            return b""
+        parts.append(chunk)
+    return b"".join(parts)
 
-    def __init__(self, client: ContainerdClient, content_root: Path | None = None) -> None:
-        self._client = client
-        self._content_root = content_root
+
+class ManifestGraph(abc.ABC):
+    """Which digests an image reaches and its store holds, with parsed manifests cached by
+    digest (content is immutable). Subclasses supply the two store reads."""
+
+    def __init__(self) -> None:
         self._children: dict[str, tuple[Descriptor, ...]] = {}
+
+    @abc.abstractmethod
+    async def _holds(self, digest: str) -> bool:
+        """Whether the store holds `digest`."""
+
+    @abc.abstractmethod
+    async def _read_manifest(self, digest: str) -> bytes | None:
+        """The body of `digest` (capped as read_capped does), or None when absent."""
 
     @property
     def cached_manifests(self) -> int:
         return len(self._children)
 
-    def set_content_root(self, root: Path | None) -> None:
-        self._content_root = root
-
-    async def present_digests(self) -> set[str]:
-        """Every digest committed in the namespace (one listing call)."""
-        return {info.digest for info in await self._client.list_content()}
-
     async def presence(self, digests: Iterable[str]) -> set[str]:
-        """Which of `digests` are committed in the namespace (Info per digest)."""
+        """Which of `digests` the store holds (one check per digest, a few at a time)."""
         wanted = list(dict.fromkeys(digests))
-        limit = asyncio.Semaphore(INFO_CONCURRENCY)
+        limit = asyncio.Semaphore(CHECK_CONCURRENCY)
 
         async def check(digest: str) -> bool:
             async with limit:
-                try:
-                    await self._client.content_info(digest)
-                except ContainerdNotFoundError:
-                    return False
-                return True
+                return await self._holds(digest)
 
         answers = await asyncio.gather(*(check(d) for d in wanted))
         return {d for d, ok in zip(wanted, answers, strict=True) if ok}
@@ -75,7 +87,11 @@ class ImageScanner:
     async def image_digests(
         self, target: Descriptor, present: Collection[str] | None = None
     ) -> frozenset[str]:
-        """Digests reachable from `target` and present; `present` None asks containerd."""
+        """Digests reachable from `target` and present; `present` None asks the store.
+
+        Asking the store means: learn the graph as if everything were present (absent manifests
+        read as childless), check those candidates, then walk the graph again with the answer.
+        """
         if present is None:
             everything = _Everything()
             unreadable = await self._load(target, everything)
@@ -105,21 +121,46 @@ class ImageScanner:
                 else:
                     self._children[desc.digest] = manifest_children(body, desc.media_type)
 
+    def forget(self, digests: Iterable[str]) -> None:
+        """Drop cached manifests that left the store."""
+        for digest in digests:
+            self._children.pop(digest, None)
+
+    def prune(self, keep: Collection[str]) -> None:
+        """Keep only the cached manifests in `keep` (content that is gone is forgotten)."""
+        self.forget([d for d in self._children if d not in keep])
+
+
+class ImageScanner(ManifestGraph):
+    """The graph of images in one containerd namespace."""
+
+    def __init__(self, client: ContainerdClient, content_root: Path | None = None) -> None:
+        super().__init__()
+        self._client = client
+        self._content_root = content_root
+
+    def set_content_root(self, root: Path | None) -> None:
+        self._content_root = root
+
+    async def present_digests(self) -> set[str]:
+        """Every digest committed in the namespace (one listing call)."""
+        return {info.digest for info in await self._client.list_content()}
+
+    async def _holds(self, digest: str) -> bool:
+        try:
+            await self._client.content_info(digest)
+        except ContainerdNotFoundError:
+            return False
+        return True
+
     async def _read_manifest(self, digest: str) -> bytes | None:
         body = self._read_file(digest)
         if body is not None:
             return body
-        chunks: list[bytes] = []
-        total = 0
         try:
-            async for chunk in self._client.read_content(digest):
-                total += len(chunk)
-                if total > MAX_MANIFEST_BYTES:
-                    return b""
-                chunks.append(chunk)
+            return await read_capped(self._client.read_content(digest))
         except ContainerdNotFoundError:
             return None
-        return b"".join(chunks)
 
     def _read_file(self, digest: str) -> bytes | None:
         if self._content_root is None:
@@ -135,8 +176,3 @@ class ImageScanner:
             return None
         # Too large for a manifest: no children (b"" parses as nothing).
         return b"" if len(body) > MAX_MANIFEST_BYTES else body
-
-    def prune(self, keep: Collection[str]) -> None:
-        """Forget cached manifests not in `keep` (content that is gone)."""
-        for digest in [d for d in self._children if d not in keep]:
-            del self._children[digest]

@@ -16,32 +16,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import ChainMap
-from collections.abc import AsyncIterator, Callable, Collection, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 
 from services.common.logsetup import get_logger
 from services.common.store.protocol import (
     ContentStore,
-    Descriptor,
     EventKind,
     NotFoundError,
     StoreEvent,
 )
-from services.pinner.tracker import (
-    KeyDelta,
-    KeyIndex,
-    KeyPolicy,
-    digests_to_read,
-    image_key_set,
-    manifest_children,
-    walk_image,
-)
+from services.pinner.image_scan import ManifestGraph, read_capped
+from services.pinner.tracker import KeyDelta, KeyIndex, KeyPolicy, image_key_set
 
-# A manifest or index larger than this is not one (containerd caps manifests at 4 MiB too).
-MAX_MANIFEST_BYTES = 4 << 20
-# Parallel stat calls while checking one image's digests.
-STAT_CONCURRENCY = 16
 BACKOFF_START_S = 0.1
 BACKOFF_MAX_S = 2.0
 
@@ -50,100 +37,25 @@ KeySink = Callable[[KeyDelta], None]
 log = get_logger("pinner.store_tracker")
 
 
-class _Everything(Collection[str]):
-    """Every digest counts as present: used to learn an image's graph before checking it."""
-
-    def __contains__(self, item: object) -> bool:
-        return True
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(())
-
-    def __len__(self) -> int:
-        return 0
-
-
-class StoreScanner:
-    """Works out which digests of an image a ContentStore holds; parsed manifests are cached
-    by digest (content is immutable)."""
+class StoreScanner(ManifestGraph):
+    """The graph of a ContentStore's images (the store's reads, the shared graph logic)."""
 
     def __init__(self, store: ContentStore) -> None:
+        super().__init__()
         self._store = store
-        self._children: dict[str, tuple[Descriptor, ...]] = {}
 
-    @property
-    def cached_manifests(self) -> int:
-        return len(self._children)
-
-    async def presence(self, digests: Iterable[str]) -> set[str]:
-        """Which of `digests` the store holds (one stat each, a few at a time)."""
-        wanted = list(dict.fromkeys(digests))
-        limit = asyncio.Semaphore(STAT_CONCURRENCY)
-
-        async def check(digest: str) -> bool:
-            async with limit:
-                try:
-                    await self._store.stat(digest)
-                except NotFoundError:
-                    return False
-                return True
-
-        answers = await asyncio.gather(*(check(d) for d in wanted))
-        return {d for d, ok in zip(wanted, answers, strict=True) if ok}
-
-    async def image_digests(self, target: Descriptor) -> frozenset[str]:
-        """Digests reachable from `target` that the store holds.
-
-        First the graph is learned as if everything were present (absent manifests read as
-        childless), then the candidates are checked, then walked again with the real answer.
-        """
-        everything = _Everything()
-        unreadable = await self._load(target, everything)
-        known = ChainMap[str, tuple[Descriptor, ...]](self._children, unreadable)
-        candidates = walk_image(target, lambda d: known.get(d.digest), everything)
-        present = await self.presence(candidates)
-        return walk_image(target, lambda d: known.get(d.digest), present)
-
-    async def _load(
-        self, target: Descriptor, present: Collection[str]
-    ) -> dict[str, tuple[Descriptor, ...]]:
-        """Read every manifest under `target` not cached yet; the unreadable ones come back as
-        childless, for this walk only (they may be complete later)."""
-        unreadable: dict[str, tuple[Descriptor, ...]] = {}
-        while True:
-            known = ChainMap(self._children, unreadable)
-            missing = digests_to_read(target, known, present)
-            if not missing:
-                return unreadable
-            for desc in missing:
-                body = await self._read_manifest(desc.digest)
-                if body is None:
-                    unreadable[desc.digest] = ()
-                else:
-                    self._children[desc.digest] = manifest_children(body, desc.media_type)
+    async def _holds(self, digest: str) -> bool:
+        try:
+            await self._store.stat(digest)
+        except NotFoundError:
+            return False
+        return True
 
     async def _read_manifest(self, digest: str) -> bytes | None:
-        chunks: list[bytes] = []
-        total = 0
         try:
-            async for chunk in self._store.read(digest):
-                total += len(chunk)
-                if total > MAX_MANIFEST_BYTES:
-                    # Too large for a manifest: no children (b"" parses as nothing).
-                    return b""
-                chunks.append(chunk)
+            return await read_capped(self._store.read(digest))
         except NotFoundError:
             return None
-        return b"".join(chunks)
-
-    def forget(self, digests: Iterable[str]) -> None:
-        """Drop cached manifests that left the store."""
-        for digest in digests:
-            self._children.pop(digest, None)
-
-    def prune(self, keep: Collection[str]) -> None:
-        """Keep only the cached manifests in `keep`."""
-        self.forget([d for d in self._children if d not in keep])
 
 
 class StoreTracker:
