@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 
 from services.common.containerd.client import ContainerdClient, EventStream
@@ -41,7 +39,8 @@ from services.common.containerd.models import (
 from services.common.logsetup import get_logger
 from services.common.oci.grammar import is_digest_syntax
 from services.pinner.image_scan import ImageScanner
-from services.pinner.tracker import KeyDelta, KeyIndex, KeyPolicy, image_key_set
+from services.pinner.key_tracking import KeySink, KeyTracking
+from services.pinner.tracker import KeyDelta, KeyPolicy, image_key_set
 
 TOPICS = (TOPIC_IMAGE_CREATE, TOPIC_IMAGE_UPDATE, TOPIC_IMAGE_DELETE, TOPIC_CONTENT_DELETE)
 PROBE_TOPIC_PREFIX = "/peermirror/pinner-probe/"
@@ -56,7 +55,6 @@ GC_RECHECK_DELAYS_S = (0.5, 3.0)
 BACKOFF_START_S = 0.1
 BACKOFF_MAX_S = 2.0
 
-KeySink = Callable[[KeyDelta], None]
 
 log = get_logger("pinner.tracker")
 
@@ -89,7 +87,7 @@ class _ResyncRequest:
 _Item = Envelope | _Recheck | _StreamEnded | _ResyncRequest
 
 
-class ContainerdTracker:
+class ContainerdTracker(KeyTracking):
     """Keeps a `KeyIndex` of the namespace's mirrored images and reports every change to `sink`."""
 
     def __init__(
@@ -101,22 +99,11 @@ class ContainerdTracker:
         resync_interval: float,
         content_root: Path | None = None,
     ) -> None:
+        super().__init__(policy, sink, resync_interval=resync_interval)
         self._client = client
-        self._policy = policy
-        self._sink = sink
-        self._resync_interval = resync_interval
         self._content_root = content_root
-        self.index = KeyIndex()
         self.scanner = ImageScanner(client, content_root)
-        # Set once the first full sync has completed (the service reports SERVING then).
-        self.synced = asyncio.Event()
-        self.sessions = 0
-        self.full_syncs = 0
         self.probe_confirmed = False
-        # What the status API reports.
-        self.connected = False
-        self.last_sync: datetime | None = None
-        self.last_error = ""
         self._timers: list[asyncio.TimerHandle] = []
         self._queue: asyncio.Queue[_Item] | None = None
 
@@ -265,20 +252,7 @@ class ContainerdTracker:
                 desired[image.name] = keys
         self.scanner.prune(present)
         delta = self.index.replace_all(desired)
-        self.full_syncs += 1
-        self.connected = True
-        self.last_sync = datetime.now(UTC)
-        self.last_error = ""
-        self._emit(delta)
-        if not self.synced.is_set():
-            log.info(
-                "first sync done",
-                images=len(images),
-                mirrored_images=len(desired),
-                keys=len(self.index.keys),
-            )
-            self.synced.set()
-        return delta
+        return self._full_sync_done(delta, images=len(images), mirrored=len(desired))
 
     async def refresh_image(self, name: str) -> KeyDelta:
         """Re-read image `name` from containerd and update its keys (gone: removed)."""
@@ -347,8 +321,3 @@ class ContainerdTracker:
         for name in sorted(names):
             delta.merge(await self.refresh_image(name))
         self._emit(delta)
-
-    def _emit(self, delta: KeyDelta) -> None:
-        if delta:
-            log.debug("key set changed", added=len(delta.added), removed=len(delta.removed))
-            self._sink(delta)

@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
-from datetime import UTC, datetime
+from collections.abc import AsyncIterator
 
 from services.common.logsetup import get_logger
 from services.common.store.protocol import (
@@ -27,12 +26,12 @@ from services.common.store.protocol import (
     StoreEvent,
 )
 from services.pinner.image_scan import ManifestGraph, read_capped
-from services.pinner.tracker import KeyDelta, KeyIndex, KeyPolicy, image_key_set
+from services.pinner.key_tracking import KeySink, KeyTracking
+from services.pinner.tracker import KeyDelta, KeyPolicy, image_key_set
 
 BACKOFF_START_S = 0.1
 BACKOFF_MAX_S = 2.0
 
-KeySink = Callable[[KeyDelta], None]
 
 log = get_logger("pinner.store_tracker")
 
@@ -58,7 +57,7 @@ class StoreScanner(ManifestGraph):
             return None
 
 
-class StoreTracker:
+class StoreTracker(KeyTracking):
     """Keeps a `KeyIndex` of the store's mirrored images and reports every change to `sink`.
 
     Offers what the pinner runtime reads of a tracker: `run`, `synced`, `resync`, `index` and
@@ -73,19 +72,9 @@ class StoreTracker:
         *,
         resync_interval: float,
     ) -> None:
+        super().__init__(policy, sink, resync_interval=resync_interval)
         self._store = store
-        self._policy = policy
-        self._sink = sink
-        self._resync_interval = resync_interval
-        self.index = KeyIndex()
         self.scanner = StoreScanner(store)
-        # Set once the first full sync has completed (the service reports SERVING then).
-        self.synced = asyncio.Event()
-        self.sessions = 0
-        self.full_syncs = 0
-        self.connected = False
-        self.last_sync: datetime | None = None
-        self.last_error = ""
         # Full syncs (periodic or asked for) and event handling never interleave.
         self._lock = asyncio.Lock()
 
@@ -157,20 +146,7 @@ class StoreTracker:
                     desired[image.name] = keys
             self.scanner.prune(reached)
             delta = self.index.replace_all(desired)
-            self.full_syncs += 1
-            self.connected = True
-            self.last_sync = datetime.now(UTC)
-            self.last_error = ""
-        self._emit(delta)
-        if not self.synced.is_set():
-            log.info(
-                "first sync done",
-                images=len(images),
-                mirrored_images=len(desired),
-                keys=len(self.index.keys),
-            )
-            self.synced.set()
-        return delta
+        return self._full_sync_done(delta, images=len(images), mirrored=len(desired))
 
     async def refresh_image(self, name: str) -> KeyDelta:
         """Re-read image `name` from the store and update its keys (gone: removed)."""
@@ -192,8 +168,3 @@ class StoreTracker:
         for name in sorted(self.index.holders_of(event.subject)):
             delta.merge(await self.refresh_image(name))
         return delta
-
-    def _emit(self, delta: KeyDelta) -> None:
-        if delta:
-            log.debug("key set changed", added=len(delta.added), removed=len(delta.removed))
-            self._sink(delta)
