@@ -6,6 +6,7 @@ and tear everything down even when the test fails.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -25,14 +26,26 @@ def _start(mesh: Mesh) -> Mesh:
         pytest.fail(f"could not start the netns mesh: {exc}", pytrace=False)
 
 
+@contextlib.contextmanager
+def running_mesh(mesh: Mesh, what: str = "netns mesh") -> Iterator[Mesh]:
+    """Start `mesh` for a `with` block and close it afterwards, even on failure; a mesh that
+    cannot start fails the test (never skips) and is cleaned up first."""
+    try:
+        mesh.start()
+    except Exception as exc:
+        mesh.close()
+        pytest.fail(f"could not start the {what}: {exc}", pytrace=False)
+    try:
+        yield mesh
+    finally:
+        mesh.close()
+
+
 @pytest.fixture(scope="module")
 def mesh() -> Iterator[Mesh]:
     """Three nodes `n1..n3` with default config, shared by the tests of one module."""
-    started = _start(Mesh(3))
-    try:
+    with running_mesh(Mesh(3)) as started:
         yield started
-    finally:
-        started.close()
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness.fixtures_mesh import running_mesh
 from tests.harness.images import build_image
 from tests.harness.mesh import K8S_NAMESPACE, SERVICES, Mesh, MeshNode
 from tests.integration.mesh.p2p import (
@@ -45,16 +46,8 @@ QUARANTINE_EVENT = "peer quarantined: it sent content not matching its digest"
 # (see the restart test), so a killed node is not brought back for the next test.
 @pytest.fixture
 def fo_mesh() -> Iterator[Mesh]:
-    mesh = Mesh(3, overrides=FAST_TIMINGS)
-    try:
-        mesh.start()
-    except Exception as exc:
-        mesh.close()
-        pytest.fail(f"could not start the netns mesh: {exc}", pytrace=False)
-    try:
+    with running_mesh(Mesh(3, overrides=FAST_TIMINGS)) as mesh:
         yield mesh
-    finally:
-        mesh.close()
 
 
 def largest_ingest(node: MeshNode) -> int:

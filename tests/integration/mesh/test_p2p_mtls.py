@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import pytest
 
 from services.common.tls import client_context
+from tests.harness.fixtures_mesh import running_mesh
 from tests.harness.images import BuiltImage, build_image
 from tests.harness.mesh import DEFAULT_MIRRORS, NOWHERE, Mesh, pull_via_mirror
 from tests.integration.mesh.p2p import (
@@ -34,16 +35,8 @@ pytestmark = pytest.mark.containerd
 
 @pytest.fixture(scope="module")
 def mtls_mesh() -> Iterator[Mesh]:
-    mesh = Mesh(3, overrides=FAST_TIMINGS, tls=True)
-    try:
-        mesh.start()
-    except Exception as exc:
-        mesh.close()
-        pytest.fail(f"could not start the mTLS netns mesh: {exc}", pytrace=False)
-    try:
+    with running_mesh(Mesh(3, overrides=FAST_TIMINGS, tls=True), "mTLS netns mesh") as mesh:
         yield mesh
-    finally:
-        mesh.close()
 
 
 def test_hosts_toml_names_the_https_mirror_with_the_cluster_ca_and_client_pair(

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from services.common.oci.media_types import DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
+from tests.harness.fixtures_mesh import running_mesh
 from tests.harness.images import BuiltImage, build_image
 from tests.harness.mesh import NOWHERE, Mesh, MeshNode, pull_via_mirror
 from tests.integration.mesh.p2p import (
@@ -53,16 +54,8 @@ DEAD_ENDPOINT = NOWHERE.removeprefix("http://")
 
 @pytest.fixture(scope="module")
 def p2p_mesh() -> Iterator[Mesh]:
-    mesh = Mesh(3, overrides=FAST_TIMINGS)
-    try:
-        mesh.start()
-    except Exception as exc:
-        mesh.close()
-        pytest.fail(f"could not start the netns mesh: {exc}", pytrace=False)
-    try:
+    with running_mesh(Mesh(3, overrides=FAST_TIMINGS)) as mesh:
         yield mesh
-    finally:
-        mesh.close()
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.harness.fixtures_mesh import running_mesh
 from tests.harness.images import build_image, write_oci_archive
 from tests.harness.mesh import NOWHERE, Mesh, NetnsHost, pull_via_mirror, registries_data
 from tests.integration.mesh.p2p import (
@@ -37,16 +38,8 @@ MIRRORED = "registry.test:5000"
 
 @pytest.fixture(scope="module")
 def up_mesh() -> Iterator[Mesh]:
-    mesh = Mesh(3, overrides=FAST_TIMINGS)
-    try:
-        mesh.start()
-    except Exception as exc:
-        mesh.close()
-        pytest.fail(f"could not start the netns mesh: {exc}", pytrace=False)
-    try:
+    with running_mesh(Mesh(3, overrides=FAST_TIMINGS)) as mesh:
         yield mesh
-    finally:
-        mesh.close()
 
 
 def start_upstream(mesh: Mesh) -> NetnsHost:

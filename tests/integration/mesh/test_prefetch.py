@@ -15,6 +15,7 @@ import grpc
 import pytest
 
 from services.common.genproto.peermirror.pinner.v1 import pinner_pb2, pinner_pb2_grpc
+from tests.harness.fixtures_mesh import running_mesh
 from tests.harness.images import BuiltImage, build_image
 from tests.harness.mesh import Mesh, MeshNode, pull_via_mirror
 from tests.harness.metrics_scrape import Samples
@@ -36,16 +37,8 @@ REQUESTS = "peermirror_mirror_requests_total"
 
 @pytest.fixture(scope="module")
 def prefetch_mesh() -> Iterator[Mesh]:
-    mesh = Mesh(3, overrides=FAST_TIMINGS)
-    try:
-        mesh.start()
-    except Exception as exc:
-        mesh.close()
-        pytest.fail(f"could not start the netns mesh: {exc}", pytrace=False)
-    try:
+    with running_mesh(Mesh(3, overrides=FAST_TIMINGS)) as mesh:
         yield mesh
-    finally:
-        mesh.close()
 
 
 @pytest.fixture(scope="module")
