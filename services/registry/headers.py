@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from services.common.oci.errors import ErrorCode, OciError
 from services.common.oci.media_types import OCTET_STREAM
-from services.registry.ranges import ByteRange, Unsatisfiable
+from services.registry.ranges import ByteRange, Unsatisfiable, parse_range
 
 # Marks a request sent by a peer's registry: such requests are served from local content only,
 # so a relay never turns into a second hop (or a loop).
@@ -54,3 +55,27 @@ def unsatisfiable_headers(unsatisfiable: Unsatisfiable, registry: str) -> dict[s
         "Accept-Ranges": "bytes",
         NAMESPACE_HEADER: registry,
     }
+
+
+class RangeNotSatisfiableError(Exception):
+    """A client's Range selects nothing of the blob: answered 416 with `error` and `headers`."""
+
+    def __init__(self, error: OciError, headers: dict[str, str]) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.headers = headers
+
+
+def select_range(header: str | None, size: int, registry: str) -> ByteRange | None:
+    """The part of a `size`-byte blob a client's Range header asks for (None: all of it), for
+    local and relayed blobs alike. Raises RangeNotSatisfiableError."""
+    selected = parse_range(header, size)
+    if isinstance(selected, Unsatisfiable):
+        raise RangeNotSatisfiableError(
+            OciError(
+                ErrorCode.RANGE_INVALID,
+                f"range {header!r} selects nothing of a {size}-byte blob",
+            ),
+            unsatisfiable_headers(selected, registry),
+        )
+    return selected

@@ -44,7 +44,7 @@ def _open_exact(blob: Blob) -> BinaryIO | None:
     return f
 
 
-def _body_sent_outside_sanic(request: Request[Any, Any], sent: int) -> None:
+def body_sent_outside_sanic(request: Request[Any, Any], sent: int) -> None:
     # Sanic counts the bytes still owed for a Content-Length response; bytes written straight to
     # the transport must be deducted so that its final (empty) send completes the response.
     http = request.stream
@@ -78,7 +78,7 @@ async def send_blob(
             # RuntimeError: asyncio refuses to send on a transport that is already closing.
             _drop(request)
             raise ClientGoneError(exc) from exc
-        _body_sent_outside_sanic(request, sent)
+        body_sent_outside_sanic(request, sent)
         await response.send(b"", end_stream=True)
         return sent
 

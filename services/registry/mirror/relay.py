@@ -15,9 +15,10 @@ The flow of one relayed request (the registry's hook calls :meth:`Mirror.relay`)
    asked for ``Range: bytes=<offset>-<end>``, so the client sees one uninterrupted body. The last
    chunk is held back until the hash is known: a body that does not hash to its digest is never
    completed — the client connection is cut short of its Content-Length — and every peer that
-   contributed to it is quarantined. A range the client asked for cannot be checked against the
-   whole blob's digest, so only whole-body answers (200) are verified; partial ones (206) are
-   relayed as the peers' answers were checked (digest header, exact span and length).
+   contributed to it is quarantined. A client's Range is served the same way: the whole blob is
+   read from the peers and hashed, only the range is sent, and its last piece waits for the
+   verdict (a resume at offset N costs N extra bytes from the peer; that buys a 206 body that is
+   never complete unless the blob it came from is the one asked for).
 
 Every failure before the first byte is sent is a 404 carrying the local error's code, with the
 attempt count in its ``detail``, so containerd falls back to its next endpoint at once.
@@ -44,8 +45,15 @@ from services.common.oci.grammar import GrammarError, parse_digest
 from services.common.oci.media_types import detect_manifest_media_type, is_manifest_media_type
 from services.common.tls import client_context, tls_files
 from services.registry.content import MAX_MANIFEST_BYTES
-from services.registry.headers import DIGEST_HEADER, blob_headers, manifest_headers
+from services.registry.headers import (
+    DIGEST_HEADER,
+    RangeNotSatisfiableError,
+    blob_headers,
+    manifest_headers,
+    select_range,
+)
 from services.registry.metrics import MirrorMetrics
+from services.registry.mirror import socket_pump
 from services.registry.mirror.body_stream import Chunk, PeerBody
 from services.registry.mirror.hedging import Peer, PeerBook
 from services.registry.mirror.peer_fetch import PeerClient
@@ -62,7 +70,7 @@ from services.registry.mirror.verify import (
 from services.registry.paths import Kind, Route
 from services.registry.ranges import ByteRange
 from services.registry.stats import RegistryStats
-from services.registry.transfer import ClientGoneError
+from services.registry.transfer import ClientGoneError, body_sent_outside_sanic
 
 # Body pieces read from a peer and handed to the client; with the one chunk held back for
 # verification this bounds a relay's memory to a few chunks.
@@ -73,6 +81,9 @@ CHUNK_BYTES = 1024 * 1024
 _ASYNCIO_WRITES_COPY = sys.version_info < (3, 12)
 # Chunks at least this large are hashed in a worker thread (smaller ones cost less than the hop).
 THREAD_HASH_BYTES = 64 * 1024
+# A client that takes no body bytes for this long is dropped by a pump thread (the event-loop
+# path has Sanic's response timeout instead); it frees the thread for other relays.
+CLIENT_STALL_S = 60.0
 # Failure reasons kept per request for the 404's message (the count is in `detail`).
 REASONS_SHOWN = 3
 
@@ -517,24 +528,31 @@ class Mirror:
         assert digest is not None
         method = "HEAD" if request.method == "HEAD" else "GET"
         client_range = request.headers.get("range")
+        # A GET is always read whole from the peers, so that every relayed body, a client's
+        # range included, is checked against the blob's digest before its last byte goes out.
+        peer_range = client_range if method == "HEAD" else None
 
         async def first(peer: Peer, headers_in: asyncio.Event) -> _BlobAnswer:
-            return await self.open_blob(
-                peer, headers_in, method, route, registry, client_range, None
-            )
+            return await self.open_blob(peer, headers_in, method, route, registry, peer_range, None)
 
         _, answer = await self.race(pull, first, self.drop_answer)
         # The status page names the peer a relay started from.
         request.ctx.peer = str(answer.peer)
         span = answer.span
-        byte_range = None if answer.status == 200 else ByteRange(span.start, span.end, span.size)
-        headers = blob_headers(digest, span.size, registry, byte_range)
         if method == "HEAD":
             self.drop_answer(answer)
+            partial = None if answer.status == 200 else ByteRange(span.start, span.end, span.size)
+            headers = blob_headers(digest, span.size, registry, partial)
             return HTTPResponse(b"", status=answer.status, headers=headers)
-        response = await request.respond(status=answer.status, headers=headers)
-        hasher = RunningHash(digest) if answer.status == 200 else None
-        relay = _BodyRelay(self, request, response, hasher, span, stats)
+        try:
+            byte_range = select_range(client_range, span.size, registry)
+        except RangeNotSatisfiableError:
+            self.drop_answer(answer)
+            raise
+        window = span if byte_range is None else Span(byte_range.start, byte_range.end, span.size)
+        headers = blob_headers(digest, span.size, registry, byte_range)
+        response = await request.respond(status=200 if byte_range is None else 206, headers=headers)
+        relay = _BodyRelay(self, request, response, RunningHash(digest), window, stats)
         try:
             await relay.run(pull, route, registry, answer)
         finally:
@@ -543,25 +561,29 @@ class Mirror:
 
 
 class _BodyRelay:
-    """Streams one blob body to the client from one or more peers (see the module docstring)."""
+    """Streams one blob to the client from one or more peers (see the module docstring): the
+    whole blob is read and hashed, the client's `window` of it is sent."""
 
     def __init__(
         self,
         mirror: Mirror,
         request: AnyRequest,
         response: Any,
-        hasher: RunningHash | None,
-        span: Span,
+        hasher: RunningHash,
+        window: Span,
         stats: RegistryStats,
     ) -> None:
         self.mirror = mirror
         self.request = request
         self.response = response
         self.hasher = hasher
-        self.span = span
         self.stats = stats
-        self.offset = span.start
-        self.end = span.end + 1
+        self.size = window.size
+        self.win_start = window.start
+        self.win_end = window.end + 1
+        self.offset = 0  # the next byte of the blob to read
+        # The newest piece of the window read: sent once a newer one arrives, or once the
+        # whole blob hashes to its digest.
         self.held: Chunk = b""
         self.contributors: list[Peer] = []
         self.sent = 0
@@ -573,7 +595,7 @@ class _BodyRelay:
             self.contributors.append(answer.peer)
             try:
                 await self._pump(answer.response)
-                if self.offset < self.end:
+                if self.offset < self.size:
                     raise PeerAnswerError(f"body ended at byte {self.offset}")
             except ClientGoneError:
                 raise
@@ -581,9 +603,9 @@ class _BodyRelay:
                 pull.failed(answer.peer, exc)
             finally:
                 self.mirror.drop_answer(answer)
-            if self.offset >= self.end:
+            if self.offset >= self.size:
                 break
-            wanted = Span(self.offset, self.span.end, self.span.size)
+            wanted = Span(self.offset, self.size - 1, self.size)
             resume = functools.partial(
                 self.mirror.open_blob,
                 method="GET",
@@ -597,40 +619,114 @@ class _BodyRelay:
             except OciError as miss:
                 self._abort(f"no peer could continue at byte {self.offset}: {miss.message}")
             log.info("blob relay resumed", digest=digest, offset=self.offset, peer=str(answer.peer))
-        if self.hasher is not None and not self.hasher.matches():
+        if not self.hasher.matches():
             for peer in dict.fromkeys(self.contributors):
                 self.mirror.quarantine_peer(peer, f"blob body does not hash to {digest}")
             self._abort(f"relayed body does not hash to {digest}")
         await self._send(self.held, end_stream=True)
 
+    def _window_part(self, start: int, length: int) -> tuple[int, int]:
+        """Which bytes of `length` read at blob offset `start` belong to the client's window."""
+        low = min(max(self.win_start - start, 0), length)
+        high = min(max(self.win_end - start, 0), length)
+        return low, max(low, high)
+
     async def _pump(self, peer_response: aiohttp.ClientResponse) -> None:
-        if self.offset >= self.end:
+        if self.offset >= self.size:
+            return
+        if await self._pump_in_threads(peer_response):
             return
         body = PeerBody.take_over(
             peer_response,
-            self.end - self.offset,
+            self.size - self.offset,
             chunk_bytes=CHUNK_BYTES,
             stall_timeout=self.mirror.settings.peer_timeout,
         )
         try:
-            while self.offset < self.end:
+            while self.offset < self.size:
                 chunk = await body.next_chunk()
                 if chunk is None:
                     if body.error is not None:
                         raise PeerAnswerError(body.error)
                     return
-                self.offset += len(chunk)
-                if self.hasher is None:
-                    await self._send(chunk, end_stream=False)
-                    self._recycle(body, chunk)
-                    continue
-                # The newest chunk is held back until the next one (or the verdict) arrives;
-                # the one before it goes to the client while the newest is hashed.
-                previous, self.held = self.held, chunk
-                await self._hash_while_sending(chunk, previous)
-                self._recycle(body, previous)
+                await self._take(chunk, body)
         finally:
             body.close()
+
+    async def _take(self, chunk: Chunk, body: PeerBody | None) -> None:
+        """One chunk read at the current offset: hashed; its part in the window becomes the
+        held piece, and the piece held before goes to the client meanwhile."""
+        low, high = self._window_part(self.offset, len(chunk))
+        self.offset += len(chunk)
+        previous: Chunk = b""
+        if high > low:
+            previous, self.held = self.held, chunk[low:high]
+        await self._hash_while_sending(chunk, previous)
+        if body is None:
+            return
+        if high == low:
+            body.give_back(chunk)  # hashed, neither sent nor held
+        if previous:
+            self._recycle(body, previous)
+
+    async def _pump_in_threads(self, peer_response: aiohttp.ClientResponse) -> bool:
+        """Relay the rest of `peer_response`'s body through a pump thread (socket_pump.py) when
+        both connections are plain TCP; False, with nothing read, when they are not."""
+        connection = peer_response.connection
+        peer_transport = connection.transport if connection is not None else None
+        client_transport = cast("asyncio.Transport", self.request.transport)
+        peer_fd = socket_pump.plain_socket_fd(peer_transport)
+        client_fd = socket_pump.plain_socket_fd(client_transport)
+        if peer_transport is None or peer_fd is None or client_fd is None:
+            return False
+        if not socket_pump.can_pump():
+            return False
+        try:
+            early = peer_response.content.read_nowait(-1)
+        except Exception as exc:  # the read already failed inside aiohttp
+            raise PeerAnswerError(f"{type(exc).__name__}: {exc}") from exc
+        socket_pump.park(peer_transport)
+        try:
+            if early:
+                await self._take(early[: self.size - self.offset], None)
+            if self.offset >= self.size:
+                return True
+            length = self.size - self.offset
+            write_start, write_stop = self._window_part(self.offset, length)
+            # The response head goes out first (Sanic sends it with the first body bytes); a
+            # held piece goes too when more of the window follows (it is not the last then).
+            if write_stop > write_start:
+                await self._send(self.held, end_stream=False)
+                self.held = b""
+            else:
+                await self._send(b"", end_stream=False)
+            job = socket_pump.PumpJob(
+                peer_fd=peer_fd,
+                client_fd=client_fd,
+                length=length,
+                write_start=write_start,
+                write_stop=write_stop,
+                hasher=self.hasher,
+                chunk_bytes=CHUNK_BYTES,
+                peer_stall_s=self.mirror.settings.peer_timeout,
+                client_stall_s=CLIENT_STALL_S,
+            )
+            await socket_pump.until_flushed(client_transport, CLIENT_STALL_S)
+            outcome = await socket_pump.pump(job)
+        except (socket_pump.ClientWriteError, TimeoutError) as exc:
+            self._drop_client()
+            raise ClientGoneError(exc) from exc
+        finally:
+            peer_transport.close()
+        self.offset += outcome.received
+        if outcome.held:
+            self.held = outcome.held
+        body_sent_outside_sanic(self.request, outcome.written)
+        self.stats.bytes_relayed += outcome.written
+        self.sent += outcome.written
+        if outcome.peer_error is not None:
+            raise PeerAnswerError(outcome.peer_error)
+        return True
 
     def _recycle(self, body: PeerBody, sent: Chunk) -> None:
         """`sent` went to the client transport: its buffer is refilled unless the transport may
@@ -645,7 +741,6 @@ class _BodyRelay:
     async def _hash_while_sending(self, chunk: Chunk, previous: Chunk) -> None:
         """Feed `chunk` to the running hash while `previous` is sent. hashlib lets go of the GIL
         on large buffers, so a worker thread hashes while this loop moves bytes in and out."""
-        assert self.hasher is not None
         if len(chunk) < THREAD_HASH_BYTES:
             self.hasher.update(chunk)
             if previous:
