@@ -22,7 +22,12 @@ from services.common.containerd.errors import (
 )
 from services.common.genproto.peermirror.pinner.v1 import pinner_pb2, pinner_pb2_grpc
 from services.pinner.pins import InvalidReferenceError, Pin
-from services.pinner.prefetch import InvalidPrefetchError, Phase, PrefetchUpdate
+from services.pinner.prefetch import (
+    InvalidPrefetchError,
+    Phase,
+    PrefetchUpdate,
+    pull_failure_status,
+)
 
 if TYPE_CHECKING:
     from services.common.grpc_server import GrpcServer
@@ -151,7 +156,7 @@ class PinnerApi(pinner_pb2_grpc.PinnerServicer):
         try:
             pin = await self._airgap.pins.pin(request.ref)
         except InvalidReferenceError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"ref: {exc}")
         except ContainerdError as exc:
             await _abort(context, exc, request.ref)
         return pinner_pb2.PinResponse(pin=pin_message(pin))
@@ -162,7 +167,7 @@ class PinnerApi(pinner_pb2_grpc.PinnerServicer):
         try:
             was_pinned = await self._airgap.pins.unpin(request.ref)
         except InvalidReferenceError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"ref: {exc}")
         except ContainerdError as exc:
             await _abort(context, exc, request.ref)
         return pinner_pb2.UnpinResponse(was_pinned=was_pinned)
@@ -214,8 +219,7 @@ class PinnerApi(pinner_pb2_grpc.PinnerServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except ContainerdError as exc:
             # Name the field, keep containerd's reason (not found upstream, unreachable, ...).
-            code = exc.code if exc.code is not None else grpc.StatusCode.INTERNAL
-            await context.abort(code, f"reference {request.reference!r}: {exc}")
+            await context.abort(pull_failure_status(exc), f"reference {request.reference!r}: {exc}")
 
 
 class ContainerdlessPinnerApi(pinner_pb2_grpc.PinnerServicer):

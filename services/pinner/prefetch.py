@@ -101,10 +101,39 @@ def normalise_reference(reference: str) -> str:
     """The reference CRI will pull: validated, Docker-style short names expanded."""
     if not reference.strip():
         raise InvalidPrefetchError("reference: must not be empty")
+    if reference.strip().startswith("sha256:"):
+        # An image id (what Pin accepts as a record name) names nothing to pull, and handed on
+        # unchecked CRI would read it as a reference: `sha256:1/x` is host `sha256`, port 1.
+        raise InvalidPrefetchError(
+            "reference: an image id (sha256:...) cannot be pulled; name the image by tag or digest"
+        )
     try:
         return candidate_names(reference)[-1]
     except ValueError as exc:
         raise InvalidPrefetchError(f"reference: {exc}") from exc
+
+
+# Statuses a failed pull keeps: the client's mistake, a missing image, a retryable outage.
+_PULL_STATUSES = (
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.UNAVAILABLE,
+)
+
+
+def pull_failure_status(exc: ContainerdError) -> grpc.StatusCode:
+    """The API status of a prefetch that failed with `exc`: NOT_FOUND or UNAVAILABLE, as the
+    API documents (INVALID_ARGUMENT when containerd refused the reference), never UNKNOWN.
+
+    CRI answers every failed pull with UNKNOWN and the chain of causes as text (an unreachable
+    registry, a refused login, a missing tag alike); containerd's not-found error reads "not
+    found", so a tag or manifest missing upstream is told apart by the message's end.
+    """
+    if exc.code in _PULL_STATUSES:
+        return exc.code
+    if str(exc).rstrip().endswith("not found"):
+        return grpc.StatusCode.NOT_FOUND
+    return grpc.StatusCode.UNAVAILABLE
 
 
 class Prefetcher:

@@ -60,7 +60,7 @@ def _is_map(field: FieldDescriptor) -> bool:
     )
 
 
-def _scalar(field: FieldDescriptor) -> st.SearchStrategy[Any]:
+def _scalar(field: FieldDescriptor, extra_text: tuple[str, ...] = ()) -> st.SearchStrategy[Any]:
     kind = field.type
     if kind in _INT_RANGES:
         return _int_strategy(*_INT_RANGES[kind])
@@ -69,7 +69,7 @@ def _scalar(field: FieldDescriptor) -> st.SearchStrategy[Any]:
     if kind in (FieldDescriptor.TYPE_FLOAT, FieldDescriptor.TYPE_DOUBLE):
         return st.floats(allow_nan=True, allow_infinity=True, width=32)
     if kind == FieldDescriptor.TYPE_STRING:
-        return st.one_of(st.sampled_from(_INTERESTING_TEXT), st.text(max_size=40))
+        return st.one_of(st.sampled_from([*_INTERESTING_TEXT, *extra_text]), st.text(max_size=40))
     if kind == FieldDescriptor.TYPE_BYTES:
         return st.one_of(st.binary(min_size=32, max_size=32), st.binary(max_size=48))
     if kind == FieldDescriptor.TYPE_ENUM:
@@ -80,30 +80,35 @@ def _scalar(field: FieldDescriptor) -> st.SearchStrategy[Any]:
     raise TypeError(f"no strategy for field {field.full_name} of type {kind}")
 
 
-def _field_value(field: FieldDescriptor, depth: int) -> st.SearchStrategy[Any]:
+def _field_value(
+    field: FieldDescriptor, depth: int, extra_text: tuple[str, ...] = ()
+) -> st.SearchStrategy[Any]:
     if field.type == FieldDescriptor.TYPE_MESSAGE:
         entry = _message_type(field)
         if _is_map(field):
             return st.dictionaries(
-                _scalar(entry.fields_by_name["key"]),
-                _field_value(entry.fields_by_name["value"], depth + 1),
+                _scalar(entry.fields_by_name["key"], extra_text),
+                _field_value(entry.fields_by_name["value"], depth + 1, extra_text),
                 max_size=MAX_REPEATED,
             )
-        return message_dicts(entry, depth + 1)
-    return _scalar(field)
+        return message_dicts(entry, depth + 1, extra_text)
+    return _scalar(field, extra_text)
 
 
 def _is_repeated(field: FieldDescriptor) -> bool:
     return bool(field.is_repeated)
 
 
-def message_dicts(descriptor: Descriptor, depth: int = 0) -> st.SearchStrategy[dict[str, Any]]:
-    """Field values of `descriptor` as a dict (a field is absent or set; repeated = a list)."""
+def message_dicts(
+    descriptor: Descriptor, depth: int = 0, extra_text: tuple[str, ...] = ()
+) -> st.SearchStrategy[dict[str, Any]]:
+    """Field values of `descriptor` as a dict (a field is absent or set; repeated = a list);
+    string fields also draw from `extra_text` (values a particular service under test knows)."""
     if depth >= MAX_DEPTH:
         return st.just({})
     fields: dict[str, st.SearchStrategy[Any]] = {}
     for field in descriptor.fields:
-        value = _field_value(field, depth)
+        value = _field_value(field, depth, extra_text)
         if _is_repeated(field) and not _is_map(field):
             value = st.lists(value, max_size=MAX_REPEATED)
         fields[field.name] = value
@@ -135,7 +140,9 @@ def _fill(message: Message, values: dict[str, Any]) -> None:
             setattr(message, name, value)
 
 
-def messages(descriptor: Descriptor) -> st.SearchStrategy[Message]:
+def messages(
+    descriptor: Descriptor, extra_text: tuple[str, ...] = ()
+) -> st.SearchStrategy[Message]:
     """Instances of the message class of `descriptor` with generated field values."""
     cls = GetMessageClass(descriptor)
 
@@ -144,7 +151,7 @@ def messages(descriptor: Descriptor) -> st.SearchStrategy[Message]:
         _fill(message, values)
         return message
 
-    return message_dicts(descriptor).map(build)
+    return message_dicts(descriptor, extra_text=extra_text).map(build)
 
 
 def _varint(value: int) -> bytes:
@@ -174,9 +181,11 @@ _UNKNOWN_FIELDS = st.lists(
 ).map(b"".join)
 
 
-def wire_requests(descriptor: Descriptor) -> st.SearchStrategy[bytes]:
+def wire_requests(
+    descriptor: Descriptor, extra_text: tuple[str, ...] = ()
+) -> st.SearchStrategy[bytes]:
     """Serialized `descriptor` messages, some with unknown fields appended (still valid wire
     format, so even a message without fields yields many distinct requests)."""
-    return st.tuples(messages(descriptor), _UNKNOWN_FIELDS).map(
+    return st.tuples(messages(descriptor, extra_text), _UNKNOWN_FIELDS).map(
         lambda t: t[0].SerializeToString() + t[1]
     )

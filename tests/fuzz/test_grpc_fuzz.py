@@ -14,14 +14,13 @@ from pathlib import Path
 import grpc
 import pytest
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
-from google.protobuf.message import Message
-from google.protobuf.message_factory import GetMessageClass
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from services.common.genproto.peermirror.discovery.v1 import local_pb2, peer_pb2
 from services.common.genproto.peermirror.pinner.v1 import pinner_pb2
 from services.common.genproto.peermirror.registry.v1 import introspection_pb2
+from tests.fuzz.grpc_calls import call_batch
 from tests.fuzz.proto_strategies import wire_requests
 from tests.harness.fuzz_node import FuzzNode, fuzz_node
 
@@ -30,8 +29,6 @@ CASES_PER_METHOD = 1000
 BATCH = 10
 RSS_GROWTH_LIMIT = 64 * 1024 * 1024
 CALL_TIMEOUT_S = 10.0
-# A streamed answer is read this far: enough to see it is well-formed, bounded in time.
-MAX_STREAM_ITEMS = 50
 
 CLIENT_ERRORS = {
     grpc.StatusCode.OK,
@@ -78,51 +75,6 @@ def _address(node: FuzzNode, process: str, listener: str) -> str:
     return node.ports.grpc_address(process)
 
 
-def _as_is(payload: bytes) -> bytes:
-    return payload
-
-
-def _result_code(call: grpc.Future[Message]) -> grpc.StatusCode:
-    try:
-        call.result()
-    except grpc.RpcError as exc:
-        return exc.code()
-    return grpc.StatusCode.OK
-
-
-def _stream_code(call: Iterator[object]) -> grpc.StatusCode:
-    """Read a bounded part of a streamed answer, then let go of the rest."""
-    try:
-        for count, _ in enumerate(call):
-            if count >= MAX_STREAM_ITEMS:
-                call.cancel()  # type: ignore[attr-defined]
-                break
-    except grpc.RpcError as exc:
-        return exc.code()
-    return grpc.StatusCode.OK
-
-
-def _call_batch(
-    channel: grpc.Channel, method: MethodDescriptor, requests: list[bytes]
-) -> list[grpc.StatusCode]:
-    """Send `requests` (unary ones concurrently, so the server interleaves them) and collect
-    each status."""
-    path = f"/{method.containing_service.full_name}/{method.name}"
-    reply_type = GetMessageClass(method.output_type)
-    if method.server_streaming:
-        stream = channel.unary_stream(
-            path, request_serializer=_as_is, response_deserializer=reply_type.FromString
-        )
-        # One at a time: unread concurrent streams would share (and could exhaust) the
-        # connection's flow-control window while the first one is being read.
-        return [_stream_code(stream(request, timeout=CALL_TIMEOUT_S)) for request in requests]
-    unary = channel.unary_unary(
-        path, request_serializer=_as_is, response_deserializer=reply_type.FromString
-    )
-    calls = [unary.future(request, timeout=CALL_TIMEOUT_S) for request in requests]
-    return [_result_code(call) for call in calls]
-
-
 @pytest.mark.parametrize(
     ("process", "listener", "method"),
     METHODS,
@@ -146,7 +98,9 @@ def test_grpc_method_fuzz(
         )
         @given(requests=st.lists(wire_requests(method.input_type), min_size=BATCH, max_size=BATCH))
         def run(requests: list[bytes]) -> None:
-            for request, code in zip(requests, _call_batch(channel, method, requests), strict=True):
+            outcomes = call_batch(channel, method, requests, CALL_TIMEOUT_S)
+            for request, outcome in zip(requests, outcomes, strict=True):
+                code = outcome.code
                 codes[code.name] += 1
                 assert code in allowed, (code, request)
 
