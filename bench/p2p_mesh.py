@@ -8,6 +8,9 @@ tests/harness/mesh.py) and a Debian `docker-registry` in a namespace of its own.
 (a) blob throughput: node 3's mirror relaying a layer from node 1, against node 1 serving the
     same layer itself to a client in node 3's namespace (peer header: node 1's own content, same
     veth path). Whole-blob GETs, interleaved, page cache warm; the first of each is verified.
+    Also where the CPU goes: CPU-seconds per GB by process for each path run alone (kernel work
+    done outside these processes is not counted), and what that allows on this machine's CPUs,
+    which every node, the client and the kernel share.
 (b) `ctr -n k8s.io images pull` on node 3 through its mirror (peers only, the default endpoint
     unreachable) against node 2 pulling straight from the docker-registry with a hosts.toml
     naming only it. Same containerd binary and flags, unpacking included on both; the pulled
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import http.client
 import json
 import math
@@ -84,7 +88,8 @@ MESH_TIMINGS: Mapping[str, Any] = {k: v for k, v in FAST_TIMINGS.items() if k !=
 
 
 def _worker_blobs(spec: Mapping[str, Any]) -> dict[str, Any]:
-    """Whole-blob GETs of each target, interleaved; GB/s per target (first GET verified)."""
+    """Whole-blob GETs of each target, interleaved; GB/s per target (first GET verified) and
+    the client's own CPU seconds per target."""
     rates: dict[str, list[float]] = {t["label"]: [] for t in spec["targets"]}
     for target in spec["targets"]:
         got = fetch_blob(
@@ -92,13 +97,16 @@ def _worker_blobs(spec: Mapping[str, Any]) -> dict[str, Any]:
         )
         if got.status != 200 or f"sha256:{got.sha256}" != target["digest"]:
             raise LoadError(f"{target['label']}: answered {got.status}, sha256 {got.sha256}")
+    client_cpu: dict[str, float] = dict.fromkeys(rates, 0.0)
     for _ in range(spec["reps"]):
         for target in spec["targets"]:
+            cpu = time.process_time()
             got = fetch_blob(target["host"], target["port"], target["path"], target["headers"])
+            client_cpu[target["label"]] += time.process_time() - cpu
             if got.status != 200 or got.body_bytes != target["size"]:
                 raise LoadError(f"{target['label']}: answered {got.status}")
             rates[target["label"]].append(got.gb_per_s)
-    return rates
+    return {"rates": rates, "client_cpu_s": client_cpu}
 
 
 def _worker_misses(spec: Mapping[str, Any]) -> dict[str, Any]:
@@ -171,6 +179,16 @@ class Figures:
     local_miss_s: list[float]
     blob_size: int
     image_size: int
+    cpu: CpuFigures
+
+
+@dataclass
+class CpuFigures:
+    """CPU seconds per GB moved in (a), by process, for each path; and SHA-256 on one core."""
+
+    relay: dict[str, float]
+    local: dict[str, float]
+    sha256_s_per_gb: float
 
 
 _T0 = time.monotonic()
@@ -219,6 +237,17 @@ def render(f: Figures) -> str:
             f"(n={len(f.local_miss_s)})",
         ),
     ]
+    cpus = os.cpu_count() or 1
+    relay_cpu, local_cpu = sum(f.cpu.relay.values()), sum(f.cpu.local.values())
+
+    def breakdown(parts: Mapping[str, float]) -> str:
+        return ", ".join(f"{name} {value:.2f}" for name, value in parts.items())
+
+    rows += [
+        ("(a) CPU-s per GB, relay path", f"{relay_cpu:.2f}", f"({breakdown(f.cpu.relay)})"),
+        ("(a) CPU-s per GB, local path", f"{local_cpu:.2f}", f"({breakdown(f.cpu.local)})"),
+        ("(a) CPU-s per GB, SHA-256 on one core", f"{f.cpu.sha256_s_per_gb:.2f}", ""),
+    ]
     width = max(len(r[0]) for r in rows)
     lines = [
         f"blob: one {f.blob_size / MIB:.0f} MiB layer; image: 4 layers, "
@@ -229,6 +258,9 @@ def render(f: Figures) -> str:
         "",
         f"{verdict(throughput_ratio >= THROUGHPUT_TARGET)} (a) relay / local throughput "
         f"{throughput_ratio:.2f}x (target >= {THROUGHPUT_TARGET:.1f}x)",
+        f"    every process shares the same {cpus} CPUs: at full use they move at most "
+        f"{cpus / relay_cpu:.2f} GB/s on the relay path, {cpus / local_cpu:.2f} GB/s on the local "
+        f"path ({local_cpu / relay_cpu:.2f}x)",
         f"{verdict(pull_ratio <= PULL_TARGET)} (b) mirror / docker-registry pull time "
         f"{pull_ratio:.2f}x (target <= {PULL_TARGET:.1f}x)",
         f"{verdict(miss_p99 < MISS_P99_TARGET_S)} (c) mirror 404 p99 {miss_p99 * 1e3:.1f} ms "
@@ -317,6 +349,39 @@ def blob_target(
     }
 
 
+def process_cpu_s(pid: int | None) -> float:
+    """User plus system CPU seconds `pid` has used so far."""
+    if pid is None:
+        raise MeshError("a registry that should run has stopped")
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_figures(
+    n1: MeshNode, n3: MeshNode, relay: Mapping[str, Any], local: Mapping[str, Any], reps: int
+) -> CpuFigures:
+    """Where the CPU goes on each path of (a): each path alone, registries sampled around it."""
+    registries = {"n3 registry": n3.services["registry"], "n1 registry": n1.services["registry"]}
+    per_path: dict[str, dict[str, float]] = {}
+    for target in (relay, local):
+        before = {name: process_cpu_s(proc.pid) for name, proc in registries.items()}
+        answer = run_worker(n3, {"kind": "blobs", "reps": reps, "targets": [target]}, 300)
+        moved_gb = reps * target["size"] / 1e9
+        used = {
+            name: (process_cpu_s(proc.pid) - before[name]) / moved_gb
+            for name, proc in registries.items()
+        }
+        used["client"] = answer["client_cpu_s"][target["label"]] / moved_gb
+        per_path[target["label"]] = {name: value for name, value in used.items() if value > 0.005}
+    data = bytes(64 * MIB)
+    hasher = hashlib.sha256()
+    start = time.process_time()
+    for _ in range(8):
+        hasher.update(data)
+    sha256_s_per_gb = (time.process_time() - start) / (8 * len(data) / 1e9)
+    return CpuFigures(per_path["relay"], per_path["local"], sha256_s_per_gb)
+
+
 @dataclass(frozen=True)
 class Settings:
     layer_mib: int
@@ -364,10 +429,12 @@ def measure(
     # The client runs in node 3's namespace: the mirror on its loopback, node 1 over the veth.
     relay["host"] = "127.0.0.1"
     local = blob_target("local", n1, layer.digest, layer.size, PEER_HEADER)
-    rates = run_worker(
+    blobs = run_worker(
         n3, {"kind": "blobs", "reps": settings.blob_reps, "targets": [relay, local]}, 300
     )
+    rates = blobs["rates"]
     progress(f"relay {median(rates['relay']):.2f} GB/s, local {median(rates['local']):.2f} GB/s")
+    cpu = cpu_figures(n1, n3, relay, local, settings.blob_reps)
 
     progress("(c) 404 latency ...")
     miss_path = f"/v2/{REPOSITORY}/blobs/{{digest}}?ns={REGISTRY}"
@@ -425,6 +492,7 @@ def measure(
         local_miss_s=misses["local"],
         blob_size=layer.size,
         image_size=sum(d.size for d in image.blobs),
+        cpu=cpu,
     )
 
 
