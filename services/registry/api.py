@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import enum
 import time
+from collections.abc import Sequence
 from types import SimpleNamespace
+from urllib.parse import unquote
 
 import structlog
 from sanic import Blueprint, HTTPResponse, Request
@@ -29,15 +31,15 @@ from services.registry.headers import (
     API_VERSION,
     API_VERSION_HEADER,
     PEER_HEADER,
+    RangeNotSatisfiableError,
     blob_headers,
     is_peer_request,
     manifest_headers,
-    unsatisfiable_headers,
+    select_range,
 )
 from services.registry.limits import limit_log
 from services.registry.metrics import log_request
 from services.registry.paths import Kind, Route, kind_hint, parse_v2_path
-from services.registry.ranges import ByteRange, Unsatisfiable, parse_range
 from services.registry.stats import PullRecord, RequestKind, Result
 from services.registry.transfer import ClientGoneError, send_blob
 
@@ -120,7 +122,7 @@ async def _on_local_miss(
 
 def _base_response(method: str) -> HTTPResponse:
     if method not in ALLOWED_METHODS:
-        return error_response(_unsupported_method(method))
+        return _method_refused(method)
     return HTTPResponse(b"{}", headers={API_VERSION_HEADER: API_VERSION}, content_type=CONTENT_TYPE)
 
 
@@ -140,16 +142,23 @@ def _too_long(request: AppRequest) -> OciError | None:
     return error
 
 
-def _unsupported_method(method: str) -> OciError:
-    return OciError(
+def _method_refused(method: str, allowed: Sequence[str] = ALLOWED_METHODS) -> HTTPResponse:
+    """The 405 for `method`: OCI body, and the ``Allow`` header RFC 9110 requires on a 405."""
+    error = OciError(
         ErrorCode.UNSUPPORTED,
-        f"method {method} not supported: this registry is read-only (GET and HEAD)",
+        f"method {method} not supported: this registry is read-only "
+        f"({' and '.join(allowed)} only here)",
         detail={"method": method},
     )
+    return error_response(error, {"Allow": ", ".join(allowed)})
 
 
 async def content(request: AppRequest, path: str) -> HTTPResponse | None:
     """Manifests and blobs: parse, apply policy, look up, answer; count the outcome."""
+    # Percent-escapes are decoded, so `sha256%3A...` is the digest and `library%2Falpine` the
+    # name, as the reference registry reads them: clients escape path segments differently.
+    # (Sanic leaves a catch-all parameter raw even with the route's unquote option.)
+    path = unquote(path)
     ctx = request.app.ctx
     stats = ctx.stats
     from_peer = is_peer_request(request.headers.get(PEER_HEADER))
@@ -167,7 +176,7 @@ async def content(request: AppRequest, path: str) -> HTTPResponse | None:
         if too_long is not None:
             raise too_long
         if request.method not in ALLOWED_METHODS:
-            return error_response(_unsupported_method(request.method))
+            return _method_refused(request.method)
         route = parse_v2_path(path)
         request.ctx.route = route
         if route.kind is Kind.BASE:
@@ -188,7 +197,7 @@ async def content(request: AppRequest, path: str) -> HTTPResponse | None:
             Result.PEER_HIT if getattr(request.ctx, "served_by_peer", False) else Result.LOCAL_HIT
         )
         return response
-    except _RangeNotSatisfiable as unsatisfiable:
+    except RangeNotSatisfiableError as unsatisfiable:
         result = Result.CLIENT_ERROR
         error_text = unsatisfiable.error.message
         return error_response(unsatisfiable.error, unsatisfiable.headers)
@@ -312,13 +321,6 @@ async def _manifest(request: AppRequest, route: Route, scope: Scope) -> HTTPResp
     return HTTPResponse(manifest.body, headers=headers, content_type=content_type)
 
 
-class _RangeNotSatisfiable(Exception):
-    def __init__(self, error: OciError, headers: dict[str, str]) -> None:
-        super().__init__(str(error))
-        self.error = error
-        self.headers = headers
-
-
 async def _blob(request: AppRequest, route: Route, scope: Scope) -> HTTPResponse | None:
     ctx = request.app.ctx
     registry, key = _policy_target_or_refuse(request, route)
@@ -327,17 +329,7 @@ async def _blob(request: AppRequest, route: Route, scope: Scope) -> HTTPResponse
         blob = await ctx.content.blob(route.digest)
     except OciError as error:
         return await _on_local_miss(request, route, registry, key, error, scope)
-    selected = parse_range(request.headers.get("range"), blob.size)
-    if isinstance(selected, Unsatisfiable):
-        raise _RangeNotSatisfiable(
-            OciError(
-                ErrorCode.RANGE_INVALID,
-                f"range {request.headers.get('range')!r} selects nothing of a "
-                f"{blob.size}-byte blob",
-            ),
-            unsatisfiable_headers(selected, registry),
-        )
-    byte_range: ByteRange | None = selected
+    byte_range = select_range(request.headers.get("range"), blob.size, registry)
     headers = blob_headers(blob.digest, blob.size, registry, byte_range)
     status = 200 if byte_range is None else 206
     if request.method == "HEAD":
@@ -358,8 +350,12 @@ async def _blob(request: AppRequest, route: Route, scope: Scope) -> HTTPResponse
 
 
 def method_not_allowed(request: AppRequest, exception: Exception) -> HTTPResponse:
-    """Sanic's own 405s (methods no route lists) get the OCI body too."""
-    return error_response(_unsupported_method(request.method))
+    """Sanic's own 405s (methods no route lists) get the OCI body too, and an ``Allow`` header
+    naming the methods the path does take."""
+    routed = getattr(exception, "allowed_methods", None) or ALLOWED_METHODS
+    # The /v2 routes list every method only to refuse them with an OCI body.
+    allowed = sorted(m for m in routed if m in ALLOWED_METHODS or m not in ROUTED_METHODS)
+    return _method_refused(request.method, allowed)
 
 
 v2.add_route(base, "/v2", methods=ROUTED_METHODS, name="v2_base")

@@ -178,5 +178,6 @@ async def status_json(request: AnyRequest) -> HTTPResponse:
 
 def install(app: Any) -> None:
     """Add /status and /status.json to a registry app."""
-    app.add_route(status_html, HTML_PATH, methods=["GET"], name="status_page")
-    app.add_route(status_json, JSON_PATH, methods=["GET"], name="status_json")
+    # HEAD too: RFC 9110 requires it of every GET resource.
+    app.add_route(status_html, HTML_PATH, methods=["GET", "HEAD"], name="status_page")
+    app.add_route(status_json, JSON_PATH, methods=["GET", "HEAD"], name="status_json")
