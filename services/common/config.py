@@ -367,6 +367,32 @@ class DiscoverySection:
             check=_check_optional_address,
         ),
     )
+    # Input limits: a refusal names the field and is logged once per client (rate limited).
+    max_keys_per_advertise: int = field(
+        default=10_000,
+        metadata=_doc(
+            "keys in one node-local Advertise or Withdraw call; more is refused "
+            "INVALID_ARGUMENT (the pinner sends at most 256 per call)",
+            check=_check_positive,
+        ),
+    )
+    max_keys_per_peer_call: int = field(
+        default=1024,
+        metadata=_doc(
+            "keys in one AddProvider or RemoveProvider call from a peer; more is refused "
+            "INVALID_ARGUMENT, and this node splits its own calls at it (keep it equal on "
+            "every node)",
+            check=_check_positive,
+        ),
+    )
+    max_key_length: int = field(
+        default=1024,
+        metadata=_doc(
+            "characters of one key (digest or reference) in the node-local API; a longer one "
+            "is refused INVALID_ARGUMENT",
+            check=_check_positive,
+        ),
+    )
 
 
 @dataclass(frozen=True)
@@ -516,6 +542,20 @@ class TlsSection:
 
 
 @dataclass(frozen=True)
+class GrpcSection:
+    """Bounds shared by the gRPC servers of the three services (registry, discovery, pinner)."""
+
+    max_message_bytes: int = field(
+        default=4 * 1024 * 1024,
+        metadata=_doc(
+            "bytes of one incoming gRPC message on every gRPC server of the node; a larger one "
+            "is refused RESOURCE_EXHAUSTED before it is parsed",
+            check=_check_positive,
+        ),
+    )
+
+
+@dataclass(frozen=True)
 class K3sSection:
     """K3s's own registry switches, spelled as in K3s's config.yaml; null = not set here.
 
@@ -559,6 +599,7 @@ class NodeConfig:
     store: StoreSection = field(default_factory=StoreSection)
     k3s: K3sSection = field(default_factory=K3sSection)
     tls: TlsSection = field(default_factory=TlsSection)
+    grpc: GrpcSection = field(default_factory=GrpcSection)
 
 
 # --- type introspection --------------------------------------------------------------------

@@ -3,24 +3,32 @@
 Each service builds a :class:`GrpcServer`, adds its servicers, starts it and then waits in
 :func:`run_until_signal`, which turns SIGTERM/SIGINT into a graceful stop bounded in time (the
 acceptance bar is exit within 5 s). ``grpc.so_reuseport`` is switched off so a second process on a
-taken port fails at start instead of silently sharing (and splitting) the port.
+taken port fails at start instead of silently sharing (and splitting) the port. Incoming messages
+are bounded by ``grpc.max_message_bytes``, and the clients grpc refuses for it are logged once
+per client and interval (:class:`MessageRefusalLog`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import inspect
 import signal
 import socket
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
+from typing import Any, TypeAlias
+from urllib.parse import unquote
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from services.common.config import GrpcSection
 from services.common.logsetup import get_logger
+from services.common.ratelog import LimitLog
 
 HEALTH_SERVICE_NAME: str = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 REFLECTION_SERVICE_NAME: str = reflection.SERVICE_NAME
@@ -32,19 +40,133 @@ DEFAULT_GRACE = 3.0
 # What grpc gets past the grace to cancel the calls left and finish its shutdown.
 SHUTDOWN_MARGIN = 2.0
 
-# Bound on one incoming gRPC message (requests and client-streamed messages alike).
-# Our largest requests (Advertise batches of keys) stay far below it.
-MAX_RECEIVE_MESSAGE_BYTES = 4 * 1024 * 1024
-
 SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     # Off so binding a port another process holds fails instead of load-sharing with it.
     ("grpc.so_reuseport", 0),
-    # Explicit rather than grpc's implicit default: a larger message is refused with
-    # RESOURCE_EXHAUSTED before it is parsed.
-    ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES),
 )
+# The config key bounding every incoming message (grpc.max_message_bytes), named in refusal logs.
+MESSAGE_LIMIT = "max_message_bytes"
 
 _log = get_logger("peermirror.grpc")
+
+
+# The handler and context types as grpc's stubs spell them (not subscriptable at run time).
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+ReadRequest: TypeAlias = Callable[[Context], Awaitable[Any]]
+
+
+def client_of(peer: str) -> str:
+    """Who a refusal is charged to, from gRPC's ``context.peer()``: a TCP caller's IP without
+    its port (reconnecting does not make a new client), otherwise the peer string as is."""
+    scheme, sep, rest = unquote(peer).partition(":")
+    if sep and scheme in ("ipv4", "ipv6"):
+        host = rest.rpartition(":")[0].removeprefix("[").removesuffix("]")
+        if host:
+            return host
+    return peer or "unknown"
+
+
+class MessageRefusalLog(grpc.aio.ServerInterceptor):
+    """Logs (rate limited, per client) the requests grpc refuses as larger than the limit.
+
+    grpc core checks a message's size when the handler asks for it, and a unary handler is only
+    called once its request arrived, so a refused request never reaches our code and the client
+    is gone from the call by then. Served as a streaming-request handler instead, our wrapper
+    runs first, notes ``context.peer()``, and sees the refusal as the request stream ending
+    before its one message; grpc has already answered the client RESOURCE_EXHAUSTED. A client
+    that cancels before its message arrives looks the same, which the log line says.
+    """
+
+    def __init__(self, server: str, max_bytes: int, limit_log: LimitLog) -> None:
+        self._server = server
+        self._max_bytes = max_bytes
+        self._limit_log = limit_log
+        # method -> (handler as registered, its wrapped form); handlers are fixed per method.
+        self._wrapped: dict[str, tuple[Handler, Handler]] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_streaming:
+            return handler
+        method = handler_call_details.method
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(method, handler)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, method: str, handler: Handler) -> Handler:
+        read = functools.partial(self._request, method)
+        unary = handler.unary_unary
+        if unary is not None and inspect.iscoroutinefunction(unary):
+            return grpc.stream_unary_rpc_method_handler(
+                _unary_reply(read, unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        streaming = handler.unary_stream
+        if streaming is not None and (
+            inspect.isasyncgenfunction(streaming) or inspect.iscoroutinefunction(streaming)
+        ):
+            return grpc.stream_stream_rpc_method_handler(
+                _stream_replies(read, streaming),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler  # a synchronous handler: left to grpc's own dispatch
+
+    async def _request(self, method: str, context: Context) -> Any:
+        """The call's one request message; cancels the call when none arrived."""
+        client = client_of(context.peer())  # asked first: a refused call no longer names it
+        request = await context.read()
+        if request is not grpc.aio.EOF:
+            return request
+        remaining = context.time_remaining()
+        if remaining is None or remaining > 0:  # a passed deadline is no refusal
+            self._limit_log.refused(
+                MESSAGE_LIMIT,
+                client,
+                "request message not received: larger than the gRPC maximum, "
+                "or cancelled by the client",
+                max=self._max_bytes,
+                server=self._server,
+                method=method,
+            )
+        # What grpc itself does with a unary call whose request never came: end it without
+        # an answer of our own (the client already has grpc's status).
+        raise asyncio.CancelledError
+
+
+def _unary_reply(read: ReadRequest, behaviour: Callable[..., Any]) -> Callable[..., Any]:
+    # `requests` stays unused: read() takes the one message straight from the call.
+    async def call(requests: AsyncIterator[Any], context: Context) -> Any:
+        return await behaviour(await read(context), context)
+
+    return call
+
+
+def _stream_replies(read: ReadRequest, behaviour: Callable[..., Any]) -> Callable[..., Any]:
+    if inspect.iscoroutinefunction(behaviour):
+        # Writer style (the handler calls context.write itself, as health's Watch does).
+        async def write(requests: AsyncIterator[Any], context: Context) -> None:
+            await behaviour(await read(context), context)
+
+        return write
+
+    async def replies(requests: AsyncIterator[Any], context: Context) -> AsyncIterator[Any]:
+        request = await read(context)
+        # aclosing: the handler's own cleanup runs when the client goes away mid-stream.
+        async with contextlib.aclosing(behaviour(request, context)) as inner:
+            async for reply in inner:
+                yield reply
+
+    return replies
 
 
 class AddressInUseError(OSError):
@@ -97,12 +219,27 @@ class GrpcServer:
         name: str = "grpc",
         options: Iterable[tuple[str, int | str]] = (),
         credentials: grpc.ServerCredentials | None = None,
+        max_message_bytes: int | None = None,
+        limit_log: LimitLog | None = None,
     ) -> None:
         self.address = address
         self.name = name
         # TLS credentials for listeners facing other nodes; None = plaintext (node-local APIs).
         self._credentials = credentials
-        self._options: list[tuple[str, int | str]] = [*SERVER_OPTIONS, *options]
+        # grpc.max_message_bytes of the node config; None = that key's default.
+        self.max_message_bytes = (
+            GrpcSection().max_message_bytes if max_message_bytes is None else max_message_bytes
+        )
+        self._options: list[tuple[str, int | str]] = [
+            *SERVER_OPTIONS,
+            # Explicit rather than grpc's implicit default: a larger message is refused with
+            # RESOURCE_EXHAUSTED before it is parsed.
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            *options,
+        ]
+        self._refusals = MessageRefusalLog(
+            name, self.max_message_bytes, limit_log or LimitLog("peermirror.grpc.limits")
+        )
         self._adders: list[AddServicer] = []
         self._service_names: list[str] = []
         self._server: grpc.aio.Server | None = None
@@ -152,7 +289,7 @@ class GrpcServer:
         if unix is not None and _unix_socket_in_use(unix):
             raise AddressInUseError(self.address, "a server is already listening on this socket")
 
-        server = grpc.aio.server(options=self._options)
+        server = grpc.aio.server(options=self._options, interceptors=[self._refusals])
         health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
         for add in self._adders:

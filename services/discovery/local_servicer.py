@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import NoReturn
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from services.common.config import DiscoverySection
 from services.common.genproto.peermirror.discovery.v1 import local_pb2 as pb
 from services.common.genproto.peermirror.discovery.v1 import local_pb2_grpc as pb_grpc
+from services.common.grpc_server import client_of
 from services.common.logsetup import get_logger
+from services.common.ratelog import LimitLog
 from services.common.request_id import from_metadata
 from services.discovery.engine import DiscoveryEngine
 from services.discovery.metrics import DiscoveryMetrics
@@ -18,9 +23,6 @@ from services.discovery.wire import InvalidRequest, contact_to_proto
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["LocalDiscovery"].full_name
 
-# Most keys in one Advertise/Withdraw call; longest key string accepted.
-MAX_KEYS_PER_CALL = 10_000
-MAX_KEY_LENGTH = 1024
 # Keys per ListAdvertised message.
 LIST_BATCH = 1000
 
@@ -29,22 +31,52 @@ Context = grpc.aio.ServicerContext[object, object]
 log = get_logger("discovery.local")
 
 
-def check_key(key: str, field: str) -> str:
-    """A key string: a digest or reference, non-empty, printable, bounded."""
-    if not key:
-        raise InvalidRequest(field, "must not be empty")
-    if len(key) > MAX_KEY_LENGTH:
-        raise InvalidRequest(field, f"longer than {MAX_KEY_LENGTH} characters")
-    if not key.isprintable() or any(ch.isspace() for ch in key):
-        raise InvalidRequest(field, "must not contain whitespace or control characters")
-    return key
+class KeyLimitExceeded(InvalidRequest):
+    """A request over one of the configured key bounds; `limit` names its config key."""
+
+    def __init__(self, field: str, problem: str, limit: str, maximum: int) -> None:
+        super().__init__(field, problem)
+        self.limit = limit
+        self.maximum = maximum
 
 
-def check_key_list(keys: Sequence[str]) -> list[str]:
-    """The keys of an Advertise/Withdraw call."""
-    if len(keys) > MAX_KEYS_PER_CALL:
-        raise InvalidRequest("keys", f"at most {MAX_KEYS_PER_CALL} keys per call, got {len(keys)}")
-    return [check_key(key, f"keys[{i}]") for i, key in enumerate(keys)]
+@dataclass(frozen=True)
+class KeyLimits:
+    """The bounds on keys the node-local API accepts (discovery.max_keys_per_advertise and
+    discovery.max_key_length)."""
+
+    max_keys: int
+    max_key_length: int
+
+    @classmethod
+    def of(cls, section: DiscoverySection) -> KeyLimits:
+        return cls(section.max_keys_per_advertise, section.max_key_length)
+
+    def check_key(self, key: str, field: str) -> str:
+        """A key string: a digest or reference, non-empty, printable, bounded."""
+        if not key:
+            raise InvalidRequest(field, "must not be empty")
+        if len(key) > self.max_key_length:
+            raise KeyLimitExceeded(
+                field,
+                f"longer than {self.max_key_length} characters",
+                "max_key_length",
+                self.max_key_length,
+            )
+        if not key.isprintable() or any(ch.isspace() for ch in key):
+            raise InvalidRequest(field, "must not contain whitespace or control characters")
+        return key
+
+    def check_key_list(self, keys: Sequence[str]) -> list[str]:
+        """The keys of an Advertise/Withdraw call."""
+        if len(keys) > self.max_keys:
+            raise KeyLimitExceeded(
+                "keys",
+                f"at most {self.max_keys} keys per call, got {len(keys)}",
+                "max_keys_per_advertise",
+                self.max_keys,
+            )
+        return [self.check_key(key, f"keys[{i}]") for i, key in enumerate(keys)]
 
 
 def timestamp(wall: float) -> Timestamp:
@@ -57,16 +89,36 @@ def timestamp(wall: float) -> Timestamp:
 class LocalDiscoveryServicer(pb_grpc.LocalDiscoveryServicer):
     """Advertise, withdraw and look up keys for this node's registry and pinner."""
 
-    def __init__(self, engine: DiscoveryEngine, metrics: DiscoveryMetrics | None = None) -> None:
+    def __init__(
+        self,
+        engine: DiscoveryEngine,
+        metrics: DiscoveryMetrics | None = None,
+        *,
+        limits: KeyLimits | None = None,
+        limit_log: LimitLog | None = None,
+    ) -> None:
         self._engine = engine
         self._metrics = metrics
+        self._limits = limits if limits is not None else KeyLimits.of(DiscoverySection())
+        self._limit_log = limit_log if limit_log is not None else LimitLog("discovery.limits")
 
-    @staticmethod
-    async def _keys(keys: Sequence[str], context: Context) -> list[str]:
+    async def _refuse(self, exc: InvalidRequest, context: Context) -> NoReturn:
+        """Answer INVALID_ARGUMENT naming the field; a limit hit is also logged (rate limited)."""
+        if isinstance(exc, KeyLimitExceeded):
+            self._limit_log.refused(
+                exc.limit,
+                client_of(context.peer()),
+                "client refused: request over a key limit",
+                max=exc.maximum,
+                field=exc.field,
+            )
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+    async def _keys(self, keys: Sequence[str], context: Context) -> list[str]:
         try:
-            return check_key_list(keys)
+            return self._limits.check_key_list(keys)
         except InvalidRequest as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await self._refuse(exc, context)
 
     async def Advertise(
         self, request: pb.AdvertiseRequest, context: Context
@@ -91,9 +143,9 @@ class LocalDiscoveryServicer(pb_grpc.LocalDiscoveryServicer):
         self, request: pb.FindProvidersRequest, context: Context
     ) -> AsyncIterator[pb.FindProvidersResponse]:
         try:
-            key = check_key(request.key, "key")
+            key = self._limits.check_key(request.key, "key")
         except InvalidRequest as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await self._refuse(exc, context)
         # The registry's request id comes as metadata; it is logged explicitly (this generator
         # may be finished from another context, so nothing is bound to contextvars here).
         request_id = from_metadata(context.invocation_metadata())

@@ -8,13 +8,14 @@ certificate names (an IP SAN): a node's identity in the DHT is bound to its cert
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import grpc
 
 from services.common.genproto.peermirror.discovery.v1 import peer_pb2 as pb
 from services.common.genproto.peermirror.discovery.v1 import peer_pb2_grpc as pb_grpc
-from services.common.logsetup import get_logger
+from services.common.grpc_server import client_of
+from services.common.ratelog import LimitLog
 from services.common.tls import peer_cert_ips
 from services.discovery.kademlia import Contact, DhtNode
 from services.discovery.peer_client import PeerClient
@@ -34,8 +35,6 @@ SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["Peer"].full_name
 
 Context = grpc.aio.ServicerContext[object, object]
 
-log = get_logger("discovery.peer")
-
 
 class PeerServicer(pb_grpc.PeerServicer):
     """Answers other nodes from the DhtNode's state."""
@@ -48,6 +47,7 @@ class PeerServicer(pb_grpc.PeerServicer):
         clock: Callable[[], float],
         *,
         bind_identity: bool = False,
+        limit_log: LimitLog | None = None,
     ) -> None:
         self._node = node
         self._client = client
@@ -55,6 +55,7 @@ class PeerServicer(pb_grpc.PeerServicer):
         self._clock = clock
         # Set when the server requires client certificates (tls.enabled).
         self._bind_identity = bind_identity
+        self._limit_log = limit_log if limit_log is not None else LimitLog("discovery.limits")
         self.requests = 0
         self.refused_identity = 0
 
@@ -84,9 +85,10 @@ class PeerServicer(pb_grpc.PeerServicer):
             )
         if address not in {normalize_ip(ip) for ip in named}:
             self.refused_identity += 1
-            log.warning(
+            self._limit_log.refused(
+                "identity_binding",
+                address,
                 "peer refused: its certificate does not name the address it calls from",
-                address=address,
                 certificate_ips=named,
             )
             await context.abort(
@@ -101,6 +103,20 @@ class PeerServicer(pb_grpc.PeerServicer):
             check()
         except InvalidRequest as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+    async def _check_batch(self, keys: Sequence[bytes], context: Context) -> None:
+        """An AddProvider/RemoveProvider batch; one over discovery.max_keys_per_peer_call is
+        also logged (rate limited) before it is refused like any malformed batch."""
+        limit = self._node.config.max_batch_keys
+        if len(keys) > limit:
+            self._limit_log.refused(
+                "max_keys_per_peer_call",
+                client_of(context.peer()),
+                "peer refused: too many keys in one call",
+                max=limit,
+                keys=len(keys),
+            )
+        await self._check(context, lambda: check_keys(keys, limit))
 
     def _heard(self, caller: Contact) -> None:
         # Only once the whole request was found well-formed.
@@ -140,8 +156,7 @@ class PeerServicer(pb_grpc.PeerServicer):
         self, request: pb.AddProviderRequest, context: Context
     ) -> pb.AddProviderResponse:
         caller = await self._caller(request.HasField("sender"), request.sender, context)
-        limit = self._node.config.max_batch_keys
-        await self._check(context, lambda: check_keys(request.keys, limit))
+        await self._check_batch(request.keys, context)
         ttl = seconds(request.ttl) if request.HasField("ttl") else 0.0
         if ttl < 0:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "ttl: must not be negative")
@@ -153,7 +168,6 @@ class PeerServicer(pb_grpc.PeerServicer):
         self, request: pb.RemoveProviderRequest, context: Context
     ) -> pb.RemoveProviderResponse:
         caller = await self._caller(request.HasField("sender"), request.sender, context)
-        limit = self._node.config.max_batch_keys
-        await self._check(context, lambda: check_keys(request.keys, limit))
+        await self._check_batch(request.keys, context)
         self._heard(caller)
         return pb.RemoveProviderResponse(removed=self._node.remove_provider(caller, request.keys))

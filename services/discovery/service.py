@@ -18,13 +18,14 @@ from services.common.genproto.peermirror.discovery.v1 import local_pb2_grpc, pee
 from services.common.grpc_server import GrpcServer, run_until_signal
 from services.common.logsetup import get_logger
 from services.common.metrics import start_listener
+from services.common.ratelog import LimitLog
 from services.common.tls import grpc_channel_credentials, grpc_server_credentials, tls_files
 from services.discovery.bootstrap import BootstrapSources
 from services.discovery.engine import DiscoveryEngine
 from services.discovery.identity import load_or_create_node_id
 from services.discovery.kademlia import DhtConfig
 from services.discovery.local_servicer import SERVICE_NAME as LOCAL_SERVICE
-from services.discovery.local_servicer import LocalDiscoveryServicer
+from services.discovery.local_servicer import KeyLimits, LocalDiscoveryServicer
 from services.discovery.metrics import DiscoveryMetrics
 from services.discovery.peer_servicer import SERVICE_NAME as PEER_SERVICE
 from services.discovery.peer_servicer import PeerServicer
@@ -50,6 +51,7 @@ def dht_config(cfg: NodeConfig) -> DhtConfig:
             record_ttl=d.record_ttl,
             max_record_ttl=d.record_ttl,
             republish_interval=d.republish_interval,
+            max_batch_keys=d.max_keys_per_peer_call,
         )
     except ValueError as exc:
         raise ConfigError(f"discovery: {exc}") from None
@@ -97,10 +99,14 @@ class DiscoveryService:
             ),
         )
         engine = self.engine
+        # One per node: refusals logged once per client and limit, whichever API was called.
+        limit_log = LimitLog("discovery.limits")
         self.peer_server = GrpcServer(
             _listen_address(d.host, d.port),
             name="discovery-peer",
             credentials=grpc_server_credentials(self.tls) if self.tls is not None else None,
+            max_message_bytes=cfg.grpc.max_message_bytes,
+            limit_log=limit_log,
         )
         peer = PeerServicer(
             engine.node,
@@ -108,13 +114,21 @@ class DiscoveryService:
             engine.sender_info,
             engine.clock,
             bind_identity=self.tls is not None,
+            limit_log=limit_log,
         )
         self.peer_server.add_service(
             PEER_SERVICE, lambda s: peer_pb2_grpc.add_PeerServicer_to_server(peer, s)
         )
-        self.local_server = GrpcServer(d.local_address, name="discovery-local")
+        self.local_server = GrpcServer(
+            d.local_address,
+            name="discovery-local",
+            max_message_bytes=cfg.grpc.max_message_bytes,
+            limit_log=limit_log,
+        )
         self.metrics = DiscoveryMetrics(engine)
-        local = LocalDiscoveryServicer(engine, self.metrics)
+        local = LocalDiscoveryServicer(
+            engine, self.metrics, limits=KeyLimits.of(d), limit_log=limit_log
+        )
         self.local_server.add_service(
             LOCAL_SERVICE, lambda s: local_pb2_grpc.add_LocalDiscoveryServicer_to_server(local, s)
         )

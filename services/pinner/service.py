@@ -17,6 +17,7 @@ from services.common.logsetup import get_logger
 from services.common.metrics import start_listener
 from services.common.store.oci_layout import OciLayoutStore
 from services.common.tls import tls_files
+from services.pinner.advertiser import BATCH_SIZE as ADVERTISE_BATCH
 from services.pinner.advertiser import Advertiser
 from services.pinner.airgap.manager import AirgapManager
 from services.pinner.api import ContainerdlessPinnerApi, SyncOutcome, SyncState
@@ -140,7 +141,11 @@ class PinnerRuntime:
                 registries_file=str(cfg.registry.registries_file),
             )
             return
-        self.advertiser = Advertiser(cfg.discovery.local_address)
+        # Never more keys per call than discovery accepts.
+        self.advertiser = Advertiser(
+            cfg.discovery.local_address,
+            batch_size=min(ADVERTISE_BATCH, cfg.discovery.max_keys_per_advertise),
+        )
         if self.store is not None:
             self.tracker = StoreTracker(
                 self.store,
@@ -241,7 +246,9 @@ async def run(cfg: NodeConfig) -> None:
         log.error("invalid registries file; not starting", error=str(exc))
         raise SystemExit(EXIT_CONFIG) from exc
     runtime = PinnerRuntime(cfg, registries)
-    local = GrpcServer(cfg.pinner.grpc_address, name="pinner-local")
+    local = GrpcServer(
+        cfg.pinner.grpc_address, name="pinner-local", max_message_bytes=cfg.grpc.max_message_bytes
+    )
     runtime.register(local)
     metrics = PinnerMetrics(runtime)
     try:

@@ -18,6 +18,7 @@ from services.common.tls import server_context, tls_files
 from services.registry.app import create_app
 from services.registry.context import RegistryApp
 from services.registry.introspection import register as register_introspection
+from services.registry.limits import limit_log
 from services.registry.protocol import PlainHttpProtocol
 from services.registry.status_page import listener_pages
 
@@ -109,7 +110,12 @@ async def run(cfg: NodeConfig) -> None:
     files = tls_files(cfg)
     ssl_context = server_context(files) if files is not None else None
     app = create_app(cfg)
-    grpc_server = GrpcServer(cfg.registry.grpc_address, name="registry-introspection")
+    grpc_server = GrpcServer(
+        cfg.registry.grpc_address,
+        name="registry-introspection",
+        max_message_bytes=cfg.grpc.max_message_bytes,
+        limit_log=limit_log,
+    )
     register_introspection(grpc_server, app.ctx.stats)
     http = HttpServer(app, cfg.registry.host, cfg.registry.port, ssl_context)
     await grpc_server.start()

@@ -47,7 +47,9 @@ class DhtConfig:
     republish_interval: float = 120.0
     # Buckets with no lookup in their range for this long get a lookup of a random ID.
     refresh_interval: float = 600.0
-    # Most keys stored from one AddProvider request, most providers in one answer.
+    # Most keys in one AddProvider/RemoveProvider request, in and out; the service sets it
+    # from discovery.max_keys_per_peer_call (this default, equal to that key's, serves the
+    # simulation). Most providers in one answer.
     max_batch_keys: int = 1024
     max_providers_answer: int = 100
 
