@@ -1,13 +1,16 @@
-"""Sends blob bodies: zero-copy from a file when the store has one, else the store's stream.
+"""Sends blob bodies: zero-copy from a file on plain TCP, else the store's stream.
 
-The file path uses ``loop.sendfile`` on the connection's transport: on a plain TCP transport the
-kernel copies file pages straight to the socket (``os.sendfile``); on transports without native
-support (TLS) asyncio falls back to 256 KiB reads. Either way no more than one block per request is
-ever held in memory. Sanic only frames the response (status and headers); the body bypasses it,
-after which its byte accounting is told how much was sent so it finishes the response normally.
+On a plain TCP connection the file path uses ``loop.sendfile``: the kernel copies file pages
+straight to the socket (``os.sendfile``). Sanic only frames the response (status and headers); the
+body bypasses it, after which its byte accounting is told how much was sent so it finishes the
+response normally.
 
-The stream path hands the store's chunks (1 MiB) to Sanic one at a time; Sanic waits for the
-socket to drain before taking the next, which bounds memory the same way.
+Everything else (TLS connections, stores without files) takes the stream path: the store's chunks
+(1 MiB) go to Sanic one at a time, and Sanic waits for the socket to drain before taking the next,
+so no more than a chunk per request is held. TLS must not use ``loop.sendfile``: its fallback for
+transports without native support reads 16 KiB per thread-pool round trip (Python 3.11), which
+served about 0.07 GB/s at 15 CPU-seconds per GB; the stream path serves the same blob over TLS at
+about 0.56 GB/s and 1.75 CPU-seconds per GB.
 """
 
 from __future__ import annotations
@@ -63,7 +66,9 @@ async def send_blob(
     """Answer with `status`, `headers` and `count` bytes of `blob` from `offset`; returns the body
     bytes sent. Raises ClientGoneError when the client disconnects, NotFoundError (before anything
     is sent) when the content vanished, and store errors as they come."""
-    f = await asyncio.to_thread(_open_exact, blob) if blob.path is not None else None
+    f = None
+    if blob.path is not None and not _is_tls(request):
+        f = await asyncio.to_thread(_open_exact, blob)
     if f is None:
         return await _send_stream(request, status, headers, store, blob.digest, offset, count)
     with f:
@@ -81,6 +86,10 @@ async def send_blob(
         body_sent_outside_sanic(request, sent)
         await response.send(b"", end_stream=True)
         return sent
+
+
+def _is_tls(request: Request[Any, Any]) -> bool:
+    return request.transport.get_extra_info("ssl_object") is not None
 
 
 def _drop(request: Request[Any, Any]) -> None:

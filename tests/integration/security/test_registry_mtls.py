@@ -20,7 +20,10 @@ TIMEOUT = aiohttp.ClientTimeout(total=10)
 
 @pytest.fixture(scope="module")
 def image(tmp_path_factory: pytest.TempPathFactory) -> BuiltImage:
-    return build_image(tmp_path_factory.mktemp("image"), name=IMAGE, layers=1)
+    # A layer of several store chunks (1 MiB), so a body over TLS is sent in pieces.
+    return build_image(
+        tmp_path_factory.mktemp("image"), name=IMAGE, layers=1, layer_size=3 * 1024 * 1024 + 5
+    )
 
 
 @pytest.fixture
@@ -36,11 +39,13 @@ async def registry(
         await store.close()
 
 
-async def _get(url: str, ctx: ssl.SSLContext | bool) -> tuple[int, bytes]:
+async def _get(
+    url: str, ctx: ssl.SSLContext | bool, headers: dict[str, str] | None = None
+) -> tuple[int, bytes]:
     connector = aiohttp.TCPConnector(ssl=ctx, force_close=True)
     async with (
         aiohttp.ClientSession(connector=connector, timeout=TIMEOUT, trust_env=False) as session,
-        session.get(url) as resp,
+        session.get(url, headers=headers) as resp,
     ):
         return resp.status, await resp.read()
 
@@ -55,6 +60,19 @@ async def test_a_node_certificate_of_the_cluster_ca_is_served(
     status, body = await _get(manifest, cluster.context("peer"))
     assert status == 200
     assert body == image.read_blob(image.target.digest)
+
+
+async def test_blobs_over_tls_arrive_whole_and_by_range(
+    registry: RunningRegistry, cluster: ClusterPki, image: BuiltImage
+) -> None:
+    layer = image.platforms[0].layers[0].descriptor.digest
+    data = image.read_blob(layer)
+    url = f"{registry.url}/v2/library/secure/blobs/{layer}?ns=docker.io"
+    status, body = await _get(url, cluster.context("peer"))
+    assert (status, body) == (200, data)
+    first, last = 1024 * 1024 - 3, 2 * 1024 * 1024 + 9  # across chunk boundaries
+    status, body = await _get(url, cluster.context("peer"), {"Range": f"bytes={first}-{last}"})
+    assert (status, body) == (206, data[first : last + 1])
 
 
 @pytest.mark.parametrize("which", ["no certificate", "foreign", "expired"])
