@@ -8,10 +8,12 @@ status, length and (optionally) the SHA-256 of what arrived, so a fast wrong ans
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 import shutil
 import socket
+import ssl
 import subprocess
 import time
 from collections.abc import Mapping
@@ -69,17 +71,22 @@ def fetch_blob(
     *,
     verify: bool = False,
     timeout: float = 60.0,
+    tls: ssl.SSLContext | None = None,
 ) -> BlobFetch:
-    """GET `target` on a fresh connection and read the body (Content-Length framed) to the end.
+    """GET `target` on a fresh connection (over TLS with `tls`) and read the body
+    (Content-Length framed) to the end.
 
-    The clock runs from sending the request to the last body byte. With `verify` the body is
-    hashed as it arrives (slower; use it on an untimed warm-up fetch).
+    The clock runs from sending the request to the last body byte (after the TLS handshake).
+    With `verify` the body is hashed as it arrives (slower; use it on an untimed warm-up fetch).
     """
     buffer = bytearray(RECV_BUFFER)
     view = memoryview(buffer)
     hasher = hashlib.sha256() if verify else None
-    with socket.create_connection((host, port), timeout=timeout) as sock:
+    with contextlib.ExitStack() as stack:
+        sock = stack.enter_context(socket.create_connection((host, port), timeout=timeout))
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if tls is not None:
+            sock = stack.enter_context(tls.wrap_socket(sock, server_hostname=host))
         start = time.perf_counter()
         sock.sendall(_request_bytes(host, port, target, headers or {}))
         received = bytearray()

@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
 import yaml
@@ -111,8 +112,11 @@ class Settings:
 # --- setting the servers up ----------------------------------------------------------------------
 
 
-def write_peermirror_config(directory: Path, port: int, store: dict[str, str]) -> Path:
-    """A registry-only node config: loopback, warning-level JSON logs, every registry mirrored."""
+def write_peermirror_config(
+    directory: Path, port: int, store: dict[str, str], tls: dict[str, Any] | None = None
+) -> Path:
+    """A registry-only node config: loopback, warning-level JSON logs, every registry mirrored,
+    plain HTTP unless a `tls` section is given."""
     directory.mkdir(parents=True, exist_ok=True)
     registries = directory / "registries.yaml"
     registries.write_text(yaml.safe_dump({"mirrors": {"*": {}}}), encoding="utf-8")
@@ -125,7 +129,7 @@ def write_peermirror_config(directory: Path, port: int, store: dict[str, str]) -
             "grpc_address": f"{HOST}:{free_port()}",
             "registries_file": str(registries),
         },
-        "tls": {"enabled": False},
+        "tls": tls or {"enabled": False},
         "store": store,
     }
     path = directory / "peermirror.yaml"
