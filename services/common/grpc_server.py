@@ -402,6 +402,10 @@ def install_sigterm(
     return remove
 
 
+def _ignore_late_signal(sig: signal.Signals) -> None:
+    _log.info("stop signal ignored: already stopped", signal=sig.name)
+
+
 async def run_until_signal(
     on_stop: Callable[[], Awaitable[None]],
     *,
@@ -423,7 +427,8 @@ async def run_until_signal(
         if not received.done():
             received.set_result(sig)
 
-    remove = install_sigterm(loop, on_signal, signals)
+    installed = list(signals)
+    install_sigterm(loop, on_signal, installed)
     work_task: asyncio.Future[object] | None = (
         asyncio.ensure_future(work) if work is not None else None
     )
@@ -441,7 +446,11 @@ async def run_until_signal(
         except TimeoutError:
             _log.error("graceful stop overran its budget", budget_s=stop_timeout)
     finally:
-        remove()
+        # Later stop signals are ignored until the loop closes, not given back their default
+        # (fatal) action: a SIGKILLed node's children can be sent their parent-death SIGTERM
+        # more than once (once per exiting thread of the node), and a second one must not kill
+        # a service in its last steps, before it has said it stopped.
+        install_sigterm(loop, _ignore_late_signal, installed)
         if work_task is not None and not work_task.done():
             work_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

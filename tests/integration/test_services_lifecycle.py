@@ -58,6 +58,20 @@ def test_service_serves_health_and_stops_cleanly_on_sigterm(
         assert records[-1]["event"] == f"{service} stopped"
 
 
+@pytest.mark.parametrize("service", SERVICES)
+def test_a_second_sigterm_does_not_cut_the_stop_short(
+    service: str, node: tuple[NodePorts, Path], tmp_path: Path
+) -> None:
+    # A SIGKILLed node's children can be sent their parent-death SIGTERM more than once.
+    ports, config = node
+    with running(cli_argv(service, "--config", str(config)), tmp_path / "logs", service) as proc:
+        wait_serving(ports.grpc_address(service), proc)
+        proc.proc.send_signal(signal.SIGTERM)
+        proc.proc.send_signal(signal.SIGTERM)
+        assert proc.proc.wait(timeout=START_TIMEOUT) == 0
+        assert proc.json_lines()[-1]["event"] == f"{service} stopped"
+
+
 def test_registry_unknown_path_is_a_json_404(node: tuple[NodePorts, Path], tmp_path: Path) -> None:
     ports, config = node
     with running(cli_argv("registry", "--config", str(config)), tmp_path / "logs", "r") as proc:
