@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -63,8 +64,17 @@ async def test_a_node_certificate_of_the_cluster_ca_is_served(
 
 
 async def test_blobs_over_tls_arrive_whole_and_by_range(
-    registry: RunningRegistry, cluster: ClusterPki, image: BuiltImage
+    registry: RunningRegistry,
+    cluster: ClusterPki,
+    image: BuiltImage,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # loop.sendfile on a TLS transport falls back to 16 KiB reads, one thread-pool round trip
+    # each (0.07 GB/s): TLS bodies must take the stream path.
+    async def no_sendfile(*args: object, **kwargs: object) -> int:
+        raise AssertionError("loop.sendfile used on a TLS connection")
+
+    monkeypatch.setattr(asyncio.get_running_loop(), "sendfile", no_sendfile)
     layer = image.platforms[0].layers[0].descriptor.digest
     data = image.read_blob(layer)
     url = f"{registry.url}/v2/library/secure/blobs/{layer}?ns=docker.io"
