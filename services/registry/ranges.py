@@ -24,7 +24,8 @@ _MAX_DIGITS = 18
 
 @dataclass(frozen=True, slots=True)
 class ByteRange:
-    """A satisfiable single range: bytes ``start`` to ``end`` inclusive of a ``size``-byte blob."""
+    """Bytes ``start`` to ``end`` inclusive of a ``size``-byte blob: a satisfiable range a client
+    asked for, or the span a peer's answer covers (all of an empty blob is ``0, -1, 0``)."""
 
     start: int
     end: int
@@ -33,6 +34,10 @@ class ByteRange:
     @property
     def length(self) -> int:
         return self.end - self.start + 1
+
+    @property
+    def whole(self) -> bool:
+        return self.start == 0 and self.end == self.size - 1
 
     def content_range(self) -> str:
         return f"bytes {self.start}-{self.end}/{self.size}"

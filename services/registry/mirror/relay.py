@@ -63,7 +63,6 @@ from services.registry.mirror.verify import (
     DigestMismatchError,
     PeerAnswerError,
     RunningHash,
-    Span,
     body_matches,
     check_blob_answer,
 )
@@ -139,7 +138,7 @@ class _BlobAnswer:
     peer: Peer
     response: aiohttp.ClientResponse
     status: int
-    span: Span
+    span: ByteRange
 
 
 Attempt = Callable[[Peer, asyncio.Event], Coroutine[Any, Any, T]]
@@ -491,7 +490,7 @@ class Mirror:
         route: Route,
         registry: str,
         range_header: str | None,
-        wanted: Span | None,
+        wanted: ByteRange | None,
     ) -> _BlobAnswer:
         headers = {"Range": range_header} if range_header else {}
         response = await self._open(peer, headers_in, method, route, registry, headers)
@@ -541,7 +540,7 @@ class Mirror:
         span = answer.span
         if method == "HEAD":
             self.drop_answer(answer)
-            partial = None if answer.status == 200 else ByteRange(span.start, span.end, span.size)
+            partial = None if answer.status == 200 else span
             headers = blob_headers(digest, span.size, registry, partial)
             return HTTPResponse(b"", status=answer.status, headers=headers)
         try:
@@ -549,7 +548,7 @@ class Mirror:
         except RangeNotSatisfiableError:
             self.drop_answer(answer)
             raise
-        window = span if byte_range is None else Span(byte_range.start, byte_range.end, span.size)
+        window = span if byte_range is None else byte_range
         headers = blob_headers(digest, span.size, registry, byte_range)
         response = await request.respond(status=200 if byte_range is None else 206, headers=headers)
         relay = _BodyRelay(self, request, response, RunningHash(digest), window, stats)
@@ -570,7 +569,7 @@ class _BodyRelay:
         request: AnyRequest,
         response: Any,
         hasher: RunningHash,
-        window: Span,
+        window: ByteRange,
         stats: RegistryStats,
     ) -> None:
         self.mirror = mirror
@@ -605,7 +604,7 @@ class _BodyRelay:
                 self.mirror.drop_answer(answer)
             if self.offset >= self.size:
                 break
-            wanted = Span(self.offset, self.size - 1, self.size)
+            wanted = ByteRange(self.offset, self.size - 1, self.size)
             resume = functools.partial(
                 self.mirror.open_blob,
                 method="GET",

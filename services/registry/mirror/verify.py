@@ -10,9 +10,9 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 from services.common.oci.grammar import GrammarError, parse_digest
+from services.registry.ranges import ByteRange
 
 _CONTENT_RANGE_RE = re.compile(r"bytes (\d{1,18})-(\d{1,18})/(\d{1,18})")
 
@@ -54,24 +54,7 @@ def body_matches(digest: str, body: bytes) -> bool:
     return running.matches()
 
 
-@dataclass(frozen=True, slots=True)
-class Span:
-    """Bytes ``start`` to ``end`` inclusive of a ``size``-byte blob, as an answer carries them."""
-
-    start: int
-    end: int
-    size: int
-
-    @property
-    def length(self) -> int:
-        return self.end - self.start + 1
-
-    @property
-    def whole(self) -> bool:
-        return self.start == 0 and self.end == self.size - 1
-
-
-def parse_content_range(value: str | None) -> Span | None:
+def parse_content_range(value: str | None) -> ByteRange | None:
     """A ``bytes a-b/size`` Content-Range value, None when absent, malformed or inconsistent."""
     if value is None:
         return None
@@ -81,7 +64,7 @@ def parse_content_range(value: str | None) -> Span | None:
     start, end, size = (int(g) for g in match.groups())
     if start > end or end >= size:
         return None
-    return Span(start, end, size)
+    return ByteRange(start, end, size)
 
 
 def _header(headers: Mapping[str, str], name: str) -> str | None:
@@ -93,10 +76,10 @@ def check_blob_answer(
     status: int,
     headers: Mapping[str, str],
     digest: str,
-    wanted: Span | None,
+    wanted: ByteRange | None,
     *,
     digest_header: str,
-) -> Span:
+) -> ByteRange:
     """The span a peer's blob answer (GET or HEAD) covers, or PeerAnswerError.
 
     `wanted` None: the client's own request was forwarded, so a 200 (whole blob) or a 206 are both
@@ -112,7 +95,7 @@ def check_blob_answer(
         raise PeerAnswerError("answer has no valid Content-Length")
     length = int(length_text)
     if status == 200 and wanted is None:
-        return Span(0, length - 1, length)
+        return ByteRange(0, length - 1, length)
     if status != 206:
         raise PeerAnswerError(f"unexpected status {status}")
     span = parse_content_range(_header(headers, "Content-Range"))

@@ -10,11 +10,11 @@ from services.common.oci.grammar import GrammarError
 from services.registry.mirror.verify import (
     PeerAnswerError,
     RunningHash,
-    Span,
     body_matches,
     check_blob_answer,
     parse_content_range,
 )
+from services.registry.ranges import ByteRange
 
 DATA = b"peermirror" * 1000
 DIGEST = "sha256:" + hashlib.sha256(DATA).hexdigest()
@@ -44,9 +44,9 @@ def test_sha512_is_supported_and_bad_digests_are_refused() -> None:
 @pytest.mark.parametrize(
     ("value", "expected"),
     [
-        ("bytes 0-9/10", Span(0, 9, 10)),
-        ("bytes 5-5/6", Span(5, 5, 6)),
-        (" bytes 2-3/100 ", Span(2, 3, 100)),
+        ("bytes 0-9/10", ByteRange(0, 9, 10)),
+        ("bytes 5-5/6", ByteRange(5, 5, 6)),
+        (" bytes 2-3/100 ", ByteRange(2, 3, 100)),
         ("bytes 5-4/10", None),
         ("bytes 0-10/10", None),
         ("bytes */10", None),
@@ -55,13 +55,13 @@ def test_sha512_is_supported_and_bad_digests_are_refused() -> None:
         (None, None),
     ],
 )
-def test_content_range(value: str | None, expected: Span | None) -> None:
+def test_content_range(value: str | None, expected: ByteRange | None) -> None:
     assert parse_content_range(value) == expected
 
 
 def test_a_whole_answer_needs_digest_and_length() -> None:
     headers = {H: DIGEST, "Content-Length": "10"}
-    assert check_blob_answer(200, headers, DIGEST, None, digest_header=H) == Span(0, 9, 10)
+    assert check_blob_answer(200, headers, DIGEST, None, digest_header=H) == ByteRange(0, 9, 10)
     assert check_blob_answer(200, headers, DIGEST, None, digest_header=H).whole
     with pytest.raises(PeerAnswerError, match="no Docker-Content-Digest"):
         check_blob_answer(200, {"Content-Length": "10"}, DIGEST, None, digest_header=H)
@@ -73,11 +73,11 @@ def test_a_whole_answer_needs_digest_and_length() -> None:
 
 def test_a_partial_answer_must_be_exactly_the_span_asked_for() -> None:
     headers = {H: DIGEST, "Content-Length": "5", "Content-Range": "bytes 5-9/10"}
-    wanted = Span(5, 9, 10)
+    wanted = ByteRange(5, 9, 10)
     assert check_blob_answer(206, headers, DIGEST, wanted, digest_header=H) == wanted
     assert check_blob_answer(206, headers, DIGEST, None, digest_header=H) == wanted
     with pytest.raises(PeerAnswerError, match="not"):
-        check_blob_answer(206, headers, DIGEST, Span(4, 9, 10), digest_header=H)
+        check_blob_answer(206, headers, DIGEST, ByteRange(4, 9, 10), digest_header=H)
     with pytest.raises(PeerAnswerError, match="unexpected status 200"):
         check_blob_answer(200, headers, DIGEST, wanted, digest_header=H)
     with pytest.raises(PeerAnswerError, match="disagree"):
