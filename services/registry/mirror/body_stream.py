@@ -24,6 +24,15 @@ Chunk = bytes | memoryview
 DEFAULT_BUFFERS = 4
 
 
+def buffered_body(response: aiohttp.ClientResponse) -> bytes:
+    """The body bytes aiohttp read along with `response`'s headers (the rest is still on the
+    socket), for a relay about to read the socket itself."""
+    try:
+        return response.content.read_nowait(-1)
+    except Exception as exc:  # the read already failed inside aiohttp
+        raise PeerAnswerError(f"{type(exc).__name__}: {exc}") from exc
+
+
 class PeerBody(asyncio.BufferedProtocol):
     """The rest of one answer's body, `length` bytes, in chunks of at most `chunk_bytes`."""
 
@@ -59,10 +68,7 @@ class PeerBody(asyncio.BufferedProtocol):
         """The next `length` body bytes of `response` (headers read, body not yet): what aiohttp
         has already buffered first, then everything straight from its socket."""
         body = cls(length, chunk_bytes=chunk_bytes, stall_timeout=stall_timeout, buffers=buffers)
-        try:
-            early = response.content.read_nowait(-1)
-        except Exception as exc:  # the read already failed inside aiohttp
-            raise PeerAnswerError(f"{type(exc).__name__}: {exc}") from exc
+        early = buffered_body(response)
         if early:
             early = early[: body._remaining]
             body._remaining -= len(early)

@@ -54,7 +54,7 @@ from services.registry.headers import (
 )
 from services.registry.metrics import MirrorMetrics
 from services.registry.mirror import socket_pump
-from services.registry.mirror.body_stream import Chunk, PeerBody
+from services.registry.mirror.body_stream import Chunk, PeerBody, buffered_body
 from services.registry.mirror.hedging import Peer, PeerBook
 from services.registry.mirror.peer_fetch import PeerClient
 from services.registry.mirror.providers import DiscoveryClient, ProviderLookup
@@ -680,10 +680,7 @@ class _BodyRelay:
             return False
         if not socket_pump.can_pump():
             return False
-        try:
-            early = peer_response.content.read_nowait(-1)
-        except Exception as exc:  # the read already failed inside aiohttp
-            raise PeerAnswerError(f"{type(exc).__name__}: {exc}") from exc
+        early = buffered_body(peer_response)
         socket_pump.park(peer_transport)
         try:
             if early:
