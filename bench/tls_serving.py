@@ -69,8 +69,8 @@ def issue_files(directory: Path) -> TlsFiles:
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     ca = pki.create_ca()
     node = pki.issue_node(ca, "bench", HOST)
-    paths = pki.write_node(directory, node, ca.cert)
-    return TlsFiles(ca_file=paths[2], cert_file=paths[0], key_file=paths[1])
+    pki.write_node(directory, node, ca.cert)
+    return TlsFiles.in_directory(directory)
 
 
 @contextlib.contextmanager

@@ -31,6 +31,16 @@ class TlsFiles:
     cert_file: Path
     key_file: Path
 
+    @classmethod
+    def in_directory(cls, directory: Path) -> TlsFiles:
+        """The files under their standard names in `directory` (as ``peermirror certs node``
+        writes them)."""
+        return cls(
+            ca_file=directory / CA_CERT_FILE,
+            cert_file=directory / NODE_CERT_FILE,
+            key_file=directory / NODE_KEY_FILE,
+        )
+
     def read(self) -> tuple[bytes, bytes, bytes]:
         """(CA PEM, certificate PEM, key PEM); ConfigError naming the file that is unusable."""
         out: list[bytes] = []
@@ -55,11 +65,11 @@ def tls_files(cfg: NodeConfig) -> TlsFiles | None:
     t = cfg.tls
     if not t.enabled:
         return None
-    base = cfg.node.data_dir / TLS_DIR
+    default = TlsFiles.in_directory(cfg.node.data_dir / TLS_DIR)
     return TlsFiles(
-        ca_file=t.ca_file or base / CA_CERT_FILE,
-        cert_file=t.cert_file or base / NODE_CERT_FILE,
-        key_file=t.key_file or base / NODE_KEY_FILE,
+        ca_file=t.ca_file or default.ca_file,
+        cert_file=t.cert_file or default.cert_file,
+        key_file=t.key_file or default.key_file,
     )
 
 

@@ -804,10 +804,8 @@ class Mesh:
         assert self.ca is not None
         tls_dir = work / "tls"
         tls_dir.mkdir(mode=0o700, exist_ok=True)
-        cert_file, key_file, ca_file = write_node(
-            tls_dir, issue_node(self.ca, label, ip), self.ca.cert
-        )
-        return TlsFiles(ca_file=ca_file, cert_file=cert_file, key_file=key_file)
+        write_node(tls_dir, issue_node(self.ca, label, ip), self.ca.cert)
+        return TlsFiles.in_directory(tls_dir)
 
     def add_host(self, label: str) -> NetnsHost:
         """One more namespace on the bridge (next free address), e.g. for an upstream registry;

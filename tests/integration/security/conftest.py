@@ -8,11 +8,10 @@ import socket
 import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 
-from services.common import cert_names, pki
+from services.common import pki
 from services.common.tls import TlsFiles, client_context
 
 LOOPBACK = "127.0.0.1"
@@ -47,14 +46,6 @@ class ClusterPki:
         return client_context(files)
 
 
-def _files(directory: Path) -> TlsFiles:
-    return TlsFiles(
-        ca_file=directory / cert_names.CA_CERT_FILE,
-        cert_file=directory / cert_names.NODE_CERT_FILE,
-        key_file=directory / cert_names.NODE_KEY_FILE,
-    )
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> ClusterPki:
     root = tmp_path_factory.mktemp("pki")
@@ -73,7 +64,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> ClusterPki:
     files: dict[str, TlsFiles] = {}
     for name, cert in issued.items():
         pki.write_node(root / name, cert, ca.cert)
-        files[name] = _files(root / name)
+        files[name] = TlsFiles.in_directory(root / name)
     return ClusterPki(ca=ca, **files)
 
 
