@@ -50,6 +50,7 @@ from typing import Any
 import yaml
 
 from bench.http_load import LoadError, fetch_blob
+from bench.process_cpu import cpu_seconds
 from tests.harness import netns
 from tests.harness.images import BuiltImage, build_image, write_oci_archive
 from tests.harness.mesh import K8S_NAMESPACE, Mesh, MeshError, MeshNode, NetnsHost, deep_merge
@@ -360,8 +361,7 @@ def process_cpu_s(pid: int | None) -> float:
     """User plus system CPU seconds `pid` has used so far."""
     if pid is None:
         raise MeshError("a registry that should run has stopped")
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return cpu_seconds(pid)
 
 
 def cpu_figures(

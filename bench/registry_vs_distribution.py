@@ -32,11 +32,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
 import yaml
 
 from bench.distribution_registry import lay_out_storage, registry_argv, write_config
 from bench.http_load import BlobFetch, LoadError, ab_binary, fetch_blob, run_ab
+from bench.process_cpu import cpu_seconds
 from tests.harness.containerd import ContainerdDaemon
 from tests.harness.images import BuiltImage, build_image
 from tests.harness.service_procs import ServiceProcess, cli_argv, free_port, running
@@ -83,8 +83,7 @@ class Server:
     def cpu_seconds(self) -> float:
         """User + system CPU time the server process has used so far."""
         assert self.proc is not None
-        times = psutil.Process(self.proc.pid).cpu_times()
-        return float(times.user + times.system)
+        return cpu_seconds(self.proc.pid)
 
     def manifest_target(self) -> str:
         return f"/v2/{REPOSITORY}/manifests/{TAG}{self.query}"

@@ -25,9 +25,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import psutil
-
 from bench.http_load import LoadError, fetch_blob
+from bench.process_cpu import cpu_seconds
 from bench.registry_vs_distribution import wait_until, write_peermirror_config
 from services.common import pki
 from services.common.tls import TlsFiles, client_context
@@ -53,8 +52,7 @@ class Side:
 
     def cpu_seconds(self) -> float:
         assert self.proc is not None
-        times = psutil.Process(self.proc.pid).cpu_times()
-        return float(times.user + times.system)
+        return cpu_seconds(self.proc.pid)
 
     def fetch(self, target: str, *, verify: bool = False) -> tuple[int, str | None, float, int]:
         got = fetch_blob(HOST, self.port, target, tls=self.tls, verify=verify)
