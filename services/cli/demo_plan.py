@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from services.cli.progress import format_bytes
+
 LOOPBACK = "127.0.0.1"
 DEFAULT_BASE_PORT = 15000
 DEFAULT_NODES = 3
@@ -227,15 +229,6 @@ def peer_servers(
 # --- the report --------------------------------------------------------------------------------
 
 
-def human_bytes(n: float) -> str:
-    """`1536` -> `1.5 KiB`."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
-
-
 def short_digest(digest: str) -> str:
     """`sha256:0123456789abcdef...` -> `sha256:0123456789ab`."""
     algorithm, _, encoded = digest.partition(":")
@@ -270,16 +263,16 @@ def render_summary(report: PullReport) -> list[str]:
     for item in report.items:
         check = "verified" if item.verified else "DIGEST MISMATCH"
         lines.append(
-            f"  {item.kind:<8} {short_digest(item.digest):<19} {human_bytes(item.size):>10}  "
+            f"  {item.kind:<8} {short_digest(item.digest):<19} {format_bytes(item.size):>10}  "
             f"{', '.join(item.served_by)}  {check}"
         )
     lines.append(
-        f"  total {human_bytes(total)} in {report.seconds:.2f} s "
-        f"({human_bytes(rate)}/s); {report.puller} relayed {human_bytes(report.relayed_bytes)} "
+        f"  total {format_bytes(total)} in {report.seconds:.2f} s "
+        f"({format_bytes(rate)}/s); {report.puller} relayed {format_bytes(report.relayed_bytes)} "
         "from peers"
     )
     for node, requests, sent in report.peers:
-        lines.append(f"  {node} answered {requests} peer requests, sending {human_bytes(sent)}")
+        lines.append(f"  {node} answered {requests} peer requests, sending {format_bytes(sent)}")
     blobs = sum(1 for i in report.items if i.kind in ("config", "layer"))
     manifests = len(report.items) - blobs
     bad = [i for i in report.items if not i.verified]

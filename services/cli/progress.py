@@ -41,12 +41,13 @@ class TaskState:
         return self.ok is not None
 
 
-def format_bytes(n: int) -> str:
-    """1536 -> '1.5 KiB'; whole bytes below 1 KiB."""
+def format_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB'; whole bytes below 1 KiB. The one byte format of the CLI and the
+    status page."""
     value = float(n)
     for unit in _UNITS:
         if value < 1024 or unit == _UNITS[-1]:
-            return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
+            return f"{value:.0f} B" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     raise AssertionError("unreachable")
 

@@ -23,6 +23,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from services.cli.progress import format_bytes
 from services.cli.status_report import SERVICES, render_text
 from services.registry.metrics import CACHE_LABELS
 from services.registry.stats import CountKey, PullRecord, Result
@@ -149,13 +150,7 @@ def _e(value: object) -> str:
 
 
 def _size(n: float | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
+    return "-" if n is None else format_bytes(n)
 
 
 def _ago(seconds: float | None) -> str:

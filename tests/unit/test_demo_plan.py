@@ -14,7 +14,6 @@ from services.cli.demo_plan import (
     ServedItem,
     answered,
     counter_deltas,
-    human_bytes,
     node_config,
     peer_servers,
     plan_mesh,
@@ -25,6 +24,7 @@ from services.cli.demo_plan import (
     short_digest,
 )
 from services.cli.demo_pull import verify_layout
+from services.cli.progress import format_bytes
 from services.common.config import load_config
 from services.common.oci.synthetic import build_image
 
@@ -101,9 +101,9 @@ def test_peer_servers_sum_requests_and_leave_out_the_puller() -> None:
 
 
 def test_human_sizes_and_short_digests() -> None:
-    assert human_bytes(512) == "512 B"
-    assert human_bytes(1536) == "1.5 KiB"
-    assert human_bytes(3 * 1024 * 1024) == "3.0 MiB"
+    assert format_bytes(512) == "512 B"
+    assert format_bytes(1536) == "1.5 KiB"
+    assert format_bytes(3 * 1024 * 1024) == "3.0 MiB"
     assert short_digest(DIGEST) == "sha256:abababababab"
 
 
