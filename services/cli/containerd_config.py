@@ -69,9 +69,9 @@ def register(subparsers: Subparsers) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from services.common.k3s.registries import RegistriesError
     from services.pinner.hosts_toml import HostsOptions
     from services.pinner.hosts_writer import write_containerd_config
-    from services.pinner.registries import RegistriesError
     from services.pinner.service import parse_version
 
     if args.client_key and not args.client_cert:

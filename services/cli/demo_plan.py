@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from services.cli.progress import format_bytes
+from services.common.units import format_bytes
 
 LOOPBACK = "127.0.0.1"
 DEFAULT_BASE_PORT = 15000

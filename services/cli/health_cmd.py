@@ -19,6 +19,7 @@ import sys
 
 from services.cli.args import Subparsers, add_config_option, load_node_config
 from services.common.config import NodeConfig
+from services.common.status.observe import check
 
 EXIT_PASS = 0
 EXIT_FAIL = 1
@@ -86,32 +87,6 @@ def local_address(cfg: NodeConfig, service: str) -> str:
     section, key = LOCAL_ADDRESS_KEYS[service].split(".")
     value: str = getattr(getattr(cfg, section), key)
     return value
-
-
-def dial_address(listen: str) -> str:
-    """Where a local client connects for a listen address (wildcard hosts mean loopback)."""
-    if listen.startswith("unix:"):
-        return listen
-    host, _, port = listen.rpartition(":")
-    return f"127.0.0.1:{port}" if host in _WILDCARD_HOSTS else listen
-
-
-def check(address: str, service: str = "", timeout: float = DEFAULT_TIMEOUT) -> str:
-    """The health status name `address` reports for `service`, or `UNREACHABLE: <why>`."""
-    # Imported here: only this subcommand pays for grpc at start.
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    with grpc.insecure_channel(dial_address(address)) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        try:
-            reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
-        except grpc.RpcError as exc:
-            code = exc.code() if isinstance(exc, grpc.Call) else None
-            name = code.name if code is not None else "ERROR"
-            return f"UNREACHABLE: {name}"
-    status: str = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-    return status
 
 
 def passes(status: str, live: bool) -> bool:

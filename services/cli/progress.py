@@ -12,12 +12,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TextIO
 
+from services.common.units import format_bytes
+
 BAR_WIDTH = 24
 # Plain output repeats an unchanged phase at most this often, so logs stay short.
 PLAIN_INTERVAL = 5.0
 # A terminal is redrawn at most this often (updates may arrive much faster).
 TTY_INTERVAL = 0.1
-_UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
 # ANSI: cursor to the start of the line N lines up; erase the whole line.
 _UP = "\x1b[{n}F"
 _ERASE = "\x1b[2K"
@@ -39,17 +40,6 @@ class TaskState:
     @property
     def finished(self) -> bool:
         return self.ok is not None
-
-
-def format_bytes(n: float) -> str:
-    """1536 -> '1.5 KiB'; whole bytes below 1 KiB. The one byte format of the CLI and the
-    status page."""
-    value = float(n)
-    for unit in _UNITS:
-        if value < 1024 or unit == _UNITS[-1]:
-            return f"{value:.0f} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
 
 
 def fraction(state: TaskState) -> float | None:

@@ -15,7 +15,7 @@ alone (the CLI may use them for other things).
 
 The ``k3s`` section holds K3s's own switches under K3s's hyphenated spelling
 (``embedded-registry``, ``disable-default-registry-endpoint``); switches it leaves null are read
-from the K3s config file named by ``node.k3s_config`` (see :mod:`services.common.k3s_config`).
+from the K3s config file named by ``node.k3s_config`` (see :mod:`services.common.k3s.switches`).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
-from services.common.k3s_config import (
+from services.common.k3s.switches import (
     DISABLE_DEFAULT_ENDPOINT,
     EMBEDDED_REGISTRY,
     K3sConfigError,

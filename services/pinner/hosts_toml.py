@@ -28,7 +28,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from services.pinner.registries import (
+from services.common.k3s.registries import (
     WILDCARD,
     EndpointURL,
     Registries,

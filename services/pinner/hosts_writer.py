@@ -17,9 +17,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.common.k3s.registries import load_registries
 from services.common.logsetup import get_logger
 from services.pinner.hosts_toml import MARKER, HostsOptions, render_hosts_files
-from services.pinner.registries import load_registries
 
 HOSTS_FILE = "hosts.toml"
 # Temp names start with a dot, so containerd (which looks up exact host names) never reads them.

@@ -13,6 +13,8 @@ from services.common.config import NodeConfig
 from services.common.containerd.client import ContainerdClient
 from services.common.containerd.errors import ContainerdUnavailableError
 from services.common.grpc_server import GrpcServer, run_until_signal
+from services.common.k3s.mirror_policy import Policy
+from services.common.k3s.registries import Registries, RegistriesError, load_registries
 from services.common.logsetup import get_logger
 from services.common.metrics import start_listener
 from services.common.store.oci_layout import OciLayoutStore
@@ -25,10 +27,8 @@ from services.pinner.containerd_watch import ContainerdTracker
 from services.pinner.hosts_toml import HostsOptions
 from services.pinner.hosts_writer import write_containerd_config
 from services.pinner.metrics import PinnerMetrics
-from services.pinner.registries import Registries, RegistriesError, load_registries
 from services.pinner.store_tracker import StoreTracker
 from services.pinner.tracker import KeyPolicy
-from services.registry.policy import Policy
 
 # Leaves headroom inside the 5 s the node and kubelet allow between SIGTERM and exit.
 STOP_BUDGET = 4.0

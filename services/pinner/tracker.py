@@ -17,6 +17,7 @@ import json
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
+from services.common.k3s.mirror_policy import Policy
 from services.common.oci.errors import OciError
 from services.common.oci.grammar import (
     is_digest_syntax,
@@ -30,7 +31,6 @@ from services.common.oci.media_types import (
     is_manifest_media_type,
 )
 from services.common.store.protocol import Descriptor
-from services.registry.policy import Policy
 
 # Indexes may nest (an index of indexes); real images go two levels deep. The bound only stops
 # a malicious or corrupt chain from recursing for ever.

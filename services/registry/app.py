@@ -7,6 +7,7 @@ from sanic.config import Config
 from sanic.exceptions import PayloadTooLarge, RequestTimeout
 
 from services.common.config import NodeConfig
+from services.common.k3s.mirror_policy import Policy
 from services.common.oci.errors import ErrorCode, OciError
 from services.common.store.protocol import ContentStore
 from services.registry import api
@@ -20,7 +21,6 @@ from services.registry.metrics import RegistryMetrics
 from services.registry.metrics import install as install_metrics
 from services.registry.mirror.relay import Mirror
 from services.registry.mirrored import MirroredRegistries
-from services.registry.policy import Policy
 from services.registry.status_page import install as install_status_page
 
 APP_NAME = "peermirror_registry"

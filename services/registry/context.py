@@ -9,9 +9,9 @@ from sanic import Sanic
 from sanic.config import Config
 
 from services.common.config import NodeConfig
+from services.common.k3s.mirror_policy import Policy
 from services.registry.content import ContentService
 from services.registry.limits import ClientSlots, RequestLimits
-from services.registry.policy import Policy
 from services.registry.stats import RegistryStats
 
 if TYPE_CHECKING:  # the mirror path imports handler-side modules; keep this module a leaf

@@ -21,7 +21,8 @@ from sanic import HTTPResponse, Request
 from services.common.logsetup import get_logger
 from services.common.metrics import PREFIX, new_registry, render
 from services.common.request_id import HTTP_HEADER
-from services.registry.stats import RECENT_WINDOW_S, RequestKind, Result
+from services.common.status.report import RECENT_WINDOW_S
+from services.registry.stats import RequestKind, Result
 
 if TYPE_CHECKING:
     from services.registry.context import RegistryContext

@@ -12,8 +12,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from services.common.k3s.registries import Registries, RegistriesError, load_registries
 from services.common.logsetup import get_logger
-from services.pinner.registries import Registries, RegistriesError, load_registries
 
 DEFAULT_RECHECK_S = 2.0
 

@@ -8,8 +8,9 @@ from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from services.common.status.report import RECENT_WINDOW_S
+
 # The "recent" of the recent hit rate: outcomes of this many seconds, at most RECENT_MAX kept.
-RECENT_WINDOW_S = 300.0
 RECENT_MAX = 10_000
 # Manifest and blob requests kept for the status page's "recent pulls" (oldest dropped first).
 RECENT_PULLS_MAX = 100

@@ -18,10 +18,10 @@ from typing import Any
 
 from sanic import HTTPResponse, Request
 
-from services.cli.status_cmd import observe
-from services.cli.status_report import build_report, state_of
 from services.common.config import NodeConfig
 from services.common.metrics import Page, version
+from services.common.status.observe import observe
+from services.common.status.report import build_report, state_of
 from services.common.store.protocol import ImageRecord
 from services.registry.context import RegistryContext
 from services.registry.status_view import (

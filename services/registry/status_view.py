@@ -23,8 +23,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.cli.progress import format_bytes
-from services.cli.status_report import SERVICES, render_text
+from services.common.status.report import SERVICES, render_text
+from services.common.units import format_bytes
 from services.registry.metrics import CACHE_LABELS
 from services.registry.stats import CountKey, PullRecord, Result
 

@@ -24,9 +24,9 @@ from services.cli.demo_plan import (
     short_digest,
 )
 from services.cli.demo_pull import verify_layout
-from services.cli.progress import format_bytes
 from services.common.config import load_config
 from services.common.oci.synthetic import build_image
+from services.common.units import format_bytes
 
 DIGEST = "sha256:" + "ab" * 32
 

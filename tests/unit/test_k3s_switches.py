@@ -16,7 +16,9 @@ from services.common.config import (
     dump_config,
     load_config,
 )
-from services.common.k3s_config import (
+from services.common.k3s.mirror_policy import Policy
+from services.common.k3s.registries import parse_registries
+from services.common.k3s.switches import (
     K3sConfigError,
     config_files,
     merge_switches,
@@ -26,9 +28,7 @@ from services.common.k3s_config import (
 )
 from services.common.oci.errors import ErrorCode, OciError
 from services.pinner.hosts_toml import render_hosts_files
-from services.pinner.registries import parse_registries
 from services.pinner.service import hosts_options, key_policy
-from services.registry.policy import Policy
 
 
 @pytest.fixture(autouse=True)

@@ -15,9 +15,9 @@ import pytest
 
 from services.common.config import NodeConfig, load_config
 from services.common.containerd.client import ContainerdClient
+from services.common.k3s.registries import load_registries
 from services.common.store.protocol import Descriptor
 from services.pinner.containerd_watch import ContainerdTracker
-from services.pinner.registries import load_registries
 from services.pinner.service import PinnerRuntime, prepare
 from tests.harness.containerd import ContainerdDaemon
 from tests.harness.containerd_store_factory import import_image

@@ -22,9 +22,9 @@ import yaml
 from services.cli.health_cmd import LOCAL_ADDRESS_KEYS, local_address, registry_url
 from services.cli.main import build_parser
 from services.common.config import NodeConfig, load_config, parse_host_port
+from services.common.k3s.registries import parse_registries
 from services.common.tls import tls_files
 from services.pinner.hosts_toml import render_hosts_files
-from services.pinner.registries import parse_registries
 from services.pinner.service import hosts_options
 from services.registry.health import health
 

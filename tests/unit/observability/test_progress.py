@@ -11,13 +11,13 @@ from services.cli.progress import (
     PLAIN_INTERVAL,
     ProgressView,
     TaskState,
-    format_bytes,
     fraction,
     render_bar,
     render_frame,
     render_line,
     render_plain,
 )
+from services.common.units import format_bytes
 
 
 class Clock:

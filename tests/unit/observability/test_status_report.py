@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from services.cli.status_report import (
+from services.common.status.report import (
     Observed,
     ServiceObservation,
     build_report,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import html.parser
 import json
 
-from services.cli.status_report import Observed, ServiceObservation, build_report
+from services.common.status.report import Observed, ServiceObservation, build_report
 from services.common.store.protocol import Descriptor, ImageRecord
 from services.registry.stats import CountKey, PullRecord, RequestKind, Result
 from services.registry.status_page import image_rows

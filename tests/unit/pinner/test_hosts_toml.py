@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from services.common.k3s.registries import RegistriesError, parse_registries
 from services.pinner.hosts_toml import (
     MARKER,
     HostsOptions,
@@ -16,7 +17,6 @@ from services.pinner.hosts_toml import (
     render_hosts_files,
     toml_string,
 )
-from services.pinner.registries import RegistriesError, parse_registries
 
 TLS = HostsOptions(ca_file="/ca.crt", client_cert_file="/node.crt", client_key_file="/node.key")
 NO_MIRROR = HostsOptions(embedded_mirror=False)

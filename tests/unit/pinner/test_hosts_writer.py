@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
+from services.common.k3s.registries import RegistriesError
 from services.pinner.hosts_toml import MARKER, HostsOptions
 from services.pinner.hosts_writer import (
     is_generated,
     write_containerd_config,
     write_hosts_files,
 )
-from services.pinner.registries import RegistriesError
 
 OPTS = HostsOptions(embedded_mirror=False, server_override="http://127.0.0.1:9")
 HAND_WRITTEN = 'server = "https://hand.example.com"\n\n[host."https://x.example.com"]\n'

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from services.pinner.registries import (
+from services.common.k3s.registries import (
     EndpointURL,
     Registries,
     RegistriesError,

@@ -8,6 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from services.common.k3s.mirror_policy import Policy
+from services.common.k3s.registries import parse_registries
 from services.common.oci.media_types import (
     DOCKER_MANIFEST,
     DOCKER_MANIFEST_LIST,
@@ -17,7 +19,6 @@ from services.common.oci.media_types import (
     OCI_MANIFEST,
 )
 from services.common.store.protocol import Descriptor
-from services.pinner.registries import parse_registries
 from services.pinner.tracker import (
     ImageKeys,
     KeyDelta,
@@ -29,7 +30,6 @@ from services.pinner.tracker import (
     manifest_children,
     walk_image,
 )
-from services.registry.policy import Policy
 
 
 def dg(n: int) -> str:

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from services.common.k3s.mirror_policy import Policy, Target
 from services.common.oci.errors import ErrorCode, OciError
-from services.registry.policy import Policy, Target
 
 
 def mirrored(*hosts: str) -> Policy:

@@ -1,6 +1,6 @@
 """`peermirror status`'s report: built from what the services answered, rendered as text or JSON.
 
-Pure (no I/O): :mod:`services.cli.status_cmd` gathers the answers into :class:`Observed`.
+Pure (no I/O): :mod:`services.common.status.observe` gathers the answers into :class:`Observed`.
 
 The JSON document (``--json``), schema version 1::
 
@@ -40,9 +40,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from services.registry.stats import RECENT_WINDOW_S
-
 SCHEMA_VERSION = 1
+# Seconds the registry's recent-requests window spans (its gauge and the report's recent rate).
+RECENT_WINDOW_S = 300.0
 SERVICES = ("registry", "discovery", "pinner")
 # Cache results that count for the hit rate: served, or answered as not served. Refusals
 # (registries not mirrored) and client mistakes say nothing about the mirror.
