@@ -8,6 +8,7 @@ error path (:func:`error_response`), so each failure is an OCI error body with a
 from __future__ import annotations
 
 import asyncio
+import copy
 import enum
 import time
 from collections.abc import Sequence
@@ -37,6 +38,7 @@ from services.registry.headers import (
     manifest_headers,
     select_range,
 )
+from services.registry.inflight.serving import answer_local_miss, answer_peer
 from services.registry.limits import limit_log
 from services.registry.metrics import log_request
 from services.registry.paths import Kind, Route, kind_hint, parse_v2_path
@@ -100,14 +102,36 @@ async def _on_local_miss(
     """Decide what a local miss becomes: for LOCAL_THEN_PEERS the mirror path's answer (or its
     404); peer requests (LOCAL_ONLY) always end here with a refusal, so a relay is one hop."""
     mirror = request.app.ctx.mirror
-    if scope is Scope.LOCAL_THEN_PEERS and mirror is not None:
+    inflight = request.app.ctx.inflight
+    if scope is Scope.LOCAL_ONLY and inflight is not None:
+        answered = await answer_peer(request, route, registry, key, inflight)
+        if answered is not None:
+            return answered.response
+
+    async def relay() -> HTTPResponse | None:
+        assert mirror is not None
         # Each relay holds peer connections and buffers: one client gets a bounded share.
         with request.app.ctx.relay_slots.hold(request.ip):
+            # A copy: the relay extends the error it is given, and a waiter relays again.
             response = await mirror.relay(
-                request, route, registry, key, error, request.app.ctx.stats
+                request, route, registry, key, copy.copy(error), request.app.ctx.stats
             )
         request.ctx.served_by_peer = True
         return response
+
+    if scope is Scope.LOCAL_THEN_PEERS and inflight is not None:
+        miss = error
+        try:
+            if mirror is not None:
+                return await relay()
+        except OciError as relay_miss:
+            miss = relay_miss
+        # No peer holds it: the cluster's one upstream fetch (ours or another node's).
+        return await answer_local_miss(
+            request, route, registry, key, inflight, miss, relay if mirror else None
+        )
+    if scope is Scope.LOCAL_THEN_PEERS and mirror is not None:
+        return await relay()
     if scope is Scope.LOCAL_ONLY and not isinstance(error, StoreUnavailableError):
         raise _Refused(
             OciError(

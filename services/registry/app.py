@@ -16,6 +16,8 @@ from services.registry.cache import ContentCache
 from services.registry.content import ContentService
 from services.registry.context import RegistryApp, RegistryContext
 from services.registry.health import health
+from services.registry.inflight.coordinator import Coordinator
+from services.registry.inflight.metrics import InflightCollector
 from services.registry.limits import ClientSlots, RequestLimits, headers_too_large, limit_log
 from services.registry.metrics import RegistryMetrics
 from services.registry.metrics import install as install_metrics
@@ -90,6 +92,7 @@ def create_app(
     name: str = APP_NAME,
     store: ContentStore | None = None,
     policy: Policy | None = None,
+    inflight: Coordinator | None = None,
 ) -> RegistryApp:
     """A Sanic app for `cfg`; `name` must be unique per process (Sanic keeps a registry of apps).
 
@@ -131,12 +134,15 @@ def create_app(
         mirror=Mirror.from_config(cfg) if cfg.registry.peer_fetch else None,
         limits=RequestLimits.of(cfg.registry),
         relay_slots=ClientSlots(limit=cfg.registry.max_relays_per_client),
+        inflight=inflight if cfg.inflight.enabled else None,
     )
     # configure_logging=False: Sanic's loggers propagate to the structlog handler from logsetup.
     app: RegistryApp = Sanic(name, config=config, ctx=ctx, configure_logging=False)
     ctx.metrics = RegistryMetrics(ctx)
     if ctx.mirror is not None:
         ctx.mirror.metrics = ctx.metrics.mirror
+    if ctx.inflight is not None:
+        ctx.metrics.registry.register(InflightCollector(ctx.inflight))
     app.blueprint(health)
     install_metrics(app)
     install_status_page(app)
@@ -145,9 +151,13 @@ def create_app(
 
     async def start_store(app: RegistryApp) -> None:
         keeper.start()
+        if app.ctx.inflight is not None:
+            app.ctx.inflight.pool.open()
 
     async def stop_store(app: RegistryApp) -> None:
         await keeper.close()
+        if app.ctx.inflight is not None:
+            await app.ctx.inflight.close()
         if app.ctx.mirror is not None:
             await app.ctx.mirror.close()
 

@@ -15,6 +15,7 @@ from services.registry.limits import ClientSlots, RequestLimits
 from services.registry.stats import RegistryStats
 
 if TYPE_CHECKING:  # the mirror path imports handler-side modules; keep this module a leaf
+    from services.registry.inflight.coordinator import Coordinator
     from services.registry.metrics import RegistryMetrics
     from services.registry.mirror.relay import Mirror
 
@@ -37,6 +38,9 @@ class RegistryContext:
     # Path/query bounds and the per-client count of peer relays in flight (registry.max_*).
     limits: RequestLimits = field(default_factory=RequestLimits)
     relay_slots: ClientSlots = field(default_factory=lambda: ClientSlots(limit=16))
+    # One upstream fetch per blob for the cluster (inflight.*); None until wired with a lease
+    # client and an upstream fetcher, and when inflight.enabled is off.
+    inflight: Coordinator | None = None
 
 
 RegistryApp = Sanic[Config, RegistryContext]
