@@ -73,12 +73,14 @@ class Spool:
         """Append `chunk` (the next upstream bytes); raises ValueError past the blob's size."""
         if not chunk:
             return
-        self.state.accept(len(chunk))
-        offset = self.state.written - len(chunk)
+        self.state.check_room(len(chunk))
+        offset = self.state.written
         if len(chunk) >= THREAD_HASH_BYTES:
             await asyncio.to_thread(self._append, chunk, offset)
         else:
             self._append(chunk, offset)
+        # Counted only once on disk: readers pread up to `written`.
+        self.state.accept(len(chunk))
         await self._notify()
 
     def _append(self, chunk: bytes, offset: int) -> None:

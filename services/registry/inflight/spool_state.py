@@ -49,12 +49,16 @@ class SpoolState:
         if self.phase is Phase.FAILED:
             raise SpoolFailedError(f"spool of {self.digest} failed: {self.error}")
 
-    def accept(self, length: int) -> None:
-        """Record `length` more bytes written; ValueError when that passes the blob's size."""
+    def check_room(self, length: int) -> None:
+        """ValueError unless `length` more bytes may be written (growing, within the size)."""
         if self.phase is not Phase.GROWING:
             raise ValueError(f"spool of {self.digest} is {self.phase.value}, not growing")
         if self.written + length > self.size:
             raise ValueError(f"upstream sent more than the {self.size} bytes of {self.digest}")
+
+    def accept(self, length: int) -> None:
+        """Record `length` more bytes as on disk (readers may take them from now on)."""
+        self.check_room(length)
         self.written += length
 
     def complete(self) -> None:
