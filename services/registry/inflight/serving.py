@@ -180,15 +180,15 @@ async def send_spool(
 async def _held_back(
     spool: Spool, offset: int, count: int, stall_s: float
 ) -> AsyncGenerator[bytes, None]:
-    """The spool's bytes with the last piece held until the blob is verified."""
-    held: bytes | None = None
+    """The spool's bytes, the piece that ends the answer only once the blob is verified."""
+    position, end = offset, offset + count
+    if count == 0:
+        await spool.verdict(stall_s)
     async for chunk in spool.read(offset, count, stall_s):
-        if held is not None:
-            yield held
-        held = chunk
-    await spool.verdict(stall_s)
-    if held is not None:
-        yield held
+        position += len(chunk)
+        if position >= end:
+            await spool.verdict(stall_s)
+        yield chunk
 
 
 def _drop(request: AnyRequest) -> None:

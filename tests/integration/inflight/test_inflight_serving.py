@@ -1,0 +1,162 @@
+"""A real registry (Sanic on loopback) serving an in-flight blob from its spool: a local client's
+miss starts the one upstream fetch (a slow HTTP upstream on loopback), and peers' requests for
+the digest wait for bytes instead of getting 404, with Range and HEAD, while it is in flight."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from services.common.store.oci_layout import OciLayoutStore
+from services.registry.headers import DIGEST_HEADER, PEER_HEADER
+from services.registry.inflight.coordinator import Coordinator, InflightSettings
+from services.registry.inflight.ports import Holder
+from services.registry.inflight.spool import SpoolPool
+from services.registry.inflight.spool_state import Phase
+from tests.harness.fake_inflight import FakeAdvertiser, LeaseTable
+from tests.harness.registry_inproc import RunningRegistry, serve_registry
+from tests.harness.slow_upstream import SlowUpstream, SlowUpstreamClient, serve_slow_upstream
+
+MiB = 1 << 20
+NS = "upstream.test"
+REPO = "library/app"
+CLIENT_TIMEOUT = aiohttp.ClientTimeout(total=30)
+PEER = {PEER_HEADER: "1"}
+
+
+def _digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class Node:
+    registry: RunningRegistry
+    upstream: SlowUpstream
+    coordinator: Coordinator
+    advertiser: FakeAdvertiser
+    leases: LeaseTable
+
+    def url(self, digest: str) -> str:
+        return f"{self.registry.url}/v2/{REPO}/blobs/{digest}?ns={NS}"
+
+
+@pytest.fixture
+async def node(tmp_path: Path) -> AsyncIterator[Node]:
+    async with serve_slow_upstream(SlowUpstream()) as upstream:
+        client = SlowUpstreamClient(upstream.port)
+        leases = LeaseTable()
+        advertiser = FakeAdvertiser()
+        coordinator = Coordinator(
+            InflightSettings(stall_s=20),
+            SpoolPool(tmp_path / "spool", 64 * MiB, grace_s=60),
+            leases.client(Holder("127.0.0.1", 0)),
+            client,
+            advertiser,
+        )
+        store = OciLayoutStore(tmp_path / "layout", create=True)
+        try:
+            async with serve_registry(store, tmp_path, inflight=coordinator) as registry:
+                yield Node(registry, upstream, coordinator, advertiser, leases)
+        finally:
+            await client.close()
+            await store.close()
+
+
+async def _get(
+    session: aiohttp.ClientSession, url: str, headers: dict[str, str]
+) -> tuple[int, dict[str, str], bytes]:
+    async with session.get(url, headers=headers) as response:
+        return response.status, dict(response.headers), await response.read()
+
+
+async def _in_flight(node: Node, digest: str) -> None:
+    for _ in range(500):
+        if digest in node.coordinator.fetches:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the upstream fetch did not start")
+
+
+async def test_peer_requests_for_an_in_flight_blob_wait_for_the_spool(node: Node) -> None:
+    blob = os.urandom(3 * MiB + 12345)
+    digest = _digest(blob)
+    node.upstream.blobs[digest] = blob
+    async with aiohttp.ClientSession(timeout=CLIENT_TIMEOUT) as session:
+        # Before anything is in flight, a peer request is a plain miss (404, fast).
+        status, _, _ = await _get(session, node.url(digest), PEER)
+        assert status == 404
+        local = asyncio.create_task(_get(session, node.url(digest), {}))
+        await _in_flight(node, digest)
+        # A range far past the bytes upstream has sent so far (it holds back after 256 KiB).
+        far = {**PEER, "Range": f"bytes={2 * MiB}-{2 * MiB + 99_999}"}
+        ranged = asyncio.create_task(_get(session, node.url(digest), far))
+        whole = asyncio.create_task(_get(session, node.url(digest), PEER))
+        async with session.head(node.url(digest), headers=PEER) as head:
+            assert head.status == 200
+            assert head.headers["Content-Length"] == str(len(blob))
+            assert head.headers[DIGEST_HEADER] == digest
+        await asyncio.sleep(0.3)
+        assert not ranged.done() and not whole.done() and not local.done(), (
+            "readers must wait for bytes upstream has not sent yet"
+        )
+        spool = node.coordinator.pool.get(digest)
+        assert spool is not None and spool.state.written < 2 * MiB
+        node.upstream.gate.set()
+        status, headers, body = await ranged
+        assert status == 206
+        assert headers["Content-Range"] == f"bytes {2 * MiB}-{2 * MiB + 99_999}/{len(blob)}"
+        assert body == blob[2 * MiB : 2 * MiB + 100_000]
+        for task in (whole, local):
+            status, headers, body = await task
+            assert status == 200 and body == blob
+            assert headers[DIGEST_HEADER] == digest
+    # One upstream request for the whole cluster's worth of readers.
+    assert [path for path, _ in node.upstream.requests] == [f"/v2/{REPO}/blobs/{digest}"]
+    assert node.advertiser.advertised == [digest]
+    assert spool.state.phase is Phase.COMPLETE
+    assert node.coordinator.counters.coalesced["peer"] >= 2
+
+
+async def test_local_client_gone_does_not_stop_the_fetch(node: Node) -> None:
+    blob = os.urandom(2 * MiB)
+    digest = _digest(blob)
+    node.upstream.blobs[digest] = blob
+    async with aiohttp.ClientSession(timeout=CLIENT_TIMEOUT) as session:
+        response = await session.get(node.url(digest))
+        assert response.status == 200
+        await response.content.readexactly(1000)
+        response.close()  # containerd gave up on this request
+    await asyncio.sleep(0.1)
+    node.upstream.gate.set()
+    async with aiohttp.ClientSession(timeout=CLIENT_TIMEOUT) as session:
+        status, _, body = await _get(session, node.url(digest), PEER)
+    assert status == 200 and body == blob
+    assert len(node.upstream.requests) == 1
+
+
+async def test_corrupt_upstream_body_is_never_completed(node: Node) -> None:
+    blob = os.urandom(MiB)
+    digest = _digest(blob)
+    node.upstream.blobs[digest] = blob
+    node.upstream.corrupt.add(digest)
+    async with aiohttp.ClientSession(timeout=CLIENT_TIMEOUT) as session:
+        local = await session.get(node.url(digest))
+        await _in_flight(node, digest)
+        peer = await session.get(node.url(digest), headers=PEER)
+        node.upstream.gate.set()
+        for response in (local, peer):
+            assert response.status == 200
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await response.read()
+            response.close()
+        # The failed spool is gone: the next peer request is a plain miss again.
+        status, _, _ = await _get(session, node.url(digest), PEER)
+        assert status == 404
+    assert node.leases.held == {}
