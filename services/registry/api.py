@@ -8,7 +8,6 @@ error path (:func:`error_response`), so each failure is an OCI error body with a
 from __future__ import annotations
 
 import asyncio
-import copy
 import enum
 import time
 from collections.abc import Sequence
@@ -108,13 +107,16 @@ async def _on_local_miss(
         if answered is not None:
             return answered.response
 
+    # The relay extends the error it is given; a waiter relays again, from the original.
+    original = (error.message, error.detail, error.status, error.args)
+
     async def relay() -> HTTPResponse | None:
         assert mirror is not None
+        error.message, error.detail, error.status, error.args = original
         # Each relay holds peer connections and buffers: one client gets a bounded share.
         with request.app.ctx.relay_slots.hold(request.ip):
-            # A copy: the relay extends the error it is given, and a waiter relays again.
             response = await mirror.relay(
-                request, route, registry, key, copy.copy(error), request.app.ctx.stats
+                request, route, registry, key, error, request.app.ctx.stats
             )
         request.ctx.served_by_peer = True
         return response
