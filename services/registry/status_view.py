@@ -21,6 +21,7 @@ The JSON document, schema version 1: every key of the `peermirror status --json`
 
 from __future__ import annotations
 
+import dataclasses
 import html
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -117,6 +118,12 @@ def pull_rows(pulls: Iterable[PullRecord], now: float) -> list[dict[str, Any]]:
     ]
 
 
+def _inflight_row(row: InflightRow, now: float) -> dict[str, Any]:
+    doc = dataclasses.asdict(row)
+    doc["started_seconds_ago"] = round(max(0.0, now - doc.pop("started_at")), 1)
+    return doc
+
+
 def build_document(data: StatusData) -> dict[str, Any]:
     """The /status.json document described in the module docstring."""
     doc = dict(data.report)
@@ -142,23 +149,7 @@ def build_document(data: StatusData) -> dict[str, Any]:
     doc["recent_pulls"] = pull_rows(data.pulls, data.now)
     doc["errors"] = error_counts(data.requests)
     doc["inflight"] = (
-        None
-        if data.inflight is None
-        else [
-            {
-                "digest": r.digest,
-                "image": r.image,
-                "size": r.size,
-                "written": r.written,
-                "state": r.state,
-                "started_seconds_ago": round(max(0.0, data.now - r.started_at), 1),
-                "local_waiters": r.local_waiters,
-                "peer_waiters": r.peer_waiters,
-                "resumes": r.resumes,
-                "lease_lost": r.lease_lost,
-            }
-            for r in data.inflight
-        ]
+        None if data.inflight is None else [_inflight_row(r, data.now) for r in data.inflight]
     )
     return doc
 
