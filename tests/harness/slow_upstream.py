@@ -1,15 +1,17 @@
 """A small, slow upstream registry on loopback for in-flight tests, and a client for it.
 
-The server serves blobs at ``/v2/<name>/blobs/<digest>`` (Range included) in pieces: the first
-`head_bytes` at once, the rest only after the test opens `gate`, so a test can hold a fetch
-in flight for as long as it needs. It counts the requests it answered. The client implements
-the coordinator's UpstreamFetcher over plain HTTP (until the real upstream client is wired).
+It serves manifests, and blobs at ``/v2/<name>/blobs/<digest>`` (Range included) in pieces:
+the first `head_bytes` at once, the rest only after the test opens `gate`, so a test can hold
+a fetch in flight for as long as it needs. It records the requests it answered. The client
+implements the coordinator's UpstreamFetcher over plain HTTP (until the real upstream client
+is wired).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -27,12 +29,28 @@ class SlowUpstream:
     """The server's content and behaviour; `requests` lists (path, Range header) answered."""
 
     blobs: dict[str, bytes] = field(default_factory=dict)
+    # Reference (tag or digest) -> (media type, body).
+    manifests: dict[str, tuple[str, bytes]] = field(default_factory=dict)
+    manifest_delay: float = 0.0
     head_bytes: int = 256 * 1024
     gate: asyncio.Event = field(default_factory=asyncio.Event)
     # Digests whose body is served with its first byte flipped (a corrupt upstream).
     corrupt: set[str] = field(default_factory=set)
     requests: list[tuple[str, str | None]] = field(default_factory=list)
     port: int = 0
+
+    async def _manifest(self, request: web.Request) -> web.Response:
+        reference = request.match_info["reference"]
+        self.requests.append((request.path, None))
+        await asyncio.sleep(self.manifest_delay)
+        found = self.manifests.get(reference)
+        if found is None:
+            return web.json_response({"errors": [{"code": "MANIFEST_UNKNOWN"}]}, status=404)
+        media_type, body = found
+        digest = "sha256:" + hashlib.sha256(body).hexdigest()
+        return web.Response(
+            body=body, content_type=media_type, headers={"Docker-Content-Digest": digest}
+        )
 
     async def _blob(self, request: web.Request) -> web.StreamResponse:
         digest = request.match_info["digest"]
@@ -66,6 +84,7 @@ async def serve_slow_upstream(upstream: SlowUpstream) -> AsyncIterator[SlowUpstr
     """Serve `upstream` on a free loopback port until the block exits."""
     app = web.Application()
     app.router.add_get("/v2/{name:.+}/blobs/{digest}", upstream._blob)
+    app.router.add_get("/v2/{name:.+}/manifests/{reference}", upstream._manifest)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -96,7 +115,7 @@ class _Body:
 
 
 class SlowUpstreamClient:
-    """UpstreamFetcher for a SlowUpstream on 127.0.0.1 (blobs only)."""
+    """UpstreamFetcher for a SlowUpstream on 127.0.0.1."""
 
     def __init__(self, port: int) -> None:
         self._base = f"http://127.0.0.1:{port}"
@@ -120,7 +139,16 @@ class SlowUpstreamClient:
     async def fetch_manifest(
         self, registry: str, repository: str, reference: str
     ) -> UpstreamManifest:
-        raise ConnectionError("this upstream serves blobs only")
+        async with self._session.get(
+            f"{self._base}/v2/{repository}/manifests/{reference}"
+        ) as response:
+            if response.status != 200:
+                raise ConnectionError(f"upstream answered {response.status}")
+            return UpstreamManifest(
+                response.headers["Docker-Content-Digest"],
+                await response.read(),
+                response.content_type,
+            )
 
     async def close(self) -> None:
         await self._session.close()

@@ -244,3 +244,39 @@ async def test_waiting_node_relays_from_the_lease_holder(tmp_path: Path) -> None
     assert len(upstream.requests) == 1, upstream.requests
     assert b_fetches.counters.fetches_started == 0
     assert a_fetches.counters.coalesced["peer"] >= 1
+
+
+MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
+MANIFEST_BODY = (
+    b'{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json",'
+    b'"config":{"mediaType":"application/vnd.oci.image.config.v1+json","size":2,'
+    b'"digest":"sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"},'
+    b'"layers":[]}'
+)
+
+
+async def test_concurrent_tag_pulls_cost_one_upstream_manifest_request(node: Node) -> None:
+    node.upstream.manifests["1.0"] = (MANIFEST_TYPE, MANIFEST_BODY)
+    node.upstream.manifests["latest"] = (MANIFEST_TYPE, MANIFEST_BODY)
+    node.upstream.manifest_delay = 0.2
+    base = f"{node.registry.url}/v2/{REPO}/manifests"
+    async with aiohttp.ClientSession(timeout=CLIENT_TIMEOUT) as session:
+        answers = await asyncio.gather(
+            *(_get(session, f"{base}/1.0?ns={NS}", {}) for _ in range(4))
+        )
+        # A peer asking within the window is served from it, by tag and by digest.
+        by_tag = await _get(session, f"{base}/1.0?ns={NS}", PEER)
+        by_digest = await _get(session, f"{base}/{_digest(MANIFEST_BODY)}?ns={NS}", PEER)
+        # `latest` is refused by policy before anything is asked of upstream.
+        latest, _, _ = await _get(session, f"{base}/latest?ns={NS}", {})
+        # Past the window the tag is not served from memory any more.
+        await asyncio.sleep(node.coordinator.settings.manifest_window_s + 0.2)
+        expired, _, _ = await _get(session, f"{base}/1.0?ns={NS}", PEER)
+    assert expired == 404
+    for status, headers, body in [*answers, by_tag, by_digest]:
+        assert status == 200 and body == MANIFEST_BODY
+        assert headers[DIGEST_HEADER] == _digest(MANIFEST_BODY)
+        assert headers["Content-Type"] == MANIFEST_TYPE
+    assert latest == 404
+    assert node.upstream.requests == [(f"/v2/{REPO}/manifests/1.0", None)]
+    assert node.advertiser.advertised == [f"{NS}/{REPO}:1.0", _digest(MANIFEST_BODY)]
