@@ -295,8 +295,7 @@ class Coordinator:
         spool = fetch.spool
         while True:
             try:
-                async for chunk in body.chunks():
-                    await spool.write(chunk)
+                await self._copy(body, spool)
                 if spool.state.written >= spool.size:
                     return
                 raise ConnectionError(
@@ -322,6 +321,18 @@ class Coordinator:
             if body.size != spool.size:
                 await body.aclose()
                 raise ValueError(f"upstream size changed from {spool.size} to {body.size}")
+
+    async def _copy(self, body: UpstreamBody, spool: Spool) -> None:
+        """Body bytes into the spool; TimeoutError when upstream sends nothing for the stall
+        limit, so a stalled connection is replaced (or the fetch fails and its lease is
+        released) instead of holding every waiter in the cluster."""
+        chunks = body.chunks().__aiter__()
+        while True:
+            async with asyncio.timeout(self.settings.stall_s):
+                chunk = await anext(chunks, None)
+            if chunk is None:
+                return
+            await spool.write(chunk)
 
     async def _renew(self, fetch: Fetch) -> None:
         while True:
@@ -370,6 +381,11 @@ class Coordinator:
             log.warning(f"discovery {what} failed", keys=keys, error=str(exc))
 
     # --- manifests ---------------------------------------------------------------------------
+
+    @property
+    def window_size(self) -> int:
+        """Keys (tags and digests) whose manifest is held for the window right now."""
+        return len(self._window)
 
     def window_manifest(self, key: str) -> UpstreamManifest | None:
         """The manifest fetched for `key` (a tag's store key or a digest) within the window."""
@@ -438,6 +454,9 @@ class Coordinator:
         return checked
 
     def _end_window(self, key: str) -> None:
+        now = time.monotonic()
+        for stale in [k for k, (_, until) in self._window.items() if until <= now]:
+            del self._window[stale]
         task = asyncio.create_task(self._release(key), name=f"release {key}")
         self._background.add(task)
         task.add_done_callback(self._background.discard)

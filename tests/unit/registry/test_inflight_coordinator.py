@@ -353,3 +353,27 @@ async def test_waiter_gives_up_with_a_404_after_holder_wait(tmp_path: Path) -> N
     assert "holds the fetch lease" in raised.value.message
     assert upstream.manifest_calls == []
     await b.close()
+
+
+async def test_stalled_upstream_is_replaced_then_given_up(tmp_path: Path) -> None:
+    upstream = FakeUpstream(gate=asyncio.Event())  # never opens: upstream sends nothing
+    digest = upstream.add_blob(BLOB)
+    table = LeaseTable()
+    node, advertiser = _node(tmp_path, table, NODE_A, upstream, stall_s=0.05, upstream_resumes=1)
+    claim = await node.claim_blob(REGISTRY, REPO, digest)
+    assert isinstance(claim, Fetching)
+    await _settled(node)
+    assert claim.spool.state.phase is Phase.FAILED
+    assert upstream.blob_calls == [(digest, 0), (digest, 0)]
+    # The lease is free for the next asker, and peers stop being sent here.
+    assert table.released == [digest] and advertiser.withdrawn == [digest]
+    await node.close()
+
+
+async def test_manifest_window_entries_are_dropped_when_it_closes(tmp_path: Path) -> None:
+    upstream = FakeUpstream(manifests={"1.0": MANIFEST})
+    node, _ = _node(tmp_path, LeaseTable(), NODE_A, upstream, manifest_window_s=0.05)
+    await node.claim_manifest(REGISTRY, REPO, "1.0", TAG_KEY)
+    await asyncio.sleep(0.15)
+    assert node.window_size == 0
+    await node.close()
