@@ -14,7 +14,7 @@ The JSON document, schema version 1: every key of the `peermirror status --json`
                       "client": "local" | "peer", "source": str, "bytes": int,
                       "seconds": float, "bytes_per_second": float | null}],   # newest first
     "errors": {"<result>": {"local": int, "peer": int}},  # not_found, refused, client_error, error
-    "inflight": [{"digest": str, "image": str, "size": int, "written": int, "state": str,
+    "inflight_fetches": [{"digest": str, "image": str, "size": int, "written": int, "state": str,
                   "started_seconds_ago": float, "local_waiters": int, "peer_waiters": int,
                   "resumes": int, "lease_lost": bool}] | null   # null: shared first pulls off
 """
@@ -148,7 +148,7 @@ def build_document(data: StatusData) -> dict[str, Any]:
     )
     doc["recent_pulls"] = pull_rows(data.pulls, data.now)
     doc["errors"] = error_counts(data.requests)
-    doc["inflight"] = (
+    doc["inflight_fetches"] = (
         None if data.inflight is None else [_inflight_row(r, data.now) for r in data.inflight]
     )
     return doc
@@ -365,8 +365,8 @@ def render_html(data: StatusData) -> str:
         f'<div><h2>Images</h2><section id="images">{_images(data.images)}</section></div>'
         f'<div><h2>Errors since start</h2><section id="errors">{_errors(doc["errors"])}</section>'
         "</div></div>"
-        f'<h2>In-flight upstream fetches</h2><section id="inflight">{_inflight(doc["inflight"])}'
-        "</section>"
+        "<h2>In-flight upstream fetches</h2>"
+        f'<section id="inflight">{_inflight(doc["inflight_fetches"])}</section>'
         f'<h2>Recent pulls</h2><section id="pulls">{_pulls(doc["recent_pulls"])}</section>'
         "</body></html>\n"
     )

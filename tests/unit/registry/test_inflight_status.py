@@ -6,7 +6,14 @@ import asyncio
 import os
 from pathlib import Path
 
-from services.common.status.report import Observed, ServiceObservation, build_report
+from services.common.status.observe import inflight_from_metrics
+from services.common.status.report import (
+    SERVICES,
+    Observed,
+    ServiceObservation,
+    build_report,
+    render_text,
+)
 from services.registry.inflight.coordinator import Coordinator, InflightSettings
 from services.registry.inflight.ports import Holder
 from services.registry.inflight.spool import SpoolPool
@@ -47,7 +54,7 @@ ROW = InflightRow(
 
 def test_document_lists_fetches_and_their_waiters() -> None:
     doc = build_document(_data([ROW]))
-    assert doc["inflight"] == [
+    assert doc["inflight_fetches"] == [
         {
             "digest": ROW.digest,
             "image": "docker.io/library/<app>",
@@ -61,7 +68,7 @@ def test_document_lists_fetches_and_their_waiters() -> None:
             "lease_lost": False,
         }
     ]
-    assert build_document(_data(None))["inflight"] is None
+    assert build_document(_data(None))["inflight_fetches"] is None
 
 
 def test_page_shows_the_fetch_escaped_and_says_when_off() -> None:
@@ -97,3 +104,28 @@ async def test_rows_come_from_the_coordinators_running_fetches(tmp_path: Path) -
     )
     assert (row.local_waiters, row.peer_waiters) == (1, 1)
     await coordinator.close()
+
+
+def test_cli_report_counts_fetches_and_waiters_from_the_registry_metrics() -> None:
+    samples: dict[str, list[tuple[dict[str, str], float]]] = {
+        "peermirror_inflight_fetches": [({}, 2.0)],
+        "peermirror_inflight_coalesced_waiters_total": [
+            ({"waiter": "local"}, 3.0),
+            ({"waiter": "peer"}, 9.0),
+            ({"waiter": "remote_holder"}, 1.0),
+        ],
+    }
+    obs = _data(None).report  # a report without the registry's metrics
+    assert obs["inflight"] == {"fetches": None, "coalesced_waiters": None}
+    assert "shared first pulls" not in render_text(obs)
+    observed = Observed(
+        node="n1",
+        now=NOW,
+        services={n: ServiceObservation("127.0.0.1:1", "SERVING") for n in SERVICES},
+    )
+    inflight_from_metrics(observed, samples)
+    report = build_report(observed)
+    assert report["inflight"] == {"fetches": 2, "coalesced_waiters": 13}
+    assert render_text(report).splitlines()[-1] == (
+        "shared first pulls: 2 upstream fetches in flight, 13 coalesced waiters since start"
+    )
