@@ -37,7 +37,21 @@ class SlowUpstream:
     # Digests whose body is served with its first byte flipped (a corrupt upstream).
     corrupt: set[str] = field(default_factory=set)
     requests: list[tuple[str, str | None]] = field(default_factory=list)
+    # One link shared by every connection (bytes per second; None = unthrottled), like an
+    # upstream's egress or a site's uplink.
+    rate: float | None = None
+    # Body bytes sent, all requests together (what an upstream byte counter would show).
+    bytes_sent: int = 0
     port: int = 0
+    _link_free_at: float = 0.0
+
+    async def _throttle(self, size: int) -> None:
+        if self.rate is None:
+            return
+        loop = asyncio.get_running_loop()
+        start = max(loop.time(), self._link_free_at)
+        self._link_free_at = start + size / self.rate
+        await asyncio.sleep(self._link_free_at - loop.time())
 
     async def _manifest(self, request: web.Request) -> web.Response:
         reference = request.match_info["reference"]
@@ -73,7 +87,9 @@ class SlowUpstream:
             if position >= self.head_bytes:
                 await self.gate.wait()
             piece_end = min(end, position + PIECE)
+            await self._throttle(piece_end - position)
             await response.write(data[position:piece_end])
+            self.bytes_sent += piece_end - position
             position = piece_end
         await response.write_eof()
         return response

@@ -5,10 +5,9 @@ the digest wait for bytes instead of getting 404, with Range and HEAD, while it 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import os
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from services.registry.inflight.ports import Holder
 from services.registry.inflight.spool import SpoolPool
 from services.registry.inflight.spool_state import Phase
 from tests.harness.fake_inflight import FakeAdvertiser, LeaseTable
-from tests.harness.fake_local_discovery import FakeLocalDiscovery
+from tests.harness.inflight_cluster import inflight_cluster
 from tests.harness.registry_inproc import RunningRegistry, serve_registry
 from tests.harness.slow_upstream import SlowUpstream, SlowUpstreamClient, serve_slow_upstream
 
@@ -164,30 +163,6 @@ async def test_corrupt_upstream_body_is_never_completed(node: Node) -> None:
     assert node.leases.held == {}
 
 
-class _ProvidedAfter:
-    """Advertiser that makes the fake discovery name this registry as a provider after
-    `delay` seconds, as a DHT publish takes a moment to be visible."""
-
-    def __init__(self, discovery: FakeLocalDiscovery, delay: float) -> None:
-        self.discovery = discovery
-        self.delay = delay
-        self.port = 0
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    async def advertise(self, keys: Sequence[str]) -> None:
-        async def later() -> None:
-            await asyncio.sleep(self.delay)
-            self.discovery.provide(list(keys), ("127.0.0.1", self.port))
-
-        task = asyncio.create_task(later())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def withdraw(self, keys: Sequence[str]) -> None:
-        for key in keys:
-            self.discovery.providers.pop(key, None)
-
-
 async def test_waiting_node_relays_from_the_lease_holder(tmp_path: Path) -> None:
     """Two registries, one upstream fetch: B's miss finds the lease held by A and relays A's
     growing spool through the ordinary peer relay once discovery names A."""
@@ -195,55 +170,30 @@ async def test_waiting_node_relays_from_the_lease_holder(tmp_path: Path) -> None
     digest = _digest(blob)
     async with (
         serve_slow_upstream(SlowUpstream(blobs={digest: blob})) as upstream,
-        FakeLocalDiscovery() as discovery,
-        contextlib.AsyncExitStack() as stack,
+        inflight_cluster(tmp_path, 2, upstream.port, advertise_delay=0.3) as (a, b),
     ):
-        leases = LeaseTable()
-        client = SlowUpstreamClient(upstream.port)
-        stack.push_async_callback(client.close)
-        nodes: list[tuple[RunningRegistry, Coordinator]] = []
-        for i, name in enumerate(("a", "b")):
-            (tmp_path / name).mkdir()
-            advertiser = _ProvidedAfter(discovery, delay=0.3)
-            coordinator = Coordinator(
-                InflightSettings(stall_s=20, retry_interval_s=0.05),
-                SpoolPool(tmp_path / name / "spool", 64 * MiB, grace_s=60),
-                leases.client(Holder("127.0.0.1", 1000 + i)),
-                client,
-                advertiser,
-            )
-            store = OciLayoutStore(tmp_path / name / "layout", create=True)
-            stack.push_async_callback(store.close)
-            registry = await stack.enter_async_context(
-                serve_registry(
-                    store, tmp_path / name, discovery=discovery.address, inflight=coordinator
-                )
-            )
-            advertiser.port = registry.port
-            nodes.append((registry, coordinator))
-        (a, a_fetches), (b, b_fetches) = nodes
         url = f"/v2/{REPO}/blobs/{digest}?ns={NS}"
         async with aiohttp.ClientSession(timeout=CLIENT_TIMEOUT) as session:
-            pull_a = asyncio.create_task(_get(session, a.url + url, {}))
+            pull_a = asyncio.create_task(_get(session, a.registry.url + url, {}))
             for _ in range(500):
-                if digest in a_fetches.fetches:
+                if digest in a.coordinator.fetches:
                     break
                 await asyncio.sleep(0.01)
-            pull_b = asyncio.create_task(_get(session, b.url + url, {}))
+            pull_b = asyncio.create_task(_get(session, b.registry.url + url, {}))
             for _ in range(500):
-                if b_fetches.counters.coalesced["remote_holder"]:
+                if b.coordinator.counters.coalesced["remote_holder"]:
                     break
                 await asyncio.sleep(0.01)
-            assert b_fetches.counters.coalesced["remote_holder"] >= 1
+            assert b.coordinator.counters.coalesced["remote_holder"] >= 1
             await asyncio.sleep(0.4)  # A's advertisement is visible now
             upstream.gate.set()
             for pull in (pull_a, pull_b):
                 status, headers, body = await pull
                 assert status == 200 and body == blob
                 assert headers[DIGEST_HEADER] == digest
-    assert len(upstream.requests) == 1, upstream.requests
-    assert b_fetches.counters.fetches_started == 0
-    assert a_fetches.counters.coalesced["peer"] >= 1
+        assert len(upstream.requests) == 1, upstream.requests
+        assert b.coordinator.counters.fetches_started == 0
+        assert a.coordinator.counters.coalesced["peer"] >= 1
 
 
 MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"

@@ -339,8 +339,10 @@ def check_schema(doc: dict[str, Any]) -> None:
         "advertised_keys",
         "pinned_images",
         "mirror",
+        "inflight",
     }
     assert doc["schema"] == 1
+    assert set(doc["inflight"]) == {"fetches", "coalesced_waiters"}
     assert set(doc["services"]) == {"registry", "discovery", "pinner"}
     for service in doc["services"].values():
         assert set(service) == SERVICE_KEYS
