@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,6 +100,11 @@ async def test_peer_requests_for_an_in_flight_blob_wait_for_the_spool(node: Node
         far = {**PEER, "Range": f"bytes={2 * MiB}-{2 * MiB + 99_999}"}
         ranged = asyncio.create_task(_get(session, node.url(digest), far))
         whole = asyncio.create_task(_get(session, node.url(digest), PEER))
+        beyond = {**PEER, "Range": f"bytes={len(blob)}-"}
+        async with session.get(node.url(digest), headers=beyond) as refused:
+            assert refused.status == 416
+            assert refused.headers["Content-Range"] == f"bytes */{len(blob)}"
+            assert (await refused.json())["errors"][0]["code"] == "RANGE_INVALID"
         async with session.head(node.url(digest), headers=PEER) as head:
             assert head.status == 200
             assert head.headers["Content-Length"] == str(len(blob))
@@ -118,6 +124,14 @@ async def test_peer_requests_for_an_in_flight_blob_wait_for_the_spool(node: Node
             status, headers, body = await task
             assert status == 200 and body == blob
             assert headers[DIGEST_HEADER] == digest
+        async with session.get(f"{node.registry.url}/metrics") as response:
+            metrics = await response.text()
+    assert 'peermirror_inflight_upstream_fetches_total{outcome="completed"} 1.0' in metrics
+    peer_waiters = re.search(
+        r'^peermirror_inflight_coalesced_waiters_total\{waiter="peer"\} (\S+)$', metrics, re.M
+    )
+    assert peer_waiters is not None and float(peer_waiters.group(1)) >= 3
+    assert "peermirror_inflight_fetches 0.0" in metrics
     # One upstream request for the whole cluster's worth of readers.
     assert [path for path, _ in node.upstream.requests] == [f"/v2/{REPO}/blobs/{digest}"]
     assert node.advertiser.advertised == [digest]
