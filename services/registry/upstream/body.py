@@ -69,7 +69,8 @@ class UpstreamBody:
         return int(text) - self._skip
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        """The body from `offset` on; a broken stream raises UpstreamUnavailable."""
+        """The body from `offset` on; a broken stream raises UpstreamUnavailable. The body is
+        closed (slot released) once the last byte is read or the stream broke."""
         if self.head or self._closed:
             return
         try:
@@ -86,9 +87,11 @@ class UpstreamBody:
                 self.received += len(chunk)
                 yield chunk
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            self.close()
             raise UpstreamUnavailable(
                 f"upstream body from {self.route.host} broke after {self.received} bytes: {exc}"
             ) from exc
+        self.close()
         if self._skip:
             raise UpstreamUnavailable(f"upstream body from {self.route.host} ended before offset")
 
