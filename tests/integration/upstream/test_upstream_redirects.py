@@ -111,3 +111,14 @@ async def test_redirects_are_bounded(client: UpstreamClient, redirector: Redirec
         await client.fetch_blob(REGISTRY, "team/app", LOOPING)
     looped = [path for path, _ in redirector.seen if LOOPING in path]
     assert len(looped) == 1 + 11  # the 401, then the first request and its 10 redirects
+
+
+async def test_an_endpoint_ignoring_range_still_yields_bytes_from_the_offset(
+    client: UpstreamClient,
+) -> None:
+    # The storage host answers 200 with the whole blob whatever the Range asked.
+    async with await client.fetch_blob(REGISTRY, "team/app", DIGEST, offset=1000) as body:
+        assert body.status == 200 and body.offset == 1000
+        assert body.length == len(BLOB) - 1000
+        data = b"".join([chunk async for chunk in body.chunks()])
+    assert data == BLOB[1000:]
