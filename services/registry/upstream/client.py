@@ -13,6 +13,7 @@ fails with one of the typed errors of errors.py.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import ssl
 import time
@@ -133,6 +134,7 @@ class UpstreamClient:
         self.tokens = TokenCache()
         # Hosts that asked for Basic auth: later requests send it at once, as containerd does.
         self._basic_hosts: set[str] = set()
+        self._token_fetches: dict[tuple[str, str], asyncio.Future[str]] = {}
         self._ssl: dict[TLSConfig | None, ssl.SSLContext] = {}
         self._session: aiohttp.ClientSession | None = None
 
@@ -265,7 +267,7 @@ class UpstreamClient:
         ]
         response.release()
         if known is not None and known.startswith("Bearer "):
-            self.tokens.drop(route.host, scope)
+            self.tokens.drop(route.host, scope, known.removeprefix("Bearer "))
         headers["Authorization"] = await self._authorize(route, challenges, scope)
         return await self._send(route, request.method, url, headers)
 
@@ -290,8 +292,7 @@ class UpstreamClient:
         creds = self._credentials(route)
         for challenge in challenges:
             if challenge.scheme == "bearer" and challenge.realm:
-                token = await self._fetch_token(route, challenge, scope, creds)
-                return f"Bearer {token}"
+                return f"Bearer {await self._shared_token(route, challenge, scope, creds)}"
         for challenge in challenges:
             if challenge.scheme == "basic":
                 header = creds.basic_header()
@@ -300,6 +301,28 @@ class UpstreamClient:
                 self._basic_hosts.add(route.host)
                 return header
         raise _AttemptFailed("auth", "401 without a Bearer or Basic challenge")
+
+    async def _shared_token(
+        self, route: Route, challenge: Challenge, scope: str, creds: Credentials
+    ) -> str:
+        """A token for (host, scope): from the cache, else from the one request in flight for
+        it, else from a new one, so a wave of fetches for one repository asks the realm once."""
+        cached = self.tokens.get(route.host, scope, self._clock())
+        if cached is not None:
+            return cached
+        key = (route.host, scope)
+        pending = self._token_fetches.get(key)
+        if pending is None:
+            pending = asyncio.ensure_future(self._fetch_token(route, challenge, scope, creds))
+            self._token_fetches[key] = pending
+            pending.add_done_callback(lambda task: self._token_fetched(key, task))
+        # Shielded: one asker giving up does not cancel the request the others wait for.
+        return await asyncio.shield(pending)
+
+    def _token_fetched(self, key: tuple[str, str], task: asyncio.Future[str]) -> None:
+        self._token_fetches.pop(key, None)
+        if not task.cancelled():
+            task.exception()  # retrieved here, so a fetch nobody awaits any more logs nothing
 
     async def _fetch_token(
         self, route: Route, challenge: Challenge, scope: str, creds: Credentials

@@ -62,9 +62,11 @@ class TokenCache:
             ]:
                 del self._tokens[key]
 
-    def drop(self, host: str, scope: str) -> None:
-        """Forget a token the registry refused (revoked or scoped differently)."""
-        self._tokens.pop((host, scope), None)
+    def drop(self, host: str, scope: str, value: str) -> None:
+        """Forget the token `value` the registry refused (a newer one for the key stays)."""
+        token = self._tokens.get((host, scope))
+        if token is not None and token.value == value:
+            del self._tokens[(host, scope)]
 
     def __len__(self) -> int:
         return len(self._tokens)

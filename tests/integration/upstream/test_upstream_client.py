@@ -415,3 +415,18 @@ def test_accept_header_names_the_four_manifest_types() -> None:
         "application/vnd.docker.distribution.manifest.v2+json",
     ):
         assert media_type in MANIFEST_ACCEPT
+
+
+async def test_concurrent_fetches_of_one_repository_share_one_token_request(
+    token_upstream: tuple[DistributionRegistry, RunningTokenServer],
+    image: BuiltImage,
+    make_client: MakeClient,
+) -> None:
+    reg, tokens = token_upstream
+    tokens.records.clear()
+    creds = f"  '{reg.hostport}':\n    auth: {{username: {USER}, password: {PASSWORD}}}\n"
+    client = make_client(mirror_of(reg.url, creds))
+    blobs = [b.digest for b in image.blobs if b.digest != image.target.digest]
+    results = await asyncio.gather(*(read_all(client, d) for d in blobs * 3))
+    assert [hashlib.sha256(r).hexdigest() for r in results] == [d[7:] for d in blobs * 3]
+    assert len(tokens.records) == 1

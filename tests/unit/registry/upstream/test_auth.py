@@ -124,7 +124,9 @@ def test_token_cache_per_host_and_scope_until_expiry() -> None:
     assert cache.get("other.test", "repository:a:pull", now=50.0) is None
     assert cache.get("r.test", "repository:a:pull", now=100.0 - EXPIRY_MARGIN) is None
     assert len(cache) == 1
-    cache.drop("r.test", "repository:b:pull")
+    cache.drop("r.test", "repository:b:pull", "an older token")
+    assert cache.get("r.test", "repository:b:pull", now=1.0) == "B"
+    cache.drop("r.test", "repository:b:pull", "B")
     assert cache.get("r.test", "repository:b:pull", now=1.0) is None
 
 
