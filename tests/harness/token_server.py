@@ -8,8 +8,8 @@ distribution 2.8 looks up first: the chain must verify against the bundle).
 It speaks the distribution token protocol: `GET <realm>?service=&scope=` with HTTP basic or
 anonymously, and the OAuth2 `POST <realm>` with `grant_type=refresh_token` or `password`. Every
 request is logged as one JSON line on stderr (method, grant, user, scopes, status), so tests can
-count token requests. Run it as a process (`python -m tests.harness.token_server ...`) on
-loopback or inside a mesh namespace, or in-process with :func:`serve`.
+count token requests. It runs as a process, on loopback or inside a mesh namespace: see
+`start_token_server` in tests/harness/upstream.py.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import datetime
 import json
 import secrets
 import sys
-import threading
 import time
 import urllib.parse
 from dataclasses import dataclass, field
@@ -148,9 +147,7 @@ class _Handler(BaseHTTPRequestHandler):
             "scopes": scopes,
             "status": status,
         }
-        self.server.records.append(record)
-        if self.server.echo:
-            print(json.dumps(record), file=sys.stderr, flush=True)
+        print(json.dumps(record), file=sys.stderr, flush=True)
 
     def _answer(self, status: int, body: dict[str, object]) -> None:
         data = json.dumps(body).encode()
@@ -227,45 +224,10 @@ class _Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(
-        self, address: tuple[str, int], policy: TokenPolicy, key: SigningKey, echo: bool = False
-    ) -> None:
+    def __init__(self, address: tuple[str, int], policy: TokenPolicy, key: SigningKey) -> None:
         super().__init__(address, _Handler)
         self.policy = policy
         self.signing_key = key
-        self.echo = echo
-        # Every request answered, in order (the in-process form's log).
-        self.records: list[dict[str, object]] = []
-
-
-@dataclass
-class RunningTokenServer:
-    """An in-process token server; `realm` is the URL the registry's challenge names."""
-
-    server: _Server
-    thread: threading.Thread
-
-    @property
-    def records(self) -> list[dict[str, object]]:
-        return self.server.records
-
-    @property
-    def realm(self) -> str:
-        host, port = self.server.server_address[:2]
-        return f"http://{host!s}:{port}{TOKEN_PATH}"
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=5)
-
-
-def serve(policy: TokenPolicy, key: SigningKey, host: str = "127.0.0.1") -> RunningTokenServer:
-    """Start a token server on `host`, a free port, in a daemon thread."""
-    server = _Server((host, 0), policy, key)
-    thread = threading.Thread(target=server.serve_forever, name="token-server", daemon=True)
-    thread.start()
-    return RunningTokenServer(server, thread)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -287,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         refresh_tokens=frozenset(args.refresh_token),
         allow_anonymous=args.anonymous,
     )
-    server = _Server((host, int(port)), policy, SigningKey.read(args.cert, args.key), echo=True)
+    server = _Server((host, int(port)), policy, SigningKey.read(args.cert, args.key))
     server.serve_forever()
     return 0
 

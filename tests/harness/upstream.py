@@ -27,7 +27,8 @@ import yaml
 
 from services.common.pki import create_ca, issue_node
 from tests.harness.images import BuiltImage
-from tests.harness.service_procs import free_port
+from tests.harness.service_procs import REPO_ROOT, free_port
+from tests.harness.token_server import TOKEN_PATH, TokenPolicy
 
 if TYPE_CHECKING:
     from tests.harness.mesh import MeshProcess, NetnsHost
@@ -219,9 +220,9 @@ def _wait_listening(probe: Any, running: Any, log_path: Path) -> None:
     deadline = time.monotonic() + START_TIMEOUT
     while not probe():
         if not running():
-            raise UpstreamError(f"docker-registry exited: {log_path.read_text(errors='replace')}")
+            raise UpstreamError(f"process exited: {log_path.read_text(errors='replace')}")
         if time.monotonic() > deadline:
-            raise UpstreamError(f"docker-registry did not listen within {START_TIMEOUT} s")
+            raise UpstreamError(f"{log_path.name}: nothing listened within {START_TIMEOUT} s")
         time.sleep(0.05)
 
 
@@ -272,6 +273,11 @@ _PROBE = (
 )
 
 
+def _probe_in(host: NetnsHost, ip: str, port: int) -> bool:
+    argv = [sys.executable, "-c", _PROBE, ip, str(port)]
+    return host.exec(argv, check=False, timeout=10).returncode == 0
+
+
 def start_in_netns(
     host: NetnsHost, options: UpstreamOptions | None = None, port: int = 5000
 ) -> DistributionRegistry:
@@ -288,12 +294,85 @@ def start_in_netns(
     registry = DistributionRegistry(host.ip, port, proc.log_path, scheme, storage)
     registry._stop.append(proc.stop)
 
-    def probe() -> bool:
-        argv = [sys.executable, "-c", _PROBE, host.ip, str(port)]
-        return host.exec(argv, check=False, timeout=10).returncode == 0
-
-    _wait_listening(probe, lambda: proc.running, proc.log_path)
+    _wait_listening(lambda: _probe_in(host, host.ip, port), lambda: proc.running, proc.log_path)
     return registry
+
+
+@dataclass
+class TokenServerProcess:
+    """tests/harness/token_server.py running as a process; `realm` goes into `TokenAuth`."""
+
+    realm: str
+    log_path: Path
+    _stop: list[Any] = field(default_factory=list, repr=False)
+
+    def records(self) -> list[dict[str, Any]]:
+        """The requests it answered (one JSON line each in its log)."""
+        out = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            with contextlib.suppress(ValueError):
+                record = json.loads(line)
+                if isinstance(record, dict) and "grant" in record:
+                    out.append(record)
+        return out
+
+    def stop(self) -> None:
+        for stop in self._stop:
+            stop()
+        self._stop.clear()
+
+
+def token_server_argv(listen: str, key_files: tuple[Path, Path], policy: TokenPolicy) -> list[str]:
+    """The command line serving `policy` with the key pair (cert, key) on `listen`."""
+    cert, key = key_files
+    argv = [sys.executable, "-m", "tests.harness.token_server", "--listen", listen]
+    argv += ["--cert", str(cert), "--key", str(key)]
+    argv += ["--issuer", policy.issuer, "--service", policy.service]
+    argv += [f"--user={user}:{password}" for user, password in policy.users.items()]
+    argv += [f"--refresh-token={token}" for token in sorted(policy.refresh_tokens)]
+    if policy.allow_anonymous:
+        argv.append("--anonymous")
+    return argv
+
+
+def start_token_server(
+    work: Path,
+    policy: TokenPolicy,
+    key_files: tuple[Path, Path],
+    *,
+    host: NetnsHost | None = None,
+    port: int = 5001,
+) -> TokenServerProcess:
+    """A token server process: on 127.0.0.1:<free port> under `work`, or on <host.ip>:`port`
+    inside the namespace `host` (stopped by the mesh at teardown); returned once it listens."""
+    if host is None:
+        ip, port = "127.0.0.1", free_port()
+        work.mkdir(parents=True, exist_ok=True)
+        log_path = work / "token-server.log"
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen(
+                token_server_argv(f"{ip}:{port}", key_files, policy),
+                cwd=REPO_ROOT,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+            )
+        stop, running = _popen_stopper(proc), lambda: proc.poll() is None
+    else:
+        ip = host.ip
+        mesh_proc = host.popen("token-server", token_server_argv(f"{ip}:{port}", key_files, policy))
+        log_path, stop, running = mesh_proc.log_path, mesh_proc.stop, lambda: mesh_proc.running
+    server = TokenServerProcess(f"http://{ip}:{port}{TOKEN_PATH}", log_path, [stop])
+
+    def probe() -> bool:
+        return _tcp_open(ip, port) if host is None else _probe_in(host, ip, port)
+
+    try:
+        _wait_listening(probe, running, server.log_path)
+    except BaseException:
+        server.stop()
+        raise
+    return server
 
 
 def push_image(

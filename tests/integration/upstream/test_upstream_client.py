@@ -29,14 +29,16 @@ from services.registry.upstream import (
     UpstreamUnavailable,
 )
 from tests.harness.images import BuiltImage, build_image
-from tests.harness.token_server import RunningTokenServer, SigningKey, TokenPolicy, serve
+from tests.harness.token_server import SigningKey, TokenPolicy
 from tests.harness.upstream import (
     DistributionRegistry,
     ServerTls,
     TokenAuth,
+    TokenServerProcess,
     UpstreamOptions,
     loopback_registry,
     push_image,
+    start_token_server,
     write_htpasswd,
 )
 
@@ -89,22 +91,20 @@ def basic_upstream(
 @pytest.fixture(scope="module")
 def token_upstream(
     tmp_path_factory: pytest.TempPathFactory, image: BuiltImage
-) -> Iterator[tuple[DistributionRegistry, RunningTokenServer]]:
+) -> Iterator[tuple[DistributionRegistry, TokenServerProcess]]:
     work = tmp_path_factory.mktemp("token")
-    key = SigningKey.generate()
-    bundle, _ = key.write(work / "token")
+    key_files = SigningKey.generate().write(work / "token")
     policy = TokenPolicy(
         issuer=ISSUER,
         service=SERVICE,
         users={USER: PASSWORD},
         refresh_tokens=frozenset({REFRESH_TOKEN}),
     )
-    tokens = serve(policy, key)
+    tokens = start_token_server(work / "token", policy, key_files)
     try:
-        auth = TokenAuth(realm=tokens.realm, service=SERVICE, issuer=ISSUER, rootcertbundle=bundle)
+        auth = TokenAuth(tokens.realm, SERVICE, ISSUER, rootcertbundle=key_files[0])
         with loopback_registry(work / "reg", UpstreamOptions(token=auth)) as reg:
             push_image(image, reg, creds=(USER, PASSWORD))
-            tokens.records.clear()
             yield reg, tokens
     finally:
         tokens.stop()
@@ -331,12 +331,12 @@ async def test_basic_auth_wrong_or_missing_credentials_is_an_auth_error(
 
 
 async def test_token_flow_with_basic_credentials_and_a_cached_token(
-    token_upstream: tuple[DistributionRegistry, RunningTokenServer],
+    token_upstream: tuple[DistributionRegistry, TokenServerProcess],
     image: BuiltImage,
     make_client: MakeClient,
 ) -> None:
     reg, tokens = token_upstream
-    tokens.records.clear()
+    before = len(tokens.records())
     client = make_client(
         mirror_of(
             reg.url, f"  '{reg.hostport}':\n    auth: {{username: {USER}, password: {PASSWORD}}}\n"
@@ -349,27 +349,29 @@ async def test_token_flow_with_basic_credentials_and_a_cached_token(
             data = await read_all(client, blob.digest)
             assert hashlib.sha256(data).hexdigest() == blob.digest.split(":")[1]
     # One token for the repository's pull scope, reused by every later request.
-    assert [(r["grant"], r["user"], r["scopes"]) for r in tokens.records] == [
+    assert [(r["grant"], r["user"], r["scopes"]) for r in tokens.records()[before:]] == [
         ("basic", USER, ["repository:team/app:pull"])
     ]
 
 
 async def test_token_flow_with_an_identity_token_as_refresh_token(
-    token_upstream: tuple[DistributionRegistry, RunningTokenServer],
+    token_upstream: tuple[DistributionRegistry, TokenServerProcess],
     image: BuiltImage,
     make_client: MakeClient,
 ) -> None:
     reg, tokens = token_upstream
-    tokens.records.clear()
+    before = len(tokens.records())
     client = make_client(
         mirror_of(reg.url, f"  '{reg.hostport}':\n    auth: {{identity_token: {REFRESH_TOKEN}}}\n")
     )
     assert await read_all(client, layer(image))
-    assert [(r["method"], r["grant"]) for r in tokens.records] == [("POST", "refresh_token")]
+    assert [(r["method"], r["grant"]) for r in tokens.records()[before:]] == [
+        ("POST", "refresh_token")
+    ]
 
 
 async def test_token_flow_wrong_credentials_is_an_auth_error(
-    token_upstream: tuple[DistributionRegistry, RunningTokenServer],
+    token_upstream: tuple[DistributionRegistry, TokenServerProcess],
     image: BuiltImage,
     make_client: MakeClient,
 ) -> None:
@@ -418,15 +420,15 @@ def test_accept_header_names_the_four_manifest_types() -> None:
 
 
 async def test_concurrent_fetches_of_one_repository_share_one_token_request(
-    token_upstream: tuple[DistributionRegistry, RunningTokenServer],
+    token_upstream: tuple[DistributionRegistry, TokenServerProcess],
     image: BuiltImage,
     make_client: MakeClient,
 ) -> None:
     reg, tokens = token_upstream
-    tokens.records.clear()
+    before = len(tokens.records())
     creds = f"  '{reg.hostport}':\n    auth: {{username: {USER}, password: {PASSWORD}}}\n"
     client = make_client(mirror_of(reg.url, creds))
     blobs = [b.digest for b in image.blobs if b.digest != image.target.digest]
     results = await asyncio.gather(*(read_all(client, d) for d in blobs * 3))
     assert [hashlib.sha256(r).hexdigest() for r in results] == [d[7:] for d in blobs * 3]
-    assert len(tokens.records) == 1
+    assert len(tokens.records()) == before + 1
