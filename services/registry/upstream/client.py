@@ -167,7 +167,10 @@ class UpstreamClient:
     async def fetch_manifest(
         self, registry: str, repository: str, reference: str, *, head: bool = False
     ) -> UpstreamBody:
-        """GET (or HEAD, to resolve a tag) a manifest or index by tag or digest."""
+        """GET (or HEAD, to resolve a tag) a manifest or index by tag or digest.
+
+        ValueError for a malformed registry, repository or reference (callers validate first).
+        """
         if not (is_valid_digest(reference) or is_valid_tag(reference)):
             raise ValueError(f"not a tag or digest: {reference!r}")
         method = "HEAD" if head else "GET"
@@ -187,6 +190,8 @@ class UpstreamClient:
     async def _fetch(self, request: _Request) -> UpstreamBody:
         if not is_valid_name(request.repository):
             raise ValueError(f"not a repository name: {request.repository!r}")
+        # Before a slot is taken: a registry name that is no host raises ValueError here.
+        routes = self.routes(request.registry)
         try:
             await self.limiter.acquire()
         except UpstreamBusy:
@@ -194,7 +199,7 @@ class UpstreamClient:
             raise
         self._gauge()
         try:
-            response, route = await self._try_routes(request)
+            response, route = await self._try_routes(request, routes)
         except UpstreamError as exc:
             self._release()
             self._count(request.kind, _result_of(exc))
@@ -221,8 +226,9 @@ class UpstreamClient:
             body.close()
         return body
 
-    async def _try_routes(self, request: _Request) -> tuple[aiohttp.ClientResponse, Route]:
-        routes = self.routes(request.registry)
+    async def _try_routes(
+        self, request: _Request, routes: tuple[Route, ...]
+    ) -> tuple[aiohttp.ClientResponse, Route]:
         what = f"{request.registry}/{request.repository} {request.area} {request.reference}"
         if not routes:
             raise UpstreamUnavailable(

@@ -122,3 +122,19 @@ async def test_an_endpoint_ignoring_range_still_yields_bytes_from_the_offset(
         assert body.length == len(BLOB) - 1000
         data = b"".join([chunk async for chunk in body.chunks()])
     assert data == BLOB[1000:]
+
+
+@pytest.mark.parametrize(
+    ("registry", "repository", "digest"),
+    [
+        ("bad host/x", "team/app", DIGEST),
+        (REGISTRY, "Team/App", DIGEST),
+        (REGISTRY, "team/app", "sha256:short"),
+    ],
+)
+async def test_malformed_input_is_a_value_error_and_takes_no_slot(
+    client: UpstreamClient, redirector: Redirector, registry: str, repository: str, digest: str
+) -> None:
+    with pytest.raises(ValueError):
+        await client.fetch_blob(registry, repository, digest)
+    assert client.limiter.in_flight == 0 and redirector.seen == []
