@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -198,10 +199,55 @@ class DistributionRegistry:
                 out.append(r)
         return out
 
+    def body_bytes(self, method: str = "GET", path_part: str = "") -> int:
+        """Body bytes the registry wrote for the requests it answered (its own count, needs log
+        level info); see `SentBytes` for a count below the application."""
+        return sum(int(r.get("http.response.written", 0)) for r in self.requests(method, path_part))
+
     def stop(self) -> None:
         for stop in self._stop:
             stop()
         self._stop.clear()
+
+
+SENT_COMMENT = "peermirror-upstream-sent"
+_COUNTER_LINE = re.compile(r"^\[(?P<packets>\d+):(?P<bytes>\d+)\] (?P<rule>-A OUTPUT .*)$")
+
+
+@dataclass
+class SentBytes:
+    """An iptables counter in the upstream's namespace: IP bytes sent from its registry port
+    (TCP/IP headers included; with segmentation offload on the veth they are a few per mille).
+    Counted by the kernel, outside every process of the test."""
+
+    host: NetnsHost
+    port: int
+
+    @property
+    def rule(self) -> list[str]:
+        return [
+            "OUTPUT", "-p", "tcp", "--sport", str(self.port),
+            "-m", "comment", "--comment", SENT_COMMENT, "-j", "ACCEPT",
+        ]  # fmt: skip
+
+    def install(self) -> SentBytes:
+        """Add the counting rule (once); returns self."""
+        present = self.host.exec(["iptables", "-w", "-C", *self.rule], check=False)
+        if present.returncode != 0:
+            self.host.exec(["iptables", "-w", "-A", *self.rule])
+        return self
+
+    def read(self) -> int:
+        """Bytes counted since install (or the last `reset`)."""
+        out = self.host.exec(["iptables-save", "-c", "-t", "filter"]).stdout
+        for line in out.splitlines():
+            m = _COUNTER_LINE.match(line)
+            if m and SENT_COMMENT in m.group("rule") and f"--sport {self.port}" in m.group("rule"):
+                return int(m.group("bytes"))
+        raise UpstreamError(f"no {SENT_COMMENT} rule in {self.host.label}'s iptables")
+
+    def reset(self) -> None:
+        self.host.exec(["iptables", "-w", "-Z", "OUTPUT"])
 
 
 def _popen_stopper(proc: subprocess.Popen[bytes]) -> Any:

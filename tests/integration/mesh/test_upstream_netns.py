@@ -15,6 +15,7 @@ from tests.harness.fixtures_mesh import MeshFactory
 from tests.harness.images import build_image
 from tests.harness.token_server import SigningKey, TokenPolicy
 from tests.harness.upstream import (
+    SentBytes,
     ServerTls,
     TokenAuth,
     UpstreamOptions,
@@ -50,6 +51,7 @@ async def test_token_and_tls_upstream_in_a_namespace(
         f"    auth: {{username: {USER}, password: {PASSWORD}}}\n"
     )
     client = UpstreamClient(lambda: regs, UpstreamSettings(disable_default_endpoint=True))
+    sent = SentBytes(host, upstream.port).install()
     try:
         before = len(tokens.records())
         digest = image.platforms[0].layers[0].descriptor.digest
@@ -57,7 +59,9 @@ async def test_token_and_tls_upstream_in_a_namespace(
             data = b"".join([chunk async for chunk in body.chunks()])
         assert "sha256:" + hashlib.sha256(data).hexdigest() == digest
         assert [r["user"] for r in tokens.records()[before:]] == [USER]
-        assert upstream.requests("GET", f"/v2/team/app/blobs/{digest}")
+        # Counted outside the client: by the registry itself and by the upstream's kernel.
+        assert upstream.body_bytes("GET", f"/v2/team/app/blobs/{digest}") == len(data)
+        assert len(data) < sent.read() < len(data) * 1.05 + 64 * 1024
     finally:
         await client.close()
     anonymous_regs = parse_registries(
