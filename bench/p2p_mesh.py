@@ -35,7 +35,6 @@ import json
 import math
 import os
 import secrets
-import shutil
 import signal
 import statistics
 import subprocess
@@ -54,9 +53,9 @@ from bench.process_cpu import cpu_seconds
 from tests.harness import netns
 from tests.harness.images import BuiltImage, build_image, write_oci_archive
 from tests.harness.mesh import K8S_NAMESPACE, Mesh, MeshError, MeshNode, NetnsHost, deep_merge
+from tests.harness.upstream import UpstreamOptions, start_in_netns
 from tests.integration.mesh.p2p import (
     FAST_TIMINGS,
-    eventually,
     remove_image,
     wait_advertised,
 )
@@ -282,29 +281,10 @@ def render(f: Figures) -> str:
 
 
 def start_upstream(mesh: Mesh) -> NetnsHost:
-    """docker-registry on <ip>:5000 in a namespace of its own; returned once it answers."""
-    binary = shutil.which("docker-registry")
-    if binary is None:
-        raise FileNotFoundError("docker-registry not found: install the Debian package")
+    """docker-registry on <ip>:5000 in a namespace of its own; returned once it listens."""
     host = mesh.add_host("upstream")
-    config = {
-        "version": 0.1,
-        "log": {"level": "warn", "formatter": "json", "accesslog": {"disabled": True}},
-        "storage": {"filesystem": {"rootdirectory": str(host.dir / "data")}},
-        "http": {"addr": f"{host.ip}:{UPSTREAM_PORT}", "secret": "peermirror-bench"},
-    }
-    path = host.dir / "registry.yml"
-    path.write_text(yaml.safe_dump(config), encoding="utf-8")
-    host.popen("docker-registry", [binary, "serve", str(path)])
-
-    def answers() -> bool:
-        try:
-            return host.http_get(f"http://{host.ip}:{UPSTREAM_PORT}/v2/", timeout=1.0)[0] == 200
-        except ConnectionError:
-            return False
-
-    if not eventually(answers, SETUP_TIMEOUT, interval=0.5):
-        raise MeshError("docker-registry did not answer")
+    # Warnings only and no access log, as for peermirror: neither side pays for logging.
+    start_in_netns(host, UpstreamOptions(log_level="warn"), port=UPSTREAM_PORT)
     return host
 
 

@@ -560,6 +560,59 @@ class GrpcSection:
     )
 
 
+def _check_not_negative(value: object) -> None:
+    if isinstance(value, int | float) and value < 0:
+        raise ValueError(f"must be >= 0, got {value}")
+
+
+@dataclass(frozen=True)
+class UpstreamSection:
+    """Per-node limits and timeouts of fetches from upstream registries (the in-flight spool).
+
+    Which endpoints, TLS settings and credentials are used comes from registries.yaml, as for
+    containerd; these keys only bound how much this node asks of them.
+    """
+
+    max_concurrent_fetches: int = field(
+        default=8,
+        metadata=_doc(
+            "upstream fetches (manifests and blobs) this node runs at once; past it a fetch "
+            "waits queue_wait, then the request is answered 404 (containerd pulls itself)",
+            check=_check_positive,
+        ),
+    )
+    max_bandwidth: int = field(
+        default=0,
+        metadata=_doc(
+            "bytes per second this node receives from upstream registries in all (token "
+            "bucket, 1 s burst); 0 = no cap",
+            check=_check_not_negative,
+        ),
+    )
+    queue_wait: float = field(
+        default=0.5,
+        metadata=_doc(
+            "seconds a fetch waits for a free slot or for the bandwidth cap before it is "
+            "given up (answered 404 fast)",
+            check=_check_not_negative,
+        ),
+    )
+    connect_timeout: float = field(
+        default=5.0,
+        metadata=_doc(
+            "seconds to connect to an upstream endpoint before trying the next",
+            check=_check_positive,
+        ),
+    )
+    read_timeout: float = field(
+        default=30.0,
+        metadata=_doc(
+            "seconds an upstream endpoint may stay silent (headers or body) before it is given up",
+            check=_check_positive,
+        ),
+    )
+
+
 @dataclass(frozen=True)
 class K3sSection:
     """K3s's own registry switches, spelled as in K3s's config.yaml; null = not set here.
@@ -673,6 +726,7 @@ class NodeConfig:
     pinner: PinnerSection = field(default_factory=PinnerSection)
     store: StoreSection = field(default_factory=StoreSection)
     k3s: K3sSection = field(default_factory=K3sSection)
+    upstream: UpstreamSection = field(default_factory=UpstreamSection)
     tls: TlsSection = field(default_factory=TlsSection)
     grpc: GrpcSection = field(default_factory=GrpcSection)
     inflight: InflightSection = field(default_factory=InflightSection)

@@ -8,14 +8,8 @@ can only succeed through the test registry, and nothing ever leaves the machine.
 from __future__ import annotations
 
 import re
-import shutil
-import socket
 import subprocess
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -24,6 +18,8 @@ from services.pinner.hosts_toml import HostsOptions
 from services.pinner.hosts_writer import write_containerd_config
 from tests.harness.containerd import ContainerdDaemon
 from tests.harness.images import build_image
+from tests.harness.service_procs import free_port
+from tests.harness.upstream import DistributionRegistry, loopback_registry, push_image
 
 pytestmark = pytest.mark.containerd
 
@@ -31,99 +27,24 @@ DEAD_SERVER = "http://127.0.0.1:9"
 START_TIMEOUT_S = 15.0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-@dataclass
-class MirrorRegistry:
-    """A `docker-registry` serving plain http on 127.0.0.1:<port>, logging every request."""
-
-    port: int
-    log_path: Path
-
-    @property
-    def hostport(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def request_lines(self) -> list[str]:
-        return [
-            line
-            for line in self.log_path.read_text(errors="replace").splitlines()
-            if "http.request.uri=" in line
-        ]
-
-
 @pytest.fixture
-def test_registry(tmp_path: Path) -> Iterator[MirrorRegistry]:
-    binary = shutil.which("docker-registry")
-    if binary is None:
-        pytest.fail("needs the Debian package `docker-registry`", pytrace=False)
-    port = free_port()
-    work = tmp_path / "registry"
-    work.mkdir()
-    config = work / "config.yml"
-    config.write_text(
-        "version: 0.1\n"
-        "log:\n  level: info\n"
-        f"storage:\n  filesystem:\n    rootdirectory: {work / 'data'}\n"
-        f"http:\n  addr: 127.0.0.1:{port}\n  secret: peermirror-test\n"
-    )
-    log_path = work / "registry.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [binary, "serve", str(config)],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"docker-registry exited: {log_path.read_text()}", pytrace=False)
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=1) as resp:
-                    if resp.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("docker-registry did not answer", pytrace=False)
-            time.sleep(0.05)
-        yield MirrorRegistry(port, log_path)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+def test_registry(tmp_path: Path) -> Iterator[DistributionRegistry]:
+    with loopback_registry(tmp_path / "registry") as registry:
+        yield registry
 
 
-def push(tmp_path: Path, registry: MirrorRegistry, repo_tag: str) -> str:
+def push(tmp_path: Path, registry: DistributionRegistry, repo_tag: str) -> str:
     """Build a synthetic image and push it as `<registry>/<repo_tag>`; returns its digest."""
     image = build_image(tmp_path / "layout", name=f"docker.io/{repo_tag}")
-    subprocess.run(
-        [
-            "skopeo",
-            "copy",
-            "--quiet",
-            "--dest-tls-verify=false",
-            f"oci:{image.layout_dir}:{image.name}",
-            f"docker://{registry.hostport}/{repo_tag}",
-        ],
-        check=True,
-        capture_output=True,
-        stdin=subprocess.DEVNULL,
-    )
+    push_image(image, registry)
     return image.target.digest
 
 
-def render(tmp_path: Path, registry: MirrorRegistry, dead_mirror_port: int) -> Path:
+def request_uris(registry: DistributionRegistry) -> list[str]:
+    return [str(r["http.request.uri"]) for r in registry.requests()]
+
+
+def render(tmp_path: Path, registry: DistributionRegistry, dead_mirror_port: int) -> Path:
     reg_file = tmp_path / "registries.yaml"
     reg_file.write_text(
         "mirrors:\n"
@@ -161,7 +82,7 @@ def hosts_tried(stderr: str) -> list[str]:
 def test_pull_goes_through_generated_mirror_config(
     containerd_daemon: ContainerdDaemon,
     containerd_namespace: str,
-    test_registry: MirrorRegistry,
+    test_registry: DistributionRegistry,
     tmp_path: Path,
 ) -> None:
     digest = push(tmp_path, test_registry, "library/test:1.0")
@@ -176,14 +97,14 @@ def test_pull_goes_through_generated_mirror_config(
     assert "docker.io/library/test:1.0" in listing and digest in listing
     # The embedded mirror (first) was tried and refused; then the test registry answered.
     assert hosts_tried(result.stderr) == [f"127.0.0.1:{dead_mirror}"]
-    requests = test_registry.request_lines()
-    assert any("/v2/library/test/manifests/1.0?ns=docker.io" in line for line in requests), requests
+    requests = request_uris(test_registry)
+    assert "/v2/library/test/manifests/1.0?ns=docker.io" in requests, requests
 
 
 def test_server_is_tried_last(
     containerd_daemon: ContainerdDaemon,
     containerd_namespace: str,
-    test_registry: MirrorRegistry,
+    test_registry: DistributionRegistry,
     tmp_path: Path,
 ) -> None:
     dead_mirror = free_port()
@@ -199,7 +120,4 @@ def test_server_is_tried_last(
         test_registry.hostport,
         "127.0.0.1:9",
     ]
-    assert any(
-        "/v2/library/absent/manifests/1.0?ns=docker.io" in line
-        for line in test_registry.request_lines()
-    )
+    assert "/v2/library/absent/manifests/1.0?ns=docker.io" in request_uris(test_registry)

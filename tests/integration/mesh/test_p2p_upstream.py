@@ -8,7 +8,6 @@ node 1 now holds, and node 2 pulls the image from node 1 with the upstream unrea
 
 from __future__ import annotations
 
-import shutil
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,12 +18,11 @@ import yaml
 from tests.harness.fixtures_mesh import running_mesh
 from tests.harness.images import build_image, write_oci_archive
 from tests.harness.mesh import NOWHERE, Mesh, NetnsHost, pull_via_mirror, registries_data
+from tests.harness.upstream import start_in_netns
 from tests.integration.mesh.p2p import (
     FAST_TIMINGS,
     PULL_TIMEOUT,
-    SEED_TIMEOUT,
     assert_holds_verified,
-    eventually,
     served_to_peers,
     unique_ref,
     wait_advertised,
@@ -43,29 +41,9 @@ def up_mesh() -> Iterator[Mesh]:
 
 
 def start_upstream(mesh: Mesh) -> NetnsHost:
-    """docker-registry on <upstream ip>:5000 inside its own namespace; returns the host once
-    node 1 gets an answer from it."""
-    binary = shutil.which("docker-registry")
-    assert binary is not None, "needs the Debian package docker-registry"
+    """docker-registry on <upstream ip>:5000 inside its own namespace, logging every request."""
     host = mesh.add_host("upstream")
-    config = {
-        "version": 0.1,
-        "log": {"level": "info", "formatter": "json"},
-        "storage": {"filesystem": {"rootdirectory": str(host.dir / "data")}},
-        "http": {"addr": f"{host.ip}:{UPSTREAM_PORT}", "secret": "peermirror-mesh-test"},
-    }
-    config_path = host.dir / "registry.yml"
-    config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
-    host.popen("docker-registry", [binary, "serve", str(config_path)])
-    n1 = mesh.nodes[0]
-
-    def answers() -> bool:
-        try:
-            return n1.http_get(f"http://{host.ip}:{UPSTREAM_PORT}/v2/", timeout=1.0)[0] == 200
-        except ConnectionError:
-            return False
-
-    assert eventually(answers, SEED_TIMEOUT)
+    start_in_netns(host, port=UPSTREAM_PORT)
     return host
 
 

@@ -8,12 +8,12 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from services.common.k3s.endpoints import is_localhost
 from services.common.k3s.registries import RegistriesError, parse_registries
 from services.pinner.hosts_toml import (
     MARKER,
     HostsOptions,
     RenderedHosts,
-    is_localhost,
     render_hosts_files,
     toml_string,
 )
