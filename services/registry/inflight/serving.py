@@ -24,6 +24,7 @@ from typing import Any
 from sanic import HTTPResponse, Request
 
 from services.common.oci.errors import ErrorCode, OciError
+from services.common.oci.grammar import normalize_name
 from services.registry.headers import blob_headers, manifest_headers, select_range
 from services.registry.inflight.coordinator import (
     BlobClaim,
@@ -87,15 +88,19 @@ async def answer_local_miss(
     settings = coordinator.settings
     loop = asyncio.get_running_loop()
     give_up_at = loop.time() + settings.holder_wait_s
+    # Upstream spells Docker Hub's official images library/<name>, as containerd does.
+    repository = normalize_name(registry, route.name)
     while True:
         claim: BlobClaim | ManifestClaim
         if route.kind is Kind.BLOB:
             assert route.digest is not None
-            claim = await coordinator.claim_blob(registry, route.name, route.digest)
+            claim = await coordinator.claim_blob(registry, repository, route.digest)
         else:
             reference = route.digest if route.digest is not None else route.tag
             assert reference is not None
-            claim = await coordinator.claim_manifest(registry, route.name, reference, key)
+            # A digest is its own key; a tag's key is its store key (`key`).
+            window_key = route.digest if route.digest is not None else key
+            claim = await coordinator.claim_manifest(registry, repository, reference, window_key)
         if isinstance(claim, Fetching):
             return await send_spool(request, claim.spool, registry, settings.stall_s)
         if isinstance(claim, UpstreamManifest):
