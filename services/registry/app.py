@@ -132,9 +132,9 @@ def create_app(
         policy=policy if policy is not None else build_policy(cfg),
         content=ContentService(keeper),
         mirror=Mirror.from_config(cfg) if cfg.registry.peer_fetch else None,
+        inflight=inflight if cfg.inflight.enabled else None,
         limits=RequestLimits.of(cfg.registry),
         relay_slots=ClientSlots(limit=cfg.registry.max_relays_per_client),
-        inflight=inflight if cfg.inflight.enabled else None,
     )
     # configure_logging=False: Sanic's loggers propagate to the structlog handler from logsetup.
     app: RegistryApp = Sanic(name, config=config, ctx=ctx, configure_logging=False)

@@ -30,6 +30,9 @@ class RegistryContext:
     stats: RegistryStats = field(default_factory=RegistryStats)
     # Serves local misses from peers; None when registry.peer_fetch is off.
     mirror: Mirror | None = None
+    # One upstream fetch per blob for the cluster (inflight.*); None until wired with a lease
+    # client and an upstream fetcher, and when inflight.enabled is off.
+    inflight: Coordinator | None = None
     # Flipped by the service once the listener is up, and back when a stop begins, so /readyz
     # takes the node out of rotation before connections are refused.
     ready: bool = False
@@ -38,9 +41,6 @@ class RegistryContext:
     # Path/query bounds and the per-client count of peer relays in flight (registry.max_*).
     limits: RequestLimits = field(default_factory=RequestLimits)
     relay_slots: ClientSlots = field(default_factory=lambda: ClientSlots(limit=16))
-    # One upstream fetch per blob for the cluster (inflight.*); None until wired with a lease
-    # client and an upstream fetcher, and when inflight.enabled is off.
-    inflight: Coordinator | None = None
 
 
 RegistryApp = Sanic[Config, RegistryContext]
