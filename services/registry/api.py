@@ -37,7 +37,11 @@ from services.registry.headers import (
     manifest_headers,
     select_range,
 )
-from services.registry.inflight.serving import answer_local_miss, answer_peer
+from services.registry.inflight.serving import (
+    answer_local_miss,
+    answer_peer,
+    request_on_this_host,
+)
 from services.registry.limits import limit_log
 from services.registry.metrics import log_request
 from services.registry.paths import Kind, Route, kind_hint, parse_v2_path
@@ -121,7 +125,7 @@ async def _on_local_miss(
         request.ctx.served_by_peer = True
         return response
 
-    if scope is Scope.LOCAL_THEN_PEERS and inflight is not None:
+    if scope is Scope.LOCAL_THEN_PEERS and inflight is not None and request_on_this_host(request):
         miss = error
         try:
             if mirror is not None:

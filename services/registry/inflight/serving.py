@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +49,39 @@ class SpoolAbortedError(ClientGoneError):
 
     def __init__(self, reason: str) -> None:
         ConnectionError.__init__(self, f"in-flight answer aborted: {reason}")
+
+
+def on_this_host(client_ip: str, server_ip: str) -> bool:
+    """Whether a connection from `client_ip` to `server_ip` came from this host: loopback, or
+    from the very address it arrived at (Linux picks that source for a local destination).
+
+    Only such clients (containerd on this node) may make the registry fetch from upstream:
+    anyone else reaching the registry port could otherwise make it dial any host a ``"*"``
+    mirror allows (an open proxy).
+    """
+    try:
+        client = ipaddress.ip_address(client_ip.partition("%")[0])
+        server = ipaddress.ip_address(server_ip.partition("%")[0].strip("[]"))
+    except ValueError:
+        return False
+    client = _unmapped(client)
+    return client.is_loopback or client == _unmapped(server)
+
+
+def _unmapped(
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address,
+) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def request_on_this_host(request: AnyRequest) -> bool:
+    """:func:`on_this_host` for a Sanic request (False when the socket says nothing)."""
+    info = request.conn_info
+    if info is None or not isinstance(info.sockname, tuple):
+        return False
+    return on_this_host(info.client_ip, str(info.sockname[0]))
 
 
 @dataclass(frozen=True, slots=True)
