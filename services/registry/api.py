@@ -102,8 +102,10 @@ def _result_of(error: OciError) -> Result:
 async def _on_local_miss(
     request: AppRequest, route: Route, registry: str, key: str, error: OciError, scope: Scope
 ) -> HTTPResponse | None:
-    """Decide what a local miss becomes: for LOCAL_THEN_PEERS the mirror path's answer (or its
-    404); peer requests (LOCAL_ONLY) always end here with a refusal, so a relay is one hop."""
+    """Decide what a local miss becomes: for LOCAL_THEN_PEERS the mirror path's answer, then
+    (for clients on this host) the cluster's one upstream fetch, or a 404; peer requests
+    (LOCAL_ONLY) get an in-flight spool or manifest window, else a refusal, so a relay is
+    one hop."""
     mirror = request.app.ctx.mirror
     inflight = request.app.ctx.inflight
     if scope is Scope.LOCAL_ONLY and inflight is not None:
