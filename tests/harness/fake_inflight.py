@@ -33,9 +33,15 @@ class LeaseTable:
         self.renewals: list[str] = []
         self.released: list[str] = []
         self.down = False
+        # Nodes whose process is gone: nothing they send reaches discovery any more.
+        self.crashed: set[Holder] = set()
 
     def client(self, me: Holder) -> FakeLease:
         return FakeLease(self, me)
+
+    def crash(self, node: Holder) -> None:
+        """`node` died: its leases stay until their ttl runs out, unrenewed and unreleased."""
+        self.crashed.add(node)
 
     def expire(self, key: str) -> None:
         """The holder of `key` died or stalled: its lease runs out now."""
@@ -61,6 +67,8 @@ class FakeLease:
         return LeaseAnswer(granted=True, ttl=self.table.ttl)
 
     async def renew(self, key: str) -> bool:
+        if self.me in self.table.crashed:
+            raise ConnectionError("this node's process is gone")
         self.table.renewals.append(key)
         held = self.table.held.get(key)
         if held is None or held[0] != self.me:
@@ -69,6 +77,8 @@ class FakeLease:
         return True
 
     async def release(self, key: str) -> None:
+        if self.me in self.table.crashed:
+            raise ConnectionError("this node's process is gone")
         held = self.table.held.get(key)
         if held is not None and held[0] == self.me:
             del self.table.held[key]

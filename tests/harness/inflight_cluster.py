@@ -49,6 +49,13 @@ class ProvidedAfter:
 class InflightNode:
     registry: RunningRegistry
     coordinator: Coordinator
+    leases: LeaseTable
+    me: Holder
+
+    async def crash(self) -> None:
+        """Stop this node as a crash would look to the others: its lease is left to expire."""
+        self.leases.crash(self.me)
+        await self.registry.http.stop()
 
 
 @contextlib.asynccontextmanager
@@ -59,9 +66,11 @@ async def inflight_cluster(
     *,
     advertise_delay: float = 0.0,
     settings: InflightSettings | None = None,
+    lease_ttl: float = 5.0,
 ) -> AsyncIterator[list[InflightNode]]:
-    """`count` registries under `work_dir` fetching from the SlowUpstream on `upstream_port`."""
-    leases = LeaseTable()
+    """`count` registries under `work_dir` fetching from the SlowUpstream on `upstream_port`;
+    a holder that stops renewing loses its lease after `lease_ttl` seconds."""
+    leases = LeaseTable(ttl=lease_ttl)
     async with FakeLocalDiscovery() as discovery, contextlib.AsyncExitStack() as stack:
         client = SlowUpstreamClient(upstream_port)
         stack.push_async_callback(client.close)
@@ -70,10 +79,11 @@ async def inflight_cluster(
             home = work_dir / f"node-{i}"
             home.mkdir()
             advertiser = ProvidedAfter(discovery, advertise_delay)
+            me = Holder("127.0.0.1", 1000 + i)
             coordinator = Coordinator(
                 settings or InflightSettings(retry_interval_s=0.05),
                 SpoolPool(home / "spool", SPOOL_BYTES, grace_s=60),
-                leases.client(Holder("127.0.0.1", 1000 + i)),
+                leases.client(me),
                 client,
                 advertiser,
             )
@@ -83,5 +93,5 @@ async def inflight_cluster(
                 serve_registry(store, home, discovery=discovery.address, inflight=coordinator)
             )
             advertiser.port = registry.port
-            nodes.append(InflightNode(registry, coordinator))
+            nodes.append(InflightNode(registry, coordinator, leases, me))
         yield nodes

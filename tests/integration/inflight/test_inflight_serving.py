@@ -78,12 +78,16 @@ async def _get(
         return response.status, dict(response.headers), await response.read()
 
 
-async def _in_flight(node: Node, digest: str) -> None:
-    for _ in range(500):
-        if digest in node.coordinator.fetches:
+async def _in_flight_on(coordinator: Coordinator, digest: str) -> None:
+    for _ in range(1000):
+        if digest in coordinator.fetches:
             return
         await asyncio.sleep(0.01)
     raise AssertionError("the upstream fetch did not start")
+
+
+async def _in_flight(node: Node, digest: str) -> None:
+    await _in_flight_on(node.coordinator, digest)
 
 
 async def test_peer_requests_for_an_in_flight_blob_wait_for_the_spool(node: Node) -> None:
@@ -246,3 +250,33 @@ async def test_concurrent_tag_pulls_cost_one_upstream_manifest_request(node: Nod
     assert latest == 404
     assert node.upstream.requests == [(f"/v2/{REPO}/manifests/1.0", None)]
     assert node.advertiser.advertised == [f"{NS}/{REPO}:1.0", _digest(MANIFEST_BODY)]
+
+
+async def test_holder_lost_mid_fetch_the_waiter_takes_over(tmp_path: Path) -> None:
+    """A, the lease holder, dies with its fetch stalled part-way; B's pull finds A gone, keeps
+    asking, takes the lease once A's runs out and fetches itself: it completes and verifies."""
+    blob = os.urandom(2 * MiB)
+    digest = _digest(blob)
+    async with (
+        serve_slow_upstream(SlowUpstream(blobs={digest: blob})) as upstream,
+        inflight_cluster(tmp_path, 2, upstream.port, lease_ttl=2.0) as (a, b),
+    ):
+        url = f"/v2/{REPO}/blobs/{digest}?ns={NS}"
+        async with aiohttp.ClientSession(timeout=CLIENT_TIMEOUT) as session:
+            pull_a = asyncio.create_task(_get(session, a.registry.url + url, {}))
+            await _in_flight_on(a.coordinator, digest)
+            await a.crash()  # A is gone: its fetch and spool with it, its lease left to expire
+            (outcome,) = await asyncio.gather(pull_a, return_exceptions=True)
+            # A's client never got a complete body.
+            if not isinstance(outcome, BaseException):
+                assert len(outcome[2]) < len(blob)
+            pull_b = asyncio.create_task(_get(session, b.registry.url + url, {}))
+            await _in_flight_on(b.coordinator, digest)
+            upstream.gate.set()
+            status, headers, body = await pull_b
+        assert status == 200 and body == blob
+        assert headers[DIGEST_HEADER] == digest
+        # B was told A holds the lease until A's ran out.
+        assert b.coordinator.counters.coalesced["remote_holder"] >= 1
+        assert b.coordinator.counters.fetches_started == 1
+        assert len(upstream.requests) == 2
