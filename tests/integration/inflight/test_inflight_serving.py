@@ -8,7 +8,7 @@ import asyncio
 import hashlib
 import os
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,12 +78,16 @@ async def _get(
         return response.status, dict(response.headers), await response.read()
 
 
-async def _in_flight_on(coordinator: Coordinator, digest: str) -> None:
+async def _until(condition: Callable[[], bool], what: str = "condition") -> None:
     for _ in range(1000):
-        if digest in coordinator.fetches:
+        if condition():
             return
         await asyncio.sleep(0.01)
-    raise AssertionError("the upstream fetch did not start")
+    raise AssertionError(f"{what} not met within 10 s")
+
+
+async def _in_flight_on(coordinator: Coordinator, digest: str) -> None:
+    await _until(lambda: digest in coordinator.fetches, "the upstream fetch starting")
 
 
 async def _in_flight(node: Node, digest: str) -> None:
@@ -193,16 +197,9 @@ async def test_waiting_node_relays_from_the_lease_holder(tmp_path: Path) -> None
         url = f"/v2/{REPO}/blobs/{digest}?ns={NS}"
         async with aiohttp.ClientSession(timeout=CLIENT_TIMEOUT) as session:
             pull_a = asyncio.create_task(_get(session, a.registry.url + url, {}))
-            for _ in range(500):
-                if digest in a.coordinator.fetches:
-                    break
-                await asyncio.sleep(0.01)
+            await _in_flight_on(a.coordinator, digest)
             pull_b = asyncio.create_task(_get(session, b.registry.url + url, {}))
-            for _ in range(500):
-                if b.coordinator.counters.coalesced["remote_holder"]:
-                    break
-                await asyncio.sleep(0.01)
-            assert b.coordinator.counters.coalesced["remote_holder"] >= 1
+            await _until(lambda: b.coordinator.counters.coalesced["remote_holder"] >= 1)
             await asyncio.sleep(0.4)  # A's advertisement is visible now
             upstream.gate.set()
             for pull in (pull_a, pull_b):
