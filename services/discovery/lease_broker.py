@@ -1,0 +1,355 @@
+"""Fetch leases over the network: finds the node that decides on a key, asks it, remembers.
+
+Two roles in one object. As the deciding node (the closest to a key that answers) it keeps
+a LeaseTable and answers peers' Peer lease RPCs. For its own registry it finds the deciding
+node of a key with the same lookup that places provider records, asks it (or decides
+itself), remembers which leases this node holds and where, and which other node is fetching
+a key this node was told to wait for (FindProviders names that node first).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import grpc
+
+from services.common.config import ConfigError, DiscoverySection
+from services.common.genproto.peermirror.discovery.v1 import peer_pb2 as pb
+from services.common.genproto.peermirror.discovery.v1 import peer_pb2_grpc as pb_grpc
+from services.common.logsetup import get_logger
+from services.discovery.engine import DiscoveryEngine
+from services.discovery.kademlia import Contact, dht_key, short_id
+from services.discovery.kademlia.leases import LeaseError, LeaseTable, lease_authorities
+from services.discovery.lease_rpc import LeaseAuthority, lease_status
+from services.discovery.peer_client import PeerRefused
+from services.discovery.wire import contact_from_proto, duration, seconds
+
+T = TypeVar("T")
+
+log = get_logger("discovery.leases")
+
+
+@dataclass(frozen=True)
+class LeaseSettings:
+    """The lease keys of the discovery config section."""
+
+    ttl: float = 10.0
+    max_ttl: float = 60.0
+    max_leases: int = 10_000
+    max_per_peer: int = 1024
+
+    @classmethod
+    def of(cls, section: DiscoverySection) -> LeaseSettings:
+        if section.lease_ttl > section.max_lease_ttl:
+            raise ConfigError(
+                f"discovery.lease_ttl: {section.lease_ttl} exceeds discovery.max_lease_ttl "
+                f"({section.max_lease_ttl})"
+            )
+        return cls(
+            section.lease_ttl,
+            section.max_lease_ttl,
+            section.max_leases,
+            section.max_leases_per_peer,
+        )
+
+
+class LeaseFailed(Exception):
+    """A lease request this node cannot satisfy; `code` is the status for the local caller."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseView:
+    """A lease as the local API reports it: `holder` is None when it is this node."""
+
+    granted: bool
+    holder: Contact | None
+    ttl: float
+
+
+@dataclass
+class LeaseCounters:
+    """This node's side as asker and holder (the table counts its side as deciding node)."""
+
+    acquired: int = 0
+    waits: int = 0
+    lost: int = 0
+    # Deciding nodes that did not answer, so the next-closest was asked.
+    failovers: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Held:
+    authority: Contact
+    expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class _Waiting:
+    holder: Contact
+    expires_at: float
+
+
+# Answers over the wire and the local table's, in one shape: (granted, holder, ttl left).
+_State = tuple[bool, Contact | None, float]
+
+
+class LeaseBroker:
+    """Fetch leases of one discovery node."""
+
+    def __init__(self, engine: DiscoveryEngine, settings: LeaseSettings) -> None:
+        self._engine = engine
+        self.settings = settings
+        self.table = LeaseTable(
+            max_leases=settings.max_leases,
+            max_per_holder=settings.max_per_peer,
+            default_ttl=settings.ttl,
+            max_ttl=settings.max_ttl,
+        )
+        # The Peer servicer answers other nodes' lease RPCs from the same table.
+        self.authority = LeaseAuthority(self.table, engine.clock)
+        self.counters = LeaseCounters()
+        self._held: dict[bytes, _Held] = {}
+        self._waiting: dict[bytes, _Waiting] = {}
+
+    def _now(self) -> float:
+        return self._engine.clock()
+
+    def _me_for(self, key: bytes) -> Contact:
+        """This node as holder: the contact its lease was granted under (its address may
+        have been learned since), else its current one."""
+        lease = self.table.get(key, self._now())
+        me = self._engine.node.me
+        if lease is not None and lease.holder.node_id == me.node_id:
+            return lease.holder
+        return me
+
+    # -- for this node's registry (LocalDiscovery RPCs) --------------------------------
+
+    def in_flight(self, name: str) -> Contact | None:
+        """The node this node was told is fetching `name`, while its lease lasts."""
+        key = dht_key(name)
+        waiting = self._waiting.get(key)
+        if waiting is None:
+            return None
+        if waiting.expires_at <= self._now():
+            del self._waiting[key]
+            return None
+        return waiting.holder
+
+    def held(self) -> int:
+        """Unexpired leases this node holds."""
+        now = self._now()
+        for key in [k for k, h in self._held.items() if h.expires_at <= now]:
+            del self._held[key]
+        return len(self._held)
+
+    async def acquire(self, name: str, ttl: float) -> LeaseView:
+        """Ask the deciding node for the lease on `name`."""
+        key = dht_key(name)
+        authority, (granted, holder, left) = await self._ask(
+            key,
+            self._held_authority(key),
+            lambda: self._local_acquire(key, ttl),
+            lambda stub, request: stub.AcquireLease(request, timeout=self._timeout),
+            ttl,
+        )
+        return self._note(key, authority, granted, holder, left)
+
+    async def renew(self, name: str, ttl: float) -> LeaseView:
+        """Extend this node's lease on `name`. A deciding node that lost it (expired, or a
+        node that took over from a dead one) grants it again unless another node got it."""
+        key = dht_key(name)
+        believed = key in self._held
+        try:
+            authority, (granted, holder, left) = await self._ask(
+                key,
+                self._held_authority(key),
+                lambda: self._local_renew(key, ttl),
+                lambda stub, request: stub.RenewLease(request, timeout=self._timeout),
+                ttl,
+            )
+        except LeaseFailed as exc:
+            if exc.code is grpc.StatusCode.PERMISSION_DENIED and believed:
+                self._lose(key, name)
+            if exc.code is not grpc.StatusCode.NOT_FOUND or not believed:
+                raise
+            # Our lease is gone where it was kept: take it again if still free.
+            view = await self.acquire(name, ttl)
+            if view.granted:
+                return view
+            self._lose(key, name)
+            raise LeaseFailed(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"key: the lease was lost; {view.holder} holds it now",
+            ) from None
+        return self._note(key, authority, granted, holder, left)
+
+    async def release(self, name: str) -> bool:
+        """End this node's lease on `name`."""
+        key = dht_key(name)
+        authority = self._held_authority(key)
+        self._held.pop(key, None)
+        request = pb.PeerLeaseKey(sender=self._engine.sender_info(), key=key)
+        for candidate in await self._candidates(key, authority):
+            if candidate.node_id == self._engine.node_id:
+                return self._local(lambda: self.table.release(key, self._me_for(key), self._now()))
+            try:
+                reply = await self._engine.client.call_answered(
+                    candidate, lambda stub: stub.ReleaseLease(request, timeout=self._timeout)
+                )
+            except PeerRefused as exc:
+                raise _refused(exc) from None
+            if reply is None:
+                self.counters.failovers += 1
+                continue
+            return bool(reply.released)
+        raise _unavailable()
+
+    async def get(self, name: str) -> LeaseView | None:
+        """Who holds the lease on `name` (None: nobody), without asking for it."""
+        key = dht_key(name)
+        request = pb.PeerLeaseKey(sender=self._engine.sender_info(), key=key)
+        for candidate in await self._candidates(key, None):
+            if candidate.node_id == self._engine.node_id:
+                lease = self.table.get(key, self._now())
+                if lease is None:
+                    return None
+                mine = lease.holder.node_id == self._engine.node_id
+                return LeaseView(mine, None if mine else lease.holder, lease.ttl(self._now()))
+            try:
+                reply = await self._engine.client.call_answered(
+                    candidate, lambda stub: stub.GetLease(request, timeout=self._timeout)
+                )
+            except PeerRefused as exc:
+                raise _refused(exc) from None
+            if reply is None:
+                self.counters.failovers += 1
+                continue
+            if not reply.HasField("holder"):
+                return None
+            granted, holder, left = _state_of(reply, candidate)
+            mine = granted or (holder is not None and holder.node_id == self._engine.node_id)
+            return LeaseView(mine, None if mine else holder, left)
+        raise _unavailable()
+
+    # -- the asking ---------------------------------------------------------------------
+
+    @property
+    def _timeout(self) -> float:
+        return self._engine.client.rpc_timeout
+
+    def _held_authority(self, key: bytes) -> Contact | None:
+        held = self._held.get(key)
+        return held.authority if held is not None else None
+
+    async def _candidates(self, key: bytes, first: Contact | None) -> list[Contact]:
+        """The deciding node this node's lease was granted by first (no lookup while it
+        answers), then the closest nodes to the key a lookup finds, this node among them."""
+        me = self._engine.node.me
+        if first is not None and first.node_id != me.node_id:
+            # Renewals and releases go where the lease is: no lookup unless it is gone.
+            return [first, *await self._closest(key, exclude=first.node_id)]
+        return await self._closest(key)
+
+    async def _closest(self, key: bytes, exclude: bytes | None = None) -> list[Contact]:
+        found = await self._engine.lookup_nodes(key)
+        ordered = lease_authorities(key, self._engine.node.me, found)
+        return [c for c in ordered if c.node_id != exclude]
+
+    async def _ask(
+        self,
+        key: bytes,
+        first: Contact | None,
+        local: Callable[[], _State],
+        call: Callable[[pb_grpc.PeerAsyncStub, pb.PeerLeaseRequest], Awaitable[pb.PeerLeaseState]],
+        ttl: float,
+    ) -> tuple[Contact, _State]:
+        """Ask the candidates in order; the first that answers decides."""
+        request = pb.PeerLeaseRequest(sender=self._engine.sender_info(), key=key, ttl=duration(ttl))
+        for candidate in await self._candidates(key, first):
+            if candidate.node_id == self._engine.node_id:
+                return candidate, self._local(local)
+            try:
+                reply = await self._engine.client.call_answered(
+                    candidate, lambda stub: call(stub, request)
+                )
+            except PeerRefused as exc:
+                raise _refused(exc) from None
+            if reply is None:
+                self.counters.failovers += 1
+                log.info(
+                    "lease authority did not answer; asking the next-closest node",
+                    authority=short_id(candidate.node_id),
+                )
+                continue
+            return candidate, _state_of(reply, candidate)
+        raise _unavailable()
+
+    def _local_acquire(self, key: bytes, ttl: float) -> _State:
+        grant = self.table.acquire(key, self._me_for(key), ttl, self._now())
+        return grant.granted, grant.lease.holder, grant.lease.ttl(self._now())
+
+    def _local_renew(self, key: bytes, ttl: float) -> _State:
+        lease = self.table.renew(key, self._me_for(key), ttl, self._now())
+        return True, lease.holder, lease.ttl(self._now())
+
+    def _local(self, decide: Callable[[], T]) -> T:
+        """A decision of this node's own table, its refusals as the peer RPCs give them."""
+        try:
+            return decide()
+        except LeaseError as exc:
+            raise LeaseFailed(*lease_status(exc)) from None
+
+    def _note(
+        self, key: bytes, authority: Contact, granted: bool, holder: Contact | None, left: float
+    ) -> LeaseView:
+        now = self._now()
+        if granted:
+            self._held[key] = _Held(authority, now + left)
+            self._waiting.pop(key, None)
+            self.counters.acquired += 1
+            return LeaseView(True, None, left)
+        self._held.pop(key, None)
+        if holder is not None:
+            self._waiting[key] = _Waiting(holder, now + left)
+        self.counters.waits += 1
+        return LeaseView(False, holder, left)
+
+    def _lose(self, key: bytes, name: str) -> None:
+        self._held.pop(key, None)
+        self.counters.lost += 1
+        log.warning("fetch lease lost: another node holds it now", key=name)
+
+
+def _state_of(reply: pb.PeerLeaseState, answered_by: Contact) -> _State:
+    """A peer's answer. A holder that is the answering node itself is taken as the contact
+    we called it at (it may not know its own address)."""
+    holder: Contact | None = None
+    if reply.HasField("holder"):
+        if reply.holder.node_id == answered_by.node_id:
+            holder = answered_by
+        else:
+            holder = contact_from_proto(reply.holder)
+    return reply.granted, holder, seconds(reply.ttl)
+
+
+def _refused(exc: PeerRefused) -> LeaseFailed:
+    # A refusal of the deciding node passes through; one that says our request was bad or the
+    # RPC unknown (an older node) is this node's failure to get a decision.
+    if exc.code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNIMPLEMENTED):
+        return LeaseFailed(
+            grpc.StatusCode.UNAVAILABLE, f"the node deciding on this key refused: {exc.details}"
+        )
+    return LeaseFailed(exc.code, exc.details)
+
+
+def _unavailable() -> LeaseFailed:
+    return LeaseFailed(
+        grpc.StatusCode.UNAVAILABLE, "no node close to the key answered the lease request"
+    )
