@@ -1,0 +1,255 @@
+"""Fetch leases across five real discovery nodes on loopback (real gRPC, one process).
+
+Several nodes ask for one key's lease at once: one gets it, all others are named that node.
+A holder that stops renewing, releases, or dies frees the lease for the next asker; a node
+that does not hold a lease cannot renew or release it; the node deciding on a key dying
+hands the decision to the next-closest node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+import pytest_asyncio
+
+from services.common.genproto.peermirror.discovery.v1 import local_pb2 as lpb
+from services.common.genproto.peermirror.discovery.v1 import local_pb2_grpc as lpb_grpc
+from services.common.genproto.peermirror.discovery.v1 import peer_pb2 as pb
+from services.common.genproto.peermirror.discovery.v1 import peer_pb2_grpc as pb_grpc
+from services.discovery.kademlia import dht_key, xor_distance
+from services.discovery.service import DiscoveryService
+from tests.harness.discovery_mesh import Mesh, find_providers, wait_until
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+NODES = 5
+TIMINGS = {
+    "probe_interval": 1.0,
+    "probe_timeout": 1.0,
+    "liveness_window": 3.0,
+    "lookup_cache_ttl": 1.0,
+    "rpc_timeout": 1.0,
+    "max_lease_ttl": 30.0,
+}
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def mesh(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Mesh]:
+    built = Mesh(tmp_path_factory.mktemp("lease-mesh"), discovery=dict(TIMINGS))
+    try:
+        await built.grow(NODES)
+        # Every node knows every other before the tests measure who decides.
+        await wait_until(
+            lambda: all(len(n.engine.node.table) == NODES - 1 for n in built.nodes), within=15.0
+        )
+        yield built
+    finally:
+        await built.close()
+
+
+def _digest(label: str) -> str:
+    return "sha256:" + dht_key(label).hex()
+
+
+def _by_distance(nodes: list[DiscoveryService], name: str) -> list[DiscoveryService]:
+    key = dht_key(name)
+    return sorted(nodes, key=lambda n: xor_distance(n.engine.node_id, key))
+
+
+def _key_with(mesh: Mesh, label: str, *, decided_by_not: set[int]) -> str:
+    """A digest whose closest node is none of the nodes with the given indexes."""
+    banned = {mesh.nodes[i].engine.node_id for i in decided_by_not}
+    for attempt in range(1000):
+        name = _digest(f"{label}-{attempt}")
+        if _by_distance(mesh.live(), name)[0].engine.node_id not in banned:
+            return name
+    raise AssertionError("no such key")
+
+
+async def _local(node: DiscoveryService, method: str, request: object) -> object:
+    async with grpc.aio.insecure_channel(node.local_address) as channel:
+        stub = lpb_grpc.LocalDiscoveryStub(channel)
+        return await getattr(stub, method)(request, timeout=10.0)
+
+
+async def _acquire(node: DiscoveryService, name: str, ttl: int = 0) -> lpb.AcquireLeaseResponse:
+    reply = await _local(node, "AcquireLease", lpb.AcquireLeaseRequest(key=name, ttl_seconds=ttl))
+    assert isinstance(reply, lpb.AcquireLeaseResponse)
+    return reply
+
+
+async def _renew(node: DiscoveryService, name: str, ttl: int = 0) -> lpb.RenewLeaseResponse:
+    reply = await _local(node, "RenewLease", lpb.RenewLeaseRequest(key=name, ttl_seconds=ttl))
+    assert isinstance(reply, lpb.RenewLeaseResponse)
+    return reply
+
+
+async def _release(node: DiscoveryService, name: str) -> bool:
+    reply = await _local(node, "ReleaseLease", lpb.ReleaseLeaseRequest(key=name))
+    assert isinstance(reply, lpb.ReleaseLeaseResponse)
+    return reply.released
+
+
+async def _status_of(call: asyncio.Future[object] | object) -> grpc.StatusCode:
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        await call  # type: ignore[misc]
+    return failed.value.code()
+
+
+async def test_concurrent_askers_one_granted_all_others_named_the_same_holder(mesh: Mesh) -> None:
+    name = _digest("concurrent")
+    replies = await asyncio.gather(*(_acquire(n, name) for n in mesh.nodes))
+    granted = [i for i, r in enumerate(replies) if r.granted]
+    assert len(granted) == 1, replies
+    holder = mesh.nodes[granted[0]]
+    for i, reply in enumerate(replies):
+        if i == granted[0]:
+            assert not reply.HasField("holder")
+            continue
+        assert reply.holder.node_id == holder.engine.node_id
+        assert reply.holder.address == "127.0.0.1"
+        assert reply.holder.registry_port == holder.cfg.registry.port
+        assert 0 < reply.ttl.seconds <= 10
+    # Exactly the closest node to the key decided, and it keeps the only record of it.
+    decider = _by_distance(mesh.nodes, name)[0]
+    assert len(decider.leases.table) >= 1
+    assert decider.leases.table.get(dht_key(name), decider.engine.clock()) is not None
+    assert all(
+        n.leases.table.get(dht_key(name), n.engine.clock()) is None
+        for n in mesh.nodes
+        if n is not decider
+    )
+
+    # A waiter's FindProviders names the holder first, flagged as fetching, before any
+    # provider record exists.
+    waiter = mesh.nodes[(granted[0] + 1) % NODES]
+    found = await find_providers(waiter.local_address, name)
+    assert [(r.provider.node_id, r.in_flight) for r in found] == [(holder.engine.node_id, True)]
+    # Every node can see who holds it without taking it.
+    lease = await _local(waiter, "GetLease", lpb.GetLeaseRequest(key=name))
+    assert isinstance(lease, lpb.GetLeaseResponse)
+    assert lease.held and not lease.mine and lease.holder.node_id == holder.engine.node_id
+    mine = await _local(holder, "GetLease", lpb.GetLeaseRequest(key=name))
+    assert isinstance(mine, lpb.GetLeaseResponse)
+    assert mine.held and mine.mine
+    stats = await _local(waiter, "Stats", lpb.StatsRequest())
+    assert isinstance(stats, lpb.StatsResponse)
+    assert stats.lease_waits >= 1
+    holder_stats = await _local(holder, "Stats", lpb.StatsRequest())
+    assert isinstance(holder_stats, lpb.StatsResponse)
+    assert holder_stats.leases_held >= 1
+    assert await _release(holder, name)
+
+
+async def test_holder_that_stops_renewing_loses_the_lease_to_the_next_asker(mesh: Mesh) -> None:
+    name = _digest("stalled")
+    holder, other = mesh.nodes[1], mesh.nodes[3]
+    assert (await _acquire(holder, name, ttl=4)).granted
+    # Renewing keeps it past its first TTL.
+    await asyncio.sleep(2.5)
+    assert (await _renew(holder, name, ttl=4)).ttl.seconds >= 3
+    await asyncio.sleep(2.5)
+    assert not (await _acquire(other, name)).granted
+    # Then the holder stalls: past the TTL the next asker gets it.
+    await wait_until(lambda: _granted(other, name, ttl=10), within=8.0, interval=0.2)
+    reply = await _acquire(mesh.nodes[4], name)
+    assert not reply.granted and reply.holder.node_id == other.engine.node_id
+    decider = _by_distance(mesh.nodes, name)[0]
+    assert decider.leases.table.counters.expired >= 1
+    # The old holder renewing now learns it lost the lease.
+    lost_before = holder.leases.counters.lost
+    code = await _status_of(_renew(holder, name))
+    assert code is grpc.StatusCode.PERMISSION_DENIED
+    assert holder.leases.counters.lost == lost_before + 1
+    assert await _release(other, name)
+
+
+async def test_release_frees_the_lease_at_once(mesh: Mesh) -> None:
+    name = _digest("released")
+    first, second = mesh.nodes[2], mesh.nodes[0]
+    assert (await _acquire(first, name, ttl=30)).granted
+    assert not (await _acquire(second, name)).granted
+    assert await _release(first, name)
+    assert (await _acquire(second, name, ttl=30)).granted
+    # The first holder is just another node now.
+    assert await _status_of(_release(first, name)) is grpc.StatusCode.PERMISSION_DENIED
+    assert await _release(second, name)
+    assert not await _release(second, name)
+
+
+async def test_only_the_holder_renews_or_releases(mesh: Mesh) -> None:
+    name = _digest("not-yours")
+    holder, stranger = mesh.nodes[4], mesh.nodes[1]
+    assert (await _acquire(holder, name, ttl=30)).granted
+    assert await _status_of(_renew(stranger, name)) is grpc.StatusCode.PERMISSION_DENIED
+    assert await _status_of(_release(stranger, name)) is grpc.StatusCode.PERMISSION_DENIED
+    # Over the Peer port too: the deciding node answers a caller that is not the holder so.
+    decider = _by_distance(mesh.nodes, name)[0]
+    caller = stranger if decider is not stranger else holder
+    async with grpc.aio.insecure_channel(decider.peer_address) as channel:
+        stub = pb_grpc.PeerStub(channel)
+        request = pb.PeerLeaseKey(sender=caller.engine.sender_info(), key=dht_key(name))
+        if caller is stranger:
+            code = await _status_of(stub.ReleaseLease(request, timeout=5.0))
+            assert code is grpc.StatusCode.PERMISSION_DENIED
+        bad = pb.PeerLeaseRequest(sender=caller.engine.sender_info(), key=b"short")
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.AcquireLease(bad, timeout=5.0)
+        assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert (refused.value.details() or "").startswith("key:")
+    # Still the holder's; nobody holds an unknown key.
+    assert (await _renew(holder, name)).ttl.seconds > 0
+    unknown = _digest("never-leased")
+    assert await _status_of(_renew(stranger, unknown)) is grpc.StatusCode.NOT_FOUND
+    assert await _release(holder, name)
+
+
+async def test_bad_requests_name_the_field(mesh: Mesh) -> None:
+    node = mesh.nodes[0]
+    for request, field in (
+        (lpb.AcquireLeaseRequest(key=""), "key"),
+        (lpb.AcquireLeaseRequest(key="sha256:a b"), "key"),
+        (lpb.AcquireLeaseRequest(key="x" * 5000), "key"),
+        (lpb.AcquireLeaseRequest(key=_digest("ttl"), ttl_seconds=31), "ttl_seconds"),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await _local(node, "AcquireLease", request)
+        assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert (refused.value.details() or "").startswith(f"{field}:")
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await _local(node, "RenewLease", lpb.RenewLeaseRequest(key="", ttl_seconds=1))
+    assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_deciding_node_dying_hands_over_to_the_next_closest(mesh: Mesh) -> None:
+    # Runs last but one: it kills a node. Holder and waiter are never the deciding node.
+    name = _key_with(mesh, "handover", decided_by_not={0, 1, 2})
+    decider, next_closest = _by_distance(mesh.live(), name)[:2]
+    holder, waiter = mesh.nodes[1], mesh.nodes[2]
+    assert (await _acquire(holder, name, ttl=10)).granted
+    await mesh.kill(mesh.nodes.index(decider))
+    # The holder's renewal fails over to the next-closest node, which grants it again.
+    assert (await _renew(holder, name, ttl=10)).ttl.seconds > 0
+    assert next_closest.leases.table.get(dht_key(name), next_closest.engine.clock()) is not None
+    assert holder.leases.counters.failovers >= 1
+    reply = await _acquire(waiter, name)
+    assert not reply.granted and reply.holder.node_id == holder.engine.node_id
+    assert await _release(holder, name)
+
+
+async def test_holder_killed_frees_the_lease_after_its_ttl(mesh: Mesh) -> None:
+    name = _key_with(mesh, "holder-dies", decided_by_not={0, 3})
+    victim = next(n for n in _by_distance(mesh.live(), name)[1:] if n is not mesh.nodes[0])
+    assert (await _acquire(victim, name, ttl=2)).granted
+    await mesh.kill(mesh.nodes.index(victim))
+    asker = mesh.nodes[0]
+    first = await _acquire(asker, name)
+    assert not first.granted and first.holder.node_id == victim.engine.node_id
+    await wait_until(lambda: _granted(asker, name), within=8.0, interval=0.2)
+
+
+async def _granted(node: DiscoveryService, name: str, ttl: int = 0) -> bool:
+    return (await _acquire(node, name, ttl)).granted
