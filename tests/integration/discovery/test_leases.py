@@ -9,6 +9,7 @@ hands the decision to the next-closest node.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 
 import grpc
@@ -21,7 +22,7 @@ from services.common.genproto.peermirror.discovery.v1 import peer_pb2 as pb
 from services.common.genproto.peermirror.discovery.v1 import peer_pb2_grpc as pb_grpc
 from services.discovery.kademlia import dht_key, xor_distance
 from services.discovery.service import DiscoveryService
-from tests.harness.discovery_mesh import Mesh, find_providers, wait_until
+from tests.harness.discovery_mesh import Mesh, find_providers, run_cli, wait_until
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -141,7 +142,24 @@ async def test_concurrent_askers_one_granted_all_others_named_the_same_holder(me
     holder_stats = await _local(holder, "Stats", lpb.StatsRequest())
     assert isinstance(holder_stats, lpb.StatsResponse)
     assert holder_stats.leases_held >= 1
+
+    # `peermirror lookup` on the waiter shows the holder as fetching, then its lease.
+    code, out, err = await run_cli("lookup", name, "--address", waiter.local_address)
+    assert code == 0, err
+    first_line, lease_line = out.splitlines()
+    assert first_line.endswith(f"node {holder.engine.node_id.hex()}  (fetching from upstream)")
+    assert lease_line.startswith(
+        f"in flight: fetched from upstream by 127.0.0.1:{holder.cfg.registry.port}"
+    )
+    code, out, err = await run_cli("lookup", name, "--address", waiter.local_address, "--json")
+    assert code == 0, err
+    document = json.loads(out)
+    assert document["providers"][0]["in_flight"] is True
+    assert document["lease"]["node_id"] == holder.engine.node_id.hex()
     assert await _release(holder, name)
+    # Released and nobody holds the content: nothing to show.
+    code, out, err = await run_cli("lookup", _digest("nobody"), "--address", waiter.local_address)
+    assert (code, out) == (1, "")
 
 
 async def test_holder_that_stops_renewing_loses_the_lease_to_the_next_asker(mesh: Mesh) -> None:
