@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,7 +27,6 @@ from services.common.config import (
 from services.common.genproto.peermirror.discovery.v1 import local_pb2 as lpb
 from services.common.genproto.peermirror.discovery.v1 import local_pb2_grpc as lpb_grpc
 from services.discovery.service import DiscoveryService
-from tests.harness.service_procs import REPO_ROOT
 
 # Registry ports the nodes announce (nothing listens there; the DHT only carries them).
 REGISTRY_PORT_BASE = 17000
@@ -123,19 +121,3 @@ async def wait_until(condition: Callable[[], Any], within: float, interval: floa
         if time.monotonic() - started > within:
             raise TimeoutError(f"condition not met within {within} s")
         await asyncio.sleep(interval)
-
-
-async def run_cli(*args: str) -> tuple[int, str, str]:
-    """Runs the `peermirror` CLI as a process: (exit code, stdout, stderr)."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "services.cli.main",
-        *args,
-        cwd=REPO_ROOT,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), timeout=60.0)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()

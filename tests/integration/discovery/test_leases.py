@@ -22,7 +22,8 @@ from services.common.genproto.peermirror.discovery.v1 import peer_pb2 as pb
 from services.common.genproto.peermirror.discovery.v1 import peer_pb2_grpc as pb_grpc
 from services.discovery.kademlia import dht_key, xor_distance
 from services.discovery.service import DiscoveryService
-from tests.harness.discovery_mesh import Mesh, find_providers, run_cli, wait_until
+from tests.harness.discovery_mesh import Mesh, find_providers, wait_until
+from tests.harness.service_procs import run_cli
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

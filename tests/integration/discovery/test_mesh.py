@@ -27,9 +27,9 @@ from tests.harness.discovery_mesh import (
     REGISTRY_PORT_BASE,
     Mesh,
     find_providers,
-    run_cli,
     wait_until,
 )
+from tests.harness.service_procs import run_cli
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
