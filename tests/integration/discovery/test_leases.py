@@ -140,6 +140,11 @@ async def test_concurrent_askers_one_granted_all_others_named_the_same_holder(me
     stats = await _local(waiter, "Stats", lpb.StatsRequest())
     assert isinstance(stats, lpb.StatsResponse)
     assert stats.lease_waits >= 1
+    # The same figures on /metrics.
+    assert _metric(decider, "peermirror_leases_granted_total") >= 1
+    assert _metric(decider, "peermirror_lease_records") >= 1
+    assert _metric(waiter, "peermirror_lease_waiters_total") >= 1
+    assert _metric(holder, "peermirror_leases_held") >= 1
     holder_stats = await _local(holder, "Stats", lpb.StatsRequest())
     assert isinstance(holder_stats, lpb.StatsResponse)
     assert holder_stats.leases_held >= 1
@@ -272,3 +277,11 @@ async def test_holder_killed_frees_the_lease_after_its_ttl(mesh: Mesh) -> None:
 
 async def _granted(node: DiscoveryService, name: str, ttl: int = 0) -> bool:
     return (await _acquire(node, name, ttl)).granted
+
+
+def _metric(node: DiscoveryService, name: str) -> float:
+    """An unlabelled sample of the node's discovery metrics, as a scrape shows it."""
+    for line in node.metrics.render().decode().splitlines():
+        if line.startswith(f"{name} "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not exported")
