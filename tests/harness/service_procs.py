@@ -61,8 +61,9 @@ class NodePorts:
         return f"http://127.0.0.1:{self.registry_http}"
 
 
-def write_node_config(directory: Path, ports: NodePorts) -> Path:
-    """A node config using `ports` and an OCI-layout store under `directory` (no containerd)."""
+def write_node_config(directory: Path, ports: NodePorts, **discovery: object) -> Path:
+    """A node config using `ports` and an OCI-layout store under `directory` (no containerd);
+    `discovery` sets more keys of the discovery section."""
     layout = directory / "oci-layout"
     layout.mkdir(parents=True, exist_ok=True)
     data = {
@@ -81,6 +82,7 @@ def write_node_config(directory: Path, ports: NodePorts) -> Path:
             "port": ports.discovery_peer,
             "local_address": f"127.0.0.1:{ports.discovery_local}",
             "metrics_address": "127.0.0.1:0",
+            **discovery,
         },
         "pinner": {
             "grpc_address": f"127.0.0.1:{ports.pinner_grpc}",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -23,7 +24,14 @@ from services.common.genproto.peermirror.discovery.v1 import peer_pb2_grpc as pb
 from services.discovery.kademlia import dht_key, xor_distance
 from services.discovery.service import DiscoveryService
 from tests.harness.discovery_mesh import Mesh, find_providers, wait_until
-from tests.harness.service_procs import run_cli
+from tests.harness.service_procs import (
+    NodePorts,
+    cli_argv,
+    run_cli,
+    running,
+    wait_serving,
+    write_node_config,
+)
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -285,3 +293,51 @@ def _metric(node: DiscoveryService, name: str) -> float:
         if line.startswith(f"{name} "):
             return float(line.split()[1])
     raise AssertionError(f"{name} not exported")
+
+
+async def test_holder_process_killed_frees_the_lease_after_its_ttl(tmp_path: Path) -> None:
+    # A real `peermirror discovery` process holds the lease and is SIGKILLed mid-fetch.
+    mesh = Mesh(tmp_path / "mesh", discovery=dict(TIMINGS))
+    try:
+        await mesh.grow(3)
+        ports = NodePorts.pick()
+        config = write_node_config(
+            tmp_path / "proc", ports, bootstrap_peers=[mesh.bootstrap], **TIMINGS
+        )
+        local = ports.grpc_address("discovery")
+        with running(cli_argv("discovery", "--config", str(config)), tmp_path, "holder") as proc:
+            await asyncio.to_thread(wait_serving, local, proc)
+            async with grpc.aio.insecure_channel(local) as channel:
+                stub = lpb_grpc.LocalDiscoveryStub(channel)
+                stats = await stub.Stats(lpb.StatsRequest(), timeout=5.0)
+                holder_id = stats.node_id
+                await wait_until(
+                    lambda: all(holder_id in n.engine.node.table for n in mesh.nodes), within=10.0
+                )
+                # A key the process does not decide on itself: its death must not take the
+                # lease record with it.
+                ids = [holder_id, *(m.engine.node_id for m in mesh.nodes)]
+                name = next(
+                    n
+                    for n in (_digest(f"process-{i}") for i in range(1000))
+                    if _closest(ids, n) != holder_id
+                )
+                granted = await stub.AcquireLease(
+                    lpb.AcquireLeaseRequest(key=name, ttl_seconds=3), timeout=10.0
+                )
+                assert granted.granted
+            waiting = await asyncio.gather(*(_acquire(n, name) for n in mesh.nodes))
+            assert all(not r.granted and r.holder.node_id == holder_id for r in waiting)
+            proc.kill()
+            # Nobody renews now: past the TTL exactly one asker takes it over.
+            await wait_until(lambda: _granted(mesh.nodes[1], name), within=10.0, interval=0.2)
+            after = await asyncio.gather(*(_acquire(n, name) for n in mesh.nodes))
+            assert [r.granted for r in after] == [False, True, False]
+            assert after[0].holder.node_id == mesh.nodes[1].engine.node_id
+    finally:
+        await mesh.close()
+
+
+def _closest(ids: list[bytes], name: str) -> bytes:
+    key = dht_key(name)
+    return min(ids, key=lambda node_id: xor_distance(node_id, key))
