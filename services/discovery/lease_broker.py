@@ -27,6 +27,7 @@ from services.discovery.peer_client import PeerRefused
 from services.discovery.wire import contact_from_proto, duration, seconds
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 log = get_logger("discovery.leases")
 
@@ -145,9 +146,7 @@ class LeaseBroker:
     def held(self) -> int:
         """Unexpired leases this node holds."""
         now = self._now()
-        for key in [k for k, h in self._held.items() if h.expires_at <= now]:
-            del self._held[key]
-        return len(self._held)
+        return sum(1 for h in self._held.values() if h.expires_at > now)
 
     async def acquire(self, name: str, ttl: float) -> LeaseView:
         """Ask the deciding node for the lease on `name`."""
@@ -196,47 +195,31 @@ class LeaseBroker:
         authority = self._held_authority(key)
         self._held.pop(key, None)
         request = pb.PeerLeaseKey(sender=self._engine.sender_info(), key=key)
-        for candidate in await self._candidates(key, authority):
-            if candidate.node_id == self._engine.node_id:
-                return self._local(lambda: self.table.release(key, self._me_for(key), self._now()))
-            try:
-                reply = await self._engine.client.call_answered(
-                    candidate, lambda stub: stub.ReleaseLease(request, timeout=self._timeout)
-                )
-            except PeerRefused as exc:
-                raise _refused(exc) from None
-            if reply is None:
-                self.counters.failovers += 1
-                continue
-            return bool(reply.released)
-        raise _unavailable()
+        _by, released = await self._decide(
+            key,
+            authority,
+            lambda: self.table.release(key, self._me_for(key), self._now()),
+            lambda stub: stub.ReleaseLease(request, timeout=self._timeout),
+            lambda reply, _candidate: bool(reply.released),
+        )
+        return released
 
     async def get(self, name: str) -> LeaseView | None:
         """Who holds the lease on `name` (None: nobody), without asking for it."""
         key = dht_key(name)
         request = pb.PeerLeaseKey(sender=self._engine.sender_info(), key=key)
-        for candidate in await self._candidates(key, None):
-            if candidate.node_id == self._engine.node_id:
-                lease = self.table.get(key, self._now())
-                if lease is None:
-                    return None
-                mine = lease.holder.node_id == self._engine.node_id
-                return LeaseView(mine, None if mine else lease.holder, lease.ttl(self._now()))
-            try:
-                reply = await self._engine.client.call_answered(
-                    candidate, lambda stub: stub.GetLease(request, timeout=self._timeout)
-                )
-            except PeerRefused as exc:
-                raise _refused(exc) from None
-            if reply is None:
-                self.counters.failovers += 1
-                continue
-            if not reply.HasField("holder"):
-                return None
-            granted, holder, left = _state_of(reply, candidate)
-            mine = granted or (holder is not None and holder.node_id == self._engine.node_id)
-            return LeaseView(mine, None if mine else holder, left)
-        raise _unavailable()
+        _by, state = await self._decide(
+            key,
+            None,
+            lambda: self._local_get(key),
+            lambda stub: stub.GetLease(request, timeout=self._timeout),
+            _state_of,
+        )
+        granted, holder, left = state
+        if holder is None:
+            return None
+        mine = granted or holder.node_id == self._engine.node_id
+        return LeaseView(mine, None if mine else holder, left)
 
     # -- the asking ---------------------------------------------------------------------
 
@@ -270,15 +253,25 @@ class LeaseBroker:
         call: Callable[[pb_grpc.PeerAsyncStub, pb.PeerLeaseRequest], Awaitable[pb.PeerLeaseState]],
         ttl: float,
     ) -> tuple[Contact, _State]:
-        """Ask the candidates in order; the first that answers decides."""
+        """Acquire or renew: `_decide` with a lease request and its state answer."""
         request = pb.PeerLeaseRequest(sender=self._engine.sender_info(), key=key, ttl=duration(ttl))
+        return await self._decide(key, first, local, lambda stub: call(stub, request), _state_of)
+
+    async def _decide(
+        self,
+        key: bytes,
+        first: Contact | None,
+        local: Callable[[], T],
+        call: Callable[[pb_grpc.PeerAsyncStub], Awaitable[R]],
+        answer: Callable[[R, Contact], T],
+    ) -> tuple[Contact, T]:
+        """Ask the candidates in order; the first that answers decides (this node's own
+        table when it comes first). Returns who decided and what."""
         for candidate in await self._candidates(key, first):
             if candidate.node_id == self._engine.node_id:
                 return candidate, self._local(local)
             try:
-                reply = await self._engine.client.call_answered(
-                    candidate, lambda stub: call(stub, request)
-                )
+                reply = await self._engine.client.call_answered(candidate, call)
             except PeerRefused as exc:
                 raise _refused(exc) from None
             if reply is None:
@@ -288,12 +281,18 @@ class LeaseBroker:
                     authority=short_id(candidate.node_id),
                 )
                 continue
-            return candidate, _state_of(reply, candidate)
+            return candidate, answer(reply, candidate)
         raise _unavailable()
 
     def _local_acquire(self, key: bytes, ttl: float) -> _State:
         grant = self.table.acquire(key, self._me_for(key), ttl, self._now())
         return grant.granted, grant.lease.holder, grant.lease.ttl(self._now())
+
+    def _local_get(self, key: bytes) -> _State:
+        lease = self.table.get(key, self._now())
+        if lease is None:
+            return False, None, 0.0
+        return lease.holder.node_id == self._engine.node_id, lease.holder, lease.ttl(self._now())
 
     def _local_renew(self, key: bytes, ttl: float) -> _State:
         lease = self.table.renew(key, self._me_for(key), ttl, self._now())
@@ -310,6 +309,7 @@ class LeaseBroker:
         self, key: bytes, authority: Contact, granted: bool, holder: Contact | None, left: float
     ) -> LeaseView:
         now = self._now()
+        self._prune(now)
         if granted:
             self._held[key] = _Held(authority, now + left)
             self._waiting.pop(key, None)
@@ -320,6 +320,15 @@ class LeaseBroker:
             self._waiting[key] = _Waiting(holder, now + left)
         self.counters.waits += 1
         return LeaseView(False, holder, left)
+
+    def _prune(self, now: float) -> None:
+        """Forget leases long expired. A held one is kept a while past its expiry: renewing
+        it late still gets it back when nobody took it meanwhile."""
+        stale = now - self.settings.max_ttl
+        for key in [k for k, h in self._held.items() if h.expires_at < stale]:
+            del self._held[key]
+        for key in [k for k, w in self._waiting.items() if w.expires_at < now]:
+            del self._waiting[key]
 
     def _lose(self, key: bytes, name: str) -> None:
         self._held.pop(key, None)
