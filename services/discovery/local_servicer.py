@@ -157,11 +157,16 @@ class LocalDiscoveryServicer(pb_grpc.LocalDiscoveryServicer):
         found = 0
         fetching = self._leases.in_flight(key) if self._leases is not None else None
         try:
+            limit = request.limit
             if fetching is not None:
                 first = time.monotonic() - started
                 found += 1
                 yield pb.FindProvidersResponse(provider=contact_to_proto(fetching), in_flight=True)
-            async for provider in self._engine.find_providers(key, request.limit):
+                # The holder takes one place of the caller's limit (0 is the server's default).
+                if limit == 1:
+                    return
+                limit = max(limit - 1, 0)
+            async for provider in self._engine.find_providers(key, limit):
                 if fetching is not None and provider.node_id == fetching.node_id:
                     continue
                 if first is None:

@@ -138,6 +138,9 @@ async def test_concurrent_askers_one_granted_all_others_named_the_same_holder(me
     waiter = mesh.nodes[(granted[0] + 1) % NODES]
     found = await find_providers(waiter.local_address, name)
     assert [(r.provider.node_id, r.in_flight) for r in found] == [(holder.engine.node_id, True)]
+    # The holder takes one place of a caller's limit.
+    only = await find_providers(waiter.local_address, name, limit=1)
+    assert [(r.provider.node_id, r.in_flight) for r in only] == [(holder.engine.node_id, True)]
     # Every node can see who holds it without taking it.
     lease = await _local(waiter, "GetLease", lpb.GetLeaseRequest(key=name))
     assert isinstance(lease, lpb.GetLeaseResponse)
