@@ -121,3 +121,39 @@ async def test_two_nodes_find_each_others_content_over_mutual_tls(
                 a.engine.cache.drop_node(b.engine.node_id)
                 await asyncio.sleep(0.05)
             assert found == [(b.engine.node_id, "127.0.0.1", 7002)]
+
+
+async def test_a_certificate_naming_another_address_cannot_take_a_lease(
+    node: DiscoveryService, cluster: ClusterPki
+) -> None:
+    async with peer_stub(node.peer_address, credentials_of(cluster.rogue)) as stub:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.AcquireLease(
+                pb.PeerLeaseRequest(sender=sender(os.urandom(32)), key=dht_key(KEY)),
+                timeout=RPC_TIMEOUT,
+            )
+    assert err.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    assert len(node.leases.table) == 0
+
+
+async def test_two_nodes_share_one_fetch_lease_over_mutual_tls(
+    cluster: ClusterPki, tmp_path: Path
+) -> None:
+    cfg_a = discovery_config(tmp_path / "a", cluster.node, registry_port=7001)
+    async with discovery_node(cfg_a) as a:
+        cfg_b = discovery_config(
+            tmp_path / "b", cluster.peer, registry_port=7002, bootstrap=[a.peer_address]
+        )
+        async with discovery_node(cfg_b) as b:
+            assert a.engine.node_id in b.engine.node.table
+            taken = await b.leases.acquire(KEY, 0)
+            assert taken.granted
+            told = await a.leases.acquire(KEY, 0)
+            assert not told.granted and told.holder is not None
+            assert (told.holder.node_id, told.holder.address, told.holder.registry_port) == (
+                b.engine.node_id,
+                "127.0.0.1",
+                7002,
+            )
+            assert await b.leases.release(KEY)
+            assert (await a.leases.acquire(KEY, 0)).granted
