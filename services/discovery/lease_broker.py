@@ -15,7 +15,7 @@ from typing import TypeVar
 
 import grpc
 
-from services.common.config import ConfigError, DiscoverySection
+from services.common.config import DiscoverySection
 from services.common.genproto.peermirror.discovery.v1 import peer_pb2 as pb
 from services.common.genproto.peermirror.discovery.v1 import peer_pb2_grpc as pb_grpc
 from services.common.logsetup import get_logger
@@ -43,14 +43,11 @@ class LeaseSettings:
 
     @classmethod
     def of(cls, section: DiscoverySection) -> LeaseSettings:
-        if section.lease_ttl > section.max_lease_ttl:
-            raise ConfigError(
-                f"discovery.lease_ttl: {section.lease_ttl} exceeds discovery.max_lease_ttl "
-                f"({section.max_lease_ttl})"
-            )
+        # The maximum is at least the default (as the key's description says), so no pair of
+        # values is an error an operator could trip over.
         return cls(
             section.lease_ttl,
-            section.max_lease_ttl,
+            max(section.max_lease_ttl, section.lease_ttl),
             section.max_leases,
             section.max_leases_per_peer,
         )

@@ -4,9 +4,11 @@ simulated network every node asks the same node, and the next-closest when that 
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 
+from services.common.config import ConfigError, load_config
 from services.discovery.kademlia import DhtConfig, DhtNode, dht_key, xor_distance
 from services.discovery.kademlia.leases import (
     LeaseCapReached,
@@ -15,6 +17,7 @@ from services.discovery.kademlia.leases import (
     NoLease,
     lease_authorities,
 )
+from services.discovery.lease_broker import LeaseSettings
 from tests.sim.dht_network import SimNetwork
 from tests.unit.discovery.helpers import contact
 
@@ -201,3 +204,14 @@ def test_every_node_asks_the_same_node_and_the_next_closest_when_it_dies() -> No
         assert {_decider(net, asker, key).node_id for asker in later} == {next_closest.node_id}
         regrant = tables[next_closest.node_id].acquire(key, later[0].me, 0, net.now)
         assert regrant.granted
+
+
+def test_config_keys_set_the_lease_settings(tmp_path: Path) -> None:
+    path = tmp_path / "node.yaml"
+    path.write_text("discovery:\n  lease_ttl: 90\n  max_lease_ttl: 60\n  max_leases: 5\n")
+    settings = LeaseSettings.of(load_config(path, env={}).discovery)
+    # The maximum is never below the default.
+    assert (settings.ttl, settings.max_ttl, settings.max_leases) == (90.0, 90.0, 5)
+    path.write_text("discovery:\n  lease_ttl: 0\n")
+    with pytest.raises(ConfigError, match=f"{path}: discovery.lease_ttl: must be > 0"):
+        load_config(path, env={})
