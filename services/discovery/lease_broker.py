@@ -270,7 +270,10 @@ class LeaseBroker:
             try:
                 reply = await self._engine.client.call_answered(candidate, call)
             except PeerRefused as exc:
-                raise _refused(exc) from None
+                if exc.code is not grpc.StatusCode.UNIMPLEMENTED:
+                    raise _refused(exc) from None
+                # A node of an older version keeps no leases: every newer node skips it alike.
+                reply = None
             if reply is None:
                 self.counters.failovers += 1
                 log.info(
@@ -346,9 +349,9 @@ def _state_of(reply: pb.PeerLeaseState, answered_by: Contact) -> _State:
 
 
 def _refused(exc: PeerRefused) -> LeaseFailed:
-    # A refusal of the deciding node passes through; one that says our request was bad or the
-    # RPC unknown (an older node) is this node's failure to get a decision.
-    if exc.code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNIMPLEMENTED):
+    # A refusal of the deciding node passes through; one saying our request was bad is this
+    # node's failure to get a decision.
+    if exc.code is grpc.StatusCode.INVALID_ARGUMENT:
         return LeaseFailed(
             grpc.StatusCode.UNAVAILABLE, f"the node deciding on this key refused: {exc.details}"
         )
