@@ -66,8 +66,9 @@ class PeerStub:
     the others wait for it and fetch from that node. A lease on a key is kept by the node
     closest to the key (by XOR distance) that answers: callers ask the closest nodes a lookup
     finds, in order of distance, and the first that answers decides. When that node dies
-    the next-closest takes over and, knowing no lease, grants it again: during churn two
-    nodes may fetch the same content (a bounded extra download), never none. The holder is
+    (or a closer one joins) the next-closest takes over and, knowing no lease, grants it
+    again: during churn two nodes may fetch the same content (a bounded extra download),
+    never none. The holder is
     always the caller as the connection shows it (SenderInfo node ID, connection address).
 
     Grants the lease on a key to the caller unless another node holds it; then names that
@@ -122,8 +123,9 @@ class PeerAsyncStub(PeerStub):
     the others wait for it and fetch from that node. A lease on a key is kept by the node
     closest to the key (by XOR distance) that answers: callers ask the closest nodes a lookup
     finds, in order of distance, and the first that answers decides. When that node dies
-    the next-closest takes over and, knowing no lease, grants it again: during churn two
-    nodes may fetch the same content (a bounded extra download), never none. The holder is
+    (or a closer one joins) the next-closest takes over and, knowing no lease, grants it
+    again: during churn two nodes may fetch the same content (a bounded extra download),
+    never none. The holder is
     always the caller as the connection shows it (SenderInfo node ID, connection address).
 
     Grants the lease on a key to the caller unless another node holds it; then names that
@@ -211,8 +213,9 @@ class PeerServicer(metaclass=_abc_1.ABCMeta):
         the others wait for it and fetch from that node. A lease on a key is kept by the node
         closest to the key (by XOR distance) that answers: callers ask the closest nodes a lookup
         finds, in order of distance, and the first that answers decides. When that node dies
-        the next-closest takes over and, knowing no lease, grants it again: during churn two
-        nodes may fetch the same content (a bounded extra download), never none. The holder is
+        (or a closer one joins) the next-closest takes over and, knowing no lease, grants it
+        again: during churn two nodes may fetch the same content (a bounded extra download),
+        never none. The holder is
         always the caller as the connection shows it (SenderInfo node ID, connection address).
 
         Grants the lease on a key to the caller unless another node holds it; then names that
