@@ -19,6 +19,7 @@ from services.discovery.kademlia.leases import (
     LeaseHeldElsewhere,
     LeaseTable,
     NoLease,
+    same_node,
 )
 from services.discovery.wire import InvalidRequest, contact_to_proto, duration, seconds
 
@@ -71,8 +72,7 @@ class LeaseAuthority:
         if lease is None:
             return pb.PeerLeaseState()
         return pb.PeerLeaseState(
-            granted=lease.holder.node_id == caller.node_id
-            and lease.holder.address == caller.address,
+            granted=same_node(lease.holder, caller),
             holder=contact_to_proto(lease.holder),
             ttl=duration(lease.ttl(self._clock())),
         )

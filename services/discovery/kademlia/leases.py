@@ -118,7 +118,7 @@ class LeaseTable:
         check_id(key)
         self.expire(now)
         current = self._leases.get(key)
-        if current is not None and not _same_node(current.holder, caller):
+        if current is not None and not same_node(current.holder, caller):
             self.counters.waiters += 1
             return Grant(False, current)
         if current is None:
@@ -137,7 +137,7 @@ class LeaseTable:
         current = self._leases.get(key)
         if current is None:
             raise NoLease()
-        if not _same_node(current.holder, caller):
+        if not same_node(current.holder, caller):
             raise LeaseHeldElsewhere(current)
         self.counters.renewed += 1
         return self._put(key, caller, ttl, now)
@@ -149,7 +149,7 @@ class LeaseTable:
         current = self._leases.get(key)
         if current is None:
             return False
-        if not _same_node(current.holder, caller):
+        if not same_node(current.holder, caller):
             raise LeaseHeldElsewhere(current)
         self._delete(key)
         self.counters.released += 1
@@ -186,9 +186,10 @@ class LeaseTable:
             del self._per_holder[lease.holder.node_id]
 
 
-def _same_node(holder: Contact, caller: Contact) -> bool:
-    """Same node ID at the same address: as for provider records, a node cannot act for
-    another address (with mutual TLS the address is bound to the caller's certificate)."""
+def same_node(holder: Contact, caller: Contact) -> bool:
+    """Whether `caller` is `holder`: same node ID at the same address. As for provider
+    records, a node cannot act for another address (with mutual TLS the address is bound to
+    the caller's certificate)."""
     return holder.node_id == caller.node_id and holder.address == caller.address
 
 
