@@ -69,7 +69,10 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps({"key": args.key, "providers": providers, "lease": lease}, indent=2))
     elif lease is not None:
         who = "this node" if lease["mine"] else f"{lease['registry']}  node {lease['node_id']}"
-        print(f"in flight: fetched from upstream by {who}, lease {lease['ttl_seconds']:g}s left")
+        print(
+            f"in flight: fetched from upstream by {who}, {lease['waiters']} other node(s) "
+            f"waiting, lease {lease['ttl_seconds']:g}s left"
+        )
     if not providers and lease is None:
         print(f"peermirror lookup: no provider found for {args.key}", file=sys.stderr)
         return 1
@@ -97,4 +100,5 @@ def _lease(stub: Any, args: argparse.Namespace) -> dict[str, Any] | None:
         "node_id": h.node_id.hex() if not reply.mine else None,
         "registry": f"{host}:{h.registry_port}" if not reply.mine else None,
         "ttl_seconds": round(reply.ttl.ToNanoseconds() / 1e9, 1),
+        "waiters": reply.waiters,
     }

@@ -21,7 +21,7 @@ from services.common.genproto.peermirror.discovery.v1 import peer_pb2_grpc as pb
 from services.common.logsetup import get_logger
 from services.discovery.engine import DiscoveryEngine
 from services.discovery.kademlia import Contact, dht_key, short_id
-from services.discovery.kademlia.leases import LeaseError, LeaseTable, lease_authorities
+from services.discovery.kademlia.leases import Lease, LeaseError, LeaseTable, lease_authorities
 from services.discovery.lease_rpc import LeaseAuthority, lease_status
 from services.discovery.peer_client import PeerRefused
 from services.discovery.wire import contact_from_proto, duration, seconds
@@ -68,6 +68,8 @@ class LeaseView:
     granted: bool
     holder: Contact | None
     ttl: float
+    # Other nodes told the holder fetches the content (see RenewLeaseResponse.waiters).
+    waiters: int = 0
 
 
 @dataclass
@@ -93,8 +95,14 @@ class _Waiting:
     expires_at: float
 
 
-# Answers over the wire and the local table's, in one shape: (granted, holder, ttl left).
-_State = tuple[bool, Contact | None, float]
+@dataclass(frozen=True, slots=True)
+class _State:
+    """A deciding node's answer, over the wire or from this node's own table."""
+
+    granted: bool
+    holder: Contact | None
+    ttl: float
+    waiters: int
 
 
 class LeaseBroker:
@@ -148,14 +156,14 @@ class LeaseBroker:
     async def acquire(self, name: str, ttl: float) -> LeaseView:
         """Ask the deciding node for the lease on `name`."""
         key = dht_key(name)
-        authority, (granted, holder, left) = await self._ask(
+        authority, state = await self._ask(
             key,
             self._held_authority(key),
             lambda: self._local_acquire(key, ttl),
             lambda stub, request: stub.AcquireLease(request, timeout=self._timeout),
             ttl,
         )
-        return self._note(key, authority, granted, holder, left)
+        return self._note(key, authority, state)
 
     async def renew(self, name: str, ttl: float) -> LeaseView:
         """Extend this node's lease on `name`. A deciding node that lost it (expired, or a
@@ -163,7 +171,7 @@ class LeaseBroker:
         key = dht_key(name)
         believed = key in self._held
         try:
-            authority, (granted, holder, left) = await self._ask(
+            authority, state = await self._ask(
                 key,
                 self._held_authority(key),
                 lambda: self._local_renew(key, ttl),
@@ -184,7 +192,7 @@ class LeaseBroker:
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"key: the lease was lost; {view.holder} holds it now",
             ) from None
-        return self._note(key, authority, granted, holder, left)
+        return self._note(key, authority, state)
 
     async def release(self, name: str) -> bool:
         """End this node's lease on `name`."""
@@ -212,11 +220,11 @@ class LeaseBroker:
             lambda stub: stub.GetLease(request, timeout=self._timeout),
             _state_of,
         )
-        granted, holder, left = state
+        holder = state.holder
         if holder is None:
             return None
-        mine = granted or holder.node_id == self._engine.node_id
-        return LeaseView(mine, None if mine else holder, left)
+        mine = state.granted or holder.node_id == self._engine.node_id
+        return LeaseView(mine, None if mine else holder, state.ttl, state.waiters)
 
     # -- the asking ---------------------------------------------------------------------
 
@@ -286,17 +294,19 @@ class LeaseBroker:
 
     def _local_acquire(self, key: bytes, ttl: float) -> _State:
         grant = self.table.acquire(key, self._me_for(key), ttl, self._now())
-        return grant.granted, grant.lease.holder, grant.lease.ttl(self._now())
+        return self._state(grant.granted, grant.lease)
 
     def _local_get(self, key: bytes) -> _State:
         lease = self.table.get(key, self._now())
         if lease is None:
-            return False, None, 0.0
-        return lease.holder.node_id == self._engine.node_id, lease.holder, lease.ttl(self._now())
+            return _State(False, None, 0.0, 0)
+        return self._state(lease.holder.node_id == self._engine.node_id, lease)
 
     def _local_renew(self, key: bytes, ttl: float) -> _State:
-        lease = self.table.renew(key, self._me_for(key), ttl, self._now())
-        return True, lease.holder, lease.ttl(self._now())
+        return self._state(True, self.table.renew(key, self._me_for(key), ttl, self._now()))
+
+    def _state(self, granted: bool, lease: Lease) -> _State:
+        return _State(granted, lease.holder, lease.ttl(self._now()), self.table.waiters(lease.key))
 
     def _local(self, decide: Callable[[], T]) -> T:
         """A decision of this node's own table, its refusals as the peer RPCs give them."""
@@ -305,21 +315,19 @@ class LeaseBroker:
         except LeaseError as exc:
             raise LeaseFailed(*lease_status(exc)) from None
 
-    def _note(
-        self, key: bytes, authority: Contact, granted: bool, holder: Contact | None, left: float
-    ) -> LeaseView:
+    def _note(self, key: bytes, authority: Contact, state: _State) -> LeaseView:
         now = self._now()
         self._prune(now)
-        if granted:
-            self._held[key] = _Held(authority, now + left)
+        if state.granted:
+            self._held[key] = _Held(authority, now + state.ttl)
             self._waiting.pop(key, None)
             self.counters.acquired += 1
-            return LeaseView(True, None, left)
+            return LeaseView(True, None, state.ttl, state.waiters)
         self._held.pop(key, None)
-        if holder is not None:
-            self._waiting[key] = _Waiting(holder, now + left)
+        if state.holder is not None:
+            self._waiting[key] = _Waiting(state.holder, now + state.ttl)
         self.counters.waits += 1
-        return LeaseView(False, holder, left)
+        return LeaseView(False, state.holder, state.ttl, state.waiters)
 
     def _prune(self, now: float) -> None:
         """Forget leases long expired. A held one is kept a while past its expiry: renewing
@@ -345,7 +353,7 @@ def _state_of(reply: pb.PeerLeaseState, answered_by: Contact) -> _State:
             holder = answered_by
         else:
             holder = contact_from_proto(reply.holder)
-    return reply.granted, holder, seconds(reply.ttl)
+    return _State(reply.granted, holder, seconds(reply.ttl), reply.waiters)
 
 
 def _refused(exc: PeerRefused) -> LeaseFailed:

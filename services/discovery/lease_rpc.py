@@ -75,6 +75,7 @@ class LeaseAuthority:
             granted=same_node(lease.holder, caller),
             holder=contact_to_proto(lease.holder),
             ttl=duration(lease.ttl(self._clock())),
+            waiters=self.table.waiters(lease.key),
         )
 
     def acquire_state(self, caller: Contact, request: pb.PeerLeaseRequest) -> pb.PeerLeaseState:

@@ -263,7 +263,9 @@ class LocalDiscoveryServicer(pb_grpc.LocalDiscoveryServicer):
             view = await leases.acquire(key, float(request.ttl_seconds))
         except LeaseFailed as exc:
             await context.abort(exc.code, str(exc))
-        reply = pb.AcquireLeaseResponse(granted=view.granted, ttl=duration(view.ttl))
+        reply = pb.AcquireLeaseResponse(
+            granted=view.granted, ttl=duration(view.ttl), waiters=view.waiters
+        )
         if view.holder is not None:
             reply.holder.CopyFrom(contact_to_proto(view.holder))
         log.info(
@@ -282,7 +284,7 @@ class LocalDiscoveryServicer(pb_grpc.LocalDiscoveryServicer):
             view = await leases.renew(key, float(request.ttl_seconds))
         except LeaseFailed as exc:
             await context.abort(exc.code, str(exc))
-        return pb.RenewLeaseResponse(ttl=duration(view.ttl))
+        return pb.RenewLeaseResponse(ttl=duration(view.ttl), waiters=view.waiters)
 
     async def ReleaseLease(
         self, request: pb.ReleaseLeaseRequest, context: Context
@@ -302,7 +304,9 @@ class LocalDiscoveryServicer(pb_grpc.LocalDiscoveryServicer):
             await context.abort(exc.code, str(exc))
         if view is None:
             return pb.GetLeaseResponse(held=False)
-        reply = pb.GetLeaseResponse(held=True, mine=view.granted, ttl=duration(view.ttl))
+        reply = pb.GetLeaseResponse(
+            held=True, mine=view.granted, ttl=duration(view.ttl), waiters=view.waiters
+        )
         if view.holder is not None:
             reply.holder.CopyFrom(contact_to_proto(view.holder))
         return reply

@@ -48,6 +48,11 @@ class NoLease(LeaseError):
         super().__init__("no lease is held on this key here")
 
 
+# Distinct waiting nodes counted per lease; past it the count stops growing (it tells a holder
+# that others wait, not an exact audience).
+MAX_WAITERS_COUNTED = 4096
+
+
 class LeaseCapReached(LeaseError):
     """The table or the asker's share of it is full."""
 
@@ -95,6 +100,8 @@ class LeaseTable:
         self.counters = LeaseTableCounters()
         self._leases: dict[bytes, Lease] = {}
         self._per_holder: Counter[bytes] = Counter()
+        # Key -> IDs of the other nodes told its holder is fetching, since it was granted.
+        self._waiters: dict[bytes, set[bytes]] = {}
         # (expires_at, key); entries outdated by a renewal or release are skipped lazily.
         self._expiry: list[tuple[float, bytes]] = []
 
@@ -120,6 +127,9 @@ class LeaseTable:
         current = self._leases.get(key)
         if current is not None and not same_node(current.holder, caller):
             self.counters.waiters += 1
+            waiting = self._waiters.setdefault(key, set())
+            if len(waiting) < MAX_WAITERS_COUNTED:
+                waiting.add(caller.node_id)
             return Grant(False, current)
         if current is None:
             if len(self._leases) >= self.max_leases:
@@ -167,6 +177,11 @@ class LeaseTable:
         self.counters.expired += len(gone)
         return gone
 
+    def waiters(self, key: bytes) -> int:
+        """Distinct other nodes told the lease on `key` is held, since it was granted: the
+        holder learns from it that others wait for its download."""
+        return len(self._waiters.get(key, ()))
+
     def held_by(self, node_id: bytes) -> int:
         """Number of leases `node_id` holds here."""
         return self._per_holder[node_id]
@@ -181,6 +196,7 @@ class LeaseTable:
 
     def _delete(self, key: bytes) -> None:
         lease = self._leases.pop(key)
+        self._waiters.pop(key, None)
         self._per_holder[lease.holder.node_id] -= 1
         if self._per_holder[lease.holder.node_id] <= 0:
             del self._per_holder[lease.holder.node_id]

@@ -166,13 +166,16 @@ async def test_concurrent_askers_one_granted_all_others_named_the_same_holder(me
     first_line, lease_line = out.splitlines()
     assert first_line.endswith(f"node {holder.engine.node_id.hex()}  (fetching from upstream)")
     assert lease_line.startswith(
-        f"in flight: fetched from upstream by 127.0.0.1:{holder.cfg.registry.port}"
+        f"in flight: fetched from upstream by 127.0.0.1:{holder.cfg.registry.port}  node "
     )
+    assert f", {NODES - 1} other node(s) waiting, lease " in lease_line
     code, out, err = await run_cli("lookup", name, "--address", waiter.local_address, "--json")
     assert code == 0, err
     document = json.loads(out)
     assert document["providers"][0]["in_flight"] is True
     assert document["lease"]["node_id"] == holder.engine.node_id.hex()
+    # Renewing, the holder learns that every other node waits for its download.
+    assert (await _renew(holder, name)).waiters == NODES - 1
     assert await _release(holder, name)
     # Released and nobody holds the content: nothing to show.
     code, out, err = await run_cli("lookup", _digest("nobody"), "--address", waiter.local_address)

@@ -58,6 +58,23 @@ def test_first_asker_gets_the_lease_later_askers_are_named_the_holder() -> None:
     assert leases.counters.waiters == 2
 
 
+def test_the_holder_learns_how_many_other_nodes_wait() -> None:
+    leases = table()
+    leases.acquire(KEY, A, 5, now=0.0)
+    assert leases.waiters(KEY) == 0
+    for asker in (B, C, B, A):  # B asking twice counts once, the holder not at all
+        leases.acquire(KEY, asker, 5, now=1.0)
+    assert leases.waiters(KEY) == 2
+    # A new lease starts with nobody waiting.
+    leases.release(KEY, A, now=2.0)
+    leases.acquire(KEY, B, 5, now=2.0)
+    assert leases.waiters(KEY) == 0
+    leases.acquire(KEY, C, 5, now=3.0)
+    assert leases.waiters(KEY) == 1
+    leases.expire(now=100.0)
+    assert leases.waiters(KEY) == 0
+
+
 def test_the_holder_asking_again_keeps_its_lease_with_a_fresh_ttl() -> None:
     leases = table()
     leases.acquire(KEY, A, 5, now=0.0)

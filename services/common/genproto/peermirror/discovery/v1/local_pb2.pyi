@@ -438,8 +438,11 @@ class AcquireLeaseResponse(_message.Message):
     GRANTED_FIELD_NUMBER: _builtins.int
     HOLDER_FIELD_NUMBER: _builtins.int
     TTL_FIELD_NUMBER: _builtins.int
+    WAITERS_FIELD_NUMBER: _builtins.int
     granted: _builtins.bool
     """True when this node holds the lease and is to fetch the content."""
+    waiters: _builtins.int
+    """Other nodes told so far that the holder fetches the content (see RenewLeaseResponse)."""
     @_builtins.property
     def holder(self) -> _peer_pb2.Contact:
         """When not granted: the node fetching the content (fetch from address:registry_port)."""
@@ -454,10 +457,11 @@ class AcquireLeaseResponse(_message.Message):
         granted: _builtins.bool = ...,
         holder: _peer_pb2.Contact | None = ...,
         ttl: _duration_pb2.Duration | None = ...,
+        waiters: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["holder", b"holder", "ttl", b"ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["granted", b"granted", "holder", b"holder", "ttl", b"ttl"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["granted", b"granted", "holder", b"holder", "ttl", b"ttl", "waiters", b"waiters"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -498,6 +502,12 @@ class RenewLeaseResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     TTL_FIELD_NUMBER: _builtins.int
+    WAITERS_FIELD_NUMBER: _builtins.int
+    waiters: _builtins.int
+    """Distinct other nodes told since the grant that this node fetches the content: while it
+    is above zero, others wait for this download, so it should go on even if this node's
+    own client went away.
+    """
     @_builtins.property
     def ttl(self) -> _duration_pb2.Duration:
         """Time left on the lease now."""
@@ -506,10 +516,11 @@ class RenewLeaseResponse(_message.Message):
         self,
         *,
         ttl: _duration_pb2.Duration | None = ...,
+        waiters: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["ttl", b"ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ttl", b"ttl"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ttl", b"ttl", "waiters", b"waiters"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -591,10 +602,13 @@ class GetLeaseResponse(_message.Message):
     MINE_FIELD_NUMBER: _builtins.int
     HOLDER_FIELD_NUMBER: _builtins.int
     TTL_FIELD_NUMBER: _builtins.int
+    WAITERS_FIELD_NUMBER: _builtins.int
     held: _builtins.bool
     """True when some node holds the lease."""
     mine: _builtins.bool
     """True when that node is this one."""
+    waiters: _builtins.int
+    """Other nodes told so far that the holder fetches the content."""
     @_builtins.property
     def holder(self) -> _peer_pb2.Contact:
         """The holder (unset when not held or when it is this node)."""
@@ -610,10 +624,11 @@ class GetLeaseResponse(_message.Message):
         mine: _builtins.bool = ...,
         holder: _peer_pb2.Contact | None = ...,
         ttl: _duration_pb2.Duration | None = ...,
+        waiters: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["holder", b"holder", "ttl", b"ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["held", b"held", "holder", b"holder", "mine", b"mine", "ttl", b"ttl"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["held", b"held", "holder", b"holder", "mine", b"mine", "ttl", b"ttl", "waiters", b"waiters"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

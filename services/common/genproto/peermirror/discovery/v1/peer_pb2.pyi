@@ -493,8 +493,13 @@ class PeerLeaseState(_message.Message):
     GRANTED_FIELD_NUMBER: _builtins.int
     HOLDER_FIELD_NUMBER: _builtins.int
     TTL_FIELD_NUMBER: _builtins.int
+    WAITERS_FIELD_NUMBER: _builtins.int
     granted: _builtins.bool
     """True when the caller holds the lease (just granted or renewed, or already its own)."""
+    waiters: _builtins.int
+    """Distinct other nodes told since the grant that the holder fetches the content: a holder
+    renewing learns that others wait for its download (and keeps it going for them).
+    """
     @_builtins.property
     def holder(self) -> Global___Contact:
         """The node holding the lease; unset when nobody does (GetLease only). When it is the
@@ -511,10 +516,11 @@ class PeerLeaseState(_message.Message):
         granted: _builtins.bool = ...,
         holder: Global___Contact | None = ...,
         ttl: _duration_pb2.Duration | None = ...,
+        waiters: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["holder", b"holder", "ttl", b"ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["granted", b"granted", "holder", b"holder", "ttl", b"ttl"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["granted", b"granted", "holder", b"holder", "ttl", b"ttl", "waiters", b"waiters"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
