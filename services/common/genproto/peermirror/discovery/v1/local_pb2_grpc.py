@@ -123,6 +123,8 @@ class LocalDiscoveryServicer:
         """Finds other nodes that provide a key. Streams each provider as soon as it is known;
         the stream ends when the limit is reached or the lookup is exhausted. Concurrent
         lookups of one key share a network lookup, and results are cached briefly.
+        A node this node was told is fetching the key from upstream (AcquireLease not granted)
+        comes first, flagged in_flight, while its lease lasts.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

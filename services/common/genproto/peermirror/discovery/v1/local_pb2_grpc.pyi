@@ -55,6 +55,8 @@ class LocalDiscoveryStub:
     """Finds other nodes that provide a key. Streams each provider as soon as it is known;
     the stream ends when the limit is reached or the lookup is exhausted. Concurrent
     lookups of one key share a network lookup, and results are cached briefly.
+    A node this node was told is fetching the key from upstream (AcquireLease not granted)
+    comes first, flagged in_flight, while its lease lasts.
     """
     ListPeers: _grpc.UnaryUnaryMultiCallable[_local_pb2.ListPeersRequest, _local_pb2.ListPeersResponse]
     """The nodes in this node's routing table."""
@@ -107,6 +109,8 @@ class LocalDiscoveryAsyncStub(LocalDiscoveryStub):
     """Finds other nodes that provide a key. Streams each provider as soon as it is known;
     the stream ends when the limit is reached or the lookup is exhausted. Concurrent
     lookups of one key share a network lookup, and results are cached briefly.
+    A node this node was told is fetching the key from upstream (AcquireLease not granted)
+    comes first, flagged in_flight, while its lease lasts.
     """
     ListPeers: _aio.UnaryUnaryMultiCallable[_local_pb2.ListPeersRequest, _local_pb2.ListPeersResponse]  # type: ignore[assignment]
     """The nodes in this node's routing table."""
@@ -180,6 +184,8 @@ class LocalDiscoveryServicer(metaclass=_abc_1.ABCMeta):
         """Finds other nodes that provide a key. Streams each provider as soon as it is known;
         the stream ends when the limit is reached or the lookup is exhausted. Concurrent
         lookups of one key share a network lookup, and results are cached briefly.
+        A node this node was told is fetching the key from upstream (AcquireLease not granted)
+        comes first, flagged in_flight, while its lease lasts.
         """
 
     @_abc_1.abstractmethod
