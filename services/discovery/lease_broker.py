@@ -9,7 +9,8 @@ a key this node was told to wait for (FindProviders names that node first).
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import contextlib
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -236,19 +237,16 @@ class LeaseBroker:
         held = self._held.get(key)
         return held.authority if held is not None else None
 
-    async def _candidates(self, key: bytes, first: Contact | None) -> list[Contact]:
-        """The deciding node this node's lease was granted by first (no lookup while it
-        answers), then the closest nodes to the key a lookup finds, this node among them."""
-        me = self._engine.node.me
-        if first is not None and first.node_id != me.node_id:
-            # Renewals and releases go where the lease is: no lookup unless it is gone.
-            return [first, *await self._closest(key, exclude=first.node_id)]
-        return await self._closest(key)
-
-    async def _closest(self, key: bytes, exclude: bytes | None = None) -> list[Contact]:
+    async def _candidates(self, key: bytes, first: Contact | None) -> AsyncGenerator[Contact, None]:
+        """The node this node's lease was granted by first, then the closest nodes to the key
+        a lookup finds, this node among them. Lazy: the lookup runs only when `first` does
+        not answer, so a renewal or release costs one call."""
+        if first is not None:
+            yield first
         found = await self._engine.lookup_nodes(key)
-        ordered = lease_authorities(key, self._engine.node.me, found)
-        return [c for c in ordered if c.node_id != exclude]
+        for contact in lease_authorities(key, self._engine.node.me, found):
+            if first is None or contact.node_id != first.node_id:
+                yield contact
 
     async def _ask(
         self,
@@ -272,24 +270,25 @@ class LeaseBroker:
     ) -> tuple[Contact, T]:
         """Ask the candidates in order; the first that answers decides (this node's own
         table when it comes first). Returns who decided and what."""
-        for candidate in await self._candidates(key, first):
-            if candidate.node_id == self._engine.node_id:
-                return candidate, self._local(local)
-            try:
-                reply = await self._engine.client.call_answered(candidate, call)
-            except PeerRefused as exc:
-                if exc.code is not grpc.StatusCode.UNIMPLEMENTED:
-                    raise _refused(exc) from None
-                # A node of an older version keeps no leases: every newer node skips it alike.
-                reply = None
-            if reply is None:
-                self.counters.failovers += 1
-                log.info(
-                    "lease authority did not answer; asking the next-closest node",
-                    authority=short_id(candidate.node_id),
-                )
-                continue
-            return candidate, answer(reply, candidate)
+        async with contextlib.aclosing(self._candidates(key, first)) as candidates:
+            async for candidate in candidates:
+                if candidate.node_id == self._engine.node_id:
+                    return candidate, self._local(local)
+                try:
+                    reply = await self._engine.client.call_answered(candidate, call)
+                except PeerRefused as exc:
+                    if exc.code is not grpc.StatusCode.UNIMPLEMENTED:
+                        raise _refused(exc) from None
+                    # An older node keeps no leases: every newer node skips it alike.
+                    reply = None
+                if reply is None:
+                    self.counters.failovers += 1
+                    log.info(
+                        "lease authority did not answer; asking the next-closest node",
+                        authority=short_id(candidate.node_id),
+                    )
+                    continue
+                return candidate, answer(reply, candidate)
         raise _unavailable()
 
     def _local_acquire(self, key: bytes, ttl: float) -> _State:
