@@ -21,7 +21,7 @@ from services.common.genproto.peermirror.discovery.v1 import local_pb2 as lpb
 from services.common.genproto.peermirror.discovery.v1 import local_pb2_grpc as lpb_grpc
 from services.common.genproto.peermirror.discovery.v1 import peer_pb2 as pb
 from services.common.genproto.peermirror.discovery.v1 import peer_pb2_grpc as pb_grpc
-from services.discovery.kademlia import dht_key, xor_distance
+from services.discovery.kademlia import Contact, dht_key, xor_distance
 from services.discovery.service import DiscoveryService
 from tests.harness.discovery_mesh import Mesh, find_providers, wait_until
 from tests.harness.service_procs import (
@@ -238,8 +238,22 @@ async def test_only_the_holder_renews_or_releases(mesh: Mesh) -> None:
             await stub.AcquireLease(bad, timeout=5.0)
         assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
         assert (refused.value.details() or "").startswith("key:")
-    # Still the holder's; nobody holds an unknown key.
-    assert (await _renew(holder, name)).ttl.seconds > 0
+    # Still the holder's; a renewal goes straight to the deciding node, no lookup.
+    engine = holder.engine
+    looked_up: list[bytes] = []
+    lookup_nodes = engine.lookup_nodes
+
+    async def watched(target: bytes) -> list[Contact]:
+        looked_up.append(target)
+        return await lookup_nodes(target)
+
+    engine.lookup_nodes = watched  # type: ignore[method-assign]
+    try:
+        assert (await _renew(holder, name)).ttl.seconds > 0
+    finally:
+        del engine.lookup_nodes
+    assert dht_key(name) not in looked_up
+    # Nobody holds an unknown key.
     unknown = _digest("never-leased")
     assert await _status_of(_renew(stranger, unknown)) is grpc.StatusCode.NOT_FOUND
     assert await _release(holder, name)
