@@ -7,6 +7,7 @@ Measured through the LocalDiscovery gRPC API, p50/p99 over many calls, in the sa
 - baseline: FindProviders of a key nobody provides, whole stream (the miss itself);
 - AcquireLease of a fresh key (granted: a node lookup, then one call to the closest node);
 - AcquireLease of a key another node holds (told the holder: what every waiter pays);
+- the same waiter asking again (one call to the node that answered, no lookup);
 - RenewLease by the holder (one call to the node that granted it, no lookup);
 - ReleaseLease by the holder.
 
@@ -54,6 +55,7 @@ async def measure(nodes: int, rounds: int, seed: int) -> list[Figure]:
             miss: list[float] = []
             granted: list[float] = []
             waiter: list[float] = []
+            again: list[float] = []
             renew: list[float] = []
             release: list[float] = []
             for i in range(rounds):
@@ -69,6 +71,7 @@ async def measure(nodes: int, rounds: int, seed: int) -> list[Figure]:
                 acquire = lpb.AcquireLeaseRequest(key=name)
                 granted.append(await timed(lambda: holder.AcquireLease(acquire, timeout=5.0)))  # noqa: B023
                 waiter.append(await timed(lambda: other.AcquireLease(acquire, timeout=5.0)))  # noqa: B023
+                again.append(await timed(lambda: other.AcquireLease(acquire, timeout=5.0)))  # noqa: B023
                 renewal = lpb.RenewLeaseRequest(key=name)
                 renew.append(await timed(lambda: holder.RenewLease(renewal, timeout=5.0)))  # noqa: B023
                 done = lpb.ReleaseLeaseRequest(key=name)
@@ -84,6 +87,7 @@ async def measure(nodes: int, rounds: int, seed: int) -> list[Figure]:
         figure("FindProviders, nobody (baseline)", miss),
         figure("AcquireLease, granted", granted),
         figure("AcquireLease, told the holder", waiter),
+        figure("AcquireLease, waiter asks again", again),
         figure("RenewLease", renew),
         figure("ReleaseLease", release),
     ]

@@ -93,6 +93,7 @@ class _Held:
 @dataclass(frozen=True, slots=True)
 class _Waiting:
     holder: Contact
+    authority: Contact
     expires_at: float
 
 
@@ -159,7 +160,7 @@ class LeaseBroker:
         key = dht_key(name)
         authority, state = await self._ask(
             key,
-            self._held_authority(key),
+            self._known_authority(key),
             lambda: self._local_acquire(key, ttl),
             lambda stub, request: stub.AcquireLease(request, timeout=self._timeout),
             ttl,
@@ -236,6 +237,17 @@ class LeaseBroker:
     def _held_authority(self, key: bytes) -> Contact | None:
         held = self._held.get(key)
         return held.authority if held is not None else None
+
+    def _known_authority(self, key: bytes) -> Contact | None:
+        """The node that decided on `key` for this node while its answer lasts: a waiter
+        asking again (is the holder still at it?) costs one call, not a lookup."""
+        held = self._held_authority(key)
+        if held is not None:
+            return held
+        waiting = self._waiting.get(key)
+        if waiting is None or waiting.expires_at <= self._now():
+            return None
+        return waiting.authority
 
     async def _candidates(self, key: bytes, first: Contact | None) -> AsyncGenerator[Contact, None]:
         """The node this node's lease was granted by first, then the closest nodes to the key
@@ -324,7 +336,7 @@ class LeaseBroker:
             return LeaseView(True, None, state.ttl, state.waiters)
         self._held.pop(key, None)
         if state.holder is not None:
-            self._waiting[key] = _Waiting(state.holder, now + state.ttl)
+            self._waiting[key] = _Waiting(state.holder, authority, now + state.ttl)
         self.counters.waits += 1
         return LeaseView(False, state.holder, state.ttl, state.waiters)
 

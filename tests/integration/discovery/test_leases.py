@@ -9,8 +9,9 @@ hands the decision to the next-closest node.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import grpc
@@ -133,9 +134,15 @@ async def test_concurrent_askers_one_granted_all_others_named_the_same_holder(me
         if n is not decider
     )
 
+    # Asking again (is the holder still at it?) goes straight to the node that answered.
+    waiter = mesh.nodes[(granted[0] + 1) % NODES]
+    with _watch_lookups(waiter) as looked_up:
+        again = await _acquire(waiter, name)
+    assert not again.granted and again.holder.node_id == holder.engine.node_id
+    assert dht_key(name) not in looked_up
+
     # A waiter's FindProviders names the holder first, flagged as fetching, before any
     # provider record exists.
-    waiter = mesh.nodes[(granted[0] + 1) % NODES]
     found = await find_providers(waiter.local_address, name)
     assert [(r.provider.node_id, r.in_flight) for r in found] == [(holder.engine.node_id, True)]
     # The holder takes one place of a caller's limit.
@@ -239,19 +246,8 @@ async def test_only_the_holder_renews_or_releases(mesh: Mesh) -> None:
         assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
         assert (refused.value.details() or "").startswith("key:")
     # Still the holder's; a renewal goes straight to the deciding node, no lookup.
-    engine = holder.engine
-    looked_up: list[bytes] = []
-    lookup_nodes = engine.lookup_nodes
-
-    async def watched(target: bytes) -> list[Contact]:
-        looked_up.append(target)
-        return await lookup_nodes(target)
-
-    engine.lookup_nodes = watched  # type: ignore[method-assign]
-    try:
+    with _watch_lookups(holder) as looked_up:
         assert (await _renew(holder, name)).ttl.seconds > 0
-    finally:
-        del engine.lookup_nodes
     assert dht_key(name) not in looked_up
     # Nobody holds an unknown key.
     unknown = _digest("never-leased")
@@ -361,3 +357,21 @@ async def test_holder_process_killed_frees_the_lease_after_its_ttl(tmp_path: Pat
 def _closest(ids: list[bytes], name: str) -> bytes:
     key = dht_key(name)
     return min(ids, key=lambda node_id: xor_distance(node_id, key))
+
+
+@contextlib.contextmanager
+def _watch_lookups(node: DiscoveryService) -> Iterator[list[bytes]]:
+    """The node lookups `node` runs meanwhile (targets), its own behaviour unchanged."""
+    engine = node.engine
+    looked_up: list[bytes] = []
+    lookup_nodes = engine.lookup_nodes
+
+    async def watched(target: bytes) -> list[Contact]:
+        looked_up.append(target)
+        return await lookup_nodes(target)
+
+    engine.lookup_nodes = watched  # type: ignore[method-assign]
+    try:
+        yield looked_up
+    finally:
+        del engine.lookup_nodes
