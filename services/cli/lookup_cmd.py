@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
 from services.cli.args import Subparsers
 from services.cli.discovery_client import add_local_api_options, channel, describe_error
@@ -18,7 +19,8 @@ def register(subparsers: Subparsers) -> None:
         description=(
             "Ask the local discovery service which other nodes provide KEY, a digest "
             "(sha256:...) or a tag reference (<registry>/<name>:<tag>), exactly as the pinner "
-            "advertises it. Prints one provider per line; exits 1 when none is found."
+            "advertises it. Prints one provider per line, then the node fetching KEY from "
+            "upstream if one holds its fetch lease; exits 1 when there is neither."
         ),
     )
     parser.add_argument("key", metavar="KEY", help="digest or tag reference")
@@ -53,16 +55,50 @@ def _run(args: argparse.Namespace) -> int:
                         "node_id": p.node_id.hex(),
                         "address": p.address,
                         "registry": f"{host}:{p.registry_port}",
+                        "in_flight": reply.in_flight,
                     }
                 )
                 if not args.json:
-                    print(f"{host}:{p.registry_port}  node {p.node_id.hex()}", flush=True)
+                    fetching = "  (fetching from upstream)" if reply.in_flight else ""
+                    print(f"{host}:{p.registry_port}  node {p.node_id.hex()}{fetching}", flush=True)
+            lease = _lease(stub, args)
     except grpc.RpcError as exc:
         print(f"peermirror lookup: {describe_error(address, exc)}", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps({"key": args.key, "providers": providers}, indent=2))
-    if not providers:
+        print(json.dumps({"key": args.key, "providers": providers, "lease": lease}, indent=2))
+    elif lease is not None:
+        who = "this node" if lease["mine"] else f"{lease['registry']}  node {lease['node_id']}"
+        print(
+            f"in flight: fetched from upstream by {who}, {lease['waiters']} other node(s) "
+            f"waiting, lease {lease['ttl_seconds']:g}s left"
+        )
+    if not providers and lease is None:
         print(f"peermirror lookup: no provider found for {args.key}", file=sys.stderr)
         return 1
     return 0
+
+
+def _lease(stub: Any, args: argparse.Namespace) -> dict[str, Any] | None:
+    """Who holds KEY's fetch lease (None: nobody, or a discovery without leases)."""
+    import grpc
+
+    from services.common.genproto.peermirror.discovery.v1 import local_pb2 as pb
+
+    try:
+        reply = stub.GetLease(pb.GetLeaseRequest(key=args.key), timeout=args.timeout)
+    except grpc.RpcError as exc:
+        if exc.code() in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.UNAVAILABLE):
+            return None
+        raise
+    if not reply.held:
+        return None
+    h = reply.holder
+    host = f"[{h.address}]" if ":" in h.address else h.address
+    return {
+        "mine": reply.mine,
+        "node_id": h.node_id.hex() if not reply.mine else None,
+        "registry": f"{host}:{h.registry_port}" if not reply.mine else None,
+        "ttl_seconds": round(reply.ttl.ToNanoseconds() / 1e9, 1),
+        "waiters": reply.waiters,
+    }

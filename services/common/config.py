@@ -398,6 +398,39 @@ class DiscoverySection:
             check=_check_positive,
         ),
     )
+    # Fetch leases (shared first pulls): one node fetches a blob upstream, the others wait.
+    lease_ttl: float = field(
+        default=10.0,
+        metadata=_doc(
+            "seconds a fetch lease lasts unless its holder renews it (AcquireLease with ttl 0); "
+            "a holder that dies or stalls frees it after this long",
+            check=_check_positive,
+        ),
+    )
+    max_lease_ttl: float = field(
+        default=60.0,
+        metadata=_doc(
+            "most seconds a fetch lease may be asked for; the node-local API refuses more "
+            "INVALID_ARGUMENT, peers' requests are cut to it (at least lease_ttl)",
+            check=_check_positive,
+        ),
+    )
+    max_leases: int = field(
+        default=10_000,
+        metadata=_doc(
+            "fetch leases this node keeps for the keys it is closest to; past it new leases "
+            "are refused RESOURCE_EXHAUSTED (the registry then fetches on its own)",
+            check=_check_positive,
+        ),
+    )
+    max_leases_per_peer: int = field(
+        default=1024,
+        metadata=_doc(
+            "fetch leases one node may hold at this node at once; more is refused "
+            "RESOURCE_EXHAUSTED",
+            check=_check_positive,
+        ),
+    )
 
 
 @dataclass(frozen=True)

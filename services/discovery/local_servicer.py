@@ -18,8 +18,9 @@ from services.common.logsetup import get_logger
 from services.common.ratelog import LimitLog
 from services.common.request_id import from_metadata
 from services.discovery.engine import DiscoveryEngine
+from services.discovery.lease_broker import LeaseBroker, LeaseFailed
 from services.discovery.metrics import DiscoveryMetrics
-from services.discovery.wire import InvalidRequest, contact_to_proto
+from services.discovery.wire import InvalidRequest, contact_to_proto, duration
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["LocalDiscovery"].full_name
 
@@ -96,7 +97,9 @@ class LocalDiscoveryServicer(pb_grpc.LocalDiscoveryServicer):
         *,
         limits: KeyLimits | None = None,
         limit_log: LimitLog | None = None,
+        leases: LeaseBroker | None = None,
     ) -> None:
+        self._leases = leases
         self._engine = engine
         self._metrics = metrics
         self._limits = limits if limits is not None else KeyLimits.of(DiscoverySection())
@@ -152,8 +155,20 @@ class LocalDiscoveryServicer(pb_grpc.LocalDiscoveryServicer):
         started = time.monotonic()
         first: float | None = None
         found = 0
+        fetching = self._leases.in_flight(key) if self._leases is not None else None
         try:
-            async for provider in self._engine.find_providers(key, request.limit):
+            limit = request.limit
+            if fetching is not None:
+                first = time.monotonic() - started
+                found += 1
+                yield pb.FindProvidersResponse(provider=contact_to_proto(fetching), in_flight=True)
+                # The holder takes one place of the caller's limit (0 is the server's default).
+                if limit == 1:
+                    return
+                limit = max(limit - 1, 0)
+            async for provider in self._engine.find_providers(key, limit):
+                if fetching is not None and provider.node_id == fetching.node_id:
+                    continue
                 if first is None:
                     first = time.monotonic() - started
                 found += 1
@@ -200,4 +215,98 @@ class LocalDiscoveryServicer(pb_grpc.LocalDiscoveryServicer):
             lookups=counters.lookups,
             lookup_cache_hits=counters.lookup_cache_hits,
             lookups_empty=counters.lookups_empty,
+            **self._lease_stats(),
         )
+
+    # -- fetch leases (the logic is in lease_broker) -------------------------------------
+
+    def _lease_stats(self) -> dict[str, int]:
+        leases = self._leases
+        if leases is None:
+            return {}
+        table = leases.table
+        table.expire(self._engine.clock())
+        return {
+            "leases_held": leases.held(),
+            "lease_records": len(table),
+            "leases_granted": table.counters.granted,
+            "leases_expired": table.counters.expired,
+            "leases_lost": leases.counters.lost,
+            "lease_waits": leases.counters.waits,
+        }
+
+    async def _lease_request(
+        self, key: str, ttl_seconds: int | None, context: Context
+    ) -> tuple[LeaseBroker, str]:
+        """The broker and the checked key; INVALID_ARGUMENT naming the field otherwise."""
+        if self._leases is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "fetch leases are not enabled")
+        try:
+            checked = self._limits.check_key(key, "key")
+            longest = self._leases.settings.max_ttl
+            if ttl_seconds is not None and ttl_seconds > longest:
+                raise KeyLimitExceeded(
+                    "ttl_seconds",
+                    f"at most {longest:g} (discovery.max_lease_ttl), got {ttl_seconds}",
+                    "max_lease_ttl",
+                    int(longest),
+                )
+        except InvalidRequest as exc:
+            await self._refuse(exc, context)
+        return self._leases, checked
+
+    async def AcquireLease(
+        self, request: pb.AcquireLeaseRequest, context: Context
+    ) -> pb.AcquireLeaseResponse:
+        leases, key = await self._lease_request(request.key, request.ttl_seconds, context)
+        try:
+            view = await leases.acquire(key, float(request.ttl_seconds))
+        except LeaseFailed as exc:
+            await context.abort(exc.code, str(exc))
+        reply = pb.AcquireLeaseResponse(
+            granted=view.granted, ttl=duration(view.ttl), waiters=view.waiters
+        )
+        if view.holder is not None:
+            reply.holder.CopyFrom(contact_to_proto(view.holder))
+        log.info(
+            "lease",
+            key=key,
+            granted=view.granted,
+            holder=str(view.holder) if view.holder is not None else "this node",
+        )
+        return reply
+
+    async def RenewLease(
+        self, request: pb.RenewLeaseRequest, context: Context
+    ) -> pb.RenewLeaseResponse:
+        leases, key = await self._lease_request(request.key, request.ttl_seconds, context)
+        try:
+            view = await leases.renew(key, float(request.ttl_seconds))
+        except LeaseFailed as exc:
+            await context.abort(exc.code, str(exc))
+        return pb.RenewLeaseResponse(ttl=duration(view.ttl), waiters=view.waiters)
+
+    async def ReleaseLease(
+        self, request: pb.ReleaseLeaseRequest, context: Context
+    ) -> pb.ReleaseLeaseResponse:
+        leases, key = await self._lease_request(request.key, None, context)
+        try:
+            released = await leases.release(key)
+        except LeaseFailed as exc:
+            await context.abort(exc.code, str(exc))
+        return pb.ReleaseLeaseResponse(released=released)
+
+    async def GetLease(self, request: pb.GetLeaseRequest, context: Context) -> pb.GetLeaseResponse:
+        leases, key = await self._lease_request(request.key, None, context)
+        try:
+            view = await leases.get(key)
+        except LeaseFailed as exc:
+            await context.abort(exc.code, str(exc))
+        if view is None:
+            return pb.GetLeaseResponse(held=False)
+        reply = pb.GetLeaseResponse(
+            held=True, mine=view.granted, ttl=duration(view.ttl), waiters=view.waiters
+        )
+        if view.holder is not None:
+            reply.holder.CopyFrom(contact_to_proto(view.holder))
+        return reply

@@ -15,6 +15,7 @@ from prometheus_client.registry import Collector
 
 from services.common.metrics import PREFIX, key_labels, new_registry, render
 from services.discovery.engine import DiscoveryEngine
+from services.discovery.lease_broker import LeaseBroker
 
 # A lookup answered from the cache or from records held here takes microseconds; one that walks
 # the DHT takes a few round trips.
@@ -69,10 +70,63 @@ class _EngineCollector(Collector):
         yield provided
 
 
+class _LeaseCollector(Collector):
+    """Fetch leases: this node as the deciding node (its table) and as asker and holder."""
+
+    def __init__(self, leases: LeaseBroker, engine: DiscoveryEngine) -> None:
+        self._leases = leases
+        self._engine = engine
+
+    def collect(self) -> Iterator[Metric]:
+        leases = self._leases
+        table = leases.table
+        table.expire(self._engine.clock())
+        for name, doc, value in (
+            (
+                "leases_granted",
+                "Fetch leases this node granted as the node closest to the key",
+                table.counters.granted,
+            ),
+            (
+                "leases_expired",
+                "Fetch leases kept here that expired unrenewed (holder died or stalled)",
+                table.counters.expired,
+            ),
+            (
+                "leases_lost",
+                "Fetch leases this node held and lost to another node",
+                leases.counters.lost,
+            ),
+            (
+                "lease_waiters",
+                "Lease requests of this node answered that another node fetches "
+                "the content (coalesced into that node's download)",
+                leases.counters.waits,
+            ),
+            (
+                "lease_failovers",
+                "Lease requests that went to the next-closest node because the "
+                "closest did not answer",
+                leases.counters.failovers,
+            ),
+        ):
+            family = CounterMetricFamily(f"{PREFIX}_{name}", doc)
+            family.add_metric([], value)
+            yield family
+        yield GaugeMetricFamily(
+            f"{PREFIX}_leases_held", "Fetch leases this node holds", value=leases.held()
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_lease_records",
+            "Fetch leases this node keeps as the node closest to their keys",
+            value=len(table),
+        )
+
+
 class DiscoveryMetrics:
     """The metrics of one discovery service, in its own CollectorRegistry."""
 
-    def __init__(self, engine: DiscoveryEngine) -> None:
+    def __init__(self, engine: DiscoveryEngine, leases: LeaseBroker | None = None) -> None:
         self.registry = new_registry("discovery")
         self.lookup_duration = Histogram(
             f"{PREFIX}_lookup_duration_seconds",
@@ -82,6 +136,8 @@ class DiscoveryMetrics:
             registry=self.registry,
         )
         self.registry.register(_EngineCollector(engine))
+        if leases is not None:
+            self.registry.register(_LeaseCollector(leases, engine))
 
     def lookup_done(self, seconds: float, found: bool) -> None:
         self.lookup_duration.labels(result="found" if found else "not_found").observe(seconds)

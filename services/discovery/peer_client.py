@@ -39,6 +39,29 @@ MAX_CHANNELS = 512
 CLOSE_WAIT = 1.0
 
 
+# Statuses a live peer answers with on purpose ("no", "not yours", "full"): the call reached
+# the node, so they are no liveness failure. Anything else (unavailable, deadline) is.
+ANSWERED_STATUSES = frozenset(
+    {
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.UNIMPLEMENTED,
+    }
+)
+
+
+class PeerRefused(Exception):
+    """A peer answered a call with one of ANSWERED_STATUSES."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
 @dataclass(frozen=True, slots=True)
 class ProvidersAnswer:
     """A GetProviders answer: providers named and closer contacts."""
@@ -216,6 +239,28 @@ class PeerClient:
         except grpc.aio.AioRpcError:
             self._failed(contact.node_id)
             return None
+        self.heard_from(contact)
+        return reply
+
+    async def call_answered(
+        self, contact: Contact, call: Callable[[pb_grpc.PeerAsyncStub], Awaitable[R]]
+    ) -> R | None:
+        """A call whose refusals carry meaning (lease RPCs): None when the node could not be
+        reached (counted as a failure); PeerRefused when it answered with a refusal (counted
+        as heard from)."""
+        if self._closed:
+            return None
+        stub = self._stub(contact.discovery_endpoint)
+        self._note(contact)
+        self.calls += 1
+        try:
+            reply = await call(stub)
+        except grpc.aio.AioRpcError as err:
+            if err.code() not in ANSWERED_STATUSES:
+                self._failed(contact.node_id)
+                return None
+            self.heard_from(contact)
+            raise PeerRefused(err.code(), err.details() or "") from None
         self.heard_from(contact)
         return reply
 

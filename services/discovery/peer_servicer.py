@@ -18,6 +18,7 @@ from services.common.grpc_server import client_of
 from services.common.ratelog import LimitLog
 from services.common.tls import peer_cert_ips
 from services.discovery.kademlia import Contact, DhtNode
+from services.discovery.lease_rpc import LeaseAuthority, serve_lease
 from services.discovery.peer_client import PeerClient
 from services.discovery.wire import (
     InvalidRequest,
@@ -48,7 +49,9 @@ class PeerServicer(pb_grpc.PeerServicer):
         *,
         bind_identity: bool = False,
         limit_log: LimitLog | None = None,
+        leases: LeaseAuthority | None = None,
     ) -> None:
+        self._leases = leases
         self._node = node
         self._client = client
         self._me = me
@@ -171,3 +174,43 @@ class PeerServicer(pb_grpc.PeerServicer):
         await self._check_batch(request.keys, context)
         self._heard(caller)
         return pb.RemoveProviderResponse(removed=self._node.remove_provider(caller, request.keys))
+
+    # -- fetch leases (the rules are in lease_rpc and kademlia.leases) -----------------------
+
+    async def _lease_caller(
+        self, has_sender: bool, sender: pb.SenderInfo, key: bytes, context: Context
+    ) -> tuple[Contact, LeaseAuthority]:
+        caller = await self._caller(has_sender, sender, context)
+        await self._check(context, lambda: check_id_field(key, "key"))
+        if self._leases is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this node keeps no fetch leases")
+        self._heard(caller)
+        return caller, self._leases
+
+    async def AcquireLease(
+        self, request: pb.PeerLeaseRequest, context: Context
+    ) -> pb.PeerLeaseState:
+        caller, leases = await self._lease_caller(
+            request.HasField("sender"), request.sender, request.key, context
+        )
+        return await serve_lease(context, lambda: leases.acquire_state(caller, request))
+
+    async def RenewLease(self, request: pb.PeerLeaseRequest, context: Context) -> pb.PeerLeaseState:
+        caller, leases = await self._lease_caller(
+            request.HasField("sender"), request.sender, request.key, context
+        )
+        return await serve_lease(context, lambda: leases.renew_state(caller, request))
+
+    async def ReleaseLease(
+        self, request: pb.PeerLeaseKey, context: Context
+    ) -> pb.PeerLeaseReleased:
+        caller, leases = await self._lease_caller(
+            request.HasField("sender"), request.sender, request.key, context
+        )
+        return await serve_lease(context, lambda: leases.release_state(caller, request.key))
+
+    async def GetLease(self, request: pb.PeerLeaseKey, context: Context) -> pb.PeerLeaseState:
+        caller, leases = await self._lease_caller(
+            request.HasField("sender"), request.sender, request.key, context
+        )
+        return await serve_lease(context, lambda: leases.get_state(caller, request.key))

@@ -24,6 +24,7 @@ from services.discovery.bootstrap import BootstrapSources
 from services.discovery.engine import DiscoveryEngine
 from services.discovery.identity import load_or_create_node_id
 from services.discovery.kademlia import DhtConfig
+from services.discovery.lease_broker import LeaseBroker, LeaseSettings
 from services.discovery.local_servicer import SERVICE_NAME as LOCAL_SERVICE
 from services.discovery.local_servicer import KeyLimits, LocalDiscoveryServicer
 from services.discovery.metrics import DiscoveryMetrics
@@ -99,6 +100,7 @@ class DiscoveryService:
             ),
         )
         engine = self.engine
+        self.leases = LeaseBroker(engine, LeaseSettings.of(d))
         # One per node: refusals logged once per client and limit, whichever API was called.
         limit_log = LimitLog("discovery.limits")
         self.peer_server = GrpcServer(
@@ -115,6 +117,7 @@ class DiscoveryService:
             engine.clock,
             bind_identity=self.tls is not None,
             limit_log=limit_log,
+            leases=self.leases.authority,
         )
         self.peer_server.add_service(
             PEER_SERVICE, lambda s: peer_pb2_grpc.add_PeerServicer_to_server(peer, s)
@@ -125,9 +128,9 @@ class DiscoveryService:
             max_message_bytes=cfg.grpc.max_message_bytes,
             limit_log=limit_log,
         )
-        self.metrics = DiscoveryMetrics(engine)
+        self.metrics = DiscoveryMetrics(engine, self.leases)
         local = LocalDiscoveryServicer(
-            engine, self.metrics, limits=KeyLimits.of(d), limit_log=limit_log
+            engine, self.metrics, limits=KeyLimits.of(d), limit_log=limit_log, leases=self.leases
         )
         self.local_server.add_service(
             LOCAL_SERVICE, lambda s: local_pb2_grpc.add_LocalDiscoveryServicer_to_server(local, s)

@@ -75,6 +75,32 @@ class _Servicer(local_pb2_grpc.LocalDiscoveryServicer):
     ) -> local_pb2.ListPeersResponse:
         return local_pb2.ListPeersResponse()
 
+    async def AcquireLease(
+        self,
+        request: local_pb2.AcquireLeaseRequest,
+        context: grpc.aio.ServicerContext[object, object],
+    ) -> local_pb2.AcquireLeaseResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "fake: no fetch leases")
+
+    async def RenewLease(
+        self,
+        request: local_pb2.RenewLeaseRequest,
+        context: grpc.aio.ServicerContext[object, object],
+    ) -> local_pb2.RenewLeaseResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "fake: no fetch leases")
+
+    async def ReleaseLease(
+        self,
+        request: local_pb2.ReleaseLeaseRequest,
+        context: grpc.aio.ServicerContext[object, object],
+    ) -> local_pb2.ReleaseLeaseResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "fake: no fetch leases")
+
+    async def GetLease(
+        self, request: local_pb2.GetLeaseRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> local_pb2.GetLeaseResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "fake: no fetch leases")
+
 
 class FakeDiscovery:
     """`async with FakeDiscovery() as d:` serves on `d.address` until the block ends."""

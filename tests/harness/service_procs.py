@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -60,8 +61,9 @@ class NodePorts:
         return f"http://127.0.0.1:{self.registry_http}"
 
 
-def write_node_config(directory: Path, ports: NodePorts) -> Path:
-    """A node config using `ports` and an OCI-layout store under `directory` (no containerd)."""
+def write_node_config(directory: Path, ports: NodePorts, **discovery: object) -> Path:
+    """A node config using `ports` and an OCI-layout store under `directory` (no containerd);
+    `discovery` sets more keys of the discovery section."""
     layout = directory / "oci-layout"
     layout.mkdir(parents=True, exist_ok=True)
     data = {
@@ -80,6 +82,7 @@ def write_node_config(directory: Path, ports: NodePorts) -> Path:
             "port": ports.discovery_peer,
             "local_address": f"127.0.0.1:{ports.discovery_local}",
             "metrics_address": "127.0.0.1:0",
+            **discovery,
         },
         "pinner": {
             "grpc_address": f"127.0.0.1:{ports.pinner_grpc}",
@@ -97,6 +100,20 @@ def write_node_config(directory: Path, ports: NodePorts) -> Path:
 def cli_argv(*args: str) -> list[str]:
     """argv running the `peermirror` CLI with the test interpreter."""
     return [sys.executable, "-m", "services.cli.main", *args]
+
+
+async def run_cli(*args: str) -> tuple[int, str, str]:
+    """Runs the `peermirror` CLI as a process from async code: (exit code, stdout, stderr)."""
+    proc = await asyncio.create_subprocess_exec(
+        *cli_argv(*args),
+        cwd=REPO_ROOT,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout=60.0)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
 
 
 def _clean_env() -> dict[str, str]:

@@ -154,6 +154,14 @@ def _discovery(obs: Observed, address: str, timeout: float) -> None:
     obs.peers = stats.peers
     obs.provider_records = stats.provider_records
     obs.advertised_keys = stats.advertised_keys
+    obs.leases = {
+        "held": stats.leases_held,
+        "records": stats.lease_records,
+        "granted": stats.leases_granted,
+        "expired": stats.leases_expired,
+        "lost": stats.leases_lost,
+        "waits": stats.lease_waits,
+    }
     discovery = obs.services["discovery"]
     if discovery.started_at is None:
         discovery.started_at = stats.started_at.ToNanoseconds() / 1e9

@@ -22,6 +22,13 @@ The JSON document (``--json``), schema version 1::
       "provider_records": int | null,    # records held for other nodes' keys
       "advertised_keys": int | null,     # keys this node advertises
       "pinned_images": int | null,       # null when the pinner has no containerd (oci-layout)
+      "leases": {                        # fetch leases (shared first pulls); null: no answer
+        "held": int,                     # leases this node holds (it fetches upstream)
+        "records": int,                  # leases it keeps as the node closest to their keys
+        "granted": int, "expired": int,  # since start, as that deciding node
+        "lost": int,                     # leases this node held and lost to another node
+        "waits": int                     # its requests told another node fetches the content
+      } | null,
       "mirror": {                        # manifest and blob requests of local clients
         "requests": int | null,          # since start
         "hit_rate": float | null,        # served (locally or by peers) / answered, since start
@@ -76,6 +83,8 @@ class Observed:
     provider_records: int | None = None
     advertised_keys: int | None = None
     pinned_images: int | None = None
+    # Fetch lease figures from discovery's Stats (keys as in the "leases" document).
+    leases: Mapping[str, int] | None = None
     # Requests of local clients since start / recently, by cache label (hit, miss, ...).
     since_start: Mapping[str, int] | None = None
     recent: Mapping[str, int] | None = None
@@ -128,6 +137,7 @@ def build_report(obs: Observed) -> dict[str, Any]:
         "provider_records": obs.provider_records,
         "advertised_keys": obs.advertised_keys,
         "pinned_images": obs.pinned_images,
+        "leases": dict(obs.leases) if obs.leases is not None else None,
         "mirror": {
             "requests": requests,
             "hit_rate": rate,
@@ -186,6 +196,13 @@ def render_text(report: Mapping[str, Any]) -> str:
         f"advertised keys {_value(report['advertised_keys'])}, "
         f"pinned images {_value(report['pinned_images'])}"
     )
+    leases = report.get("leases")
+    if leases is not None:
+        lines.append(
+            f"fetch leases: held {leases['held']}, deciding {leases['records']} "
+            f"(granted {leases['granted']}, expired {leases['expired']}), "
+            f"lost {leases['lost']}, waits {leases['waits']}"
+        )
     m = report["mirror"]
     recent = _rate(
         m["recent_requests"], m["recent_hit_rate"], f"last {m['recent_window_seconds']:g}s"

@@ -8,7 +8,6 @@ every 1 s, window 3 s) keep the dead-node test quick; it prints the measured fig
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
@@ -24,8 +23,13 @@ from services.common.genproto.peermirror.discovery.v1 import peer_pb2 as pb
 from services.common.genproto.peermirror.discovery.v1 import peer_pb2_grpc as pb_grpc
 from services.discovery.kademlia import dht_key
 from services.discovery.service import DiscoveryService
-from tests.harness.discovery_mesh import REGISTRY_PORT_BASE, Mesh, find_providers, wait_until
-from tests.harness.service_procs import REPO_ROOT
+from tests.harness.discovery_mesh import (
+    REGISTRY_PORT_BASE,
+    Mesh,
+    find_providers,
+    wait_until,
+)
+from tests.harness.service_procs import run_cli
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -212,21 +216,6 @@ async def test_malformed_requests_are_invalid_argument_naming_the_field(mesh: Me
     assert len(target.engine.node.table) == peers_before
 
 
-async def _cli(*args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "services.cli.main",
-        *args,
-        cwd=REPO_ROOT,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), timeout=60.0)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
-
-
 async def test_cli_peers_and_lookup_against_a_running_node(mesh: Mesh, tmp_path: Path) -> None:
     import json
 
@@ -239,17 +228,17 @@ async def test_cli_peers_and_lookup_against_a_running_node(mesh: Mesh, tmp_path:
     config = tmp_path / "node.yaml"
     config.write_text(f"discovery:\n  local_address: '{node.local_address}'\n")
 
-    code, out, err = await _cli("peers", "--config", str(config), "--json")
+    code, out, err = await run_cli("peers", "--config", str(config), "--json")
     assert code == 0, err
     listed = json.loads(out)
     assert listed["node_id"] == node.engine.node_id.hex()
     assert len(listed["peers"]) == len(node.engine.node.table)
 
-    code, out, err = await _cli("peers", "--address", node.local_address)
+    code, out, err = await run_cli("peers", "--address", node.local_address)
     assert code == 0, err
     assert f"node {node.engine.node_id.hex()}" in out
 
-    code, out, err = await _cli("lookup", key, "--address", node.local_address)
+    code, out, err = await run_cli("lookup", key, "--address", node.local_address)
     assert code == 0, err
     assert out.split() == [
         f"127.0.0.1:{REGISTRY_PORT_BASE + 9}",
@@ -257,7 +246,7 @@ async def test_cli_peers_and_lookup_against_a_running_node(mesh: Mesh, tmp_path:
         mesh.nodes[9].engine.node_id.hex(),
     ]
 
-    code, out, err = await _cli(
+    code, out, err = await run_cli(
         "lookup", _digest("nobody-has-this"), "--address", node.local_address
     )
     assert (code, out) == (1, "")

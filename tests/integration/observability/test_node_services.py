@@ -338,11 +338,14 @@ def check_schema(doc: dict[str, Any]) -> None:
         "provider_records",
         "advertised_keys",
         "pinned_images",
+        "leases",
         "mirror",
         "inflight",
     }
     assert doc["schema"] == 1
     assert set(doc["inflight"]) == {"fetches", "coalesced_waiters"}
+    if doc["leases"] is not None:  # null when discovery did not answer
+        assert set(doc["leases"]) == {"held", "records", "granted", "expired", "lost", "waits"}
     assert set(doc["services"]) == {"registry", "discovery", "pinner"}
     for service in doc["services"].values():
         assert set(service) == SERVICE_KEYS
@@ -374,6 +377,10 @@ def test_status_json_all_up(cluster: Cluster) -> None:
     assert doc["advertised_keys"] == 1 + len(cluster.image.blobs)
     # The OCI-layout pinner has no containerd, so nothing is pinned there.
     assert doc["pinned_images"] is None
+    # No first pull went through a fetch lease here.
+    assert doc["leases"] == dict.fromkeys(
+        ("held", "records", "granted", "expired", "lost", "waits"), 0
+    )
     # A's registry only answered B: none of its own clients asked anything.
     assert doc["mirror"]["requests"] == 0
     assert doc["mirror"]["hit_rate"] is None

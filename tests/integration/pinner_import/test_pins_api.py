@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -15,28 +13,12 @@ from services.common.grpc_server import GrpcServer
 from services.pinner.airgap import AirgapManager
 from services.pinner.api import SyncOutcome, SyncState
 from tests.harness.containerd import ContainerdDaemon
+from tests.harness.service_procs import run_cli
 from tests.integration.pinner_import.helpers import MANAGED, PIN, manager, oci_archive
 
 pytestmark = pytest.mark.containerd
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
 IMPORTED = "registry.example.test/api:1"
-
-
-async def run_cli(*args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "services.cli.main",
-        *args,
-        cwd=REPO_ROOT,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await proc.communicate()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 @pytest.fixture

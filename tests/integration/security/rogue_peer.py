@@ -65,6 +65,24 @@ class RoguePeer(pb_grpc.PeerServicer):
     ) -> pb.RemoveProviderResponse:
         return pb.RemoveProviderResponse(removed=0)
 
+    # Lease RPCs are not what this rogue lies about.
+
+    async def AcquireLease(
+        self, request: pb.PeerLeaseRequest, context: Context
+    ) -> pb.PeerLeaseState:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "rogue: no fetch leases")
+
+    async def RenewLease(self, request: pb.PeerLeaseRequest, context: Context) -> pb.PeerLeaseState:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "rogue: no fetch leases")
+
+    async def ReleaseLease(
+        self, request: pb.PeerLeaseKey, context: Context
+    ) -> pb.PeerLeaseReleased:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "rogue: no fetch leases")
+
+    async def GetLease(self, request: pb.PeerLeaseKey, context: Context) -> pb.PeerLeaseState:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "rogue: no fetch leases")
+
     async def __aenter__(self) -> RoguePeer:
         await self._server.start()
         return self

@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from services.common.genproto.peermirror.discovery.v1 import peer_pb2 as pb
-from services.discovery.kademlia.node_id import dht_key
+from services.discovery.kademlia.node_id import dht_key, xor_distance
 from services.discovery.service import DiscoveryService
 from tests.integration.security.conftest import ClusterPki
 from tests.integration.security.nodes import (
@@ -21,6 +21,7 @@ from tests.integration.security.nodes import (
     peer_stub,
     sender,
 )
+from tests.integration.security.rogue_peer import RoguePeer
 
 KEY = "sha256:" + "ab" * 32
 RPC_TIMEOUT = 5.0
@@ -121,3 +122,57 @@ async def test_two_nodes_find_each_others_content_over_mutual_tls(
                 a.engine.cache.drop_node(b.engine.node_id)
                 await asyncio.sleep(0.05)
             assert found == [(b.engine.node_id, "127.0.0.1", 7002)]
+
+
+async def test_a_certificate_naming_another_address_cannot_take_a_lease(
+    node: DiscoveryService, cluster: ClusterPki
+) -> None:
+    async with peer_stub(node.peer_address, credentials_of(cluster.rogue)) as stub:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.AcquireLease(
+                pb.PeerLeaseRequest(sender=sender(os.urandom(32)), key=dht_key(KEY)),
+                timeout=RPC_TIMEOUT,
+            )
+    assert err.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    assert len(node.leases.table) == 0
+
+
+async def test_two_nodes_share_one_fetch_lease_over_mutual_tls(
+    cluster: ClusterPki, tmp_path: Path
+) -> None:
+    cfg_a = discovery_config(tmp_path / "a", cluster.node, registry_port=7001)
+    async with discovery_node(cfg_a) as a:
+        cfg_b = discovery_config(
+            tmp_path / "b", cluster.peer, registry_port=7002, bootstrap=[a.peer_address]
+        )
+        async with discovery_node(cfg_b) as b:
+            assert a.engine.node_id in b.engine.node.table
+            taken = await b.leases.acquire(KEY, 0)
+            assert taken.granted
+            told = await a.leases.acquire(KEY, 0)
+            assert not told.granted and told.holder is not None
+            assert (told.holder.node_id, told.holder.address, told.holder.registry_port) == (
+                b.engine.node_id,
+                "127.0.0.1",
+                7002,
+            )
+            assert await b.leases.release(KEY)
+            assert (await a.leases.acquire(KEY, 0)).granted
+
+
+async def test_a_closer_node_without_leases_is_skipped(cluster: ClusterPki, tmp_path: Path) -> None:
+    # The rogue peer stands in for a node of an older version: lease RPCs are UNIMPLEMENTED.
+    async with RoguePeer(cluster.peer) as older:
+        cfg = discovery_config(tmp_path / "a", cluster.node, bootstrap=[older.address])
+        async with discovery_node(cfg) as node:
+            assert older.node_id in node.engine.node.table
+            name = next(
+                n
+                for n in (f"sha256:{i:064x}" for i in range(1000))
+                if xor_distance(older.node_id, dht_key(n))
+                < xor_distance(node.engine.node_id, dht_key(n))
+            )
+            view = await node.leases.acquire(name, 0)
+            assert view.granted
+            assert node.leases.counters.failovers == 1
+            assert node.leases.table.get(dht_key(name), node.engine.clock()) is not None

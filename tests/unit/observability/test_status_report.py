@@ -28,6 +28,7 @@ def observed(pinner_health: str = "SERVING") -> Observed:
         provider_records=12,
         advertised_keys=30,
         pinned_images=None,
+        leases={"held": 1, "records": 3, "granted": 5, "expired": 2, "lost": 0, "waits": 4},
         since_start={"hit": 1, "peer_hit": 2, "miss": 1, "refused": 7, "client_error": 3},
         recent={},
         recent_window=300.0,
@@ -91,3 +92,20 @@ def test_text_shows_down_and_figures() -> None:
     assert rows["discovery"][4] == "10s"
     assert "peers 4, provider records 12, advertised keys 30, pinned images -" in text
     assert "last 300s: no requests; since start: 75.0% of 4" in text
+    assert "fetch leases: held 1, deciding 3 (granted 5, expired 2), lost 0, waits 4" in text
+
+
+def test_lease_figures_in_the_document_and_absent_without_an_answer() -> None:
+    assert build_report(observed())["leases"] == {
+        "held": 1,
+        "records": 3,
+        "granted": 5,
+        "expired": 2,
+        "lost": 0,
+        "waits": 4,
+    }
+    obs = observed()
+    obs.leases = None
+    report = build_report(obs)
+    assert report["leases"] is None
+    assert "fetch leases" not in render_text(report)

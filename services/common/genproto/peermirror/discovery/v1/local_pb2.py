@@ -22,43 +22,60 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from services.common.genproto.peermirror.discovery.v1 import peer_pb2 as peermirror_dot_discovery_dot_v1_dot_peer__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#peermirror/discovery/v1/local.proto\x12\x17peermirror.discovery.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\"peermirror/discovery/v1/peer.proto\" \n\x10\x41\x64vertiseRequest\x12\x0c\n\x04keys\x18\x01 \x03(\t\"1\n\x11\x41\x64vertiseResponse\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x01 \x01(\r\x12\r\n\x05total\x18\x02 \x01(\x04\"\x1f\n\x0fWithdrawRequest\x12\x0c\n\x04keys\x18\x01 \x03(\t\"2\n\x10WithdrawResponse\x12\x0f\n\x07removed\x18\x01 \x01(\r\x12\r\n\x05total\x18\x02 \x01(\x04\"\x17\n\x15ListAdvertisedRequest\"&\n\x16ListAdvertisedResponse\x12\x0c\n\x04keys\x18\x01 \x03(\t\"2\n\x14\x46indProvidersRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\"K\n\x15\x46indProvidersResponse\x12\x32\n\x08provider\x18\x01 \x01(\x0b\x32 .peermirror.discovery.v1.Contact\"\x12\n\x10ListPeersRequest\"F\n\x11ListPeersResponse\x12\x31\n\x05peers\x18\x01 \x03(\x0b\x32\".peermirror.discovery.v1.PeerState\"m\n\tPeerState\x12\x31\n\x07\x63ontact\x18\x01 \x01(\x0b\x32 .peermirror.discovery.v1.Contact\x12-\n\tlast_seen\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x0e\n\x0cStatsRequest\"\x84\x02\n\rStatsResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\x0c\x12\x16\n\x0e\x64iscovery_port\x18\x02 \x01(\r\x12\x15\n\rregistry_port\x18\x03 \x01(\r\x12.\n\nstarted_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05peers\x18\x05 \x01(\r\x12\x17\n\x0f\x61\x64vertised_keys\x18\x06 \x01(\x04\x12\x18\n\x10provider_records\x18\x07 \x01(\x04\x12\x0f\n\x07lookups\x18\x08 \x01(\x04\x12\x19\n\x11lookup_cache_hits\x18\t \x01(\x04\x12\x15\n\rlookups_empty\x18\n \x01(\x04\x32\xf8\x04\n\x0eLocalDiscovery\x12\x62\n\tAdvertise\x12).peermirror.discovery.v1.AdvertiseRequest\x1a*.peermirror.discovery.v1.AdvertiseResponse\x12_\n\x08Withdraw\x12(.peermirror.discovery.v1.WithdrawRequest\x1a).peermirror.discovery.v1.WithdrawResponse\x12s\n\x0eListAdvertised\x12..peermirror.discovery.v1.ListAdvertisedRequest\x1a/.peermirror.discovery.v1.ListAdvertisedResponse0\x01\x12p\n\rFindProviders\x12-.peermirror.discovery.v1.FindProvidersRequest\x1a..peermirror.discovery.v1.FindProvidersResponse0\x01\x12\x62\n\tListPeers\x12).peermirror.discovery.v1.ListPeersRequest\x1a*.peermirror.discovery.v1.ListPeersResponse\x12V\n\x05Stats\x12%.peermirror.discovery.v1.StatsRequest\x1a&.peermirror.discovery.v1.StatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#peermirror/discovery/v1/local.proto\x12\x17peermirror.discovery.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\"peermirror/discovery/v1/peer.proto\" \n\x10\x41\x64vertiseRequest\x12\x0c\n\x04keys\x18\x01 \x03(\t\"1\n\x11\x41\x64vertiseResponse\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x01 \x01(\r\x12\r\n\x05total\x18\x02 \x01(\x04\"\x1f\n\x0fWithdrawRequest\x12\x0c\n\x04keys\x18\x01 \x03(\t\"2\n\x10WithdrawResponse\x12\x0f\n\x07removed\x18\x01 \x01(\r\x12\r\n\x05total\x18\x02 \x01(\x04\"\x17\n\x15ListAdvertisedRequest\"&\n\x16ListAdvertisedResponse\x12\x0c\n\x04keys\x18\x01 \x03(\t\"2\n\x14\x46indProvidersRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\"^\n\x15\x46indProvidersResponse\x12\x32\n\x08provider\x18\x01 \x01(\x0b\x32 .peermirror.discovery.v1.Contact\x12\x11\n\tin_flight\x18\x02 \x01(\x08\"\x12\n\x10ListPeersRequest\"F\n\x11ListPeersResponse\x12\x31\n\x05peers\x18\x01 \x03(\x0b\x32\".peermirror.discovery.v1.PeerState\"m\n\tPeerState\x12\x31\n\x07\x63ontact\x18\x01 \x01(\x0b\x32 .peermirror.discovery.v1.Contact\x12-\n\tlast_seen\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x0e\n\x0cStatsRequest\"\x8a\x03\n\rStatsResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\x0c\x12\x16\n\x0e\x64iscovery_port\x18\x02 \x01(\r\x12\x15\n\rregistry_port\x18\x03 \x01(\r\x12.\n\nstarted_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05peers\x18\x05 \x01(\r\x12\x17\n\x0f\x61\x64vertised_keys\x18\x06 \x01(\x04\x12\x18\n\x10provider_records\x18\x07 \x01(\x04\x12\x0f\n\x07lookups\x18\x08 \x01(\x04\x12\x19\n\x11lookup_cache_hits\x18\t \x01(\x04\x12\x15\n\rlookups_empty\x18\n \x01(\x04\x12\x13\n\x0bleases_held\x18\x14 \x01(\x04\x12\x15\n\rlease_records\x18\x15 \x01(\x04\x12\x16\n\x0eleases_granted\x18\x16 \x01(\x04\x12\x16\n\x0eleases_expired\x18\x17 \x01(\x04\x12\x13\n\x0bleases_lost\x18\x18 \x01(\x04\x12\x13\n\x0blease_waits\x18\x19 \x01(\x04\"7\n\x13\x41\x63quireLeaseRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\r\"\x92\x01\n\x14\x41\x63quireLeaseResponse\x12\x0f\n\x07granted\x18\x01 \x01(\x08\x12\x30\n\x06holder\x18\x02 \x01(\x0b\x32 .peermirror.discovery.v1.Contact\x12&\n\x03ttl\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0f\n\x07waiters\x18\x04 \x01(\r\"5\n\x11RenewLeaseRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\r\"M\n\x12RenewLeaseResponse\x12&\n\x03ttl\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0f\n\x07waiters\x18\x02 \x01(\r\"\"\n\x13ReleaseLeaseRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\"(\n\x14ReleaseLeaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"\x1e\n\x0fGetLeaseRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\"\x99\x01\n\x10GetLeaseResponse\x12\x0c\n\x04held\x18\x01 \x01(\x08\x12\x0c\n\x04mine\x18\x02 \x01(\x08\x12\x30\n\x06holder\x18\x03 \x01(\x0b\x32 .peermirror.discovery.v1.Contact\x12&\n\x03ttl\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0f\n\x07waiters\x18\x05 \x01(\r2\x9a\x08\n\x0eLocalDiscovery\x12\x62\n\tAdvertise\x12).peermirror.discovery.v1.AdvertiseRequest\x1a*.peermirror.discovery.v1.AdvertiseResponse\x12_\n\x08Withdraw\x12(.peermirror.discovery.v1.WithdrawRequest\x1a).peermirror.discovery.v1.WithdrawResponse\x12s\n\x0eListAdvertised\x12..peermirror.discovery.v1.ListAdvertisedRequest\x1a/.peermirror.discovery.v1.ListAdvertisedResponse0\x01\x12p\n\rFindProviders\x12-.peermirror.discovery.v1.FindProvidersRequest\x1a..peermirror.discovery.v1.FindProvidersResponse0\x01\x12\x62\n\tListPeers\x12).peermirror.discovery.v1.ListPeersRequest\x1a*.peermirror.discovery.v1.ListPeersResponse\x12V\n\x05Stats\x12%.peermirror.discovery.v1.StatsRequest\x1a&.peermirror.discovery.v1.StatsResponse\x12k\n\x0c\x41\x63quireLease\x12,.peermirror.discovery.v1.AcquireLeaseRequest\x1a-.peermirror.discovery.v1.AcquireLeaseResponse\x12\x65\n\nRenewLease\x12*.peermirror.discovery.v1.RenewLeaseRequest\x1a+.peermirror.discovery.v1.RenewLeaseResponse\x12k\n\x0cReleaseLease\x12,.peermirror.discovery.v1.ReleaseLeaseRequest\x1a-.peermirror.discovery.v1.ReleaseLeaseResponse\x12_\n\x08GetLease\x12(.peermirror.discovery.v1.GetLeaseRequest\x1a).peermirror.discovery.v1.GetLeaseResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'services.common.genproto.peermirror.discovery.v1.local_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ADVERTISEREQUEST']._serialized_start=133
-  _globals['_ADVERTISEREQUEST']._serialized_end=165
-  _globals['_ADVERTISERESPONSE']._serialized_start=167
-  _globals['_ADVERTISERESPONSE']._serialized_end=216
-  _globals['_WITHDRAWREQUEST']._serialized_start=218
-  _globals['_WITHDRAWREQUEST']._serialized_end=249
-  _globals['_WITHDRAWRESPONSE']._serialized_start=251
-  _globals['_WITHDRAWRESPONSE']._serialized_end=301
-  _globals['_LISTADVERTISEDREQUEST']._serialized_start=303
-  _globals['_LISTADVERTISEDREQUEST']._serialized_end=326
-  _globals['_LISTADVERTISEDRESPONSE']._serialized_start=328
-  _globals['_LISTADVERTISEDRESPONSE']._serialized_end=366
-  _globals['_FINDPROVIDERSREQUEST']._serialized_start=368
-  _globals['_FINDPROVIDERSREQUEST']._serialized_end=418
-  _globals['_FINDPROVIDERSRESPONSE']._serialized_start=420
-  _globals['_FINDPROVIDERSRESPONSE']._serialized_end=495
-  _globals['_LISTPEERSREQUEST']._serialized_start=497
-  _globals['_LISTPEERSREQUEST']._serialized_end=515
-  _globals['_LISTPEERSRESPONSE']._serialized_start=517
-  _globals['_LISTPEERSRESPONSE']._serialized_end=587
-  _globals['_PEERSTATE']._serialized_start=589
-  _globals['_PEERSTATE']._serialized_end=698
-  _globals['_STATSREQUEST']._serialized_start=700
-  _globals['_STATSREQUEST']._serialized_end=714
-  _globals['_STATSRESPONSE']._serialized_start=717
-  _globals['_STATSRESPONSE']._serialized_end=977
-  _globals['_LOCALDISCOVERY']._serialized_start=980
-  _globals['_LOCALDISCOVERY']._serialized_end=1612
+  _globals['_ADVERTISEREQUEST']._serialized_start=165
+  _globals['_ADVERTISEREQUEST']._serialized_end=197
+  _globals['_ADVERTISERESPONSE']._serialized_start=199
+  _globals['_ADVERTISERESPONSE']._serialized_end=248
+  _globals['_WITHDRAWREQUEST']._serialized_start=250
+  _globals['_WITHDRAWREQUEST']._serialized_end=281
+  _globals['_WITHDRAWRESPONSE']._serialized_start=283
+  _globals['_WITHDRAWRESPONSE']._serialized_end=333
+  _globals['_LISTADVERTISEDREQUEST']._serialized_start=335
+  _globals['_LISTADVERTISEDREQUEST']._serialized_end=358
+  _globals['_LISTADVERTISEDRESPONSE']._serialized_start=360
+  _globals['_LISTADVERTISEDRESPONSE']._serialized_end=398
+  _globals['_FINDPROVIDERSREQUEST']._serialized_start=400
+  _globals['_FINDPROVIDERSREQUEST']._serialized_end=450
+  _globals['_FINDPROVIDERSRESPONSE']._serialized_start=452
+  _globals['_FINDPROVIDERSRESPONSE']._serialized_end=546
+  _globals['_LISTPEERSREQUEST']._serialized_start=548
+  _globals['_LISTPEERSREQUEST']._serialized_end=566
+  _globals['_LISTPEERSRESPONSE']._serialized_start=568
+  _globals['_LISTPEERSRESPONSE']._serialized_end=638
+  _globals['_PEERSTATE']._serialized_start=640
+  _globals['_PEERSTATE']._serialized_end=749
+  _globals['_STATSREQUEST']._serialized_start=751
+  _globals['_STATSREQUEST']._serialized_end=765
+  _globals['_STATSRESPONSE']._serialized_start=768
+  _globals['_STATSRESPONSE']._serialized_end=1162
+  _globals['_ACQUIRELEASEREQUEST']._serialized_start=1164
+  _globals['_ACQUIRELEASEREQUEST']._serialized_end=1219
+  _globals['_ACQUIRELEASERESPONSE']._serialized_start=1222
+  _globals['_ACQUIRELEASERESPONSE']._serialized_end=1368
+  _globals['_RENEWLEASEREQUEST']._serialized_start=1370
+  _globals['_RENEWLEASEREQUEST']._serialized_end=1423
+  _globals['_RENEWLEASERESPONSE']._serialized_start=1425
+  _globals['_RENEWLEASERESPONSE']._serialized_end=1502
+  _globals['_RELEASELEASEREQUEST']._serialized_start=1504
+  _globals['_RELEASELEASEREQUEST']._serialized_end=1538
+  _globals['_RELEASELEASERESPONSE']._serialized_start=1540
+  _globals['_RELEASELEASERESPONSE']._serialized_end=1580
+  _globals['_GETLEASEREQUEST']._serialized_start=1582
+  _globals['_GETLEASEREQUEST']._serialized_end=1612
+  _globals['_GETLEASERESPONSE']._serialized_start=1615
+  _globals['_GETLEASERESPONSE']._serialized_end=1768
+  _globals['_LOCALDISCOVERY']._serialized_start=1771
+  _globals['_LOCALDISCOVERY']._serialized_end=2821
 # @@protoc_insertion_point(module_scope)

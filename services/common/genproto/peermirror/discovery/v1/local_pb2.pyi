@@ -8,6 +8,7 @@ cluster-facing Peer port, so other nodes can neither advertise nor look up throu
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -199,6 +200,13 @@ class FindProvidersResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     PROVIDER_FIELD_NUMBER: _builtins.int
+    IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    in_flight: _builtins.bool
+    """True when the provider does not hold the content yet but is fetching it from upstream:
+    it holds the key's fetch lease, as this node learned from its own AcquireLease. Its
+    registry serves the bytes as they arrive, so slowness from it is no failure. Such a
+    provider comes first, before the DHT's provider records name it.
+    """
     @_builtins.property
     def provider(self) -> _peer_pb2.Contact:
         """A node other than this one that holds the key; fetch from
@@ -209,10 +217,11 @@ class FindProvidersResponse(_message.Message):
         self,
         *,
         provider: _peer_pb2.Contact | None = ...,
+        in_flight: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["provider", b"provider"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["provider", b"provider"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["in_flight", b"in_flight", "provider", b"provider"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -322,6 +331,12 @@ class StatsResponse(_message.Message):
     LOOKUPS_FIELD_NUMBER: _builtins.int
     LOOKUP_CACHE_HITS_FIELD_NUMBER: _builtins.int
     LOOKUPS_EMPTY_FIELD_NUMBER: _builtins.int
+    LEASES_HELD_FIELD_NUMBER: _builtins.int
+    LEASE_RECORDS_FIELD_NUMBER: _builtins.int
+    LEASES_GRANTED_FIELD_NUMBER: _builtins.int
+    LEASES_EXPIRED_FIELD_NUMBER: _builtins.int
+    LEASES_LOST_FIELD_NUMBER: _builtins.int
+    LEASE_WAITS_FIELD_NUMBER: _builtins.int
     node_id: _builtins.bytes
     """This node's 256-bit node ID (32 bytes)."""
     discovery_port: _builtins.int
@@ -340,6 +355,20 @@ class StatsResponse(_message.Message):
     """FindProviders calls answered from the short-lived lookup cache or a shared lookup."""
     lookups_empty: _builtins.int
     """FindProviders calls that ended without any provider."""
+    leases_held: _builtins.int
+    """Fetch leases (numbered from 20, apart from the counters above).
+    Leases this node holds (granted to it, unexpired).
+    """
+    lease_records: _builtins.int
+    """Leases this node keeps as the deciding node for their keys."""
+    leases_granted: _builtins.int
+    """Leases this node granted as the deciding node (to itself or to others)."""
+    leases_expired: _builtins.int
+    """Leases kept here that expired without being renewed or released."""
+    leases_lost: _builtins.int
+    """Leases this node held and lost (a renewal found another holder)."""
+    lease_waits: _builtins.int
+    """AcquireLease calls on this node answered "another node is fetching it"."""
     @_builtins.property
     def started_at(self) -> _timestamp_pb2.Timestamp:
         """When this discovery process started."""
@@ -357,11 +386,250 @@ class StatsResponse(_message.Message):
         lookups: _builtins.int = ...,
         lookup_cache_hits: _builtins.int = ...,
         lookups_empty: _builtins.int = ...,
+        leases_held: _builtins.int = ...,
+        lease_records: _builtins.int = ...,
+        leases_granted: _builtins.int = ...,
+        leases_expired: _builtins.int = ...,
+        leases_lost: _builtins.int = ...,
+        lease_waits: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["advertised_keys", b"advertised_keys", "discovery_port", b"discovery_port", "lookup_cache_hits", b"lookup_cache_hits", "lookups", b"lookups", "lookups_empty", b"lookups_empty", "node_id", b"node_id", "peers", b"peers", "provider_records", b"provider_records", "registry_port", b"registry_port", "started_at", b"started_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["advertised_keys", b"advertised_keys", "discovery_port", b"discovery_port", "lease_records", b"lease_records", "lease_waits", b"lease_waits", "leases_expired", b"leases_expired", "leases_granted", b"leases_granted", "leases_held", b"leases_held", "leases_lost", b"leases_lost", "lookup_cache_hits", b"lookup_cache_hits", "lookups", b"lookups", "lookups_empty", b"lookups_empty", "node_id", b"node_id", "peers", b"peers", "provider_records", b"provider_records", "registry_port", b"registry_port", "started_at", b"started_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StatsResponse: _TypeAlias = StatsResponse  # noqa: Y015
+
+@_typing.final
+class AcquireLeaseRequest(_message.Message):
+    """Asks for a fetch lease."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    TTL_SECONDS_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    """Key string (digest or tag reference) of the content to fetch."""
+    ttl_seconds: _builtins.int
+    """Seconds the lease lasts unless renewed; 0 means discovery.lease_ttl. At most
+    discovery.max_lease_ttl.
+    """
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        ttl_seconds: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AcquireLeaseRequest: _TypeAlias = AcquireLeaseRequest  # noqa: Y015
+
+@_typing.final
+class AcquireLeaseResponse(_message.Message):
+    """Answer to a lease request."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GRANTED_FIELD_NUMBER: _builtins.int
+    HOLDER_FIELD_NUMBER: _builtins.int
+    TTL_FIELD_NUMBER: _builtins.int
+    WAITERS_FIELD_NUMBER: _builtins.int
+    granted: _builtins.bool
+    """True when this node holds the lease and is to fetch the content."""
+    waiters: _builtins.int
+    """Other nodes told so far that the holder fetches the content (see RenewLeaseResponse)."""
+    @_builtins.property
+    def holder(self) -> _peer_pb2.Contact:
+        """When not granted: the node fetching the content (fetch from address:registry_port)."""
+
+    @_builtins.property
+    def ttl(self) -> _duration_pb2.Duration:
+        """Time left on the lease (this node's when granted, the holder's otherwise)."""
+
+    def __init__(
+        self,
+        *,
+        granted: _builtins.bool = ...,
+        holder: _peer_pb2.Contact | None = ...,
+        ttl: _duration_pb2.Duration | None = ...,
+        waiters: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["holder", b"holder", "ttl", b"ttl"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["granted", b"granted", "holder", b"holder", "ttl", b"ttl", "waiters", b"waiters"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AcquireLeaseResponse: _TypeAlias = AcquireLeaseResponse  # noqa: Y015
+
+@_typing.final
+class RenewLeaseRequest(_message.Message):
+    """Renews this node's lease."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    TTL_SECONDS_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    """Key string of the lease."""
+    ttl_seconds: _builtins.int
+    """Seconds the lease lasts from now; 0 means discovery.lease_ttl. At most
+    discovery.max_lease_ttl.
+    """
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        ttl_seconds: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RenewLeaseRequest: _TypeAlias = RenewLeaseRequest  # noqa: Y015
+
+@_typing.final
+class RenewLeaseResponse(_message.Message):
+    """Result of a renewal."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TTL_FIELD_NUMBER: _builtins.int
+    WAITERS_FIELD_NUMBER: _builtins.int
+    waiters: _builtins.int
+    """Distinct other nodes told since the grant that this node fetches the content: while it
+    is above zero, others wait for this download, so it should go on even if this node's
+    own client went away.
+    """
+    @_builtins.property
+    def ttl(self) -> _duration_pb2.Duration:
+        """Time left on the lease now."""
+
+    def __init__(
+        self,
+        *,
+        ttl: _duration_pb2.Duration | None = ...,
+        waiters: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ttl", b"ttl"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ttl", b"ttl", "waiters", b"waiters"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RenewLeaseResponse: _TypeAlias = RenewLeaseResponse  # noqa: Y015
+
+@_typing.final
+class ReleaseLeaseRequest(_message.Message):
+    """Ends this node's lease."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    """Key string of the lease."""
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseLeaseRequest: _TypeAlias = ReleaseLeaseRequest  # noqa: Y015
+
+@_typing.final
+class ReleaseLeaseResponse(_message.Message):
+    """Result of a release."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RELEASED_FIELD_NUMBER: _builtins.int
+    released: _builtins.bool
+    """False when no lease was held on the key (expired or never granted)."""
+    def __init__(
+        self,
+        *,
+        released: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["released", b"released"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseLeaseResponse: _TypeAlias = ReleaseLeaseResponse  # noqa: Y015
+
+@_typing.final
+class GetLeaseRequest(_message.Message):
+    """Asks who holds a lease."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    """Key string (digest or tag reference)."""
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetLeaseRequest: _TypeAlias = GetLeaseRequest  # noqa: Y015
+
+@_typing.final
+class GetLeaseResponse(_message.Message):
+    """The lease on a key."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HELD_FIELD_NUMBER: _builtins.int
+    MINE_FIELD_NUMBER: _builtins.int
+    HOLDER_FIELD_NUMBER: _builtins.int
+    TTL_FIELD_NUMBER: _builtins.int
+    WAITERS_FIELD_NUMBER: _builtins.int
+    held: _builtins.bool
+    """True when some node holds the lease."""
+    mine: _builtins.bool
+    """True when that node is this one."""
+    waiters: _builtins.int
+    """Other nodes told so far that the holder fetches the content."""
+    @_builtins.property
+    def holder(self) -> _peer_pb2.Contact:
+        """The holder (unset when not held or when it is this node)."""
+
+    @_builtins.property
+    def ttl(self) -> _duration_pb2.Duration:
+        """Time left on the lease."""
+
+    def __init__(
+        self,
+        *,
+        held: _builtins.bool = ...,
+        mine: _builtins.bool = ...,
+        holder: _peer_pb2.Contact | None = ...,
+        ttl: _duration_pb2.Duration | None = ...,
+        waiters: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["holder", b"holder", "ttl", b"ttl"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["held", b"held", "holder", b"holder", "mine", b"mine", "ttl", b"ttl", "waiters", b"waiters"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetLeaseResponse: _TypeAlias = GetLeaseResponse  # noqa: Y015

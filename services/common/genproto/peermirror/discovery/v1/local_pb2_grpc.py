@@ -67,6 +67,26 @@ class LocalDiscoveryStub:
                 request_serializer=peermirror_dot_discovery_dot_v1_dot_local__pb2.StatsRequest.SerializeToString,
                 response_deserializer=peermirror_dot_discovery_dot_v1_dot_local__pb2.StatsResponse.FromString,
                 _registered_method=True)
+        self.AcquireLease = channel.unary_unary(
+                '/peermirror.discovery.v1.LocalDiscovery/AcquireLease',
+                request_serializer=peermirror_dot_discovery_dot_v1_dot_local__pb2.AcquireLeaseRequest.SerializeToString,
+                response_deserializer=peermirror_dot_discovery_dot_v1_dot_local__pb2.AcquireLeaseResponse.FromString,
+                _registered_method=True)
+        self.RenewLease = channel.unary_unary(
+                '/peermirror.discovery.v1.LocalDiscovery/RenewLease',
+                request_serializer=peermirror_dot_discovery_dot_v1_dot_local__pb2.RenewLeaseRequest.SerializeToString,
+                response_deserializer=peermirror_dot_discovery_dot_v1_dot_local__pb2.RenewLeaseResponse.FromString,
+                _registered_method=True)
+        self.ReleaseLease = channel.unary_unary(
+                '/peermirror.discovery.v1.LocalDiscovery/ReleaseLease',
+                request_serializer=peermirror_dot_discovery_dot_v1_dot_local__pb2.ReleaseLeaseRequest.SerializeToString,
+                response_deserializer=peermirror_dot_discovery_dot_v1_dot_local__pb2.ReleaseLeaseResponse.FromString,
+                _registered_method=True)
+        self.GetLease = channel.unary_unary(
+                '/peermirror.discovery.v1.LocalDiscovery/GetLease',
+                request_serializer=peermirror_dot_discovery_dot_v1_dot_local__pb2.GetLeaseRequest.SerializeToString,
+                response_deserializer=peermirror_dot_discovery_dot_v1_dot_local__pb2.GetLeaseResponse.FromString,
+                _registered_method=True)
 
 
 class LocalDiscoveryServicer:
@@ -103,6 +123,8 @@ class LocalDiscoveryServicer:
         """Finds other nodes that provide a key. Streams each provider as soon as it is known;
         the stream ends when the limit is reached or the lookup is exhausted. Concurrent
         lookups of one key share a network lookup, and results are cached briefly.
+        A node this node was told is fetching the key from upstream (AcquireLease not granted)
+        comes first, flagged in_flight, while its lease lasts.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -117,6 +139,45 @@ class LocalDiscoveryServicer:
 
     def Stats(self, request, context):
         """Counters and identity of this discovery node.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AcquireLease(self, request, context):
+        """Fetch leases (see the Peer service): on a miss the registry asks for the lease on the
+        digest or tag before going upstream, so one node in the cluster fetches it and the others
+        fetch from that node. The lease is kept by the node closest to the key; this node asks it
+        (or decides itself when it is the closest). Keys follow the rules and limits of Advertise
+        keys. The registry coalesces its own concurrent requests: this node is one holder.
+
+        Asks for the lease on a key: granted, this node is to fetch the content upstream and
+        renew the lease while it does; not granted, `holder` is fetching it (and FindProviders
+        on this node names it, flagged in_flight). UNAVAILABLE when no node close to the key
+        answered; RESOURCE_EXHAUSTED when the deciding node's lease table is full.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RenewLease(self, request, context):
+        """Extends this node's lease. NOT_FOUND when nobody holds one and this node did not hold
+        it; PERMISSION_DENIED when another node holds it (this node lost it).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseLease(self, request, context):
+        """Ends this node's lease at once (the fetch finished or failed), so a waiting node can take
+        it without waiting for the TTL. PERMISSION_DENIED when another node holds it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetLease(self, request, context):
+        """Who holds the lease on a key, without asking for it (`peermirror lookup` shows it).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -154,6 +215,26 @@ def add_LocalDiscoveryServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=peermirror_dot_discovery_dot_v1_dot_local__pb2.StatsRequest.FromString,
                     response_serializer=peermirror_dot_discovery_dot_v1_dot_local__pb2.StatsResponse.SerializeToString,
+            ),
+            'AcquireLease': grpc.unary_unary_rpc_method_handler(
+                    servicer.AcquireLease,
+                    request_deserializer=peermirror_dot_discovery_dot_v1_dot_local__pb2.AcquireLeaseRequest.FromString,
+                    response_serializer=peermirror_dot_discovery_dot_v1_dot_local__pb2.AcquireLeaseResponse.SerializeToString,
+            ),
+            'RenewLease': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenewLease,
+                    request_deserializer=peermirror_dot_discovery_dot_v1_dot_local__pb2.RenewLeaseRequest.FromString,
+                    response_serializer=peermirror_dot_discovery_dot_v1_dot_local__pb2.RenewLeaseResponse.SerializeToString,
+            ),
+            'ReleaseLease': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseLease,
+                    request_deserializer=peermirror_dot_discovery_dot_v1_dot_local__pb2.ReleaseLeaseRequest.FromString,
+                    response_serializer=peermirror_dot_discovery_dot_v1_dot_local__pb2.ReleaseLeaseResponse.SerializeToString,
+            ),
+            'GetLease': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetLease,
+                    request_deserializer=peermirror_dot_discovery_dot_v1_dot_local__pb2.GetLeaseRequest.FromString,
+                    response_serializer=peermirror_dot_discovery_dot_v1_dot_local__pb2.GetLeaseResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -321,6 +402,114 @@ class LocalDiscovery:
             '/peermirror.discovery.v1.LocalDiscovery/Stats',
             peermirror_dot_discovery_dot_v1_dot_local__pb2.StatsRequest.SerializeToString,
             peermirror_dot_discovery_dot_v1_dot_local__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AcquireLease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/peermirror.discovery.v1.LocalDiscovery/AcquireLease',
+            peermirror_dot_discovery_dot_v1_dot_local__pb2.AcquireLeaseRequest.SerializeToString,
+            peermirror_dot_discovery_dot_v1_dot_local__pb2.AcquireLeaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenewLease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/peermirror.discovery.v1.LocalDiscovery/RenewLease',
+            peermirror_dot_discovery_dot_v1_dot_local__pb2.RenewLeaseRequest.SerializeToString,
+            peermirror_dot_discovery_dot_v1_dot_local__pb2.RenewLeaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseLease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/peermirror.discovery.v1.LocalDiscovery/ReleaseLease',
+            peermirror_dot_discovery_dot_v1_dot_local__pb2.ReleaseLeaseRequest.SerializeToString,
+            peermirror_dot_discovery_dot_v1_dot_local__pb2.ReleaseLeaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetLease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/peermirror.discovery.v1.LocalDiscovery/GetLease',
+            peermirror_dot_discovery_dot_v1_dot_local__pb2.GetLeaseRequest.SerializeToString,
+            peermirror_dot_discovery_dot_v1_dot_local__pb2.GetLeaseResponse.FromString,
             options,
             channel_credentials,
             insecure,

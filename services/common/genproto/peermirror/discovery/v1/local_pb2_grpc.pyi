@@ -55,11 +55,35 @@ class LocalDiscoveryStub:
     """Finds other nodes that provide a key. Streams each provider as soon as it is known;
     the stream ends when the limit is reached or the lookup is exhausted. Concurrent
     lookups of one key share a network lookup, and results are cached briefly.
+    A node this node was told is fetching the key from upstream (AcquireLease not granted)
+    comes first, flagged in_flight, while its lease lasts.
     """
     ListPeers: _grpc.UnaryUnaryMultiCallable[_local_pb2.ListPeersRequest, _local_pb2.ListPeersResponse]
     """The nodes in this node's routing table."""
     Stats: _grpc.UnaryUnaryMultiCallable[_local_pb2.StatsRequest, _local_pb2.StatsResponse]
     """Counters and identity of this discovery node."""
+    AcquireLease: _grpc.UnaryUnaryMultiCallable[_local_pb2.AcquireLeaseRequest, _local_pb2.AcquireLeaseResponse]
+    """Fetch leases (see the Peer service): on a miss the registry asks for the lease on the
+    digest or tag before going upstream, so one node in the cluster fetches it and the others
+    fetch from that node. The lease is kept by the node closest to the key; this node asks it
+    (or decides itself when it is the closest). Keys follow the rules and limits of Advertise
+    keys. The registry coalesces its own concurrent requests: this node is one holder.
+
+    Asks for the lease on a key: granted, this node is to fetch the content upstream and
+    renew the lease while it does; not granted, `holder` is fetching it (and FindProviders
+    on this node names it, flagged in_flight). UNAVAILABLE when no node close to the key
+    answered; RESOURCE_EXHAUSTED when the deciding node's lease table is full.
+    """
+    RenewLease: _grpc.UnaryUnaryMultiCallable[_local_pb2.RenewLeaseRequest, _local_pb2.RenewLeaseResponse]
+    """Extends this node's lease. NOT_FOUND when nobody holds one and this node did not hold
+    it; PERMISSION_DENIED when another node holds it (this node lost it).
+    """
+    ReleaseLease: _grpc.UnaryUnaryMultiCallable[_local_pb2.ReleaseLeaseRequest, _local_pb2.ReleaseLeaseResponse]
+    """Ends this node's lease at once (the fetch finished or failed), so a waiting node can take
+    it without waiting for the TTL. PERMISSION_DENIED when another node holds it.
+    """
+    GetLease: _grpc.UnaryUnaryMultiCallable[_local_pb2.GetLeaseRequest, _local_pb2.GetLeaseResponse]
+    """Who holds the lease on a key, without asking for it (`peermirror lookup` shows it)."""
 
 @_typing.type_check_only
 class LocalDiscoveryAsyncStub(LocalDiscoveryStub):
@@ -85,11 +109,35 @@ class LocalDiscoveryAsyncStub(LocalDiscoveryStub):
     """Finds other nodes that provide a key. Streams each provider as soon as it is known;
     the stream ends when the limit is reached or the lookup is exhausted. Concurrent
     lookups of one key share a network lookup, and results are cached briefly.
+    A node this node was told is fetching the key from upstream (AcquireLease not granted)
+    comes first, flagged in_flight, while its lease lasts.
     """
     ListPeers: _aio.UnaryUnaryMultiCallable[_local_pb2.ListPeersRequest, _local_pb2.ListPeersResponse]  # type: ignore[assignment]
     """The nodes in this node's routing table."""
     Stats: _aio.UnaryUnaryMultiCallable[_local_pb2.StatsRequest, _local_pb2.StatsResponse]  # type: ignore[assignment]
     """Counters and identity of this discovery node."""
+    AcquireLease: _aio.UnaryUnaryMultiCallable[_local_pb2.AcquireLeaseRequest, _local_pb2.AcquireLeaseResponse]  # type: ignore[assignment]
+    """Fetch leases (see the Peer service): on a miss the registry asks for the lease on the
+    digest or tag before going upstream, so one node in the cluster fetches it and the others
+    fetch from that node. The lease is kept by the node closest to the key; this node asks it
+    (or decides itself when it is the closest). Keys follow the rules and limits of Advertise
+    keys. The registry coalesces its own concurrent requests: this node is one holder.
+
+    Asks for the lease on a key: granted, this node is to fetch the content upstream and
+    renew the lease while it does; not granted, `holder` is fetching it (and FindProviders
+    on this node names it, flagged in_flight). UNAVAILABLE when no node close to the key
+    answered; RESOURCE_EXHAUSTED when the deciding node's lease table is full.
+    """
+    RenewLease: _aio.UnaryUnaryMultiCallable[_local_pb2.RenewLeaseRequest, _local_pb2.RenewLeaseResponse]  # type: ignore[assignment]
+    """Extends this node's lease. NOT_FOUND when nobody holds one and this node did not hold
+    it; PERMISSION_DENIED when another node holds it (this node lost it).
+    """
+    ReleaseLease: _aio.UnaryUnaryMultiCallable[_local_pb2.ReleaseLeaseRequest, _local_pb2.ReleaseLeaseResponse]  # type: ignore[assignment]
+    """Ends this node's lease at once (the fetch finished or failed), so a waiting node can take
+    it without waiting for the TTL. PERMISSION_DENIED when another node holds it.
+    """
+    GetLease: _aio.UnaryUnaryMultiCallable[_local_pb2.GetLeaseRequest, _local_pb2.GetLeaseResponse]  # type: ignore[assignment]
+    """Who holds the lease on a key, without asking for it (`peermirror lookup` shows it)."""
 
 class LocalDiscoveryServicer(metaclass=_abc_1.ABCMeta):
     """What the local node provides, and lookups of what other nodes provide. Keys here are
@@ -136,6 +184,8 @@ class LocalDiscoveryServicer(metaclass=_abc_1.ABCMeta):
         """Finds other nodes that provide a key. Streams each provider as soon as it is known;
         the stream ends when the limit is reached or the lookup is exhausted. Concurrent
         lookups of one key share a network lookup, and results are cached briefly.
+        A node this node was told is fetching the key from upstream (AcquireLease not granted)
+        comes first, flagged in_flight, while its lease lasts.
         """
 
     @_abc_1.abstractmethod
@@ -153,5 +203,51 @@ class LocalDiscoveryServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_local_pb2.StatsResponse, _abc.Awaitable[_local_pb2.StatsResponse]]:
         """Counters and identity of this discovery node."""
+
+    @_abc_1.abstractmethod
+    def AcquireLease(
+        self,
+        request: _local_pb2.AcquireLeaseRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_local_pb2.AcquireLeaseResponse, _abc.Awaitable[_local_pb2.AcquireLeaseResponse]]:
+        """Fetch leases (see the Peer service): on a miss the registry asks for the lease on the
+        digest or tag before going upstream, so one node in the cluster fetches it and the others
+        fetch from that node. The lease is kept by the node closest to the key; this node asks it
+        (or decides itself when it is the closest). Keys follow the rules and limits of Advertise
+        keys. The registry coalesces its own concurrent requests: this node is one holder.
+
+        Asks for the lease on a key: granted, this node is to fetch the content upstream and
+        renew the lease while it does; not granted, `holder` is fetching it (and FindProviders
+        on this node names it, flagged in_flight). UNAVAILABLE when no node close to the key
+        answered; RESOURCE_EXHAUSTED when the deciding node's lease table is full.
+        """
+
+    @_abc_1.abstractmethod
+    def RenewLease(
+        self,
+        request: _local_pb2.RenewLeaseRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_local_pb2.RenewLeaseResponse, _abc.Awaitable[_local_pb2.RenewLeaseResponse]]:
+        """Extends this node's lease. NOT_FOUND when nobody holds one and this node did not hold
+        it; PERMISSION_DENIED when another node holds it (this node lost it).
+        """
+
+    @_abc_1.abstractmethod
+    def ReleaseLease(
+        self,
+        request: _local_pb2.ReleaseLeaseRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_local_pb2.ReleaseLeaseResponse, _abc.Awaitable[_local_pb2.ReleaseLeaseResponse]]:
+        """Ends this node's lease at once (the fetch finished or failed), so a waiting node can take
+        it without waiting for the TTL. PERMISSION_DENIED when another node holds it.
+        """
+
+    @_abc_1.abstractmethod
+    def GetLease(
+        self,
+        request: _local_pb2.GetLeaseRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_local_pb2.GetLeaseResponse, _abc.Awaitable[_local_pb2.GetLeaseResponse]]:
+        """Who holds the lease on a key, without asking for it (`peermirror lookup` shows it)."""
 
 def add_LocalDiscoveryServicer_to_server(servicer: LocalDiscoveryServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -419,3 +419,131 @@ class RemoveProviderResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RemoveProviderResponse: _TypeAlias = RemoveProviderResponse  # noqa: Y015
+
+@_typing.final
+class PeerLeaseRequest(_message.Message):
+    """Asks for, or renews, a fetch lease."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SENDER_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    TTL_FIELD_NUMBER: _builtins.int
+    key: _builtins.bytes
+    """The 256-bit DHT key (32 bytes) of the content to fetch (as in GetProvidersRequest)."""
+    @_builtins.property
+    def sender(self) -> Global___SenderInfo:
+        """The caller, who is to hold the lease."""
+
+    @_builtins.property
+    def ttl(self) -> _duration_pb2.Duration:
+        """How long the lease should last unless renewed; 0 means the receiver's default, and the
+        receiver cuts a longer one to its maximum (discovery.lease_ttl, discovery.max_lease_ttl).
+        """
+
+    def __init__(
+        self,
+        *,
+        sender: Global___SenderInfo | None = ...,
+        key: _builtins.bytes = ...,
+        ttl: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["sender", b"sender", "ttl", b"ttl"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "sender", b"sender", "ttl", b"ttl"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PeerLeaseRequest: _TypeAlias = PeerLeaseRequest  # noqa: Y015
+
+@_typing.final
+class PeerLeaseKey(_message.Message):
+    """Names a lease."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SENDER_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    key: _builtins.bytes
+    """The 256-bit DHT key (32 bytes)."""
+    @_builtins.property
+    def sender(self) -> Global___SenderInfo:
+        """The caller."""
+
+    def __init__(
+        self,
+        *,
+        sender: Global___SenderInfo | None = ...,
+        key: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["sender", b"sender"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "sender", b"sender"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PeerLeaseKey: _TypeAlias = PeerLeaseKey  # noqa: Y015
+
+@_typing.final
+class PeerLeaseState(_message.Message):
+    """A lease as the receiver keeps it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GRANTED_FIELD_NUMBER: _builtins.int
+    HOLDER_FIELD_NUMBER: _builtins.int
+    TTL_FIELD_NUMBER: _builtins.int
+    WAITERS_FIELD_NUMBER: _builtins.int
+    granted: _builtins.bool
+    """True when the caller holds the lease (just granted or renewed, or already its own)."""
+    waiters: _builtins.int
+    """Distinct other nodes told since the grant that the holder fetches the content: a holder
+    renewing learns that others wait for its download (and keeps it going for them).
+    """
+    @_builtins.property
+    def holder(self) -> Global___Contact:
+        """The node holding the lease; unset when nobody does (GetLease only). When it is the
+        receiver itself its address may be empty: the caller knows it by the address it called.
+        """
+
+    @_builtins.property
+    def ttl(self) -> _duration_pb2.Duration:
+        """Time left until the lease expires unless its holder renews it."""
+
+    def __init__(
+        self,
+        *,
+        granted: _builtins.bool = ...,
+        holder: Global___Contact | None = ...,
+        ttl: _duration_pb2.Duration | None = ...,
+        waiters: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["holder", b"holder", "ttl", b"ttl"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["granted", b"granted", "holder", b"holder", "ttl", b"ttl", "waiters", b"waiters"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PeerLeaseState: _TypeAlias = PeerLeaseState  # noqa: Y015
+
+@_typing.final
+class PeerLeaseReleased(_message.Message):
+    """Result of releasing a lease."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RELEASED_FIELD_NUMBER: _builtins.int
+    released: _builtins.bool
+    """False when the receiver kept no lease on the key (expired or never granted)."""
+    def __init__(
+        self,
+        *,
+        released: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["released", b"released"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PeerLeaseReleased: _TypeAlias = PeerLeaseReleased  # noqa: Y015

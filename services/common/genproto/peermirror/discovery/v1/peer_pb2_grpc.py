@@ -64,6 +64,26 @@ class PeerStub:
                 request_serializer=peermirror_dot_discovery_dot_v1_dot_peer__pb2.RemoveProviderRequest.SerializeToString,
                 response_deserializer=peermirror_dot_discovery_dot_v1_dot_peer__pb2.RemoveProviderResponse.FromString,
                 _registered_method=True)
+        self.AcquireLease = channel.unary_unary(
+                '/peermirror.discovery.v1.Peer/AcquireLease',
+                request_serializer=peermirror_dot_discovery_dot_v1_dot_peer__pb2.PeerLeaseRequest.SerializeToString,
+                response_deserializer=peermirror_dot_discovery_dot_v1_dot_peer__pb2.PeerLeaseState.FromString,
+                _registered_method=True)
+        self.RenewLease = channel.unary_unary(
+                '/peermirror.discovery.v1.Peer/RenewLease',
+                request_serializer=peermirror_dot_discovery_dot_v1_dot_peer__pb2.PeerLeaseRequest.SerializeToString,
+                response_deserializer=peermirror_dot_discovery_dot_v1_dot_peer__pb2.PeerLeaseState.FromString,
+                _registered_method=True)
+        self.ReleaseLease = channel.unary_unary(
+                '/peermirror.discovery.v1.Peer/ReleaseLease',
+                request_serializer=peermirror_dot_discovery_dot_v1_dot_peer__pb2.PeerLeaseKey.SerializeToString,
+                response_deserializer=peermirror_dot_discovery_dot_v1_dot_peer__pb2.PeerLeaseReleased.FromString,
+                _registered_method=True)
+        self.GetLease = channel.unary_unary(
+                '/peermirror.discovery.v1.Peer/GetLease',
+                request_serializer=peermirror_dot_discovery_dot_v1_dot_peer__pb2.PeerLeaseKey.SerializeToString,
+                response_deserializer=peermirror_dot_discovery_dot_v1_dot_peer__pb2.PeerLeaseState.FromString,
+                _registered_method=True)
 
 
 class PeerServicer:
@@ -115,6 +135,49 @@ class PeerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AcquireLease(self, request, context):
+        """Fetch leases: one node in the cluster downloads a blob or manifest from upstream while
+        the others wait for it and fetch from that node. A lease on a key is kept by the node
+        closest to the key (by XOR distance) that answers: callers ask the closest nodes a lookup
+        finds, in order of distance, and the first that answers decides. When that node dies
+        (or a closer one joins) the next-closest takes over and, knowing no lease, grants it
+        again: during churn two nodes may fetch the same content (a bounded extra download),
+        never none. The holder is
+        always the caller as the connection shows it (SenderInfo node ID, connection address).
+
+        Grants the lease on a key to the caller unless another node holds it; then names that
+        node (the caller should fetch from it). The holder asking again keeps its lease with a
+        fresh TTL. RESOURCE_EXHAUSTED when the receiver's lease table or the caller's share of
+        it (discovery.max_leases, discovery.max_leases_per_peer) is full.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RenewLease(self, request, context):
+        """Extends the caller's lease. NOT_FOUND when the receiver keeps no lease on the key
+        (expired, or the receiver took over from a dead node: acquire it again);
+        PERMISSION_DENIED when another node holds it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseLease(self, request, context):
+        """Ends the caller's lease at once, so the next asker gets it without waiting for the
+        TTL. PERMISSION_DENIED when another node holds it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetLease(self, request, context):
+        """Who holds the lease on a key, without asking for it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PeerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -142,6 +205,26 @@ def add_PeerServicer_to_server(servicer, server):
                     servicer.RemoveProvider,
                     request_deserializer=peermirror_dot_discovery_dot_v1_dot_peer__pb2.RemoveProviderRequest.FromString,
                     response_serializer=peermirror_dot_discovery_dot_v1_dot_peer__pb2.RemoveProviderResponse.SerializeToString,
+            ),
+            'AcquireLease': grpc.unary_unary_rpc_method_handler(
+                    servicer.AcquireLease,
+                    request_deserializer=peermirror_dot_discovery_dot_v1_dot_peer__pb2.PeerLeaseRequest.FromString,
+                    response_serializer=peermirror_dot_discovery_dot_v1_dot_peer__pb2.PeerLeaseState.SerializeToString,
+            ),
+            'RenewLease': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenewLease,
+                    request_deserializer=peermirror_dot_discovery_dot_v1_dot_peer__pb2.PeerLeaseRequest.FromString,
+                    response_serializer=peermirror_dot_discovery_dot_v1_dot_peer__pb2.PeerLeaseState.SerializeToString,
+            ),
+            'ReleaseLease': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseLease,
+                    request_deserializer=peermirror_dot_discovery_dot_v1_dot_peer__pb2.PeerLeaseKey.FromString,
+                    response_serializer=peermirror_dot_discovery_dot_v1_dot_peer__pb2.PeerLeaseReleased.SerializeToString,
+            ),
+            'GetLease': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetLease,
+                    request_deserializer=peermirror_dot_discovery_dot_v1_dot_peer__pb2.PeerLeaseKey.FromString,
+                    response_serializer=peermirror_dot_discovery_dot_v1_dot_peer__pb2.PeerLeaseState.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -284,6 +367,114 @@ class Peer:
             '/peermirror.discovery.v1.Peer/RemoveProvider',
             peermirror_dot_discovery_dot_v1_dot_peer__pb2.RemoveProviderRequest.SerializeToString,
             peermirror_dot_discovery_dot_v1_dot_peer__pb2.RemoveProviderResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AcquireLease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/peermirror.discovery.v1.Peer/AcquireLease',
+            peermirror_dot_discovery_dot_v1_dot_peer__pb2.PeerLeaseRequest.SerializeToString,
+            peermirror_dot_discovery_dot_v1_dot_peer__pb2.PeerLeaseState.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenewLease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/peermirror.discovery.v1.Peer/RenewLease',
+            peermirror_dot_discovery_dot_v1_dot_peer__pb2.PeerLeaseRequest.SerializeToString,
+            peermirror_dot_discovery_dot_v1_dot_peer__pb2.PeerLeaseState.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseLease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/peermirror.discovery.v1.Peer/ReleaseLease',
+            peermirror_dot_discovery_dot_v1_dot_peer__pb2.PeerLeaseKey.SerializeToString,
+            peermirror_dot_discovery_dot_v1_dot_peer__pb2.PeerLeaseReleased.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetLease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/peermirror.discovery.v1.Peer/GetLease',
+            peermirror_dot_discovery_dot_v1_dot_peer__pb2.PeerLeaseKey.SerializeToString,
+            peermirror_dot_discovery_dot_v1_dot_peer__pb2.PeerLeaseState.FromString,
             options,
             channel_credentials,
             insecure,

@@ -61,6 +61,32 @@ class PeerStub:
     """Deletes the caller's provider records for the given keys, so withdrawn content stops
     being returned at once instead of lingering until expiry.
     """
+    AcquireLease: _grpc.UnaryUnaryMultiCallable[_peer_pb2.PeerLeaseRequest, _peer_pb2.PeerLeaseState]
+    """Fetch leases: one node in the cluster downloads a blob or manifest from upstream while
+    the others wait for it and fetch from that node. A lease on a key is kept by the node
+    closest to the key (by XOR distance) that answers: callers ask the closest nodes a lookup
+    finds, in order of distance, and the first that answers decides. When that node dies
+    (or a closer one joins) the next-closest takes over and, knowing no lease, grants it
+    again: during churn two nodes may fetch the same content (a bounded extra download),
+    never none. The holder is
+    always the caller as the connection shows it (SenderInfo node ID, connection address).
+
+    Grants the lease on a key to the caller unless another node holds it; then names that
+    node (the caller should fetch from it). The holder asking again keeps its lease with a
+    fresh TTL. RESOURCE_EXHAUSTED when the receiver's lease table or the caller's share of
+    it (discovery.max_leases, discovery.max_leases_per_peer) is full.
+    """
+    RenewLease: _grpc.UnaryUnaryMultiCallable[_peer_pb2.PeerLeaseRequest, _peer_pb2.PeerLeaseState]
+    """Extends the caller's lease. NOT_FOUND when the receiver keeps no lease on the key
+    (expired, or the receiver took over from a dead node: acquire it again);
+    PERMISSION_DENIED when another node holds it.
+    """
+    ReleaseLease: _grpc.UnaryUnaryMultiCallable[_peer_pb2.PeerLeaseKey, _peer_pb2.PeerLeaseReleased]
+    """Ends the caller's lease at once, so the next asker gets it without waiting for the
+    TTL. PERMISSION_DENIED when another node holds it.
+    """
+    GetLease: _grpc.UnaryUnaryMultiCallable[_peer_pb2.PeerLeaseKey, _peer_pb2.PeerLeaseState]
+    """Who holds the lease on a key, without asking for it."""
 
 @_typing.type_check_only
 class PeerAsyncStub(PeerStub):
@@ -92,6 +118,32 @@ class PeerAsyncStub(PeerStub):
     """Deletes the caller's provider records for the given keys, so withdrawn content stops
     being returned at once instead of lingering until expiry.
     """
+    AcquireLease: _aio.UnaryUnaryMultiCallable[_peer_pb2.PeerLeaseRequest, _peer_pb2.PeerLeaseState]  # type: ignore[assignment]
+    """Fetch leases: one node in the cluster downloads a blob or manifest from upstream while
+    the others wait for it and fetch from that node. A lease on a key is kept by the node
+    closest to the key (by XOR distance) that answers: callers ask the closest nodes a lookup
+    finds, in order of distance, and the first that answers decides. When that node dies
+    (or a closer one joins) the next-closest takes over and, knowing no lease, grants it
+    again: during churn two nodes may fetch the same content (a bounded extra download),
+    never none. The holder is
+    always the caller as the connection shows it (SenderInfo node ID, connection address).
+
+    Grants the lease on a key to the caller unless another node holds it; then names that
+    node (the caller should fetch from it). The holder asking again keeps its lease with a
+    fresh TTL. RESOURCE_EXHAUSTED when the receiver's lease table or the caller's share of
+    it (discovery.max_leases, discovery.max_leases_per_peer) is full.
+    """
+    RenewLease: _aio.UnaryUnaryMultiCallable[_peer_pb2.PeerLeaseRequest, _peer_pb2.PeerLeaseState]  # type: ignore[assignment]
+    """Extends the caller's lease. NOT_FOUND when the receiver keeps no lease on the key
+    (expired, or the receiver took over from a dead node: acquire it again);
+    PERMISSION_DENIED when another node holds it.
+    """
+    ReleaseLease: _aio.UnaryUnaryMultiCallable[_peer_pb2.PeerLeaseKey, _peer_pb2.PeerLeaseReleased]  # type: ignore[assignment]
+    """Ends the caller's lease at once, so the next asker gets it without waiting for the
+    TTL. PERMISSION_DENIED when another node holds it.
+    """
+    GetLease: _aio.UnaryUnaryMultiCallable[_peer_pb2.PeerLeaseKey, _peer_pb2.PeerLeaseState]  # type: ignore[assignment]
+    """Who holds the lease on a key, without asking for it."""
 
 class PeerServicer(metaclass=_abc_1.ABCMeta):
     """Kademlia RPCs between discovery nodes. Every request carries the caller's
@@ -150,5 +202,55 @@ class PeerServicer(metaclass=_abc_1.ABCMeta):
         """Deletes the caller's provider records for the given keys, so withdrawn content stops
         being returned at once instead of lingering until expiry.
         """
+
+    @_abc_1.abstractmethod
+    def AcquireLease(
+        self,
+        request: _peer_pb2.PeerLeaseRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_peer_pb2.PeerLeaseState, _abc.Awaitable[_peer_pb2.PeerLeaseState]]:
+        """Fetch leases: one node in the cluster downloads a blob or manifest from upstream while
+        the others wait for it and fetch from that node. A lease on a key is kept by the node
+        closest to the key (by XOR distance) that answers: callers ask the closest nodes a lookup
+        finds, in order of distance, and the first that answers decides. When that node dies
+        (or a closer one joins) the next-closest takes over and, knowing no lease, grants it
+        again: during churn two nodes may fetch the same content (a bounded extra download),
+        never none. The holder is
+        always the caller as the connection shows it (SenderInfo node ID, connection address).
+
+        Grants the lease on a key to the caller unless another node holds it; then names that
+        node (the caller should fetch from it). The holder asking again keeps its lease with a
+        fresh TTL. RESOURCE_EXHAUSTED when the receiver's lease table or the caller's share of
+        it (discovery.max_leases, discovery.max_leases_per_peer) is full.
+        """
+
+    @_abc_1.abstractmethod
+    def RenewLease(
+        self,
+        request: _peer_pb2.PeerLeaseRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_peer_pb2.PeerLeaseState, _abc.Awaitable[_peer_pb2.PeerLeaseState]]:
+        """Extends the caller's lease. NOT_FOUND when the receiver keeps no lease on the key
+        (expired, or the receiver took over from a dead node: acquire it again);
+        PERMISSION_DENIED when another node holds it.
+        """
+
+    @_abc_1.abstractmethod
+    def ReleaseLease(
+        self,
+        request: _peer_pb2.PeerLeaseKey,
+        context: _ServicerContext,
+    ) -> _typing.Union[_peer_pb2.PeerLeaseReleased, _abc.Awaitable[_peer_pb2.PeerLeaseReleased]]:
+        """Ends the caller's lease at once, so the next asker gets it without waiting for the
+        TTL. PERMISSION_DENIED when another node holds it.
+        """
+
+    @_abc_1.abstractmethod
+    def GetLease(
+        self,
+        request: _peer_pb2.PeerLeaseKey,
+        context: _ServicerContext,
+    ) -> _typing.Union[_peer_pb2.PeerLeaseState, _abc.Awaitable[_peer_pb2.PeerLeaseState]]:
+        """Who holds the lease on a key, without asking for it."""
 
 def add_PeerServicer_to_server(servicer: PeerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
