@@ -18,6 +18,7 @@ from services.registry.context import RegistryApp, RegistryContext
 from services.registry.health import health
 from services.registry.inflight.coordinator import Coordinator
 from services.registry.inflight.metrics import InflightCollector
+from services.registry.inflight.wiring import SharedFirstPulls
 from services.registry.limits import ClientSlots, RequestLimits, headers_too_large, limit_log
 from services.registry.metrics import RegistryMetrics
 from services.registry.metrics import install as install_metrics
@@ -37,9 +38,10 @@ MAX_REQUEST_BODY_BYTES = 64 * 1024
 _touchup_claimed = False
 
 
-def build_policy(cfg: NodeConfig) -> Policy:
+def build_policy(cfg: NodeConfig, mirrored: MirroredRegistries | None = None) -> Policy:
     """The serving policy `cfg.registry` describes (mirrors re-read from registries_file)."""
-    mirrored = MirroredRegistries(cfg.registry.registries_file)
+    if mirrored is None:
+        mirrored = MirroredRegistries(cfg.registry.registries_file)
     return Policy(
         mirrored.is_mirrored,
         default_registry=cfg.registry.default_registry,
@@ -93,6 +95,7 @@ def create_app(
     store: ContentStore | None = None,
     policy: Policy | None = None,
     inflight: Coordinator | None = None,
+    shared_first_pulls: bool = False,
 ) -> RegistryApp:
     """A Sanic app for `cfg`; `name` must be unique per process (Sanic keeps a registry of apps).
 
@@ -127,9 +130,10 @@ def create_app(
         keeper = StoreKeeper(cache, lambda: open_store(cfg))
     else:
         keeper = StoreKeeper(cache, store=store, owns_store=False)
+    mirrored = MirroredRegistries(cfg.registry.registries_file)
     ctx = RegistryContext(
         cfg=cfg,
-        policy=policy if policy is not None else build_policy(cfg),
+        policy=policy if policy is not None else build_policy(cfg, mirrored),
         content=ContentService(keeper),
         mirror=Mirror.from_config(cfg) if cfg.registry.peer_fetch else None,
         inflight=inflight if cfg.inflight.enabled else None,
@@ -141,6 +145,10 @@ def create_app(
     ctx.metrics = RegistryMetrics(ctx)
     if ctx.mirror is not None:
         ctx.mirror.metrics = ctx.metrics.mirror
+    owned: SharedFirstPulls | None = None
+    if shared_first_pulls and ctx.inflight is None and cfg.inflight.enabled:
+        owned = SharedFirstPulls.build(cfg, mirrored.registries, ctx.metrics.registry)
+        ctx.inflight = owned.coordinator
     if ctx.inflight is not None:
         ctx.metrics.registry.register(InflightCollector(ctx.inflight))
     app.blueprint(health)
@@ -156,7 +164,9 @@ def create_app(
 
     async def stop_store(app: RegistryApp) -> None:
         await keeper.close()
-        if app.ctx.inflight is not None:
+        if owned is not None:
+            await owned.close()
+        elif app.ctx.inflight is not None:
             await app.ctx.inflight.close()
         if app.ctx.mirror is not None:
             await app.ctx.mirror.close()
