@@ -334,16 +334,20 @@ class Coordinator:
                 return
             await spool.write(chunk)
 
+    async def _renewed(self, key: str) -> bool:
+        """Renew our lease on `key`: False once it is no longer ours (a failed call is not
+        taken as a loss; the next renewal tries again)."""
+        try:
+            async with asyncio.timeout(DISCOVERY_CALL_S):
+                return await self.lease.renew(key)
+        except Exception as exc:
+            log.info("lease renewal failed; will retry", key=key, error=str(exc))
+            return True
+
     async def _renew(self, fetch: Fetch) -> None:
         while True:
             await asyncio.sleep(self.settings.renew_interval_s)
-            try:
-                async with asyncio.timeout(DISCOVERY_CALL_S):
-                    kept = await self.lease.renew(fetch.digest)
-            except Exception as exc:
-                log.info("lease renewal failed; will retry", digest=fetch.digest, error=str(exc))
-                continue
-            if not kept:
+            if not await self._renewed(fetch.digest):
                 # Our bytes are still good, so the fetch goes on; another node may fetch too.
                 fetch.lease_lost = True
                 log.warning("fetch lease lost while fetching", digest=fetch.digest)
@@ -355,15 +359,24 @@ class Coordinator:
             self.counters.fetches_failed += 1
         else:
             self.counters.fetches_completed += 1
-        task = asyncio.create_task(self._after_fetch(fetch.digest, failed), name="lease release")
+        task = asyncio.create_task(self._after_fetch(fetch, failed), name="lease release")
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _after_fetch(self, digest: str, failed: bool) -> None:
-        await self._release(digest)
+    async def _after_fetch(self, fetch: Fetch, failed: bool) -> None:
         if failed:
+            await self._release(fetch.digest)
             # This node does not hold the blob after all; peers must not keep asking it.
-            await self._call_discovery("withdraw", self.advertiser.withdraw, [digest])
+            await self._call_discovery("withdraw", self.advertiser.withdraw, [fetch.digest])
+            return
+        # Kept while the complete spool is served: a node asking late is told this node holds
+        # it (and discovery names the holder first) instead of being granted a second download
+        # before this node's advertisement reaches it.
+        while self.pool.get(fetch.digest) is fetch.spool and not fetch.lease_lost:
+            await asyncio.sleep(self.settings.renew_interval_s)
+            if not await self._renewed(fetch.digest):
+                return
+        await self._release(fetch.digest)
 
     async def _release(self, key: str) -> None:
         try:

@@ -20,7 +20,7 @@ from services.registry.inflight.coordinator import (
     InflightSettings,
     Unavailable,
 )
-from services.registry.inflight.ports import Holder, UpstreamManifest
+from services.registry.inflight.ports import Holder, LeaseAnswer, UpstreamManifest
 from services.registry.inflight.serving import answer_local_miss
 from services.registry.inflight.spool import SpoolPool
 from services.registry.inflight.spool_state import Phase, SpoolFailedError
@@ -127,7 +127,8 @@ async def test_fetch_goes_on_when_its_client_disconnects(tmp_path: Path) -> None
     await claim.spool.verdict(5)
     assert claim.spool.state.phase is Phase.COMPLETE
     await _settled(node)
-    assert table.released == [digest]
+    # The lease stays ours while the complete spool is served (late askers are sent here).
+    assert table.held[digest][0] == NODE_A and table.released == []
     # Meanwhile another node's registry can still read it all from the spool.
     spool = node.peer_spool(digest)
     assert spool is not None
@@ -376,4 +377,31 @@ async def test_manifest_window_entries_are_dropped_when_it_closes(tmp_path: Path
     await node.claim_manifest(REGISTRY, REPO, "1.0", TAG_KEY)
     await asyncio.sleep(0.15)
     assert node.window_size == 0
+    await node.close()
+
+
+async def test_lease_kept_while_the_complete_spool_is_served_then_released(
+    tmp_path: Path,
+) -> None:
+    upstream = FakeUpstream()
+    digest = upstream.add_blob(BLOB)
+    table = LeaseTable(ttl=0.2)  # shorter than the grace: only renewals keep it
+    pool = SpoolPool(tmp_path / "spool", 64 << 20, grace_s=0.5)
+    pool.open()
+    node = Coordinator(
+        InflightSettings(renew_interval_s=0.05),
+        pool,
+        table.client(NODE_A),
+        upstream,
+        FakeAdvertiser(),
+    )
+    other = table.client(NODE_B)
+    assert await _read_all(node, await node.claim_blob(REGISTRY, REPO, digest)) == BLOB
+    await _settled(node)
+    await asyncio.sleep(0.3)  # past the ttl, inside the grace period
+    assert await other.acquire(digest) == LeaseAnswer(granted=False, holder=NODE_A)
+    await asyncio.sleep(0.5)  # the grace period is over: spool gone, lease released
+    assert pool.get(digest) is None
+    assert table.released == [digest]
+    assert (await other.acquire(digest)).granted
     await node.close()
