@@ -13,8 +13,8 @@ pulling the same image straight from the upstream. Printed per node count: upstr
 image bytes (target <= 1.05) and median pull time / baseline (target <= 1.25), PASS or MISS.
 
 All nodes share one Python process here, so the link rate is kept below what one process can
-relay to every node at once (at 40 MiB/s five in-process nodes are CPU-bound on a two-core
-machine and the time ratio measures the interpreter, not the design).
+relay to every node at once (past about 40 MiB/s on a two-core machine the time ratio measures
+the shared interpreter, not the design).
 
 Run: `.venv/bin/python -m bench.shared_first_pull` (about half a minute; `--nodes 3` for less).
 """

@@ -51,6 +51,11 @@ DISCOVERY_CALL_S = 2.0
 
 log = get_logger("registry.inflight")
 
+# Bytes of upstream body gathered before they go to the spool (and readers are woken).
+WRITE_BATCH = 512 * 1024
+# A partial batch is written once upstream sent nothing more for this long.
+FLUSH_AFTER_S = 0.005
+
 # Advertiser.advertise or Advertiser.withdraw.
 _KeysCall = Callable[[Sequence[str]], Awaitable[None]]
 
@@ -327,12 +332,40 @@ class Coordinator:
         limit, so a stalled connection is replaced (or the fetch fails and its lease is
         released) instead of holding every waiter in the cluster."""
         chunks = body.chunks().__aiter__()
-        while True:
-            async with asyncio.timeout(self.settings.stall_s):
-                chunk = await anext(chunks, None)
-            if chunk is None:
-                return
-            await spool.write(chunk)
+        # Upstream pieces are small (a socket read each); written in batches, every reader
+        # wakes and every thread hop happens once per batch instead of once per piece. A
+        # batch is written as soon as upstream pauses, so no byte waits for the next one.
+        batch = bytearray()
+        pending: asyncio.Future[bytes | None] | None = None
+        try:
+            while True:
+                if pending is None:
+                    pending = asyncio.ensure_future(anext(chunks, None))
+                wait_s = FLUSH_AFTER_S if batch else self.settings.stall_s
+                done, _ = await asyncio.wait({pending}, timeout=wait_s)
+                if not done:
+                    if not batch:
+                        raise TimeoutError(f"upstream sent nothing for {wait_s:g} s")
+                    await spool.write(bytes(batch))
+                    batch.clear()
+                    continue
+                chunk, pending = pending.result(), None
+                if chunk is None:
+                    break
+                batch += chunk
+                if len(batch) >= WRITE_BATCH:
+                    await spool.write(bytes(batch))
+                    batch.clear()
+            if batch:
+                await spool.write(bytes(batch))
+        except Exception:
+            # Bytes received before the body broke are kept: the resume starts after them.
+            if batch:
+                await spool.write(bytes(batch))
+            raise
+        finally:
+            if pending is not None:
+                await cancel_and_wait([pending], within=1.0, owner="inflight")
 
     async def _renewed(self, key: str) -> bool:
         """Renew our lease on `key`: False once it is no longer ours (a failed call is not
