@@ -20,7 +20,7 @@ import contextlib
 import ipaddress
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 from sanic import HTTPResponse, Request
 
@@ -38,7 +38,7 @@ from services.registry.inflight.ports import UpstreamManifest
 from services.registry.inflight.spool import Spool
 from services.registry.inflight.spool_state import SpoolFailedError
 from services.registry.paths import Kind, Route
-from services.registry.transfer import ClientGoneError
+from services.registry.transfer import ClientGoneError, body_sent_outside_sanic
 
 AnyRequest = Request[Any, Any]
 Relay = Callable[[], Awaitable[HTTPResponse | None]]
@@ -181,6 +181,14 @@ async def send_spool(
     if request.method == "HEAD":
         return HTTPResponse(b"", status=status, headers=headers)
     offset, count = (0, spool.size) if byte_range is None else (byte_range.start, byte_range.length)
+    if count and request.transport.get_extra_info("ssl_object") is None:
+        spool_file = _open(spool)
+        if spool_file is not None:
+            with spool_file:
+                await _sendfile(
+                    request, status, headers, spool, spool_file, (offset, count), stall_s
+                )
+                return None
     chunks = _held_back(spool, offset, count, stall_s)
     try:
         # The first piece is read before the headers go out: a spool that fails that early
@@ -188,11 +196,7 @@ async def send_spool(
         first = await anext(chunks, b"")
     except SpoolFailedError as exc:
         await chunks.aclose()
-        raise OciError(
-            ErrorCode.BLOB_UNKNOWN,
-            f"blob {spool.digest} could not be fetched for the cluster ({exc})",
-            detail={"digest": spool.digest},
-        ) from None
+        raise _not_fetched(spool, exc) from None
     response = await request.respond(status=status, headers=headers)
     sent = 0
     try:
@@ -214,6 +218,64 @@ async def send_spool(
     finally:
         await chunks.aclose()
     return None
+
+
+def _not_fetched(spool: Spool, exc: SpoolFailedError) -> OciError:
+    """The 404 for a spool that failed before the first byte was sent."""
+    return OciError(
+        ErrorCode.BLOB_UNKNOWN,
+        f"blob {spool.digest} could not be fetched for the cluster ({exc})",
+        detail={"digest": spool.digest},
+    )
+
+
+def _open(spool: Spool) -> BinaryIO | None:
+    """The spool file opened for this answer (None once it was deleted: the stream path then
+    reads through the spool's own descriptor)."""
+    try:
+        return open(spool.path, "rb", buffering=0)
+    except OSError:
+        return None
+
+
+async def _sendfile(
+    request: AnyRequest,
+    status: int,
+    headers: dict[str, str],
+    spool: Spool,
+    spool_file: BinaryIO,
+    span: tuple[int, int],
+    stall_s: float,
+) -> None:
+    """The plain-TCP path: the kernel copies each readable span of the spool file to the
+    socket (no body byte passes through Python), the span that ends the answer only once the
+    blob is verified."""
+    offset, count = span
+    try:
+        await spool.readable(offset, stall_s)
+    except SpoolFailedError as exc:
+        raise _not_fetched(spool, exc) from None
+    response = await request.respond(status=status, headers=headers)
+    loop = asyncio.get_running_loop()
+    position, end, sent = offset, offset + count, 0
+    try:
+        await response.send(b"", end_stream=False)
+        while position < end:
+            take = min(end - position, await spool.readable(position, stall_s))
+            if position + take >= end:
+                await spool.verdict(stall_s)
+            sent += await loop.sendfile(request.transport, spool_file, position, take)  # type: ignore[arg-type]
+            position += take
+            request.ctx.bytes_sent = sent
+    except SpoolFailedError as exc:
+        _drop(request)
+        raise SpoolAbortedError(str(exc)) from exc
+    except (ConnectionError, OSError, RuntimeError) as exc:
+        # RuntimeError: asyncio refuses to send on a transport that is already closing.
+        _drop(request)
+        raise ClientGoneError(exc) from exc
+    body_sent_outside_sanic(request, sent)
+    await response.send(b"", end_stream=True)
 
 
 async def _held_back(

@@ -136,6 +136,11 @@ class Spool:
             self.readers -= 1
             self._close_if_unused()
 
+    async def readable(self, position: int, stall_s: float) -> int:
+        """Bytes readable at `position` (> 0), waiting for them as :meth:`read` does."""
+        await self._wait_for(position, stall_s)
+        return self.state.available(position)
+
     async def _wait_for(self, position: int, stall_s: float) -> None:
         state = self.state
         state.check()
