@@ -435,9 +435,28 @@ class PinnerSection:
         default=1.0,
         metadata=_doc("seconds between scans of the images directory", check=_check_positive),
     )
+    max_import_descriptors: int = field(
+        default=100_000,
+        metadata=_doc(
+            "descriptors one archive import may handle (archive members, plus every index "
+            "entry, config and layer met walking each image); an archive needing more is refused",
+            check=_check_positive,
+        ),
+    )
     write_hosts: bool = field(
         default=True,
-        metadata=_doc("write certs_dir/<host>/hosts.toml from registry.registries_file at start"),
+        metadata=_doc(
+            "write certs_dir/<host>/hosts.toml from registry.registries_file at start, and keep "
+            "them so (see hosts_check_interval)"
+        ),
+    )
+    hosts_check_interval: float = field(
+        default=1.0,
+        metadata=_doc(
+            "seconds between checks of registries_file and the hosts.toml files the pinner "
+            "owns; a changed registries.yaml or a file K3s rewrote is put right at the next check",
+            check=_check_positive,
+        ),
     )
     mirror_tls: bool = field(
         default=True,
