@@ -69,16 +69,16 @@ def register(subparsers: Subparsers) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from services.common.config import parse_major_minor
     from services.common.k3s.registries import RegistriesError
     from services.pinner.hosts_toml import HostsOptions
     from services.pinner.hosts_writer import write_containerd_config
-    from services.pinner.service import parse_version
 
     if args.client_key and not args.client_cert:
         print("peermirror: --client-key needs --client-cert", file=sys.stderr)
         return EXIT_INVALID
     try:
-        version = parse_version(args.containerd_version)
+        version = parse_major_minor(args.containerd_version)
     except ValueError as exc:
         print(f"peermirror: --containerd-version: {exc}", file=sys.stderr)
         return EXIT_INVALID

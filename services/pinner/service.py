@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from services.common.cancellation import cancel_and_wait
-from services.common.config import NodeConfig
+from services.common.config import NodeConfig, parse_major_minor
 from services.common.containerd.client import ContainerdClient
 from services.common.containerd.errors import ContainerdUnavailableError
 from services.common.grpc_server import GrpcServer, run_until_signal
@@ -38,14 +38,6 @@ EXIT_CONFIG = 2
 log = get_logger("pinner")
 
 
-def parse_version(text: str) -> tuple[int, int]:
-    """`"1.7"` or `"2.1.3"` -> (major, minor); ValueError otherwise."""
-    parts = text.strip().lstrip("v").split(".")
-    if len(parts) < 2 or not parts[0].isdigit() or not parts[1].isdigit():
-        raise ValueError(f"expected a containerd version major.minor, got {text!r}")
-    return int(parts[0]), int(parts[1])
-
-
 def _path(value: Path | None) -> str | None:
     return None if value is None else str(value)
 
@@ -65,7 +57,7 @@ def hosts_options(cfg: NodeConfig) -> HostsOptions:
         client_cert_file=_path(p.client_cert_file or (tls.cert_file if tls else None)),
         client_key_file=_path(p.client_key_file or (tls.key_file if tls else None)),
         disable_default_endpoint=p.disable_default_endpoint,
-        containerd_version=parse_version(p.containerd_version),
+        containerd_version=parse_major_minor(p.containerd_version),
         flavour=p.containerd_flavour,
         dial_timeout=p.dial_timeout,
     )
