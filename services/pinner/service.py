@@ -24,8 +24,9 @@ from services.pinner.advertiser import Advertiser
 from services.pinner.airgap.manager import AirgapManager
 from services.pinner.api import ContainerdlessPinnerApi, SyncOutcome, SyncState
 from services.pinner.containerd_watch import ContainerdTracker
+from services.pinner.hosts_keeper import HostsKeeper
 from services.pinner.hosts_toml import HostsOptions
-from services.pinner.hosts_writer import write_containerd_config
+from services.pinner.hosts_writer import HostsLockedError, write_containerd_config
 from services.pinner.metrics import PinnerMetrics
 from services.pinner.store_tracker import StoreTracker
 from services.pinner.tracker import KeyPolicy
@@ -34,6 +35,8 @@ from services.pinner.tracker import KeyPolicy
 STOP_BUDGET = 4.0
 # Exit code for a configuration the pinner cannot start with (as `peermirror` uses for config).
 EXIT_CONFIG = 2
+# Seconds the start waits for another hosts.toml writer before leaving it to the keeper.
+START_LOCK_WAIT = 2.0
 
 log = get_logger("pinner")
 
@@ -80,13 +83,32 @@ def prepare(cfg: NodeConfig) -> Registries:
     """
     registries = load_registries(cfg.registry.registries_file, missing_ok=True)
     if cfg.pinner.write_hosts:
-        write_containerd_config(
-            cfg.registry.registries_file,
-            cfg.pinner.certs_dir,
-            hosts_options(cfg),
-            missing_ok=True,
-        )
+        try:
+            write_containerd_config(
+                cfg.registry.registries_file,
+                cfg.pinner.certs_dir,
+                hosts_options(cfg),
+                missing_ok=True,
+                lock_timeout=START_LOCK_WAIT,
+            )
+        except HostsLockedError as exc:
+            # `peermirror containerd-config` is writing: the hosts keeper writes once it is done.
+            log.warning(
+                "hosts.toml not written at start; another writer holds them", error=str(exc)
+            )
     return registries
+
+
+def hosts_keeper(cfg: NodeConfig) -> HostsKeeper | None:
+    """What keeps the hosts.toml files right while the pinner runs (None: it writes none)."""
+    if not cfg.pinner.write_hosts:
+        return None
+    return HostsKeeper(
+        cfg.registry.registries_file,
+        cfg.pinner.certs_dir,
+        hosts_options(cfg),
+        interval=cfg.pinner.hosts_check_interval,
+    )
 
 
 class PinnerRuntime:
@@ -119,6 +141,8 @@ class PinnerRuntime:
                 self.airgap = AirgapManager.from_config(self.client, cfg.pinner)
         self.advertiser: Advertiser | None = None
         self.tracker: ContainerdTracker | StoreTracker | None = None
+        # Also on a node that takes no part or mirrors nothing yet: registries.yaml may change.
+        self.hosts = hosts_keeper(cfg)
         self._tasks: list[asyncio.Task[None]] = []
         if not cfg.k3s.takes_part:
             log.warning(
@@ -165,6 +189,8 @@ class PinnerRuntime:
             ContainerdlessPinnerApi().register(server)
 
     def start(self) -> None:
+        if self.hosts is not None:
+            self._spawn(self.hosts.run(), "hosts")
         if self.tracker is not None and self.advertiser is not None:
             self._spawn(self.advertiser.run(), "advertiser")
             self._spawn(self.tracker.run(), "tracker")

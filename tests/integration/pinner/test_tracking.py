@@ -18,6 +18,7 @@ from services.common.containerd.client import ContainerdClient
 from services.common.k3s.registries import load_registries
 from services.common.store.protocol import Descriptor
 from services.pinner.containerd_watch import ContainerdTracker
+from services.pinner.hosts_writer import LOCK_FILE
 from services.pinner.service import PinnerRuntime, prepare
 from tests.harness.containerd import ContainerdDaemon
 from tests.harness.containerd_store_factory import import_image
@@ -255,7 +256,8 @@ async def test_a_node_mirroring_nothing_takes_no_part(
             await asyncio.sleep(0.5)
         assert disco.calls == [] and disco.keys == set()
         # The certs.d directory exists and holds no generated configuration.
-        assert list(cfg.pinner.certs_dir.iterdir()) == []
+        # No hosts.toml directory; only the writers' lock file.
+        assert [p.name for p in cfg.pinner.certs_dir.iterdir()] == [LOCK_FILE]
 
 
 @pytest.mark.parametrize("how", ["restart", "kill"])

@@ -8,11 +8,6 @@ so the pull can only succeed through the mirror and nothing leaves the machine.
 from __future__ import annotations
 
 import shutil
-import socket
-import subprocess
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,72 +15,30 @@ import pytest
 
 from services.pinner.airgap.pull import CRI_NAMESPACE
 from tests.harness.containerd import ContainerdDaemon
-from tests.harness.images import build_image
+from tests.harness.go_registry import DEAD_SERVER, MirrorRegistry, push, running_registry
 from tests.integration.pinner_import.helpers import MANAGED, PIN, manager
 
 pytestmark = pytest.mark.containerd
 
 REGISTRY = "registry.example.test"
-DEAD_SERVER = "http://127.0.0.1:9"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @pytest.fixture
-def mirror(tmp_path: Path) -> Iterator[str]:
-    """A docker-registry on 127.0.0.1:<port>; yields `127.0.0.1:<port>`."""
-    binary = shutil.which("docker-registry")
-    if binary is None:
-        pytest.fail("needs the Debian package `docker-registry`", pytrace=False)
-    port = free_port()
-    work = tmp_path / "registry"
-    work.mkdir()
-    config = work / "config.yml"
-    config.write_text(
-        "version: 0.1\nlog:\n  level: warn\n"
-        f"storage:\n  filesystem:\n    rootdirectory: {work / 'data'}\n"
-        f"http:\n  addr: 127.0.0.1:{port}\n  secret: peermirror-test\n"
-    )
-    log_path = work / "registry.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [binary, "serve", str(config)], stdin=subprocess.DEVNULL, stdout=log, stderr=log
-        )
-    try:
-        deadline = time.monotonic() + 15
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"docker-registry exited: {log_path.read_text()}", pytrace=False)
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=1):
-                    break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                if time.monotonic() > deadline:
-                    pytest.fail("docker-registry did not answer", pytrace=False)
-                time.sleep(0.05)
-        yield f"127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+def mirror(tmp_path: Path) -> Iterator[MirrorRegistry]:
+    with running_registry(tmp_path / "registry") as registry:
+        yield registry
 
 
 @pytest.fixture
-def mirrored_registry(containerd_daemon: ContainerdDaemon, mirror: str) -> Iterator[str]:
+def mirrored_registry(
+    containerd_daemon: ContainerdDaemon, mirror: MirrorRegistry
+) -> Iterator[MirrorRegistry]:
     """hosts.toml sending pulls of REGISTRY to the mirror; removed afterwards."""
     host_dir = containerd_daemon.hosts_dir / REGISTRY
     host_dir.mkdir(parents=True, exist_ok=True)
     (host_dir / "hosts.toml").write_text(
         f'server = "{DEAD_SERVER}"\n\n'
-        f'[host."http://{mirror}"]\n  capabilities = ["pull", "resolve"]\n'
+        f'[host."http://{mirror.hostport}"]\n  capabilities = ["pull", "resolve"]\n'
     )
     try:
         yield mirror
@@ -93,31 +46,13 @@ def mirrored_registry(containerd_daemon: ContainerdDaemon, mirror: str) -> Itera
         shutil.rmtree(host_dir, ignore_errors=True)
 
 
-def push(tmp_path: Path, mirror: str, repo_tag: str) -> str:
-    image = build_image(tmp_path / "layout", name=f"{REGISTRY}/{repo_tag}")
-    subprocess.run(
-        [
-            "skopeo",
-            "copy",
-            "--quiet",
-            "--dest-tls-verify=false",
-            f"oci:{image.layout_dir}:{image.name}",
-            f"docker://{mirror}/{repo_tag}",
-        ],
-        check=True,
-        capture_output=True,
-        stdin=subprocess.DEVNULL,
-    )
-    return image.target.digest
-
-
 async def test_list_file_is_pulled_through_cri_mirror_and_pinned(
     tmp_path: Path,
     containerd_daemon: ContainerdDaemon,
     containerd_namespace: str,
-    mirrored_registry: str,
+    mirrored_registry: MirrorRegistry,
 ) -> None:
-    digest = push(tmp_path, mirrored_registry, "listed/app:1")
+    digest = push(tmp_path, mirrored_registry, "listed/app:1", named=REGISTRY)
     images_dir = tmp_path / "images"
     images_dir.mkdir()
     (images_dir / "images.txt").write_text(
