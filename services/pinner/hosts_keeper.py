@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from services.common.k3s.registries import RegistriesError, load_registries
+from services.common.k3s.registries import Registries, RegistriesError, load_registries
 from services.common.logsetup import get_logger
 from services.pinner.hosts_toml import HostsOptions, render_hosts_files
 from services.pinner.hosts_writer import (
@@ -46,20 +47,29 @@ class HostsKeeper:
     """Puts `certs_dir` right whenever it differs from what `registries_file` renders to."""
 
     def __init__(
-        self, registries_file: Path, certs_dir: Path, opts: HostsOptions, *, interval: float
+        self,
+        registries_file: Path,
+        certs_dir: Path,
+        opts: HostsOptions,
+        *,
+        interval: float,
+        write: bool = True,
     ) -> None:
         self.registries_file = registries_file
         self.certs_dir = certs_dir
         self.opts = opts
         self.interval = interval
+        self.write = write
+        # Told each registries.yaml that was read anew (on the event loop).
+        self.on_registries: Callable[[Registries], Awaitable[None]] | None = None
         self._loaded: object = _NEVER
         self._files: dict[str, str] | None = None
         self._warnings: tuple[str, ...] = ()
 
-    def _reload(self) -> None:
+    def _reload(self) -> Registries | None:
         signature = _signature(self.registries_file)
         if signature == self._loaded:
-            return
+            return None
         self._loaded = signature
         try:
             # Missing means nothing is mirrored (K3s): our directories go.
@@ -68,20 +78,25 @@ class HostsKeeper:
         except RegistriesError as exc:
             # Logged once per version of the file; the last good files stay in place.
             log.error("registries file invalid; keeping the hosts.toml files", error=str(exc))
-            return
+            return None
         self._files, self._warnings = rendered.files, rendered.warnings
         log.info(
             "registries file read",
             path=str(self.registries_file),
             mirrors=sorted(registries.mirrors),
         )
+        return registries
 
-    def check(self) -> bool:
-        """One check (blocking file I/O: run it in a thread); True when files were written."""
-        self._reload()
+    def check(self) -> Registries | None:
+        """One check (blocking file I/O: run it in a thread): re-read registries.yaml if it
+        changed and put the hosts.toml files right; returns the registries read anew."""
+        registries = self._reload()
         files = self._files
-        if files is None or in_step(self.certs_dir, files):
-            return False
+        if self.write and files is not None and not in_step(self.certs_dir, files):
+            self._write(files)
+        return registries
+
+    def _write(self, files: dict[str, str]) -> None:
         try:
             # Waits a little for another writer (`peermirror containerd-config`); the next
             # check tries again.
@@ -90,15 +105,17 @@ class HostsKeeper:
             )
         except HostsLockedError as exc:
             log.info("another writer holds the hosts.toml files; retrying", error=str(exc))
-            return False
+            return
         log_report(self.certs_dir, report, self._warnings)
-        return True
 
     async def run(self) -> None:
         """Check every `interval` seconds until cancelled; I/O errors are logged and retried."""
         while True:
             await asyncio.sleep(self.interval)
             try:
-                await asyncio.to_thread(self.check)
+                registries = await asyncio.to_thread(self.check)
             except OSError as exc:
                 log.warning("could not put the hosts.toml files right", error=str(exc))
+                continue
+            if registries is not None and self.on_registries is not None:
+                await self.on_registries(registries)

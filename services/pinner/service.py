@@ -4,7 +4,7 @@ node's containerd holds, with its node-local gRPC API (health SERVING once the f
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -66,14 +66,19 @@ def hosts_options(cfg: NodeConfig) -> HostsOptions:
     )
 
 
-def key_policy(cfg: NodeConfig, registries: Registries) -> KeyPolicy:
+def key_policy(cfg: NodeConfig, is_mirrored: Callable[[str], bool]) -> KeyPolicy:
     """The advertising rules: the registry's serving policy over this node's mirrors."""
     policy = Policy(
-        registries.is_mirrored,
+        is_mirrored,
         allow_latest=cfg.registry.allow_latest,
         filters=cfg.registry.filters,
     )
-    return KeyPolicy(policy, mirrors_anything=bool(registries.mirrors) and cfg.k3s.takes_part)
+    return KeyPolicy(policy)
+
+
+def participates(cfg: NodeConfig, registries: Registries) -> bool:
+    """K3s: a node takes part when embedded-registry allows and it mirrors some registry."""
+    return bool(registries.mirrors) and cfg.k3s.takes_part
 
 
 def prepare(cfg: NodeConfig) -> Registries:
@@ -99,15 +104,15 @@ def prepare(cfg: NodeConfig) -> Registries:
     return registries
 
 
-def hosts_keeper(cfg: NodeConfig) -> HostsKeeper | None:
-    """What keeps the hosts.toml files right while the pinner runs (None: it writes none)."""
-    if not cfg.pinner.write_hosts:
-        return None
+def hosts_keeper(cfg: NodeConfig) -> HostsKeeper:
+    """What follows registries.yaml while the pinner runs, and keeps the hosts.toml files
+    right unless `pinner.write_hosts` is false."""
     return HostsKeeper(
         cfg.registry.registries_file,
         cfg.pinner.certs_dir,
         hosts_options(cfg),
         interval=cfg.pinner.hosts_check_interval,
+        write=cfg.pinner.write_hosts,
     )
 
 
@@ -122,7 +127,10 @@ class PinnerRuntime:
 
     def __init__(self, cfg: NodeConfig, registries: Registries, *, airgap: bool = True) -> None:
         self.cfg = cfg
-        self.policy = key_policy(cfg, registries)
+        self.registries = registries
+        # Asks the registries in effect now: registries.yaml may be edited while running.
+        self.policy = key_policy(cfg, lambda registry: self.registries.is_mirrored(registry))
+        self.policy.update(mirrors_anything=participates(cfg, registries))
         self.client: ContainerdClient | None = None
         self.store: OciLayoutStore | None = None
         self.airgap: AirgapManager | None = None
@@ -143,7 +151,9 @@ class PinnerRuntime:
         self.tracker: ContainerdTracker | StoreTracker | None = None
         # Also on a node that takes no part or mirrors nothing yet: registries.yaml may change.
         self.hosts = hosts_keeper(cfg)
+        self.hosts.on_registries = self.registries_changed
         self._tasks: list[asyncio.Task[None]] = []
+        self._started = False
         if not cfg.k3s.takes_part:
             log.warning(
                 "K3s embedded-registry is false: this node takes no part; advertising nothing",
@@ -157,6 +167,10 @@ class PinnerRuntime:
                 registries_file=str(cfg.registry.registries_file),
             )
             return
+        self._create_tracking()
+
+    def _create_tracking(self) -> None:
+        cfg = self.cfg
         # Never more keys per call than discovery accepts.
         self.advertiser = Advertiser(
             cfg.discovery.local_address,
@@ -189,13 +203,37 @@ class PinnerRuntime:
             ContainerdlessPinnerApi().register(server)
 
     def start(self) -> None:
-        if self.hosts is not None:
-            self._spawn(self.hosts.run(), "hosts")
+        self._started = True
+        self._spawn(self.hosts.run(), "hosts")
+        self._start_tracking()
+        if self.airgap is not None:
+            self._spawn(self._run_airgap(self.airgap), "airgap")
+
+    def _start_tracking(self) -> None:
         if self.tracker is not None and self.advertiser is not None:
             self._spawn(self.advertiser.run(), "advertiser")
             self._spawn(self.tracker.run(), "tracker")
-        if self.airgap is not None:
-            self._spawn(self._run_airgap(self.airgap), "airgap")
+
+    async def registries_changed(self, registries: Registries) -> None:
+        """registries.yaml now says `registries`: advertise what is mirrored now, and only that."""
+        before, self.registries = set(self.registries.mirrors), registries
+        if set(registries.mirrors) == before:
+            return
+        taking_part = participates(self.cfg, registries)
+        self.policy.update(mirrors_anything=taking_part)
+        log.info("mirrored registries changed", mirrors=sorted(registries.mirrors))
+        if self.tracker is None:
+            if taking_part:
+                # A node that mirrored nothing at start takes part from now on.
+                self._create_tracking()
+                if self._started:
+                    self._start_tracking()
+            return
+        try:
+            await self.tracker.resync()
+        except ContainerdUnavailableError as exc:
+            # The tracker's next full sync (on reconnect, or every resync_interval) catches up.
+            log.warning("could not re-walk the store for the new mirrors", error=str(exc))
 
     @property
     def running(self) -> bool:
