@@ -196,10 +196,25 @@ def test_config_check_reads_the_registries_file_as_the_pinner_does(tmp_path: Pat
 
 def test_config_check_needs_the_tls_files_the_services_load(tmp_path: Path) -> None:
     path = tmp_path / "node.yaml"
-    path.write_text(f"node: {{data_dir: '{tmp_path / 'data'}'}}\n", encoding="utf-8")
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "node": {"data_dir": str(tmp_path / "data")},
+                "registry": {"port": 0, "grpc_address": "127.0.0.1:0"},
+                "discovery": {"port": 0, "local_address": "127.0.0.1:0"},
+            }
+        ),
+        encoding="utf-8",
+    )
     result = peermirror("config", "check", "--config", str(path))
     assert result.returncode == 2, result.stderr
     assert "tls.ca_file" in result.stderr and str(path) in result.stderr
+    # The services refuse the same way at start, naming the config file too.
+    for service in ("registry", "discovery"):
+        started = peermirror(service, "--config", str(path))
+        assert started.returncode == 2, started.stderr
+        assert "tls" in started.stderr and str(path) in started.stderr, started.stderr
+        assert "Traceback" not in started.stderr
     # Checking a node's config elsewhere: the files it names are not looked at.
     elsewhere = peermirror("config", "check", "--skip-files", "--config", str(path))
     assert elsewhere.returncode == 0, elsewhere.stderr
