@@ -19,8 +19,10 @@ def register(subparsers: Subparsers) -> None:
         description=(
             "Render a K3s registries.yaml into containerd hosts.toml files (the embedded "
             "mirror first, then the registry's endpoints, upstream last), written atomically "
-            "into --out. Only directories peermirror generated are replaced or removed. An "
-            "invalid registries.yaml is reported with the key at fault and nothing is changed."
+            "into --out. Only directories peermirror or K3s generated are replaced (only "
+            "peermirror's removed); hand-written ones are left alone. An invalid registries.yaml "
+            "is reported with the key at fault and nothing is changed. The write holds a lock "
+            "on --out/.peermirror.lock shared with the pinner, waiting while the pinner writes."
         ),
     )
     parser.add_argument(

@@ -153,6 +153,10 @@ class PinnerRuntime:
         self.hosts = hosts_keeper(cfg)
         self.hosts.on_registries = self.registries_changed
         self._tasks: list[asyncio.Task[None]] = []
+        # A re-walk after a registries.yaml edit: finite, so kept apart from `_tasks` (whose
+        # ending would mean a crash).
+        self._mirrors_resync: asyncio.Task[None] | None = None
+        self._mirrors_changed = False
         self._started = False
         if not cfg.k3s.takes_part:
             log.warning(
@@ -229,11 +233,23 @@ class PinnerRuntime:
                 if self._started:
                     self._start_tracking()
             return
-        try:
-            await self.tracker.resync()
-        except ContainerdUnavailableError as exc:
-            # The tracker's next full sync (on reconnect, or every resync_interval) catches up.
-            log.warning("could not re-walk the store for the new mirrors", error=str(exc))
+        self._mirrors_changed = True
+        if self._mirrors_resync is None or self._mirrors_resync.done():
+            # Apart from the caller, so a long re-walk does not hold up the hosts.toml checks.
+            self._mirrors_resync = asyncio.create_task(
+                self._resync_for_mirrors(self.tracker), name="pinner-mirrors-resync"
+            )
+
+    async def _resync_for_mirrors(self, tracker: ContainerdTracker | StoreTracker) -> None:
+        # An edit made during a re-walk may come after images it already decided: walk again.
+        while self._mirrors_changed:
+            self._mirrors_changed = False
+            try:
+                await tracker.resync()
+            except ContainerdUnavailableError as exc:
+                # The tracker's next full sync (on reconnect, or every resync_interval) does it.
+                log.warning("could not re-walk the store for the new mirrors", error=str(exc))
+                return
 
     @property
     def running(self) -> bool:
@@ -284,7 +300,8 @@ class PinnerRuntime:
     async def stop(self) -> None:
         # Bounded: a task that swallows its cancel (grpc.aio can, mid-call) must not hold the
         # stop, and one task's error must not skip closing the clients below.
-        await cancel_and_wait(self._tasks, within=2.0, owner="pinner")
+        tasks = [*self._tasks, *([self._mirrors_resync] if self._mirrors_resync else [])]
+        await cancel_and_wait(tasks, within=2.0, owner="pinner")
         self._tasks.clear()
         if self.airgap is not None:
             await self.airgap.close()
