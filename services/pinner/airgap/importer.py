@@ -310,9 +310,10 @@ class ArchiveImporter:
         data = await self._read_small(collected, desc)
         media = media_type_of(desc.media_type, data)
         children = parse_children(media, data)
+        # Every entry is paid for, repeated ones too: each gets a GC label.
+        await budget.spend(len(children.all()))
         if media in INDEX_TYPES:
             listed = _unique(children.manifests)
-            await budget.spend(len(listed))
             # Archives of one platform of a multi-platform image (`ctr export` without
             # --all-platforms) list manifests they do not hold; those are skipped.
             walk = [
@@ -326,7 +327,6 @@ class ArchiveImporter:
         else:
             # Only indexes and manifests are walked: configs and layers are leaves.
             leaves = _unique(children.all())
-            await budget.spend(len(leaves))
             for child in leaves:
                 if not await self._ensure_present(lease, collected, child.digest):
                     raise LayoutError(f"{what}: blob {child.digest} is missing")
