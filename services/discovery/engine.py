@@ -86,6 +86,7 @@ class DiscoveryEngine:
         on_ready: Callable[[], Awaitable[None]] | None = None,
         clock: Callable[[], float] = time.monotonic,
         channel_credentials: grpc.ChannelCredentials | None = None,
+        max_message_bytes: int | None = None,
     ) -> None:
         self._clock = clock
         # With mutual TLS every contact heard from proved its address with its certificate, so
@@ -105,6 +106,7 @@ class DiscoveryEngine:
             on_dropped=self._node_dropped,
             on_heard=self._node_heard,
             credentials=channel_credentials,
+            max_message_bytes=max_message_bytes,
         )
         self.discovery_port = discovery_port
         self.cache = ProviderCache(lookup_cache_ttl)

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import grpc
 
 from services.common.cancellation import cancel_and_wait
+from services.common.config import GrpcSection
 from services.common.genproto.peermirror.discovery.v1 import peer_pb2 as pb
 from services.common.genproto.peermirror.discovery.v1 import peer_pb2_grpc as pb_grpc
 from services.discovery.bootstrap import Endpoint
@@ -70,8 +71,17 @@ class PeerClient:
         on_heard: Callable[[bytes], None] | None = None,
         max_channels: int = MAX_CHANNELS,
         credentials: grpc.ChannelCredentials | None = None,
+        max_message_bytes: int | None = None,
     ) -> None:
         self.node = node
+        # grpc.max_message_bytes bounds what we accept from peers as it bounds what they may
+        # send our server (gRPC's own default is 4 MiB); None keeps that key's default.
+        limit = GrpcSection().max_message_bytes if max_message_bytes is None else max_message_bytes
+        self._options: tuple[tuple[str, int], ...] = (
+            *CHANNEL_OPTIONS,
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+        )
         # Mutual TLS (tls.enabled): every channel presents this node's certificate and accepts
         # only a peer certificate from the cluster CA naming the IP address dialled.
         self._credentials = credentials
@@ -237,9 +247,9 @@ class PeerClient:
             self._channels.move_to_end(endpoint)
             return cached[1]
         if self._credentials is None:
-            channel = grpc.aio.insecure_channel(endpoint, options=CHANNEL_OPTIONS)
+            channel = grpc.aio.insecure_channel(endpoint, options=self._options)
         else:
-            channel = grpc.aio.secure_channel(endpoint, self._credentials, options=CHANNEL_OPTIONS)
+            channel = grpc.aio.secure_channel(endpoint, self._credentials, options=self._options)
         stub = pb_grpc.PeerStub(channel)
         self._channels[endpoint] = (channel, stub)
         while len(self._channels) > self._max_channels:

@@ -97,6 +97,7 @@ class DiscoveryService:
             channel_credentials=(
                 grpc_channel_credentials(self.tls) if self.tls is not None else None
             ),
+            max_message_bytes=cfg.grpc.max_message_bytes,
         )
         engine = self.engine
         # One per node: refusals logged once per client and limit, whichever API was called.
