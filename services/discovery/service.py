@@ -22,7 +22,7 @@ from services.common.ratelog import LimitLog
 from services.common.tls import grpc_channel_credentials, grpc_server_credentials, tls_files
 from services.discovery.bootstrap import BootstrapSources
 from services.discovery.engine import DiscoveryEngine
-from services.discovery.identity import load_or_create_node_id
+from services.discovery.identity import node_id_for
 from services.discovery.kademlia import DhtConfig
 from services.discovery.local_servicer import SERVICE_NAME as LOCAL_SERVICE
 from services.discovery.local_servicer import KeyLimits, LocalDiscoveryServicer
@@ -76,7 +76,7 @@ class DiscoveryService:
             if not address:
                 raise ConfigError(f"node.address: not an IP address: {cfg.node.address!r}")
         self.engine = DiscoveryEngine(
-            load_or_create_node_id(cfg.node.data_dir),
+            node_id_for(cfg.node.data_dir, self.tls),
             dht_config(cfg),
             discovery_port=d.port,
             registry_port=cfg.registry.port,
@@ -192,8 +192,8 @@ async def run(cfg: NodeConfig) -> None:
     if service.tls is None and service.taking_part:
         log.warning(
             "tls.enabled is false: the discovery peer port is plaintext without client "
-            "certificates; any host that reaches it can join and advertise (development and "
-            "demo only)",
+            "certificates; any host that reaches it can join, advertise and claim any node ID "
+            "(development and demo only)",
             node=cfg.node.name,
         )
     if not service.taking_part:

@@ -20,6 +20,7 @@ from services.common.config import (
 from services.common.genproto.peermirror.discovery.v1 import peer_pb2 as pb
 from services.common.genproto.peermirror.discovery.v1 import peer_pb2_grpc as pb_grpc
 from services.common.tls import TlsFiles, grpc_channel_credentials
+from services.discovery.identity import node_id_of_certificate
 from services.discovery.service import DiscoveryService
 
 READY_TIMEOUT = 20.0
@@ -89,3 +90,8 @@ async def peer_stub(
 
 def credentials_of(files: TlsFiles) -> grpc.ChannelCredentials:
     return grpc_channel_credentials(files)
+
+
+def node_id_of(files: TlsFiles) -> bytes:
+    """The DHT node ID the certificate in `files` gives its holder."""
+    return node_id_of_certificate(files.cert_file.read_bytes())

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import grpc
 import pytest
 
 from services.common.genproto.peermirror.discovery.v1 import peer_pb2 as pb
+from services.common.genproto.peermirror.discovery.v1 import peer_pb2_grpc as pb_grpc
 from services.discovery.kademlia.node_id import dht_key
 from services.discovery.service import DiscoveryService
 from tests.integration.security.conftest import ClusterPki
@@ -18,6 +19,7 @@ from tests.integration.security.nodes import (
     credentials_of,
     discovery_config,
     discovery_node,
+    node_id_of,
     peer_stub,
     sender,
 )
@@ -43,7 +45,7 @@ def _records(service: DiscoveryService, key: str) -> list[tuple[bytes, str, int]
 async def test_a_node_certificate_of_the_cluster_ca_is_answered(
     node: DiscoveryService, cluster: ClusterPki
 ) -> None:
-    caller = os.urandom(32)
+    caller = node_id_of(cluster.peer)
     async with peer_stub(node.peer_address, credentials_of(cluster.peer)) as stub:
         reply = await stub.Ping(pb.PingRequest(sender=sender(caller)), timeout=RPC_TIMEOUT)
         assert reply.responder.node_id == node.engine.node_id
@@ -121,3 +123,86 @@ async def test_two_nodes_find_each_others_content_over_mutual_tls(
                 a.engine.cache.drop_node(b.engine.node_id)
                 await asyncio.sleep(0.05)
             assert found == [(b.engine.node_id, "127.0.0.1", 7002)]
+
+
+def _table(service: DiscoveryService) -> list[tuple[bytes, str, int, int]]:
+    return [
+        (c.node_id, c.address, c.discovery_port, c.registry_port) for c in service.engine.node.table
+    ]
+
+
+def _denied(err: grpc.aio.AioRpcError, field: str) -> None:
+    assert err.code() is grpc.StatusCode.PERMISSION_DENIED
+    assert (err.details() or "").startswith(f"{field}:")
+
+
+async def test_the_node_id_is_derived_from_the_certificate(
+    node: DiscoveryService, cluster: ClusterPki
+) -> None:
+    assert node.engine.node_id == node_id_of(cluster.node)
+    # The same key always gives the same ID (a restart keeps it), another key another ID.
+    assert node_id_of(cluster.node) == node_id_of(cluster.node)
+    assert len({node_id_of(cluster.node), node_id_of(cluster.peer), node_id_of(cluster.other)}) == 3
+
+
+async def test_a_node_claiming_another_nodes_id_is_refused_and_changes_nothing(
+    node: DiscoveryService, cluster: ClusterPki
+) -> None:
+    victim = node_id_of(cluster.peer)
+    async with peer_stub(node.peer_address, credentials_of(cluster.peer)) as stub:
+        await stub.AddProvider(
+            pb.AddProviderRequest(sender=sender(victim, registry_port=7443), keys=[dht_key(KEY)]),
+            timeout=RPC_TIMEOUT,
+        )
+    records, table = _records(node, KEY), _table(node)
+    assert records == [(victim, "127.0.0.1", 7443)]
+    # Another authenticated node (same address: both call from loopback) claims the victim's ID
+    # to overwrite its record with its own registry port, or to withdraw it.
+    attempts: list[Callable[[pb_grpc.PeerAsyncStub], Awaitable[object]]] = [
+        lambda stub: stub.Ping(
+            pb.PingRequest(sender=sender(victim, registry_port=9999)), timeout=RPC_TIMEOUT
+        ),
+        lambda stub: stub.AddProvider(
+            pb.AddProviderRequest(sender=sender(victim, registry_port=9999), keys=[dht_key(KEY)]),
+            timeout=RPC_TIMEOUT,
+        ),
+        lambda stub: stub.RemoveProvider(
+            pb.RemoveProviderRequest(sender=sender(victim), keys=[dht_key(KEY)]),
+            timeout=RPC_TIMEOUT,
+        ),
+        lambda stub: stub.FindNode(
+            pb.FindNodeRequest(sender=sender(victim, discovery_port=9), target=victim),
+            timeout=RPC_TIMEOUT,
+        ),
+    ]
+    async with peer_stub(node.peer_address, credentials_of(cluster.other)) as stub:
+        for attempt in attempts:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await attempt(stub)
+            _denied(err.value, "sender.node_id")
+    assert _records(node, KEY) == records
+    assert _table(node) == table
+
+
+async def test_a_node_minting_many_ids_is_refused_and_changes_nothing(
+    node: DiscoveryService, cluster: ClusterPki
+) -> None:
+    # A Sybil attack: one certificate, many IDs, to fill the k closest slots of chosen keys.
+    async with peer_stub(node.peer_address, credentials_of(cluster.other)) as stub:
+        for _ in range(40):
+            minted = os.urandom(32)
+            for call in (
+                stub.Ping(pb.PingRequest(sender=sender(minted)), timeout=RPC_TIMEOUT),
+                stub.AddProvider(
+                    pb.AddProviderRequest(sender=sender(minted), keys=[dht_key(KEY)]),
+                    timeout=RPC_TIMEOUT,
+                ),
+            ):
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await call
+                _denied(err.value, "sender.node_id")
+        # Its own ID is answered.
+        own = node_id_of(cluster.other)
+        await stub.Ping(pb.PingRequest(sender=sender(own)), timeout=RPC_TIMEOUT)
+    assert _records(node, KEY) == []
+    assert [c[0] for c in _table(node)] == [own]
