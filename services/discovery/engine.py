@@ -136,7 +136,7 @@ class DiscoveryEngine:
         self._bootstrap_endpoints: list[Endpoint] = []
         self._gathered_at: float | None = None
         # Address checks under way, shared by every lookup that was named the same provider.
-        self._verifying: dict[bytes, asyncio.Task[bool]] = {}
+        self._verifying: dict[bytes, asyncio.Task[Contact | None]] = {}
 
     # -- identity ---------------------------------------------------------------------
 
@@ -274,7 +274,8 @@ class DiscoveryEngine:
     ) -> None:
         """Add providers another node named to `flight`: at once when they are contacts this
         node authenticated (taken with the ports that contact declared itself), after a ping
-        over mutual TLS proves their address otherwise; never a contact that fails it."""
+        over mutual TLS proves their address otherwise (taken as they answered it, whether
+        or not their bucket had room); never a contact that fails it."""
         alive = self._alive(fresh)
         if not self.verify_providers:
             flight.add(alive)
@@ -290,36 +291,34 @@ class DiscoveryEngine:
                 check = asyncio.get_running_loop().create_task(self._verify(provider))
                 self._verifying[provider.node_id] = check
                 check.add_done_callback(functools.partial(self._check_done, provider.node_id))
-            task = asyncio.get_running_loop().create_task(
-                self._add_verified(flight, provider, check)
-            )
+            task = asyncio.get_running_loop().create_task(self._add_verified(flight, check))
             checks.add(task)
             task.add_done_callback(checks.discard)
         flight.add(known)
 
-    def _check_done(self, node_id: bytes, check: asyncio.Task[bool]) -> None:
+    def _check_done(self, node_id: bytes, check: asyncio.Task[Contact | None]) -> None:
         if self._verifying.get(node_id) is check:
             del self._verifying[node_id]
 
-    async def _verify(self, provider: Contact) -> bool:
-        """Ping `provider` over mutual TLS: True when the node with its ID answered there."""
-        if await self.client.ping(provider):
-            return True
+    async def _verify(self, provider: Contact) -> Contact | None:
+        """Ping `provider` over mutual TLS: the node as it answered (its own ports) when the
+        node with its ID answered there."""
+        answered = await self.client.ping_as(provider)
+        if answered is not None:
+            return answered
         self.counters.providers_refused += 1
         log.info(
             "provider named by a peer did not prove its address; not used",
             provider=short_id(provider.node_id),
             address=provider.address,
         )
-        return False
+        return None
 
-    async def _add_verified(
-        self, flight: Flight, provider: Contact, check: asyncio.Task[bool]
-    ) -> None:
+    async def _add_verified(self, flight: Flight, check: asyncio.Task[Contact | None]) -> None:
         # Shielded: one lookup ending must not cancel a check another lookup waits for.
-        if await asyncio.shield(check):
-            contact = self.node.table.get(provider.node_id)
-            flight.add([contact if contact is not None else provider])
+        answered = await asyncio.shield(check)
+        if answered is not None:
+            flight.add([answered])
 
     # -- lookups ----------------------------------------------------------------------
 

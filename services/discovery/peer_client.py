@@ -34,6 +34,9 @@ CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.min_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 2000),
 )
+# Nodes whose own answer to a ping is kept (beyond the routing table, whose buckets may be
+# full), so calls to them need no new ping to learn their ports.
+ANSWERED_KEPT = 1024
 # Open channels kept; beyond it the least recently used one is closed.
 MAX_CHANNELS = 512
 # How long close() waits for cancelled background calls before closing channels under them.
@@ -97,6 +100,8 @@ class PeerClient:
         )
         self._ids_at: dict[str, set[bytes]] = {}  # endpoint -> node IDs called there
         self._endpoint_of: dict[bytes, str] = {}
+        # Nodes as they last answered a ping themselves (ports they declared), newest last.
+        self._answered: OrderedDict[bytes, Contact] = OrderedDict()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -137,15 +142,25 @@ class PeerClient:
     async def ping(self, contact: Contact) -> bool:
         """Liveness probe of a known node (deadline probe_timeout); True when it answered
         as the node we know. Answering with another ID means our node is gone from there."""
+        return await self.ping_as(contact) is not None
+
+    async def ping_as(self, contact: Contact) -> Contact | None:
+        """`ping`, returning the node as it answered: the address dialled with the ports it
+        declared itself (never those another node named); None when it did not answer as
+        `contact.node_id`."""
         answer = await self._ping_endpoint(contact.discovery_endpoint, contact.address)
         if answer is None or answer.responder.node_id != contact.node_id:
             self._failed(contact.node_id)
             if answer is not None:
                 self.heard_from(answer.responder)
-            return False
+            return None
         self._note(contact)
+        self._answered[contact.node_id] = answer.responder
+        self._answered.move_to_end(contact.node_id)
+        while len(self._answered) > ANSWERED_KEPT:
+            self._answered.popitem(last=False)
         self.heard_from(answer.responder)
-        return True
+        return answer.responder
 
     async def ping_endpoint(self, endpoint: Endpoint) -> PingAnswer | None:
         """Ping an address whose node we do not know yet (bootstrap); None on failure."""
@@ -226,8 +241,18 @@ class PeerClient:
         except grpc.aio.AioRpcError:
             self._failed(contact.node_id)
             return None
-        self.heard_from(contact)
+        self._answered_call(contact)
         return reply
+
+    def _answered_call(self, contact: Contact) -> None:
+        """`contact` answered a call. Its ports may be what another node named (a lookup
+        learns contacts from answers), so it is remembered as it described itself: as known
+        already at this endpoint, else after a ping it answers with its own ports."""
+        own = self.node.table.get(contact.node_id) or self._answered.get(contact.node_id)
+        if own is not None and own.discovery_endpoint == contact.discovery_endpoint:
+            self.heard_from(own)
+        else:
+            self.spawn(self.ping(contact))
 
     # -- channels and tasks -----------------------------------------------------------
 

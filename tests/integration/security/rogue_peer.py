@@ -24,6 +24,8 @@ class RoguePeer(pb_grpc.PeerServicer):
         self.registry_port = registry_port
         # Contacts returned as providers of every key asked for.
         self.poison: list[pb.Contact] = []
+        # Contacts returned as the closest nodes to every target asked for.
+        self.nodes: list[pb.Contact] = []
         self.asked: list[bytes] = []
         self._server = GrpcServer(
             "127.0.0.1:0", name="rogue-peer", credentials=grpc_server_credentials(files)
@@ -47,7 +49,7 @@ class RoguePeer(pb_grpc.PeerServicer):
         return pb.PingResponse(responder=self._me(), observed_address="127.0.0.1")
 
     async def FindNode(self, request: pb.FindNodeRequest, context: Context) -> pb.FindNodeResponse:
-        return pb.FindNodeResponse()
+        return pb.FindNodeResponse(closest=self.nodes)
 
     async def GetProviders(
         self, request: pb.GetProvidersRequest, context: Context
