@@ -184,6 +184,16 @@ def _fill_bucket_of(node: DiscoveryService, node_id: bytes) -> None:
     raise AssertionError("the bucket never filled")
 
 
+def _with_registry_port(node: DiscoveryService, port: int) -> pb.Contact:
+    """`node` as a rogue names it: right ID and address, a registry port of its choosing."""
+    return pb.Contact(
+        node_id=node.engine.node_id,
+        address="127.0.0.1",
+        discovery_port=node.engine.discovery_port,
+        registry_port=port,
+    )
+
+
 def _digest_near(node_id: bytes) -> str:
     """A digest whose DHT key is far closer to `node_id` than to any filler, so the lookup
     asks that node first."""
@@ -200,14 +210,7 @@ async def test_a_provider_behind_a_full_bucket_keeps_the_ports_it_answered(
     # The rogue names a real node as provider, with a registry port of its own choosing.
     cfg_b = discovery_config(tmp_path / "b", cluster.peer, registry_port=7002)
     async with discovery_node(cfg_b) as b:
-        rogue.poison = [
-            pb.Contact(
-                node_id=b.engine.node_id,
-                address="127.0.0.1",
-                discovery_port=b.engine.discovery_port,
-                registry_port=9999,
-            )
-        ]
+        rogue.poison = [_with_registry_port(b, 9999)]
         _fill_bucket_of(honest, b.engine.node_id)
         found = await find_providers(honest.local_address, _digest_near(rogue.node_id))
     assert [(r.provider.node_id, r.provider.registry_port) for r in found] == [
@@ -220,14 +223,7 @@ async def test_a_contact_named_by_a_peer_keeps_the_ports_it_answered(
 ) -> None:
     cfg_b = discovery_config(tmp_path / "b", cluster.peer, registry_port=7002)
     async with discovery_node(cfg_b) as b:
-        rogue.nodes = [
-            pb.Contact(
-                node_id=b.engine.node_id,
-                address="127.0.0.1",
-                discovery_port=b.engine.discovery_port,
-                registry_port=9999,
-            )
-        ]
+        rogue.nodes = [_with_registry_port(b, 9999)]
         # The lookup asks the rogue, which names b; b answers, and b is remembered.
         await honest.engine.lookup_nodes(b.engine.node_id)
         for _ in range(SETTLE_TRIES):
