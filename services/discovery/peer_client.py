@@ -238,8 +238,10 @@ class PeerClient:
         self.calls += 1
         try:
             reply = await call(stub)
-        except grpc.aio.AioRpcError:
-            self._failed(contact.node_id)
+        except grpc.aio.AioRpcError as exc:
+            # A node refusing load (its record rate, a size limit) answered: it is alive.
+            if exc.code() is not grpc.StatusCode.RESOURCE_EXHAUSTED:
+                self._failed(contact.node_id)
             return None
         self._answered_call(contact)
         return reply

@@ -20,7 +20,7 @@ from services.common.genproto.peermirror.discovery.v1 import peer_pb2_grpc as pb
 from services.common.grpc_server import client_of
 from services.common.ratelog import LimitLog
 from services.discovery.identity import PeerIdentities, PeerIdentity
-from services.discovery.kademlia import Contact, DhtNode, short_id
+from services.discovery.kademlia import Contact, DhtNode, RecordRateExceeded, short_id
 from services.discovery.peer_client import PeerClient
 from services.discovery.wire import (
     InvalidRequest,
@@ -182,7 +182,21 @@ class PeerServicer(pb_grpc.PeerServicer):
         if ttl < 0:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "ttl: must not be negative")
         self._heard(caller)
-        stored, applied = self._node.add_provider(caller, request.keys, ttl, self._clock())
+        try:
+            stored, applied = self._node.add_provider(caller, request.keys, ttl, self._clock())
+        except RecordRateExceeded as exc:
+            self._limit_log.refused(
+                "peer_records_per_second",
+                caller.address,
+                "peer refused: too many provider records per second",
+                max=exc.rate,
+                keys=len(request.keys),
+            )
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"keys: this node takes at most {exc.rate:g} records per second from one peer "
+                f"(discovery.peer_records_per_second); retry in {exc.retry_after:.1f} s",
+            )
         return pb.AddProviderResponse(stored=stored, ttl=duration(applied))
 
     async def RemoveProvider(

@@ -52,6 +52,9 @@ def dht_config(cfg: NodeConfig) -> DhtConfig:
             max_record_ttl=d.record_ttl,
             republish_interval=d.republish_interval,
             max_batch_keys=d.max_keys_per_peer_call,
+            max_records_per_peer=d.max_records_per_peer,
+            max_records_total=d.max_records_total,
+            peer_records_per_second=d.peer_records_per_second,
         )
     except ValueError as exc:
         raise ConfigError(f"discovery: {exc}") from None

@@ -100,4 +100,3 @@ async def test_peer_answers_are_bounded_by_grpc_max_message_bytes(
         assert len(answer.providers) == BIG_ANSWER
     else:
         assert answer is None
-        assert client.failures == 1

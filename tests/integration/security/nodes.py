@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -37,8 +38,10 @@ def discovery_config(
     registry_port: int = 6443,
     bootstrap: Sequence[str] = (),
     local_address: str = "127.0.0.1:0",
+    **discovery: Any,
 ) -> NodeConfig:
-    """A loopback discovery node over mutual TLS with `files`."""
+    """A loopback discovery node over mutual TLS with `files` (`discovery`: more keys of the
+    discovery section)."""
     return NodeConfig(
         node=NodeSection(name=data_dir.name, data_dir=data_dir),
         log=LogSection(level="info", format="json"),
@@ -51,6 +54,7 @@ def discovery_config(
             # Short probes keep a dead bootstrap or a failed check from stretching a test.
             probe_timeout=1.0,
             rpc_timeout=1.0,
+            **discovery,
         ),
         tls=tls_section(files),
     )

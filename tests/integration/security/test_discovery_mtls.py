@@ -14,6 +14,7 @@ from services.common.genproto.peermirror.discovery.v1 import peer_pb2 as pb
 from services.common.genproto.peermirror.discovery.v1 import peer_pb2_grpc as pb_grpc
 from services.discovery.kademlia.node_id import dht_key
 from services.discovery.service import DiscoveryService
+from tests.harness.discovery_mesh import find_providers
 from tests.integration.security.conftest import ClusterPki
 from tests.integration.security.nodes import (
     credentials_of,
@@ -206,3 +207,56 @@ async def test_a_node_minting_many_ids_is_refused_and_changes_nothing(
         await stub.Ping(pb.PingRequest(sender=sender(own)), timeout=RPC_TIMEOUT)
     assert _records(node, KEY) == []
     assert [c[0] for c in _table(node)] == [own]
+
+
+async def test_a_flood_from_one_peer_keeps_memory_bounded_and_others_keys_resolvable(
+    cluster: ClusterPki, tmp_path: Path
+) -> None:
+    cfg = discovery_config(
+        tmp_path / "a",
+        cluster.node,
+        max_records_per_peer=3000,
+        max_records_total=6000,
+        peer_records_per_second=2000.0,
+    )
+    honest_id, flooder_id = node_id_of(cluster.peer), node_id_of(cluster.other)
+    late = "sha256:" + "cd" * 32
+    async with discovery_node(cfg) as a:
+        async with peer_stub(a.peer_address, credentials_of(cluster.peer)) as honest:
+            await honest.AddProvider(
+                pb.AddProviderRequest(
+                    sender=sender(honest_id, registry_port=7002), keys=[dht_key(KEY)]
+                ),
+                timeout=RPC_TIMEOUT,
+            )
+        stored = refused = 0
+        async with peer_stub(a.peer_address, credentials_of(cluster.other)) as flooder:
+            for _ in range(60):
+                request = pb.AddProviderRequest(
+                    sender=sender(flooder_id), keys=[os.urandom(32) for _ in range(1024)]
+                )
+                try:
+                    stored += (await flooder.AddProvider(request, timeout=RPC_TIMEOUT)).stored
+                except grpc.aio.AioRpcError as err:
+                    assert err.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+                    assert "discovery.peer_records_per_second" in (err.details() or "")
+                    refused += 1
+        store = a.engine.node.store
+        assert stored <= 3000
+        assert refused > 0
+        assert len(store) <= 3001
+        assert store.pending_expiries() <= 2 * len(store) + 64
+        # The honest node's key is still found, and it can still publish.
+        async with peer_stub(a.peer_address, credentials_of(cluster.peer)) as honest:
+            reply = await honest.AddProvider(
+                pb.AddProviderRequest(
+                    sender=sender(honest_id, registry_port=7002), keys=[dht_key(late)]
+                ),
+                timeout=RPC_TIMEOUT,
+            )
+        assert reply.stored == 1
+        for key in (KEY, late):
+            found = await find_providers(a.local_address, key)
+            assert [(r.provider.node_id, r.provider.registry_port) for r in found] == [
+                (honest_id, 7002)
+            ]
