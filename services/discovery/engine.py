@@ -22,6 +22,7 @@ from services.common.cancellation import cancel_and_wait
 from services.common.genproto.peermirror.discovery.v1 import peer_pb2 as pb
 from services.common.logsetup import get_logger
 from services.discovery.bootstrap import BootstrapSources, Endpoint, backoff_delay, gather_endpoints
+from services.discovery.identity import ServerIdentities
 from services.discovery.kademlia import (
     AdvertisedKey,
     Contact,
@@ -87,6 +88,7 @@ class DiscoveryEngine:
         clock: Callable[[], float] = time.monotonic,
         channel_credentials: grpc.ChannelCredentials | None = None,
         max_message_bytes: int | None = None,
+        server_identities: ServerIdentities | None = None,
     ) -> None:
         self._clock = clock
         # With mutual TLS every contact heard from proved its address with its certificate, so
@@ -107,6 +109,7 @@ class DiscoveryEngine:
             on_heard=self._node_heard,
             credentials=channel_credentials,
             max_message_bytes=max_message_bytes,
+            server_identities=server_identities,
         )
         self.discovery_port = discovery_port
         self.cache = ProviderCache(lookup_cache_ttl)

@@ -9,8 +9,10 @@ same node.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
+import ssl
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -119,3 +121,54 @@ def load_or_create_node_id(data_dir: Path) -> bytes:
     tmp.write_text(format_node_id(node_id) + "\n", encoding="ascii")
     os.replace(tmp, path)
     return node_id
+
+
+class ServerIdentities:
+    """The node ID of the certificate a peer's Peer service presents, per endpoint (cached).
+
+    gRPC's Python client does not show the server certificate of a call, so the certificate is
+    read over a TLS handshake of our own with the same trust (cluster CA, IP SAN of the address
+    dialled, our client certificate); a node answering under an ID its certificate does not give
+    it is then caught before its answer is believed.
+    """
+
+    def __init__(self, context: ssl.SSLContext, *, size: int = IDENTITY_CACHE) -> None:
+        self._context = context
+        self._size = size
+        self._cache: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+
+    def known(self, address: str, port: int) -> bytes | None:
+        """The ID last read at an endpoint, if any."""
+        return self._cache.get((address, port))
+
+    async def read(self, address: str, port: int, within: float) -> bytes | None:
+        """The ID of the certificate served at `address`:`port` now; None when no TLS
+        handshake the cluster CA vouches for completes `within` seconds."""
+        try:
+            async with asyncio.timeout(within):
+                _reader, writer = await asyncio.open_connection(
+                    address, port, ssl=self._context, server_hostname=address
+                )
+        except (OSError, ssl.SSLError, TimeoutError):
+            return None
+        try:
+            der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        finally:
+            # Aborted, not closed: a TLS close waits for the server's close_notify, which a
+            # gRPC server that saw no HTTP/2 preface may never send.
+            writer.transport.abort()
+        if not der:
+            return None
+        node_id = node_id_of_certificate(ssl.DER_cert_to_PEM_cert(der).encode("ascii"))
+        self._cache[(address, port)] = node_id
+        self._cache.move_to_end((address, port))
+        while len(self._cache) > self._size:
+            self._cache.popitem(last=False)
+        return node_id
+
+    async def confirm(self, address: str, port: int, node_id: bytes, within: float) -> bool:
+        """Whether the node answering at the endpoint holds the certificate of `node_id`
+        (read again when the cached one names another ID: the endpoint may have a new node)."""
+        if self.known(address, port) == node_id:
+            return True
+        return await self.read(address, port, within) == node_id

@@ -19,8 +19,10 @@ from services.common.cancellation import cancel_and_wait
 from services.common.config import GrpcSection
 from services.common.genproto.peermirror.discovery.v1 import peer_pb2 as pb
 from services.common.genproto.peermirror.discovery.v1 import peer_pb2_grpc as pb_grpc
+from services.common.logsetup import get_logger
 from services.discovery.bootstrap import Endpoint
-from services.discovery.kademlia import ID_BYTES, Contact, DhtNode
+from services.discovery.identity import ServerIdentities
+from services.discovery.kademlia import ID_BYTES, Contact, DhtNode, short_id
 from services.discovery.wire import contacts_from_proto, duration, normalize_ip
 
 R = TypeVar("R")
@@ -34,6 +36,8 @@ CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.min_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 2000),
 )
+log = get_logger("discovery")
+
 # Nodes whose own answer to a ping is kept (beyond the routing table, whose buckets may be
 # full), so calls to them need no new ping to learn their ports.
 ANSWERED_KEPT = 1024
@@ -75,8 +79,12 @@ class PeerClient:
         max_channels: int = MAX_CHANNELS,
         credentials: grpc.ChannelCredentials | None = None,
         max_message_bytes: int | None = None,
+        server_identities: ServerIdentities | None = None,
     ) -> None:
         self.node = node
+        # Mutual TLS: a ping answer is believed only from the node its certificate makes it.
+        self._identities = server_identities
+        self.refused_answers = 0
         # grpc.max_message_bytes bounds what we accept from peers as it bounds what they may
         # send our server (gRPC's own default is 4 MiB); None keeps that key's default.
         limit = GrpcSection().max_message_bytes if max_message_bytes is None else max_message_bytes
@@ -148,7 +156,9 @@ class PeerClient:
         """`ping`, returning the node as it answered: the address dialled with the ports it
         declared itself (never those another node named); None when it did not answer as
         `contact.node_id`."""
-        answer = await self._ping_endpoint(contact.discovery_endpoint, contact.address)
+        answer = await self._ping_endpoint(
+            contact.discovery_endpoint, contact.address, contact.discovery_port
+        )
         if answer is None or answer.responder.node_id != contact.node_id:
             self._failed(contact.node_id)
             if answer is not None:
@@ -164,13 +174,13 @@ class PeerClient:
 
     async def ping_endpoint(self, endpoint: Endpoint) -> PingAnswer | None:
         """Ping an address whose node we do not know yet (bootstrap); None on failure."""
-        answer = await self._ping_endpoint(str(endpoint), endpoint.address)
+        answer = await self._ping_endpoint(str(endpoint), endpoint.address, endpoint.port)
         if answer is not None:
             self._note(answer.responder)
             self.heard_from(answer.responder)
         return answer
 
-    async def _ping_endpoint(self, endpoint: str, address: str) -> PingAnswer | None:
+    async def _ping_endpoint(self, endpoint: str, address: str, port: int) -> PingAnswer | None:
         if self._closed:
             return None
         stub = self._stub(endpoint)
@@ -187,6 +197,16 @@ class PeerClient:
             or not 1 <= r.discovery_port <= 65535
             or not 1 <= r.registry_port <= 65535
         ):
+            return None
+        if self._identities is not None and not await self._identities.confirm(
+            address, port, r.node_id, self.probe_timeout
+        ):
+            self.refused_answers += 1
+            log.info(
+                "peer answered under a node ID its certificate does not give it; not believed",
+                endpoint=endpoint,
+                claimed=short_id(r.node_id),
+            )
             return None
         responder = Contact(r.node_id, address, r.discovery_port, r.registry_port)
         return PingAnswer(responder, normalize_ip(reply.observed_address))

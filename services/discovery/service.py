@@ -19,10 +19,15 @@ from services.common.grpc_server import GrpcServer, run_until_signal
 from services.common.logsetup import get_logger
 from services.common.metrics import start_listener
 from services.common.ratelog import LimitLog
-from services.common.tls import grpc_channel_credentials, grpc_server_credentials, tls_files
+from services.common.tls import (
+    client_context,
+    grpc_channel_credentials,
+    grpc_server_credentials,
+    tls_files,
+)
 from services.discovery.bootstrap import BootstrapSources
 from services.discovery.engine import DiscoveryEngine
-from services.discovery.identity import node_id_for
+from services.discovery.identity import ServerIdentities, node_id_for
 from services.discovery.kademlia import DhtConfig
 from services.discovery.local_servicer import SERVICE_NAME as LOCAL_SERVICE
 from services.discovery.local_servicer import KeyLimits, LocalDiscoveryServicer
@@ -101,6 +106,9 @@ class DiscoveryService:
                 grpc_channel_credentials(self.tls) if self.tls is not None else None
             ),
             max_message_bytes=cfg.grpc.max_message_bytes,
+            server_identities=(
+                ServerIdentities(client_context(self.tls)) if self.tls is not None else None
+            ),
         )
         engine = self.engine
         # One per node: refusals logged once per client and limit, whichever API was called.

@@ -3,14 +3,13 @@ wants, for any key, to see what the honest node does with them."""
 
 from __future__ import annotations
 
-import os
-
 import grpc
 
 from services.common.genproto.peermirror.discovery.v1 import peer_pb2 as pb
 from services.common.genproto.peermirror.discovery.v1 import peer_pb2_grpc as pb_grpc
 from services.common.grpc_server import GrpcServer
 from services.common.tls import TlsFiles, grpc_server_credentials
+from services.discovery.identity import node_id_of_certificate
 from services.discovery.peer_servicer import SERVICE_NAME
 
 Context = grpc.aio.ServicerContext[object, object]
@@ -20,7 +19,9 @@ class RoguePeer(pb_grpc.PeerServicer):
     """`async with RoguePeer(files) as rogue:` serves on `rogue.address` over mutual TLS."""
 
     def __init__(self, files: TlsFiles, registry_port: int = 6443) -> None:
-        self.node_id = os.urandom(32)
+        # Its own ID (its certificate's): any other is refused; a test may still set one to
+        # see what honest nodes do with the answers.
+        self.node_id = node_id_of_certificate(files.cert_file.read_bytes())
         self.registry_port = registry_port
         # Contacts returned as providers of every key asked for.
         self.poison: list[pb.Contact] = []

@@ -60,7 +60,7 @@ async def _get(registry: RunningRegistry, cluster: ClusterPki, path: str, ns: st
 @pytest.fixture
 async def rogue(cluster: ClusterPki) -> AsyncIterator[RoguePeer]:
     """An authenticated node (certificate of the cluster CA) that lies about providers."""
-    async with RoguePeer(cluster.peer) as peer:
+    async with RoguePeer(cluster.other) as peer:
         yield peer
 
 
@@ -233,3 +233,37 @@ async def test_a_contact_named_by_a_peer_keeps_the_ports_it_answered(
         known = honest.engine.node.table.get(b.engine.node_id)
     assert known is not None
     assert (known.discovery_port, known.registry_port) == (b.engine.discovery_port, 7002)
+
+
+async def test_a_peer_answering_under_another_nodes_id_is_not_believed(
+    cluster: ClusterPki, tmp_path: Path
+) -> None:
+    # The rogue holds a cluster certificate (its own key) but answers pings as node b, and
+    # names contacts at its own address under IDs it minted (a Sybil attack through answers).
+    async with RoguePeer(cluster.other) as rogue:
+        cfg_b = discovery_config(tmp_path / "b", cluster.peer, registry_port=7002)
+        async with discovery_node(cfg_b) as b:
+            rogue.node_id = b.engine.node_id
+            minted = os.urandom(32)
+            rogue.nodes = [
+                pb.Contact(
+                    node_id=minted,
+                    address="127.0.0.1",
+                    discovery_port=int(rogue.address.rsplit(":", 1)[1]),
+                    registry_port=9999,
+                )
+            ]
+            cfg = discovery_config(tmp_path / "a", cluster.node, bootstrap=[rogue.address])
+            service = DiscoveryService(cfg)
+            await service.start()
+            try:
+                for _ in range(40):
+                    await asyncio.sleep(0.05)
+                table = service.engine.node.table
+                assert b.engine.node_id not in table
+                assert minted not in table
+                assert len(table) == 0
+                assert not service.engine.ready.is_set()
+                assert service.engine.client.refused_answers >= 1
+            finally:
+                await service.stop()
