@@ -61,12 +61,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     loaded_s = tick_seconds(loaded, args.ticks)
     ratio = loaded_s / base_s
     verdict = "PASS" if ratio <= TARGET_RATIO else "MISS"
-    print(
-        f"providers: {PROVIDERS}; records: baseline {len(base.store):,}, loaded {len(loaded.store):,}"
-    )
-    print(
-        f"tick (median of {args.ticks}): baseline {base_s * 1e6:.1f} us, loaded {loaded_s * 1e6:.1f} us"
-    )
+    print(f"providers: {PROVIDERS}; records: baseline {len(base.store):,}", end="")
+    print(f", loaded {len(loaded.store):,}")
+    print(f"tick (median of {args.ticks}): baseline {base_s * 1e6:.1f} us", end="")
+    print(f", loaded {loaded_s * 1e6:.1f} us")
     print(f"ratio loaded/baseline {ratio:.2f}x (target <= {TARGET_RATIO}x): {verdict}")
     return 0 if verdict == "PASS" else 1
 
