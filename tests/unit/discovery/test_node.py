@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from services.common.config import ConfigError, DiscoverySection, NodeConfig
 from services.discovery.kademlia import DhtConfig, DhtNode, RecordRateExceeded, dht_key
 from services.discovery.kademlia.node_id import int_id
+from services.discovery.service import dht_config
 from tests.unit.discovery.helpers import contact
 
 KEY = dht_key("sha256:" + "22" * 32)
@@ -200,3 +202,18 @@ def test_config_rejects_caps_that_cannot_work() -> None:
         DhtConfig(max_records_per_peer=2000, max_records_total=1000)
     with pytest.raises(ValueError, match="peer_records_per_second"):
         DhtConfig(peer_records_per_second=0)
+
+
+def test_the_service_passes_record_bounds_to_the_core_and_names_bad_ones() -> None:
+    section = DiscoverySection(
+        max_records_per_peer=7, max_records_total=9, peer_records_per_second=3.0
+    )
+    cfg = dht_config(NodeConfig(discovery=section))
+    assert (cfg.max_records_per_peer, cfg.max_records_total, cfg.peer_records_per_second) == (
+        7,
+        9,
+        3.0,
+    )
+    bad = DiscoverySection(max_records_per_peer=10, max_records_total=5)
+    with pytest.raises(ConfigError, match=r"^discovery: max_records_per_peer"):
+        dht_config(NodeConfig(discovery=bad))
