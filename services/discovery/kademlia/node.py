@@ -210,8 +210,18 @@ class DhtNode:
         not fill this node."""
         target = id_int(key)
         own = self.me.key ^ target
-        closest = self.table.closest(key, self.config.k, exclude=publisher)
-        return len(closest) < self.config.k or closest[-1].key ^ target > own
+        # A contact closer to the key than we are shares at least as many leading bits with us
+        # as the key does, so it sits in the key's bucket or a later one; the walk stops at k
+        # (in a large network the key's bucket is full and closer: about k steps).
+        closer = 0
+        table = self.table
+        for index in range(table.bucket_of(key), table.bucket_count):
+            for contact in table.bucket_contacts(index):
+                if contact.key ^ target < own and contact.node_id != publisher:
+                    closer += 1
+                    if closer >= self.config.k:
+                        return False
+        return True
 
     def remove_provider(self, sender: Contact, keys: Iterable[bytes]) -> int:
         """RemoveProvider: deletes `sender`'s records (at its observed address) for `keys`."""

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from services.common.config import ConfigError, DiscoverySection, NodeConfig
 from services.discovery.kademlia import DhtConfig, DhtNode, RecordRateExceeded, dht_key
@@ -217,3 +221,21 @@ def test_the_service_passes_record_bounds_to_the_core_and_names_bad_ones() -> No
     bad = DiscoverySection(max_records_per_peer=10, max_records_total=5)
     with pytest.raises(ConfigError, match=r"^discovery: max_records_per_peer"):
         dht_config(NodeConfig(discovery=bad))
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), contacts=st.integers(0, 120))
+def test_responsibility_matches_counting_every_closer_contact(seed: int, contacts: int) -> None:
+    rng = random.Random(seed)
+    n = DhtNode(contact(rng.getrandbits(256)), CFG)
+    for _ in range(contacts):
+        n.heard_from(contact(rng.getrandbits(256)), now=0.0)
+    known = list(n.table)
+    for _ in range(20):
+        key = int_id(rng.getrandbits(256))
+        publisher = rng.choice(known).node_id if known and rng.random() < 0.5 else bytes(32)
+        own = n.me.key ^ int.from_bytes(key, "big")
+        closer = [
+            c for c in known if c.key ^ int.from_bytes(key, "big") < own and c.node_id != publisher
+        ]
+        assert n.responsible(key, publisher) == (len(closer) < CFG.k)
