@@ -239,3 +239,13 @@ def test_responsibility_matches_counting_every_closer_contact(seed: int, contact
             c for c in known if c.key ^ int.from_bytes(key, "big") < own and c.node_id != publisher
         ]
         assert n.responsible(key, publisher) == (len(closer) < CFG.k)
+
+
+def test_budgets_of_quiet_peers_are_forgotten_by_maintenance() -> None:
+    cfg = DhtConfig(max_records_per_peer=100, peer_records_per_second=10.0, max_batch_keys=50)
+    n = DhtNode(contact(1), cfg)
+    n.add_provider(contact(2), [dht_key(str(i)) for i in range(50)], ttl=60, now=0.0)
+    n.maintenance(now=1.0)
+    assert len(n.budgets) == 1  # 60 of 100 tokens: still spent
+    n.maintenance(now=5.0)
+    assert len(n.budgets) == 0  # full again: nothing to remember
