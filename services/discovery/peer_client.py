@@ -138,6 +138,21 @@ class PeerClient:
                 return
         self._close_channel(endpoint)
 
+    def _failed_at(self, contact: Contact) -> None:
+        """A call to `contact` failed. It counts against the node only at the endpoint we
+        know it by (or when we know none): another node may name it anywhere, and a call
+        failing there says nothing about the node itself."""
+        node_id = contact.node_id
+        known = (
+            self.node.table.get(node_id)
+            or self.node.store.contact_of(node_id)
+            or self._answered.get(node_id)
+        )
+        if known is not None and known.discovery_endpoint != contact.discovery_endpoint:
+            self.failures += 1
+            return
+        self._failed(node_id)
+
     def _failed(self, node_id: bytes) -> None:
         self.failures += 1
         if self.node.rpc_failed(node_id, self._clock()):
@@ -160,7 +175,7 @@ class PeerClient:
             contact.discovery_endpoint, contact.address, contact.discovery_port
         )
         if answer is None or answer.responder.node_id != contact.node_id:
-            self._failed(contact.node_id)
+            self._failed_at(contact)
             if answer is not None:
                 self.heard_from(answer.responder)
             return None
@@ -261,7 +276,7 @@ class PeerClient:
         except grpc.aio.AioRpcError as exc:
             # A node refusing load (its record rate, a size limit) answered: it is alive.
             if exc.code() is not grpc.StatusCode.RESOURCE_EXHAUSTED:
-                self._failed(contact.node_id)
+                self._failed_at(contact)
             return None
         self._answered_call(contact)
         return reply

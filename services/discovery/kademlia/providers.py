@@ -177,6 +177,10 @@ class ProviderStore:
         if node_id in self._keys_of:
             self._heard(node_id, now)
 
+    def contact_of(self, node_id: bytes) -> Contact | None:
+        """The contact of a provider's latest record here, if it has any."""
+        return self._contact_of.get(node_id)
+
     def provider_contacts(self) -> list[Contact]:
         """One contact per provider node with records here (address of its latest record)."""
         return list(self._contact_of.values())

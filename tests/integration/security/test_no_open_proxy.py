@@ -267,3 +267,28 @@ async def test_a_peer_answering_under_another_nodes_id_is_not_believed(
                 assert service.engine.client.refused_answers >= 1
             finally:
                 await service.stop()
+
+
+async def test_a_node_named_at_a_wrong_address_is_not_taken_for_dead(
+    honest: DiscoveryService,
+    rogue: RoguePeer,
+    cluster: ClusterPki,
+    recorder: ConnectionRecorder,
+    tmp_path: Path,
+) -> None:
+    # A peer may name node b (which the honest node knows) at an address where nothing answers
+    # for b, as provider or as contact: the checks and calls there fail, which says nothing
+    # about b itself. Here the honest node makes those calls directly, twice each (failures
+    # in a row that would take b for dead), with no call to b's real address between them.
+    cfg_b = discovery_config(
+        tmp_path / "b", cluster.peer, registry_port=7002, bootstrap=[honest.peer_address]
+    )
+    async with discovery_node(cfg_b) as b:
+        assert b.engine.node_id in honest.engine.node.table
+        elsewhere = Contact(b.engine.node_id, OTHER_IP, recorder.port, recorder.port)
+        client = honest.engine.client
+        for _ in range(2):
+            assert await client.ping_as(elsewhere) is None
+            assert await client.find_node(elsewhere, b.engine.node_id) is None
+        assert b.engine.node_id in honest.engine.node.table
+        assert honest.engine.counters.nodes_dropped == 0
