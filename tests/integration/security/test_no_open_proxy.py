@@ -204,33 +204,38 @@ def _digest_near(node_id: bytes) -> str:
     raise AssertionError("no digest found")
 
 
+@pytest.fixture
+async def b(cluster: ClusterPki, tmp_path: Path) -> AsyncIterator[DiscoveryService]:
+    """An honest node the honest node A has not heard of, its registry on port 7002."""
+    async with discovery_node(
+        discovery_config(tmp_path / "b", cluster.peer, registry_port=7002)
+    ) as node:
+        yield node
+
+
 async def test_a_provider_behind_a_full_bucket_keeps_the_ports_it_answered(
-    honest: DiscoveryService, rogue: RoguePeer, cluster: ClusterPki, tmp_path: Path
+    honest: DiscoveryService, rogue: RoguePeer, b: DiscoveryService
 ) -> None:
     # The rogue names a real node as provider, with a registry port of its own choosing.
-    cfg_b = discovery_config(tmp_path / "b", cluster.peer, registry_port=7002)
-    async with discovery_node(cfg_b) as b:
-        rogue.poison = [_with_registry_port(b, 9999)]
-        _fill_bucket_of(honest, b.engine.node_id)
-        found = await find_providers(honest.local_address, _digest_near(rogue.node_id))
+    rogue.poison = [_with_registry_port(b, 9999)]
+    _fill_bucket_of(honest, b.engine.node_id)
+    found = await find_providers(honest.local_address, _digest_near(rogue.node_id))
     assert [(r.provider.node_id, r.provider.registry_port) for r in found] == [
         (b.engine.node_id, 7002)
     ]
 
 
 async def test_a_contact_named_by_a_peer_keeps_the_ports_it_answered(
-    honest: DiscoveryService, rogue: RoguePeer, cluster: ClusterPki, tmp_path: Path
+    honest: DiscoveryService, rogue: RoguePeer, b: DiscoveryService
 ) -> None:
-    cfg_b = discovery_config(tmp_path / "b", cluster.peer, registry_port=7002)
-    async with discovery_node(cfg_b) as b:
-        rogue.nodes = [_with_registry_port(b, 9999)]
-        # The lookup asks the rogue, which names b; b answers, and b is remembered.
-        await honest.engine.lookup_nodes(b.engine.node_id)
-        for _ in range(SETTLE_TRIES):
-            if b.engine.node_id in honest.engine.node.table:
-                break
-            await asyncio.sleep(0.05)
-        known = honest.engine.node.table.get(b.engine.node_id)
+    rogue.nodes = [_with_registry_port(b, 9999)]
+    # The lookup asks the rogue, which names b; b answers, and b is remembered.
+    await honest.engine.lookup_nodes(b.engine.node_id)
+    for _ in range(SETTLE_TRIES):
+        if b.engine.node_id in honest.engine.node.table:
+            break
+        await asyncio.sleep(0.05)
+    known = honest.engine.node.table.get(b.engine.node_id)
     assert known is not None
     assert (known.discovery_port, known.registry_port) == (b.engine.discovery_port, 7002)
 
@@ -270,11 +275,7 @@ async def test_a_peer_answering_under_another_nodes_id_is_not_believed(
 
 
 async def test_a_node_named_at_a_wrong_address_is_not_taken_for_dead(
-    honest: DiscoveryService,
-    rogue: RoguePeer,
-    cluster: ClusterPki,
-    recorder: ConnectionRecorder,
-    tmp_path: Path,
+    honest: DiscoveryService, cluster: ClusterPki, recorder: ConnectionRecorder, tmp_path: Path
 ) -> None:
     # A peer may name node b (which the honest node knows) at an address where nothing answers
     # for b, as provider or as contact: the checks and calls there fail, which says nothing
