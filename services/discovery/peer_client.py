@@ -36,8 +36,6 @@ CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.min_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 2000),
 )
-log = get_logger("discovery")
-
 # Nodes whose own answer to a ping is kept (beyond the routing table, whose buckets may be
 # full), so calls to them need no new ping to learn their ports.
 ANSWERED_KEPT = 1024
@@ -45,6 +43,8 @@ ANSWERED_KEPT = 1024
 MAX_CHANNELS = 512
 # How long close() waits for cancelled background calls before closing channels under them.
 CLOSE_WAIT = 1.0
+
+log = get_logger("discovery")
 
 
 @dataclass(frozen=True, slots=True)
