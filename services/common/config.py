@@ -466,6 +466,31 @@ class DiscoverySection:
             check=_check_positive,
         ),
     )
+    max_records_per_peer: int = field(
+        default=20_000,
+        metadata=_doc(
+            "provider records this node keeps for one other node; its further new keys are "
+            "not stored (refreshes are), and it is also the burst of peer_records_per_second",
+            check=_check_positive,
+        ),
+    )
+    max_records_total: int = field(
+        default=100_000,
+        metadata=_doc(
+            "provider records this node keeps for all other nodes (about 470 bytes each); at "
+            "the cap a new record replaces one of the node holding the most (must be at least "
+            "max_records_per_peer)",
+            check=_check_positive,
+        ),
+    )
+    peer_records_per_second: float = field(
+        default=1000.0,
+        metadata=_doc(
+            "records (keys of AddProvider calls) one other node may store or refresh here per "
+            "second, sustained; a call over it is refused RESOURCE_EXHAUSTED",
+            check=_check_positive,
+        ),
+    )
 
 
 @dataclass(frozen=True)
