@@ -20,6 +20,7 @@ import subprocess
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from tests.integration.deploy.debian_base import CACHE_DIR
 
@@ -156,7 +157,7 @@ class DockerDaemon:
             )
         return result
 
-    def inspect(self, kind: str, name: str) -> dict[str, object] | None:
+    def inspect(self, kind: str, name: str) -> dict[str, Any] | None:
         """`docker <kind> inspect name` as a dict; None when it does not exist."""
         result = self.docker(kind, "inspect", name, check=False)
         if result.returncode != 0:
