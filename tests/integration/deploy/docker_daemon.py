@@ -69,7 +69,11 @@ class DockerDaemon:
         # Another test session using the daemon: wait for it rather than share it.
         fcntl.flock(self._lock, fcntl.LOCK_EX)
         self._kill_leftover()
+        # Tied to this process (as the harness ties containerd): a killed test run takes dockerd,
+        # and with it dockerd's containers and containerd, along.
+        setpriv = shutil.which("setpriv")
         argv = [
+            *([setpriv, "--pdeathsig", "TERM"] if setpriv else []),
             DOCKERD,
             f"--host={self.host}",
             f"--data-root={self.data_root}",
