@@ -58,6 +58,7 @@ class Container:
     host_network: bool
     readiness: tuple[str, ...] | None
     liveness: tuple[str, ...] | None
+    grace_period: float
 
 
 def quantity(text: str | int) -> int:
@@ -128,6 +129,8 @@ def containers(pod: Mapping[str, Any]) -> list[Container]:
                 host_network=bool(spec.get("hostNetwork", False)),
                 readiness=_exec_probe(c.get("readinessProbe")),
                 liveness=_exec_probe(c.get("livenessProbe")),
+                # Kubernetes' default when the pod does not say.
+                grace_period=float(spec.get("terminationGracePeriodSeconds", 30)),
             )
         )
     return out

@@ -93,6 +93,7 @@ def test_pinner_manifest_becomes_the_spec_kubelet_would_run() -> None:
     assert {"type": "network", "path": "/var/run/netns/node"} in namespaces
     assert not any(ns["type"] == "uts" for ns in namespaces) and "hostname" not in spec
     assert spec["linux"]["resources"]["memory"] == {"limit": 384 << 20}
+    assert containers(pod("pinner.yaml"))[0].grace_period == 10
     mounts = {m["destination"]: m for m in spec["mounts"]}
     socket = mounts["/run/k3s/containerd/containerd.sock"]
     assert socket["source"] == "/host/run/k3s/containerd/containerd.sock"
