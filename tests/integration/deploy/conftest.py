@@ -14,6 +14,8 @@ from tests.integration.deploy.docker_daemon import DockerDaemon, DockerError
 
 REPO = Path(__file__).resolve().parents[3]
 BUILD_TIMEOUT = 900.0
+MAX_ADDED_BYTES = 150 << 20
+BASE_REPOSITORY = "peermirror-test-base"
 
 
 def image_name() -> str:
@@ -57,8 +59,12 @@ def peermirror_image(docker: DockerDaemon) -> str:
         tarball = base_tarball()
     except BaseImageError as exc:
         pytest.fail(f"could not make the Debian base image: {exc}", pytrace=False)
-    base = f"peermirror-test-base:{tarball.stem.rsplit('-', 1)[1]}"
+    base = f"{BASE_REPOSITORY}:{tarball.stem.rsplit('-', 1)[1]}"
     if docker.inspect("image", base) is None:
+        # Bases of older inputs, kept in the cached data root, are never used again.
+        tags = docker.docker("images", "--format={{.Repository}}:{{.Tag}}", BASE_REPOSITORY).stdout
+        for stale in tags.split():
+            docker.docker("rmi", stale, check=False)
         # pip inside the build trusts the host's CA bundle, copied into the base (a proxy's CA).
         change = "ENV PIP_CERT=/etc/ssl/certs/ca-certificates.crt"
         docker.docker("import", "--change", change, str(tarball), base, timeout=300)
@@ -76,4 +82,10 @@ def peermirror_image(docker: DockerDaemon) -> str:
     )
     # Earlier builds' images, untagged by this one, would pile up in the cached data root.
     docker.docker("image", "prune", "--force")
+    built, base_info = docker.inspect("image", name), docker.inspect("image", base)
+    assert built is not None and base_info is not None
+    added = int(built["Size"]) - int(base_info["Size"])
+    # peermirror and its pinned dependencies (grpcio, cryptography, zstandard, uvloop...) in
+    # their venv: about 120 MB. A jump past this means something unwanted came in.
+    assert added < MAX_ADDED_BYTES, f"the image adds {added >> 20} MiB to its base"
     return name

@@ -25,7 +25,9 @@ SUITE = "bookworm"
 # ca-certificates: pip reaches PyPI over HTTPS.
 PACKAGES = ("python3", "python3-venv", "passwd", "ca-certificates")
 # Bumped when the way the tarball is made changes, so old cache entries are not reused.
-RECIPE = 1
+RECIPE = 2
+# Documentation a service image never reads (as the Debian "slim" images leave it out).
+DROPPED_DIRS = ("usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/locale")
 # Where pip inside the image finds the CA bundle copied from the host (which may hold a proxy CA).
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 APT_SOURCES = [Path("/etc/apt/sources.list"), Path("/etc/apt/sources.list.d")]
@@ -151,10 +153,20 @@ def base_tarball(cache_dir: Path = CACHE_DIR) -> Path:
         for junk in ("var/cache/apt/archives", "var/lib/apt/lists"):
             for entry in (root / junk).glob("*.deb" if "archives" in junk else "*_*"):
                 entry.unlink()
+        for dropped in DROPPED_DIRS:
+            for entry in (root / dropped).iterdir():
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
         if ca_bundle:
             # The host's bundle: PyPI may be reached through a proxy whose CA only the host has.
             (root / "etc/ssl/certs/ca-certificates.crt").write_bytes(ca_bundle)
         partial = Path(tmp) / "base.tar"
         _run(["tar", "-C", str(root), "--numeric-owner", "-cf", str(partial), "."], timeout=600)
         os.replace(partial, tarball)
+    # Entries of older inputs are never asked for again.
+    for stale in cache_dir.glob(f"debian-{SUITE}-python3-*.tar"):
+        if stale != tarball:
+            stale.unlink()
     return tarball

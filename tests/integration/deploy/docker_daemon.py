@@ -84,6 +84,10 @@ class DockerDaemon:
             "--ip-masq=false",
             "--bridge=none",
             "--storage-driver=overlay2",
+            # dockerd 20.10 uses a containerd already answering at /run/containerd (a dev box's
+            # or a system Docker's) instead of starting its own: keep out of its namespaces then.
+            "--containerd-namespace=peermirror-test",
+            "--containerd-plugins-namespace=peermirror-test-plugins",
         ]
         log = self.log_path.open("wb")
         try:

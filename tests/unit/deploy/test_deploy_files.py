@@ -1,8 +1,9 @@
 """docker-compose.yml, deploy/Dockerfile and deploy/k3s checked against the code they run.
 
-No container engine runs here, so these files are loaded as data: every command must parse with
-the real `peermirror` argument parser, every config file must pass the real loader, and every
-port, probe and mount must agree with the config the container reads.
+Loaded as data here, in milliseconds: every command must parse with the real `peermirror`
+argument parser, every config file must pass the real loader, and every port, probe and mount must
+agree with the config the container reads. tests/integration/deploy builds the image and runs
+docker-compose.yml and the K3s manifests for real.
 """
 
 from __future__ import annotations
