@@ -40,7 +40,11 @@ from tests.integration.mesh.p2p import import_image, served_to_peers
 pytestmark = [pytest.mark.slow, pytest.mark.containerd, pytest.mark.timeout(900)]
 
 K3S = REPO / "deploy" / "k3s"
-AGENT_PODS = ("discovery.yaml", "registry.yaml", "pinner.yaml")
+# The manifests and node config of each kind of K3s node (deploy/k3s/README.md, step 6).
+NODE_KINDS = {
+    "agent": ("node.yaml", ("discovery.yaml", "registry.yaml", "pinner.yaml")),
+    "server": ("node-server.yaml", ("discovery.yaml", "registry-server.yaml", "pinner.yaml")),
+}
 # K3s paths the pods mount that are the node's containerd itself.
 CONTAINERD_SOCKET = "/run/k3s/containerd/containerd.sock"
 CONTENT_ROOT = "/var/lib/rancher/k3s/agent/containerd/io.containerd.content.v1.content"
@@ -52,10 +56,10 @@ ADVERTISE_TIMEOUT = 90.0
 PULL_ATTEMPTS = 3
 
 
-def node_config(bootstrap: str) -> dict[str, Any]:
-    """deploy/k3s/node.yaml plus a bootstrap peer (every real cluster names one) and the
+def node_config(name: str, bootstrap: str) -> dict[str, Any]:
+    """deploy/k3s/<name> plus a bootstrap peer (every real cluster names one) and the
     containerd this test runs (upstream 1.6: hosts.toml needs `server` to exclude upstream)."""
-    shipped = yaml.safe_load((K3S / "node.yaml").read_text(encoding="utf-8"))
+    shipped = yaml.safe_load((K3S / name).read_text(encoding="utf-8"))
     extra = {
         "discovery": {"bootstrap_peers": [bootstrap]},
         "pinner": {"containerd_flavour": "upstream", "containerd_version": "1.6"},
@@ -117,17 +121,20 @@ def peer(tmp_path: Path) -> Iterator[tuple[Mesh, BuiltImage]]:
         yield mesh, image
 
 
+@pytest.mark.parametrize("kind", sorted(NODE_KINDS))
 def test_k3s_static_pods_run_answer_their_probes_and_pull_from_a_peer(
     docker: DockerDaemon,
     peermirror_image: str,
     peer: tuple[Mesh, BuiltImage],
     tmp_path: Path,
+    kind: str,
 ) -> None:
     mesh, image = peer
     n1 = mesh.nodes[0]
     assert mesh.ca is not None
     k3s: NetnsHost = mesh.add_host("k3s")
-    pods = [c for f in AGENT_PODS for c in containers(yaml.safe_load((K3S / f).read_text()))]
+    config_name, manifests = NODE_KINDS[kind]
+    pods = [c for f in manifests for c in containers(yaml.safe_load((K3S / f).read_text()))]
     assert {c.image for c in pods} == {peermirror_image}
 
     with ExitStack() as stack:
@@ -146,7 +153,7 @@ def test_k3s_static_pods_run_answer_their_probes_and_pull_from_a_peer(
         tls.mkdir(parents=True, mode=0o700)
         write_node(tls, issue_node(mesh.ca, "k3s", k3s.ip), mesh.ca.cert)
         config = host.path("/etc/peermirror/node.yaml")
-        _write(config, node_config(n1.discovery_peer_address))
+        _write(config, node_config(config_name, n1.discovery_peer_address))
         _write(
             host.path("/etc/rancher/k3s/registries.yaml"),
             {"mirrors": {"docker.io": {"endpoint": [NOWHERE]}}},
@@ -154,7 +161,7 @@ def test_k3s_static_pods_run_answer_their_probes_and_pull_from_a_peer(
         _write(
             host.path("/etc/rancher/k3s/config.yaml"), {"disable-default-registry-endpoint": True}
         )
-        load_config(config, env={})
+        port = load_config(config, env={}).registry.port
 
         runner = PodRunner(
             node_containerd,
@@ -171,12 +178,14 @@ def test_k3s_static_pods_run_answer_their_probes_and_pull_from_a_peer(
         for path in ("/livez", "/readyz"):
             curl = ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"]
             curl += [str(tls / "ca.crt"), "--cert", str(tls / "node.crt")]
-            curl += ["--key", str(tls / "node.key"), f"https://127.0.0.1:6443{path}"]
+            curl += ["--key", str(tls / "node.key"), f"https://127.0.0.1:{port}{path}"]
             assert k3s.exec(curl).stdout == "200", path
 
         hosts_toml = (node_containerd.hosts_dir / "docker.io" / "hosts.toml").read_text()
-        assert "https://127.0.0.1:6443" in hosts_toml and NOWHERE in hosts_toml, hosts_toml
+        assert f"https://127.0.0.1:{port}" in hosts_toml and NOWHERE in hosts_toml, hosts_toml
         registry = next(r for r in started if r.container.name == "registry")
+        # A server's registry listens on 6445 (K3s's API server owns 6443 there).
+        assert port == {"agent": 6443, "server": 6445}[kind]
         lookup = ["peermirror", "lookup", image.name, "--config", "/etc/peermirror/node.yaml"]
         deadline = time.monotonic() + ADVERTISE_TIMEOUT
         while runner.exec(registry, lookup) != 0:
