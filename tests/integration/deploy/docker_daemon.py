@@ -129,8 +129,14 @@ class DockerDaemon:
                     os.killpg(self._proc.pid, signal.SIGKILL)
                     self._proc.wait()
             self._proc = None
-        # dockerd's exec root holds mounts (netns files) only while it runs.
+        # dockerd leaves the host's netns bind-mounted in its exec root (libnetwork's "default"
+        # sandbox): unmount whatever is mounted below it, deepest first, then remove it.
+        for mount_point in sorted(_mounts_below(self.exec_root), reverse=True):
+            subprocess.run(["umount", "--lazy", mount_point], capture_output=True, check=False)
         shutil.rmtree(self.exec_root, ignore_errors=True)
+        leftover = _mounts_below(self.exec_root)
+        if leftover:
+            raise DockerError(f"mounts left under {self.exec_root}: {leftover}")
         if self._lock is not None:
             os.close(self._lock)
             self._lock = None
@@ -179,6 +185,17 @@ class DockerDaemon:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _mounts_below(directory: Path) -> list[str]:
+    """Mount points at or below `directory` (from /proc/self/mountinfo, octal escapes kept)."""
+    prefix = str(directory)
+    found = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        point = line.split()[4]
+        if point == prefix or point.startswith(prefix + "/"):
+            found.append(point)
+    return found
 
 
 def _wait_gone(pid: int, timeout: float) -> None:

@@ -92,7 +92,8 @@ class PodRunner:
         spec_file.write_text(json.dumps(spec, indent=1), encoding="utf-8")
         running = RunningContainer(container, cid, rootfs, log)
         self.running.append(running)
-        self._ctr("run", "--detach", "--config", str(spec_file), f"--log-uri=file://{log}", cid)
+        io = [f"--log-uri=file://{log}", f"--fifo-dir={self.work / cid / 'fifo'}"]
+        self._ctr("run", "--detach", "--config", str(spec_file), *io, cid)
         return running
 
     def exec(self, running: RunningContainer, argv: Sequence[str], timeout: float = 30.0) -> int:
