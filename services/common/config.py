@@ -260,7 +260,7 @@ class RegistrySection:
     # A relayed body is judged once per window: a drip-feeding peer resets any stall timer with
     # every byte, so only a rate over a window of time tells it apart from a slow network.
     rate_window: float = field(
-        default=1.0,
+        default=0.5,
         metadata=_doc(
             "seconds over which a relayed body's rate from one peer is measured and judged",
             check=_check_positive,

@@ -159,6 +159,12 @@ class PeerBook:
         record.rate = rate
         record.slow = True
 
+    def peak_rate(self) -> float | None:
+        """The fastest smoothed rate of any peer not ranked down: what this node's relays
+        normally get."""
+        rates = [r.rate for r in self._peers.values() if r.rate is not None and not r.slow]
+        return max(rates) if rates else None
+
     def rate(self, peer: Peer) -> float | None:
         """`peer`'s smoothed body rate (None: unknown, or ranked down as slow)."""
         record = self._peers.get(peer)

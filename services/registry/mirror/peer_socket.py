@@ -75,9 +75,11 @@ class PeerSocket:
             raw.close()
             raise
         with self._lock:
-            self._sock = sock
             if self._cancelled.is_set():
-                self._shutdown()
+                # Cancelled (or closed) while connecting: nobody will close this one but us.
+                sock.close()
+                raise ConnectionAbortedError("request cancelled")
+            self._sock = sock
         host = f"[{self.address}]" if ":" in self.address else self.address
         lines = [f"GET {target} HTTP/1.1", f"Host: {host}:{self.port}", "Connection: close"]
         lines += [f"{name}: {value}" for name, value in headers.items()]
@@ -152,18 +154,24 @@ class PeerSocket:
                 self._sock.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
+        """Cancel and let go of the socket (from any thread; a blocked call is woken first)."""
         with self._lock:
+            self._cancelled.set()
+            self._shutdown()
             sock, self._sock = self._sock, None
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.close()
 
 
-async def in_thread(work: Callable[[], T], cancel: Callable[[], None], *, name: str) -> T:
+async def in_thread(
+    work: Callable[[], T], cancel: Callable[[], None], *, name: str, wait: bool = True
+) -> T:
     """Run `work` on a thread of its own and wait for it. On a cancel, `cancel` is called (it
-    must make `work` return soon) and the thread is waited for, bounded, before the cancel goes
-    on. A dedicated thread, not the default pool: a slow peer must not hold a pool worker that
-    hashing and file reads of other requests wait for."""
+    must make `work` return soon) and, with `wait`, the thread is waited for, bounded, before
+    the cancel goes on (without: `work` must clean up after itself; a connect cannot be woken,
+    and a lost hedge must not hold up the winner). A dedicated thread, not the default pool: a
+    slow peer must not hold a pool worker that hashing and file reads of other requests need."""
     loop = asyncio.get_running_loop()
     done: asyncio.Future[T] = loop.create_future()
 
@@ -188,7 +196,9 @@ async def in_thread(work: Callable[[], T], cancel: Callable[[], None], *, name: 
         return await asyncio.shield(done)
     except asyncio.CancelledError:
         cancel()
-        with contextlib.suppress(BaseException):
-            await asyncio.wait([done], timeout=CANCEL_WAIT_S)
-            done.exception()  # retrieved: the cancel is what goes on
+        if wait:
+            with contextlib.suppress(BaseException):
+                await asyncio.wait([done], timeout=CANCEL_WAIT_S)
+        # Whatever the thread ends with is not wanted now (and must not be logged as lost).
+        done.add_done_callback(lambda f: f.cancelled() or f.exception())
         raise

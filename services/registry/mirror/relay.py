@@ -25,7 +25,6 @@ attempt count in its ``detail``, so containerd falls back to its next endpoint a
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import functools
 import ssl
@@ -71,6 +70,9 @@ from services.registry.transfer import ClientGoneError
 CHUNK_BYTES = 1024 * 1024
 # How often a worker waiting for the event loop to send its bytes checks for a cancel.
 HAND_OVER_POLL_S = 0.5
+# Pieces a body worker may read ahead of what the event loop has sent: the next piece is
+# received, decrypted and hashed while the loop encrypts and sends the one before.
+PIPELINE = 2
 # Failure reasons kept per request for the 404's message (the count is in `detail`).
 REASONS_SHOWN = 3
 # Full reads that prove which contributor of a failed body lied, running at once per node: they
@@ -95,7 +97,7 @@ class MirrorSettings:
     max_providers: int = 3
     max_attempts: int = 4
     quarantine_duration: float = 300.0
-    rate_window: float = 1.0
+    rate_window: float = 0.5
     min_peer_rate: float = 128 * 1024.0
     slow_peer_ratio: float = 0.2
     peer_attempt_timeout: float = 600.0
@@ -190,9 +192,15 @@ class _Pull:
             log.info("peer attempt failed", key=self.lookup.key, peer=str(peer), error=reason)
 
     def reference_rate(self, current: Peer) -> float | None:
-        """The fastest known rate of another provider that could take over from `current`."""
+        """What `current` is judged against: the fastest known rate of another provider that
+        could take over, or, when none is known, the best rate this node's relays get from any
+        peer (an untried provider is likely to be as good). None when no other provider could
+        take over: then a slow peer is kept, unless it is below the floor."""
+        candidates = [p for p in self._candidates() if p != current]
+        if not candidates:
+            return None
         book = self.mirror.book
-        return core.best_rate([book.rate(p) for p in self._candidates() if p != current])
+        return core.best_rate([*(book.rate(p) for p in candidates), book.peak_rate()])
 
     def miss(self) -> OciError:
         """The local error, now also saying that no peer served it (a 404 either way)."""
@@ -529,7 +537,10 @@ class Mirror:
 
         async def exchange() -> Head:
             return await in_thread(
-                lambda: sock.request(target, headers, timeout), sock.cancel, name="relay-peer"
+                lambda: sock.request(target, headers, timeout),
+                sock.close,
+                name="relay-peer",
+                wait=False,
             )
 
         try:
@@ -706,24 +717,38 @@ class _BodyRelay:
                 self.mirror.drop_answer(current)
 
     async def _pump(self, answer: _BlobAnswer, route: Route, registry: str) -> list[core.Action]:
-        """Read `answer`'s body on a worker thread, which feeds the core (and so hashes) there;
-        the bytes to send come back here as they arrive. Returns once the core asks for more
-        than sending bytes (a resume, the verdict)."""
+        """Read `answer`'s body on a worker thread, which feeds the core (and so decrypts and
+        hashes) there, while this loop sends the bytes it hands over, in order, at most
+        PIPELINE pieces behind. Returns, once those are sent, the core's first actions that
+        are more than sending bytes (a resume, the verdict)."""
         loop = asyncio.get_running_loop()
         sock = answer.sock
         assert sock is not None
         stop = threading.Event()
+        free = threading.Semaphore(PIPELINE)  # pieces the worker may hand over unsent
+        handed: asyncio.Queue[list[core.Action] | None] = asyncio.Queue()
+        failure: list[BaseException] = []
+
+        def cancel() -> None:
+            stop.set()
+            sock.cancel()
+
+        async def sender() -> None:
+            while (actions := await handed.get()) is not None:
+                try:
+                    await self._act(actions, route, registry)
+                except BaseException as exc:
+                    failure.append(exc)
+                    cancel()
+                    raise
+                finally:
+                    free.release()
 
         def hand_over(actions: list[core.Action]) -> None:
-            future = asyncio.run_coroutine_threadsafe(self._act(actions, route, registry), loop)
-            while True:
-                try:
-                    future.result(timeout=HAND_OVER_POLL_S)
+            while not free.acquire(timeout=HAND_OVER_POLL_S):
+                if stop.is_set():
                     return
-                except concurrent.futures.TimeoutError:
-                    if stop.is_set():
-                        future.cancel()
-                        raise ClientGoneError(ConnectionAbortedError("relay stopped")) from None
+            loop.call_soon_threadsafe(handed.put_nowait, actions)
 
         def work() -> list[core.Action]:
             blob = self.blob
@@ -749,11 +774,17 @@ class _BodyRelay:
                 if actions:
                     hand_over(actions)
 
-        def cancel() -> None:
-            stop.set()
-            sock.cancel()
-
-        return await in_thread(work, cancel, name="relay-body")
+        sending = asyncio.create_task(sender(), name="relay-send")
+        try:
+            actions = await in_thread(work, cancel, name="relay-body")
+            handed.put_nowait(None)
+            with contextlib.suppress(BaseException):
+                await sending
+        finally:
+            sending.cancel()
+        if failure:
+            raise failure[0]
+        return actions
 
     async def _resume(
         self, pull: _Pull, route: Route, registry: str, resume: core.Resume

@@ -43,7 +43,7 @@ MIN_RATE_BYTES = 256 * 1024
 class RatePolicy:
     """How fast a peer must send a body (see RegistrySection for each key)."""
 
-    window: float = 1.0  # registry.rate_window
+    window: float = 0.5  # registry.rate_window
     min_rate: float = 128 * 1024.0  # registry.min_peer_rate
     slow_ratio: float = 0.2  # registry.slow_peer_ratio
     attempt_timeout: float = 600.0  # registry.peer_attempt_timeout
