@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import select
 import socket
 import ssl
 import threading
@@ -123,8 +122,10 @@ class PeerSocket:
             return first
         parts = [first]
         size = len(first)
+        # Then whatever else has arrived, without waiting (over TLS a read yields one record
+        # of at most 16 KiB; asking the socket beats a poll per record).
         sock.settimeout(0.0)
-        while size < limit and self._ready(sock):
+        while size < limit:
             try:
                 data = sock.recv(min(limit - size, RECV_BYTES))
             except (BlockingIOError, ssl.SSLWantReadError):
@@ -134,13 +135,6 @@ class PeerSocket:
             parts.append(data)
             size += len(data)
         return b"".join(parts)
-
-    @staticmethod
-    def _ready(sock: socket.socket) -> bool:
-        if isinstance(sock, ssl.SSLSocket) and sock.pending():
-            return True
-        readable, _, _ = select.select([sock], [], [], 0)
-        return bool(readable)
 
     def cancel(self) -> None:
         """Stop the exchange: a blocked call in the worker returns with an error."""
