@@ -319,6 +319,10 @@ def slow_provider(
         answer = run_worker(
             client, {"reps": reps, "targets": [relay], "tls": creds, "verify": False}
         )
+    except MeshError as exc:
+        # What the relaying registry made of it is the interesting part.
+        tail = "\n".join(client.log_text("registry").splitlines()[-15:])
+        raise MeshError(f"{exc}\nnode 3's registry log:\n{tail}") from exc
     finally:
         slow.exec(["tc", "qdisc", "del", "dev", "eth0", "root"], check=False)
     seconds: list[float] = answer["seconds"]["relay"]

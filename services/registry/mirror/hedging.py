@@ -159,11 +159,20 @@ class PeerBook:
         record.rate = rate
         record.slow = True
 
-    def peak_rate(self) -> float | None:
-        """The fastest smoothed rate of any peer not ranked down: what this node's relays
-        normally get."""
-        rates = [r.rate for r in self._peers.values() if r.rate is not None and not r.slow]
+    def peak_rate(self, *, besides: Peer | None = None) -> float | None:
+        """The fastest smoothed rate of any peer (but `besides`) not ranked down: what this
+        node's relays normally get."""
+        rates = [
+            r.rate
+            for p, r in self._peers.items()
+            if r.rate is not None and not r.slow and p != besides
+        ]
         return max(rates) if rates else None
+
+    def is_slow(self, peer: Peer) -> bool:
+        """Whether a relay left `peer` for being slow (and it has not shown a good rate since)."""
+        record = self._peers.get(peer)
+        return record is not None and record.slow
 
     def rate(self, peer: Peer) -> float | None:
         """`peer`'s smoothed body rate (None: unknown, or ranked down as slow)."""
