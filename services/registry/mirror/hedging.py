@@ -159,14 +159,10 @@ class PeerBook:
         record.rate = rate
         record.slow = True
 
-    def peak_rate(self, *, besides: Peer | None = None) -> float | None:
-        """The fastest smoothed rate of any peer (but `besides`) not ranked down: what this
-        node's relays normally get."""
-        rates = [
-            r.rate
-            for p, r in self._peers.items()
-            if r.rate is not None and not r.slow and p != besides
-        ]
+    def peak_rate(self) -> float | None:
+        """The fastest smoothed rate of any peer not ranked down: what this node's relays
+        normally get."""
+        rates = [r.rate for r in self._peers.values() if r.rate is not None and not r.slow]
         return max(rates) if rates else None
 
     def is_slow(self, peer: Peer) -> bool:

@@ -194,15 +194,16 @@ class _Pull:
     def reference_rate(self, current: Peer) -> float | None:
         """What `current` is judged against: the fastest known rate of another provider that
         could take over, or, when none of them is known, the best rate this node's relays get
-        from another peer (an untried provider is likely to be as good). None when no provider
-        could take over but ones already left for being slow: then `current` is kept, unless
-        it is below the floor (a relay never trades a peer for one known to be slower)."""
+        from any peer, `current`'s own earlier rate included (an untried provider is likely to
+        be as good). None when no provider could take over but ones already left for being
+        slow: then `current` is kept, unless it is below the floor (a relay never trades a
+        peer for one known to be slower)."""
         book = self.mirror.book
         candidates = [p for p in self._candidates() if p != current and not book.is_slow(p)]
         if not candidates:
             return None
         known = core.best_rate([book.rate(p) for p in candidates])
-        return known if known is not None else book.peak_rate(besides=current)
+        return known if known is not None else book.peak_rate()
 
     def miss(self) -> OciError:
         """The local error, now also saying that no peer served it (a 404 either way)."""

@@ -113,7 +113,6 @@ def test_a_peer_ranked_down_as_slow_is_chosen_last_until_it_is_fast_again() -> N
     book.observe_rate(slow, 100e6)
     book.observe_rate(other, 50e6)
     assert book.peak_rate() == 100e6
-    assert book.peak_rate(besides=slow) == 50e6
     book.rank_down(slow, 1e6)
     assert book.rate(slow) is None
     assert book.is_slow(slow)
