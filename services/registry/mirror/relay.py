@@ -528,7 +528,9 @@ class Mirror:
         if method == "HEAD":
             response = await self._open(peer, headers_in, method, route, registry, headers)
             try:
-                status, span = self._check_blob(response.status, response.headers, route, wanted)
+                status, span = self._check_blob(
+                    response.status, response.headers, route, wanted, ranged=bool(range_header)
+                )
             finally:
                 response.close()
                 self.book.end(peer)
@@ -548,17 +550,20 @@ class Mirror:
 
         try:
             head = await self._timed(peer, headers_in, route, exchange)
-            status, span = self._check_blob(head.status, head.headers, route, wanted)
+            status, span = self._check_blob(
+                head.status, head.headers, route, wanted, ranged=bool(range_header)
+            )
         except BaseException:
             sock.close()
             raise
         return _BlobAnswer(peer, status, span, sock, head.early)
 
     def _check_blob(
-        self, status: int, headers: Any, route: Route, wanted: ByteRange | None
+        self, status: int, headers: Any, route: Route, wanted: ByteRange | None, *, ranged: bool
     ) -> tuple[int, ByteRange]:
+        """The status and span of a peer's blob answer; a 206 only to a request with a Range."""
         assert route.digest is not None
-        if status not in (200, 206) or (wanted is not None and status != 206):
+        if status not in (200, 206) or (not ranged and status != 200):
             raise PeerAnswerError(f"answered {status}")
         span = check_blob_answer(status, headers, route.digest, wanted, digest_header=DIGEST_HEADER)
         return status, span
