@@ -133,6 +133,11 @@ def _check_major_minor(value: object) -> None:
         parse_major_minor(value)
 
 
+def _check_fraction(value: object) -> None:
+    if isinstance(value, int | float) and not 0 < value < 1:
+        raise ValueError(f"must be > 0 and < 1, got {value}")
+
+
 def _doc(
     text: str,
     check: Callable[[object], None] | None = None,
@@ -288,7 +293,40 @@ class RegistrySection:
     quarantine_duration: float = field(
         default=300.0,
         metadata=_doc(
-            "seconds a peer that sent content not matching its digest is not asked again",
+            "seconds a peer proven to have sent content not matching its digest is not asked again",
+            check=_check_positive,
+        ),
+    )
+    # A relayed body is judged once per window: a drip-feeding peer resets any stall timer with
+    # every byte, so only a rate over a window of time tells it apart from a slow network.
+    rate_window: float = field(
+        default=0.5,
+        metadata=_doc(
+            "seconds over which a relayed body's rate from one peer is measured and judged",
+            check=_check_positive,
+        ),
+    )
+    min_peer_rate: float = field(
+        default=131072.0,
+        metadata=_doc(
+            "bytes per second a peer must send a relayed body at (over rate_window); a slower "
+            "one is ranked down and the body resumed from the next peer by Range",
+            check=_check_positive,
+        ),
+    )
+    slow_peer_ratio: float = field(
+        default=0.2,
+        metadata=_doc(
+            "a peer sending a body slower than this fraction of the fastest rate seen from "
+            "another provider is ranked down and the body resumed from that provider by Range",
+            check=_check_fraction,
+        ),
+    )
+    peer_attempt_timeout: float = field(
+        default=600.0,
+        metadata=_doc(
+            "seconds one peer request may take in all (headers and body) before the body is "
+            "resumed from the next peer",
             check=_check_positive,
         ),
     )
@@ -332,7 +370,17 @@ class RegistrySection:
     max_relays_per_client: int = field(
         default=16,
         metadata=_doc(
-            "peer relays one client address may have in flight; more are answered 429",
+            "peer relays one remote client address may have in flight; more are answered 429",
+            check=_check_positive,
+        ),
+    )
+    # The node's own containerd always dials 127.0.0.1 (or ::1): one budget for all its pulls,
+    # sized for several images pulled in parallel, each with a few layers at once.
+    max_local_relays: int = field(
+        default=128,
+        metadata=_doc(
+            "peer relays the node's own containerd (clients at 127.0.0.1 or ::1) may have in "
+            "flight in all; more are answered 429",
             check=_check_positive,
         ),
     )
