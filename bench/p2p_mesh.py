@@ -35,7 +35,6 @@ import json
 import math
 import os
 import secrets
-import signal
 import statistics
 import subprocess
 import sys
@@ -50,6 +49,7 @@ import yaml
 
 from bench.http_load import LoadError, fetch_blob
 from bench.process_cpu import cpu_seconds
+from bench.root_run import run_as_root
 from tests.harness import netns
 from tests.harness.images import BuiltImage, build_image, write_oci_archive
 from tests.harness.mesh import K8S_NAMESPACE, Mesh, MeshError, MeshNode, NetnsHost, deep_merge
@@ -520,25 +520,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.worker is not None:
         return worker_main(args.worker)
-    if os.geteuid() != 0:
-        print("benchmark could not run: needs root (network namespaces)", file=sys.stderr)
-        return 1
     settings = Settings(args.layer_mib, args.blob_reps, args.pull_reps, args.misses)
-    # SIGTERM unwinds like an exception, so the mesh is torn down.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    load_before = os.getloadavg()[0]
-    started = time.monotonic()
-    try:
-        report = run(settings)
-    except (LoadError, MeshError, OSError, RuntimeError, TimeoutError, AssertionError) as exc:
-        print(f"benchmark could not run: {exc}", file=sys.stderr)
-        return 1
-    print(report)
-    print(
-        f"took {time.monotonic() - started:.0f} s; load average (1 min) {load_before:.1f} before, "
-        f"{os.getloadavg()[0]:.1f} after, on {os.cpu_count()} CPUs"
-    )
-    return 0
+    return run_as_root(lambda: run(settings))
 
 
 if __name__ == "__main__":

@@ -19,8 +19,10 @@ def register(subparsers: Subparsers) -> None:
         description=(
             "Render a K3s registries.yaml into containerd hosts.toml files (the embedded "
             "mirror first, then the registry's endpoints, upstream last), written atomically "
-            "into --out. Only directories peermirror generated are replaced or removed. An "
-            "invalid registries.yaml is reported with the key at fault and nothing is changed."
+            "into --out. Only directories peermirror or K3s generated are replaced (only "
+            "peermirror's removed); hand-written ones are left alone. An invalid registries.yaml "
+            "is reported with the key at fault and nothing is changed. The write holds a lock "
+            "on --out/.peermirror.lock shared with the pinner, waiting while the pinner writes."
         ),
     )
     parser.add_argument(
@@ -69,16 +71,16 @@ def register(subparsers: Subparsers) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from services.common.config import parse_major_minor
     from services.common.k3s.registries import RegistriesError
     from services.pinner.hosts_toml import HostsOptions
     from services.pinner.hosts_writer import write_containerd_config
-    from services.pinner.service import parse_version
 
     if args.client_key and not args.client_cert:
         print("peermirror: --client-key needs --client-cert", file=sys.stderr)
         return EXIT_INVALID
     try:
-        version = parse_version(args.containerd_version)
+        version = parse_major_minor(args.containerd_version)
     except ValueError as exc:
         print(f"peermirror: --containerd-version: {exc}", file=sys.stderr)
         return EXIT_INVALID

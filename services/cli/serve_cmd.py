@@ -8,6 +8,7 @@ import importlib
 import os
 
 from services.cli.args import Subparsers, add_config_option, load_node_config
+from services.common.config import ConfigError
 from services.common.logsetup import configure_logging, get_logger
 from services.common.node_supervisor import follow_supervisor
 
@@ -47,4 +48,9 @@ def _run(args: argparse.Namespace) -> int:
     except AddressInUseError as exc:
         get_logger(name).error("failed to start", service=name, error=str(exc))
         return 1
+    except ConfigError as exc:
+        # Found at start (a TLS file that cannot be read, ...): the key is named, and the
+        # operator also learns which config file named it.
+        source = "defaults" if args.config is None else str(args.config)
+        raise ConfigError(f"{source}: {exc}") from None
     return 0

@@ -21,7 +21,10 @@ from the K3s config file named by ``node.k3s_config`` (see :mod:`services.common
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
+import math
 import os
+import re
 import socket
 import types
 import typing
@@ -102,6 +105,44 @@ def _check_non_negative(value: object) -> None:
         raise ValueError(f"must be >= 0, got {value}")
 
 
+def _check_ip_address(value: object) -> None:
+    # Empty means autodetect; otherwise what peers dial and certificates name: an IP literal
+    # (brackets and an IPv6 zone index are tolerated, as discovery strips them).
+    if isinstance(value, str) and value.strip():
+        text = value.strip().removeprefix("[").removesuffix("]").split("%", 1)[0]
+        try:
+            ipaddress.ip_address(text)
+        except ValueError:
+            raise ValueError(f"not an IP address: {value!r}") from None
+
+
+def _check_regexes(value: object) -> None:
+    if isinstance(value, list):
+        for i, pattern in enumerate(value):
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"item {i}: invalid regex {pattern!r}: {exc}") from None
+
+
+def parse_major_minor(text: str) -> tuple[int, int]:
+    """A version `"1.7"` or `"v2.1.3"` as (major, minor); ValueError otherwise."""
+    parts = text.strip().lstrip("v").split(".")
+    if len(parts) < 2 or not parts[0].isdigit() or not parts[1].isdigit():
+        raise ValueError(f"expected a containerd version major.minor, got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
+def _check_major_minor(value: object) -> None:
+    if isinstance(value, str):
+        parse_major_minor(value)
+
+
+def _check_fraction(value: object) -> None:
+    if isinstance(value, int | float) and not 0 < value < 1:
+        raise ValueError(f"must be > 0 and < 1, got {value}")
+
+
 def _doc(
     text: str,
     check: Callable[[object], None] | None = None,
@@ -144,7 +185,10 @@ class NodeSection:
     )
     address: str = field(
         default="",
-        metadata=_doc("IP address peers use to reach this node; empty = autodetect"),
+        metadata=_doc(
+            "IP address peers use to reach this node; empty = autodetect",
+            check=_check_ip_address,
+        ),
     )
     k3s_config: Path | None = field(
         default=None,
@@ -200,7 +244,8 @@ class RegistrySection:
         default_factory=list,
         metadata=_doc(
             "regexes (re.search) on 'registry/name:tag' of tag requests; when set, only "
-            "matching tags are resolved (digest requests are not filtered)"
+            "matching tags are resolved (digest requests are not filtered)",
+            check=_check_regexes,
         ),
     )
     registries_file: Path = field(
@@ -253,7 +298,40 @@ class RegistrySection:
     quarantine_duration: float = field(
         default=300.0,
         metadata=_doc(
-            "seconds a peer that sent content not matching its digest is not asked again",
+            "seconds a peer proven to have sent content not matching its digest is not asked again",
+            check=_check_positive,
+        ),
+    )
+    # A relayed body is judged once per window: a drip-feeding peer resets any stall timer with
+    # every byte, so only a rate over a window of time tells it apart from a slow network.
+    rate_window: float = field(
+        default=0.5,
+        metadata=_doc(
+            "seconds over which a relayed body's rate from one peer is measured and judged",
+            check=_check_positive,
+        ),
+    )
+    min_peer_rate: float = field(
+        default=131072.0,
+        metadata=_doc(
+            "bytes per second a peer must send a relayed body at (over rate_window); a slower "
+            "one is ranked down and the body resumed from the next peer by Range",
+            check=_check_positive,
+        ),
+    )
+    slow_peer_ratio: float = field(
+        default=0.2,
+        metadata=_doc(
+            "a peer sending a body slower than this fraction of the fastest rate seen from "
+            "another provider is ranked down and the body resumed from that provider by Range",
+            check=_check_fraction,
+        ),
+    )
+    peer_attempt_timeout: float = field(
+        default=600.0,
+        metadata=_doc(
+            "seconds one peer request may take in all (headers and body) before the body is "
+            "resumed from the next peer",
             check=_check_positive,
         ),
     )
@@ -297,7 +375,17 @@ class RegistrySection:
     max_relays_per_client: int = field(
         default=16,
         metadata=_doc(
-            "peer relays one client address may have in flight; more are answered 429",
+            "peer relays one remote client address may have in flight; more are answered 429",
+            check=_check_positive,
+        ),
+    )
+    # The node's own containerd always dials 127.0.0.1 (or ::1): one budget for all its pulls,
+    # sized for several images pulled in parallel, each with a few layers at once.
+    max_local_relays: int = field(
+        default=128,
+        metadata=_doc(
+            "peer relays the node's own containerd (clients at 127.0.0.1 or ::1) may have in "
+            "flight in all; more are answered 429",
             check=_check_positive,
         ),
     )
@@ -431,6 +519,31 @@ class DiscoverySection:
             check=_check_positive,
         ),
     )
+    max_records_per_peer: int = field(
+        default=20_000,
+        metadata=_doc(
+            "provider records this node keeps for one other node; its further new keys are "
+            "not stored (refreshes are), and it is also the burst of peer_records_per_second",
+            check=_check_positive,
+        ),
+    )
+    max_records_total: int = field(
+        default=100_000,
+        metadata=_doc(
+            "provider records this node keeps for all other nodes (about 470 bytes each); at "
+            "the cap a new record replaces one of the node holding the most (must be at least "
+            "max_records_per_peer)",
+            check=_check_positive,
+        ),
+    )
+    peer_records_per_second: float = field(
+        default=1000.0,
+        metadata=_doc(
+            "records (keys of AddProvider calls) one other node may store or refresh here per "
+            "second, sustained; a call over it is refused RESOURCE_EXHAUSTED",
+            check=_check_positive,
+        ),
+    )
 
 
 @dataclass(frozen=True)
@@ -473,9 +586,28 @@ class PinnerSection:
         default=1.0,
         metadata=_doc("seconds between scans of the images directory", check=_check_positive),
     )
+    max_import_descriptors: int = field(
+        default=100_000,
+        metadata=_doc(
+            "descriptors one archive import may handle (archive members, plus every index "
+            "entry, config and layer met walking each image); an archive needing more is refused",
+            check=_check_positive,
+        ),
+    )
     write_hosts: bool = field(
         default=True,
-        metadata=_doc("write certs_dir/<host>/hosts.toml from registry.registries_file at start"),
+        metadata=_doc(
+            "write certs_dir/<host>/hosts.toml from registry.registries_file at start, and keep "
+            "them so (see hosts_check_interval)"
+        ),
+    )
+    hosts_check_interval: float = field(
+        default=1.0,
+        metadata=_doc(
+            "seconds between checks of registries_file and the hosts.toml files the pinner "
+            "owns; a changed registries.yaml or a file K3s rewrote is put right at the next check",
+            check=_check_positive,
+        ),
     )
     mirror_tls: bool = field(
         default=True,
@@ -509,11 +641,17 @@ class PinnerSection:
     )
     containerd_version: str = field(
         default="1.7",
-        metadata=_doc("major.minor of that containerd (dial_timeout needs >= 2.1)"),
+        metadata=_doc(
+            "major.minor of that containerd (dial_timeout needs >= 2.1)",
+            check=_check_major_minor,
+        ),
     )
     dial_timeout: float | None = field(
         default=None,
-        metadata=_doc("seconds for hosts.toml dial_timeout (containerd >= 2.1); null = unset"),
+        metadata=_doc(
+            "seconds for hosts.toml dial_timeout (containerd >= 2.1); null = unset",
+            check=_check_positive,
+        ),
     )
 
 
@@ -863,7 +1001,7 @@ def _from_yaml(value: object, tp: Any) -> object:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise _ValueError(f"expected float, got {_describe_value(value)}")
-        return float(value)
+        return _finite(float(value))
     if tp is str:
         if not isinstance(value, str):
             raise _ValueError(f"expected str, got {_describe_value(value)}")
@@ -873,6 +1011,14 @@ def _from_yaml(value: object, tp: Any) -> object:
             raise _ValueError(f"expected path, got {_describe_value(value)}")
         return Path(value)
     raise TypeError(f"config schema uses an unsupported type {tp!r}")
+
+
+def _finite(value: float) -> float:
+    # YAML's .nan and .inf parse as floats; every float key is a duration or a bound, where
+    # NaN compares false with everything and infinity overflows timers.
+    if not math.isfinite(value):
+        raise _ValueError(f"expected a finite float, got {_describe_value(value)}")
+    return value
 
 
 _TRUE = frozenset({"true", "1", "yes"})
@@ -913,9 +1059,10 @@ def _from_env(text: str, tp: Any) -> object:
             raise _ValueError(f"expected int, got {text!r}") from None
     if tp is float:
         try:
-            return float(text.strip())
+            number = float(text.strip())
         except ValueError:
             raise _ValueError(f"expected float, got {text!r}") from None
+        return _finite(number)
     # str, Path and Literal: the text itself, checked like a YAML string.
     return _from_yaml(text, tp)
 
@@ -979,13 +1126,16 @@ def _build_or_raise(data: object, source: str) -> NodeConfig:
     return cfg
 
 
-def _apply_env(cfg: NodeConfig, env: Mapping[str, str]) -> NodeConfig:
+def _apply_env(cfg: NodeConfig, env: Mapping[str, str]) -> tuple[NodeConfig, dict[str, str]]:
+    """``cfg`` with the environment's overrides, and which variable set each dotted key."""
+    overridden: dict[str, str] = {}
     for var in sorted(env):
         if not var.startswith(ENV_PREFIX) or ENV_NESTING not in var:
             continue
         path = [p.lower() for p in var[len(ENV_PREFIX) :].split(ENV_NESTING)]
         cfg = _replace_path(cfg, path, 0, env[var], var)
-    return cfg
+        overridden[".".join(path)] = var
+    return cfg, overridden
 
 
 def _replace_path(obj: _D, path: list[str], depth: int, text: str, var: str) -> _D:
@@ -1040,8 +1190,80 @@ def load_config(path: Path | None, env: Mapping[str, str] | None = None) -> Node
         if data is None:  # an empty file means all defaults
             data = {}
     cfg = _build_or_raise(data, source)
-    cfg = _apply_env(cfg, os.environ if env is None else env)
+    cfg, overridden = _apply_env(cfg, os.environ if env is None else env)
+
+    def where(key: str) -> str:
+        var = overridden.get(key)
+        return f"environment {var}" if var is not None else source
+
+    problems = combination_problems(cfg, where)
+    if problems:
+        raise ConfigError("; ".join(problems))
     return _apply_k3s(cfg)
+
+
+# --- rules across keys ------------------------------------------------------------------------
+
+
+def combination_problems(cfg: NodeConfig, where: Callable[[str], str]) -> list[str]:
+    """Combinations of keys a service would refuse at start, each as ``<source>: <key>: why``
+    (``where(key)`` names the file or environment variable the key came from)."""
+    d = cfg.discovery
+    problems: list[str] = []
+    # The DHT's own invariants (services.discovery.kademlia.DhtConfig), stated on the keys.
+    if d.republish_interval >= d.record_ttl:
+        problems.append(
+            f"{where('discovery.republish_interval')}: discovery.republish_interval: must be "
+            f"shorter than discovery.record_ttl ({d.republish_interval} >= {d.record_ttl}), "
+            "or records expire before they are republished"
+        )
+    if d.liveness_window <= d.probe_interval:
+        problems.append(
+            f"{where('discovery.liveness_window')}: discovery.liveness_window: must be longer "
+            f"than discovery.probe_interval ({d.liveness_window} <= {d.probe_interval})"
+        )
+    problems.extend(_port_clashes(cfg, where))
+    return problems
+
+
+_WILDCARDS = frozenset({"", "0.0.0.0", "::"})
+
+
+def _listeners(cfg: NodeConfig) -> list[tuple[str, str, int]]:
+    """(key, host, port) of every TCP listener of the node's three services (port 0 and unix
+    sockets left out: they cannot clash on a port)."""
+    out = [
+        ("registry.port", cfg.registry.host, cfg.registry.port),
+        ("discovery.port", cfg.discovery.host, cfg.discovery.port),
+    ]
+    for key, address in (
+        ("registry.grpc_address", cfg.registry.grpc_address),
+        ("registry.metrics_address", cfg.registry.metrics_address),
+        ("discovery.local_address", cfg.discovery.local_address),
+        ("discovery.metrics_address", cfg.discovery.metrics_address),
+        ("pinner.grpc_address", cfg.pinner.grpc_address),
+        ("pinner.metrics_address", cfg.pinner.metrics_address),
+    ):
+        if address and not address.startswith("unix:"):
+            host, port = parse_host_port(address)
+            out.append((key, host, port))
+    return [(key, host.strip("[]"), port) for key, host, port in out if port != 0]
+
+
+def _port_clashes(cfg: NodeConfig, where: Callable[[str], str]) -> list[str]:
+    problems: list[str] = []
+    listeners = _listeners(cfg)
+    for i, (key, host, port) in enumerate(listeners):
+        for other, other_host, other_port in listeners[:i]:
+            if port == other_port and (
+                host == other_host or host in _WILDCARDS or other_host in _WILDCARDS
+            ):
+                problems.append(
+                    f"{where(key)}: {key}: port {port} is also {other}'s; the service started "
+                    "second could not listen"
+                )
+                break
+    return problems
 
 
 def _apply_k3s(cfg: NodeConfig) -> NodeConfig:

@@ -9,7 +9,6 @@ pinner APIs) stay plaintext on loopback and do not use this module.
 from __future__ import annotations
 
 import ssl
-from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,22 +117,3 @@ def grpc_channel_credentials(files: TlsFiles) -> grpc.ChannelCredentials:
     return grpc.ssl_channel_credentials(
         root_certificates=ca, private_key=key, certificate_chain=cert
     )
-
-
-def peer_cert_ips(auth_context: Mapping[str, Iterable[bytes]]) -> list[str] | None:
-    """Identity IPs (see pki.identity_ips) of the verified client certificate of a gRPC call;
-    None when the call did not come over TLS with a certificate."""
-    pems = list(auth_context.get(GRPC_PEER_CERT_KEY, ()))
-    if not pems:
-        return None
-    # Imported here: only discovery's peer port inspects certificates, and `cryptography` costs
-    # ~10 MiB of resident memory in every service that imports this module.
-    from cryptography import x509
-
-    from services.common.pki import identity_ips
-
-    try:
-        cert = x509.load_pem_x509_certificate(pems[0])
-    except ValueError:
-        return None
-    return identity_ips(cert)

@@ -22,6 +22,7 @@ from services.common.cancellation import cancel_and_wait
 from services.common.genproto.peermirror.discovery.v1 import peer_pb2 as pb
 from services.common.logsetup import get_logger
 from services.discovery.bootstrap import BootstrapSources, Endpoint, backoff_delay, gather_endpoints
+from services.discovery.identity import ServerIdentities
 from services.discovery.kademlia import (
     AdvertisedKey,
     Contact,
@@ -86,6 +87,8 @@ class DiscoveryEngine:
         on_ready: Callable[[], Awaitable[None]] | None = None,
         clock: Callable[[], float] = time.monotonic,
         channel_credentials: grpc.ChannelCredentials | None = None,
+        max_message_bytes: int | None = None,
+        server_identities: ServerIdentities | None = None,
     ) -> None:
         self._clock = clock
         # With mutual TLS every contact heard from proved its address with its certificate, so
@@ -105,6 +108,8 @@ class DiscoveryEngine:
             on_dropped=self._node_dropped,
             on_heard=self._node_heard,
             credentials=channel_credentials,
+            max_message_bytes=max_message_bytes,
+            server_identities=server_identities,
         )
         self.discovery_port = discovery_port
         self.cache = ProviderCache(lookup_cache_ttl)
@@ -134,7 +139,7 @@ class DiscoveryEngine:
         self._bootstrap_endpoints: list[Endpoint] = []
         self._gathered_at: float | None = None
         # Address checks under way, shared by every lookup that was named the same provider.
-        self._verifying: dict[bytes, asyncio.Task[bool]] = {}
+        self._verifying: dict[bytes, asyncio.Task[Contact | None]] = {}
 
     # -- identity ---------------------------------------------------------------------
 
@@ -272,7 +277,8 @@ class DiscoveryEngine:
     ) -> None:
         """Add providers another node named to `flight`: at once when they are contacts this
         node authenticated (taken with the ports that contact declared itself), after a ping
-        over mutual TLS proves their address otherwise; never a contact that fails it."""
+        over mutual TLS proves their address otherwise (taken as they answered it, whether
+        or not their bucket had room); never a contact that fails it."""
         alive = self._alive(fresh)
         if not self.verify_providers:
             flight.add(alive)
@@ -288,36 +294,34 @@ class DiscoveryEngine:
                 check = asyncio.get_running_loop().create_task(self._verify(provider))
                 self._verifying[provider.node_id] = check
                 check.add_done_callback(functools.partial(self._check_done, provider.node_id))
-            task = asyncio.get_running_loop().create_task(
-                self._add_verified(flight, provider, check)
-            )
+            task = asyncio.get_running_loop().create_task(self._add_verified(flight, check))
             checks.add(task)
             task.add_done_callback(checks.discard)
         flight.add(known)
 
-    def _check_done(self, node_id: bytes, check: asyncio.Task[bool]) -> None:
+    def _check_done(self, node_id: bytes, check: asyncio.Task[Contact | None]) -> None:
         if self._verifying.get(node_id) is check:
             del self._verifying[node_id]
 
-    async def _verify(self, provider: Contact) -> bool:
-        """Ping `provider` over mutual TLS: True when the node with its ID answered there."""
-        if await self.client.ping(provider):
-            return True
+    async def _verify(self, provider: Contact) -> Contact | None:
+        """Ping `provider` over mutual TLS: the node as it answered (its own ports) when the
+        node with its ID answered there."""
+        answered = await self.client.ping_as(provider)
+        if answered is not None:
+            return answered
         self.counters.providers_refused += 1
         log.info(
             "provider named by a peer did not prove its address; not used",
             provider=short_id(provider.node_id),
             address=provider.address,
         )
-        return False
+        return None
 
-    async def _add_verified(
-        self, flight: Flight, provider: Contact, check: asyncio.Task[bool]
-    ) -> None:
+    async def _add_verified(self, flight: Flight, check: asyncio.Task[Contact | None]) -> None:
         # Shielded: one lookup ending must not cancel a check another lookup waits for.
-        if await asyncio.shield(check):
-            contact = self.node.table.get(provider.node_id)
-            flight.add([contact if contact is not None else provider])
+        answered = await asyncio.shield(check)
+        if answered is not None:
+            flight.add([answered])
 
     # -- lookups ----------------------------------------------------------------------
 

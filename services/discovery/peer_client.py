@@ -16,10 +16,13 @@ from typing import Any, TypeVar
 import grpc
 
 from services.common.cancellation import cancel_and_wait
+from services.common.config import GrpcSection
 from services.common.genproto.peermirror.discovery.v1 import peer_pb2 as pb
 from services.common.genproto.peermirror.discovery.v1 import peer_pb2_grpc as pb_grpc
+from services.common.logsetup import get_logger
 from services.discovery.bootstrap import Endpoint
-from services.discovery.kademlia import ID_BYTES, Contact, DhtNode
+from services.discovery.identity import ServerIdentities
+from services.discovery.kademlia import ID_BYTES, Contact, DhtNode, short_id
 from services.discovery.wire import contacts_from_proto, duration, normalize_ip
 
 R = TypeVar("R")
@@ -33,10 +36,15 @@ CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.min_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 2000),
 )
+# Nodes whose own answer to a ping is kept (beyond the routing table, whose buckets may be
+# full), so calls to them need no new ping to learn their ports.
+ANSWERED_KEPT = 1024
 # Open channels kept; beyond it the least recently used one is closed.
 MAX_CHANNELS = 512
 # How long close() waits for cancelled background calls before closing channels under them.
 CLOSE_WAIT = 1.0
+
+log = get_logger("discovery")
 
 
 # Statuses a live peer answers with on purpose ("no", "not yours", "full"): the call reached
@@ -93,8 +101,21 @@ class PeerClient:
         on_heard: Callable[[bytes], None] | None = None,
         max_channels: int = MAX_CHANNELS,
         credentials: grpc.ChannelCredentials | None = None,
+        max_message_bytes: int | None = None,
+        server_identities: ServerIdentities | None = None,
     ) -> None:
         self.node = node
+        # Mutual TLS: a ping answer is believed only from the node its certificate makes it.
+        self._identities = server_identities
+        self.refused_answers = 0
+        # grpc.max_message_bytes bounds what we accept from peers as it bounds what they may
+        # send our server (gRPC's own default is 4 MiB); None keeps that key's default.
+        limit = GrpcSection().max_message_bytes if max_message_bytes is None else max_message_bytes
+        self._options: tuple[tuple[str, int], ...] = (
+            *CHANNEL_OPTIONS,
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+        )
         # Mutual TLS (tls.enabled): every channel presents this node's certificate and accepts
         # only a peer certificate from the cluster CA naming the IP address dialled.
         self._credentials = credentials
@@ -110,6 +131,8 @@ class PeerClient:
         )
         self._ids_at: dict[str, set[bytes]] = {}  # endpoint -> node IDs called there
         self._endpoint_of: dict[bytes, str] = {}
+        # Nodes as they last answered a ping themselves (ports they declared), newest last.
+        self._answered: OrderedDict[bytes, Contact] = OrderedDict()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -138,6 +161,21 @@ class PeerClient:
                 return
         self._close_channel(endpoint)
 
+    def _failed_at(self, contact: Contact) -> None:
+        """A call to `contact` failed. It counts against the node only at the endpoint we
+        know it by (or when we know none): another node may name it anywhere, and a call
+        failing there says nothing about the node itself."""
+        node_id = contact.node_id
+        known = (
+            self.node.table.get(node_id)
+            or self.node.store.contact_of(node_id)
+            or self._answered.get(node_id)
+        )
+        if known is not None and known.discovery_endpoint != contact.discovery_endpoint:
+            self.failures += 1
+            return
+        self._failed(node_id)
+
     def _failed(self, node_id: bytes) -> None:
         self.failures += 1
         if self.node.rpc_failed(node_id, self._clock()):
@@ -150,25 +188,37 @@ class PeerClient:
     async def ping(self, contact: Contact) -> bool:
         """Liveness probe of a known node (deadline probe_timeout); True when it answered
         as the node we know. Answering with another ID means our node is gone from there."""
-        answer = await self._ping_endpoint(contact.discovery_endpoint, contact.address)
+        return await self.ping_as(contact) is not None
+
+    async def ping_as(self, contact: Contact) -> Contact | None:
+        """`ping`, returning the node as it answered: the address dialled with the ports it
+        declared itself (never those another node named); None when it did not answer as
+        `contact.node_id`."""
+        answer = await self._ping_endpoint(
+            contact.discovery_endpoint, contact.address, contact.discovery_port
+        )
         if answer is None or answer.responder.node_id != contact.node_id:
-            self._failed(contact.node_id)
+            self._failed_at(contact)
             if answer is not None:
                 self.heard_from(answer.responder)
-            return False
+            return None
         self._note(contact)
+        self._answered[contact.node_id] = answer.responder
+        self._answered.move_to_end(contact.node_id)
+        while len(self._answered) > ANSWERED_KEPT:
+            self._answered.popitem(last=False)
         self.heard_from(answer.responder)
-        return True
+        return answer.responder
 
     async def ping_endpoint(self, endpoint: Endpoint) -> PingAnswer | None:
         """Ping an address whose node we do not know yet (bootstrap); None on failure."""
-        answer = await self._ping_endpoint(str(endpoint), endpoint.address)
+        answer = await self._ping_endpoint(str(endpoint), endpoint.address, endpoint.port)
         if answer is not None:
             self._note(answer.responder)
             self.heard_from(answer.responder)
         return answer
 
-    async def _ping_endpoint(self, endpoint: str, address: str) -> PingAnswer | None:
+    async def _ping_endpoint(self, endpoint: str, address: str, port: int) -> PingAnswer | None:
         if self._closed:
             return None
         stub = self._stub(endpoint)
@@ -185,6 +235,16 @@ class PeerClient:
             or not 1 <= r.discovery_port <= 65535
             or not 1 <= r.registry_port <= 65535
         ):
+            return None
+        if self._identities is not None and not await self._identities.confirm(
+            address, port, r.node_id, self.probe_timeout
+        ):
+            self.refused_answers += 1
+            log.info(
+                "peer answered under a node ID its certificate does not give it; not believed",
+                endpoint=endpoint,
+                claimed=short_id(r.node_id),
+            )
             return None
         responder = Contact(r.node_id, address, r.discovery_port, r.registry_port)
         return PingAnswer(responder, normalize_ip(reply.observed_address))
@@ -236,10 +296,12 @@ class PeerClient:
         self.calls += 1
         try:
             reply = await call(stub)
-        except grpc.aio.AioRpcError:
-            self._failed(contact.node_id)
+        except grpc.aio.AioRpcError as exc:
+            # A node refusing load (its record rate, a size limit) answered: it is alive.
+            if exc.code() is not grpc.StatusCode.RESOURCE_EXHAUSTED:
+                self._failed_at(contact)
             return None
-        self.heard_from(contact)
+        self._answered_call(contact)
         return reply
 
     async def call_answered(
@@ -257,12 +319,22 @@ class PeerClient:
             reply = await call(stub)
         except grpc.aio.AioRpcError as err:
             if err.code() not in ANSWERED_STATUSES:
-                self._failed(contact.node_id)
+                self._failed_at(contact)
                 return None
-            self.heard_from(contact)
+            self._answered_call(contact)
             raise PeerRefused(err.code(), err.details() or "") from None
-        self.heard_from(contact)
+        self._answered_call(contact)
         return reply
+
+    def _answered_call(self, contact: Contact) -> None:
+        """`contact` answered a call. Its ports may be what another node named (a lookup
+        learns contacts from answers), so it is remembered as it described itself: as known
+        already at this endpoint, else after a ping it answers with its own ports."""
+        own = self.node.table.get(contact.node_id) or self._answered.get(contact.node_id)
+        if own is not None and own.discovery_endpoint == contact.discovery_endpoint:
+            self.heard_from(own)
+        else:
+            self.spawn(self.ping(contact))
 
     # -- channels and tasks -----------------------------------------------------------
 
@@ -282,9 +354,9 @@ class PeerClient:
             self._channels.move_to_end(endpoint)
             return cached[1]
         if self._credentials is None:
-            channel = grpc.aio.insecure_channel(endpoint, options=CHANNEL_OPTIONS)
+            channel = grpc.aio.insecure_channel(endpoint, options=self._options)
         else:
-            channel = grpc.aio.secure_channel(endpoint, self._credentials, options=CHANNEL_OPTIONS)
+            channel = grpc.aio.secure_channel(endpoint, self._credentials, options=self._options)
         stub = pb_grpc.PeerStub(channel)
         self._channels[endpoint] = (channel, stub)
         while len(self._channels) > self._max_channels:

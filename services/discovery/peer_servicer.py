@@ -3,7 +3,10 @@
 The caller's address is always the connection's source address (context.peer()), never
 anything from the message, so no node can place contacts or provider records for an
 address it does not own. Over mutual TLS that address must also be one the caller's
-certificate names (an IP SAN): a node's identity in the DHT is bound to its certificate.
+certificate names (an IP SAN), and the node ID it sends must be the one its certificate's key
+gives (identity.node_id_of_certificate): a node's identity in the DHT is bound to its
+certificate, so it can neither speak for another node nor mint IDs. The ports a caller sends
+only ever describe the caller itself (its own contact, its own records).
 """
 
 from __future__ import annotations
@@ -16,8 +19,8 @@ from services.common.genproto.peermirror.discovery.v1 import peer_pb2 as pb
 from services.common.genproto.peermirror.discovery.v1 import peer_pb2_grpc as pb_grpc
 from services.common.grpc_server import client_of
 from services.common.ratelog import LimitLog
-from services.common.tls import peer_cert_ips
-from services.discovery.kademlia import Contact, DhtNode
+from services.discovery.identity import PeerIdentities, PeerIdentity
+from services.discovery.kademlia import Contact, DhtNode, RecordRateExceeded, short_id
 from services.discovery.lease_rpc import LeaseAuthority, serve_lease
 from services.discovery.peer_client import PeerClient
 from services.discovery.wire import (
@@ -59,6 +62,7 @@ class PeerServicer(pb_grpc.PeerServicer):
         # Set when the server requires client certificates (tls.enabled).
         self._bind_identity = bind_identity
         self._limit_log = limit_log if limit_log is not None else LimitLog("discovery.limits")
+        self._identities = PeerIdentities()
         self.requests = 0
         self.refused_identity = 0
 
@@ -70,22 +74,38 @@ class PeerServicer(pb_grpc.PeerServicer):
                 grpc.StatusCode.FAILED_PRECONDITION,
                 "the Peer service only accepts TCP callers with an IP address",
             )
-        if self._bind_identity:
-            await self._check_identity(address, context)
+        identity = await self._check_identity(address, context) if self._bind_identity else None
         try:
-            return sender_contact(has_sender, sender, address)
+            caller = sender_contact(has_sender, sender, address)
         except InvalidRequest as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if identity is not None and caller.node_id != identity.node_id:
+            self.refused_identity += 1
+            self._limit_log.refused(
+                "identity_node_id",
+                address,
+                "peer refused: it claims a node ID its certificate does not give it",
+                claimed=short_id(caller.node_id),
+                certificate_node_id=short_id(identity.node_id),
+            )
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"sender.node_id: the caller's certificate gives it node ID "
+                f"{identity.node_id.hex()}, not {caller.node_id.hex()}",
+            )
+        return caller
 
-    async def _check_identity(self, address: str, context: Context) -> None:
-        """Abort unless the caller's verified certificate names the address it calls from."""
-        named = peer_cert_ips(context.auth_context())
-        if named is None:
+    async def _check_identity(self, address: str, context: Context) -> PeerIdentity:
+        """The caller's verified identity; aborts unless its certificate names the address
+        it calls from."""
+        identity = self._identities.of(context.auth_context())
+        if identity is None:
             self.refused_identity += 1
             await context.abort(
                 grpc.StatusCode.UNAUTHENTICATED,
                 "a client certificate of the cluster CA is required",
             )
+        named = identity.ips
         if address not in {normalize_ip(ip) for ip in named}:
             self.refused_identity += 1
             self._limit_log.refused(
@@ -99,6 +119,7 @@ class PeerServicer(pb_grpc.PeerServicer):
                 f"the caller's certificate names {named or 'no IP address'}, "
                 f"not the address {address} it calls from",
             )
+        return identity
 
     @staticmethod
     async def _check(context: Context, check: Callable[[], object]) -> None:
@@ -164,7 +185,21 @@ class PeerServicer(pb_grpc.PeerServicer):
         if ttl < 0:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "ttl: must not be negative")
         self._heard(caller)
-        stored, applied = self._node.add_provider(caller, request.keys, ttl, self._clock())
+        try:
+            stored, applied = self._node.add_provider(caller, request.keys, ttl, self._clock())
+        except RecordRateExceeded as exc:
+            self._limit_log.refused(
+                "peer_records_per_second",
+                caller.address,
+                "peer refused: too many provider records per second",
+                max=exc.rate,
+                keys=len(request.keys),
+            )
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"keys: this node takes at most {exc.rate:g} records per second from one peer "
+                f"(discovery.peer_records_per_second); retry in {exc.retry_after:.1f} s",
+            )
         return pb.AddProviderResponse(stored=stored, ttl=duration(applied))
 
     async def RemoveProvider(

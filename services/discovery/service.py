@@ -19,10 +19,15 @@ from services.common.grpc_server import GrpcServer, run_until_signal
 from services.common.logsetup import get_logger
 from services.common.metrics import start_listener
 from services.common.ratelog import LimitLog
-from services.common.tls import grpc_channel_credentials, grpc_server_credentials, tls_files
+from services.common.tls import (
+    client_context,
+    grpc_channel_credentials,
+    grpc_server_credentials,
+    tls_files,
+)
 from services.discovery.bootstrap import BootstrapSources
 from services.discovery.engine import DiscoveryEngine
-from services.discovery.identity import load_or_create_node_id
+from services.discovery.identity import ServerIdentities, node_id_for
 from services.discovery.kademlia import DhtConfig
 from services.discovery.lease_broker import LeaseBroker, LeaseSettings
 from services.discovery.local_servicer import SERVICE_NAME as LOCAL_SERVICE
@@ -53,6 +58,9 @@ def dht_config(cfg: NodeConfig) -> DhtConfig:
             max_record_ttl=d.record_ttl,
             republish_interval=d.republish_interval,
             max_batch_keys=d.max_keys_per_peer_call,
+            max_records_per_peer=d.max_records_per_peer,
+            max_records_total=d.max_records_total,
+            peer_records_per_second=d.peer_records_per_second,
         )
     except ValueError as exc:
         raise ConfigError(f"discovery: {exc}") from None
@@ -77,7 +85,7 @@ class DiscoveryService:
             if not address:
                 raise ConfigError(f"node.address: not an IP address: {cfg.node.address!r}")
         self.engine = DiscoveryEngine(
-            load_or_create_node_id(cfg.node.data_dir),
+            node_id_for(cfg.node.data_dir, self.tls),
             dht_config(cfg),
             discovery_port=d.port,
             registry_port=cfg.registry.port,
@@ -97,6 +105,10 @@ class DiscoveryService:
             on_ready=self._serving,
             channel_credentials=(
                 grpc_channel_credentials(self.tls) if self.tls is not None else None
+            ),
+            max_message_bytes=cfg.grpc.max_message_bytes,
+            server_identities=(
+                ServerIdentities(client_context(self.tls)) if self.tls is not None else None
             ),
         )
         engine = self.engine
@@ -194,8 +206,8 @@ async def run(cfg: NodeConfig) -> None:
     if service.tls is None and service.taking_part:
         log.warning(
             "tls.enabled is false: the discovery peer port is plaintext without client "
-            "certificates; any host that reaches it can join and advertise (development and "
-            "demo only)",
+            "certificates; any host that reaches it can join, advertise and claim any node ID "
+            "(development and demo only)",
             node=cfg.node.name,
         )
     if not service.taking_part:

@@ -4,12 +4,12 @@ node's containerd holds, with its node-local gRPC API (health SERVING once the f
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
 from services.common.cancellation import cancel_and_wait
-from services.common.config import NodeConfig
+from services.common.config import NodeConfig, parse_major_minor
 from services.common.containerd.client import ContainerdClient
 from services.common.containerd.errors import ContainerdUnavailableError
 from services.common.grpc_server import GrpcServer, run_until_signal
@@ -24,8 +24,9 @@ from services.pinner.advertiser import Advertiser
 from services.pinner.airgap.manager import AirgapManager
 from services.pinner.api import ContainerdlessPinnerApi, SyncOutcome, SyncState
 from services.pinner.containerd_watch import ContainerdTracker
+from services.pinner.hosts_keeper import HostsKeeper
 from services.pinner.hosts_toml import HostsOptions
-from services.pinner.hosts_writer import write_containerd_config
+from services.pinner.hosts_writer import HostsLockedError, write_containerd_config
 from services.pinner.metrics import PinnerMetrics
 from services.pinner.store_tracker import StoreTracker
 from services.pinner.tracker import KeyPolicy
@@ -34,16 +35,10 @@ from services.pinner.tracker import KeyPolicy
 STOP_BUDGET = 4.0
 # Exit code for a configuration the pinner cannot start with (as `peermirror` uses for config).
 EXIT_CONFIG = 2
+# Seconds the start waits for another hosts.toml writer before leaving it to the keeper.
+START_LOCK_WAIT = 2.0
 
 log = get_logger("pinner")
-
-
-def parse_version(text: str) -> tuple[int, int]:
-    """`"1.7"` or `"2.1.3"` -> (major, minor); ValueError otherwise."""
-    parts = text.strip().lstrip("v").split(".")
-    if len(parts) < 2 or not parts[0].isdigit() or not parts[1].isdigit():
-        raise ValueError(f"expected a containerd version major.minor, got {text!r}")
-    return int(parts[0]), int(parts[1])
 
 
 def _path(value: Path | None) -> str | None:
@@ -65,20 +60,25 @@ def hosts_options(cfg: NodeConfig) -> HostsOptions:
         client_cert_file=_path(p.client_cert_file or (tls.cert_file if tls else None)),
         client_key_file=_path(p.client_key_file or (tls.key_file if tls else None)),
         disable_default_endpoint=p.disable_default_endpoint,
-        containerd_version=parse_version(p.containerd_version),
+        containerd_version=parse_major_minor(p.containerd_version),
         flavour=p.containerd_flavour,
         dial_timeout=p.dial_timeout,
     )
 
 
-def key_policy(cfg: NodeConfig, registries: Registries) -> KeyPolicy:
+def key_policy(cfg: NodeConfig, is_mirrored: Callable[[str], bool]) -> KeyPolicy:
     """The advertising rules: the registry's serving policy over this node's mirrors."""
     policy = Policy(
-        registries.is_mirrored,
+        is_mirrored,
         allow_latest=cfg.registry.allow_latest,
         filters=cfg.registry.filters,
     )
-    return KeyPolicy(policy, mirrors_anything=bool(registries.mirrors) and cfg.k3s.takes_part)
+    return KeyPolicy(policy)
+
+
+def participates(cfg: NodeConfig, registries: Registries) -> bool:
+    """K3s: a node takes part when embedded-registry allows and it mirrors some registry."""
+    return bool(registries.mirrors) and cfg.k3s.takes_part
 
 
 def prepare(cfg: NodeConfig) -> Registries:
@@ -88,13 +88,32 @@ def prepare(cfg: NodeConfig) -> Registries:
     """
     registries = load_registries(cfg.registry.registries_file, missing_ok=True)
     if cfg.pinner.write_hosts:
-        write_containerd_config(
-            cfg.registry.registries_file,
-            cfg.pinner.certs_dir,
-            hosts_options(cfg),
-            missing_ok=True,
-        )
+        try:
+            write_containerd_config(
+                cfg.registry.registries_file,
+                cfg.pinner.certs_dir,
+                hosts_options(cfg),
+                missing_ok=True,
+                lock_timeout=START_LOCK_WAIT,
+            )
+        except HostsLockedError as exc:
+            # `peermirror containerd-config` is writing: the hosts keeper writes once it is done.
+            log.warning(
+                "hosts.toml not written at start; another writer holds them", error=str(exc)
+            )
     return registries
+
+
+def hosts_keeper(cfg: NodeConfig) -> HostsKeeper:
+    """What follows registries.yaml while the pinner runs, and keeps the hosts.toml files
+    right unless `pinner.write_hosts` is false."""
+    return HostsKeeper(
+        cfg.registry.registries_file,
+        cfg.pinner.certs_dir,
+        hosts_options(cfg),
+        interval=cfg.pinner.hosts_check_interval,
+        write=cfg.pinner.write_hosts,
+    )
 
 
 class PinnerRuntime:
@@ -108,7 +127,10 @@ class PinnerRuntime:
 
     def __init__(self, cfg: NodeConfig, registries: Registries, *, airgap: bool = True) -> None:
         self.cfg = cfg
-        self.policy = key_policy(cfg, registries)
+        self.registries = registries
+        # Asks the registries in effect now: registries.yaml may be edited while running.
+        self.policy = key_policy(cfg, lambda registry: self.registries.is_mirrored(registry))
+        self.policy.update(mirrors_anything=participates(cfg, registries))
         self.client: ContainerdClient | None = None
         self.store: OciLayoutStore | None = None
         self.airgap: AirgapManager | None = None
@@ -127,7 +149,15 @@ class PinnerRuntime:
                 self.airgap = AirgapManager.from_config(self.client, cfg.pinner)
         self.advertiser: Advertiser | None = None
         self.tracker: ContainerdTracker | StoreTracker | None = None
+        # Also on a node that takes no part or mirrors nothing yet: registries.yaml may change.
+        self.hosts = hosts_keeper(cfg)
+        self.hosts.on_registries = self.registries_changed
         self._tasks: list[asyncio.Task[None]] = []
+        # A re-walk after a registries.yaml edit: finite, so kept apart from `_tasks` (whose
+        # ending would mean a crash).
+        self._mirrors_resync: asyncio.Task[None] | None = None
+        self._mirrors_changed = False
+        self._started = False
         if not cfg.k3s.takes_part:
             log.warning(
                 "K3s embedded-registry is false: this node takes no part; advertising nothing",
@@ -141,6 +171,10 @@ class PinnerRuntime:
                 registries_file=str(cfg.registry.registries_file),
             )
             return
+        self._create_tracking()
+
+    def _create_tracking(self) -> None:
+        cfg = self.cfg
         # Never more keys per call than discovery accepts.
         self.advertiser = Advertiser(
             cfg.discovery.local_address,
@@ -173,11 +207,49 @@ class PinnerRuntime:
             ContainerdlessPinnerApi().register(server)
 
     def start(self) -> None:
+        self._started = True
+        self._spawn(self.hosts.run(), "hosts")
+        self._start_tracking()
+        if self.airgap is not None:
+            self._spawn(self._run_airgap(self.airgap), "airgap")
+
+    def _start_tracking(self) -> None:
         if self.tracker is not None and self.advertiser is not None:
             self._spawn(self.advertiser.run(), "advertiser")
             self._spawn(self.tracker.run(), "tracker")
-        if self.airgap is not None:
-            self._spawn(self._run_airgap(self.airgap), "airgap")
+
+    async def registries_changed(self, registries: Registries) -> None:
+        """registries.yaml now says `registries`: advertise what is mirrored now, and only that."""
+        before, self.registries = set(self.registries.mirrors), registries
+        if set(registries.mirrors) == before:
+            return
+        taking_part = participates(self.cfg, registries)
+        self.policy.update(mirrors_anything=taking_part)
+        log.info("mirrored registries changed", mirrors=sorted(registries.mirrors))
+        if self.tracker is None:
+            if taking_part:
+                # A node that mirrored nothing at start takes part from now on.
+                self._create_tracking()
+                if self._started:
+                    self._start_tracking()
+            return
+        self._mirrors_changed = True
+        if self._mirrors_resync is None or self._mirrors_resync.done():
+            # Apart from the caller, so a long re-walk does not hold up the hosts.toml checks.
+            self._mirrors_resync = asyncio.create_task(
+                self._resync_for_mirrors(self.tracker), name="pinner-mirrors-resync"
+            )
+
+    async def _resync_for_mirrors(self, tracker: ContainerdTracker | StoreTracker) -> None:
+        # An edit made during a re-walk may come after images it already decided: walk again.
+        while self._mirrors_changed:
+            self._mirrors_changed = False
+            try:
+                await tracker.resync()
+            except ContainerdUnavailableError as exc:
+                # The tracker's next full sync (on reconnect, or every resync_interval) does it.
+                log.warning("could not re-walk the store for the new mirrors", error=str(exc))
+                return
 
     @property
     def running(self) -> bool:
@@ -228,7 +300,8 @@ class PinnerRuntime:
     async def stop(self) -> None:
         # Bounded: a task that swallows its cancel (grpc.aio can, mid-call) must not hold the
         # stop, and one task's error must not skip closing the clients below.
-        await cancel_and_wait(self._tasks, within=2.0, owner="pinner")
+        tasks = [*self._tasks, *([self._mirrors_resync] if self._mirrors_resync else [])]
+        await cancel_and_wait(tasks, within=2.0, owner="pinner")
         self._tasks.clear()
         if self.airgap is not None:
             await self.airgap.close()

@@ -170,8 +170,13 @@ class KeyPolicy:
         self.mirrors_anything = mirrors_anything
         self._cache: dict[str, ImageKeys] = {}
 
+    def update(self, *, mirrors_anything: bool) -> None:
+        """The mirrored registries changed (registries.yaml was edited): decide afresh."""
+        self.mirrors_anything = mirrors_anything
+        self._cache.clear()
+
     def image_keys(self, name: str) -> ImageKeys:
-        """The keys image record `name` may contribute (cached: the rules never change)."""
+        """The keys image record `name` may contribute (cached until the rules change)."""
         cached = self._cache.get(name)
         if cached is None:
             cached = self._decide(name)

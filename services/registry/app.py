@@ -138,7 +138,9 @@ def create_app(
         mirror=Mirror.from_config(cfg) if cfg.registry.peer_fetch else None,
         inflight=inflight if cfg.inflight.enabled else None,
         limits=RequestLimits.of(cfg.registry),
-        relay_slots=ClientSlots(limit=cfg.registry.max_relays_per_client),
+        relay_slots=ClientSlots(
+            limit=cfg.registry.max_relays_per_client, local_limit=cfg.registry.max_local_relays
+        ),
     )
     # configure_logging=False: Sanic's loggers propagate to the structlog handler from logsetup.
     app: RegistryApp = Sanic(name, config=config, ctx=ctx, configure_logging=False)

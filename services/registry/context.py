@@ -38,9 +38,9 @@ class RegistryContext:
     ready: bool = False
     # Prometheus metrics served on /metrics; set by create_app.
     metrics: RegistryMetrics | None = None
-    # Path/query bounds and the per-client count of peer relays in flight (registry.max_*).
+    # Path/query bounds and the counts of peer relays in flight (registry.max_*).
     limits: RequestLimits = field(default_factory=RequestLimits)
-    relay_slots: ClientSlots = field(default_factory=lambda: ClientSlots(limit=16))
+    relay_slots: ClientSlots = field(default_factory=lambda: ClientSlots(limit=16, local_limit=128))
 
 
 RegistryApp = Sanic[Config, RegistryContext]

@@ -21,43 +21,58 @@ class TooManyRelays(OciError):
     """The client already has its share of peer relays in flight."""
 
 
+# The addresses the node's own containerd reaches the registry from (hosts.toml names
+# https://127.0.0.1:<port>; the kernel answers a loopback dial from the same address).
+LOCAL_CLIENTS = frozenset({"127.0.0.1", "::1"})
+_LOCAL = "local containerd"
+
+
 @dataclass
 class ClientSlots:
-    """Counts what each client address has in flight, refusing past `limit` (pure bookkeeping;
-    an address holding nothing is forgotten, so the table only holds active clients)."""
+    """Counts the relays in flight and refuses past the caps: the node's own containerd (clients
+    at LOCAL_CLIENTS) shares `local_limit`, every other address has `limit` of its own (pure
+    bookkeeping; an address holding nothing is forgotten, so the table only holds active ones)."""
 
     limit: int
+    local_limit: int
     active: dict[str, int] = field(default_factory=dict)
 
+    def _key(self, client: str) -> tuple[str, int, str]:
+        """The budget `client` draws from: its key, size and config key."""
+        if client in LOCAL_CLIENTS:
+            return _LOCAL, self.local_limit, "max_local_relays"
+        return client, self.limit, "max_relays_per_client"
+
     def acquire(self, client: str) -> bool:
-        held = self.active.get(client, 0)
-        if held >= self.limit:
+        key, limit, _ = self._key(client)
+        held = self.active.get(key, 0)
+        if held >= limit:
             return False
-        self.active[client] = held + 1
+        self.active[key] = held + 1
         return True
 
     def release(self, client: str) -> None:
-        held = self.active.get(client, 0) - 1
+        key, _, _ = self._key(client)
+        held = self.active.get(key, 0) - 1
         if held > 0:
-            self.active[client] = held
+            self.active[key] = held
         else:
-            self.active.pop(client, None)
+            self.active.pop(key, None)
 
     @contextlib.contextmanager
     def hold(self, client: str) -> Iterator[None]:
         """One slot for the block; raises :class:`TooManyRelays` (logged rate-limited) when the
-        client has none left."""
+        client's budget is spent."""
         if not self.acquire(client):
+            _, limit, name = self._key(client)
             limit_log.refused(
-                "max_relays_per_client",
-                client,
-                "client refused: too many peer relays in flight",
-                max=self.limit,
+                name, client, "client refused: too many peer relays in flight", max=limit
             )
+            whose = "for the local containerd" if name == "max_local_relays" else "per client"
             raise TooManyRelays(
                 ErrorCode.TOOMANYREQUESTS,
-                f"at most {self.limit} peer relays in flight per client",
-                detail={"limit": "max_relays_per_client", "max": self.limit},
+                f"at most {limit} peer relays in flight {whose}",
+                detail={"limit": name, "max": limit},
                 status=TOO_MANY_REQUESTS,
             )
         try:

@@ -7,6 +7,7 @@ in front of them) without a DHT. Only FindProviders is served; lookups are recor
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import AsyncIterator
 
 import grpc
@@ -33,7 +34,7 @@ class _Servicer(local_pb2_grpc.LocalDiscoveryServicer):
                 await asyncio.sleep(owner.first_delay)
             yield local_pb2.FindProvidersResponse(
                 provider=peer_pb2.Contact(
-                    node_id=bytes([i + 1]) * 32, address=address, registry_port=port
+                    node_id=owner.node_id(address, port), address=address, registry_port=port
                 )
             )
         if owner.hold_open:
@@ -102,7 +103,9 @@ class FakeLocalDiscovery:
     """`async with FakeLocalDiscovery() as d:` serves on `d.address`.
 
     `providers[key]` lists (address, registry_port) in the order they are streamed;
-    `first_delay` delays the first one; `hold_open` keeps streams open after the last one.
+    `first_delay` delays the first one; `hold_open` keeps streams open after the last one. A
+    contact's node ID is derived from its address and port unless `node_ids` names one (two
+    contacts of one node: the same ID at two ports).
     """
 
     def __init__(self) -> None:
@@ -110,12 +113,17 @@ class FakeLocalDiscovery:
         self.lookups: list[str] = []
         self.first_delay = 0.0
         self.hold_open = False
+        self.node_ids: dict[tuple[str, int], bytes] = {}
         self._server: GrpcServer | None = None
         self._port = 0
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self._port}"
+
+    def node_id(self, address: str, port: int) -> bytes:
+        named = self.node_ids.get((address, port))
+        return named if named is not None else hashlib.sha256(f"{address}:{port}".encode()).digest()
 
     def provide(self, keys: list[str], *peers: tuple[str, int]) -> None:
         """Make every key in `keys` provided by `peers`, in that order."""

@@ -3,7 +3,8 @@
 One request per connection (the proxy asks the upstream to close after each response and tells
 the client the same), so every fault applies to a whole exchange. Faults, set on `faults` at any
 time: delay the response headers, truncate the body after N bytes, flip the byte at offset N,
-replace Docker-Content-Digest, close each connection at once (refuse), or never answer (hang).
+replace Docker-Content-Digest or Content-Type, close each connection at once (refuse), never
+answer (hang), drip the body one byte at a time after N bytes, or send it at a capped rate.
 Everything seen is recorded for assertions.
 """
 
@@ -26,8 +27,14 @@ class Faults:
     truncate_at: int | None = None
     corrupt_at: int | None = None
     digest_header: str | None = None
+    content_type: str | None = None
     refuse: bool = False
     hang: bool = False
+    # After this many body bytes, one byte per `drip_interval` seconds.
+    drip_after: int | None = None
+    drip_interval: float = 0.3
+    # Body bytes per second (a congested link); None: as fast as the upstream sends.
+    rate: float | None = None
 
 
 @dataclass
@@ -121,6 +128,11 @@ class FaultProxy:
                     (n, faults.digest_header if n.lower().encode() == _DIGEST_HEADER else v)
                     for n, v in resp_fields
                 ]
+            if faults.content_type is not None:
+                resp_fields = [
+                    (n, faults.content_type if n.lower() == "content-type" else v)
+                    for n, v in resp_fields
+                ]
             if faults.header_delay and not await self._client_stays(reader, faults.header_delay):
                 self.abandoned += 1
                 return
@@ -166,8 +178,30 @@ class FaultProxy:
                 self.body_bytes += faults.truncate_at - offset
                 await writer.drain()
                 return
-            writer.write(chunk)
-            await writer.drain()
+            await self._send(writer, chunk, offset, faults)
             offset += len(chunk)
             self.body_bytes += len(chunk)
         self.completed += 1
+
+    async def _send(
+        self, writer: asyncio.StreamWriter, chunk: bytes, offset: int, faults: Faults
+    ) -> None:
+        """Send `chunk` (at body `offset`) as fast as the drip and rate faults allow."""
+        if faults.drip_after is not None and offset + len(chunk) > faults.drip_after:
+            fast = max(0, faults.drip_after - offset)
+            writer.write(chunk[:fast])
+            await writer.drain()
+            for i in range(fast, len(chunk)):
+                await asyncio.sleep(faults.drip_interval)
+                writer.write(chunk[i : i + 1])
+                await writer.drain()
+            return
+        if faults.rate is not None:
+            step = max(1, int(faults.rate / 50))  # 50 sends per second
+            for i in range(0, len(chunk), step):
+                writer.write(chunk[i : i + step])
+                await writer.drain()
+                await asyncio.sleep(step / faults.rate)
+            return
+        writer.write(chunk)
+        await writer.drain()

@@ -54,6 +54,8 @@ _LABEL_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,30}$")
 
 # Comment on every iptables rule `isolate()` adds, so `unisolate()` deletes exactly those.
 ISOLATE_COMMENT = "peermirror-mesh-isolate"
+# Comment on the host FORWARD rule each bridge gets, so teardown and sweeps find exactly ours.
+FORWARD_COMMENT = "peermirror-mesh-forward"
 
 
 class NetnsError(RuntimeError):
@@ -153,6 +155,40 @@ def isolate_rules(iface: str = INNER_IFACE) -> list[list[str]]:
     ]
 
 
+def forward_rule(bridge: str) -> list[str]:
+    """Host iptables rule spec (without -I/-D) letting traffic between ports of `bridge` through.
+
+    Docker sets the FORWARD policy to DROP and turns on bridge netfilter, after which frames
+    between two namespaces on one bridge pass through FORWARD and are dropped: the mesh's nodes
+    would never reach each other while a Docker daemon runs.
+    """
+    return [
+        "FORWARD",
+        "-i",
+        bridge,
+        "-o",
+        bridge,
+        "-m",
+        "comment",
+        "--comment",
+        FORWARD_COMMENT,
+        "-j",
+        "ACCEPT",
+    ]
+
+
+def forward_rule_bridges(iptables_save: str) -> list[str]:
+    """Bridges named by our FORWARD rules in `iptables -S FORWARD` output."""
+    found = []
+    for line in iptables_save.splitlines():
+        if FORWARD_COMMENT not in line:
+            continue
+        match = re.search(r"(?:^|\s)-i (\S+)", line)
+        if match:
+            found.append(match.group(1))
+    return found
+
+
 # --- running commands --------------------------------------------------------------------------
 
 
@@ -229,6 +265,8 @@ def create_bridge(name: str, address: ipaddress.IPv4Interface) -> None:
     # No IPv6 on our links: nothing but the addresses we give should appear on them.
     _disable_ipv6(name)
     run(["ip", "addr", "add", str(address), "dev", name])
+    # First in the chain: ahead of any DROP a firewall or Docker puts there, now or later.
+    run(["iptables", "-w", "-I", *forward_rule(name)])
     run(["ip", "link", "set", name, "up"])
 
 
@@ -267,8 +305,16 @@ def delete_namespace(namespace: str) -> None:
 
 def delete_link(name: str) -> None:
     """Delete interface `name` from the root namespace if it exists (deleting one veth end
-    deletes the pair)."""
+    deletes the pair); a mesh bridge's FORWARD rule goes with it."""
     run(["ip", "link", "delete", name], check=False)
+    if _BRIDGE_RE.match(name):
+        remove_forward_rule(name)
+
+
+def remove_forward_rule(bridge: str) -> None:
+    """Delete every copy of `bridge`'s FORWARD rule from the host (none left is fine)."""
+    while bridge in forward_rule_bridges(run(["iptables", "-w", "-S", "FORWARD"])):
+        run(["iptables", "-w", "-D", *forward_rule(bridge)])
 
 
 def isolate(namespace: str) -> None:
@@ -396,7 +442,8 @@ def sweep_leftovers() -> list[str]:
     namespaces = list_namespaces()
     links = list_links()
     lock_tokens = [p.stem for p in STATE_DIR.glob("*.lock") if p.name != _ALLOC_LOCK]
-    tokens = {t for t in (token_of(n) for n in [*namespaces, *links]) if t}
+    rule_bridges = forward_rule_bridges(run(["iptables", "-w", "-S", "FORWARD"]))
+    tokens = {t for t in (token_of(n) for n in [*namespaces, *links, *rule_bridges]) if t}
     tokens.update(t for t in lock_tokens if re.fullmatch(_TOKEN_RE, t))
     removed: list[str] = []
     for token in sorted(tokens):
@@ -414,6 +461,11 @@ def sweep_leftovers() -> list[str]:
             if token_of(link) == token and _BRIDGE_RE.match(link):
                 delete_link(link)
                 removed.append(link)
+        for bridge in forward_rule_bridges(run(["iptables", "-w", "-S", "FORWARD"])):
+            # A rule whose bridge is already gone (a crash between the two deletions).
+            if token_of(bridge) == token:
+                remove_forward_rule(bridge)
+                removed.append(f"FORWARD rule of {bridge}")
         work = _recorded_work_dir(token)
         if work is not None and work.is_dir():
             shutil.rmtree(work, ignore_errors=True)

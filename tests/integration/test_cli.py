@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -117,7 +118,12 @@ def test_config_check_prints_the_effective_config(tmp_path: Path) -> None:
     path = tmp_path / "ok.yaml"
     path.write_text("registry:\n  port: 7443\nstore:\n  backend: oci-layout\n", encoding="utf-8")
     result = peermirror(
-        "config", "check", "--config", str(path), env={"PEERMIRROR_PINNER__RESYNC_INTERVAL": "9"}
+        "config",
+        "check",
+        "--skip-files",
+        "--config",
+        str(path),
+        env={"PEERMIRROR_PINNER__RESYNC_INTERVAL": "9"},
     )
     assert result.returncode == 0, result.stderr
     effective = yaml.safe_load(result.stdout)
@@ -133,6 +139,82 @@ def test_show_defaults_is_a_loadable_commented_config(tmp_path: Path) -> None:
     assert "# HTTP listen port of the registry (int)" in result.stdout
     path = tmp_path / "defaults.yaml"
     path.write_text(result.stdout, encoding="utf-8")
-    again = peermirror("config", "check", "--config", str(path))
+    again = peermirror("config", "check", "--skip-files", "--config", str(path))
     assert again.returncode == 0, again.stderr
     assert yaml.safe_load(again.stdout) == yaml.safe_load(result.stdout)
+
+
+# --- config check runs every check a service makes at start -----------------------------------
+
+# Configs each service refuses at start (the service named), with the key the error must name.
+START_REFUSALS: list[tuple[str, dict[str, dict[str, Any]], str]] = [
+    ("discovery", {"discovery": {"republish_interval": 600, "record_ttl": 600}}, "record_ttl"),
+    ("discovery", {"node": {"address": "not-an-ip"}}, "node.address"),
+    ("registry", {"registry": {"filters": ["("]}}, "registry.filters"),
+    ("pinner", {"pinner": {"containerd_version": "two"}}, "pinner.containerd_version"),
+    ("registry", {"registry": {"resolve_timeout": float("nan")}}, "registry.resolve_timeout"),
+]
+
+
+@pytest.mark.parametrize(("service", "values", "key"), START_REFUSALS)
+def test_config_check_refuses_what_the_service_refuses(
+    tmp_path: Path, service: str, values: dict[str, dict[str, Any]], key: str
+) -> None:
+    # Everything a service would touch stays in tmp_path, should it start after all.
+    data: dict[str, dict[str, Any]] = {
+        "tls": {"enabled": False},
+        "node": {"data_dir": str(tmp_path / "data")},
+        "registry": {"registries_file": str(tmp_path / "registries.yaml")},
+        "pinner": {"certs_dir": str(tmp_path / "certs.d"), "images_dir": str(tmp_path)},
+        "store": {"backend": "oci-layout", "oci_layout_path": str(tmp_path / "layout")},
+    }
+    for section, keys in values.items():
+        data.setdefault(section, {}).update(keys)
+    path = tmp_path / "node.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    for argv in (("config", "check"), (service,)):
+        result = peermirror(*argv, "--config", str(path))
+        assert result.returncode == 2, (argv, result.stderr)
+        assert "Traceback" not in result.stderr
+        assert key in result.stderr and str(path) in result.stderr, (argv, result.stderr)
+
+
+def test_config_check_reads_the_registries_file_as_the_pinner_does(tmp_path: Path) -> None:
+    registries = tmp_path / "registries.yaml"
+    registries.write_text("mirrors:\n  docker.io:\n    endpoint: 5\n", encoding="utf-8")
+    path = tmp_path / "node.yaml"
+    path.write_text(
+        f"tls: {{enabled: false}}\nregistry: {{registries_file: '{registries}'}}\n",
+        encoding="utf-8",
+    )
+    result = peermirror("config", "check", "--config", str(path))
+    assert result.returncode == 2, result.stderr
+    assert "registry.registries_file" in result.stderr
+    assert str(registries) in result.stderr and str(path) in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_config_check_needs_the_tls_files_the_services_load(tmp_path: Path) -> None:
+    path = tmp_path / "node.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "node": {"data_dir": str(tmp_path / "data")},
+                "registry": {"port": 0, "grpc_address": "127.0.0.1:0"},
+                "discovery": {"port": 0, "local_address": "127.0.0.1:0"},
+            }
+        ),
+        encoding="utf-8",
+    )
+    result = peermirror("config", "check", "--config", str(path))
+    assert result.returncode == 2, result.stderr
+    assert "tls.ca_file" in result.stderr and str(path) in result.stderr
+    # The services refuse the same way at start, naming the config file too.
+    for service in ("registry", "discovery"):
+        started = peermirror(service, "--config", str(path))
+        assert started.returncode == 2, started.stderr
+        assert "tls" in started.stderr and str(path) in started.stderr, started.stderr
+        assert "Traceback" not in started.stderr
+    # Checking a node's config elsewhere: the files it names are not looked at.
+    elsewhere = peermirror("config", "check", "--skip-files", "--config", str(path))
+    assert elsewhere.returncode == 0, elsewhere.stderr

@@ -7,8 +7,6 @@ can only succeed through the test registry, and nothing ever leaves the machine.
 
 from __future__ import annotations
 
-import re
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,13 +15,12 @@ import pytest
 from services.pinner.hosts_toml import HostsOptions
 from services.pinner.hosts_writer import write_containerd_config
 from tests.harness.containerd import ContainerdDaemon
-from tests.harness.images import build_image
+from tests.harness.ctr_pull import DEAD_SERVER, ctr_pull, hosts_tried, push
 from tests.harness.service_procs import free_port
-from tests.harness.upstream import DistributionRegistry, loopback_registry, push_image
+from tests.harness.upstream import DistributionRegistry, loopback_registry
 
 pytestmark = pytest.mark.containerd
 
-DEAD_SERVER = "http://127.0.0.1:9"
 START_TIMEOUT_S = 15.0
 
 
@@ -31,13 +28,6 @@ START_TIMEOUT_S = 15.0
 def test_registry(tmp_path: Path) -> Iterator[DistributionRegistry]:
     with loopback_registry(tmp_path / "registry") as registry:
         yield registry
-
-
-def push(tmp_path: Path, registry: DistributionRegistry, repo_tag: str) -> str:
-    """Build a synthetic image and push it as `<registry>/<repo_tag>`; returns its digest."""
-    image = build_image(tmp_path / "layout", name=f"docker.io/{repo_tag}")
-    push_image(image, registry)
-    return image.target.digest
 
 
 def request_uris(registry: DistributionRegistry) -> list[str]:
@@ -58,25 +48,6 @@ def render(tmp_path: Path, registry: DistributionRegistry, dead_mirror_port: int
     paths = write_containerd_config(reg_file, out, opts)
     assert out / "docker.io" / "hosts.toml" in paths
     return out
-
-
-def ctr_pull(
-    daemon: ContainerdDaemon, namespace: str, hosts_dir: Path, ref: str
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        daemon.ctr_argv(
-            ["images", "pull", "--all-platforms", "--hosts-dir", str(hosts_dir), ref], namespace
-        ),
-        capture_output=True,
-        text=True,
-        stdin=subprocess.DEVNULL,
-        timeout=120,
-    )
-
-
-def hosts_tried(stderr: str) -> list[str]:
-    """The hosts ctr reports moving on from, in order."""
-    return re.findall(r'host="?([0-9.:]+)"?', stderr)
 
 
 def test_pull_goes_through_generated_mirror_config(

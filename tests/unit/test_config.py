@@ -171,7 +171,7 @@ def test_env_overrides_file(tmp_path: Path) -> None:
             "PEERMIRROR_REGISTRY__PORT": "7443",
             "PEERMIRROR_REGISTRY__ALLOW_LATEST": "yes",
             "PEERMIRROR_REGISTRY__FILTERS": "a, b ,,c",
-            "PEERMIRROR_DISCOVERY__RECORD_TTL": "60.5",
+            "PEERMIRROR_DISCOVERY__RECORD_TTL": "660.5",
             "PEERMIRROR_STORE__BACKEND": "oci-layout",
             "PEERMIRROR_STORE__CONTENT_ROOT": "/var/lib/ctd/content",
             "PEERMIRROR_NODE__DATA_DIR": "/srv/pm",
@@ -184,7 +184,7 @@ def test_env_overrides_file(tmp_path: Path) -> None:
     assert cfg.registry.port == 7443
     assert cfg.registry.allow_latest is True
     assert cfg.registry.filters == ["a", "b", "c"]
-    assert cfg.discovery.record_ttl == 60.5
+    assert cfg.discovery.record_ttl == 660.5
     assert cfg.store.backend == "oci-layout"
     assert cfg.store.content_root == Path("/var/lib/ctd/content")
     assert cfg.node.data_dir == Path("/srv/pm")
@@ -318,3 +318,81 @@ def test_parse_host_port(text: str, expected: tuple[str, int]) -> None:
 def test_parse_host_port_rejects(text: str) -> None:
     with pytest.raises(ValueError):
         parse_host_port(text)
+
+
+# --- values and combinations the services refuse at start are refused at load ---------------
+
+
+@pytest.mark.parametrize("text", [".nan", ".inf", "-.inf", ".NaN"])
+def test_floats_must_be_finite(tmp_path: Path, text: str) -> None:
+    path = write(tmp_path, f"registry:\n  peer_timeout: {text}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, env={})
+    assert f"{path}: registry.peer_timeout: expected a finite float" in str(err.value)
+
+
+@pytest.mark.parametrize("text", ["nan", "inf", "-Infinity"])
+def test_env_floats_must_be_finite(text: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, env={"PEERMIRROR_DISCOVERY__RECORD_TTL": text})
+    assert "environment PEERMIRROR_DISCOVERY__RECORD_TTL: expected a finite float" in str(err.value)
+
+
+# Each case: YAML, then the words the one-line error must hold (keys at fault).
+REFUSED_AT_START = {
+    "republish_not_shorter_than_ttl": (
+        "discovery: {republish_interval: 600, record_ttl: 600}",
+        ["discovery.republish_interval", "discovery.record_ttl"],
+    ),
+    "liveness_window_not_longer_than_probe": (
+        "discovery: {probe_interval: 30, liveness_window: 30}",
+        ["discovery.liveness_window", "discovery.probe_interval"],
+    ),
+    "node_address_not_an_ip": ("node: {address: node-1.example}", ["node.address"]),
+    "filter_not_a_regex": ("registry: {filters: ['docker.io/(']}", ["registry.filters"]),
+    "containerd_version_unparsable": (
+        "pinner: {containerd_version: latest}",
+        ["pinner.containerd_version"],
+    ),
+    "dial_timeout_not_positive": ("pinner: {dial_timeout: 0}", ["pinner.dial_timeout"]),
+    "two_listeners_one_port": (
+        "pinner: {grpc_address: '127.0.0.1:5005'}",
+        ["pinner.grpc_address", "discovery.metrics_address", "5005"],
+    ),
+    "registry_port_on_discovery_port": (
+        "registry: {port: 5001}",
+        ["registry.port", "discovery.port", "5001"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED_AT_START))
+def test_combinations_services_refuse_are_refused_naming_keys_and_file(
+    tmp_path: Path, case: str
+) -> None:
+    text, words = REFUSED_AT_START[case]
+    path = write(tmp_path, text + "\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, env={})
+    message = str(err.value)
+    assert message.startswith(f"{path}: "), message
+    for word in words:
+        assert word in message, message
+
+
+def test_a_combination_set_from_the_environment_names_the_variable(tmp_path: Path) -> None:
+    path = write(tmp_path, "discovery: {record_ttl: 100}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, env={"PEERMIRROR_DISCOVERY__REPUBLISH_INTERVAL": "100"})
+    assert "environment PEERMIRROR_DISCOVERY__REPUBLISH_INTERVAL" in str(err.value)
+
+
+def test_listeners_apart_or_ephemeral_are_accepted(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "registry: {host: 127.0.0.1, port: 5001, metrics_address: '127.0.0.1:0'}\n"
+        "discovery: {host: 10.0.0.5, metrics_address: '127.0.0.1:0'}\n"
+        "pinner: {metrics_address: '127.0.0.1:0', grpc_address: 'unix:/run/pm.sock'}\n",
+    )
+    cfg = load_config(path, env={})
+    assert cfg.registry.port == cfg.discovery.port == 5001

@@ -28,7 +28,7 @@ from services.common.k3s.switches import (
 )
 from services.common.oci.errors import ErrorCode, OciError
 from services.pinner.hosts_toml import render_hosts_files
-from services.pinner.service import hosts_options, key_policy
+from services.pinner.service import hosts_options, participates
 
 
 @pytest.fixture(autouse=True)
@@ -246,5 +246,5 @@ def test_hosts_toml_leaves_the_local_mirror_out_when_taking_no_part() -> None:
 
 def test_nothing_is_advertised_when_taking_no_part() -> None:
     registries = parse_registries("mirrors:\n  docker.io:\n")
-    assert key_policy(_cfg(True), registries).mirrors_anything is True
-    assert key_policy(_cfg(False), registries).mirrors_anything is False
+    assert participates(_cfg(True), registries) is True
+    assert participates(_cfg(False), registries) is False

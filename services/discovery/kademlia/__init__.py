@@ -17,6 +17,7 @@ from services.discovery.kademlia.node_id import (
     short_id,
     xor_distance,
 )
+from services.discovery.kademlia.peer_budget import PeerBudgets, RecordRateExceeded
 from services.discovery.kademlia.providers import (
     AdvertisedKey,
     AdvertisedKeys,
@@ -46,10 +47,12 @@ __all__ = [
     "Lookup",
     "Maintenance",
     "NodeIdError",
+    "PeerBudgets",
     "PeerEntry",
     "ProviderRecord",
     "ProviderStore",
     "QueryState",
+    "RecordRateExceeded",
     "RoutingTable",
     "common_prefix_length",
     "dht_key",

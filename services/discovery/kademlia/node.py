@@ -10,14 +10,18 @@ out, and `maintenance` on a short tick (about a second); perform what it returns
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from services.discovery.kademlia.contact import Contact
 from services.discovery.kademlia.lookup import DEFAULT_ALPHA, Lookup
-from services.discovery.kademlia.node_id import ID_BYTES
+from services.discovery.kademlia.node_id import ID_BYTES, id_int
+from services.discovery.kademlia.peer_budget import PeerBudgets
 from services.discovery.kademlia.providers import (
+    DEFAULT_MAX_PER_PROVIDER,
+    DEFAULT_MAX_TOTAL,
     AdvertisedKey,
     AdvertisedKeys,
     ProviderRecord,
@@ -52,10 +56,21 @@ class DhtConfig:
     # simulation). Most providers in one answer.
     max_batch_keys: int = 1024
     max_providers_answer: int = 100
+    # Bounds on records kept for others (discovery.max_records_per_peer, max_records_total,
+    # peer_records_per_second); the burst of the rate is a peer's whole allowance.
+    max_records_per_peer: int = DEFAULT_MAX_PER_PROVIDER
+    max_records_total: int = DEFAULT_MAX_TOTAL
+    peer_records_per_second: float = 1000.0
 
     def __post_init__(self) -> None:
         if self.k < 1 or self.alpha < 1 or self.max_failures < 1:
             raise ValueError("k, alpha and max_failures must be at least 1")
+        if not 1 <= self.max_records_per_peer <= self.max_records_total:
+            raise ValueError(
+                "max_records_per_peer must be at least 1 and at most max_records_total"
+            )
+        if not self.peer_records_per_second > 0:
+            raise ValueError("peer_records_per_second must be positive")
         if self.liveness_window <= self.probe_interval:
             raise ValueError("liveness_window must be longer than probe_interval")
         if self.republish_interval >= self.record_ttl:
@@ -99,7 +114,14 @@ class DhtNode:
             ping_timeout=cfg.probe_timeout,
             now=now,
         )
-        self.store = ProviderStore(max_ttl=cfg.max_record_ttl)
+        self.store = ProviderStore(
+            max_ttl=cfg.max_record_ttl,
+            max_per_provider=cfg.max_records_per_peer,
+            max_total=cfg.max_records_total,
+        )
+        self.budgets = PeerBudgets(
+            cfg.peer_records_per_second, max(cfg.max_records_per_peer, cfg.max_batch_keys)
+        )
         self.advertised = AdvertisedKeys(cfg.republish_interval)
         self._rng = rng or random.Random()
         self._failures: dict[bytes, int] = {}
@@ -163,17 +185,43 @@ class DhtNode:
         """AddProvider: stores `sender` as provider of `keys`; returns (stored, TTL applied).
 
         `sender` must carry the address observed on the connection. A TTL of 0 means the
-        default; keys past max_batch_keys and malformed keys are skipped.
+        default; keys past max_batch_keys and malformed keys are skipped, so are keys this
+        node is not among the k closest to (`responsible`) and new records over the caps.
+        Raises RecordRateExceeded, storing nothing, when the sender is over its record rate.
         """
         applied = min(ttl if ttl > 0 else self.config.record_ttl, self.config.max_record_ttl)
+        batch = [key for key in itertools.islice(keys, self.config.max_batch_keys)]
+        self.budgets.spend(sender.node_id, len(batch), now)
         stored = 0
-        for index, key in enumerate(keys):
-            if index >= self.config.max_batch_keys:
-                break
-            if len(key) == ID_BYTES:
-                self.store.add(key, sender, applied, now)
+        for key in batch:
+            if (
+                len(key) == ID_BYTES
+                and self.responsible(key, sender.node_id)
+                and self.store.add(key, sender, applied, now) > 0
+            ):
                 stored += 1
         return stored, applied
+
+    def responsible(self, key: bytes, publisher: bytes) -> bool:
+        """Whether this node keeps records of `key`: fewer than k contacts it knows (other
+        than the publisher, which does not store at itself) are closer to the key. A
+        publisher finds the k closest nodes by lookup, so honest records always land on
+        nodes that take them; records for far keys, which nobody would look for here, do
+        not fill this node."""
+        target = id_int(key)
+        own = self.me.key ^ target
+        # A contact closer to the key than we are shares at least as many leading bits with us
+        # as the key does, so it sits in the key's bucket or a later one; the walk stops at k
+        # (in a large network the key's bucket is full and closer: about k steps).
+        closer = 0
+        table = self.table
+        for index in range(table.bucket_of(key), table.bucket_count):
+            for contact in table.bucket_contacts(index):
+                if contact.key ^ target < own and contact.node_id != publisher:
+                    closer += 1
+                    if closer >= self.config.k:
+                        return False
+        return True
 
     def remove_provider(self, sender: Contact, keys: Iterable[bytes]) -> int:
         """RemoveProvider: deletes `sender`'s records (at its observed address) for `keys`."""
@@ -221,6 +269,7 @@ class DhtNode:
         nodes to probe, which buckets to refresh and which of our keys to republish."""
         cfg = self.config
         expired = self.store.expire(now)
+        self.budgets.prune(now)
         dropped = [c.node_id for c in self.table.expire(now, cfg.liveness_window)]
         dropped.extend(self.store.silent(now, cfg.liveness_window))
         for node_id in dropped:

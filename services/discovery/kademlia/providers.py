@@ -9,6 +9,13 @@ from dataclasses import dataclass
 from services.discovery.kademlia.contact import Contact
 from services.discovery.kademlia.node_id import check_id, dht_key
 
+# Defaults of discovery.max_records_per_peer and discovery.max_records_total: a record costs
+# about 470 bytes, so the total stays near 45 MiB, well inside the 128 MiB of deploy/k3s.
+DEFAULT_MAX_PER_PROVIDER = 20_000
+DEFAULT_MAX_TOTAL = 100_000
+# Outdated expiry entries tolerated beyond twice the records before the heap is rebuilt.
+EXPIRY_SLACK = 64
+
 
 @dataclass(frozen=True, slots=True)
 class ProviderRecord:
@@ -26,18 +33,35 @@ class ProviderRecord:
 class ProviderStore:
     """Records other nodes asked us to keep, because our ID is among the k closest to the key.
 
-    Also tracks when each provider node was last heard from, so the caller can probe
-    silent providers and drop every record of one found dead (`remove_node`).
+    Bounded: at most `max_per_provider` records per provider node and `max_total` in all; at
+    the total cap a new record takes the place of one of the provider holding the most, so
+    one flooding node cannot crowd out the others. Also tracks when each provider node was
+    last heard from, so the caller can probe silent providers and drop every record of one
+    found dead (`remove_node`). Expiry works from a heap: a tick costs what is due, not a
+    walk over every record.
     """
 
-    def __init__(self, *, max_ttl: float = 600.0) -> None:
+    def __init__(
+        self,
+        *,
+        max_ttl: float = 600.0,
+        max_per_provider: int = DEFAULT_MAX_PER_PROVIDER,
+        max_total: int = DEFAULT_MAX_TOTAL,
+    ) -> None:
         if max_ttl <= 0:
             raise ValueError("max_ttl must be positive")
+        if max_per_provider < 1 or max_total < 1:
+            raise ValueError("max_per_provider and max_total must be at least 1")
         self.max_ttl = max_ttl
+        self.max_per_provider = max_per_provider
+        self.max_total = max_total
         self._records: dict[bytes, dict[bytes, ProviderRecord]] = {}
         self._keys_of: dict[bytes, set[bytes]] = {}  # provider node id -> keys
         self._last_seen: dict[bytes, float] = {}  # provider node id -> when heard from
-        # (expires_at, key, provider id); entries outdated by a refresh are skipped lazily.
+        # provider node id -> the contact of its latest record (probes dial it)
+        self._contact_of: dict[bytes, Contact] = {}
+        # (expires_at, key, provider id); entries outdated by a refresh are skipped lazily,
+        # and the heap is rebuilt when they outnumber the records.
         self._expiry: list[tuple[float, bytes, bytes]] = []
         self._count = 0
 
@@ -46,10 +70,16 @@ class ProviderStore:
         return self._count
 
     def add(self, key: bytes, provider: Contact, ttl: float, now: float) -> float:
-        """Stores or refreshes a record; returns the TTL applied (capped at max_ttl)."""
+        """Stores or refreshes a record; returns the TTL applied (capped at max_ttl), 0.0
+        when nothing was stored (no TTL, or a new record over the caps)."""
         check_id(key)
         applied = min(max(ttl, 0.0), self.max_ttl)
         if applied <= 0:
+            return 0.0
+        by_provider = self._records.get(key)
+        if (by_provider is None or provider.node_id not in by_provider) and not self._room_for(
+            provider.node_id
+        ):
             return 0.0
         record = ProviderRecord(key, provider, now + applied)
         by_provider = self._records.setdefault(key, {})
@@ -57,9 +87,38 @@ class ProviderStore:
             self._count += 1
         by_provider[provider.node_id] = record
         self._keys_of.setdefault(provider.node_id, set()).add(key)
+        self._contact_of[provider.node_id] = provider
         self._heard(provider.node_id, now)
         heapq.heappush(self._expiry, (record.expires_at, key, provider.node_id))
+        if len(self._expiry) > 2 * self._count + EXPIRY_SLACK:
+            self._compact()
         return applied
+
+    def pending_expiries(self) -> int:
+        """Entries in the expiry heap (live records plus outdated entries not yet dropped)."""
+        return len(self._expiry)
+
+    def _room_for(self, provider_id: bytes) -> bool:
+        """Whether a new record of `provider_id` fits, making room at the total cap."""
+        held = len(self._keys_of.get(provider_id, ()))
+        if held >= self.max_per_provider:
+            return False
+        if self._count < self.max_total:
+            return True
+        # O(providers), only when the store is full: providers are nodes of the cluster.
+        largest = max(self._keys_of, key=lambda pid: len(self._keys_of[pid]))
+        if largest == provider_id or len(self._keys_of[largest]) <= held + 1:
+            return False
+        self._delete(next(iter(self._keys_of[largest])), largest)
+        return True
+
+    def _compact(self) -> None:
+        self._expiry = [
+            (r.expires_at, r.key, pid)
+            for by_provider in self._records.values()
+            for pid, r in by_provider.items()
+        ]
+        heapq.heapify(self._expiry)
 
     def remove(self, key: bytes, provider_id: bytes, address: str | None = None) -> bool:
         """Deletes one record (RemoveProvider). With `address`, only a record stored for
@@ -118,19 +177,19 @@ class ProviderStore:
         if node_id in self._keys_of:
             self._heard(node_id, now)
 
+    def contact_of(self, node_id: bytes) -> Contact | None:
+        """The contact of a provider's latest record here, if it has any."""
+        return self._contact_of.get(node_id)
+
     def provider_contacts(self) -> list[Contact]:
-        """One contact per provider node with records here (address of its newest record)."""
-        out: list[Contact] = []
-        for provider_id, keys in self._keys_of.items():
-            newest = max((self._records[k][provider_id] for k in keys), key=lambda r: r.expires_at)
-            out.append(newest.provider)
-        return out
+        """One contact per provider node with records here (address of its latest record)."""
+        return list(self._contact_of.values())
 
     def probe_due(self, now: float, idle: float) -> list[Contact]:
-        """Providers not heard from for `idle` seconds: ping them."""
+        """Providers not heard from for `idle` seconds: ping them (one look per provider,
+        none per record)."""
         cutoff = now - idle
-        due = {pid for pid, seen in self._last_seen.items() if seen <= cutoff}
-        return [c for c in self.provider_contacts() if c.node_id in due]
+        return [self._contact_of[pid] for pid, seen in self._last_seen.items() if seen <= cutoff]
 
     def silent(self, now: float, window: float) -> list[bytes]:
         """Provider nodes not heard from for longer than `window` seconds."""
@@ -156,6 +215,7 @@ class ProviderStore:
         keys.discard(key)
         if not keys:
             del self._keys_of[provider_id]
+            del self._contact_of[provider_id]
             self._last_seen.pop(provider_id, None)
 
 

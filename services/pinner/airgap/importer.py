@@ -9,7 +9,7 @@ written for that archive is garbage-collected and no image record points at miss
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +20,7 @@ from services.common.containerd.errors import (
 )
 from services.common.logsetup import get_logger
 from services.common.store.protocol import Descriptor
+from services.pinner.airgap.budget import DEFAULT_MAX_DESCRIPTORS, DescriptorBudget
 from services.pinner.airgap.formats import FileKind
 from services.pinner.airgap.ingest import BlobWriter, IngestChannel, Lease
 from services.pinner.airgap.layout import (
@@ -66,6 +67,27 @@ class _Member:
     head: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class _Node:
+    """An index or manifest as the walk needs it: its GC labels, the children to walk on
+    (present manifests of an index) and the leaves (config and layers of a manifest)."""
+
+    gc: dict[str, str]
+    walk: tuple[Descriptor, ...]
+    leaves: tuple[Descriptor, ...]
+
+
+def _unique(descs: Iterable[Descriptor]) -> list[Descriptor]:
+    """Each digest once, first occurrence kept (an index may list a manifest many times)."""
+    seen: set[str] = set()
+    out: list[Descriptor] = []
+    for desc in descs:
+        if desc.digest not in seen:
+            seen.add(desc.digest)
+            out.append(desc)
+    return out
+
+
 @dataclass(slots=True)
 class _Collected:
     """What one pass over the archive produced."""
@@ -75,6 +97,9 @@ class _Collected:
     small: dict[str, bytes] = field(default_factory=dict)
     small_total: int = 0
     present: set[str] = field(default_factory=set)
+    # Digests containerd was asked about and does not hold (asked once per import).
+    absent: set[str] = field(default_factory=set)
+    nodes: dict[str, _Node] = field(default_factory=dict)
 
     def cache(self, digest: str, data: bytes) -> None:
         if self.small_total + len(data) <= SMALL_CACHE_TOTAL and digest not in self.small:
@@ -91,29 +116,39 @@ def _hash_in_reader(member: str) -> bool:
 class ArchiveImporter:
     """Imports archives into the namespace of `client` through the lease-holding `ingest`."""
 
-    def __init__(self, client: ContainerdClient, ingest: IngestChannel) -> None:
+    def __init__(
+        self,
+        client: ContainerdClient,
+        ingest: IngestChannel,
+        *,
+        max_descriptors: int = DEFAULT_MAX_DESCRIPTORS,
+    ) -> None:
         self._client = client
         self._ingest = ingest
+        self._max_descriptors = max_descriptors
 
     async def import_archive(
         self, path: Path, kind: FileKind, image_labels: Mapping[str, str]
     ) -> list[str]:
         """Import every image of the archive; returns the image record names created/updated."""
+        budget = DescriptorBudget(self._max_descriptors)
         async with self._ingest.lease(str(path)) as lease:
             collected = _Collected()
             async with TarStream(path, kind, hash_member=_hash_in_reader) as stream:
-                await self._consume(stream, lease, collected)
-            targets = await self._targets(lease, collected)
+                await self._consume(stream, lease, collected, budget)
+            targets = await self._targets(lease, collected, budget)
             if not targets:
                 raise ArchiveImportError(f"{path.name}: the archive names no image")
-            labels = await self._plan_labels(lease, collected, targets)
+            labels = await self._plan_labels(lease, collected, targets, budget)
             for digest, wanted in labels.items():
                 await self._client.update_content_labels(digest, wanted)
             return await self._create_records(targets, image_labels)
 
     # --- pass over the archive ----------------------------------------------------------------
 
-    async def _consume(self, stream: TarStream, lease: Lease, out: _Collected) -> None:
+    async def _consume(
+        self, stream: TarStream, lease: Lease, out: _Collected, budget: DescriptorBudget
+    ) -> None:
         start: MemberStart | None = None
         writer: BlobWriter | None = None
         expected: str | None = None
@@ -123,6 +158,7 @@ class ArchiveImporter:
         try:
             async for item in stream:
                 if isinstance(item, MemberStart):
+                    await budget.spend()
                     start, buf, head = item, bytearray(), b""
                     if is_metadata(item.name):
                         if item.size > METADATA_MAX_BYTES:
@@ -178,9 +214,12 @@ class ArchiveImporter:
 
     # --- images the archive names -------------------------------------------------------------
 
-    async def _targets(self, lease: Lease, collected: _Collected) -> list[NamedTarget]:
+    async def _targets(
+        self, lease: Lease, collected: _Collected, budget: DescriptorBudget
+    ) -> list[NamedTarget]:
         if OCI_INDEX_FILE in collected.metadata:
             named, unnamed = parse_oci_index(collected.metadata[OCI_INDEX_FILE])
+            await budget.spend(len(named) + len(unnamed))
             if unnamed:
                 log.warning(
                     "archive index entries without an image name are not imported",
@@ -188,12 +227,15 @@ class ArchiveImporter:
                 )
             return named
         if DOCKER_MANIFEST_FILE in collected.metadata:
-            return await self._docker_targets(lease, collected)
+            return await self._docker_targets(lease, collected, budget)
         raise LayoutError("archive holds neither index.json (OCI) nor manifest.json (docker-save)")
 
-    async def _docker_targets(self, lease: Lease, collected: _Collected) -> list[NamedTarget]:
+    async def _docker_targets(
+        self, lease: Lease, collected: _Collected, budget: DescriptorBudget
+    ) -> list[NamedTarget]:
         targets: list[NamedTarget] = []
         for entry in parse_docker_manifest(collected.metadata[DOCKER_MANIFEST_FILE]):
+            await budget.spend(1 + len(entry.layers) + len(entry.repo_tags))
             config = self._member(collected, entry.config)
             layers = []
             for layer_path in entry.layers:
@@ -231,9 +273,12 @@ class ArchiveImporter:
     async def _ensure_present(self, lease: Lease, collected: _Collected, digest: str) -> bool:
         if digest in collected.present:
             return True
+        if digest in collected.absent:
+            return False
         try:
             await self._client.content_info(digest)
         except ContainerdNotFoundError:
+            collected.absent.add(digest)
             return False
         await lease.hold(digest)
         collected.present.add(digest)
@@ -250,41 +295,80 @@ class ArchiveImporter:
             raise LayoutError(f"content of {desc.digest} does not match its digest")
         return data
 
+    async def _node(
+        self,
+        lease: Lease,
+        collected: _Collected,
+        desc: Descriptor,
+        what: str,
+        budget: DescriptorBudget,
+    ) -> _Node:
+        """What an index or manifest refers to, read, parsed and checked once per import."""
+        node = collected.nodes.get(desc.digest)
+        if node is not None:
+            return node
+        data = await self._read_small(collected, desc)
+        media = media_type_of(desc.media_type, data)
+        children = parse_children(media, data)
+        # Every entry is paid for, repeated ones too: each gets a GC label.
+        await budget.spend(len(children.all()))
+        if media in INDEX_TYPES:
+            listed = _unique(children.manifests)
+            # Archives of one platform of a multi-platform image (`ctr export` without
+            # --all-platforms) list manifests they do not hold; those are skipped.
+            walk = [
+                child
+                for child in listed
+                if await self._ensure_present(lease, collected, child.digest)
+            ]
+            if not walk:
+                raise LayoutError(f"{what}: none of the index's manifests is present")
+            node = _Node(gc_labels(children), tuple(walk), ())
+        else:
+            # Only indexes and manifests are walked: configs and layers are leaves.
+            leaves = _unique(children.all())
+            for child in leaves:
+                if not await self._ensure_present(lease, collected, child.digest):
+                    raise LayoutError(f"{what}: blob {child.digest} is missing")
+            node = _Node(gc_labels(children), (), tuple(leaves))
+        collected.nodes[desc.digest] = node
+        return node
+
     async def _plan_labels(
-        self, lease: Lease, collected: _Collected, targets: list[NamedTarget]
+        self,
+        lease: Lease,
+        collected: _Collected,
+        targets: list[NamedTarget],
+        budget: DescriptorBudget,
     ) -> dict[str, dict[str, str | None]]:
-        """Walk every image, check each blob is present, and compute the labels to set."""
+        """Walk every image, check each blob is present, and compute the labels to set.
+
+        Each image's walk visits a descriptor once however often indexes list it, each index
+        or manifest is read once per import, and every step is paid from `budget` (which also
+        yields to the event loop): an archive built to make the walk explode is refused.
+        """
         gc: dict[str, dict[str, str]] = {}
         sources: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
         for named in targets:
             what = named.name.tagged
+            registry, repository = named.name.registry, named.name.repository
             if not await self._ensure_present(lease, collected, named.target.digest):
                 raise LayoutError(f"{what}: root {named.target.digest} is not in the archive")
-            # Only indexes and manifests are pushed: configs and layers are leaves.
+            seen = {named.target.digest}
             stack: list[Descriptor] = [named.target]
             while stack:
                 desc = stack.pop()
-                sources[desc.digest][named.name.registry].add(named.name.repository)
-                data = await self._read_small(collected, desc)
-                media = media_type_of(desc.media_type, data)
-                children = parse_children(media, data)
-                gc[desc.digest] = gc_labels(children)
-                if media in INDEX_TYPES:
-                    present = [
-                        child
-                        for child in children.manifests
-                        if await self._ensure_present(lease, collected, child.digest)
-                    ]
-                    if not present:
-                        raise LayoutError(f"{what}: none of the index's manifests is present")
-                    # Archives of one platform of a multi-platform image (`ctr export` without
-                    # --all-platforms) list manifests they do not hold; those are skipped.
-                    stack.extend(present)
-                    continue
-                for child in children.all():
-                    if not await self._ensure_present(lease, collected, child.digest):
-                        raise LayoutError(f"{what}: blob {child.digest} is missing")
-                    sources[child.digest][named.name.registry].add(named.name.repository)
+                await budget.spend()
+                sources[desc.digest][registry].add(repository)
+                node = await self._node(lease, collected, desc, what, budget)
+                gc[desc.digest] = node.gc
+                await budget.spend(len(node.walk) + len(node.leaves))
+                for child in node.walk:
+                    if child.digest not in seen:
+                        seen.add(child.digest)
+                        stack.append(child)
+                for leaf in node.leaves:
+                    sources[leaf.digest][registry].add(repository)
         plan: dict[str, dict[str, str | None]] = {}
         for digest, by_registry in sources.items():
             existing = dict((await self._client.content_info(digest)).labels)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Literal
 from services.common.containerd.client import ContainerdClient
 from services.common.containerd.errors import ContainerdError, ContainerdUnavailableError
 from services.common.logsetup import get_logger
+from services.pinner.airgap.budget import DEFAULT_MAX_DESCRIPTORS
 from services.pinner.airgap.formats import FileKind
 from services.pinner.airgap.importer import ArchiveImporter, ArchiveImportError
 from services.pinner.airgap.ingest import IngestChannel
@@ -77,6 +78,7 @@ class AirgapManager:
         *,
         settle: float = 2.0,
         poll_interval: float = 1.0,
+        max_import_descriptors: int = DEFAULT_MAX_DESCRIPTORS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.client = client
@@ -85,7 +87,9 @@ class AirgapManager:
         self.pins = PinManager(client)
         self._cri_pins = PinManager(client.with_namespace(CRI_NAMESPACE))
         self._ingest = IngestChannel(client.address, client.namespace)
-        self._importer = ArchiveImporter(client, self._ingest)
+        self._importer = ArchiveImporter(
+            client, self._ingest, max_descriptors=max_import_descriptors
+        )
         self._puller = CriPuller(self._ingest.channel)
         # Prefetches pull through the same CRI (the Pinner API's Prefetch).
         self.prefetcher = Prefetcher(self._ingest.channel, CRI_NAMESPACE)
@@ -103,6 +107,7 @@ class AirgapManager:
             section.images_dir,
             settle=section.import_settle,
             poll_interval=section.import_poll_interval,
+            max_import_descriptors=section.max_import_descriptors,
         )
 
     async def close(self) -> None:

@@ -1,11 +1,13 @@
-"""Which peer to ask next and when to ask another one: per-peer load and latency, kept pure.
+"""Which peer to ask next and when to ask another one: per-peer load, latency and rate, kept pure.
 
 Every peer answer feeds two figures: the peer's own exponentially weighted header latency (to
 prefer fast peers) and a window of recent header latencies of all peers (to decide when an
 answer is late). A request starts at the least-used peer, fastest first among equals; when its
 headers have not come after the hedge delay, one more peer is asked. The delay is a percentile of
 recent latencies once there are enough of them (a late answer is then an unusual one), never
-more than the configured header wait, so a miss stays short even on a slow cluster.
+more than the configured header wait, so a miss stays short even on a slow cluster. Body
+transfers feed a third: each peer's smoothed rate. A peer the relay left for being slow is
+ranked behind every other until it shows a good rate again.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import ipaddress
 import math
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 DEFAULT_ALPHA = 0.3
 DEFAULT_WINDOW = 128
@@ -27,17 +29,24 @@ DEFAULT_MAX_PEERS = 1024
 
 @dataclass(frozen=True, slots=True, order=True)
 class Peer:
-    """A peer's registry endpoint as discovery announced it: an IP address and a port."""
+    """A peer's registry endpoint as discovery announced it: an IP address, a port and the
+    node's ID (hex; empty when discovery named none)."""
 
     address: str
     port: int
+    node_id: str = field(default="", compare=False)
+
+    @property
+    def identity(self) -> str:
+        """What the peer is judged by (quarantine): its node, whatever port it advertises."""
+        return f"node:{self.node_id}" if self.node_id else f"endpoint:{self}"
 
     def __str__(self) -> str:
         host = f"[{self.address}]" if ":" in self.address else self.address
         return f"{host}:{self.port}"
 
 
-def peer_from_contact(address: str, port: int) -> Peer | None:
+def peer_from_contact(address: str, port: int, node_id: bytes = b"") -> Peer | None:
     """A Peer for a discovery contact; None unless `address` is an IP literal and `port` usable
     (names are never resolved: only addresses discovery observed are dialled)."""
     try:
@@ -46,7 +55,7 @@ def peer_from_contact(address: str, port: int) -> Peer | None:
         return None
     if not 0 < port <= 65535 or ip.is_unspecified or ip.is_multicast:
         return None
-    return Peer(ip.compressed, port)
+    return Peer(ip.compressed, port, node_id.hex())
 
 
 def percentile(samples: Iterable[float], q: float) -> float:
@@ -60,10 +69,13 @@ def percentile(samples: Iterable[float], q: float) -> float:
 
 @dataclass(slots=True)
 class PeerLoad:
-    """What is known about one peer: requests in flight and its smoothed header latency."""
+    """What is known about one peer: requests in flight, its smoothed header latency and body
+    rate (bytes per second), and whether a relay left it for being slow."""
 
     in_flight: int = 0
     latency: float | None = None
+    rate: float | None = None
+    slow: bool = False
 
 
 class PeerBook:
@@ -103,6 +115,10 @@ class PeerBook:
                 return
             del self._peers[victim]
 
+    def known(self) -> list[Peer]:
+        """Every peer the book has a record of, least recently used first."""
+        return list(self._peers)
+
     def begin(self, peer: Peer) -> None:
         """A request to `peer` started."""
         self.load(peer).in_flight += 1
@@ -129,14 +145,49 @@ class PeerBook:
         record = self.load(peer)
         record.latency = max(record.latency or 0.0, latency)
 
+    def observe_rate(self, peer: Peer, rate: float) -> None:
+        """`peer` sent body bytes at `rate` bytes per second."""
+        record = self.load(peer)
+        record.rate = (
+            rate if record.rate is None else self.alpha * rate + (1 - self.alpha) * record.rate
+        )
+        record.slow = False
+
+    def rank_down(self, peer: Peer, rate: float) -> None:
+        """A relay left `peer` for sending at `rate`: ask it after every other peer."""
+        record = self.load(peer)
+        record.rate = rate
+        record.slow = True
+
+    def peak_rate(self) -> float | None:
+        """The fastest smoothed rate of any peer not ranked down: what this node's relays
+        normally get."""
+        rates = [r.rate for r in self._peers.values() if r.rate is not None and not r.slow]
+        return max(rates) if rates else None
+
+    def is_slow(self, peer: Peer) -> bool:
+        """Whether a relay left `peer` for being slow (and it has not shown a good rate since)."""
+        record = self._peers.get(peer)
+        return record is not None and record.slow
+
+    def rate(self, peer: Peer) -> float | None:
+        """`peer`'s smoothed body rate (None: unknown, or ranked down as slow)."""
+        record = self._peers.get(peer)
+        return None if record is None or record.slow else record.rate
+
     def choose(self, candidates: Sequence[Peer]) -> Peer | None:
-        """The least-used candidate, fastest first among equals (unknown latency counts as
-        fastest, so new peers get tried); ties keep discovery's order. None when empty."""
+        """The least-used candidate not ranked down as slow, fastest first among equals
+        (unknown latency counts as fastest, so new peers get tried); ties keep discovery's
+        order. None when empty."""
         best: Peer | None = None
-        best_key: tuple[int, float] | None = None
+        best_key: tuple[bool, int, float] | None = None
         for peer in candidates:
             record = self._peers.get(peer)
-            key = (0, 0.0) if record is None else (record.in_flight, record.latency or 0.0)
+            key = (
+                (False, 0, 0.0)
+                if record is None
+                else (record.slow, record.in_flight, record.latency or 0.0)
+            )
             if best_key is None or key < best_key:
                 best, best_key = peer, key
         return best

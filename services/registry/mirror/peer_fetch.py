@@ -92,6 +92,15 @@ class PeerClient:
             allow_redirects=False,
         )
 
+    def request_headers(self) -> dict[str, str]:
+        """The headers of a request to a peer sent outside the session (see peer_socket)."""
+        return {
+            PEER_HEADER: PEER_HEADER_VALUE,
+            "User-Agent": "peermirror-registry",
+            # The request id lets the peer's log line be matched to this node's.
+            **outgoing_headers(),
+        }
+
     async def close(self) -> None:
         session, self._session = self._session, None
         if session is not None:

@@ -57,7 +57,7 @@ class ProviderLookup:
         try:
             async for response in self._call:
                 contact = response.provider
-                peer = peer_from_contact(contact.address, contact.registry_port)
+                peer = peer_from_contact(contact.address, contact.registry_port, contact.node_id)
                 if peer is None:
                     log.warning(
                         "discovery named an unusable provider",

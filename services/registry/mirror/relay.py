@@ -9,16 +9,14 @@ The flow of one relayed request (the registry's hook calls :meth:`Mirror.relay`)
    good answer wins and the others are cancelled; failed attempts are replaced by the next peer
    until ``registry.max_attempts`` requests were made;
 3. manifests are read whole (at most 4 MiB) and served only once their bytes hash to the digest
-   asked for, or for a tag to the digest the peer names. HEAD is answered the same way (a GET to
+   asked for, or for a tag to the digest the peer names, typed by the ``mediaType`` the body
+   declares (see :func:`relay_core.manifest_answer`). HEAD is answered the same way (a GET to
    the peer), since a tag's digest is only as good as the body behind it;
-4. blobs stream through with a running hash. A peer failing mid-body is replaced by the next one,
-   asked for ``Range: bytes=<offset>-<end>``, so the client sees one uninterrupted body. The last
-   chunk is held back until the hash is known: a body that does not hash to its digest is never
-   completed — the client connection is cut short of its Content-Length — and every peer that
-   contributed to it is quarantined. A client's Range is served the same way: the whole blob is
-   read from the peers and hashed, only the range is sent, and its last piece waits for the
-   verdict (a resume at offset N costs N extra bytes from the peer; that buys a 206 body that is
-   never complete unless the blob it came from is the one asked for).
+4. blobs stream through the pure :class:`relay_core.BlobRelay`, which decides everything: what
+   reaches the client (as it arrives, the window's final piece only once the digest is known),
+   when a peer is left for the next one (failed, stalled, too slow, past its deadline; the rest
+   is asked for by Range), who is ranked down or quarantined, and when the client is cut off.
+   This module only does the I/O it asks for: one data path for plain TCP and TLS alike.
 
 Every failure before the first byte is sent is a 404 carrying the local error's code, with the
 attempt count in its ``detail``, so containerd falls back to its next endpoint at once.
@@ -30,7 +28,8 @@ import asyncio
 import contextlib
 import functools
 import ssl
-import sys
+import threading
+import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar, cast
@@ -41,8 +40,6 @@ from sanic import HTTPResponse, Request
 from services.common.config import NodeConfig, RegistrySection
 from services.common.logsetup import get_logger
 from services.common.oci.errors import OciError
-from services.common.oci.grammar import GrammarError, parse_digest
-from services.common.oci.media_types import detect_manifest_media_type, is_manifest_media_type
 from services.common.tls import client_context, tls_files
 from services.registry.content import MAX_MANIFEST_BYTES
 from services.registry.headers import (
@@ -53,38 +50,34 @@ from services.registry.headers import (
     select_range,
 )
 from services.registry.metrics import MirrorMetrics
-from services.registry.mirror import socket_pump
-from services.registry.mirror.body_stream import Chunk, PeerBody, buffered_body
+from services.registry.mirror import relay_core as core
 from services.registry.mirror.hedging import Peer, PeerBook
-from services.registry.mirror.peer_fetch import PeerClient
+from services.registry.mirror.peer_fetch import PeerClient, peer_url
+from services.registry.mirror.peer_socket import Head, PeerSocket, in_thread
 from services.registry.mirror.providers import DiscoveryClient, ProviderLookup
 from services.registry.mirror.quarantine import Quarantine
 from services.registry.mirror.verify import (
     DigestMismatchError,
     PeerAnswerError,
-    RunningHash,
-    body_matches,
     check_blob_answer,
 )
 from services.registry.paths import Kind, Route
 from services.registry.ranges import ByteRange
 from services.registry.stats import RegistryStats
-from services.registry.transfer import ClientGoneError, body_sent_outside_sanic
+from services.registry.transfer import ClientGoneError
 
-# Body pieces read from a peer and handed to the client; with the one chunk held back for
-# verification this bounds a relay's memory to a few chunks.
+# Body bytes read from a peer at most at once (a read takes what has arrived, up to this).
 CHUNK_BYTES = 1024 * 1024
-# asyncio's plain socket transport before 3.12 copies what it cannot send at once, so a sent
-# buffer is free again as soon as write() returns; later versions, TLS transports and other
-# loops may keep a view of it until it is sent.
-_ASYNCIO_WRITES_COPY = sys.version_info < (3, 12)
-# Chunks at least this large are hashed in a worker thread (smaller ones cost less than the hop).
-THREAD_HASH_BYTES = 64 * 1024
-# A client that takes no body bytes for this long is dropped by a pump thread (the event-loop
-# path has Sanic's response timeout instead); it frees the thread for other relays.
-CLIENT_STALL_S = 60.0
+# How often a worker waiting for the event loop to send its bytes checks for a cancel.
+HAND_OVER_POLL_S = 0.5
+# Pieces a body worker may read ahead of what the event loop has sent: the next piece is
+# received, decrypted and hashed while the loop encrypts and sends the one before.
+PIPELINE = 2
 # Failure reasons kept per request for the 404's message (the count is in `detail`).
 REASONS_SHOWN = 3
+# Full reads that prove which contributor of a failed body lied, running at once per node: they
+# follow a body that failed, so a flood of them means peers lie, and more would not help.
+MAX_PROOFS = 4
 
 log = get_logger("registry.mirror")
 
@@ -104,6 +97,10 @@ class MirrorSettings:
     max_providers: int = 3
     max_attempts: int = 4
     quarantine_duration: float = 300.0
+    rate_window: float = 0.5
+    min_peer_rate: float = 128 * 1024.0
+    slow_peer_ratio: float = 0.2
+    peer_attempt_timeout: float = 600.0
 
     @classmethod
     def from_config(cls, section: RegistrySection) -> MirrorSettings:
@@ -114,6 +111,19 @@ class MirrorSettings:
             max_providers=section.max_providers,
             max_attempts=section.max_attempts,
             quarantine_duration=section.quarantine_duration,
+            rate_window=section.rate_window,
+            min_peer_rate=section.min_peer_rate,
+            slow_peer_ratio=section.slow_peer_ratio,
+            peer_attempt_timeout=section.peer_attempt_timeout,
+        )
+
+    def rate_policy(self) -> core.RatePolicy:
+        return core.RatePolicy(
+            window=self.rate_window,
+            min_rate=self.min_peer_rate,
+            slow_ratio=self.slow_peer_ratio,
+            attempt_timeout=self.peer_attempt_timeout,
+            stall_timeout=self.peer_timeout,
         )
 
 
@@ -124,21 +134,16 @@ class RelayAbortedError(ClientGoneError):
         ConnectionError.__init__(self, f"relay aborted: {reason}")
 
 
-@dataclass(frozen=True, slots=True)
-class _PeerManifest:
-    digest: str
-    body: bytes
-    media_type: str
-
-
 @dataclass(slots=True)
 class _BlobAnswer:
-    """A peer's blob answer whose headers passed the checks; its body is still unread."""
+    """A peer's blob answer whose headers passed the checks; its body is still unread (GET: on
+    `sock`, `early` first; HEAD: no body)."""
 
     peer: Peer
-    response: aiohttp.ClientResponse
     status: int
     span: ByteRange
+    sock: PeerSocket | None = None
+    early: bytes = b""
 
 
 Attempt = Callable[[Peer, asyncio.Event], Coroutine[Any, Any, T]]
@@ -159,8 +164,10 @@ class _Pull:
         return self.attempts < self.mirror.settings.max_attempts
 
     def _candidates(self) -> list[Peer]:
-        quarantine = self.mirror.quarantine
-        return [p for p in self.lookup.found if p not in self.tried and p not in quarantine]
+        mirror = self.mirror
+        return [
+            p for p in self.lookup.found if p not in self.tried and not mirror.is_quarantined(p)
+        ]
 
     async def next_peer(self, *, wait: bool) -> Peer | None:
         """The best untried peer; with `wait`, waits (bounded by the resolve timeout) for
@@ -175,13 +182,28 @@ class _Pull:
             if not more:
                 return self.mirror.book.choose(self._candidates())
 
-    def failed(self, peer: Peer, error: BaseException) -> None:
+    def failed(self, peer: Peer, error: BaseException | str) -> None:
         reason = f"{peer}: {error}" if str(error) else f"{peer}: {type(error).__name__}"
         self.reasons.append(reason)
         if isinstance(error, DigestMismatchError):
+            # A manifest is read whole from one peer: its mismatch is proof against it.
             self.mirror.quarantine_peer(peer, str(error))
         else:
             log.info("peer attempt failed", key=self.lookup.key, peer=str(peer), error=reason)
+
+    def reference_rate(self, current: Peer) -> float | None:
+        """What `current` is judged against: the fastest known rate of another provider that
+        could take over, or, when none of them is known, the best rate this node's relays get
+        from any peer, `current`'s own earlier rate included (an untried provider is likely to
+        be as good). None when no provider could take over but ones already left for being
+        slow: then `current` is kept, unless it is below the floor (a relay never trades a
+        peer for one known to be slower)."""
+        book = self.mirror.book
+        candidates = [p for p in self._candidates() if p != current and not book.is_slow(p)]
+        if not candidates:
+            return None
+        known = core.best_rate([book.rate(p) for p in candidates])
+        return known if known is not None else book.peak_rate()
 
     def miss(self) -> OciError:
         """The local error, now also saying that no peer served it (a 404 either way)."""
@@ -223,15 +245,17 @@ class Mirror:
         client: PeerClient,
         *,
         book: PeerBook | None = None,
-        quarantine: Quarantine[Peer] | None = None,
+        quarantine: Quarantine[str] | None = None,
     ) -> None:
         self.settings = settings
         self.discovery = discovery
         self.client = client
         self.book = book if book is not None else PeerBook()
-        self.quarantine: Quarantine[Peer] = (
+        # Keyed by the node's identity: a node cannot dodge it by advertising another port.
+        self.quarantine: Quarantine[str] = (
             quarantine if quarantine is not None else Quarantine(settings.quarantine_duration)
         )
+        self._proofs: set[asyncio.Task[None]] = set()
         # Prometheus metrics of the mirror path; set by the app (None in bare unit tests).
         self.metrics: MirrorMetrics | None = None
 
@@ -245,10 +269,16 @@ class Mirror:
         )
 
     async def close(self) -> None:
+        for task in self._proofs:
+            task.cancel()
+        await asyncio.gather(*self._proofs, return_exceptions=True)
         await asyncio.gather(self.client.close(), self.discovery.close())
 
+    def is_quarantined(self, peer: Peer) -> bool:
+        return peer.identity in self.quarantine
+
     def quarantine_peer(self, peer: Peer, reason: str) -> None:
-        self.quarantine.add(peer)
+        self.quarantine.add(peer.identity)
         if self.metrics is not None:
             self.metrics.peer_quarantined()
         log.warning(
@@ -373,17 +403,32 @@ class Mirror:
         registry: str,
         headers: dict[str, str],
     ) -> aiohttp.ClientResponse:
-        """One request to `peer`, returned once its headers are in. The peer counts as busy
-        until the caller calls ``book.end(peer)``; on failure that is done here."""
+        """One request to `peer` through the pooled client, returned once its headers are in.
+        The peer counts as busy until the caller calls ``book.end(peer)``."""
+        segment = "manifests" if route.kind is Kind.MANIFEST else "blobs"
+
+        async def exchange() -> aiohttp.ClientResponse:
+            return await self.client.request(
+                method, peer, route.name, segment, route.reference, registry, headers
+            )
+
+        return await self._timed(peer, headers_in, route, exchange)
+
+    async def _timed(
+        self,
+        peer: Peer,
+        headers_in: asyncio.Event,
+        route: Route,
+        exchange: Callable[[], Coroutine[Any, Any, T]],
+    ) -> T:
+        """Run `exchange` (a request to `peer`, up to its response headers) within the peer
+        timeout, keeping the peer book and metrics. On failure the peer is no longer busy."""
         loop = asyncio.get_running_loop()
         started = loop.time()
         self.book.begin(peer)
-        segment = "manifests" if route.kind is Kind.MANIFEST else "blobs"
         try:
             async with asyncio.timeout(self.settings.peer_timeout):
-                response = await self.client.request(
-                    method, peer, route.name, segment, route.reference, registry, headers
-                )
+                result = await exchange()
         except BaseException as exc:
             self.book.end(peer)
             # Slow or dead: rank it behind peers that answer (a cancelled attempt lost a hedge).
@@ -397,13 +442,13 @@ class Mirror:
         if self.metrics is not None:
             self.metrics.peer_fetched(route.kind.value, loop.time() - started, ok=True)
         headers_in.set()
-        return response
+        return result
 
     # --- manifests --------------------------------------------------------------------------
 
     async def _fetch_manifest(
         self, peer: Peer, headers_in: asyncio.Event, route: Route, registry: str, accept: str
-    ) -> _PeerManifest:
+    ) -> core.PeerManifest:
         headers = {"Accept": accept} if accept else {}
         # Manifests are small: the whole exchange gets the budget one peer read gets.
         async with asyncio.timeout(2 * self.settings.peer_timeout):
@@ -418,7 +463,9 @@ class Mirror:
                 self.book.end(peer)
             return manifest
 
-    async def _read_manifest(self, response: aiohttp.ClientResponse, route: Route) -> _PeerManifest:
+    async def _read_manifest(
+        self, response: aiohttp.ClientResponse, route: Route
+    ) -> core.PeerManifest:
         if response.status != 200:
             raise PeerAnswerError(f"answered {response.status}")
         length = response.content_length
@@ -432,27 +479,9 @@ class Mirror:
                 raise PeerAnswerError("manifest body is over the limit")
             parts.append(chunk)
         body = b"".join(parts)
-        named = response.headers.get(DIGEST_HEADER)
-        if route.digest is not None:
-            expected = route.digest
-        else:
-            if named is None:
-                raise PeerAnswerError(f"tag answer has no {DIGEST_HEADER} header")
-            try:
-                expected = str(parse_digest(named.strip()))
-            except GrammarError as exc:
-                raise PeerAnswerError(f"tag answer names an unusable digest: {exc}") from None
-        if not body_matches(expected, body):
-            raise DigestMismatchError(f"manifest body does not hash to {expected}")
-        if named is not None and route.digest is not None and named.strip() != route.digest:
-            raise PeerAnswerError(f"answer names {named.strip()}, not {route.digest}")
-        media_type = response.headers.get("Content-Type", "").strip()
-        if not is_manifest_media_type(media_type.split(";", 1)[0].strip()):
-            detected = detect_manifest_media_type(body)
-            if detected is None:
-                raise PeerAnswerError("answer is not a manifest or index")
-            media_type = detected
-        return _PeerManifest(expected, body, media_type)
+        return core.manifest_answer(
+            route.digest, response.headers, body, digest_header=DIGEST_HEADER
+        )
 
     async def _manifest(
         self,
@@ -464,7 +493,7 @@ class Mirror:
     ) -> HTTPResponse:
         accept = request.headers.get("accept", "")
 
-        async def attempt(peer: Peer, headers_in: asyncio.Event) -> _PeerManifest:
+        async def attempt(peer: Peer, headers_in: asyncio.Event) -> core.PeerManifest:
             return await self._fetch_manifest(peer, headers_in, route, registry, accept)
 
         peer, manifest = await self.race(pull, attempt, lambda _: None)
@@ -492,28 +521,58 @@ class Mirror:
         range_header: str | None,
         wanted: ByteRange | None,
     ) -> _BlobAnswer:
+        """Ask `peer` for the blob (a GET on a worker thread's socket, see peer_socket; a HEAD
+        through the pooled client) and check its answer's headers."""
+        assert route.digest is not None
         headers = {"Range": range_header} if range_header else {}
-        response = await self._open(peer, headers_in, method, route, registry, headers)
+        if method == "HEAD":
+            response = await self._open(peer, headers_in, method, route, registry, headers)
+            try:
+                status, span = self._check_blob(
+                    response.status, response.headers, route, wanted, ranged=bool(range_header)
+                )
+            finally:
+                response.close()
+                self.book.end(peer)
+            return _BlobAnswer(peer, status, span)
+        sock = PeerSocket(peer.address, peer.port, self.client.ssl_context)
+        target = peer_url(peer, route.name, "blobs", route.reference, registry).raw_path_qs
+        headers = {**self.client.request_headers(), **headers}
+        timeout = self.settings.peer_timeout
+
+        async def exchange() -> Head:
+            return await in_thread(
+                lambda: sock.request(target, headers, timeout),
+                sock.close,
+                name="relay-peer",
+                wait=False,
+            )
+
         try:
-            if response.status not in (200, 206) or (
-                range_header is None and response.status != 200
-            ):
-                raise PeerAnswerError(f"answered {response.status}")
-            assert route.digest is not None
-            span = check_blob_answer(
-                response.status, response.headers, route.digest, wanted, digest_header=DIGEST_HEADER
+            head = await self._timed(peer, headers_in, route, exchange)
+            status, span = self._check_blob(
+                head.status, head.headers, route, wanted, ranged=bool(range_header)
             )
         except BaseException:
-            response.close()
-            self.book.end(peer)
+            sock.close()
             raise
-        return _BlobAnswer(peer, response, response.status, span)
+        return _BlobAnswer(peer, status, span, sock, head.early)
+
+    def _check_blob(
+        self, status: int, headers: Any, route: Route, wanted: ByteRange | None, *, ranged: bool
+    ) -> tuple[int, ByteRange]:
+        """The status and span of a peer's blob answer; a 206 only to a request with a Range."""
+        assert route.digest is not None
+        if status not in (200, 206) or (not ranged and status != 200):
+            raise PeerAnswerError(f"answered {status}")
+        span = check_blob_answer(status, headers, route.digest, wanted, digest_header=DIGEST_HEADER)
+        return status, span
 
     def drop_answer(self, answer: _BlobAnswer) -> None:
-        """Done with `answer`: its connection is pooled again when the body was read to the
-        end, closed otherwise."""
-        answer.response.release()
-        self.book.end(answer.peer)
+        """Done with `answer`: its socket is closed (a blob exchange is one per connection)."""
+        if answer.sock is not None:
+            answer.sock.close()
+            self.book.end(answer.peer)
 
     async def _blob(
         self,
@@ -539,7 +598,6 @@ class Mirror:
         request.ctx.peer = str(answer.peer)
         span = answer.span
         if method == "HEAD":
-            self.drop_answer(answer)
             partial = None if answer.status == 200 else span
             headers = blob_headers(digest, span.size, registry, partial)
             return HTTPResponse(b"", status=answer.status, headers=headers)
@@ -551,207 +609,234 @@ class Mirror:
         window = span if byte_range is None else byte_range
         headers = blob_headers(digest, span.size, registry, byte_range)
         response = await request.respond(status=200 if byte_range is None else 206, headers=headers)
-        relay = _BodyRelay(self, request, response, RunningHash(digest), window, stats)
+        blob = core.BlobRelay(digest, span.size, window, self.settings.rate_policy())
+        relay = _BodyRelay(self, request, response, blob, stats)
         try:
             await relay.run(pull, route, registry, answer)
         finally:
             request.ctx.bytes_sent = relay.sent
         return None
 
+    # --- proof ------------------------------------------------------------------------------
+
+    def prove(self, evidence: core.Evidence, route: Route, registry: str) -> None:
+        """Find out, in the background, which contributor of a failed body lied (full reads
+        of the blob from them, the likeliest honest one first), and quarantine it."""
+        if len(self._proofs) >= MAX_PROOFS:
+            log.warning("relay proof skipped: too many running", digest=evidence.digest)
+            return
+        task = asyncio.create_task(self._prove(evidence, route, registry), name="relay-proof")
+        self._proofs.add(task)
+        task.add_done_callback(self._proofs.discard)
+
+    async def _prove(self, evidence: core.Evidence, route: Route, registry: str) -> None:
+        for suspect in evidence.suspects():
+            if self.is_quarantined(suspect):
+                continue
+            check = evidence.check(suspect)
+            try:
+                answer = await self.open_blob(
+                    suspect, asyncio.Event(), "GET", route, registry, None, None
+                )
+            except _PEER_ERRORS as exc:
+                log.info("relay proof read failed", peer=str(suspect), error=str(exc))
+                continue
+            try:
+                await in_thread(
+                    functools.partial(self._read_proof, answer, check),
+                    answer.sock.cancel if answer.sock is not None else (lambda: None),
+                    name="relay-proof",
+                )
+            except _PEER_ERRORS as exc:
+                log.info("relay proof read failed", peer=str(suspect), error=str(exc))
+            finally:
+                self.drop_answer(answer)
+            liar = check.verdict()
+            if check.received == evidence.size:
+                if liar is not None:
+                    self.quarantine_peer(liar, f"its bytes of {evidence.digest} are not the blob's")
+                return
+
+    def _read_proof(self, answer: _BlobAnswer, check: core.SpanCheck) -> None:
+        """Feed `answer`'s whole body to `check` (on a worker thread)."""
+        sock = answer.sock
+        assert sock is not None
+        size = check.evidence.size
+        check.update(answer.early[:size])
+        deadline = time.monotonic() + self.settings.peer_attempt_timeout
+        while check.received < size and time.monotonic() < deadline:
+            data = sock.read(min(CHUNK_BYTES, size - check.received), self.settings.peer_timeout)
+            if not data:
+                return
+            check.update(data)
+
 
 class _BodyRelay:
-    """Streams one blob to the client from one or more peers (see the module docstring): the
-    whole blob is read and hashed, the client's `window` of it is sent."""
+    """The I/O of one relayed blob body: reads peers, carries out what the core decides."""
 
     def __init__(
         self,
         mirror: Mirror,
         request: AnyRequest,
         response: Any,
-        hasher: RunningHash,
-        window: ByteRange,
+        blob: core.BlobRelay,
         stats: RegistryStats,
     ) -> None:
         self.mirror = mirror
         self.request = request
         self.response = response
-        self.hasher = hasher
+        self.blob = blob
         self.stats = stats
-        self.size = window.size
-        self.win_start = window.start
-        self.win_end = window.end + 1
-        self.offset = 0  # the next byte of the blob to read
-        # The newest piece of the window read: sent once a newer one arrives, or once the
-        # whole blob hashes to its digest.
-        self.held: Chunk = b""
-        self.contributors: list[Peer] = []
         self.sent = 0
 
     async def run(self, pull: _Pull, route: Route, registry: str, answer: _BlobAnswer) -> None:
-        digest = route.digest
-        assert digest is not None
-        while True:
-            self.contributors.append(answer.peer)
-            try:
-                await self._pump(answer.response)
-                if self.offset < self.size:
-                    raise PeerAnswerError(f"body ended at byte {self.offset}")
-            except ClientGoneError:
-                raise
-            except _PEER_ERRORS as exc:
-                pull.failed(answer.peer, exc)
-            finally:
-                self.mirror.drop_answer(answer)
-            if self.offset >= self.size:
-                break
-            wanted = ByteRange(self.offset, self.size - 1, self.size)
-            resume = functools.partial(
-                self.mirror.open_blob,
-                method="GET",
-                route=route,
-                registry=registry,
-                range_header=f"bytes={wanted.start}-{wanted.end}",
-                wanted=wanted,
-            )
-            try:
-                _, answer = await self.mirror.race(pull, resume, self.mirror.drop_answer)
-            except OciError as miss:
-                self._abort(f"no peer could continue at byte {self.offset}: {miss.message}")
-            log.info("blob relay resumed", digest=digest, offset=self.offset, peer=str(answer.peer))
-        if not self.hasher.matches():
-            for peer in dict.fromkeys(self.contributors):
-                self.mirror.quarantine_peer(peer, f"blob body does not hash to {digest}")
-            self._abort(f"relayed body does not hash to {digest}")
-        await self._send(self.held, end_stream=True)
-
-    def _window_part(self, start: int, length: int) -> tuple[int, int]:
-        """Which bytes of `length` read at blob offset `start` belong to the client's window."""
-        low = min(max(self.win_start - start, 0), length)
-        high = min(max(self.win_end - start, 0), length)
-        return low, max(low, high)
-
-    async def _pump(self, peer_response: aiohttp.ClientResponse) -> None:
-        if self.offset >= self.size:
-            return
-        if await self._pump_in_threads(peer_response):
-            return
-        body = PeerBody.take_over(
-            peer_response,
-            self.size - self.offset,
-            chunk_bytes=CHUNK_BYTES,
-            stall_timeout=self.mirror.settings.peer_timeout,
-        )
+        blob = self.blob
+        current: _BlobAnswer | None = answer
+        actions = blob.begin(answer.peer, time.monotonic(), pull.reference_rate(answer.peer))
         try:
-            while self.offset < self.size:
-                chunk = await body.next_chunk()
-                if chunk is None:
-                    if body.error is not None:
-                        raise PeerAnswerError(body.error)
+            while True:
+                resume = await self._act(actions, route, registry)
+                if blob.done:
                     return
-                await self._take(chunk, body)
+                if resume is not None:
+                    assert current is not None
+                    pull.failed(current.peer, resume.reason)
+                    self.mirror.drop_answer(current)
+                    current = None
+                    try:
+                        current = await self._resume(pull, route, registry, resume)
+                    except OciError as miss:
+                        actions = blob.exhausted(miss.message)
+                        continue
+                    log.info(
+                        "blob relay resumed",
+                        digest=blob.digest,
+                        offset=blob.offset,
+                        peer=str(current.peer),
+                    )
+                    actions = blob.begin(
+                        current.peer, time.monotonic(), pull.reference_rate(current.peer)
+                    )
+                    continue
+                assert current is not None
+                actions = await self._pump(current, route, registry)
         finally:
-            body.close()
+            if current is not None:
+                self.mirror.drop_answer(current)
 
-    async def _take(self, chunk: Chunk, body: PeerBody | None) -> None:
-        """One chunk read at the current offset: hashed; its part in the window becomes the
-        held piece, and the piece held before goes to the client meanwhile."""
-        low, high = self._window_part(self.offset, len(chunk))
-        self.offset += len(chunk)
-        previous: Chunk = b""
-        if high > low:
-            previous, self.held = self.held, chunk[low:high]
-        await self._hash_while_sending(chunk, previous)
-        if body is None:
-            return
-        if high == low:
-            body.give_back(chunk)  # hashed, neither sent nor held
-        if previous:
-            self._recycle(body, previous)
+    async def _pump(self, answer: _BlobAnswer, route: Route, registry: str) -> list[core.Action]:
+        """Read `answer`'s body on a worker thread, which feeds the core (and so decrypts and
+        hashes) there, while this loop sends the bytes it hands over, in order, at most
+        PIPELINE pieces behind. Returns, once those are sent, the core's first actions that
+        are more than sending bytes (a resume, the verdict)."""
+        loop = asyncio.get_running_loop()
+        sock = answer.sock
+        assert sock is not None
+        stop = threading.Event()
+        free = threading.Semaphore(PIPELINE)  # pieces the worker may hand over unsent
+        handed: asyncio.Queue[list[core.Action] | None] = asyncio.Queue()
+        failure: list[BaseException] = []
 
-    async def _pump_in_threads(self, peer_response: aiohttp.ClientResponse) -> bool:
-        """Relay the rest of `peer_response`'s body through a pump thread (socket_pump.py) when
-        both connections are plain TCP; False, with nothing read, when they are not."""
-        connection = peer_response.connection
-        peer_transport = connection.transport if connection is not None else None
-        client_transport = cast("asyncio.Transport", self.request.transport)
-        peer_fd = socket_pump.plain_socket_fd(peer_transport)
-        client_fd = socket_pump.plain_socket_fd(client_transport)
-        if peer_transport is None or peer_fd is None or client_fd is None:
-            return False
-        if not socket_pump.can_pump():
-            return False
-        early = buffered_body(peer_response)
-        socket_pump.park(peer_transport)
+        def cancel() -> None:
+            stop.set()
+            sock.cancel()
+
+        async def sender() -> None:
+            while (actions := await handed.get()) is not None:
+                try:
+                    await self._act(actions, route, registry)
+                except BaseException as exc:
+                    failure.append(exc)
+                    cancel()
+                    raise
+                finally:
+                    free.release()
+
+        def hand_over(actions: list[core.Action]) -> None:
+            while not free.acquire(timeout=HAND_OVER_POLL_S):
+                if stop.is_set():
+                    return
+            loop.call_soon_threadsafe(handed.put_nowait, actions)
+
+        def work() -> list[core.Action]:
+            blob = self.blob
+            early, answer.early = answer.early, b""
+            while True:
+                now = time.monotonic()
+                if early:
+                    actions = blob.received(early[: blob.size - blob.offset], now)
+                    early = b""
+                else:
+                    want = min(CHUNK_BYTES, blob.size - blob.offset)
+                    try:
+                        data = sock.read(want, blob.next_check(now))
+                    except TimeoutError:
+                        actions = blob.tick(time.monotonic())
+                    except OSError as exc:
+                        actions = blob.failed(f"{type(exc).__name__}: {exc}", time.monotonic())
+                    else:
+                        now = time.monotonic()
+                        actions = blob.received(data, now) if data else blob.ended(now)
+                if not all(isinstance(a, core.Send | core.RecordRate) for a in actions):
+                    return actions
+                if actions:
+                    hand_over(actions)
+
+        sending = asyncio.create_task(sender(), name="relay-send")
         try:
-            if early:
-                await self._take(early[: self.size - self.offset], None)
-            if self.offset >= self.size:
-                return True
-            length = self.size - self.offset
-            write_start, write_stop = self._window_part(self.offset, length)
-            # The response head goes out first (Sanic sends it with the first body bytes); a
-            # held piece goes too when more of the window follows (it is not the last then).
-            if write_stop > write_start:
-                await self._send(self.held, end_stream=False)
-                self.held = b""
-            else:
-                await self._send(b"", end_stream=False)
-            job = socket_pump.PumpJob(
-                peer_fd=peer_fd,
-                client_fd=client_fd,
-                length=length,
-                write_start=write_start,
-                write_stop=write_stop,
-                hasher=self.hasher,
-                chunk_bytes=CHUNK_BYTES,
-                peer_stall_s=self.mirror.settings.peer_timeout,
-                client_stall_s=CLIENT_STALL_S,
-            )
-            await socket_pump.until_flushed(client_transport, CLIENT_STALL_S)
-            outcome = await socket_pump.pump(job)
-        except (socket_pump.ClientWriteError, TimeoutError) as exc:
-            self._drop_client()
-            raise ClientGoneError(exc) from exc
+            actions = await in_thread(work, cancel, name="relay-body")
+            handed.put_nowait(None)
+            with contextlib.suppress(BaseException):
+                await sending
         finally:
-            peer_transport.close()
-        self.offset += outcome.received
-        if outcome.held:
-            self.held = outcome.held
-        body_sent_outside_sanic(self.request, outcome.written)
-        self.stats.bytes_relayed += outcome.written
-        self.sent += outcome.written
-        if outcome.peer_error is not None:
-            raise PeerAnswerError(outcome.peer_error)
-        return True
+            sending.cancel()
+        if failure:
+            raise failure[0]
+        return actions
 
-    def _recycle(self, body: PeerBody, sent: Chunk) -> None:
-        """`sent` went to the client transport: its buffer is refilled unless the transport may
-        still point into it (asyncio from 3.12 queues views of unsent data instead of copies)."""
-        transport = cast("asyncio.WriteTransport", self.request.transport)
-        copies = _ASYNCIO_WRITES_COPY and type(transport).__module__ == "asyncio.selector_events"
-        if copies or transport.get_write_buffer_size() == 0:
-            body.give_back(sent)
-        else:
-            body.forget(sent)
+    async def _resume(
+        self, pull: _Pull, route: Route, registry: str, resume: core.Resume
+    ) -> _BlobAnswer:
+        wanted = ByteRange(resume.start, resume.end, self.blob.size)
+        attempt = functools.partial(
+            self.mirror.open_blob,
+            method="GET",
+            route=route,
+            registry=registry,
+            range_header=f"bytes={wanted.start}-{wanted.end}",
+            wanted=wanted,
+        )
+        _, answer = await self.mirror.race(pull, attempt, self.mirror.drop_answer)
+        return answer
 
-    async def _hash_while_sending(self, chunk: Chunk, previous: Chunk) -> None:
-        """Feed `chunk` to the running hash while `previous` is sent. hashlib lets go of the GIL
-        on large buffers, so a worker thread hashes while this loop moves bytes in and out."""
-        if len(chunk) < THREAD_HASH_BYTES:
-            self.hasher.update(chunk)
-            if previous:
-                await self._send(previous, end_stream=False)
-            return
-        hashing = asyncio.ensure_future(asyncio.to_thread(self.hasher.update, chunk))
-        try:
-            if previous:
-                await self._send(previous, end_stream=False)
-        finally:
-            # Never leave an update running when this relay ends (chunks must go in order, and
-            # the buffer must not be refilled while it is read).
-            await asyncio.shield(hashing)
+    async def _act(
+        self, actions: list[core.Action], route: Route, registry: str
+    ) -> core.Resume | None:
+        """Carry out `actions` in order; the Resume among them is left to the caller."""
+        resume: core.Resume | None = None
+        mirror = self.mirror
+        for action in actions:
+            match action:
+                case core.Send(data):
+                    await self._send(data, end_stream=False)
+                case core.Finish(data):
+                    await self._send(data, end_stream=True)
+                case core.Resume():
+                    resume = action
+                case core.RecordRate(peer, rate):
+                    mirror.book.observe_rate(peer, rate)
+                case core.RankDown(peer, rate, reason):
+                    mirror.book.rank_down(peer, rate)
+                    log.info("slow peer ranked down", peer=str(peer), reason=reason)
+                case core.QuarantinePeer(peer, reason):
+                    mirror.quarantine_peer(peer, reason)
+                case core.Prove(evidence):
+                    mirror.prove(evidence, route, registry)
+                case core.AbortClient(reason):
+                    self._abort(reason)
+        return resume
 
-    async def _send(self, data: Chunk, *, end_stream: bool) -> None:
+    async def _send(self, data: core.Chunk, *, end_stream: bool) -> None:
         try:
             await self.response.send(data, end_stream=end_stream)
         except (ConnectionError, OSError, RuntimeError) as exc:
@@ -769,6 +854,6 @@ class _BodyRelay:
     def _abort(self, reason: str) -> NoReturn:
         """Cut the client connection short of the announced length, so the client never takes
         what it received for a complete body."""
-        log.warning("blob relay aborted", reason=reason, sent=self.offset - len(self.held))
+        log.warning("blob relay aborted", reason=reason, sent=self.sent)
         self._drop_client()
         raise RelayAbortedError(reason)

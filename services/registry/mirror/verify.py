@@ -8,6 +8,7 @@ an exact length and, for a range, a Content-Range that is exactly the span asked
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections.abc import Mapping
 
@@ -42,6 +43,20 @@ class RunningHash:
     def matches(self) -> bool:
         """Whether everything fed so far hashes to the expected digest."""
         return self._hash.hexdigest() == self._expected
+
+    def prefix_digest(self) -> str:
+        """The hex digest of everything fed so far (the hash goes on; evidence of a prefix)."""
+        return self._hash.copy().hexdigest()
+
+
+def declared_media_type(body: bytes) -> str | None:
+    """The ``mediaType`` a JSON document declares at its top level (None: it declares none)."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    declared = doc.get("mediaType") if isinstance(doc, dict) else None
+    return declared.strip() if isinstance(declared, str) else None
 
 
 def body_matches(digest: str, body: bytes) -> bool:

@@ -1,4 +1,7 @@
-"""The per-client relay cap on real processes: node A relays node B's blob, found through discovery.
+"""The relay caps on real processes: node A relays node B's blob, found through discovery.
+
+The node's own containerd (a client at 127.0.0.1) has one node-wide budget; every other client
+address (here other loopback addresses, which the registry treats like remote ones) its own cap.
 
 Node B (registry, discovery, pinner over an OCI layout) holds one image and advertises it; node A
 (registry and discovery, joined to B) holds another. Clients of A ask for B's large layer and do
@@ -37,14 +40,17 @@ from tests.harness.service_procs import (
 )
 
 MAX_RELAYS = 2
+MAX_LOCAL = 5
 # Several times what a client's 64 KiB receive buffer, A's socket send buffer (4 MiB at most
 # here) and the relay's four 1 MiB chunks hold: a relay whose client reads nothing cannot end.
 LAYER_BYTES = 16 * 1024 * 1024
 # A fixed receive buffer turns off the kernel's autotuning (up to 32 MiB here) for test clients.
 CLIENT_RCVBUF = 64 * 1024
-FIRST = "127.0.0.1"
-# Another source address on loopback: another client as far as the registry can tell.
-SECOND = "127.0.0.2"
+# The address containerd dials the registry from.
+CONTAINERD = "127.0.0.1"
+# Other source addresses on loopback: other clients as far as the registry can tell.
+FIRST = "127.0.0.2"
+SECOND = "127.0.0.3"
 REMOTE = "docker.io/library/remote:1.0"
 LOCAL = "docker.io/library/local:1.0"
 REFUSAL = "client refused: too many peer relays in flight"
@@ -117,6 +123,7 @@ def nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nodes]:
         {
             "peer_fetch": True,
             "max_relays_per_client": MAX_RELAYS,
+            "max_local_relays": MAX_LOCAL,
             # Wide budgets for a busy shared machine: this is about the cap, not speed.
             "resolve_timeout": 5.0,
             "peer_timeout": 10.0,
@@ -241,13 +248,13 @@ def _sha256(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def _refused(answer: Pending) -> None:
+def _refused(answer: Pending, limit: str = "max_relays_per_client", most: int = MAX_RELAYS) -> None:
     assert answer.status == 429
     assert answer.headers["content-type"].startswith("application/json")
     error = answer.error()
     assert error["code"] == "TOOMANYREQUESTS"
-    assert error["detail"] == {"limit": "max_relays_per_client", "max": MAX_RELAYS}
-    assert str(MAX_RELAYS) in error["message"]
+    assert error["detail"] == {"limit": limit, "max": most}
+    assert str(most) in error["message"]
 
 
 def _in_flight(nodes: Nodes) -> float:
@@ -256,11 +263,10 @@ def _in_flight(nodes: Nodes) -> float:
     return Samples.parse(body.decode()).value(IN_FLIGHT)
 
 
-async def _hold_relays(client: Client, nodes: Nodes) -> list[Pending]:
-    """`MAX_RELAYS` relays of B's layer for `client`, heads read, bodies left unread."""
+async def _hold_relays(client: Client, nodes: Nodes, count: int = MAX_RELAYS) -> list[Pending]:
+    """`count` relays of B's layer for `client`, heads read, bodies left unread."""
     held = [
-        await client.request(f"library/remote/blobs/{nodes.remote_layer}")
-        for _ in range(MAX_RELAYS)
+        await client.request(f"library/remote/blobs/{nodes.remote_layer}") for _ in range(count)
     ]
     for answer in held:
         assert answer.status == 200
@@ -324,3 +330,20 @@ async def test_local_reads_are_never_capped(joined: Nodes) -> None:
         assert [_sha256(b) for b in bodies] == [nodes.local_layer] * len(reads) + [
             nodes.remote_layer
         ] * len(held)
+
+
+async def test_the_local_containerd_has_a_node_wide_budget(joined: Nodes) -> None:
+    nodes = joined
+    layer = f"library/remote/blobs/{nodes.remote_layer}"
+    containerd = Client(nodes.a.registry_http, CONTAINERD)
+    try:
+        # Parallel pulls of the node's own containerd go past the per-client cap ...
+        held = await _hold_relays(containerd, nodes, MAX_LOCAL)
+        assert _in_flight(nodes) == MAX_LOCAL
+        # ... up to the node-wide budget.
+        _refused(await containerd.request(layer), "max_local_relays", MAX_LOCAL)
+        bodies = await asyncio.gather(*(answer.body() for answer in held))
+        assert [_sha256(body) for body in bodies] == [nodes.remote_layer] * MAX_LOCAL
+        await wait_until(lambda: _in_flight(nodes) == 0, within=WAIT_S)
+    finally:
+        containerd.close()

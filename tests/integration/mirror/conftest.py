@@ -3,9 +3,10 @@ them (through fault proxies), and a helper to start the mirroring registry under
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,15 @@ IMAGE = "docker.io/library/app:1.0"
 PEERS = 3
 # Client-side bound on every test request: a hang fails the test instead of stalling it.
 CLIENT_TIMEOUT = aiohttp.ClientTimeout(total=20)
+
+
+async def eventually(condition: Callable[[], bool]) -> None:
+    """Poll `condition` (something another task's I/O will make true) for up to 10 s."""
+    for _ in range(1000):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    assert condition()
 
 
 @contextlib.asynccontextmanager
@@ -76,6 +86,12 @@ class Cluster:
 
     def keys(self) -> list[str]:
         return [IMAGE, *(d.digest for d in self.image.blobs)]
+
+    def quarantined(self, node: RunningRegistry, proxy: FaultProxy) -> bool:
+        """Whether `node`'s mirror keeps the node behind `proxy` out of its relays."""
+        mirror = node.app.ctx.mirror
+        assert mirror is not None
+        return any(p.port == proxy.port and mirror.is_quarantined(p) for p in mirror.book.known())
 
     def provide(self, *proxies: FaultProxy) -> None:
         """Every key of the image is provided by `proxies`, in that order."""

@@ -5,19 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
 from typing import Any
 
 import aiohttp
 import pytest
 
 from services.registry.headers import DIGEST_HEADER, PEER_HEADER
-from services.registry.mirror import socket_pump
-from services.registry.mirror.hedging import Peer
 from services.registry.stats import RequestKind, Result
 from tests.fuzz.raw_http import build_request, exchange
-from tests.harness.fault_proxy import FaultProxy
-from tests.integration.mirror.conftest import Cluster
+from tests.integration.mirror.conftest import Cluster, eventually
 
 # Discovery's fake ends its streams at once, so a long resolve wait costs nothing; it only makes
 # sure every provider is seen however loaded the machine is.
@@ -26,33 +22,11 @@ PATIENT: dict[str, Any] = {"resolve_timeout": 10.0}
 NO_HEDGE: dict[str, Any] = {**PATIENT, "header_timeout": 30.0, "peer_timeout": 30.0}
 
 
-def _peer(proxy: FaultProxy) -> Peer:
-    return Peer(*proxy.contact)
-
-
-@pytest.fixture(params=["pump-threads", "event-loop"])
-def relay_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Body tests run on both relay paths: the pump threads plain TCP gets, and the event-loop
-    path of TLS connections (and of relays beyond the pump limit)."""
-    if request.param == "event-loop":
-        monkeypatch.setattr(socket_pump, "can_pump", lambda: False)
-    return str(request.param)
-
-
 def _error(body: bytes) -> dict[str, object]:
     errors = json.loads(body)["errors"]
     assert len(errors) == 1
     entry: dict[str, object] = errors[0]
     return entry
-
-
-async def _eventually(condition: Callable[[], bool]) -> None:
-    """Poll `condition` (something another task's I/O will make true) for up to 10 s."""
-    for _ in range(1000):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    assert condition()
 
 
 async def test_manifest_by_tag_and_digest_is_relayed_and_verified(cluster: Cluster) -> None:
@@ -81,7 +55,7 @@ async def test_manifest_by_tag_and_digest_is_relayed_and_verified(cluster: Clust
     assert cluster.manifest in cluster.discovery.lookups
 
 
-async def test_blob_is_relayed_whole_partial_and_head(cluster: Cluster, relay_path: str) -> None:
+async def test_blob_is_relayed_whole_partial_and_head(cluster: Cluster) -> None:
     layer = cluster.image.read_blob(cluster.layer)
     path = f"library/app/blobs/{cluster.layer}"
     async with cluster.mirror(**NO_HEDGE) as mirror:
@@ -101,9 +75,7 @@ async def test_blob_is_relayed_whole_partial_and_head(cluster: Cluster, relay_pa
     assert "range" not in cluster.proxies[0].requests[1].headers
 
 
-async def test_peer_cut_mid_body_is_resumed_from_the_next_peer(
-    cluster: Cluster, relay_path: str
-) -> None:
+async def test_peer_cut_mid_body_is_resumed_from_the_next_peer(cluster: Cluster) -> None:
     layer = cluster.image.read_blob(cluster.layer)
     cut = 1024 * 1024 + 123
     first, second = cluster.proxies[0], cluster.proxies[1]
@@ -112,13 +84,12 @@ async def test_peer_cut_mid_body_is_resumed_from_the_next_peer(
         status, _, body = await cluster.get(mirror, f"library/app/blobs/{cluster.layer}")
         assert status == 200
         assert body == layer
-        assert _peer(first) not in mirror.app.ctx.mirror.quarantine  # type: ignore[union-attr]
+        assert not cluster.quarantined(mirror, first)
     assert second.requests[0].headers["range"] == f"bytes={cut}-{len(layer) - 1}"
 
 
 async def test_corrupt_peer_bytes_abort_the_client_and_quarantine_the_peer(
     cluster: Cluster,
-    relay_path: str,
 ) -> None:
     layer = cluster.image.read_blob(cluster.layer)
     bad, good = cluster.proxies[0], cluster.proxies[1]
@@ -133,9 +104,7 @@ async def test_corrupt_peer_bytes_abort_the_client_and_quarantine_the_peer(
                     received += chunk
         # Whatever arrived is a strict prefix of the right body: never a complete wrong one.
         assert len(received) < len(layer)
-        mirror_path = mirror.app.ctx.mirror
-        assert mirror_path is not None
-        assert _peer(bad) in mirror_path.quarantine
+        assert cluster.quarantined(mirror, bad)
         asked_bad = len(bad.requests)
         status, _, body = await cluster.get(mirror, path)
         assert status == 200
@@ -175,7 +144,7 @@ async def test_late_headers_fire_a_hedge_and_the_fast_peer_wins(cluster: Cluster
         assert body == cluster.image.read_blob(cluster.layer)
         assert fast.completed == 2
         # The losing requests were cancelled: the slow peer saw its clients leave.
-        await _eventually(lambda: slow.abandoned == len(slow.requests) >= 1)
+        await eventually(lambda: slow.abandoned == len(slow.requests) >= 1)
         assert slow.completed == 0
 
 
@@ -274,9 +243,7 @@ async def test_the_upstream_registry_is_never_dialled(cluster: Cluster) -> None:
     assert f"ns={ns}" in cluster.proxies[0].requests[0].target
 
 
-async def test_a_client_range_is_read_whole_and_resumed_to_the_blob_end(
-    cluster: Cluster, relay_path: str
-) -> None:
+async def test_a_client_range_is_read_whole_and_resumed_to_the_blob_end(cluster: Cluster) -> None:
     layer = cluster.image.read_blob(cluster.layer)
     first, second = cluster.proxies[0], cluster.proxies[1]
     first.faults.truncate_at = 500_000
@@ -302,7 +269,7 @@ async def test_a_client_range_is_read_whole_and_resumed_to_the_blob_end(
     ],
 )
 async def test_a_client_range_from_a_corrupt_peer_is_never_completed(
-    cluster: Cluster, relay_path: str, client_range: str, corrupt_at: int
+    cluster: Cluster, client_range: str, corrupt_at: int
 ) -> None:
     layer = cluster.image.read_blob(cluster.layer)
     bad = cluster.proxies[0]
@@ -318,9 +285,7 @@ async def test_a_client_range_from_a_corrupt_peer_is_never_completed(
         if answer is not None:
             assert answer.status == 206
             assert len(answer.body) < int(answer.headers["content-length"])
-        mirror_path = mirror.app.ctx.mirror
-        assert mirror_path is not None
-        assert _peer(bad) in mirror_path.quarantine
+        assert cluster.quarantined(mirror, bad)
         # The retry goes to a good peer and completes.
         status, _, body = await cluster.get(mirror, path, Range=client_range)
         first, last = (int(x) for x in client_range.removeprefix("bytes=").split("-"))

@@ -18,6 +18,7 @@ from services.common.containerd.client import ContainerdClient
 from services.common.k3s.registries import load_registries
 from services.common.store.protocol import Descriptor
 from services.pinner.containerd_watch import ContainerdTracker
+from services.pinner.hosts_writer import LOCK_FILE
 from services.pinner.service import PinnerRuntime, prepare
 from tests.harness.containerd import ContainerdDaemon
 from tests.harness.containerd_store_factory import import_image
@@ -254,8 +255,9 @@ async def test_a_node_mirroring_nothing_takes_no_part(
             await import_image(containerd_daemon, containerd_namespace, image)
             await asyncio.sleep(0.5)
         assert disco.calls == [] and disco.keys == set()
-        # The certs.d directory exists and holds no generated configuration.
-        assert list(cfg.pinner.certs_dir.iterdir()) == []
+        # The certs.d directory exists and holds no generated configuration, only the
+        # writers' lock file.
+        assert [p.name for p in cfg.pinner.certs_dir.iterdir()] == [LOCK_FILE]
 
 
 @pytest.mark.parametrize("how", ["restart", "kill"])
@@ -285,3 +287,58 @@ async def test_containerd_restart_under_a_running_pinner(
             # `after` can only have come through a new session: the old one's daemon is gone.
             assert runtime.tracker.sessions > sessions
             assert runtime.running
+
+
+# registries.yaml edited on a running node: the advertised keys follow within seconds.
+FOLLOWS_WITHIN_S = 5.0
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+@contextlib.asynccontextmanager
+async def node_following(
+    tmp_path: Path, daemon: ContainerdDaemon, namespace: str, registries_yaml: str | None
+) -> AsyncIterator[tuple[FakeDiscovery, Path, PinnerRuntime]]:
+    """A running pinner; yields its discovery, its registries.yaml (to edit) and itself."""
+    async with FakeDiscovery() as disco:
+        cfg = node_config(tmp_path, daemon, namespace, disco.address, registries_yaml)
+        async with pinner(cfg) as runtime:
+            yield disco, cfg.registry.registries_file, runtime
+
+
+async def test_a_registry_added_to_registries_yaml_is_advertised(
+    tmp_path: Path, containerd_daemon: ContainerdDaemon, containerd_namespace: str
+) -> None:
+    hub = build_image(tmp_path / "h", "docker.io/library/hub:1", layers=1, layer_size=1024)
+    quay = build_image(tmp_path / "q", "quay.io/team/app:1", layers=1, layer_size=1024)
+    async with node_following(
+        tmp_path, containerd_daemon, containerd_namespace, DOCKER_HUB_ONLY
+    ) as (disco, registries, _runtime):
+        await import_image(containerd_daemon, containerd_namespace, hub)
+        await import_image(containerd_daemon, containerd_namespace, quay)
+        await wait_keys(disco, keys_of(hub))
+        write_atomic(registries, "mirrors:\n  docker.io: {}\n  quay.io: {}\n")
+        await wait_keys(disco, keys_of(hub) | keys_of(quay), within=FOLLOWS_WITHIN_S)
+        write_atomic(registries, "mirrors:\n  quay.io: {}\n")
+        await wait_keys(disco, keys_of(quay), within=FOLLOWS_WITHIN_S)
+
+
+async def test_a_node_mirroring_nothing_takes_part_once_a_registry_is_added(
+    tmp_path: Path, containerd_daemon: ContainerdDaemon, containerd_namespace: str
+) -> None:
+    image = build_image(tmp_path / "n", "docker.io/library/later:1", layers=1, layer_size=1024)
+    async with node_following(tmp_path, containerd_daemon, containerd_namespace, None) as (
+        disco,
+        registries,
+        runtime,
+    ):
+        assert runtime.tracker is None
+        await import_image(containerd_daemon, containerd_namespace, image)
+        write_atomic(registries, DOCKER_HUB_ONLY)
+        await wait_keys(disco, keys_of(image), within=FOLLOWS_WITHIN_S)
+        # Its hosts.toml is written as well.
+        assert (tmp_path / "certs.d" / "docker.io" / "hosts.toml").exists()

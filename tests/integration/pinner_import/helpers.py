@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import bz2
 import gzip
+import hashlib
+import io
+import json
 import shutil
+import tarfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -13,8 +17,10 @@ import lz4.frame  # type: ignore[import-untyped]
 import zstandard
 
 from services.common.containerd.client import ContainerdClient
+from services.common.store.protocol import Descriptor
 from services.pinner.airgap import AirgapManager
 from services.pinner.airgap.formats import FileKind, classify
+from services.pinner.airgap.layout import OCI_INDEX
 from tests.harness.images import BuiltImage, DockerArchive, build_image
 
 PIN = "io.cri-containerd.pinned"
@@ -79,3 +85,55 @@ async def manager(
     finally:
         await airgap.close()
         await client.close()
+
+
+def nested_index_archive(
+    work: Path, path: Path, name: str, *, levels: int, fanout: int, absent: int = 0
+) -> Path:
+    """An OCI archive whose image is `levels` nested indexes, each listing the one below it
+    `fanout` times (the bottom one lists a real manifest `fanout` times, and `absent` distinct
+    manifests the archive does not hold): a few KiB of JSON whose naive walk visits
+    fanout**levels descriptors."""
+    image = build_image(work / "nested-layout", name=name, layers=1, layer_size=1024)
+    blobs: dict[str, bytes] = {d.digest: image.read_blob(d.digest) for d in image.blobs}
+    child = image.target
+    missing = [
+        {
+            "mediaType": child.media_type,
+            "digest": "sha256:" + hashlib.sha256(f"absent {i}".encode()).hexdigest(),
+            "size": 1000,
+        }
+        for i in range(absent)
+    ]
+    for level in range(levels):
+        entry = {"mediaType": child.media_type, "digest": child.digest, "size": child.size}
+        entries = [entry] * fanout + (missing if level == 0 else [])
+        data = json.dumps(
+            {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries}
+        ).encode()
+        child = Descriptor("sha256:" + hashlib.sha256(data).hexdigest(), len(data), OCI_INDEX)
+        blobs[child.digest] = data
+    index = {
+        "schemaVersion": 2,
+        "mediaType": OCI_INDEX,
+        "manifests": [
+            {
+                "mediaType": child.media_type,
+                "digest": child.digest,
+                "size": child.size,
+                "annotations": {"io.containerd.image.name": name},
+            }
+        ],
+    }
+    with tarfile.open(path, "w") as tar:
+        _add(tar, "oci-layout", b'{"imageLayoutVersion":"1.0.0"}')
+        _add(tar, "index.json", json.dumps(index).encode())
+        for digest, data in blobs.items():
+            _add(tar, f"blobs/sha256/{digest[7:]}", data)
+    return path
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))

@@ -15,19 +15,17 @@ import pytest
 
 from services.pinner.airgap.pull import CRI_NAMESPACE
 from tests.harness.containerd import ContainerdDaemon
-from tests.harness.images import build_image
+from tests.harness.ctr_pull import DEAD_SERVER, push
 from tests.harness.upstream import (
     DistributionRegistry,
     UpstreamOptions,
     loopback_registry,
-    push_image,
 )
 from tests.integration.pinner_import.helpers import MANAGED, PIN, manager
 
 pytestmark = pytest.mark.containerd
 
 REGISTRY = "registry.example.test"
-DEAD_SERVER = "http://127.0.0.1:9"
 
 
 @pytest.fixture
@@ -53,19 +51,13 @@ def mirrored_registry(
         shutil.rmtree(host_dir, ignore_errors=True)
 
 
-def push(tmp_path: Path, mirror: DistributionRegistry, repo_tag: str) -> str:
-    image = build_image(tmp_path / "layout", name=f"{REGISTRY}/{repo_tag}")
-    push_image(image, mirror)
-    return image.target.digest
-
-
 async def test_list_file_is_pulled_through_cri_mirror_and_pinned(
     tmp_path: Path,
     containerd_daemon: ContainerdDaemon,
     containerd_namespace: str,
     mirrored_registry: DistributionRegistry,
 ) -> None:
-    digest = push(tmp_path, mirrored_registry, "listed/app:1")
+    digest = push(tmp_path, mirrored_registry, named=REGISTRY, repo_tag="listed/app:1")
     images_dir = tmp_path / "images"
     images_dir.mkdir()
     (images_dir / "images.txt").write_text(

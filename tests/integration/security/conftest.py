@@ -30,6 +30,7 @@ class ClusterPki:
     ca: pki.Issued
     node: TlsFiles  # 127.0.0.1, from the cluster CA: the node under test
     peer: TlsFiles  # 127.0.0.1, from the cluster CA: another honest node
+    other: TlsFiles  # 127.0.0.1, from the cluster CA: a third node (authenticated, maybe hostile)
     foreign: TlsFiles  # 127.0.0.1, signed by another CA
     expired: TlsFiles  # 127.0.0.1, from the cluster CA, validity ended yesterday
     rogue: TlsFiles  # from the cluster CA but naming OTHER_IP: authenticated, wrong address
@@ -55,6 +56,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> ClusterPki:
     issued = {
         "node": pki.issue_node(ca, "node-a", LOOPBACK),
         "peer": pki.issue_node(ca, "node-b", LOOPBACK),
+        "other": pki.issue_node(ca, "node-c", LOOPBACK),
         "foreign": pki.issue_node(other_ca, "node-x", LOOPBACK),
         "expired": pki.issue_node(
             ca, "node-old", LOOPBACK, not_before=yesterday, valid_for=datetime.timedelta(days=1)

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -20,6 +21,7 @@ from services.common.config import (
 from services.common.genproto.peermirror.discovery.v1 import peer_pb2 as pb
 from services.common.genproto.peermirror.discovery.v1 import peer_pb2_grpc as pb_grpc
 from services.common.tls import TlsFiles, grpc_channel_credentials
+from services.discovery.identity import node_id_of_certificate
 from services.discovery.service import DiscoveryService
 
 READY_TIMEOUT = 20.0
@@ -36,8 +38,10 @@ def discovery_config(
     registry_port: int = 6443,
     bootstrap: Sequence[str] = (),
     local_address: str = "127.0.0.1:0",
+    **discovery: Any,
 ) -> NodeConfig:
-    """A loopback discovery node over mutual TLS with `files`."""
+    """A loopback discovery node over mutual TLS with `files` (`discovery`: more keys of the
+    discovery section)."""
     return NodeConfig(
         node=NodeSection(name=data_dir.name, data_dir=data_dir),
         log=LogSection(level="info", format="json"),
@@ -50,6 +54,7 @@ def discovery_config(
             # Short probes keep a dead bootstrap or a failed check from stretching a test.
             probe_timeout=1.0,
             rpc_timeout=1.0,
+            **discovery,
         ),
         tls=tls_section(files),
     )
@@ -89,3 +94,8 @@ async def peer_stub(
 
 def credentials_of(files: TlsFiles) -> grpc.ChannelCredentials:
     return grpc_channel_credentials(files)
+
+
+def node_id_of(files: TlsFiles) -> bytes:
+    """The DHT node ID the certificate in `files` gives its holder."""
+    return node_id_of_certificate(files.cert_file.read_bytes())

@@ -3,27 +3,32 @@ wants, for any key, to see what the honest node does with them."""
 
 from __future__ import annotations
 
-import os
-
 import grpc
 
 from services.common.genproto.peermirror.discovery.v1 import peer_pb2 as pb
 from services.common.genproto.peermirror.discovery.v1 import peer_pb2_grpc as pb_grpc
 from services.common.grpc_server import GrpcServer
 from services.common.tls import TlsFiles, grpc_server_credentials
+from services.discovery.identity import node_id_of_certificate
 from services.discovery.peer_servicer import SERVICE_NAME
+from tests.harness.peer_stubs import NoLeases
 
 Context = grpc.aio.ServicerContext[object, object]
 
 
-class RoguePeer(pb_grpc.PeerServicer):
-    """`async with RoguePeer(files) as rogue:` serves on `rogue.address` over mutual TLS."""
+class RoguePeer(NoLeases, pb_grpc.PeerServicer):
+    """`async with RoguePeer(files) as rogue:` serves on `rogue.address` over mutual TLS. Lease
+    RPCs are not what it lies about: NoLeases answers them UNIMPLEMENTED."""
 
     def __init__(self, files: TlsFiles, registry_port: int = 6443) -> None:
-        self.node_id = os.urandom(32)
+        # Its own ID (its certificate's): any other is refused; a test may still set one to
+        # see what honest nodes do with the answers.
+        self.node_id = node_id_of_certificate(files.cert_file.read_bytes())
         self.registry_port = registry_port
         # Contacts returned as providers of every key asked for.
         self.poison: list[pb.Contact] = []
+        # Contacts returned as the closest nodes to every target asked for.
+        self.nodes: list[pb.Contact] = []
         self.asked: list[bytes] = []
         self._server = GrpcServer(
             "127.0.0.1:0", name="rogue-peer", credentials=grpc_server_credentials(files)
@@ -47,7 +52,7 @@ class RoguePeer(pb_grpc.PeerServicer):
         return pb.PingResponse(responder=self._me(), observed_address="127.0.0.1")
 
     async def FindNode(self, request: pb.FindNodeRequest, context: Context) -> pb.FindNodeResponse:
-        return pb.FindNodeResponse()
+        return pb.FindNodeResponse(closest=self.nodes)
 
     async def GetProviders(
         self, request: pb.GetProvidersRequest, context: Context
@@ -64,24 +69,6 @@ class RoguePeer(pb_grpc.PeerServicer):
         self, request: pb.RemoveProviderRequest, context: Context
     ) -> pb.RemoveProviderResponse:
         return pb.RemoveProviderResponse(removed=0)
-
-    # Lease RPCs are not what this rogue lies about.
-
-    async def AcquireLease(
-        self, request: pb.PeerLeaseRequest, context: Context
-    ) -> pb.PeerLeaseState:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "rogue: no fetch leases")
-
-    async def RenewLease(self, request: pb.PeerLeaseRequest, context: Context) -> pb.PeerLeaseState:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "rogue: no fetch leases")
-
-    async def ReleaseLease(
-        self, request: pb.PeerLeaseKey, context: Context
-    ) -> pb.PeerLeaseReleased:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "rogue: no fetch leases")
-
-    async def GetLease(self, request: pb.PeerLeaseKey, context: Context) -> pb.PeerLeaseState:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "rogue: no fetch leases")
 
     async def __aenter__(self) -> RoguePeer:
         await self._server.start()

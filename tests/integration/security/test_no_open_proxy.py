@@ -20,6 +20,8 @@ from aiohttp import web
 from services.common.genproto.peermirror.discovery.v1 import peer_pb2 as pb
 from services.common.store.oci_layout import OciLayoutStore
 from services.common.tls import server_context
+from services.discovery.kademlia import AddStatus, Contact, common_prefix_length, dht_key
+from services.discovery.kademlia.node_id import id_int, int_id
 from services.discovery.service import DiscoveryService
 from tests.harness.discovery_mesh import find_providers
 from tests.harness.fake_local_discovery import FakeLocalDiscovery
@@ -27,6 +29,7 @@ from tests.harness.registry_inproc import RunningRegistry, serve_registry
 from tests.integration.security.conftest import OTHER_IP, ClusterPki, ConnectionRecorder
 from tests.integration.security.nodes import discovery_config, discovery_node
 from tests.integration.security.rogue_peer import RoguePeer
+from tests.unit.discovery.helpers import with_prefix
 
 DIGEST = "sha256:" + hashlib.sha256(b"content nobody here has").hexdigest()
 TIMEOUT = aiohttp.ClientTimeout(total=20)
@@ -57,7 +60,7 @@ async def _get(registry: RunningRegistry, cluster: ClusterPki, path: str, ns: st
 @pytest.fixture
 async def rogue(cluster: ClusterPki) -> AsyncIterator[RoguePeer]:
     """An authenticated node (certificate of the cluster CA) that lies about providers."""
-    async with RoguePeer(cluster.peer) as peer:
+    async with RoguePeer(cluster.other) as peer:
         yield peer
 
 
@@ -166,3 +169,127 @@ async def test_redirects_from_a_peer_are_not_followed(
         await store.close()
         await runner.cleanup()
     assert recorder.connections == 0
+
+
+def _fill_bucket_of(node: DiscoveryService, node_id: bytes) -> None:
+    """Fills the routing-table bucket `node_id` falls in with contacts nobody runs, up to the
+    point where a newcomer there waits for a ping-before-evict (so it stays out for now)."""
+    engine = node.engine
+    own = id_int(engine.node_id)
+    shared = common_prefix_length(engine.node_id, node_id)
+    for suffix in range(1, 1000):
+        filler = Contact(int_id(with_prefix(own, shared, suffix)), "127.0.0.1", 9, 9)
+        if engine.node.table.add(filler, engine.clock()).status is AddStatus.PING:
+            return
+    raise AssertionError("the bucket never filled")
+
+
+def _with_registry_port(node: DiscoveryService, port: int) -> pb.Contact:
+    """`node` as a rogue names it: right ID and address, a registry port of its choosing."""
+    return pb.Contact(
+        node_id=node.engine.node_id,
+        address="127.0.0.1",
+        discovery_port=node.engine.discovery_port,
+        registry_port=port,
+    )
+
+
+def _digest_near(node_id: bytes) -> str:
+    """A digest whose DHT key is far closer to `node_id` than to any filler, so the lookup
+    asks that node first."""
+    for i in range(1_000_000):
+        digest = "sha256:" + hashlib.sha256(i.to_bytes(4, "big")).hexdigest()
+        if common_prefix_length(dht_key(digest), node_id) >= 16:
+            return digest
+    raise AssertionError("no digest found")
+
+
+@pytest.fixture
+async def b(cluster: ClusterPki, tmp_path: Path) -> AsyncIterator[DiscoveryService]:
+    """An honest node the honest node A has not heard of, its registry on port 7002."""
+    async with discovery_node(
+        discovery_config(tmp_path / "b", cluster.peer, registry_port=7002)
+    ) as node:
+        yield node
+
+
+async def test_a_provider_behind_a_full_bucket_keeps_the_ports_it_answered(
+    honest: DiscoveryService, rogue: RoguePeer, b: DiscoveryService
+) -> None:
+    # The rogue names a real node as provider, with a registry port of its own choosing.
+    rogue.poison = [_with_registry_port(b, 9999)]
+    _fill_bucket_of(honest, b.engine.node_id)
+    found = await find_providers(honest.local_address, _digest_near(rogue.node_id))
+    assert [(r.provider.node_id, r.provider.registry_port) for r in found] == [
+        (b.engine.node_id, 7002)
+    ]
+
+
+async def test_a_contact_named_by_a_peer_keeps_the_ports_it_answered(
+    honest: DiscoveryService, rogue: RoguePeer, b: DiscoveryService
+) -> None:
+    rogue.nodes = [_with_registry_port(b, 9999)]
+    # The lookup asks the rogue, which names b; b answers, and b is remembered.
+    await honest.engine.lookup_nodes(b.engine.node_id)
+    for _ in range(SETTLE_TRIES):
+        if b.engine.node_id in honest.engine.node.table:
+            break
+        await asyncio.sleep(0.05)
+    known = honest.engine.node.table.get(b.engine.node_id)
+    assert known is not None
+    assert (known.discovery_port, known.registry_port) == (b.engine.discovery_port, 7002)
+
+
+async def test_a_peer_answering_under_another_nodes_id_is_not_believed(
+    cluster: ClusterPki, tmp_path: Path
+) -> None:
+    # The rogue holds a cluster certificate (its own key) but answers pings as node b, and
+    # names contacts at its own address under IDs it minted (a Sybil attack through answers).
+    async with RoguePeer(cluster.other) as rogue:
+        cfg_b = discovery_config(tmp_path / "b", cluster.peer, registry_port=7002)
+        async with discovery_node(cfg_b) as b:
+            rogue.node_id = b.engine.node_id
+            minted = os.urandom(32)
+            rogue.nodes = [
+                pb.Contact(
+                    node_id=minted,
+                    address="127.0.0.1",
+                    discovery_port=int(rogue.address.rsplit(":", 1)[1]),
+                    registry_port=9999,
+                )
+            ]
+            cfg = discovery_config(tmp_path / "a", cluster.node, bootstrap=[rogue.address])
+            service = DiscoveryService(cfg)
+            await service.start()
+            try:
+                for _ in range(40):
+                    await asyncio.sleep(0.05)
+                table = service.engine.node.table
+                assert b.engine.node_id not in table
+                assert minted not in table
+                assert len(table) == 0
+                assert not service.engine.ready.is_set()
+                assert service.engine.client.refused_answers >= 1
+            finally:
+                await service.stop()
+
+
+async def test_a_node_named_at_a_wrong_address_is_not_taken_for_dead(
+    honest: DiscoveryService, cluster: ClusterPki, recorder: ConnectionRecorder, tmp_path: Path
+) -> None:
+    # A peer may name node b (which the honest node knows) at an address where nothing answers
+    # for b, as provider or as contact: the checks and calls there fail, which says nothing
+    # about b itself. Here the honest node makes those calls directly, twice each (failures
+    # in a row that would take b for dead), with no call to b's real address between them.
+    cfg_b = discovery_config(
+        tmp_path / "b", cluster.peer, registry_port=7002, bootstrap=[honest.peer_address]
+    )
+    async with discovery_node(cfg_b) as b:
+        assert b.engine.node_id in honest.engine.node.table
+        elsewhere = Contact(b.engine.node_id, OTHER_IP, recorder.port, recorder.port)
+        client = honest.engine.client
+        for _ in range(2):
+            assert await client.ping_as(elsewhere) is None
+            assert await client.find_node(elsewhere, b.engine.node_id) is None
+        assert b.engine.node_id in honest.engine.node.table
+        assert honest.engine.counters.nodes_dropped == 0

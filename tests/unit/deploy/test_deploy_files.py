@@ -1,8 +1,9 @@
 """docker-compose.yml, deploy/Dockerfile and deploy/k3s checked against the code they run.
 
-No container engine runs here, so these files are loaded as data: every command must parse with
-the real `peermirror` argument parser, every config file must pass the real loader, and every
-port, probe and mount must agree with the config the container reads.
+Loaded as data here, in milliseconds: every command must parse with the real `peermirror`
+argument parser, every config file must pass the real loader, and every port, probe and mount must
+agree with the config the container reads. tests/integration/deploy builds the image and runs
+docker-compose.yml and the K3s manifests for real.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ REPO = Path(__file__).resolve().parents[3]
 K3S_DIR = REPO / "deploy" / "k3s"
 COMPOSE = REPO / "docker-compose.yml"
 DOCKERFILE = REPO / "deploy" / "Dockerfile"
+DOCKERIGNORE = REPO / ".dockerignore"
 PYPROJECT = REPO / "pyproject.toml"
 CONFIG_IN_CONTAINER = "/etc/peermirror/node.yaml"
 
@@ -421,7 +423,8 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
 
 def test_dockerfile_installs_the_package_and_runs_the_console_script() -> None:
     instructions = dockerfile_instructions()
-    assert instructions[0] == ("FROM", "python:3.11-slim")
+    # The base is a build argument (tests build from a local Debian); users get python:3.11-slim.
+    assert instructions[:2] == [("ARG", "BASE_IMAGE=python:3.11-slim"), ("FROM", "${BASE_IMAGE}")]
     runs = [rest for kw, rest in instructions if kw == "RUN"]
     assert any(re.search(r"\bpip install\b", r) for r in runs)
     (entrypoint,) = [rest for kw, rest in instructions if kw == "ENTRYPOINT"]
@@ -434,3 +437,6 @@ def test_dockerfile_installs_the_package_and_runs_the_console_script() -> None:
     copied = " ".join(rest for kw, rest in instructions if kw == "COPY")
     for needed in ("pyproject.toml", "README.md", "services"):
         assert needed in copied
+        # .dockerignore keeps the build context to what is copied (no .venv, no .git).
+        assert f"!{needed}" in DOCKERIGNORE.read_text(encoding="utf-8").splitlines()
+    assert DOCKERIGNORE.read_text(encoding="utf-8").splitlines().count("*") == 1

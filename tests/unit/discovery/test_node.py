@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-import pytest
+import random
 
-from services.discovery.kademlia import DhtConfig, DhtNode, dht_key
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from services.common.config import ConfigError, DiscoverySection, NodeConfig
+from services.discovery.kademlia import DhtConfig, DhtNode, RecordRateExceeded, dht_key
 from services.discovery.kademlia.node_id import int_id
+from services.discovery.service import dht_config
 from tests.unit.discovery.helpers import contact
 
 KEY = dht_key("sha256:" + "22" * 32)
+OTHER = dht_key("docker.io/library/alpine:3.20")
 CFG = DhtConfig(k=4, max_failures=2, probe_interval=10, probe_timeout=2, liveness_window=30)
 
 
@@ -141,3 +148,104 @@ def test_config_rejects_inconsistent_timings() -> None:
         DhtConfig(probe_interval=30, liveness_window=30)
     with pytest.raises(ValueError):
         DhtConfig(record_ttl=100, republish_interval=100)
+
+
+def test_a_node_accepts_only_keys_it_is_among_the_k_closest_to() -> None:
+    n = node()  # ID 1000...0
+    near_zero = [contact(value) for value in (2, 3, 4, 5)]  # k = 4 contacts far from us
+    for c in near_zero:
+        n.heard_from(c, now=0.0)
+    publisher = contact(1 << 254)
+    far_from_us = int_id(7)  # all four contacts are closer to it than we are
+    near_us = int_id((1 << 255) | 7)
+    assert n.add_provider(publisher, [far_from_us, near_us], ttl=60, now=0.0)[0] == 1
+    assert n.store.keys() == [near_us]
+    # The publisher itself does not count: a contact closer than us that publishes leaves
+    # fewer than k others ahead of us.
+    assert n.add_provider(near_zero[0], [far_from_us], ttl=60, now=0.0)[0] == 1
+
+
+def test_a_flood_from_one_peer_stays_within_its_cap_and_others_still_store() -> None:
+    cfg = DhtConfig()
+    n = DhtNode(contact(1), cfg)
+    flooder, honest = contact(2, address="10.6.6.6"), contact(3)
+    assert n.add_provider(honest, [KEY], ttl=0, now=0.0)[0] == 1
+    stored = 0
+    refused = 0
+    for call in range(200):
+        keys = [dht_key(f"flood-{call}-{i}") for i in range(cfg.max_batch_keys)]
+        try:
+            stored += n.add_provider(flooder, keys, ttl=0, now=call / 10)[0]
+        except RecordRateExceeded:
+            refused += 1
+    assert stored == cfg.max_records_per_peer
+    assert refused > 0
+    assert len(n.store) == cfg.max_records_per_peer + 1
+    assert n.store.pending_expiries() <= 2 * len(n.store) + 64
+    assert n.add_provider(honest, [OTHER], ttl=0, now=30.0)[0] == 1
+    providers, _ = n.get_providers(contact(9).node_id, KEY, limit=0, now=30.0)
+    assert [p.provider for p in providers] == [honest]
+
+
+def test_records_a_peer_may_store_per_second_are_limited() -> None:
+    cfg = DhtConfig(max_records_per_peer=100, peer_records_per_second=10.0, max_batch_keys=60)
+    n = DhtNode(contact(1), cfg)
+    peer = contact(2)
+    keys = [dht_key(str(i)) for i in range(60)]
+    assert n.add_provider(peer, keys, ttl=60, now=0.0)[0] == 60  # within the burst
+    with pytest.raises(RecordRateExceeded) as err:
+        n.add_provider(peer, keys, ttl=60, now=1.0)  # 40 + 10 tokens left
+    assert err.value.retry_after == pytest.approx(1.0)
+    # A refused call stores nothing and spends nothing; another peer is not affected.
+    assert n.add_provider(contact(3), keys, ttl=60, now=1.0)[0] == 60
+    assert n.add_provider(peer, keys, ttl=60, now=2.0)[0] == 60
+
+
+def test_config_rejects_caps_that_cannot_work() -> None:
+    with pytest.raises(ValueError, match="max_records_per_peer"):
+        DhtConfig(max_records_per_peer=2000, max_records_total=1000)
+    with pytest.raises(ValueError, match="peer_records_per_second"):
+        DhtConfig(peer_records_per_second=0)
+
+
+def test_the_service_passes_record_bounds_to_the_core_and_names_bad_ones() -> None:
+    section = DiscoverySection(
+        max_records_per_peer=7, max_records_total=9, peer_records_per_second=3.0
+    )
+    cfg = dht_config(NodeConfig(discovery=section))
+    assert (cfg.max_records_per_peer, cfg.max_records_total, cfg.peer_records_per_second) == (
+        7,
+        9,
+        3.0,
+    )
+    bad = DiscoverySection(max_records_per_peer=10, max_records_total=5)
+    with pytest.raises(ConfigError, match=r"^discovery: max_records_per_peer"):
+        dht_config(NodeConfig(discovery=bad))
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), contacts=st.integers(0, 120))
+def test_responsibility_matches_counting_every_closer_contact(seed: int, contacts: int) -> None:
+    rng = random.Random(seed)
+    n = DhtNode(contact(rng.getrandbits(256)), CFG)
+    for _ in range(contacts):
+        n.heard_from(contact(rng.getrandbits(256)), now=0.0)
+    known = list(n.table)
+    for _ in range(20):
+        key = int_id(rng.getrandbits(256))
+        publisher = rng.choice(known).node_id if known and rng.random() < 0.5 else bytes(32)
+        own = n.me.key ^ int.from_bytes(key, "big")
+        closer = [
+            c for c in known if c.key ^ int.from_bytes(key, "big") < own and c.node_id != publisher
+        ]
+        assert n.responsible(key, publisher) == (len(closer) < CFG.k)
+
+
+def test_budgets_of_quiet_peers_are_forgotten_by_maintenance() -> None:
+    cfg = DhtConfig(max_records_per_peer=100, peer_records_per_second=10.0, max_batch_keys=50)
+    n = DhtNode(contact(1), cfg)
+    n.add_provider(contact(2), [dht_key(str(i)) for i in range(50)], ttl=60, now=0.0)
+    n.maintenance(now=1.0)
+    assert len(n.budgets) == 1  # 60 of 100 tokens: still spent
+    n.maintenance(now=5.0)
+    assert len(n.budgets) == 0  # full again: nothing to remember

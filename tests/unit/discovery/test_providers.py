@@ -127,3 +127,51 @@ def test_rejects_bad_parameters() -> None:
         AdvertisedKeys(0)
     with pytest.raises(ValueError):
         ProviderStore(max_ttl=0)
+
+
+def test_records_per_provider_are_capped_and_refreshes_still_count() -> None:
+    store = ProviderStore(max_per_provider=3, max_total=100)
+    p, q = contact(1), contact(2)
+    keys = [dht_key(str(i)) for i in range(5)]
+    assert [store.add(k, p, ttl=60, now=0.0) for k in keys] == [60, 60, 60, 0.0, 0.0]
+    assert len(store) == 3
+    # Refreshing a record it has is not a new record: allowed at the cap.
+    assert store.add(keys[0], p, ttl=60, now=10.0) == 60
+    # Another provider has its own allowance.
+    assert store.add(keys[4], q, ttl=60, now=0.0) == 60
+    assert len(store) == 4
+
+
+def test_at_the_total_cap_the_largest_provider_makes_room() -> None:
+    store = ProviderStore(max_per_provider=10, max_total=6)
+    flooder, small, other = contact(1), contact(2), contact(3)
+    for i in range(6):
+        store.add(dht_key(f"flood-{i}"), flooder, ttl=60, now=0.0)
+    assert len(store) == 6
+    # A provider with fewer records takes the room of the one holding the most ...
+    assert store.add(KEY, small, ttl=60, now=0.0) == 60
+    assert store.add(OTHER, other, ttl=60, now=0.0) == 60
+    assert len(store) == 6
+    assert [r.provider for r in store.get(KEY, now=1.0)] == [small]
+    # ... but the largest one cannot push others out to grow further.
+    assert store.add(dht_key("flood-new"), flooder, ttl=60, now=0.0) == 0.0
+    assert len(store) == 6
+    assert len(store.get(OTHER, now=1.0)) == 1
+
+
+def test_expiry_entries_stay_bounded_under_refreshes() -> None:
+    store = ProviderStore(max_ttl=600)
+    p = contact(1)
+    for second in range(10_000):
+        store.add(KEY, p, ttl=600, now=float(second))
+    assert len(store) == 1
+    assert store.pending_expiries() <= 2 * len(store) + 64
+    assert store.expire(now=10_000.0 + 599) == 1
+    assert store.pending_expiries() == 0
+
+
+def test_probe_due_names_each_provider_once_at_its_latest_address() -> None:
+    store = ProviderStore()
+    store.add(KEY, contact(1, address="10.0.0.1"), ttl=60, now=0.0)
+    store.add(OTHER, contact(1, address="10.0.0.9"), ttl=60, now=1.0)
+    assert [c.address for c in store.probe_due(now=20.0, idle=10.0)] == ["10.0.0.9"]

@@ -105,3 +105,24 @@ def test_contacts_must_be_ip_literals_with_a_port() -> None:
     assert peer_from_contact("10.1.2.3", 0) is None
     assert peer_from_contact("0.0.0.0", 6443) is None
     assert peer_from_contact("224.0.0.1", 6443) is None
+
+
+def test_a_peer_ranked_down_as_slow_is_chosen_last_until_it_is_fast_again() -> None:
+    book = PeerBook()
+    slow, other = Peer("10.0.0.1", 1, "aa"), Peer("10.0.0.2", 1, "bb")
+    book.observe_rate(slow, 100e6)
+    book.observe_rate(other, 50e6)
+    assert book.peak_rate() == 100e6
+    book.rank_down(slow, 1e6)
+    assert book.rate(slow) is None
+    assert book.is_slow(slow)
+    assert book.peak_rate() == 50e6
+    book.begin(other)  # busier, yet still preferred to a slow peer
+    assert book.choose([slow, other]) == other
+    book.observe_rate(slow, 80e6)
+    assert book.choose([slow, other]) == slow
+
+
+def test_a_peer_is_judged_by_its_node_not_its_port() -> None:
+    assert Peer("10.0.0.1", 1, "aa").identity == Peer("10.0.0.9", 2, "aa").identity
+    assert Peer("10.0.0.1", 1).identity != Peer("10.0.0.1", 2).identity

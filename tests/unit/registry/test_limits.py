@@ -38,7 +38,7 @@ def test_headers_too_large_is_431() -> None:
 
 
 def test_client_slots_refuse_past_limit_and_free_on_exit() -> None:
-    slots = ClientSlots(limit=2)
+    slots = ClientSlots(limit=2, local_limit=8)
     with slots.hold("10.0.0.1"), slots.hold("10.0.0.1"):
         with pytest.raises(TooManyRelays) as refused, slots.hold("10.0.0.1"):
             pass
@@ -47,4 +47,17 @@ def test_client_slots_refuse_past_limit_and_free_on_exit() -> None:
         # Another client has its own share.
         with slots.hold("10.0.0.2"):
             assert slots.active == {"10.0.0.1": 2, "10.0.0.2": 1}
+    assert slots.active == {}
+
+
+def test_the_local_containerd_shares_one_node_wide_budget() -> None:
+    slots = ClientSlots(limit=1, local_limit=3)
+    with slots.hold("127.0.0.1"), slots.hold("::1"), slots.hold("127.0.0.1"):
+        with pytest.raises(TooManyRelays) as refused, slots.hold("::1"):
+            pass
+        detail = json.loads(refused.value.body())["errors"][0]["detail"]
+        assert detail == {"limit": "max_local_relays", "max": 3}
+        # A remote address keeps its own cap meanwhile.
+        with slots.hold("10.0.0.1"), pytest.raises(TooManyRelays), slots.hold("10.0.0.1"):
+            pass
     assert slots.active == {}

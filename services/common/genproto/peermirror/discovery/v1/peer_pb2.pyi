@@ -34,7 +34,10 @@ class SenderInfo(_message.Message):
     DISCOVERY_PORT_FIELD_NUMBER: _builtins.int
     REGISTRY_PORT_FIELD_NUMBER: _builtins.int
     node_id: _builtins.bytes
-    """The caller's 256-bit node ID (32 bytes), stable across restarts."""
+    """The caller's 256-bit node ID (32 bytes), stable across restarts. Over mutual TLS
+    it must be the SHA-256 of the caller's certificate's SubjectPublicKeyInfo, else the
+    call is refused PERMISSION_DENIED; the same holds for a PingResponse's responder.
+    """
     discovery_port: _builtins.int
     """TCP port the caller's Peer service listens on (its connection's source port is
     ephemeral and useless for calling back).
@@ -349,7 +352,9 @@ class AddProviderResponse(_message.Message):
     STORED_FIELD_NUMBER: _builtins.int
     TTL_FIELD_NUMBER: _builtins.int
     stored: _builtins.int
-    """Number of keys whose record was stored or refreshed."""
+    """Number of keys whose record was stored or refreshed; the receiver skips keys it is
+    not among the k closest to and new records over its caps.
+    """
     @_builtins.property
     def ttl(self) -> _duration_pb2.Duration:
         """The TTL the receiver actually applied (after capping)."""

@@ -121,7 +121,8 @@ class PeerServicer:
 
     def AddProvider(self, request, context):
         """Stores provider records saying the caller holds the given keys (Kademlia STORE).
-        Records expire after their TTL unless the caller republishes them.
+        Records expire after their TTL unless the caller republishes them. A caller over
+        the receiver's record rate is refused RESOURCE_EXHAUSTED (it is alive: retry later).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -55,7 +55,8 @@ class PeerStub:
     """
     AddProvider: _grpc.UnaryUnaryMultiCallable[_peer_pb2.AddProviderRequest, _peer_pb2.AddProviderResponse]
     """Stores provider records saying the caller holds the given keys (Kademlia STORE).
-    Records expire after their TTL unless the caller republishes them.
+    Records expire after their TTL unless the caller republishes them. A caller over
+    the receiver's record rate is refused RESOURCE_EXHAUSTED (it is alive: retry later).
     """
     RemoveProvider: _grpc.UnaryUnaryMultiCallable[_peer_pb2.RemoveProviderRequest, _peer_pb2.RemoveProviderResponse]
     """Deletes the caller's provider records for the given keys, so withdrawn content stops
@@ -112,7 +113,8 @@ class PeerAsyncStub(PeerStub):
     """
     AddProvider: _aio.UnaryUnaryMultiCallable[_peer_pb2.AddProviderRequest, _peer_pb2.AddProviderResponse]  # type: ignore[assignment]
     """Stores provider records saying the caller holds the given keys (Kademlia STORE).
-    Records expire after their TTL unless the caller republishes them.
+    Records expire after their TTL unless the caller republishes them. A caller over
+    the receiver's record rate is refused RESOURCE_EXHAUSTED (it is alive: retry later).
     """
     RemoveProvider: _aio.UnaryUnaryMultiCallable[_peer_pb2.RemoveProviderRequest, _peer_pb2.RemoveProviderResponse]  # type: ignore[assignment]
     """Deletes the caller's provider records for the given keys, so withdrawn content stops
@@ -190,7 +192,8 @@ class PeerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_peer_pb2.AddProviderResponse, _abc.Awaitable[_peer_pb2.AddProviderResponse]]:
         """Stores provider records saying the caller holds the given keys (Kademlia STORE).
-        Records expire after their TTL unless the caller republishes them.
+        Records expire after their TTL unless the caller republishes them. A caller over
+        the receiver's record rate is refused RESOURCE_EXHAUSTED (it is alive: retry later).
         """
 
     @_abc_1.abstractmethod

@@ -1,0 +1,440 @@
+"""The relay's one data path on the netns mesh, plain and mutual TLS, against Go's registry.
+
+One run, two meshes of three real nodes (plain HTTP, then mutual TLS; see tests/harness/mesh.py).
+Nodes 1 and 2 hold a one-layer image; a client in node 3's namespace GETs the layer
+(whole-blob GETs, interleaved, page cache warm, the first of each verified) from:
+
+- relay: node 3's mirror, which relays it from a peer;
+- local: node 1 serving it itself (peer header), over the same veth path;
+- docker-registry: Debian's Go registry (distribution 2.8) in a namespace of its own serving the
+  same blob from its disk, plain or TLS with client certificates (the anchor of the targets).
+
+Also CPU-seconds per GB per process for each path run alone, and the floor of the relaying
+node: SHA-256 of every byte plus, over TLS, one decryption and one encryption (both measured
+by a microbenchmark in this run, on this CPU). Last, on the TLS mesh, node 2's link is slowed to
+a hundredth of the clean relay rate (tc tbf on its interface) and the relay GETs are timed
+again: whichever provider the relay starts from, the pull must take at most twice a clean one.
+
+Targets (issue 12): TLS relay >= 1.0x docker-registry TLS; TLS local >= 1.5x docker-registry
+TLS; plain relay >= 0.5x docker-registry plain; the relaying node's CPU per GB <= 1.5x its
+floor; slow second provider <= 2x a clean pull. Exit 0 whether targets are met or missed (the
+PASS/MISS lines say which); 1 only when the benchmark itself could not run.
+
+Run as root: `.venv/bin/python -m bench.relay_paths` (needs containerd and docker-registry).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import ssl
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bench.distribution_registry import lay_out_storage, registry_argv
+from bench.http_load import LoadError, fetch_blob
+from bench.p2p_mesh import MESH_TIMINGS, PEER_HEADER, process_cpu_s, progress, verdict
+from bench.root_run import run_as_root
+from services.common.pki import issue_node, write_node
+from services.common.tls import TlsFiles, client_context, server_context
+from tests.harness.images import BuiltImage, build_image, write_oci_archive
+from tests.harness.mesh import Mesh, MeshError, MeshNode, MeshProcess, NetnsHost
+from tests.integration.mesh.p2p import eventually, wait_advertised
+
+MIB = 1 << 20
+REGISTRY = "registry.test:5000"
+REPOSITORY = "library/relay-bench"
+IMAGE_REF = f"{REGISTRY}/{REPOSITORY}:1"
+UPSTREAM_PORT = 5000
+SETUP_TIMEOUT = 120.0
+SLOWDOWN = 100
+TARGETS = {
+    "tls_relay_vs_registry": 1.0,
+    "tls_local_vs_registry": 1.5,
+    "plain_relay_vs_registry": 0.5,
+    "relay_cpu_vs_floor": 1.5,
+    "slow_provider_vs_clean": 2.0,
+}
+
+
+# --- runs inside a namespace ----------------------------------------------------------------------
+
+
+def worker_main(spec_json: str) -> int:
+    """Whole-blob GETs of each target, interleaved: GB/s and seconds per target, and the
+    client's own CPU seconds."""
+    spec = json.loads(spec_json)
+    tls = spec.get("tls")
+    context = None
+    if tls is not None:
+        context = client_context(TlsFiles(Path(tls[0]), Path(tls[1]), Path(tls[2])))
+    rates: dict[str, list[float]] = {t["label"]: [] for t in spec["targets"]}
+    seconds: dict[str, list[float]] = {t["label"]: [] for t in spec["targets"]}
+    cpu: dict[str, float] = dict.fromkeys(rates, 0.0)
+    for target in spec["targets"] if spec["verify"] else ():
+        got = fetch_blob(
+            target["host"],
+            target["port"],
+            target["path"],
+            target["headers"],
+            verify=True,
+            tls=context,
+        )
+        if got.status != 200 or f"sha256:{got.sha256}" != target["digest"]:
+            raise LoadError(f"{target['label']}: answered {got.status}, sha256 {got.sha256}")
+    for _ in range(spec["reps"]):
+        for target in spec["targets"]:
+            started, used = time.perf_counter(), time.process_time()
+            got = fetch_blob(
+                target["host"],
+                target["port"],
+                target["path"],
+                target["headers"],
+                tls=context,
+                timeout=300.0,
+            )
+            seconds[target["label"]].append(time.perf_counter() - started)
+            cpu[target["label"]] += time.process_time() - used
+            if got.status != 200 or got.body_bytes != target["size"]:
+                raise LoadError(f"{target['label']}: answered {got.status}")
+            rates[target["label"]].append(got.gb_per_s)
+    print(json.dumps({"rates": rates, "seconds": seconds, "client_cpu_s": cpu}))
+    return 0
+
+
+def run_worker(host: NetnsHost, spec: Mapping[str, Any]) -> dict[str, Any]:
+    argv = [sys.executable, "-m", "bench.relay_paths", "--worker", json.dumps(spec)]
+    out = host.exec(argv, timeout=900).stdout
+    answer: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    return answer
+
+
+# --- the floor --------------------------------------------------------------------------------
+
+
+def sha256_s_per_gb() -> float:
+    data = bytes(64 * MIB)
+    hasher = hashlib.sha256()
+    started = time.process_time()
+    for _ in range(8):
+        hasher.update(data)
+    return (time.process_time() - started) / (8 * len(data) / 1e9)
+
+
+def tls_hop_s_per_gb(files: TlsFiles, ip: str) -> float:
+    """CPU seconds per GB to encrypt and decrypt a stream once with the cluster's TLS setup
+    (in memory: the cipher work a relaying node does once per direction)."""
+    client_bios = ssl.MemoryBIO(), ssl.MemoryBIO()
+    server_bios = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = client_context(files).wrap_bio(*client_bios, server_hostname=ip)
+    server = server_context(files).wrap_bio(*server_bios, server_side=True)
+
+    def shuttle() -> None:
+        server_bios[0].write(client_bios[1].read())
+        client_bios[0].write(server_bios[1].read())
+
+    for _ in range(20):
+        for side in (client, server):
+            with contextlib.suppress(ssl.SSLWantReadError):
+                side.do_handshake()
+        shuttle()
+    data = bytes(MIB)
+    total = 256 * MIB
+    started = time.process_time()
+    moved = 0
+    while moved < total:
+        client.write(data)
+        server_bios[0].write(client_bios[1].read())
+        while True:
+            try:
+                moved += len(server.read(4 * MIB))
+            except ssl.SSLWantReadError:
+                break
+    return (time.process_time() - started) / (total / 1e9)
+
+
+# --- the docker-registry anchor ------------------------------------------------------------------
+
+
+def start_registry(
+    mesh: Mesh, image: BuiltImage, layout: Path, tls: bool
+) -> tuple[NetnsHost, MeshProcess]:
+    """docker-registry in a namespace of its own serving `image` from its disk (TLS with client
+    certificates from the mesh CA when `tls`)."""
+    host = mesh.add_host("anchor")
+    blobs = {d.digest: layout / "blobs" / "sha256" / d.digest.split(":")[1] for d in image.blobs}
+    platform = image.platforms[0]
+    layers = [platform.config.digest, *(layer.descriptor.digest for layer in platform.layers)]
+    lay_out_storage(host.dir / "data", REPOSITORY, "1", image.target.digest, blobs, layers)
+    http: dict[str, Any] = {"addr": f"{host.ip}:{UPSTREAM_PORT}", "secret": "peermirror-bench"}
+    if tls:
+        assert mesh.ca is not None
+        files = host.dir / "tls"
+        files.mkdir(mode=0o700)
+        write_node(files, issue_node(mesh.ca, "anchor", host.ip), mesh.ca.cert)
+        found = TlsFiles.in_directory(files)
+        http["tls"] = {
+            "certificate": str(found.cert_file),
+            "key": str(found.key_file),
+            "clientcas": [str(found.ca_file)],
+        }
+    config = {
+        "version": 0.1,
+        "log": {"level": "warn", "formatter": "json", "accesslog": {"disabled": True}},
+        "storage": {
+            "filesystem": {"rootdirectory": str(host.dir / "data")},
+            "cache": {"blobdescriptor": "inmemory"},
+            "delete": {"enabled": False},
+        },
+        "http": http,
+    }
+    path = host.dir / "registry.yml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    proc = host.popen("docker-registry", registry_argv(path))
+    dial = "import socket, sys; socket.create_connection((sys.argv[1], int(sys.argv[2])), 1)"
+
+    def answers() -> bool:
+        argv = [sys.executable, "-c", dial, host.ip, str(UPSTREAM_PORT)]
+        return host.exec(argv, check=False).returncode == 0
+
+    if not eventually(answers, SETUP_TIMEOUT, interval=0.5):
+        raise MeshError("docker-registry did not answer")
+    return host, proc
+
+
+# --- one mesh ---------------------------------------------------------------------------------
+
+
+def _target(label: str, host: str, port: int, digest: str, size: int, peer: bool) -> dict[str, Any]:
+    return {
+        "label": label,
+        "host": host,
+        "port": port,
+        "path": f"/v2/{REPOSITORY}/blobs/{digest}?ns={REGISTRY}",
+        "headers": dict(PEER_HEADER) if peer else {},
+        "digest": digest,
+        "size": size,
+    }
+
+
+def _median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+def measure_mesh(
+    tls: bool, image: BuiltImage, layout: Path, archive: Path, reps: int
+) -> dict[str, Any]:
+    kind = "mTLS" if tls else "plain"
+    progress(f"[{kind}] starting the mesh (3 nodes) ...")
+    mesh = Mesh(3, overrides=MESH_TIMINGS, tls=tls)
+    try:
+        mesh.start()
+        n1, n2, n3 = mesh.nodes
+        for node in (n1, n2):
+            node.containerd.import_archive(archive, all_platforms=True)
+        anchor, anchor_proc = start_registry(mesh, image, layout, tls)
+        wait_advertised([n3], image, [n1, n2])
+        layer = image.platforms[0].layers[0].descriptor
+        targets = [
+            _target("relay", "127.0.0.1", n3.registry_port, layer.digest, layer.size, False),
+            _target("local", n1.ip, n1.registry_port, layer.digest, layer.size, True),
+            _target("registry", anchor.ip, UPSTREAM_PORT, layer.digest, layer.size, False),
+        ]
+        creds = (
+            None
+            if n3.tls is None
+            else [str(p) for p in (n3.tls.ca_file, n3.tls.cert_file, n3.tls.key_file)]
+        )
+        progress(f"[{kind}] throughput, interleaved ...")
+        answer = run_worker(n3, {"reps": reps, "targets": targets, "tls": creds, "verify": True})
+        rates = {k: _median(v) for k, v in answer["rates"].items()}
+        clean_s = _median(answer["seconds"]["relay"])
+        progress(f"[{kind}] " + ", ".join(f"{k} {v:.2f} GB/s" for k, v in rates.items()))
+        processes = {
+            "n3 registry": n3.services["registry"].pid,
+            "n1 registry": n1.services["registry"].pid,
+            "n2 registry": n2.services["registry"].pid,
+            "docker-registry": anchor_proc.pid,
+        }
+        cpu: dict[str, dict[str, float]] = {}
+        for target in targets:
+            before = {name: process_cpu_s(pid) for name, pid in processes.items()}
+            alone = run_worker(
+                n3, {"reps": reps, "targets": [target], "tls": creds, "verify": False}
+            )
+            gb = reps * layer.size / 1e9
+            used = {
+                name: (process_cpu_s(pid) - before[name]) / gb for name, pid in processes.items()
+            }
+            used["client"] = alone["client_cpu_s"][target["label"]] / gb
+            cpu[target["label"]] = {k: v for k, v in used.items() if v > 0.005}
+        figures: dict[str, Any] = {"rates": rates, "cpu": cpu, "clean_s": clean_s}
+        if tls:
+            assert n1.tls is not None
+            figures["tls_hop"] = tls_hop_s_per_gb(n1.tls, n1.ip)
+            figures["slow"] = slow_provider(n2, n3, targets[0], creds, rates["relay"], reps)
+        return figures
+    finally:
+        mesh.close()
+
+
+def slow_provider(
+    slow: MeshNode,
+    client: MeshNode,
+    relay: dict[str, Any],
+    creds: Any,
+    clean_gbps: float,
+    reps: int,
+) -> list[float]:
+    """Relay GET seconds with `slow`'s link cut to a SLOWDOWN-th of the clean relay rate."""
+    rate_bit = max(8_000, int(clean_gbps * 1e9 * 8 / SLOWDOWN))
+    progress(f"[mTLS] slowing node 2's link to {rate_bit / 8e6:.1f} MB/s ...")
+    slow.exec(
+        [
+            "tc",
+            "qdisc",
+            "add",
+            "dev",
+            "eth0",
+            "root",
+            "tbf",
+            "rate",
+            f"{rate_bit}bit",
+            "burst",
+            "256kb",
+            "latency",
+            "400ms",
+        ]
+    )
+    try:
+        answer = run_worker(
+            client, {"reps": reps, "targets": [relay], "tls": creds, "verify": False}
+        )
+    except MeshError as exc:
+        # What the relaying registry made of it is the interesting part.
+        tail = "\n".join(client.log_text("registry").splitlines()[-15:])
+        raise MeshError(f"{exc}\nnode 3's registry log:\n{tail}") from exc
+    finally:
+        slow.exec(["tc", "qdisc", "del", "dev", "eth0", "root"], check=False)
+    seconds: list[float] = answer["seconds"]["relay"]
+    return seconds
+
+
+# --- report -----------------------------------------------------------------------------------
+
+
+def render(plain: dict[str, Any], mtls: dict[str, Any], sha256: float) -> str:
+    lines = ["relay vs local vs docker-registry, one GB = 1e9 bytes"]
+    lines.append(f"{'path':<28}{'plain GB/s':>12}{'mTLS GB/s':>12}")
+    for label in ("relay", "local", "registry"):
+        name = {"registry": "docker-registry"}.get(label, label)
+        lines.append(f"{name:<28}{plain['rates'][label]:>12.2f}{mtls['rates'][label]:>12.2f}")
+    lines.append("CPU-s per GB by process (each path alone):")
+    for kind, figures in (("plain", plain), ("mTLS", mtls)):
+        for label, used in figures["cpu"].items():
+            parts = ", ".join(f"{k} {v:.2f}" for k, v in sorted(used.items()))
+            lines.append(f"  {kind:<6}{label:<10}{parts}")
+    floor_plain = sha256
+    floor_tls = sha256 + mtls["tls_hop"]  # one decryption (from the peer), one encryption
+    lines.append(
+        f"floor of the relaying node: SHA-256 {sha256:.2f} CPU-s/GB; TLS encrypt+decrypt "
+        f"{mtls['tls_hop']:.2f}; so plain {floor_plain:.2f}, mTLS {floor_tls:.2f}"
+    )
+    slow = mtls["slow"]
+    lines.append(
+        f"slow second provider: relay GET {', '.join(f'{s:.2f}' for s in slow)} s vs clean "
+        f"{mtls['clean_s']:.2f} s"
+    )
+    checks = [
+        (
+            "mTLS relay / docker-registry TLS",
+            mtls["rates"]["relay"] / mtls["rates"]["registry"],
+            "tls_relay_vs_registry",
+            True,
+        ),
+        (
+            "mTLS local / docker-registry TLS",
+            mtls["rates"]["local"] / mtls["rates"]["registry"],
+            "tls_local_vs_registry",
+            True,
+        ),
+        (
+            "plain relay / docker-registry plain",
+            plain["rates"]["relay"] / plain["rates"]["registry"],
+            "plain_relay_vs_registry",
+            True,
+        ),
+        (
+            "relaying node CPU / floor, plain",
+            plain["cpu"]["relay"].get("n3 registry", 0.0) / floor_plain,
+            "relay_cpu_vs_floor",
+            False,
+        ),
+        (
+            "relaying node CPU / floor, mTLS",
+            mtls["cpu"]["relay"].get("n3 registry", 0.0) / floor_tls,
+            "relay_cpu_vs_floor",
+            False,
+        ),
+        (
+            "slowest GET with a slow provider / clean",
+            max(slow) / mtls["clean_s"],
+            "slow_provider_vs_clean",
+            False,
+        ),
+    ]
+    for name, ratio, key, at_least in checks:
+        target = TARGETS[key]
+        ok = ratio >= target if at_least else ratio <= target
+        sign = ">=" if at_least else "<="
+        lines.append(f"{verdict(ok)} {name}: {ratio:.2f}x (target {sign} {target:.1f}x)")
+    return "\n".join(lines)
+
+
+def run(layer_mib: int, reps: int) -> str:
+    with tempfile.TemporaryDirectory(prefix="pm-bench-relay-") as tmp:
+        work = Path(tmp)
+        progress(f"building a one-layer {layer_mib} MiB image ...")
+        layout = work / "layout"
+        image = build_image(
+            layout,
+            IMAGE_REF,
+            layers=1,
+            layer_size=layer_mib * MIB,
+            cheap_data=True,
+            compresslevel=0,
+        )
+        archive = work / "image.tar"
+        write_oci_archive(archive, [image])
+        sha256 = sha256_s_per_gb()
+        plain = measure_mesh(False, image, layout, archive, reps)
+        mtls = measure_mesh(True, image, layout, archive, reps)
+        return render(plain, mtls, sha256)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.relay_paths",
+        description="The relay, plain and mutual TLS, against local serving and docker-registry.",
+    )
+    parser.add_argument("--layer-mib", type=int, default=256, help="size of the blob")
+    parser.add_argument("--reps", type=int, default=3, help="timed GETs per path")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker is not None:
+        return worker_main(args.worker)
+    return run_as_root(lambda: run(args.layer_mib, args.reps))
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        sys.exit(main())

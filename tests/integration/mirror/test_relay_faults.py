@@ -1,0 +1,157 @@
+"""Peers that a relay must not let win: drip-feeders, slow links, framers, media-type liars and
+peers dodging quarantine under another port (the issue's defects, each on real sockets)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Any
+
+import aiohttp
+
+from services.registry.headers import DIGEST_HEADER
+from services.registry.mirror.relay import Mirror
+from tests.harness.registry_inproc import RunningRegistry
+from tests.integration.mirror.conftest import Cluster, eventually
+
+# Hedging and the stall timer kept out of the way: these tests are about the body's rate.
+QUIET: dict[str, Any] = {
+    "resolve_timeout": 10.0,
+    "header_timeout": 30.0,
+    "peer_timeout": 30.0,
+    "rate_window": 0.3,
+}
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+
+
+def _mirror(node: RunningRegistry) -> Mirror:
+    mirror = node.app.ctx.mirror
+    assert isinstance(mirror, Mirror)
+    return mirror
+
+
+async def test_a_drip_feeding_peer_is_left_for_the_next_one_by_range(cluster: Cluster) -> None:
+    layer = cluster.image.read_blob(cluster.layer)
+    drip, good = cluster.proxies[0], cluster.proxies[1]
+    drip.faults.drip_after = 100_000
+    cluster.provide(drip, good)
+    async with cluster.mirror(**QUIET) as node:
+        status, _, body = await cluster.get(node, f"library/app/blobs/{cluster.layer}")
+        assert status == 200
+        assert body == layer
+        # Resumed where the drip had got to, and the slow peer is ranked down, not quarantined.
+        start = int(good.requests[0].headers["range"].removeprefix("bytes=").split("-")[0])
+        assert 100_000 <= start < 100_100
+        assert not cluster.quarantined(node, drip)
+        mirror = _mirror(node)
+        assert mirror.book.choose(mirror.book.known()) != next(
+            p for p in mirror.book.known() if p.port == drip.port
+        )
+
+
+async def test_bytes_reach_the_client_as_they_arrive(cluster: Cluster) -> None:
+    slow = cluster.proxies[0]
+    slow.faults.rate = 200_000  # a 1 MiB buffer would take over 5 s to fill
+    cluster.provide(slow)
+    # The only provider, above the floor: the relay keeps it, and what it sent reaches the
+    # client without waiting for a buffer to fill.
+    async with cluster.mirror(**QUIET, min_peer_rate=1.0) as node:
+        url = f"{node.url}/v2/library/app/blobs/{cluster.layer}?ns=docker.io"
+        async with cluster.session.get(url) as resp:
+            assert resp.status == 200
+            received = 0
+            until = time.monotonic() + 3.0
+            with contextlib.suppress(TimeoutError):
+                while received < 100_000:
+                    left = until - time.monotonic()
+                    received += len(await asyncio.wait_for(resp.content.readany(), left))
+            assert received >= 100_000
+
+
+async def test_a_peer_far_slower_than_the_others_is_left_by_range(cluster: Cluster) -> None:
+    layer = cluster.image.read_blob(cluster.layer)
+    slow, fast = cluster.proxies[0], cluster.proxies[1]
+    path = f"library/app/blobs/{cluster.layer}"
+    async with cluster.mirror(**QUIET) as node:
+        # The node learns how fast `fast` is from a first relay ...
+        cluster.provide(fast)
+        assert (await cluster.get(node, path))[0] == 200
+        # ... then starts the same blob from a peer behind a 1 MB/s link (3 s for this blob).
+        slow.faults.rate = 1_000_000
+        cluster.provide(slow, fast)
+        status, _, body = await cluster.get(node, path)
+        assert status == 200
+        assert body == layer
+        assert slow.requests and "range" not in slow.requests[0].headers
+        assert fast.requests[-1].headers["range"].startswith("bytes=")
+        assert not cluster.quarantined(node, slow)
+
+
+async def test_a_framing_peer_cannot_get_an_honest_one_quarantined(cluster: Cluster) -> None:
+    layer = cluster.image.read_blob(cluster.layer)
+    bad, honest = cluster.proxies[0], cluster.proxies[1]
+    # Corrupt early, cut off mid-blob: the honest peer finishes the body by Range and the
+    # whole does not hash to the digest.
+    bad.faults.corrupt_at = 100
+    bad.faults.truncate_at = 1024 * 1024 + 5
+    cluster.provide(bad, honest)
+    path = f"library/app/blobs/{cluster.layer}"
+    async with cluster.mirror(**QUIET) as node:
+        url = f"{node.url}/v2/{path}?ns=docker.io"
+        received = b""
+        try:
+            async with cluster.session.get(url) as resp:
+                async for chunk in resp.content.iter_any():
+                    received += chunk
+        except aiohttp.ClientError:  # the cut connection is the expected outcome
+            pass
+        assert len(received) < len(layer)
+        assert honest.requests[0].headers["range"] == f"bytes={1024 * 1024 + 5}-{len(layer) - 1}"
+        # The liar is caught on proof; the honest peer is not.
+        await eventually(lambda: cluster.quarantined(node, bad))
+        assert not cluster.quarantined(node, honest)
+        status, _, body = await cluster.get(node, path)
+        assert (status, body) == (200, layer)
+
+
+async def test_a_manifest_is_typed_by_its_verified_body(cluster: Cluster) -> None:
+    liar, good = cluster.proxies[0], cluster.proxies[1]
+    liar.faults.content_type = OCI_INDEX
+    cluster.provide(liar, good)
+    target = cluster.image.target
+    assert target.media_type != OCI_INDEX
+    async with cluster.mirror(**QUIET) as node:
+        status, headers, body = await cluster.get(node, f"library/app/manifests/{target.digest}")
+        assert status == 200
+        assert headers[DIGEST_HEADER] == target.digest
+        assert headers["Content-Type"] == target.media_type
+        assert body == cluster.image.read_blob(target.digest)
+        # A wrong header on right bytes is a bad answer, not proof of lying.
+        assert not cluster.quarantined(node, liar)
+    assert good.completed == 1
+
+
+async def test_quarantine_follows_the_node_not_its_port(cluster: Cluster) -> None:
+    layer = cluster.image.read_blob(cluster.layer)
+    bad, other_port, good = cluster.proxies
+    # `bad` and `other_port` are one node (one identity) behind two ports.
+    node_id = b"\x42" * 32
+    cluster.discovery.node_ids[bad.contact] = node_id
+    cluster.discovery.node_ids[other_port.contact] = node_id
+    bad.faults.corrupt_at = 7
+    other_port.faults.corrupt_at = 7
+    path = f"library/app/blobs/{cluster.layer}"
+    async with cluster.mirror(**QUIET) as node:
+        cluster.provide(bad)
+        url = f"{node.url}/v2/{path}?ns=docker.io"
+        try:
+            async with cluster.session.get(url) as resp:
+                await resp.read()
+        except aiohttp.ClientError:  # the cut connection is the expected outcome
+            pass
+        await eventually(lambda: cluster.quarantined(node, bad))
+        cluster.provide(other_port, good)
+        status, _, body = await cluster.get(node, path)
+        assert (status, body) == (200, layer)
+    assert other_port.requests == []

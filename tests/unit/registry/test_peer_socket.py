@@ -1,0 +1,145 @@
+"""The relay's blocking peer socket against a loopback server sending canned answers."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from services.registry.mirror.peer_socket import PeerSocket
+from services.registry.mirror.verify import PeerAnswerError
+
+
+@pytest.fixture
+def server() -> Iterator[tuple[int, list[bytes], list[bytes]]]:
+    """A one-connection-at-a-time server on loopback: sends each of `answers` (set by the
+    test) to the next connection and records what it was asked."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.05)  # a closed listener does not wake accept(): poll for the end
+    answers: list[bytes] = []
+    asked: list[bytes] = []
+    done = threading.Event()
+
+    def serve() -> None:
+        while not done.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            conn.settimeout(5)
+            with conn:
+                asked.append(conn.recv(65536))
+                if answers:
+                    conn.sendall(answers.pop(0))
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1], answers, asked
+    finally:
+        done.set()
+        thread.join(timeout=5)
+        listener.close()
+
+
+def test_a_head_is_parsed_and_the_body_read_to_its_end(
+    server: tuple[int, list[bytes], list[bytes]],
+) -> None:
+    port, answers, asked = server
+    body = b"x" * 300_000
+    answers.append(
+        b"HTTP/1.1 206 Partial Content\r\nContent-Length: 300000\r\n"
+        b"docker-content-digest: sha256:abc\r\n\r\n" + body
+    )
+    peer = PeerSocket("127.0.0.1", port, None)
+    head = peer.request("/v2/a/blobs/sha256:abc?ns=r", {"Range": "bytes=5-"}, timeout=5)
+    assert head.status == 206
+    assert head.headers["Docker-Content-Digest"] == "sha256:abc"
+    received = head.early
+    while data := peer.read(1 << 20, timeout=5):
+        received += data
+    peer.close()
+    assert received == body
+    request = asked[0].decode()
+    assert request.startswith("GET /v2/a/blobs/sha256:abc?ns=r HTTP/1.1\r\n")
+    assert "\r\nRange: bytes=5-\r\n" in request
+    assert "\r\nConnection: close\r\n" in request
+
+
+@pytest.mark.parametrize(
+    ("answer", "message"),
+    [
+        (b"garbage\r\n\r\n", "malformed status line"),
+        (b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n", "malformed response header"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", "chunked"),
+        (b"HTTP/1.1 200 OK\r\n", "closed before the response head"),
+    ],
+)
+def test_a_bad_head_is_a_bad_answer(
+    server: tuple[int, list[bytes], list[bytes]], answer: bytes, message: str
+) -> None:
+    port, answers, _ = server
+    answers.append(answer)
+    peer = PeerSocket("127.0.0.1", port, None)
+    with pytest.raises(PeerAnswerError, match=message):
+        peer.request("/", {}, timeout=5)
+    peer.close()
+
+
+def test_an_ended_or_closed_exchange_reads_nothing_more(
+    server: tuple[int, list[bytes], list[bytes]],
+) -> None:
+    port, answers, _ = server
+    answers.append(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n")
+    peer = PeerSocket("127.0.0.1", port, None)
+    peer.request("/", {}, timeout=5)
+    # The canned server closed after the head: the end shows as an empty read.
+    assert peer.read(10, timeout=5) == b""
+    peer.close()
+    with pytest.raises(ConnectionAbortedError):
+        peer.read(10, timeout=5)
+
+
+def test_a_silent_peer_times_out_and_a_cancel_wakes_a_blocked_read() -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    release = threading.Event()
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n")
+            release.wait(10)  # then nothing: a peer that stalls
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    peer = PeerSocket("127.0.0.1", listener.getsockname()[1], None)
+    try:
+        peer.request("/", {}, timeout=5)
+        with pytest.raises(TimeoutError):
+            peer.read(10, timeout=0.05)
+        outcome: list[object] = []
+
+        def blocked() -> None:
+            try:
+                outcome.append(peer.read(10, timeout=30))
+            except OSError as exc:
+                outcome.append(exc)
+
+        reader = threading.Thread(target=blocked)
+        reader.start()
+        reader.join(0.2)
+        assert reader.is_alive()
+        peer.cancel()
+        reader.join(5)
+        assert not reader.is_alive()
+        assert outcome in ([b""],) or isinstance(outcome[0], OSError)
+    finally:
+        release.set()
+        peer.close()
+        listener.close()
+        thread.join(5)
