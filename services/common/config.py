@@ -100,6 +100,11 @@ def _check_positive(value: object) -> None:
         raise ValueError(f"must be > 0, got {value}")
 
 
+def _check_non_negative(value: object) -> None:
+    if isinstance(value, int | float) and value < 0:
+        raise ValueError(f"must be >= 0, got {value}")
+
+
 def _check_ip_address(value: object) -> None:
     # Empty means autodetect; otherwise what peers dial and certificates name: an IP literal
     # (brackets and an IPv6 zone index are tolerated, as discovery strips them).
@@ -812,6 +817,76 @@ class K3sSection:
 
 
 @dataclass(frozen=True)
+class InflightSection:
+    """Shared first pulls: one upstream fetch per blob or manifest for the whole cluster."""
+
+    enabled: bool = field(
+        default=True,
+        metadata=_doc(
+            "on a miss no peer serves, fetch from upstream once for the cluster under a fetch "
+            "lease (false: such a miss is a 404 and every containerd pulls itself)"
+        ),
+    )
+    spool_dir: Path | None = field(
+        default=None,
+        metadata=_doc(
+            "directory of the spools of blobs being fetched from upstream; null = "
+            "<node.data_dir>/spool"
+        ),
+    )
+    max_spool_bytes: int = field(
+        default=8 * 1024 * 1024 * 1024,
+        metadata=_doc(
+            "bytes all spools may take together; a blob that does not fit is not fetched for "
+            "the cluster (404, containerd pulls it itself)",
+            check=_check_positive,
+        ),
+    )
+    grace_period: float = field(
+        default=120.0,
+        metadata=_doc(
+            "seconds a complete spool is kept for late readers before it is deleted (the "
+            "local store serves the blob by then)",
+            check=_check_positive,
+        ),
+    )
+    renew_interval: float = field(
+        default=2.0,
+        metadata=_doc("seconds between renewals of a fetch lease", check=_check_positive),
+    )
+    stall_timeout: float = field(
+        default=30.0,
+        metadata=_doc(
+            "seconds a reader of a spool waits for the next bytes before its answer is aborted",
+            check=_check_positive,
+        ),
+    )
+    holder_wait: float = field(
+        default=30.0,
+        metadata=_doc(
+            "seconds a miss waits for the node holding the fetch lease to serve it (or for the "
+            "lease to pass to this node) before it is answered 404",
+            check=_check_positive,
+        ),
+    )
+    manifest_window: float = field(
+        default=1.0,
+        metadata=_doc(
+            "seconds a manifest fetched from upstream is reused for concurrent requests of the "
+            "same tag or digest; tags are never cached longer",
+            check=_check_positive,
+        ),
+    )
+    upstream_resumes: int = field(
+        default=3,
+        metadata=_doc(
+            "times a broken upstream blob body is resumed with a Range before the fetch fails",
+            check=_check_non_negative,
+        ),
+    )
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     """The whole configuration of one node."""
 
@@ -825,6 +900,7 @@ class NodeConfig:
     upstream: UpstreamSection = field(default_factory=UpstreamSection)
     tls: TlsSection = field(default_factory=TlsSection)
     grpc: GrpcSection = field(default_factory=GrpcSection)
+    inflight: InflightSection = field(default_factory=InflightSection)
 
 
 # --- type introspection --------------------------------------------------------------------

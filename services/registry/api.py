@@ -37,6 +37,11 @@ from services.registry.headers import (
     manifest_headers,
     select_range,
 )
+from services.registry.inflight.serving import (
+    answer_local_miss,
+    answer_peer,
+    request_on_this_host,
+)
 from services.registry.limits import limit_log
 from services.registry.metrics import log_request
 from services.registry.paths import Kind, Route, kind_hint, parse_v2_path
@@ -97,10 +102,23 @@ def _result_of(error: OciError) -> Result:
 async def _on_local_miss(
     request: AppRequest, route: Route, registry: str, key: str, error: OciError, scope: Scope
 ) -> HTTPResponse | None:
-    """Decide what a local miss becomes: for LOCAL_THEN_PEERS the mirror path's answer (or its
-    404); peer requests (LOCAL_ONLY) always end here with a refusal, so a relay is one hop."""
+    """Decide what a local miss becomes: for LOCAL_THEN_PEERS the mirror path's answer, then
+    (for clients on this host) the cluster's one upstream fetch, or a 404; peer requests
+    (LOCAL_ONLY) get an in-flight spool or manifest window, else a refusal, so a relay is
+    one hop."""
     mirror = request.app.ctx.mirror
-    if scope is Scope.LOCAL_THEN_PEERS and mirror is not None:
+    inflight = request.app.ctx.inflight
+    if scope is Scope.LOCAL_ONLY and inflight is not None:
+        answered = await answer_peer(request, route, registry, key, inflight)
+        if answered is not None:
+            return answered.response
+
+    # The relay extends the error it is given; a waiter relays again, from the original.
+    original = (error.message, error.detail, error.status, error.args)
+
+    async def relay() -> HTTPResponse | None:
+        assert mirror is not None
+        error.message, error.detail, error.status, error.args = original
         # Each relay holds peer connections and buffers: one client gets a bounded share.
         with request.app.ctx.relay_slots.hold(request.ip):
             response = await mirror.relay(
@@ -108,6 +126,20 @@ async def _on_local_miss(
             )
         request.ctx.served_by_peer = True
         return response
+
+    if scope is Scope.LOCAL_THEN_PEERS and inflight is not None and request_on_this_host(request):
+        miss = error
+        try:
+            if mirror is not None:
+                return await relay()
+        except OciError as relay_miss:
+            miss = relay_miss
+        # No peer holds it: the cluster's one upstream fetch (ours or another node's).
+        return await answer_local_miss(
+            request, route, registry, key, inflight, miss, relay if mirror else None
+        )
+    if scope is Scope.LOCAL_THEN_PEERS and mirror is not None:
+        return await relay()
     if scope is Scope.LOCAL_ONLY and not isinstance(error, StoreUnavailableError):
         raise _Refused(
             OciError(

@@ -16,6 +16,9 @@ from services.registry.cache import ContentCache
 from services.registry.content import ContentService
 from services.registry.context import RegistryApp, RegistryContext
 from services.registry.health import health
+from services.registry.inflight.coordinator import Coordinator
+from services.registry.inflight.metrics import InflightCollector
+from services.registry.inflight.wiring import SharedFirstPulls
 from services.registry.limits import ClientSlots, RequestLimits, headers_too_large, limit_log
 from services.registry.metrics import RegistryMetrics
 from services.registry.metrics import install as install_metrics
@@ -35,9 +38,10 @@ MAX_REQUEST_BODY_BYTES = 64 * 1024
 _touchup_claimed = False
 
 
-def build_policy(cfg: NodeConfig) -> Policy:
+def build_policy(cfg: NodeConfig, mirrored: MirroredRegistries | None = None) -> Policy:
     """The serving policy `cfg.registry` describes (mirrors re-read from registries_file)."""
-    mirrored = MirroredRegistries(cfg.registry.registries_file)
+    if mirrored is None:
+        mirrored = MirroredRegistries(cfg.registry.registries_file)
     return Policy(
         mirrored.is_mirrored,
         default_registry=cfg.registry.default_registry,
@@ -90,6 +94,8 @@ def create_app(
     name: str = APP_NAME,
     store: ContentStore | None = None,
     policy: Policy | None = None,
+    inflight: Coordinator | None = None,
+    shared_first_pulls: bool = False,
 ) -> RegistryApp:
     """A Sanic app for `cfg`; `name` must be unique per process (Sanic keeps a registry of apps).
 
@@ -124,11 +130,13 @@ def create_app(
         keeper = StoreKeeper(cache, lambda: open_store(cfg))
     else:
         keeper = StoreKeeper(cache, store=store, owns_store=False)
+    mirrored = MirroredRegistries(cfg.registry.registries_file)
     ctx = RegistryContext(
         cfg=cfg,
-        policy=policy if policy is not None else build_policy(cfg),
+        policy=policy if policy is not None else build_policy(cfg, mirrored),
         content=ContentService(keeper),
         mirror=Mirror.from_config(cfg) if cfg.registry.peer_fetch else None,
+        inflight=inflight if cfg.inflight.enabled else None,
         limits=RequestLimits.of(cfg.registry),
         relay_slots=ClientSlots(
             limit=cfg.registry.max_relays_per_client, local_limit=cfg.registry.max_local_relays
@@ -139,6 +147,12 @@ def create_app(
     ctx.metrics = RegistryMetrics(ctx)
     if ctx.mirror is not None:
         ctx.mirror.metrics = ctx.metrics.mirror
+    owned: SharedFirstPulls | None = None
+    if shared_first_pulls and ctx.inflight is None and cfg.inflight.enabled:
+        owned = SharedFirstPulls.build(cfg, mirrored.registries, ctx.metrics.registry)
+        ctx.inflight = owned.coordinator
+    if ctx.inflight is not None:
+        ctx.metrics.registry.register(InflightCollector(ctx.inflight))
     app.blueprint(health)
     install_metrics(app)
     install_status_page(app)
@@ -147,9 +161,15 @@ def create_app(
 
     async def start_store(app: RegistryApp) -> None:
         keeper.start()
+        if app.ctx.inflight is not None:
+            app.ctx.inflight.pool.open()
 
     async def stop_store(app: RegistryApp) -> None:
         await keeper.close()
+        if owned is not None:
+            await owned.close()
+        elif app.ctx.inflight is not None:
+            await app.ctx.inflight.close()
         if app.ctx.mirror is not None:
             await app.ctx.mirror.close()
 

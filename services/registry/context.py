@@ -15,6 +15,7 @@ from services.registry.limits import ClientSlots, RequestLimits
 from services.registry.stats import RegistryStats
 
 if TYPE_CHECKING:  # the mirror path imports handler-side modules; keep this module a leaf
+    from services.registry.inflight.coordinator import Coordinator
     from services.registry.metrics import RegistryMetrics
     from services.registry.mirror.relay import Mirror
 
@@ -29,6 +30,9 @@ class RegistryContext:
     stats: RegistryStats = field(default_factory=RegistryStats)
     # Serves local misses from peers; None when registry.peer_fetch is off.
     mirror: Mirror | None = None
+    # One upstream fetch per blob for the cluster (inflight.*); None until wired with a lease
+    # client and an upstream fetcher, and when inflight.enabled is off.
+    inflight: Coordinator | None = None
     # Flipped by the service once the listener is up, and back when a stop begins, so /readyz
     # takes the node out of rotation before connections are refused.
     ready: bool = False

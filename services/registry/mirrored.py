@@ -62,6 +62,10 @@ class MirroredRegistries:
         )
 
     def is_mirrored(self, registry: str) -> bool:
+        return self.registries().is_mirrored(registry)
+
+    def registries(self) -> Registries:
+        """The registries file as last read (re-read when it changed), for upstream fetches."""
         if self._clock() - self._checked_at >= self._recheck_s:
             self._reload()
-        return self._registries.is_mirrored(registry)
+        return self._registries

@@ -109,7 +109,7 @@ async def run(cfg: NodeConfig) -> None:
     """Serve until SIGTERM/SIGINT, then stop within the budget."""
     files = tls_files(cfg)
     ssl_context = server_context(files) if files is not None else None
-    app = create_app(cfg)
+    app = create_app(cfg, shared_first_pulls=True)
     grpc_server = GrpcServer(
         cfg.registry.grpc_address,
         name="registry-introspection",

@@ -24,9 +24,11 @@ from services.common.status.observe import observe
 from services.common.status.report import build_report, state_of
 from services.common.store.protocol import ImageRecord
 from services.registry.context import RegistryContext
+from services.registry.inflight.coordinator import Coordinator
 from services.registry.status_view import (
     THIS_NODE,
     ImageRow,
+    InflightRow,
     PeerRow,
     StatusData,
     build_document,
@@ -101,6 +103,25 @@ def image_rows(images: Sequence[ImageRecord], providers: dict[str, list[str]]) -
     ]
 
 
+def inflight_rows(coordinator: Coordinator) -> list[InflightRow]:
+    """The upstream fetches `coordinator` runs now, oldest first."""
+    return [
+        InflightRow(
+            digest=f.digest,
+            image=f"{f.registry}/{f.repository}",
+            size=f.spool.size,
+            written=f.spool.state.written,
+            state=f.spool.state.phase.value,
+            started_at=f.started_at,
+            local_waiters=f.local_waiters,
+            peer_waiters=f.peer_waiters,
+            resumes=f.resumes,
+            lease_lost=f.lease_lost,
+        )
+        for f in sorted(coordinator.fetches.values(), key=lambda f: f.started_at)
+    ]
+
+
 def _observe_with_self(ctx: RegistryContext, cfg: NodeConfig) -> dict[str, Any]:
     obs = observe(cfg, CALL_TIMEOUT)
     me = obs.services["registry"]
@@ -136,6 +157,7 @@ async def gather(ctx: RegistryContext) -> StatusData:
         images=None if images is None else image_rows(images, providers),
         pulls=list(ctx.stats.pulls),
         requests=dict(ctx.stats.requests),
+        inflight=None if ctx.inflight is None else inflight_rows(ctx.inflight),
     )
 
 

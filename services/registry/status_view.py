@@ -13,11 +13,15 @@ The JSON document, schema version 1: every key of the `peermirror status --json`
     "recent_pulls": [{"seconds_ago": float, "ref": str, "kind": str, "result": str,
                       "client": "local" | "peer", "source": str, "bytes": int,
                       "seconds": float, "bytes_per_second": float | null}],   # newest first
-    "errors": {"<result>": {"local": int, "peer": int}}   # not_found, refused, client_error, error
+    "errors": {"<result>": {"local": int, "peer": int}},  # not_found, refused, client_error, error
+    "inflight_fetches": [{"digest": str, "image": str, "size": int, "written": int, "state": str,
+                  "started_seconds_ago": float, "local_waiters": int, "peer_waiters": int,
+                  "resumes": int, "lease_lost": bool}] | null   # null: shared first pulls off
 """
 
 from __future__ import annotations
 
+import dataclasses
 import html
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -54,6 +58,22 @@ class ImageRow:
     nodes: Sequence[str]  # THIS_NODE first, then peer registry addresses
 
 
+@dataclass(frozen=True)
+class InflightRow:
+    """One upstream fetch this node runs for the cluster, and who waits on it."""
+
+    digest: str
+    image: str  # registry/repository it is fetched for
+    size: int
+    written: int
+    state: str  # growing, complete, failed
+    started_at: float
+    local_waiters: int
+    peer_waiters: int
+    resumes: int
+    lease_lost: bool
+
+
 @dataclass
 class StatusData:
     """Everything one rendering of the page shows."""
@@ -64,6 +84,7 @@ class StatusData:
     images: Sequence[ImageRow] | None = None
     pulls: Sequence[PullRecord] = ()
     requests: Mapping[CountKey, int] = field(default_factory=dict)
+    inflight: Sequence[InflightRow] | None = None
 
 
 def error_counts(requests: Mapping[CountKey, int]) -> dict[str, dict[str, int]]:
@@ -97,6 +118,12 @@ def pull_rows(pulls: Iterable[PullRecord], now: float) -> list[dict[str, Any]]:
     ]
 
 
+def _inflight_row(row: InflightRow, now: float) -> dict[str, Any]:
+    doc = dataclasses.asdict(row)
+    doc["started_seconds_ago"] = round(max(0.0, now - doc.pop("started_at")), 1)
+    return doc
+
+
 def build_document(data: StatusData) -> dict[str, Any]:
     """The /status.json document described in the module docstring."""
     doc = dict(data.report)
@@ -121,6 +148,9 @@ def build_document(data: StatusData) -> dict[str, Any]:
     )
     doc["recent_pulls"] = pull_rows(data.pulls, data.now)
     doc["errors"] = error_counts(data.requests)
+    doc["inflight_fetches"] = (
+        None if data.inflight is None else [_inflight_row(r, data.now) for r in data.inflight]
+    )
     return doc
 
 
@@ -282,6 +312,37 @@ def _errors(errors: Mapping[str, Mapping[str, int]]) -> str:
     return _table(["Result", "Local clients", "Peers"], rows, "")
 
 
+def _inflight(rows: Sequence[Mapping[str, Any]] | None) -> str:
+    if rows is None:
+        return '<p class="none">shared first pulls are off on this node</p>'
+    cells = [
+        [
+            f'<td title="{_e(r["digest"])}"><code>{_e(r["digest"][:19])}</code></td>',
+            _td(r["image"]),
+            _td(f"{_size(r['written'])} of {_size(r['size'])}", "n t"),
+            _td(r["state"]),
+            _td(_ago(r["started_seconds_ago"]), "t"),
+            _td(r["local_waiters"], "n"),
+            _td(r["peer_waiters"], "n"),
+            _td(r["resumes"], "n"),
+            _td("lost" if r["lease_lost"] else "held"),
+        ]
+        for r in rows
+    ]
+    headers = [
+        "Digest",
+        "Image",
+        "Fetched",
+        "State",
+        "Started",
+        "Local waiters",
+        "Peer waiters",
+        "Resumes",
+        "Lease",
+    ]
+    return _table(headers, cells, "no upstream fetch in flight")
+
+
 def render_html(data: StatusData) -> str:
     """The whole page: one self-contained HTML document."""
     doc = build_document(data)
@@ -304,6 +365,8 @@ def render_html(data: StatusData) -> str:
         f'<div><h2>Images</h2><section id="images">{_images(data.images)}</section></div>'
         f'<div><h2>Errors since start</h2><section id="errors">{_errors(doc["errors"])}</section>'
         "</div></div>"
+        "<h2>In-flight upstream fetches</h2>"
+        f'<section id="inflight">{_inflight(doc["inflight_fetches"])}</section>'
         f'<h2>Recent pulls</h2><section id="pulls">{_pulls(doc["recent_pulls"])}</section>'
         "</body></html>\n"
     )

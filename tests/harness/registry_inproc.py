@@ -15,6 +15,7 @@ from services.common.store.protocol import ContentStore
 from services.common.tls import TlsFiles, server_context
 from services.registry.app import create_app
 from services.registry.context import RegistryApp
+from services.registry.inflight.coordinator import Coordinator
 from services.registry.service import HttpServer
 
 
@@ -52,10 +53,12 @@ async def serve_registry(
     filters: Sequence[str] = (),
     discovery: str | None = None,
     tls: TlsFiles | None = None,
+    inflight: Coordinator | None = None,
 ) -> AsyncIterator[RunningRegistry]:
     """Serve `store` (left open for the caller to close) until the block exits. Local content
     only, unless `discovery` (a LocalDiscovery address) is given: then misses go to peers.
-    Plain HTTP, unless `tls` is given: then mutual TLS with those files (peers too)."""
+    Plain HTTP, unless `tls` is given: then mutual TLS with those files (peers too). With
+    `inflight`, misses nobody serves go through that coordinator (shared first pulls)."""
     registries = write_registries_file(work_dir / "registries.yaml", mirrors)
     cfg = NodeConfig(
         registry=RegistrySection(
@@ -76,7 +79,9 @@ async def serve_registry(
         ),
     )
     # Sanic keeps a per-process registry of app names, so each app gets its own.
-    app = create_app(cfg, name=f"pm_registry_{uuid.uuid4().hex[:12]}", store=store)
+    app = create_app(
+        cfg, name=f"pm_registry_{uuid.uuid4().hex[:12]}", store=store, inflight=inflight
+    )
     http = HttpServer(app, "127.0.0.1", 0, None if tls is None else server_context(tls))
     await http.start()
     app.ctx.ready = True

@@ -184,6 +184,18 @@ def _pinner(obs: Observed, address: str, timeout: float) -> None:
         obs.advertised_keys = status.advertised_keys
 
 
+def inflight_from_metrics(
+    obs: Observed, samples: Mapping[str, list[tuple[dict[str, str], float]]]
+) -> None:
+    """Shared first pulls, when the registry runs them (its metrics have the gauge)."""
+    fetches = _first(samples, "peermirror_inflight_fetches")
+    if fetches is None:
+        return
+    obs.inflight_fetches = int(fetches)
+    waiters = samples.get("peermirror_inflight_coalesced_waiters_total", [])
+    obs.coalesced_waiters = int(sum(value for _, value in waiters))
+
+
 def observe(cfg: NodeConfig, timeout: float = DEFAULT_TIMEOUT) -> Observed:
     """Ask every service of the node `cfg` describes."""
     grpc_at = grpc_addresses(cfg)
@@ -200,6 +212,7 @@ def observe(cfg: NodeConfig, timeout: float = DEFAULT_TIMEOUT) -> Observed:
             labels.get("cache", ""): int(value)
             for labels, value in registry_samples.get("peermirror_mirror_recent_requests", [])
         }
+        inflight_from_metrics(obs, registry_samples)
     _registry(obs, grpc_at["registry"], timeout)
     _discovery(obs, grpc_at["discovery"], timeout)
     _pinner(obs, grpc_at["pinner"], timeout)

@@ -35,6 +35,10 @@ The JSON document (``--json``), schema version 1::
         "recent_requests": int | null,   # in the last recent_window_seconds
         "recent_hit_rate": float | null,
         "recent_window_seconds": float
+      },
+      "inflight": {                      # shared first pulls (null values: registry not scraped)
+        "fetches": int | null,           # upstream fetches this node runs for the cluster now
+        "coalesced_waiters": int | null  # requests that waited on a shared fetch, since start
       }
     }
 
@@ -85,6 +89,9 @@ class Observed:
     since_start: Mapping[str, int] | None = None
     recent: Mapping[str, int] | None = None
     recent_window: float = RECENT_WINDOW_S
+    # Shared first pulls, from the registry's metrics.
+    inflight_fetches: int | None = None
+    coalesced_waiters: int | None = None
 
 
 def state_of(health: str) -> str:
@@ -138,6 +145,7 @@ def build_report(obs: Observed) -> dict[str, Any]:
             "recent_hit_rate": recent_rate,
             "recent_window_seconds": obs.recent_window,
         },
+        "inflight": {"fetches": obs.inflight_fetches, "coalesced_waiters": obs.coalesced_waiters},
     }
 
 
@@ -200,4 +208,10 @@ def render_text(report: Mapping[str, Any]) -> str:
         m["recent_requests"], m["recent_hit_rate"], f"last {m['recent_window_seconds']:g}s"
     )
     lines.append(f"mirror hit rate: {recent}; {_rate(m['requests'], m['hit_rate'], 'since start')}")
+    inflight = report.get("inflight") or {}
+    if inflight.get("fetches") is not None:
+        lines.append(
+            f"shared first pulls: {inflight['fetches']} upstream fetches in flight, "
+            f"{_value(inflight.get('coalesced_waiters'))} coalesced waiters since start"
+        )
     return "\n".join(lines)

@@ -340,8 +340,10 @@ def check_schema(doc: dict[str, Any]) -> None:
         "pinned_images",
         "leases",
         "mirror",
+        "inflight",
     }
     assert doc["schema"] == 1
+    assert set(doc["inflight"]) == {"fetches", "coalesced_waiters"}
     if doc["leases"] is not None:  # null when discovery did not answer
         assert set(doc["leases"]) == {"held", "records", "granted", "expired", "lost", "waits"}
     assert set(doc["services"]) == {"registry", "discovery", "pinner"}

@@ -1,0 +1,1 @@
+"""Shared first pulls: one upstream download per blob or manifest for the whole cluster."""
