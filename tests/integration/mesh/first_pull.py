@@ -14,7 +14,6 @@ from pathlib import Path
 from tests.harness.mesh import MeshNode, NetnsHost
 from tests.integration.mesh.p2p import PULL_TIMEOUT, cri_pull
 
-
 COUNTER_COMMENT = "peermirror-test-upstream-bytes"
 
 
