@@ -66,13 +66,15 @@ def wave_mesh() -> Iterator[tuple[Mesh, Upstream]]:
         yield mesh, Upstream(host)
 
 
-def push_new_image(upstream: Upstream, scratch: Path, stem: str) -> BuiltImage:
+def push_new_image(
+    upstream: Upstream, scratch: Path, stem: str, layer_size: int = LAYER_SIZE
+) -> BuiltImage:
     """A 4-layer image no node has seen, pushed into the upstream with skopeo."""
     image = build_image(
         scratch / "img",
         name=unique_ref(stem, registry=MIRRORED),
         layers=LAYERS,
-        layer_size=LAYER_SIZE,
+        layer_size=layer_size,
         cheap_data=True,
         compresslevel=0,
     )
