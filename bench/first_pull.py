@@ -27,18 +27,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tests.harness.mesh import Mesh, MeshError
-from tests.integration.mesh.first_pull import (
-    count_upstream_bytes,
-    pull_together,
-    sent_bytes,
-)
+from tests.integration.mesh.first_pull import pull_together
 from tests.integration.mesh.p2p import FAST_TIMINGS
-from tests.integration.mesh.test_p2p_upstream import (
-    UPSTREAM_PORT,
-    point_mirrors_at,
-    start_upstream,
+from tests.integration.mesh.test_shared_first_pull import (
+    Upstream,
+    image_bytes,
+    push_new_image,
+    start_counted_upstream,
 )
-from tests.integration.mesh.test_shared_first_pull import Upstream, image_bytes, push_new_image
 
 BYTES_TARGET = 1.05
 TIME_TARGET = 1.25
@@ -70,10 +66,7 @@ def run(waves: Sequence[int], layer_size: int) -> int:
         tempfile.TemporaryDirectory(prefix="pm-bench-first-pull-") as tmp,
         Mesh(nodes, overrides=FAST_TIMINGS) as mesh,
     ):
-        host = start_upstream(mesh)
-        count_upstream_bytes(host, UPSTREAM_PORT)
-        point_mirrors_at(mesh, host)
-        upstream = Upstream(host)
+        upstream = start_counted_upstream(mesh)
         scratch = Path(tmp)
         size_mib = LAYERS * layer_size / 2**20
         print(
@@ -85,13 +78,13 @@ def run(waves: Sequence[int], layer_size: int) -> int:
             image = push_new_image(
                 upstream, scratch / f"wave{wave}", f"wave{wave}", layer_size=layer_size
             )
-            before = sent_bytes(host)
+            before = upstream.sent.read()
             outcomes = pull_together(mesh.nodes[:wave], image.name)
             failed = [o for o in outcomes if o.error is not None]
             if failed:
                 print(f"wave of {wave}: pulls failed: {failed}")
                 return 1
-            sent = (sent_bytes(host) - before) / image_bytes(image)
+            sent = (upstream.sent.read() - before) / image_bytes(image)
             median = statistics.median(o.seconds for o in outcomes)
             ratio = median / baseline
             print(

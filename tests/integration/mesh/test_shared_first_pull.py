@@ -15,28 +15,18 @@ from pathlib import Path
 import pytest
 
 from tests.harness.fixtures_mesh import running_mesh
-from tests.harness.images import BuiltImage, build_image, write_oci_archive
+from tests.harness.images import BuiltImage, build_image
 from tests.harness.mesh import Mesh, NetnsHost
-from tests.integration.mesh.first_pull import (
-    count_upstream_bytes,
-    manifest_gets,
-    pull_together,
-    sent_bytes,
-)
+from tests.harness.upstream import DistributionRegistry, SentBytes, push_image, start_in_netns
+from tests.integration.mesh.first_pull import pull_together
 from tests.integration.mesh.p2p import (
     FAST_TIMINGS,
-    PULL_TIMEOUT,
     assert_holds_verified,
     cri_pull,
     unique_ref,
     wait_advertised,
 )
-from tests.integration.mesh.test_p2p_upstream import (
-    MIRRORED,
-    UPSTREAM_PORT,
-    point_mirrors_at,
-    start_upstream,
-)
+from tests.integration.mesh.test_p2p_upstream import MIRRORED, UPSTREAM_PORT, point_mirrors_at
 
 pytestmark = pytest.mark.containerd
 
@@ -50,20 +40,27 @@ WAVE_BOUND = 1.05
 
 @dataclass
 class Upstream:
-    host: NetnsHost
+    """The upstream registry, its namespace and the kernel's count of what it sent."""
 
-    @property
-    def log(self) -> Path:
-        return self.host.dir / "logs" / "docker-registry.log"
+    host: NetnsHost
+    registry: DistributionRegistry
+    sent: SentBytes
+
+
+def start_counted_upstream(mesh: Mesh) -> Upstream:
+    """docker-registry in a namespace of its own, its sent bytes counted, every node's
+    registries.yaml pointing `registry.test:5000` at it."""
+    host = mesh.add_host("upstream")
+    registry = start_in_netns(host, port=UPSTREAM_PORT)
+    sent = SentBytes(host, UPSTREAM_PORT).install()
+    point_mirrors_at(mesh, host)
+    return Upstream(host, registry, sent)
 
 
 @pytest.fixture(scope="module")
 def wave_mesh() -> Iterator[tuple[Mesh, Upstream]]:
     with running_mesh(Mesh(NODES, overrides=FAST_TIMINGS)) as mesh:
-        host = start_upstream(mesh)
-        count_upstream_bytes(host, UPSTREAM_PORT)
-        point_mirrors_at(mesh, host)
-        yield mesh, Upstream(host)
+        yield mesh, start_counted_upstream(mesh)
 
 
 def push_new_image(
@@ -78,25 +75,24 @@ def push_new_image(
         cheap_data=True,
         compresslevel=0,
     )
-    archive = scratch / "image.tar"
-    write_oci_archive(archive, [image])
-    repository = image.name.split("/", 1)[1]
-    upstream.host.exec(
-        [
-            "skopeo",
-            "copy",
-            "--dest-tls-verify=false",
-            f"oci-archive:{archive}",
-            f"docker://{upstream.host.ip}:{UPSTREAM_PORT}/{repository}",
-        ],
-        timeout=PULL_TIMEOUT,
-    )
-    archive.unlink()
+    push_image(image, upstream.registry, via=upstream.host)
     return image
 
 
 def image_bytes(image: BuiltImage) -> int:
     return sum(desc.size for desc in image.blobs)
+
+
+def manifest_gets(upstream: Upstream, image: BuiltImage) -> int:
+    """GETs the upstream answered for `image`'s manifest, by tag or by digest."""
+    repository, _, tag = image.name.split("/", 1)[1].rpartition(":")
+    prefix = f"/v2/{repository}/manifests/"
+    refs = {f"{prefix}{tag}", f"{prefix}{image.target.digest}"}
+    return sum(
+        1
+        for r in upstream.registry.requests("GET", prefix)
+        if str(r["http.request.uri"]).split("?", 1)[0] in refs
+    )
 
 
 @pytest.mark.parametrize("wave", [3, 5])
@@ -105,7 +101,7 @@ def test_a_wave_of_first_pulls_downloads_the_image_once(
 ) -> None:
     mesh, upstream = wave_mesh
     image = push_new_image(upstream, tmp_path, f"wave{wave}")
-    before = sent_bytes(upstream.host)
+    before = upstream.sent.read()
 
     outcomes = pull_together(mesh.nodes[:wave], image.name)
 
@@ -113,18 +109,16 @@ def test_a_wave_of_first_pulls_downloads_the_image_once(
     assert not failed, failed
     for node in mesh.nodes[:wave]:
         assert_holds_verified(node, image)
-    sent = sent_bytes(upstream.host) - before
+    sent = upstream.sent.read() - before
     assert sent <= WAVE_BOUND * image_bytes(image), (
         f"{wave} nodes made the upstream send {sent / image_bytes(image):.2f}x the image"
     )
-    repository, _, tag = image.name.split("/", 1)[1].rpartition(":")
-    gets = manifest_gets(upstream.log, repository)
-    assert gets.get(tag, 0) + gets.get(image.target.digest, 0) == 1, gets
+    assert manifest_gets(upstream, image) == 1
 
     # After the wave a node that was not part of it is served by its peers alone.
     late = mesh.nodes[-1]
     wait_advertised([late], image, mesh.nodes[:wave])
-    before = sent_bytes(upstream.host)
+    before = upstream.sent.read()
     cri_pull(late, image.name)
     assert_holds_verified(late, image)
-    assert sent_bytes(upstream.host) - before == 0
+    assert upstream.sent.read() - before == 0
