@@ -21,7 +21,10 @@ class PullOutcome:
 
 
 def pull_together(
-    nodes: Sequence[MeshNode], ref: str, timeout: float = PULL_TIMEOUT
+    nodes: Sequence[MeshNode],
+    ref: str,
+    timeout: float = PULL_TIMEOUT,
+    creds: tuple[str, str] | None = None,
 ) -> list[PullOutcome]:
     """CRI PullImage of `ref` on every node, released by one barrier so they start within
     milliseconds of each other; returns each node's outcome (errors are kept, not raised)."""
@@ -33,7 +36,7 @@ def pull_together(
         start = time.monotonic()
         error = None
         try:
-            cri_pull(node, ref, timeout=timeout)
+            cri_pull(node, ref, timeout=timeout, creds=creds)
         except Exception as exc:  # reported by the caller, with every other node's outcome
             error = f"{type(exc).__name__}: {exc}"
         outcomes[i] = PullOutcome(node.name, time.monotonic() - start, error)
