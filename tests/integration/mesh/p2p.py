@@ -235,12 +235,19 @@ def assert_holds_verified(node: MeshNode, image: BuiltImage, ref: str | None = N
     assert "complete" in lines[0], lines[0]
 
 
-def cri_pull(node: MeshNode, ref: str, timeout: float = PULL_TIMEOUT) -> str:
-    """PullImage through containerd's CRI ImageService on `node` (kubelet's path); returns the
-    image id. containerd runs in the node's namespace, so its registry traffic starts there."""
+def cri_pull(
+    node: MeshNode,
+    ref: str,
+    timeout: float = PULL_TIMEOUT,
+    creds: tuple[str, str] | None = None,
+) -> str:
+    """PullImage through containerd's CRI ImageService on `node` (kubelet's path), with the
+    pull secret `creds` (user, password) when given; returns the image id. containerd runs in
+    the node's namespace, so its registry traffic starts there."""
+    auth = None if creds is None else cri_pb.AuthConfig(username=creds[0], password=creds[1])
     with grpc.insecure_channel(f"unix:{node.containerd.address}") as channel:
         reply = cri_grpc.ImageServiceStub(channel).PullImage(
-            cri_pb.PullImageRequest(image=cri_pb.ImageSpec(image=ref)), timeout=timeout
+            cri_pb.PullImageRequest(image=cri_pb.ImageSpec(image=ref), auth=auth), timeout=timeout
         )
     return str(reply.image_ref)
 

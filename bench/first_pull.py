@@ -1,0 +1,122 @@
+"""Shared first pulls on the netns mesh (issue 13): what a wave of nodes pulling a new image at
+once costs the upstream, and how long it takes, against one node pulling it alone, in one run.
+
+Six real nodes (namespaces, one containerd each, discovery, registry and pinner each; see
+tests/harness/mesh.py) and a Debian `docker-registry` in a namespace of its own as the upstream
+of `registry.test:5000`. For each wave size (3 and 5 by default) a new synthetic 4-layer image
+(512 MiB by default) is pushed to the upstream and pulled through CRI (kubelet's path) by that
+many nodes released by one barrier. The baseline, per wave, is one more new image of the same
+size pulled by one node alone straight from the upstream: its registry is stopped for that pull,
+so containerd's mirror endpoint is refused at once and it goes to the upstream itself.
+
+Figures: upstream bytes (iptables counter in the upstream's namespace) over the image size, and
+the wave's median pull time over the baseline's. Targets (issue 13): bytes <= 1.05x the image,
+median pull time <= 1.25x the baseline. Exit 0 whether targets are met or missed (the PASS/MISS
+lines say which); 1 only when the benchmark itself could not run. Everything is torn down.
+
+Run as root: `.venv/bin/python -m bench.first_pull [--waves 3,5] [--image-mib 512]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from tests.harness.mesh import Mesh, MeshError
+from tests.integration.mesh.first_pull import pull_together
+from tests.integration.mesh.p2p import FAST_TIMINGS
+from tests.integration.mesh.test_shared_first_pull import (
+    Upstream,
+    image_bytes,
+    push_new_image,
+    start_counted_upstream,
+)
+
+BYTES_TARGET = 1.05
+TIME_TARGET = 1.25
+LAYERS = 4
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+def alone_from_upstream(mesh: Mesh, upstream: Upstream, scratch: Path, layer_size: int) -> float:
+    """Seconds one node takes to pull a new image straight from the upstream (its own registry
+    stopped, so containerd's mirror endpoint is refused and it goes upstream at once)."""
+    node = mesh.nodes[-1]
+    image = push_new_image(upstream, scratch, "alone", layer_size=layer_size)
+    node.stop_service("registry")
+    try:
+        (outcome,) = pull_together([node], image.name)
+    finally:
+        node.start_service("registry")
+    if outcome.error is not None:
+        raise MeshError(f"baseline pull failed: {outcome.error}")
+    return outcome.seconds
+
+
+def run(waves: Sequence[int], layer_size: int) -> int:
+    nodes = max(waves) + 1
+    with (
+        tempfile.TemporaryDirectory(prefix="pm-bench-first-pull-") as tmp,
+        Mesh(nodes, overrides=FAST_TIMINGS) as mesh,
+    ):
+        upstream = start_counted_upstream(mesh)
+        scratch = Path(tmp)
+        size_mib = LAYERS * layer_size / 2**20
+        print(
+            f"mesh of {nodes} nodes, upstream docker-registry, "
+            f"{LAYERS}-layer {size_mib:.0f} MiB images"
+        )
+        for wave in waves:
+            baseline = alone_from_upstream(mesh, upstream, scratch / f"alone{wave}", layer_size)
+            image = push_new_image(
+                upstream, scratch / f"wave{wave}", f"wave{wave}", layer_size=layer_size
+            )
+            before = upstream.sent.read()
+            outcomes = pull_together(mesh.nodes[:wave], image.name)
+            failed = [o for o in outcomes if o.error is not None]
+            if failed:
+                print(f"wave of {wave}: pulls failed: {failed}")
+                return 1
+            sent = (upstream.sent.read() - before) / image_bytes(image)
+            median = statistics.median(o.seconds for o in outcomes)
+            ratio = median / baseline
+            print(
+                f"wave of {wave}: pull times {', '.join(f'{o.seconds:.1f}' for o in outcomes)} s; "
+                f"one node alone from upstream {baseline:.1f} s"
+            )
+            print(
+                f"{verdict(sent <= BYTES_TARGET)} {wave} nodes: "
+                f"upstream sent {sent:.2f}x the image "
+                f"(target <= {BYTES_TARGET}x)"
+            )
+            print(
+                f"{verdict(ratio <= TIME_TARGET)} {wave} nodes: median pull {ratio:.2f}x one node "
+                f"alone from upstream (target <= {TIME_TARGET}x)"
+            )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--waves", default="3,5", help="wave sizes, comma-separated (default 3,5)")
+    parser.add_argument(
+        "--image-mib", type=int, default=512, help="image size in MiB (default 512)"
+    )
+    args = parser.parse_args(argv)
+    waves = [int(w) for w in args.waves.split(",") if w]
+    try:
+        return run(waves, args.image_mib * 2**20 // LAYERS)
+    except MeshError as exc:
+        print(f"bench.first_pull could not run: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
