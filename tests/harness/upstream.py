@@ -211,14 +211,18 @@ class DistributionRegistry:
 
 
 SENT_COMMENT = "peermirror-upstream-sent"
+# Segments that carry an answer: longer than any bare ACK or FIN (20 bytes of IP header, 20 of
+# TCP and at most 40 of TCP options). An idle keep-alive closing is not something sent.
+MIN_DATA_SEGMENT = 81
 _COUNTER_LINE = re.compile(r"^\[(?P<packets>\d+):(?P<bytes>\d+)\] (?P<rule>-A OUTPUT .*)$")
 
 
 @dataclass
 class SentBytes:
-    """An iptables counter in the upstream's namespace: IP bytes sent from its registry port
-    (TCP/IP headers included; with segmentation offload on the veth they are a few per mille).
-    Counted by the kernel, outside every process of the test."""
+    """An iptables counter in the upstream's namespace: IP bytes of the segments carrying data
+    sent from its registry port (TCP/IP headers included; with segmentation offload on the veth
+    they are a few per mille; bare ACKs and FINs left out). Counted by the kernel, outside every
+    process of the test."""
 
     host: NetnsHost
     port: int
@@ -227,6 +231,7 @@ class SentBytes:
     def rule(self) -> list[str]:
         return [
             "OUTPUT", "-p", "tcp", "--sport", str(self.port),
+            "-m", "length", "--length", f"{MIN_DATA_SEGMENT}:65535",
             "-m", "comment", "--comment", SENT_COMMENT, "-j", "ACCEPT",
         ]  # fmt: skip
 

@@ -118,7 +118,8 @@ def test_a_wave_of_first_pulls_downloads_the_image_once(
     # After the wave a node that was not part of it is served by its peers alone.
     late = mesh.nodes[-1]
     wait_advertised([late], image, mesh.nodes[:wave])
-    before = upstream.sent.read()
+    before, asked = upstream.sent.read(), len(upstream.registry.requests())
     cri_pull(late, image.name)
     assert_holds_verified(late, image)
+    assert len(upstream.registry.requests()) == asked
     assert upstream.sent.read() - before == 0
