@@ -35,6 +35,7 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
+from services.common.errors import PeermirrorError
 from services.common.k3s.switches import (
     DISABLE_DEFAULT_ENDPOINT,
     EMBEDDED_REGISTRY,
@@ -46,7 +47,7 @@ ENV_PREFIX = "PEERMIRROR_"
 ENV_NESTING = "__"
 
 
-class ConfigError(Exception):
+class ConfigError(PeermirrorError):
     """The configuration is unusable; the message names the key and its source."""
 
 
@@ -828,7 +829,7 @@ def _describe_value(value: object) -> str:
     return f"{type(value).__name__} {text}"
 
 
-class _ValueError(Exception):
+class _ValueError(PeermirrorError):
     """A conversion failure without location; the caller adds key and source."""
 
 

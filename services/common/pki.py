@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from services.common.cert_names import CA_CERT_FILE, CA_KEY_FILE, NODE_CERT_FILE, NODE_KEY_FILE
+from services.common.errors import PeermirrorError
 
 CA_VALIDITY = datetime.timedelta(days=3650)
 NODE_VALIDITY = datetime.timedelta(days=825)
@@ -31,7 +32,7 @@ BACKDATE = datetime.timedelta(minutes=5)
 FILE_MODE = 0o600
 
 
-class PkiError(Exception):
+class PkiError(PeermirrorError):
     """A certificate or key is missing, unreadable or not what was expected."""
 
 

@@ -17,6 +17,7 @@ import grpc
 
 from services.common.cancellation import cancel_and_wait
 from services.common.config import GrpcSection
+from services.common.errors import error_for_status
 from services.common.genproto.peermirror.discovery.v1 import peer_pb2 as pb
 from services.common.genproto.peermirror.discovery.v1 import peer_pb2_grpc as pb_grpc
 from services.common.logsetup import get_logger
@@ -59,15 +60,6 @@ ANSWERED_STATUSES = frozenset(
         grpc.StatusCode.UNIMPLEMENTED,
     }
 )
-
-
-class PeerRefused(Exception):
-    """A peer answered a call with one of ANSWERED_STATUSES."""
-
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(details)
-        self.code = code
-        self.details = details
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,8 +300,8 @@ class PeerClient:
         self, contact: Contact, call: Callable[[pb_grpc.PeerAsyncStub], Awaitable[R]]
     ) -> R | None:
         """A call whose refusals carry meaning (lease RPCs): None when the node could not be
-        reached (counted as a failure); PeerRefused when it answered with a refusal (counted
-        as heard from)."""
+        reached (counted as a failure); raises the error kind of the status it answered a
+        refusal with (error_for_status; counted as heard from)."""
         if self._closed:
             return None
         stub = self._stub(contact.discovery_endpoint)
@@ -322,7 +314,7 @@ class PeerClient:
                 self._failed_at(contact)
                 return None
             self._answered_call(contact)
-            raise PeerRefused(err.code(), err.details() or "") from None
+            raise error_for_status(err.code(), err.details() or "") from None
         self._answered_call(contact)
         return reply
 

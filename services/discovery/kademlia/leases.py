@@ -12,6 +12,11 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from services.common.errors import (
+    NotFoundError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+)
 from services.discovery.kademlia.contact import Contact
 from services.discovery.kademlia.node_id import check_id, xor_distance
 
@@ -29,23 +34,22 @@ class Lease:
         return max(0.0, self.expires_at - now)
 
 
-class LeaseError(Exception):
-    """A lease request the table refuses; the subclass says why."""
+# The refusals of a lease table; each names the field they are about, the key.
 
 
-class LeaseHeldElsewhere(LeaseError):
+class LeaseHeldElsewhere(PermissionDeniedError):
     """A renewal or release by a node that does not hold the lease."""
 
     def __init__(self, lease: Lease) -> None:
-        super().__init__(f"the lease is held by another node ({lease.holder})")
+        super().__init__(f"the lease is held by another node ({lease.holder})", field="key")
         self.lease = lease
 
 
-class NoLease(LeaseError):
+class NoLease(NotFoundError):
     """A renewal of a key nobody holds a lease on here (never granted, expired or released)."""
 
     def __init__(self) -> None:
-        super().__init__("no lease is held on this key here")
+        super().__init__("no lease is held on this key here", field="key")
 
 
 # Distinct waiting nodes counted per lease; past it the count stops growing (it tells a holder
@@ -53,8 +57,11 @@ class NoLease(LeaseError):
 MAX_WAITERS_COUNTED = 4096
 
 
-class LeaseCapReached(LeaseError):
+class LeaseCapReached(ResourceExhaustedError):
     """The table or the asker's share of it is full."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(problem, field="key")
 
 
 @dataclass

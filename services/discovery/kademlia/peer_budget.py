@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from services.common.errors import ResourceExhaustedError
 
-class RecordRateExceeded(Exception):
+
+class RecordRateExceeded(ResourceExhaustedError):
     """A peer sent more records than its budget holds; nothing of the call was stored."""
 
     def __init__(self, rate: float, retry_after: float) -> None:
