@@ -29,7 +29,7 @@ def _run(args: argparse.Namespace) -> int:
     # Validate once here so a broken config is reported once, not by three crash-looping children.
     cfg = load_node_config(args)
     configure_logging("node", fmt=cfg.log.format, level=cfg.log.level)
-    log = get_logger("node")
+    log = get_logger(__name__)
     commands = {name: child_command(name, args.config) for name in SERVICES}
     log.info("node starting", node=cfg.node.name, children=list(commands))
     code = asyncio.run(NodeSupervisor(commands, log).run())

@@ -48,7 +48,7 @@ SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
 # The config key bounding every incoming message (grpc.max_message_bytes), named in refusal logs.
 MESSAGE_LIMIT = "max_message_bytes"
 
-_log = get_logger("peermirror.grpc")
+_log = get_logger(__name__)
 
 
 # The handler and context types as grpc's stubs spell them (not subscriptable at run time).
@@ -304,7 +304,7 @@ class GrpcServer:
             *options,
         ]
         self._refusals = MessageRefusalLog(
-            name, self.max_message_bytes, limit_log or LimitLog("peermirror.grpc.limits")
+            name, self.max_message_bytes, limit_log or LimitLog(__name__)
         )
         self._adders: list[AddServicer] = []
         self._service_names: list[str] = []

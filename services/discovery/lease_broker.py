@@ -30,14 +30,14 @@ from services.common.genproto.peermirror.discovery.v1 import peer_pb2_grpc as pb
 from services.common.logsetup import get_logger
 from services.discovery.engine import DiscoveryEngine
 from services.discovery.kademlia import Contact, dht_key, short_id
-from services.discovery.kademlia.leases import Lease, LeaseTable, lease_authorities
+from services.discovery.kademlia.leases import FetchLease, LeaseTable, lease_authorities
 from services.discovery.lease_rpc import LeaseAuthority
 from services.discovery.wire import contact_from_proto, duration, seconds
 
 T = TypeVar("T")
 R = TypeVar("R")
 
-log = get_logger("discovery.leases")
+log = get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -314,7 +314,7 @@ class LeaseBroker:
     def _local_renew(self, key: bytes, ttl: float) -> _State:
         return self._state(True, self.table.renew(key, self._me_for(key), ttl, self._now()))
 
-    def _state(self, granted: bool, lease: Lease) -> _State:
+    def _state(self, granted: bool, lease: FetchLease) -> _State:
         return _State(granted, lease.holder, lease.ttl(self._now()), self.table.waiters(lease.key))
 
     def _note(self, key: bytes, authority: Contact, state: _State) -> LeaseView:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from services.common.errors import InvalidArgumentError
 from services.common.genproto.peermirror.discovery.v1 import peer_pb2 as pb
 from services.discovery.kademlia import Contact
-from services.discovery.kademlia.leases import Lease, LeaseTable, same_node
+from services.discovery.kademlia.leases import FetchLease, LeaseTable, same_node
 from services.discovery.wire import contact_to_proto, duration, seconds
 
 
@@ -30,7 +30,7 @@ class LeaseAuthority:
         self.table = table
         self._clock = clock
 
-    def _state(self, caller: Contact, lease: Lease | None) -> pb.PeerLeaseState:
+    def _state(self, caller: Contact, lease: FetchLease | None) -> pb.PeerLeaseState:
         if lease is None:
             return pb.PeerLeaseState()
         return pb.PeerLeaseState(

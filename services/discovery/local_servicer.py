@@ -111,7 +111,7 @@ class LocalDiscoveryServicer(pb_grpc.LocalDiscoveryServicer):
         self._engine = engine
         self._metrics = metrics
         self._limits = limits if limits is not None else KeyLimits.of(DiscoverySection())
-        self._limit_log = limit_log if limit_log is not None else LimitLog("discovery.limits")
+        self._limit_log = limit_log if limit_log is not None else LimitLog(__name__)
 
     def _checked(self, check: Callable[[], T], context: Context) -> T:
         """``check()``; a key limit it hits is also logged (rate limited) before the refusal."""

@@ -21,7 +21,7 @@ from services.common.errors import error_for_status
 from services.common.genproto.peermirror.discovery.v1 import peer_pb2 as pb
 from services.common.genproto.peermirror.discovery.v1 import peer_pb2_grpc as pb_grpc
 from services.common.logsetup import get_logger
-from services.discovery.bootstrap import Endpoint
+from services.discovery.bootstrap import BootstrapEndpoint
 from services.discovery.identity import ServerIdentities
 from services.discovery.kademlia import ID_BYTES, Contact, DhtNode, short_id
 from services.discovery.wire import contacts_from_proto, duration, normalize_ip
@@ -45,7 +45,7 @@ MAX_CHANNELS = 512
 # How long close() waits for cancelled background calls before closing channels under them.
 CLOSE_WAIT = 1.0
 
-log = get_logger("discovery")
+log = get_logger(__name__)
 
 
 # Statuses a live peer answers with on purpose ("no", "not yours", "full"): the call reached
@@ -78,7 +78,7 @@ class PingAnswer:
     observed_address: str | None
 
 
-class PeerClient:
+class PeerServiceClient:
     """Issues Peer RPCs for one node; reports every outcome to its DhtNode."""
 
     def __init__(
@@ -202,7 +202,7 @@ class PeerClient:
         self.heard_from(answer.responder)
         return answer.responder
 
-    async def ping_endpoint(self, endpoint: Endpoint) -> PingAnswer | None:
+    async def ping_endpoint(self, endpoint: BootstrapEndpoint) -> PingAnswer | None:
         """Ping an address whose node we do not know yet (bootstrap); None on failure."""
         answer = await self._ping_endpoint(str(endpoint), endpoint.address, endpoint.port)
         if answer is not None:

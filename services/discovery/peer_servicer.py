@@ -31,7 +31,7 @@ from services.common.ratelog import LimitLog
 from services.discovery.identity import PeerIdentities, PeerIdentity
 from services.discovery.kademlia import Contact, DhtNode, RecordRateExceeded, short_id
 from services.discovery.lease_rpc import LeaseAuthority
-from services.discovery.peer_client import PeerClient
+from services.discovery.peer_client import PeerServiceClient
 from services.discovery.wire import (
     check_id_field,
     check_keys,
@@ -54,7 +54,7 @@ class PeerServicer(pb_grpc.PeerServicer):
     def __init__(
         self,
         node: DhtNode,
-        client: PeerClient,
+        client: PeerServiceClient,
         me: Callable[[], pb.SenderInfo],
         clock: Callable[[], float],
         *,
@@ -69,7 +69,7 @@ class PeerServicer(pb_grpc.PeerServicer):
         self._clock = clock
         # Set when the server requires client certificates (tls.enabled).
         self._bind_identity = bind_identity
-        self._limit_log = limit_log if limit_log is not None else LimitLog("discovery.limits")
+        self._limit_log = limit_log if limit_log is not None else LimitLog(__name__)
         self._identities = PeerIdentities()
         self.requests = 0
         self.refused_identity = 0
