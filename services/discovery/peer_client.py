@@ -279,8 +279,13 @@ class PeerServiceClient:
         return None if reply is None else int(reply.removed)
 
     async def _call(
-        self, contact: Contact, call: Callable[[pb_grpc.PeerAsyncStub], Awaitable[R]]
+        self,
+        contact: Contact,
+        call: Callable[[pb_grpc.PeerAsyncStub], Awaitable[R]],
+        refusals: frozenset[grpc.StatusCode] = frozenset(),
     ) -> R | None:
+        """`call` on the contact's stub; None when it failed. A status in `refusals` is
+        raised as its error kind instead (the node answered)."""
         if self._closed:
             return None
         stub = self._stub(contact.discovery_endpoint)
@@ -289,8 +294,12 @@ class PeerServiceClient:
         try:
             reply = await call(stub)
         except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+            if code in refusals:
+                self._answered_call(contact)
+                raise error_for_status(code, exc.details() or "") from None
             # A node refusing load (its record rate, a size limit) answered: it is alive.
-            if exc.code() is not grpc.StatusCode.RESOURCE_EXHAUSTED:
+            if code is not grpc.StatusCode.RESOURCE_EXHAUSTED:
                 self._failed_at(contact)
             return None
         self._answered_call(contact)
@@ -302,21 +311,7 @@ class PeerServiceClient:
         """A call whose refusals carry meaning (lease RPCs): None when the node could not be
         reached (counted as a failure); raises the error kind of the status it answered a
         refusal with (error_for_status; counted as heard from)."""
-        if self._closed:
-            return None
-        stub = self._stub(contact.discovery_endpoint)
-        self._note(contact)
-        self.calls += 1
-        try:
-            reply = await call(stub)
-        except grpc.aio.AioRpcError as err:
-            if err.code() not in ANSWERED_STATUSES:
-                self._failed_at(contact)
-                return None
-            self._answered_call(contact)
-            raise error_for_status(err.code(), err.details() or "") from None
-        self._answered_call(contact)
-        return reply
+        return await self._call(contact, call, ANSWERED_STATUSES)
 
     def _answered_call(self, contact: Contact) -> None:
         """`contact` answered a call. Its ports may be what another node named (a lookup
