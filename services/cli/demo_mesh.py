@@ -48,6 +48,7 @@ from services.cli.demo_pull import (
     pull_builtin,
     pull_with_skopeo,
 )
+from services.common.errors import PeermirrorError
 from services.common.genproto.peermirror.discovery.v1 import local_pb2, local_pb2_grpc
 from services.common.genproto.peermirror.registry.v1 import introspection_pb2 as reg_pb
 from services.common.genproto.peermirror.registry.v1 import introspection_pb2_grpc as reg_grpc
@@ -77,7 +78,7 @@ _REDIRECT = 'log=$1; shift; exec "$@" >>"$log" 2>&1'
 Echo = Callable[[str], None]
 
 
-class DemoError(Exception):
+class DemoError(PeermirrorError):
     """The demo cannot go on; the message says why (and where the logs are)."""
 
 

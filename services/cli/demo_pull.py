@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import cast
 
 from services.cli.demo_plan import repository_path
+from services.common.errors import PeermirrorError
 from services.common.oci.media_types import (
     ACCEPT_MANIFESTS,
     detect_manifest_media_type,
@@ -33,7 +34,7 @@ HTTP_TIMEOUT_S = 60.0
 _PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
 
 
-class PullError(Exception):
+class PullError(PeermirrorError):
     """The pull failed; the message says how (client output or the registry's error)."""
 
 

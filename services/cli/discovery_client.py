@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from services.cli.args import add_config_option, load_node_config
+from services.cli.args import (
+    add_address_option,
+    add_config_option,
+    add_timeout_option,
+    load_node_config,
+)
 
 if TYPE_CHECKING:  # grpc is imported by the handlers only, keeping `peermirror --help` light
     import grpc
@@ -17,19 +22,8 @@ DEFAULT_TIMEOUT = 10.0
 def add_local_api_options(parser: argparse.ArgumentParser) -> None:
     """`--config`, `--address` (overrides discovery.local_address) and `--timeout`."""
     add_config_option(parser)
-    parser.add_argument(
-        "--address",
-        metavar="HOST:PORT",
-        default=None,
-        help="LocalDiscovery API address (default: discovery.local_address from the config)",
-    )
-    parser.add_argument(
-        "--timeout",
-        type=float,
-        default=DEFAULT_TIMEOUT,
-        metavar="SECONDS",
-        help=f"deadline of the call (default {DEFAULT_TIMEOUT:g})",
-    )
+    add_address_option(parser, "LocalDiscovery API", "discovery.local_address")
+    add_timeout_option(parser, DEFAULT_TIMEOUT, "deadline of the call")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 

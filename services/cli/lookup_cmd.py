@@ -7,14 +7,16 @@ import json
 import sys
 from typing import Any
 
-from services.cli.args import Subparsers
+from services.cli.args import Subparsers, add_command
 from services.cli.discovery_client import add_local_api_options, channel, describe_error
 
 
 def register(subparsers: Subparsers) -> None:
     """Add the `lookup` subcommand."""
-    parser = subparsers.add_parser(
+    parser = add_command(
+        subparsers,
         "lookup",
+        _run,
         help="find the nodes that provide a digest or tag reference",
         description=(
             "Ask the local discovery service which other nodes provide KEY, a digest "
@@ -28,7 +30,6 @@ def register(subparsers: Subparsers) -> None:
         "--limit", type=int, default=0, help="most providers to return (default: server's)"
     )
     add_local_api_options(parser)
-    parser.set_defaults(handler=_run)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -9,35 +9,36 @@ from collections.abc import Sequence
 from services.cli import (
     certs_cmd,
     config_cmd,
-    containerd_config,
-    demo,
+    containerd_config_cmd,
+    demo_cmd,
     health_cmd,
     lookup_cmd,
     node_cmd,
     peers_cmd,
-    pins,
+    pins_cmd,
     prefetch_cmd,
     serve_cmd,
     status_cmd,
 )
 from services.common.config import ConfigError
 
-# Each module adds its subcommand(s) with `register(subparsers)`; a new subcommand is a new
-# module listed here. Modules import their heavy dependencies inside their handlers so that
-# `peermirror --help` and each service only pay for what they use.
+# Each `<command>_cmd` module adds its subcommand(s) with `register(subparsers)`; a new
+# subcommand is a new `_cmd` module listed here (the package's other modules are helpers).
+# Modules import their heavy dependencies inside their handlers so that `peermirror --help`
+# and each service only pay for what they use.
 COMMAND_MODULES = (
     serve_cmd,
     node_cmd,
     config_cmd,
-    containerd_config,
+    containerd_config_cmd,
     peers_cmd,
     lookup_cmd,
-    pins,
+    pins_cmd,
     prefetch_cmd,
     health_cmd,
     status_cmd,
     certs_cmd,
-    demo,
+    demo_cmd,
 )
 
 

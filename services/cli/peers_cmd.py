@@ -7,22 +7,23 @@ import json
 import sys
 import time
 
-from services.cli.args import Subparsers
+from services.cli.args import Subparsers, add_command
 from services.cli.discovery_client import add_local_api_options, channel, describe_error
 
 
 def register(subparsers: Subparsers) -> None:
     """Add the `peers` subcommand."""
-    parser = subparsers.add_parser(
+    add_command(
+        subparsers,
         "peers",
+        _run,
         help="list the peers this node's discovery service knows",
         description=(
             "List the nodes in the local discovery service's routing table, closest to this "
             "node first, with when each was last heard from."
         ),
+        options=[add_local_api_options],
     )
-    add_local_api_options(parser)
-    parser.set_defaults(handler=_run)
 
 
 def _run(args: argparse.Namespace) -> int:

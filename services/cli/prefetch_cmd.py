@@ -8,7 +8,13 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from services.cli.args import Subparsers, add_config_option, load_node_config
+from services.cli.args import (
+    Subparsers,
+    add_command,
+    add_config_option,
+    add_timeout_option,
+    load_node_config,
+)
 
 if TYPE_CHECKING:
     from services.cli.progress import ProgressView, TaskState
@@ -20,8 +26,10 @@ DEFAULT_TIMEOUT_S = 1800.0
 
 def register(subparsers: Subparsers) -> None:
     """Add the `prefetch` subcommand."""
-    parser = subparsers.add_parser(
+    parser = add_command(
+        subparsers,
         "prefetch",
+        _run,
         help="warm nodes with an image ahead of a rollout",
         description=(
             "Ask each node's pinner to pull REF through its containerd (so its mirror and its "
@@ -39,15 +47,8 @@ def register(subparsers: Subparsers) -> None:
             "(default: this node's pinner.grpc_address from the config)"
         ),
     )
-    parser.add_argument(
-        "--timeout",
-        type=float,
-        default=DEFAULT_TIMEOUT_S,
-        metavar="SECONDS",
-        help=f"give up on a node after this long (default {DEFAULT_TIMEOUT_S:.0f})",
-    )
+    add_timeout_option(parser, DEFAULT_TIMEOUT_S, "give up on a node after this long")
     add_config_option(parser)
-    parser.set_defaults(handler=_run)
 
 
 def parse_nodes(text: str) -> list[str]:

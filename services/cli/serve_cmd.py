@@ -46,7 +46,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         asyncio.run(module.run(cfg))
     except AddressInUseError as exc:
-        get_logger(name).error("failed to start", service=name, error=str(exc))
+        get_logger(__name__).error("failed to start", service=name, error=str(exc))
         return 1
     except ConfigError as exc:
         # Found at start (a TLS file that cannot be read, ...): the key is named, and the

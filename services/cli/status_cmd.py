@@ -12,7 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 
-from services.cli.args import Subparsers, add_config_option, load_node_config
+from services.cli.args import (
+    Subparsers,
+    add_command,
+    add_config_option,
+    add_timeout_option,
+    load_node_config,
+)
 from services.common.status.observe import DEFAULT_TIMEOUT, observe
 from services.common.status.report import (
     build_report,
@@ -23,24 +29,19 @@ from services.common.status.report import (
 
 def register(subparsers: Subparsers) -> None:
     """Add the `status` subcommand."""
-    parser = subparsers.add_parser(
+    parser = add_command(
+        subparsers,
         "status",
+        _run,
         help="show this node's services: health, version, uptime, peers, keys, hit rate",
         description=(
             "Ask this node's registry, discovery and pinner (node-local addresses from the "
             "config) how they are. Exit 0 when all three are SERVING, 1 otherwise."
         ),
+        options=[add_config_option],
     )
-    add_config_option(parser)
     parser.add_argument("--json", action="store_true", help="print the JSON document instead")
-    parser.add_argument(
-        "--timeout",
-        type=float,
-        default=DEFAULT_TIMEOUT,
-        metavar="SECONDS",
-        help=f"deadline of each call (default {DEFAULT_TIMEOUT:g})",
-    )
-    parser.set_defaults(handler=_run)
+    add_timeout_option(parser, DEFAULT_TIMEOUT, "deadline of each call")
 
 
 def _run(args: argparse.Namespace) -> int:

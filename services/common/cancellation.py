@@ -8,7 +8,7 @@ from typing import Any
 
 from services.common.logsetup import get_logger
 
-_log = get_logger("peermirror.tasks")
+_log = get_logger(__name__)
 
 
 async def cancel_and_wait(

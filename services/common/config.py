@@ -35,6 +35,7 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
+from services.common.errors import PeermirrorError
 from services.common.k3s.switches import (
     DISABLE_DEFAULT_ENDPOINT,
     EMBEDDED_REGISTRY,
@@ -46,7 +47,7 @@ ENV_PREFIX = "PEERMIRROR_"
 ENV_NESTING = "__"
 
 
-class ConfigError(Exception):
+class ConfigError(PeermirrorError):
     """The configuration is unusable; the message names the key and its source."""
 
 
@@ -161,6 +162,17 @@ def _doc(
     return meta
 
 
+def _key(
+    default: Any,
+    text: str,
+    check: Callable[[object], None] | None = None,
+    shown: str | None = None,
+    key: str | None = None,
+) -> Any:
+    """A config key with a plain default: ``field(default=..., metadata=_doc(...))``."""
+    return field(default=default, metadata=_doc(text, check, shown, key))
+
+
 def _yaml_key(f: dataclasses.Field[Any]) -> str:
     """How a field is spelled in the YAML file (environment overrides use the field name)."""
     return str(f.metadata.get("key", f.name))
@@ -179,20 +191,14 @@ class NodeSection:
         default_factory=socket.gethostname,
         metadata=_doc("node name used in logs and status", shown="<hostname>"),
     )
-    data_dir: Path = field(
-        default=Path("/var/lib/peermirror"),
-        metadata=_doc("directory for peermirror's own state (keys, caches)"),
+    data_dir: Path = _key(
+        Path("/var/lib/peermirror"), "directory for peermirror's own state (keys, caches)"
     )
-    address: str = field(
-        default="",
-        metadata=_doc(
-            "IP address peers use to reach this node; empty = autodetect",
-            check=_check_ip_address,
-        ),
+    address: str = _key(
+        "", "IP address peers use to reach this node; empty = autodetect", check=_check_ip_address
     )
-    k3s_config: Path | None = field(
-        default=None,
-        metadata=_doc("path of a K3s config.yaml to read K3s registry switches from; null = none"),
+    k3s_config: Path | None = _key(
+        None, "path of a K3s config.yaml to read K3s registry switches from; null = none"
     )
 
 
@@ -200,20 +206,16 @@ class NodeSection:
 class LogSection:
     """How services log."""
 
-    level: LogLevel = field(default="info", metadata=_doc("minimum level logged"))
-    format: LogFormat = field(
-        default="json", metadata=_doc("json (one object per line) or console (human readable)")
-    )
+    level: LogLevel = _key("info", "minimum level logged")
+    format: LogFormat = _key("json", "json (one object per line) or console (human readable)")
 
 
 @dataclass(frozen=True)
 class RegistrySection:
     """The node-local OCI pull registry containerd uses as its mirror."""
 
-    host: str = field(default="0.0.0.0", metadata=_doc("HTTP listen host of the registry"))
-    port: int = field(
-        default=6443, metadata=_doc("HTTP listen port of the registry", check=_check_port)
-    )
+    host: str = _key("0.0.0.0", "HTTP listen host of the registry")
+    port: int = _key(6443, "HTTP listen port of the registry", check=_check_port)
     grpc_address: str = field(
         # Not 6444: on K3s nodes 127.0.0.1:6444 is the agent's supervisor load balancer (and the
         # API server's own port on servers).
@@ -223,23 +225,16 @@ class RegistrySection:
             check=_check_listen_address,
         ),
     )
-    metrics_address: str = field(
-        default="127.0.0.1:5007",
-        metadata=_doc(
-            "host:port of a plain-HTTP Prometheus /metrics listener besides the /metrics route "
-            "of the registry port (node-local by default); empty = off",
-            check=_check_optional_address,
-        ),
+    metrics_address: str = _key(
+        "127.0.0.1:5007",
+        "host:port of a plain-HTTP Prometheus /metrics listener besides the /metrics route "
+        "of the registry port (node-local by default); empty = off",
+        check=_check_optional_address,
     )
-    default_registry: str | None = field(
-        default=None,
-        metadata=_doc(
-            "registry assumed when a request carries no ns parameter; null = refuse such requests"
-        ),
+    default_registry: str | None = _key(
+        None, "registry assumed when a request carries no ns parameter; null = refuse such requests"
     )
-    allow_latest: bool = field(
-        default=False, metadata=_doc("serve tags named 'latest' (mutable, so refused by default)")
-    )
+    allow_latest: bool = _key(False, "serve tags named 'latest' (mutable, so refused by default)")
     filters: list[str] = field(
         default_factory=list,
         metadata=_doc(
@@ -248,146 +243,106 @@ class RegistrySection:
             check=_check_regexes,
         ),
     )
-    registries_file: Path = field(
-        default=Path("/etc/rancher/k3s/registries.yaml"),
-        metadata=_doc("K3s registries.yaml whose 'mirrors' decide which registries are mirrored"),
+    registries_file: Path = _key(
+        Path("/etc/rancher/k3s/registries.yaml"),
+        "K3s registries.yaml whose 'mirrors' decide which registries are mirrored",
     )
     # Discovery ends its stream as soon as a lookup finds nobody, so a true miss answers in
     # milliseconds whatever this is; the bound only matters while discovery is still asking.
     # At 0.05 s (Spegel's range) busy nodes answered 404 for content a peer held (mesh tests).
-    resolve_timeout: float = field(
-        default=0.5,
-        metadata=_doc(
-            "seconds to wait for discovery to name a provider"
-            " (a lookup that finds nobody ends sooner)",
-            check=_check_positive,
-        ),
+    resolve_timeout: float = _key(
+        0.5,
+        "seconds to wait for discovery to name a provider (a lookup that finds nobody ends sooner)",
+        check=_check_positive,
     )
-    header_timeout: float = field(
-        default=0.04,
-        metadata=_doc(
-            "seconds to wait for a peer's response headers before asking another peer",
-            check=_check_positive,
-        ),
+    header_timeout: float = _key(
+        0.04,
+        "seconds to wait for a peer's response headers before asking another peer",
+        check=_check_positive,
     )
-    peer_fetch: bool = field(
-        default=True,
-        metadata=_doc(
-            "on a local miss, fetch from peers that discovery names (false: local content only)"
-        ),
+    peer_fetch: bool = _key(
+        True, "on a local miss, fetch from peers that discovery names (false: local content only)"
     )
-    max_providers: int = field(
-        default=3,
-        metadata=_doc("providers asked of discovery per lookup (K3s: 3)", check=_check_positive),
+    max_providers: int = _key(
+        3, "providers asked of discovery per lookup (K3s: 3)", check=_check_positive
     )
-    max_attempts: int = field(
-        default=4,
-        metadata=_doc(
-            "peer requests per client request, hedges and resumes included",
-            check=_check_positive,
-        ),
+    max_attempts: int = _key(
+        4, "peer requests per client request, hedges and resumes included", check=_check_positive
     )
-    peer_timeout: float = field(
-        default=2.0,
-        metadata=_doc(
-            "seconds a peer may take to connect, send headers or send more body bytes before "
-            "it is given up",
-            check=_check_positive,
-        ),
+    peer_timeout: float = _key(
+        2.0,
+        "seconds a peer may take to connect, send headers or send more body bytes before "
+        "it is given up",
+        check=_check_positive,
     )
-    quarantine_duration: float = field(
-        default=300.0,
-        metadata=_doc(
-            "seconds a peer proven to have sent content not matching its digest is not asked again",
-            check=_check_positive,
-        ),
+    quarantine_duration: float = _key(
+        300.0,
+        "seconds a peer proven to have sent content not matching its digest is not asked again",
+        check=_check_positive,
     )
     # A relayed body is judged once per window: a drip-feeding peer resets any stall timer with
     # every byte, so only a rate over a window of time tells it apart from a slow network.
-    rate_window: float = field(
-        default=0.5,
-        metadata=_doc(
-            "seconds over which a relayed body's rate from one peer is measured and judged",
-            check=_check_positive,
-        ),
+    rate_window: float = _key(
+        0.5,
+        "seconds over which a relayed body's rate from one peer is measured and judged",
+        check=_check_positive,
     )
-    min_peer_rate: float = field(
-        default=131072.0,
-        metadata=_doc(
-            "bytes per second a peer must send a relayed body at (over rate_window); a slower "
-            "one is ranked down and the body resumed from the next peer by Range",
-            check=_check_positive,
-        ),
+    min_peer_rate: float = _key(
+        131072.0,
+        "bytes per second a peer must send a relayed body at (over rate_window); a slower "
+        "one is ranked down and the body resumed from the next peer by Range",
+        check=_check_positive,
     )
-    slow_peer_ratio: float = field(
-        default=0.2,
-        metadata=_doc(
-            "a peer sending a body slower than this fraction of the fastest rate seen from "
-            "another provider is ranked down and the body resumed from that provider by Range",
-            check=_check_fraction,
-        ),
+    slow_peer_ratio: float = _key(
+        0.2,
+        "a peer sending a body slower than this fraction of the fastest rate seen from "
+        "another provider is ranked down and the body resumed from that provider by Range",
+        check=_check_fraction,
     )
-    peer_attempt_timeout: float = field(
-        default=600.0,
-        metadata=_doc(
-            "seconds one peer request may take in all (headers and body) before the body is "
-            "resumed from the next peer",
-            check=_check_positive,
-        ),
+    peer_attempt_timeout: float = _key(
+        600.0,
+        "seconds one peer request may take in all (headers and body) before the body is "
+        "resumed from the next peer",
+        check=_check_positive,
     )
     # Input limits: image pulls need short paths and few headers, so anything larger is abuse
     # or a bug, and is refused before it costs memory.
-    max_header_bytes: int = field(
-        default=8192,
-        metadata=_doc(
-            "bytes of request line plus headers a client may send; more is answered 431",
-            check=_check_positive,
-        ),
+    max_header_bytes: int = _key(
+        8192,
+        "bytes of request line plus headers a client may send; more is answered 431",
+        check=_check_positive,
     )
-    max_path_bytes: int = field(
-        default=2048,
-        metadata=_doc(
-            "bytes of a request path; a longer one is answered 414", check=_check_positive
-        ),
+    max_path_bytes: int = _key(
+        2048, "bytes of a request path; a longer one is answered 414", check=_check_positive
     )
-    max_query_bytes: int = field(
-        default=1024,
-        metadata=_doc(
-            "bytes of a request's query string; a longer one is answered 414",
-            check=_check_positive,
-        ),
+    max_query_bytes: int = _key(
+        1024,
+        "bytes of a request's query string; a longer one is answered 414",
+        check=_check_positive,
     )
-    request_timeout: float = field(
-        default=10.0,
-        metadata=_doc(
-            "seconds a client has to send a whole request (line, headers, body) once it began; "
-            "slower clients are cut off (408)",
-            check=_check_positive,
-        ),
+    request_timeout: float = _key(
+        10.0,
+        "seconds a client has to send a whole request (line, headers, body) once it began; "
+        "slower clients are cut off (408)",
+        check=_check_positive,
     )
-    keep_alive_timeout: float = field(
-        default=15.0,
-        metadata=_doc(
-            "seconds an idle keep-alive connection is kept open between requests",
-            check=_check_positive,
-        ),
+    keep_alive_timeout: float = _key(
+        15.0,
+        "seconds an idle keep-alive connection is kept open between requests",
+        check=_check_positive,
     )
-    max_relays_per_client: int = field(
-        default=16,
-        metadata=_doc(
-            "peer relays one remote client address may have in flight; more are answered 429",
-            check=_check_positive,
-        ),
+    max_relays_per_client: int = _key(
+        16,
+        "peer relays one remote client address may have in flight; more are answered 429",
+        check=_check_positive,
     )
     # The node's own containerd always dials 127.0.0.1 (or ::1): one budget for all its pulls,
     # sized for several images pulled in parallel, each with a few layers at once.
-    max_local_relays: int = field(
-        default=128,
-        metadata=_doc(
-            "peer relays the node's own containerd (clients at 127.0.0.1 or ::1) may have in "
-            "flight in all; more are answered 429",
-            check=_check_positive,
-        ),
+    max_local_relays: int = _key(
+        128,
+        "peer relays the node's own containerd (clients at 127.0.0.1 or ::1) may have in "
+        "flight in all; more are answered 429",
+        check=_check_positive,
     )
 
 
@@ -395,154 +350,112 @@ class RegistrySection:
 class DiscoverySection:
     """The peer-to-peer discovery service (DHT of content providers)."""
 
-    host: str = field(default="0.0.0.0", metadata=_doc("peer-facing listen host"))
-    port: int = field(default=5001, metadata=_doc("peer-facing listen port", check=_check_port))
-    local_address: str = field(
-        default="127.0.0.1:5002",
-        metadata=_doc(
-            "node-local gRPC API address (host:port or unix:/path); never expose to peers",
-            check=_check_listen_address,
-        ),
+    host: str = _key("0.0.0.0", "peer-facing listen host")
+    port: int = _key(5001, "peer-facing listen port", check=_check_port)
+    local_address: str = _key(
+        "127.0.0.1:5002",
+        "node-local gRPC API address (host:port or unix:/path); never expose to peers",
+        check=_check_listen_address,
     )
     bootstrap_peers: list[str] = field(
         default_factory=list, metadata=_doc("static peer addresses (host:port) to join through")
     )
-    bootstrap_dns: str | None = field(
-        default=None, metadata=_doc("DNS name whose A/AAAA records are bootstrap peers")
+    bootstrap_dns: str | None = _key(None, "DNS name whose A/AAAA records are bootstrap peers")
+    bootstrap_url: str | None = _key(None, "URL returning a JSON list of peer addresses")
+    record_ttl: float = _key(
+        600.0, "seconds a provider record lives without republish", check=_check_positive
     )
-    bootstrap_url: str | None = field(
-        default=None, metadata=_doc("URL returning a JSON list of peer addresses")
+    republish_interval: float = _key(
+        120.0, "seconds between republishing this node's records", check=_check_positive
     )
-    record_ttl: float = field(
-        default=600.0,
-        metadata=_doc("seconds a provider record lives without republish", check=_check_positive),
+    lookup_cache_ttl: float = _key(5.0, "seconds provider lookups are cached for")
+    probe_interval: float = _key(
+        10.0,
+        "seconds a peer or provider may stay silent before it is pinged",
+        check=_check_positive,
     )
-    republish_interval: float = field(
-        default=120.0,
-        metadata=_doc("seconds between republishing this node's records", check=_check_positive),
+    probe_timeout: float = _key(
+        2.0, "deadline in seconds of a liveness ping", check=_check_positive
     )
-    lookup_cache_ttl: float = field(
-        default=5.0, metadata=_doc("seconds provider lookups are cached for")
+    liveness_window: float = _key(
+        30.0,
+        "seconds of silence after which a peer and its provider records are dropped "
+        "(must exceed probe_interval)",
+        check=_check_positive,
     )
-    probe_interval: float = field(
-        default=10.0,
-        metadata=_doc(
-            "seconds a peer or provider may stay silent before it is pinged",
-            check=_check_positive,
-        ),
+    max_failures: int = _key(
+        2, "consecutive failed calls after which a peer is taken for dead", check=_check_positive
     )
-    probe_timeout: float = field(
-        default=2.0,
-        metadata=_doc("deadline in seconds of a liveness ping", check=_check_positive),
+    rpc_timeout: float = _key(
+        1.0, "deadline in seconds of every other call to a peer", check=_check_positive
     )
-    liveness_window: float = field(
-        default=30.0,
-        metadata=_doc(
-            "seconds of silence after which a peer and its provider records are dropped "
-            "(must exceed probe_interval)",
-            check=_check_positive,
-        ),
-    )
-    max_failures: int = field(
-        default=2,
-        metadata=_doc(
-            "consecutive failed calls after which a peer is taken for dead", check=_check_positive
-        ),
-    )
-    rpc_timeout: float = field(
-        default=1.0,
-        metadata=_doc("deadline in seconds of every other call to a peer", check=_check_positive),
-    )
-    metrics_address: str = field(
-        default="127.0.0.1:5005",
-        metadata=_doc(
-            "host:port of the Prometheus /metrics listener (node-local by default); empty = off",
-            check=_check_optional_address,
-        ),
+    metrics_address: str = _key(
+        "127.0.0.1:5005",
+        "host:port of the Prometheus /metrics listener (node-local by default); empty = off",
+        check=_check_optional_address,
     )
     # Input limits: a refusal names the field and is logged once per client (rate limited).
-    max_keys_per_advertise: int = field(
-        default=10_000,
-        metadata=_doc(
-            "keys in one node-local Advertise or Withdraw call; more is refused "
-            "INVALID_ARGUMENT (the pinner sends at most 256 per call)",
-            check=_check_positive,
-        ),
+    max_keys_per_advertise: int = _key(
+        10_000,
+        "keys in one node-local Advertise or Withdraw call; more is refused "
+        "INVALID_ARGUMENT (the pinner sends at most 256 per call)",
+        check=_check_positive,
     )
-    max_keys_per_peer_call: int = field(
-        default=1024,
-        metadata=_doc(
-            "keys in one AddProvider or RemoveProvider call from a peer; more is refused "
-            "INVALID_ARGUMENT, and this node splits its own calls at it (keep it equal on "
-            "every node)",
-            check=_check_positive,
-        ),
+    max_keys_per_peer_call: int = _key(
+        1024,
+        "keys in one AddProvider or RemoveProvider call from a peer; more is refused "
+        "INVALID_ARGUMENT, and this node splits its own calls at it (keep it equal on "
+        "every node)",
+        check=_check_positive,
     )
-    max_key_length: int = field(
-        default=1024,
-        metadata=_doc(
-            "characters of one key (digest or reference) in the node-local API; a longer one "
-            "is refused INVALID_ARGUMENT",
-            check=_check_positive,
-        ),
+    max_key_length: int = _key(
+        1024,
+        "characters of one key (digest or reference) in the node-local API; a longer one "
+        "is refused INVALID_ARGUMENT",
+        check=_check_positive,
     )
     # Fetch leases (shared first pulls): one node fetches a blob upstream, the others wait.
-    lease_ttl: float = field(
-        default=10.0,
-        metadata=_doc(
-            "seconds a fetch lease lasts unless its holder renews it (AcquireLease with ttl 0); "
-            "a holder that dies or stalls frees it after this long",
-            check=_check_positive,
-        ),
+    lease_ttl: float = _key(
+        10.0,
+        "seconds a fetch lease lasts unless its holder renews it (AcquireLease with ttl 0); "
+        "a holder that dies or stalls frees it after this long",
+        check=_check_positive,
     )
-    max_lease_ttl: float = field(
-        default=60.0,
-        metadata=_doc(
-            "most seconds a fetch lease may be asked for; the node-local API refuses more "
-            "INVALID_ARGUMENT, peers' requests are cut to it (at least lease_ttl)",
-            check=_check_positive,
-        ),
+    max_lease_ttl: float = _key(
+        60.0,
+        "most seconds a fetch lease may be asked for; the node-local API refuses more "
+        "INVALID_ARGUMENT, peers' requests are cut to it (at least lease_ttl)",
+        check=_check_positive,
     )
-    max_leases: int = field(
-        default=10_000,
-        metadata=_doc(
-            "fetch leases this node keeps for the keys it is closest to; past it new leases "
-            "are refused RESOURCE_EXHAUSTED (the registry then fetches on its own)",
-            check=_check_positive,
-        ),
+    max_leases: int = _key(
+        10_000,
+        "fetch leases this node keeps for the keys it is closest to; past it new leases "
+        "are refused RESOURCE_EXHAUSTED (the registry then fetches on its own)",
+        check=_check_positive,
     )
-    max_leases_per_peer: int = field(
-        default=1024,
-        metadata=_doc(
-            "fetch leases one node may hold at this node at once; more is refused "
-            "RESOURCE_EXHAUSTED",
-            check=_check_positive,
-        ),
+    max_leases_per_peer: int = _key(
+        1024,
+        "fetch leases one node may hold at this node at once; more is refused RESOURCE_EXHAUSTED",
+        check=_check_positive,
     )
-    max_records_per_peer: int = field(
-        default=20_000,
-        metadata=_doc(
-            "provider records this node keeps for one other node; its further new keys are "
-            "not stored (refreshes are), and it is also the burst of peer_records_per_second",
-            check=_check_positive,
-        ),
+    max_records_per_peer: int = _key(
+        20_000,
+        "provider records this node keeps for one other node; its further new keys are "
+        "not stored (refreshes are), and it is also the burst of peer_records_per_second",
+        check=_check_positive,
     )
-    max_records_total: int = field(
-        default=100_000,
-        metadata=_doc(
-            "provider records this node keeps for all other nodes (about 470 bytes each); at "
-            "the cap a new record replaces one of the node holding the most (must be at least "
-            "max_records_per_peer)",
-            check=_check_positive,
-        ),
+    max_records_total: int = _key(
+        100_000,
+        "provider records this node keeps for all other nodes (about 470 bytes each); at "
+        "the cap a new record replaces one of the node holding the most (must be at least "
+        "max_records_per_peer)",
+        check=_check_positive,
     )
-    peer_records_per_second: float = field(
-        default=1000.0,
-        metadata=_doc(
-            "records (keys of AddProvider calls) one other node may store or refresh here per "
-            "second, sustained; a call over it is refused RESOURCE_EXHAUSTED",
-            check=_check_positive,
-        ),
+    peer_records_per_second: float = _key(
+        1000.0,
+        "records (keys of AddProvider calls) one other node may store or refresh here per "
+        "second, sustained; a call over it is refused RESOURCE_EXHAUSTED",
+        check=_check_positive,
     )
 
 
@@ -550,108 +463,82 @@ class DiscoverySection:
 class PinnerSection:
     """The node's containerd agent: advertises content, imports air-gap images, writes mirrors."""
 
-    grpc_address: str = field(
-        default="127.0.0.1:5003",
-        metadata=_doc(
-            "node-local gRPC API address (host:port or unix:/path)", check=_check_listen_address
-        ),
+    grpc_address: str = _key(
+        "127.0.0.1:5003",
+        "node-local gRPC API address (host:port or unix:/path)",
+        check=_check_listen_address,
     )
-    metrics_address: str = field(
-        default="127.0.0.1:5006",
-        metadata=_doc(
-            "host:port of the Prometheus /metrics listener (node-local by default); empty = off",
-            check=_check_optional_address,
-        ),
+    metrics_address: str = _key(
+        "127.0.0.1:5006",
+        "host:port of the Prometheus /metrics listener (node-local by default); empty = off",
+        check=_check_optional_address,
     )
-    images_dir: Path = field(
-        default=Path("/var/lib/rancher/k3s/agent/images"),
-        metadata=_doc("air-gap image archives to import and pin"),
+    images_dir: Path = _key(
+        Path("/var/lib/rancher/k3s/agent/images"), "air-gap image archives to import and pin"
     )
-    certs_dir: Path = field(
-        default=Path("/var/lib/rancher/k3s/agent/etc/containerd/certs.d"),
-        metadata=_doc("containerd certs.d directory the hosts.toml mirror files are written to"),
+    certs_dir: Path = _key(
+        Path("/var/lib/rancher/k3s/agent/etc/containerd/certs.d"),
+        "containerd certs.d directory the hosts.toml mirror files are written to",
     )
-    resync_interval: float = field(
-        default=300.0,
-        metadata=_doc("seconds between full re-walks of the content store", check=_check_positive),
+    resync_interval: float = _key(
+        300.0, "seconds between full re-walks of the content store", check=_check_positive
     )
-    import_settle: float = field(
-        default=2.0,
-        metadata=_doc(
-            "seconds a changed images-directory file must stay unchanged before it is imported",
-            check=_check_positive,
-        ),
+    import_settle: float = _key(
+        2.0,
+        "seconds a changed images-directory file must stay unchanged before it is imported",
+        check=_check_positive,
     )
-    import_poll_interval: float = field(
-        default=1.0,
-        metadata=_doc("seconds between scans of the images directory", check=_check_positive),
+    import_poll_interval: float = _key(
+        1.0, "seconds between scans of the images directory", check=_check_positive
     )
-    max_import_descriptors: int = field(
-        default=100_000,
-        metadata=_doc(
-            "descriptors one archive import may handle (archive members, plus every index "
-            "entry, config and layer met walking each image); an archive needing more is refused",
-            check=_check_positive,
-        ),
+    max_import_descriptors: int = _key(
+        100_000,
+        "descriptors one archive import may handle (archive members, plus every index "
+        "entry, config and layer met walking each image); an archive needing more is refused",
+        check=_check_positive,
     )
-    write_hosts: bool = field(
-        default=True,
-        metadata=_doc(
-            "write certs_dir/<host>/hosts.toml from registry.registries_file at start, and keep "
-            "them so (see hosts_check_interval)"
-        ),
+    write_hosts: bool = _key(
+        True,
+        "write certs_dir/<host>/hosts.toml from registry.registries_file at start, and keep "
+        "them so (see hosts_check_interval)",
     )
-    hosts_check_interval: float = field(
-        default=1.0,
-        metadata=_doc(
-            "seconds between checks of registries_file and the hosts.toml files the pinner "
-            "owns; a changed registries.yaml or a file K3s rewrote is put right at the next check",
-            check=_check_positive,
-        ),
+    hosts_check_interval: float = _key(
+        1.0,
+        "seconds between checks of registries_file and the hosts.toml files the pinner "
+        "owns; a changed registries.yaml or a file K3s rewrote is put right at the next check",
+        check=_check_positive,
     )
-    mirror_tls: bool = field(
-        default=True,
-        metadata=_doc("the embedded registry serves https (false: hosts.toml points at http)"),
+    mirror_tls: bool = _key(
+        True, "the embedded registry serves https (false: hosts.toml points at http)"
     )
-    ca_file: Path | None = field(
-        default=None,
-        metadata=_doc(
-            "cluster CA containerd trusts for the embedded registry; null = tls.ca_file when "
-            "tls.enabled, else the system CAs"
-        ),
+    ca_file: Path | None = _key(
+        None,
+        "cluster CA containerd trusts for the embedded registry; null = tls.ca_file when "
+        "tls.enabled, else the system CAs",
     )
-    client_cert_file: Path | None = field(
-        default=None,
-        metadata=_doc(
-            "client certificate containerd presents to the embedded registry; null = "
-            "tls.cert_file when tls.enabled"
-        ),
+    client_cert_file: Path | None = _key(
+        None,
+        "client certificate containerd presents to the embedded registry; null = "
+        "tls.cert_file when tls.enabled",
     )
-    client_key_file: Path | None = field(
-        default=None,
-        metadata=_doc("private key of client_cert_file; null = tls.key_file when tls.enabled"),
+    client_key_file: Path | None = _key(
+        None, "private key of client_cert_file; null = tls.key_file when tls.enabled"
     )
-    disable_default_endpoint: bool = field(
-        default=False,
-        metadata=_doc("K3s disable-default-registry-endpoint: mirrored registries lose upstream"),
+    disable_default_endpoint: bool = _key(
+        False, "K3s disable-default-registry-endpoint: mirrored registries lose upstream"
     )
-    containerd_flavour: Literal["k3s", "upstream"] = field(
-        default="k3s",
-        metadata=_doc("containerd reading hosts.toml: k3s (rewrites honoured) or upstream"),
+    containerd_flavour: Literal["k3s", "upstream"] = _key(
+        "k3s", "containerd reading hosts.toml: k3s (rewrites honoured) or upstream"
     )
-    containerd_version: str = field(
-        default="1.7",
-        metadata=_doc(
-            "major.minor of that containerd (dial_timeout needs >= 2.1)",
-            check=_check_major_minor,
-        ),
+    containerd_version: str = _key(
+        "1.7",
+        "major.minor of that containerd (dial_timeout needs >= 2.1)",
+        check=_check_major_minor,
     )
-    dial_timeout: float | None = field(
-        default=None,
-        metadata=_doc(
-            "seconds for hosts.toml dial_timeout (containerd >= 2.1); null = unset",
-            check=_check_positive,
-        ),
+    dial_timeout: float | None = _key(
+        None,
+        "seconds for hosts.toml dial_timeout (containerd >= 2.1); null = unset",
+        check=_check_positive,
     )
 
 
@@ -659,25 +546,17 @@ class PinnerSection:
 class StoreSection:
     """Where the node's content lives."""
 
-    backend: StoreBackend = field(
-        default="containerd", metadata=_doc("content store: containerd or oci-layout")
+    backend: StoreBackend = _key("containerd", "content store: containerd or oci-layout")
+    containerd_address: str = _key(
+        "/run/k3s/containerd/containerd.sock", "containerd gRPC socket path"
     )
-    containerd_address: str = field(
-        default="/run/k3s/containerd/containerd.sock",
-        metadata=_doc("containerd gRPC socket path"),
+    containerd_namespace: str = _key("k8s.io", "containerd namespace holding the images")
+    content_root: Path | None = _key(
+        None, "containerd content store directory for zero-copy reads; null = ask containerd"
     )
-    containerd_namespace: str = field(
-        default="k8s.io", metadata=_doc("containerd namespace holding the images")
-    )
-    content_root: Path | None = field(
-        default=None,
-        metadata=_doc(
-            "containerd content store directory for zero-copy reads; null = ask containerd"
-        ),
-    )
-    oci_layout_path: Path = field(
-        default=Path("/var/lib/peermirror/oci-layout"),
-        metadata=_doc("OCI image layout directory used by the oci-layout backend"),
+    oci_layout_path: Path = _key(
+        Path("/var/lib/peermirror/oci-layout"),
+        "OCI image layout directory used by the oci-layout backend",
     )
 
 
@@ -690,30 +569,23 @@ class TlsSection:
     start. Create the files with ``peermirror certs init`` and ``peermirror certs node``.
     """
 
-    enabled: bool = field(
-        default=True,
-        metadata=_doc(
-            "serve the registry and the discovery peer port over mutual TLS with the cluster "
-            "CA; false = plain HTTP and plaintext gRPC (development and demo only)"
-        ),
+    enabled: bool = _key(
+        True,
+        "serve the registry and the discovery peer port over mutual TLS with the cluster "
+        "CA; false = plain HTTP and plaintext gRPC (development and demo only)",
     )
-    ca_file: Path | None = field(
-        default=None,
-        metadata=_doc(
-            "cluster CA certificate clients and peers are verified against; "
-            "null = <node.data_dir>/tls/ca.crt"
-        ),
+    ca_file: Path | None = _key(
+        None,
+        "cluster CA certificate clients and peers are verified against; "
+        "null = <node.data_dir>/tls/ca.crt",
     )
-    cert_file: Path | None = field(
-        default=None,
-        metadata=_doc(
-            "this node's certificate (server and client), signed by the cluster CA; "
-            "null = <node.data_dir>/tls/node.crt"
-        ),
+    cert_file: Path | None = _key(
+        None,
+        "this node's certificate (server and client), signed by the cluster CA; "
+        "null = <node.data_dir>/tls/node.crt",
     )
-    key_file: Path | None = field(
-        default=None,
-        metadata=_doc("private key of cert_file; null = <node.data_dir>/tls/node.key"),
+    key_file: Path | None = _key(
+        None, "private key of cert_file; null = <node.data_dir>/tls/node.key"
     )
 
 
@@ -721,13 +593,11 @@ class TlsSection:
 class GrpcSection:
     """Bounds shared by the gRPC servers of the three services (registry, discovery, pinner)."""
 
-    max_message_bytes: int = field(
-        default=4 * 1024 * 1024,
-        metadata=_doc(
-            "bytes of one incoming gRPC message on every gRPC server of the node; a larger one "
-            "is refused RESOURCE_EXHAUSTED before it is parsed",
-            check=_check_positive,
-        ),
+    max_message_bytes: int = _key(
+        4 * 1024 * 1024,
+        "bytes of one incoming gRPC message on every gRPC server of the node; a larger one "
+        "is refused RESOURCE_EXHAUSTED before it is parsed",
+        check=_check_positive,
     )
 
 
@@ -744,43 +614,33 @@ class UpstreamSection:
     containerd; these keys only bound how much this node asks of them.
     """
 
-    max_concurrent_fetches: int = field(
-        default=8,
-        metadata=_doc(
-            "upstream fetches (manifests and blobs) this node runs at once; past it a fetch "
-            "waits queue_wait, then the request is answered 404 (containerd pulls itself)",
-            check=_check_positive,
-        ),
+    max_concurrent_fetches: int = _key(
+        8,
+        "upstream fetches (manifests and blobs) this node runs at once; past it a fetch "
+        "waits queue_wait, then the request is answered 404 (containerd pulls itself)",
+        check=_check_positive,
     )
-    max_bandwidth: int = field(
-        default=0,
-        metadata=_doc(
-            "bytes per second this node receives from upstream registries in all (token "
-            "bucket, 1 s burst); 0 = no cap",
-            check=_check_not_negative,
-        ),
+    max_bandwidth: int = _key(
+        0,
+        "bytes per second this node receives from upstream registries in all (token "
+        "bucket, 1 s burst); 0 = no cap",
+        check=_check_not_negative,
     )
-    queue_wait: float = field(
-        default=0.5,
-        metadata=_doc(
-            "seconds a fetch waits for a free slot or for the bandwidth cap before it is "
-            "given up (answered 404 fast)",
-            check=_check_not_negative,
-        ),
+    queue_wait: float = _key(
+        0.5,
+        "seconds a fetch waits for a free slot or for the bandwidth cap before it is "
+        "given up (answered 404 fast)",
+        check=_check_not_negative,
     )
-    connect_timeout: float = field(
-        default=5.0,
-        metadata=_doc(
-            "seconds to connect to an upstream endpoint before trying the next",
-            check=_check_positive,
-        ),
+    connect_timeout: float = _key(
+        5.0,
+        "seconds to connect to an upstream endpoint before trying the next",
+        check=_check_positive,
     )
-    read_timeout: float = field(
-        default=30.0,
-        metadata=_doc(
-            "seconds an upstream endpoint may stay silent (headers or body) before it is given up",
-            check=_check_positive,
-        ),
+    read_timeout: float = _key(
+        30.0,
+        "seconds an upstream endpoint may stay silent (headers or body) before it is given up",
+        check=_check_positive,
     )
 
 
@@ -792,22 +652,18 @@ class K3sSection:
     when that file sets it, so after loading a switch is null only when nothing set it.
     """
 
-    embedded_registry: bool | None = field(
-        default=None,
-        metadata=_doc(
-            "K3s embedded-registry: false = the services run but take no part (every mirror "
-            "request is answered 404, nothing is advertised); null = node.k3s_config decides, "
-            "and when it does not either the node takes part",
-            key=EMBEDDED_REGISTRY,
-        ),
+    embedded_registry: bool | None = _key(
+        None,
+        "K3s embedded-registry: false = the services run but take no part (every mirror "
+        "request is answered 404, nothing is advertised); null = node.k3s_config decides, "
+        "and when it does not either the node takes part",
+        key=EMBEDDED_REGISTRY,
     )
-    disable_default_registry_endpoint: bool | None = field(
-        default=None,
-        metadata=_doc(
-            "K3s disable-default-registry-endpoint; when set here or in node.k3s_config it "
-            "replaces pinner.disable_default_endpoint",
-            key=DISABLE_DEFAULT_ENDPOINT,
-        ),
+    disable_default_registry_endpoint: bool | None = _key(
+        None,
+        "K3s disable-default-registry-endpoint; when set here or in node.k3s_config it "
+        "replaces pinner.disable_default_endpoint",
+        key=DISABLE_DEFAULT_ENDPOINT,
     )
 
     @property
@@ -820,69 +676,52 @@ class K3sSection:
 class InflightSection:
     """Shared first pulls: one upstream fetch per blob or manifest for the whole cluster."""
 
-    enabled: bool = field(
-        default=True,
-        metadata=_doc(
-            "on a miss no peer serves, fetch from upstream once for the cluster under a fetch "
-            "lease (false: such a miss is a 404 and every containerd pulls itself)"
-        ),
+    enabled: bool = _key(
+        True,
+        "on a miss no peer serves, fetch from upstream once for the cluster under a fetch "
+        "lease (false: such a miss is a 404 and every containerd pulls itself)",
     )
-    spool_dir: Path | None = field(
-        default=None,
-        metadata=_doc(
-            "directory of the spools of blobs being fetched from upstream; null = "
-            "<node.data_dir>/spool"
-        ),
+    spool_dir: Path | None = _key(
+        None,
+        "directory of the spools of blobs being fetched from upstream; null = "
+        "<node.data_dir>/spool",
     )
-    max_spool_bytes: int = field(
-        default=8 * 1024 * 1024 * 1024,
-        metadata=_doc(
-            "bytes all spools may take together; a blob that does not fit is not fetched for "
-            "the cluster (404, containerd pulls it itself)",
-            check=_check_positive,
-        ),
+    max_spool_bytes: int = _key(
+        8 * 1024 * 1024 * 1024,
+        "bytes all spools may take together; a blob that does not fit is not fetched for "
+        "the cluster (404, containerd pulls it itself)",
+        check=_check_positive,
     )
-    grace_period: float = field(
-        default=120.0,
-        metadata=_doc(
-            "seconds a complete spool is kept for late readers before it is deleted (the "
-            "local store serves the blob by then)",
-            check=_check_positive,
-        ),
+    grace_period: float = _key(
+        120.0,
+        "seconds a complete spool is kept for late readers before it is deleted (the "
+        "local store serves the blob by then)",
+        check=_check_positive,
     )
-    renew_interval: float = field(
-        default=2.0,
-        metadata=_doc("seconds between renewals of a fetch lease", check=_check_positive),
+    renew_interval: float = _key(
+        2.0, "seconds between renewals of a fetch lease", check=_check_positive
     )
-    stall_timeout: float = field(
-        default=30.0,
-        metadata=_doc(
-            "seconds a reader of a spool waits for the next bytes before its answer is aborted",
-            check=_check_positive,
-        ),
+    stall_timeout: float = _key(
+        30.0,
+        "seconds a reader of a spool waits for the next bytes before its answer is aborted",
+        check=_check_positive,
     )
-    holder_wait: float = field(
-        default=30.0,
-        metadata=_doc(
-            "seconds a miss waits for the node holding the fetch lease to serve it (or for the "
-            "lease to pass to this node) before it is answered 404",
-            check=_check_positive,
-        ),
+    holder_wait: float = _key(
+        30.0,
+        "seconds a miss waits for the node holding the fetch lease to serve it (or for the "
+        "lease to pass to this node) before it is answered 404",
+        check=_check_positive,
     )
-    manifest_window: float = field(
-        default=1.0,
-        metadata=_doc(
-            "seconds a manifest fetched from upstream is reused for concurrent requests of the "
-            "same tag or digest; tags are never cached longer",
-            check=_check_positive,
-        ),
+    manifest_window: float = _key(
+        1.0,
+        "seconds a manifest fetched from upstream is reused for concurrent requests of the "
+        "same tag or digest; tags are never cached longer",
+        check=_check_positive,
     )
-    upstream_resumes: int = field(
-        default=3,
-        metadata=_doc(
-            "times a broken upstream blob body is resumed with a Range before the fetch fails",
-            check=_check_non_negative,
-        ),
+    upstream_resumes: int = _key(
+        3,
+        "times a broken upstream blob body is resumed with a Range before the fetch fails",
+        check=_check_non_negative,
     )
 
 
@@ -952,7 +791,7 @@ def _describe_value(value: object) -> str:
     return f"{type(value).__name__} {text}"
 
 
-class _ValueError(Exception):
+class _ValueError(PeermirrorError):
     """A conversion failure without location; the caller adds key and source."""
 
 

@@ -18,7 +18,7 @@ import signal
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import Any, NoReturn, TypeAlias
 from urllib.parse import unquote
 
 import grpc
@@ -27,6 +27,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from services.common.config import GrpcSection
+from services.common.errors import PeermirrorError
 from services.common.logsetup import get_logger
 from services.common.ratelog import LimitLog
 
@@ -47,7 +48,7 @@ SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
 # The config key bounding every incoming message (grpc.max_message_bytes), named in refusal logs.
 MESSAGE_LIMIT = "max_message_bytes"
 
-_log = get_logger("peermirror.grpc")
+_log = get_logger(__name__)
 
 
 # The handler and context types as grpc's stubs spell them (not subscriptable at run time).
@@ -67,21 +68,10 @@ def client_of(peer: str) -> str:
     return peer or "unknown"
 
 
-class MessageRefusalLog(grpc.aio.ServerInterceptor):
-    """Logs (rate limited, per client) the requests grpc refuses as larger than the limit.
+class _HandlerWrapper(grpc.aio.ServerInterceptor):
+    """An interceptor that replaces each method's handler by a wrapped form, made once."""
 
-    grpc core checks a message's size when the handler asks for it, and a unary handler is only
-    called once its request arrived, so a refused request never reaches our code and the client
-    is gone from the call by then. Served as a streaming-request handler instead, our wrapper
-    runs first, notes ``context.peer()``, and sees the refusal as the request stream ending
-    before its one message; grpc has already answered the client RESOURCE_EXHAUSTED. A client
-    that cancels before its message arrives looks the same, which the log line says.
-    """
-
-    def __init__(self, server: str, max_bytes: int, limit_log: LimitLog) -> None:
-        self._server = server
-        self._max_bytes = max_bytes
-        self._limit_log = limit_log
+    def __init__(self) -> None:
         # method -> (handler as registered, its wrapped form); handlers are fixed per method.
         self._wrapped: dict[str, tuple[Handler, Handler]] = {}
 
@@ -100,6 +90,82 @@ class MessageRefusalLog(grpc.aio.ServerInterceptor):
         wrapped = self._wrap(method, handler)
         self._wrapped[method] = (handler, wrapped)
         return wrapped
+
+    def _wrap(self, method: str, handler: Handler) -> Handler:
+        raise NotImplementedError
+
+
+class ErrorStatuses(_HandlerWrapper):
+    """Answers a :class:`PeermirrorError` a handler raises with the status the error carries
+    and its message (which names the field for INVALID_ARGUMENT): servicers raise, and this is
+    the one place gRPC statuses are chosen. Every :class:`GrpcServer` installs it."""
+
+    def _wrap(self, method: str, handler: Handler) -> Handler:
+        unary = handler.unary_unary
+        if unary is not None and inspect.iscoroutinefunction(unary):
+            return grpc.unary_unary_rpc_method_handler(
+                _answer_errors(unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        streaming = handler.unary_stream
+        if streaming is not None and inspect.iscoroutinefunction(streaming):
+            replies = _answer_errors(streaming)
+        elif streaming is not None and inspect.isasyncgenfunction(streaming):
+            replies = _answer_stream_errors(streaming)
+        else:
+            return handler  # a synchronous handler: left to grpc's own dispatch
+        return grpc.unary_stream_rpc_method_handler(
+            replies,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+async def _abort(context: Context, exc: PeermirrorError) -> NoReturn:
+    await context.abort(exc.grpc_status, str(exc))
+    raise AssertionError("context.abort returned")  # pragma: no cover - abort always raises
+
+
+def _answer_errors(behaviour: Callable[..., Any]) -> Callable[..., Any]:
+    async def call(request: Any, context: Context) -> Any:
+        try:
+            return await behaviour(request, context)
+        except PeermirrorError as exc:
+            await _abort(context, exc)
+
+    return call
+
+
+def _answer_stream_errors(behaviour: Callable[..., Any]) -> Callable[..., Any]:
+    async def replies(request: Any, context: Context) -> AsyncIterator[Any]:
+        try:
+            # aclosing: the handler's own cleanup runs when the client goes away mid-stream.
+            async with contextlib.aclosing(behaviour(request, context)) as inner:
+                async for reply in inner:
+                    yield reply
+        except PeermirrorError as exc:
+            await _abort(context, exc)
+
+    return replies
+
+
+class MessageRefusalLog(_HandlerWrapper):
+    """Logs (rate limited, per client) the requests grpc refuses as larger than the limit.
+
+    grpc core checks a message's size when the handler asks for it, and a unary handler is only
+    called once its request arrived, so a refused request never reaches our code and the client
+    is gone from the call by then. Served as a streaming-request handler instead, our wrapper
+    runs first, notes ``context.peer()``, and sees the refusal as the request stream ending
+    before its one message; grpc has already answered the client RESOURCE_EXHAUSTED. A client
+    that cancels before its message arrives looks the same, which the log line says.
+    """
+
+    def __init__(self, server: str, max_bytes: int, limit_log: LimitLog) -> None:
+        super().__init__()
+        self._server = server
+        self._max_bytes = max_bytes
+        self._limit_log = limit_log
 
     def _wrap(self, method: str, handler: Handler) -> Handler:
         read = functools.partial(self._request, method)
@@ -169,7 +235,7 @@ def _stream_replies(read: ReadRequest, behaviour: Callable[..., Any]) -> Callabl
     return replies
 
 
-class AddressInUseError(OSError):
+class AddressInUseError(PeermirrorError, OSError):
     """The listening address is taken (or cannot be bound); names the address."""
 
     def __init__(self, address: str, reason: str = "address already in use") -> None:
@@ -238,7 +304,7 @@ class GrpcServer:
             *options,
         ]
         self._refusals = MessageRefusalLog(
-            name, self.max_message_bytes, limit_log or LimitLog("peermirror.grpc.limits")
+            name, self.max_message_bytes, limit_log or LimitLog(__name__)
         )
         self._adders: list[AddServicer] = []
         self._service_names: list[str] = []
@@ -289,7 +355,10 @@ class GrpcServer:
         if unix is not None and _unix_socket_in_use(unix):
             raise AddressInUseError(self.address, "a server is already listening on this socket")
 
-        server = grpc.aio.server(options=self._options, interceptors=[self._refusals])
+        # The refusal log outermost: it must see a refused request before any handler runs.
+        server = grpc.aio.server(
+            options=self._options, interceptors=[self._refusals, ErrorStatuses()]
+        )
         health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
         for add in self._adders:

@@ -35,7 +35,7 @@ REQUEST_TIMEOUT = 5.0
 # Most seconds a refresh (e.g. asking containerd) may hold up a scrape.
 REFRESH_TIMEOUT = 2.0
 
-log = get_logger("metrics")
+log = get_logger(__name__)
 
 # `*_created` samples double the exposition for a value no dashboard of ours reads.
 disable_created_metrics()  # type: ignore[no-untyped-call]

@@ -30,7 +30,7 @@ READ_CHUNK = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True, order=True)
-class Endpoint:
+class BootstrapEndpoint:
     """An IP address and TCP port of a Peer service."""
 
     address: str
@@ -122,22 +122,22 @@ class BootstrapSources:
 class Gathered:
     """Endpoints found and what went wrong on the way (one line per failed source)."""
 
-    endpoints: list[Endpoint] = field(default_factory=list)
+    endpoints: list[BootstrapEndpoint] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
 
-async def resolve(host: str, port: int) -> list[Endpoint]:
+async def resolve(host: str, port: int) -> list[BootstrapEndpoint]:
     """Every A/AAAA address of `host` (an IP resolves to itself)."""
     ip = normalize_ip(host)
     if ip is not None:
-        return [Endpoint(ip, port)]
+        return [BootstrapEndpoint(ip, port)]
     loop = asyncio.get_running_loop()
     infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    found: list[Endpoint] = []
+    found: list[BootstrapEndpoint] = []
     for _family, _type, _proto, _name, sockaddr in infos:
         address = normalize_ip(str(sockaddr[0]))
         if address is not None:
-            found.append(Endpoint(address, port))
+            found.append(BootstrapEndpoint(address, port))
     return found
 
 
@@ -190,7 +190,7 @@ async def gather_endpoints(sources: BootstrapSources) -> Gathered:
         except (OSError, ValueError) as exc:
             result.problems.append(f"bootstrap_url {sources.url!r}: {exc}")
 
-    async def one(host: str, port: int, source: str) -> list[Endpoint]:
+    async def one(host: str, port: int, source: str) -> list[BootstrapEndpoint]:
         try:
             return await resolve(host, port)
         except OSError as exc:

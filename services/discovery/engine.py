@@ -1,7 +1,7 @@
 """Drives the Kademlia core over the network: lookups, publishing, maintenance, bootstrap.
 
 The core (services.discovery.kademlia) decides everything; this module only performs what
-it asks for with asyncio and the PeerClient, and keeps the node-local API's state
+it asks for with asyncio and the PeerServiceClient, and keeps the node-local API's state
 (single-flight provider lookups, the short-lived lookup cache, counters, readiness).
 """
 
@@ -21,7 +21,12 @@ import grpc
 from services.common.cancellation import cancel_and_wait
 from services.common.genproto.peermirror.discovery.v1 import peer_pb2 as pb
 from services.common.logsetup import get_logger
-from services.discovery.bootstrap import BootstrapSources, Endpoint, backoff_delay, gather_endpoints
+from services.discovery.bootstrap import (
+    BootstrapEndpoint,
+    BootstrapSources,
+    backoff_delay,
+    gather_endpoints,
+)
 from services.discovery.identity import ServerIdentities
 from services.discovery.kademlia import (
     AdvertisedKey,
@@ -32,7 +37,7 @@ from services.discovery.kademlia import (
     dht_key,
     short_id,
 )
-from services.discovery.peer_client import PeerClient
+from services.discovery.peer_client import PeerServiceClient
 from services.discovery.provider_cache import Flight, ProviderCache
 from services.discovery.rejoin import REJOIN_CAP, RejoinSchedule
 
@@ -52,7 +57,7 @@ MAX_TICK = 1.0
 # How long a stop waits for cancelled background work before going on without it.
 STOP_WAIT = 1.0
 
-log = get_logger("discovery")
+log = get_logger(__name__)
 
 
 @dataclass
@@ -99,7 +104,7 @@ class DiscoveryEngine:
         me = Contact(node_id, address, discovery_port, registry_port)
         self.node = DhtNode(me, config, now=clock())
         self.sources = sources or BootstrapSources()
-        self.client = PeerClient(
+        self.client = PeerServiceClient(
             self.node,
             self.sender_info,
             rpc_timeout=rpc_timeout,
@@ -136,7 +141,7 @@ class DiscoveryEngine:
             recheck=max(config.probe_interval, config.refresh_interval),
             rng=self._rng,
         )
-        self._bootstrap_endpoints: list[Endpoint] = []
+        self._bootstrap_endpoints: list[BootstrapEndpoint] = []
         self._gathered_at: float | None = None
         # Address checks under way, shared by every lookup that was named the same provider.
         self._verifying: dict[bytes, asyncio.Task[Contact | None]] = {}
@@ -574,7 +579,7 @@ class DiscoveryEngine:
         await self._join(others[0].responder, gathered.endpoints)
         return len(self.node.table) > 0, None
 
-    async def _join(self, via: Contact, endpoints: Sequence[Endpoint]) -> None:
+    async def _join(self, via: Contact, endpoints: Sequence[BootstrapEndpoint]) -> None:
         """Kademlia join: look up our own ID, then refresh every farther bucket."""
         await self.lookup_nodes(self.node_id)
         now = self._clock()
@@ -616,7 +621,7 @@ class DiscoveryEngine:
             # A source failing now keeps the addresses it gave before.
             if gathered.endpoints or not self._bootstrap_endpoints:
                 self._bootstrap_endpoints = gathered.endpoints
-        table_endpoints = {Endpoint(c.address, c.discovery_port) for c in self.node.table}
+        table_endpoints = {BootstrapEndpoint(c.address, c.discovery_port) for c in self.node.table}
         due = self._rejoin.due(self._bootstrap_endpoints, self.node.table, table_endpoints, now)
         if not due:
             return

@@ -28,7 +28,7 @@ NODE_ID_FILE = "node_id"
 # again, and parsing a certificate costs more than the rest of a small call.
 IDENTITY_CACHE = 1024
 
-log = get_logger("discovery")
+log = get_logger(__name__)
 
 
 def node_id_of_certificate(pem: bytes) -> bytes:

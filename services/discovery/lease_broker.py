@@ -4,7 +4,9 @@ Two roles in one object. As the deciding node (the closest to a key that answers
 a LeaseTable and answers peers' Peer lease RPCs. For its own registry it finds the deciding
 node of a key with the same lookup that places provider records, asks it (or decides
 itself), remembers which leases this node holds and where, and which other node is fetching
-a key this node was told to wait for (FindProviders names that node first).
+a key this node was told to wait for (FindProviders names that node first). A request it
+cannot satisfy raises the error kind (services.common.errors) whose status the local caller
+gets; the deciding node's own refusals pass through with theirs.
 """
 
 from __future__ import annotations
@@ -14,23 +16,28 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-import grpc
-
 from services.common.config import DiscoverySection
+from services.common.errors import (
+    InvalidArgumentError,
+    NotFoundError,
+    PeermirrorError,
+    PermissionDeniedError,
+    UnavailableError,
+    UnimplementedError,
+)
 from services.common.genproto.peermirror.discovery.v1 import peer_pb2 as pb
 from services.common.genproto.peermirror.discovery.v1 import peer_pb2_grpc as pb_grpc
 from services.common.logsetup import get_logger
 from services.discovery.engine import DiscoveryEngine
 from services.discovery.kademlia import Contact, dht_key, short_id
-from services.discovery.kademlia.leases import Lease, LeaseError, LeaseTable, lease_authorities
-from services.discovery.lease_rpc import LeaseAuthority, lease_status
-from services.discovery.peer_client import PeerRefused
+from services.discovery.kademlia.leases import FetchLease, LeaseTable, lease_authorities
+from services.discovery.lease_rpc import LeaseAuthority
 from services.discovery.wire import contact_from_proto, duration, seconds
 
 T = TypeVar("T")
 R = TypeVar("R")
 
-log = get_logger("discovery.leases")
+log = get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -52,14 +59,6 @@ class LeaseSettings:
             section.max_leases,
             section.max_leases_per_peer,
         )
-
-
-class LeaseFailed(Exception):
-    """A lease request this node cannot satisfy; `code` is the status for the local caller."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,19 +179,18 @@ class LeaseBroker:
                 lambda stub, request: stub.RenewLease(request, timeout=self._timeout),
                 ttl,
             )
-        except LeaseFailed as exc:
-            if exc.code is grpc.StatusCode.PERMISSION_DENIED and believed:
+        except PeermirrorError as exc:
+            if isinstance(exc, PermissionDeniedError) and believed:
                 self._lose(key, name)
-            if exc.code is not grpc.StatusCode.NOT_FOUND or not believed:
+            if not isinstance(exc, NotFoundError) or not believed:
                 raise
             # Our lease is gone where it was kept: take it again if still free.
             view = await self.acquire(name, ttl)
             if view.granted:
                 return view
             self._lose(key, name)
-            raise LeaseFailed(
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"key: the lease was lost; {view.holder} holds it now",
+            raise PermissionDeniedError(
+                f"the lease was lost; {view.holder} holds it now", field="key"
             ) from None
         return self._note(key, authority, state)
 
@@ -285,11 +283,11 @@ class LeaseBroker:
         async with contextlib.aclosing(self._candidates(key, first)) as candidates:
             async for candidate in candidates:
                 if candidate.node_id == self._engine.node_id:
-                    return candidate, self._local(local)
+                    return candidate, local()
                 try:
                     reply = await self._engine.client.call_answered(candidate, call)
-                except PeerRefused as exc:
-                    if exc.code is not grpc.StatusCode.UNIMPLEMENTED:
+                except PeermirrorError as exc:
+                    if not isinstance(exc, UnimplementedError):
                         raise _refused(exc) from None
                     # An older node keeps no leases: every newer node skips it alike.
                     reply = None
@@ -316,15 +314,8 @@ class LeaseBroker:
     def _local_renew(self, key: bytes, ttl: float) -> _State:
         return self._state(True, self.table.renew(key, self._me_for(key), ttl, self._now()))
 
-    def _state(self, granted: bool, lease: Lease) -> _State:
+    def _state(self, granted: bool, lease: FetchLease) -> _State:
         return _State(granted, lease.holder, lease.ttl(self._now()), self.table.waiters(lease.key))
-
-    def _local(self, decide: Callable[[], T]) -> T:
-        """A decision of this node's own table, its refusals as the peer RPCs give them."""
-        try:
-            return decide()
-        except LeaseError as exc:
-            raise LeaseFailed(*lease_status(exc)) from None
 
     def _note(self, key: bytes, authority: Contact, state: _State) -> LeaseView:
         now = self._now()
@@ -367,17 +358,13 @@ def _state_of(reply: pb.PeerLeaseState, answered_by: Contact) -> _State:
     return _State(reply.granted, holder, seconds(reply.ttl), reply.waiters)
 
 
-def _refused(exc: PeerRefused) -> LeaseFailed:
+def _refused(exc: PeermirrorError) -> PeermirrorError:
     # A refusal of the deciding node passes through; one saying our request was bad is this
     # node's failure to get a decision.
-    if exc.code is grpc.StatusCode.INVALID_ARGUMENT:
-        return LeaseFailed(
-            grpc.StatusCode.UNAVAILABLE, f"the node deciding on this key refused: {exc.details}"
-        )
-    return LeaseFailed(exc.code, exc.details)
+    if isinstance(exc, InvalidArgumentError):
+        return UnavailableError(f"the node deciding on this key refused: {exc}")
+    return exc
 
 
-def _unavailable() -> LeaseFailed:
-    return LeaseFailed(
-        grpc.StatusCode.UNAVAILABLE, "no node close to the key answered the lease request"
-    )
+def _unavailable() -> UnavailableError:
+    return UnavailableError("no node close to the key answered the lease request")

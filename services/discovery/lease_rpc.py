@@ -1,63 +1,25 @@
-"""The deciding node's answers to peers' lease RPCs, and the status each refusal maps to.
+"""The deciding node's answers to peers' lease RPCs.
 
-Kept out of the Peer servicer so that class only checks the caller and delegates.
+Kept out of the Peer servicer so that class only checks the caller and delegates; a refusal
+is raised as the error kind it is (the table's, InvalidArgumentError) and answered with its
+status by the server's interceptor.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NoReturn, TypeVar
 
-import grpc
-
+from services.common.errors import InvalidArgumentError
 from services.common.genproto.peermirror.discovery.v1 import peer_pb2 as pb
 from services.discovery.kademlia import Contact
-from services.discovery.kademlia.leases import (
-    Lease,
-    LeaseCapReached,
-    LeaseError,
-    LeaseHeldElsewhere,
-    LeaseTable,
-    NoLease,
-    same_node,
-)
-from services.discovery.wire import InvalidRequest, contact_to_proto, duration, seconds
-
-R = TypeVar("R")
-
-Context = grpc.aio.ServicerContext[object, object]
-
-
-def lease_status(exc: LeaseError) -> tuple[grpc.StatusCode, str]:
-    """The gRPC status a table refusal is answered with, message naming the field."""
-    if isinstance(exc, LeaseHeldElsewhere):
-        return grpc.StatusCode.PERMISSION_DENIED, f"key: {exc}"
-    if isinstance(exc, NoLease):
-        return grpc.StatusCode.NOT_FOUND, f"key: {exc}"
-    if isinstance(exc, LeaseCapReached):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, f"key: {exc}"
-    return grpc.StatusCode.FAILED_PRECONDITION, f"key: {exc}"
-
-
-async def serve_lease(context: Context, answer: Callable[[], R]) -> R:
-    """`answer()`, its refusals turned into the matching status."""
-    try:
-        return answer()
-    except InvalidRequest as exc:
-        await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-    except LeaseError as exc:
-        await _abort(context, *lease_status(exc))
-
-
-async def _abort(context: Context, code: grpc.StatusCode, message: str) -> NoReturn:
-    await context.abort(code, message)
-    raise AssertionError("context.abort returned")  # pragma: no cover - abort always raises
+from services.discovery.kademlia.leases import FetchLease, LeaseTable, same_node
+from services.discovery.wire import contact_to_proto, duration, seconds
 
 
 def _ttl(request: pb.PeerLeaseRequest) -> float:
     ttl = seconds(request.ttl) if request.HasField("ttl") else 0.0
     if ttl < 0:
-        raise InvalidRequest("ttl", "must not be negative")
+        raise InvalidArgumentError("must not be negative", field="ttl")
     return ttl
 
 
@@ -68,7 +30,7 @@ class LeaseAuthority:
         self.table = table
         self._clock = clock
 
-    def _state(self, caller: Contact, lease: Lease | None) -> pb.PeerLeaseState:
+    def _state(self, caller: Contact, lease: FetchLease | None) -> pb.PeerLeaseState:
         if lease is None:
             return pb.PeerLeaseState()
         return pb.PeerLeaseState(

@@ -1,16 +1,20 @@
-"""The LocalDiscovery gRPC service (node-local address only): a thin adapter over the engine."""
+"""The LocalDiscovery gRPC service (node-local address only): a thin adapter over the engine.
+
+Refusals are raised as errors of services.common.errors; the server's interceptor answers them.
+"""
 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import TypeVar
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.common.config import DiscoverySection
+from services.common.errors import InvalidArgumentError, UnimplementedError
 from services.common.genproto.peermirror.discovery.v1 import local_pb2 as pb
 from services.common.genproto.peermirror.discovery.v1 import local_pb2_grpc as pb_grpc
 from services.common.grpc_server import client_of
@@ -18,9 +22,9 @@ from services.common.logsetup import get_logger
 from services.common.ratelog import LimitLog
 from services.common.request_id import from_metadata
 from services.discovery.engine import DiscoveryEngine
-from services.discovery.lease_broker import LeaseBroker, LeaseFailed
+from services.discovery.lease_broker import LeaseBroker
 from services.discovery.metrics import DiscoveryMetrics
-from services.discovery.wire import InvalidRequest, contact_to_proto, duration
+from services.discovery.wire import contact_to_proto, duration
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["LocalDiscovery"].full_name
 
@@ -29,14 +33,16 @@ LIST_BATCH = 1000
 
 Context = grpc.aio.ServicerContext[object, object]
 
-log = get_logger("discovery.local")
+log = get_logger(__name__)
+
+T = TypeVar("T")
 
 
-class KeyLimitExceeded(InvalidRequest):
+class KeyLimitExceeded(InvalidArgumentError):
     """A request over one of the configured key bounds; `limit` names its config key."""
 
     def __init__(self, field: str, problem: str, limit: str, maximum: int) -> None:
-        super().__init__(field, problem)
+        super().__init__(problem, field=field)
         self.limit = limit
         self.maximum = maximum
 
@@ -56,7 +62,7 @@ class KeyLimits:
     def check_key(self, key: str, field: str) -> str:
         """A key string: a digest or reference, non-empty, printable, bounded."""
         if not key:
-            raise InvalidRequest(field, "must not be empty")
+            raise InvalidArgumentError("must not be empty", field=field)
         if len(key) > self.max_key_length:
             raise KeyLimitExceeded(
                 field,
@@ -65,7 +71,9 @@ class KeyLimits:
                 self.max_key_length,
             )
         if not key.isprintable() or any(ch.isspace() for ch in key):
-            raise InvalidRequest(field, "must not contain whitespace or control characters")
+            raise InvalidArgumentError(
+                "must not contain whitespace or control characters", field=field
+            )
         return key
 
     def check_key_list(self, keys: Sequence[str]) -> list[str]:
@@ -103,11 +111,13 @@ class LocalDiscoveryServicer(pb_grpc.LocalDiscoveryServicer):
         self._engine = engine
         self._metrics = metrics
         self._limits = limits if limits is not None else KeyLimits.of(DiscoverySection())
-        self._limit_log = limit_log if limit_log is not None else LimitLog("discovery.limits")
+        self._limit_log = limit_log if limit_log is not None else LimitLog(__name__)
 
-    async def _refuse(self, exc: InvalidRequest, context: Context) -> NoReturn:
-        """Answer INVALID_ARGUMENT naming the field; a limit hit is also logged (rate limited)."""
-        if isinstance(exc, KeyLimitExceeded):
+    def _checked(self, check: Callable[[], T], context: Context) -> T:
+        """``check()``; a key limit it hits is also logged (rate limited) before the refusal."""
+        try:
+            return check()
+        except KeyLimitExceeded as exc:
             self._limit_log.refused(
                 exc.limit,
                 client_of(context.peer()),
@@ -115,23 +125,20 @@ class LocalDiscoveryServicer(pb_grpc.LocalDiscoveryServicer):
                 max=exc.maximum,
                 field=exc.field,
             )
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise
 
-    async def _keys(self, keys: Sequence[str], context: Context) -> list[str]:
-        try:
-            return self._limits.check_key_list(keys)
-        except InvalidRequest as exc:
-            await self._refuse(exc, context)
+    def _keys(self, keys: Sequence[str], context: Context) -> list[str]:
+        return self._checked(lambda: self._limits.check_key_list(keys), context)
 
     async def Advertise(
         self, request: pb.AdvertiseRequest, context: Context
     ) -> pb.AdvertiseResponse:
-        keys = await self._keys(request.keys, context)
+        keys = self._keys(request.keys, context)
         added, total = self._engine.advertise(keys)
         return pb.AdvertiseResponse(added=added, total=total)
 
     async def Withdraw(self, request: pb.WithdrawRequest, context: Context) -> pb.WithdrawResponse:
-        keys = await self._keys(request.keys, context)
+        keys = self._keys(request.keys, context)
         removed, total = self._engine.withdraw(keys)
         return pb.WithdrawResponse(removed=removed, total=total)
 
@@ -145,10 +152,7 @@ class LocalDiscoveryServicer(pb_grpc.LocalDiscoveryServicer):
     async def FindProviders(
         self, request: pb.FindProvidersRequest, context: Context
     ) -> AsyncIterator[pb.FindProvidersResponse]:
-        try:
-            key = self._limits.check_key(request.key, "key")
-        except InvalidRequest as exc:
-            await self._refuse(exc, context)
+        key = self._checked(lambda: self._limits.check_key(request.key, "key"), context)
         # The registry's request id comes as metadata; it is logged explicitly (this generator
         # may be finished from another context, so nothing is bound to contextvars here).
         request_id = from_metadata(context.invocation_metadata())
@@ -235,15 +239,17 @@ class LocalDiscoveryServicer(pb_grpc.LocalDiscoveryServicer):
             "lease_waits": leases.counters.waits,
         }
 
-    async def _lease_request(
+    def _lease_request(
         self, key: str, ttl_seconds: int | None, context: Context
     ) -> tuple[LeaseBroker, str]:
         """The broker and the checked key; INVALID_ARGUMENT naming the field otherwise."""
-        if self._leases is None:
-            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "fetch leases are not enabled")
-        try:
+        leases = self._leases
+        if leases is None:
+            raise UnimplementedError("fetch leases are not enabled")
+
+        def check() -> str:
             checked = self._limits.check_key(key, "key")
-            longest = self._leases.settings.max_ttl
+            longest = leases.settings.max_ttl
             if ttl_seconds is not None and ttl_seconds > longest:
                 raise KeyLimitExceeded(
                     "ttl_seconds",
@@ -251,18 +257,15 @@ class LocalDiscoveryServicer(pb_grpc.LocalDiscoveryServicer):
                     "max_lease_ttl",
                     int(longest),
                 )
-        except InvalidRequest as exc:
-            await self._refuse(exc, context)
-        return self._leases, checked
+            return checked
+
+        return leases, self._checked(check, context)
 
     async def AcquireLease(
         self, request: pb.AcquireLeaseRequest, context: Context
     ) -> pb.AcquireLeaseResponse:
-        leases, key = await self._lease_request(request.key, request.ttl_seconds, context)
-        try:
-            view = await leases.acquire(key, float(request.ttl_seconds))
-        except LeaseFailed as exc:
-            await context.abort(exc.code, str(exc))
+        leases, key = self._lease_request(request.key, request.ttl_seconds, context)
+        view = await leases.acquire(key, float(request.ttl_seconds))
         reply = pb.AcquireLeaseResponse(
             granted=view.granted, ttl=duration(view.ttl), waiters=view.waiters
         )
@@ -279,29 +282,20 @@ class LocalDiscoveryServicer(pb_grpc.LocalDiscoveryServicer):
     async def RenewLease(
         self, request: pb.RenewLeaseRequest, context: Context
     ) -> pb.RenewLeaseResponse:
-        leases, key = await self._lease_request(request.key, request.ttl_seconds, context)
-        try:
-            view = await leases.renew(key, float(request.ttl_seconds))
-        except LeaseFailed as exc:
-            await context.abort(exc.code, str(exc))
+        leases, key = self._lease_request(request.key, request.ttl_seconds, context)
+        view = await leases.renew(key, float(request.ttl_seconds))
         return pb.RenewLeaseResponse(ttl=duration(view.ttl), waiters=view.waiters)
 
     async def ReleaseLease(
         self, request: pb.ReleaseLeaseRequest, context: Context
     ) -> pb.ReleaseLeaseResponse:
-        leases, key = await self._lease_request(request.key, None, context)
-        try:
-            released = await leases.release(key)
-        except LeaseFailed as exc:
-            await context.abort(exc.code, str(exc))
+        leases, key = self._lease_request(request.key, None, context)
+        released = await leases.release(key)
         return pb.ReleaseLeaseResponse(released=released)
 
     async def GetLease(self, request: pb.GetLeaseRequest, context: Context) -> pb.GetLeaseResponse:
-        leases, key = await self._lease_request(request.key, None, context)
-        try:
-            view = await leases.get(key)
-        except LeaseFailed as exc:
-            await context.abort(exc.code, str(exc))
+        leases, key = self._lease_request(request.key, None, context)
+        view = await leases.get(key)
         if view is None:
             return pb.GetLeaseResponse(held=False)
         reply = pb.GetLeaseResponse(

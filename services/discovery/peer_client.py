@@ -17,10 +17,11 @@ import grpc
 
 from services.common.cancellation import cancel_and_wait
 from services.common.config import GrpcSection
+from services.common.errors import error_for_status
 from services.common.genproto.peermirror.discovery.v1 import peer_pb2 as pb
 from services.common.genproto.peermirror.discovery.v1 import peer_pb2_grpc as pb_grpc
 from services.common.logsetup import get_logger
-from services.discovery.bootstrap import Endpoint
+from services.discovery.bootstrap import BootstrapEndpoint
 from services.discovery.identity import ServerIdentities
 from services.discovery.kademlia import ID_BYTES, Contact, DhtNode, short_id
 from services.discovery.wire import contacts_from_proto, duration, normalize_ip
@@ -44,7 +45,7 @@ MAX_CHANNELS = 512
 # How long close() waits for cancelled background calls before closing channels under them.
 CLOSE_WAIT = 1.0
 
-log = get_logger("discovery")
+log = get_logger(__name__)
 
 
 # Statuses a live peer answers with on purpose ("no", "not yours", "full"): the call reached
@@ -59,15 +60,6 @@ ANSWERED_STATUSES = frozenset(
         grpc.StatusCode.UNIMPLEMENTED,
     }
 )
-
-
-class PeerRefused(Exception):
-    """A peer answered a call with one of ANSWERED_STATUSES."""
-
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(details)
-        self.code = code
-        self.details = details
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +78,7 @@ class PingAnswer:
     observed_address: str | None
 
 
-class PeerClient:
+class PeerServiceClient:
     """Issues Peer RPCs for one node; reports every outcome to its DhtNode."""
 
     def __init__(
@@ -210,7 +202,7 @@ class PeerClient:
         self.heard_from(answer.responder)
         return answer.responder
 
-    async def ping_endpoint(self, endpoint: Endpoint) -> PingAnswer | None:
+    async def ping_endpoint(self, endpoint: BootstrapEndpoint) -> PingAnswer | None:
         """Ping an address whose node we do not know yet (bootstrap); None on failure."""
         answer = await self._ping_endpoint(str(endpoint), endpoint.address, endpoint.port)
         if answer is not None:
@@ -287,8 +279,13 @@ class PeerClient:
         return None if reply is None else int(reply.removed)
 
     async def _call(
-        self, contact: Contact, call: Callable[[pb_grpc.PeerAsyncStub], Awaitable[R]]
+        self,
+        contact: Contact,
+        call: Callable[[pb_grpc.PeerAsyncStub], Awaitable[R]],
+        refusals: frozenset[grpc.StatusCode] = frozenset(),
     ) -> R | None:
+        """`call` on the contact's stub; None when it failed. A status in `refusals` is
+        raised as its error kind instead (the node answered)."""
         if self._closed:
             return None
         stub = self._stub(contact.discovery_endpoint)
@@ -297,8 +294,12 @@ class PeerClient:
         try:
             reply = await call(stub)
         except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+            if code in refusals:
+                self._answered_call(contact)
+                raise error_for_status(code, exc.details() or "") from None
             # A node refusing load (its record rate, a size limit) answered: it is alive.
-            if exc.code() is not grpc.StatusCode.RESOURCE_EXHAUSTED:
+            if code is not grpc.StatusCode.RESOURCE_EXHAUSTED:
                 self._failed_at(contact)
             return None
         self._answered_call(contact)
@@ -308,23 +309,9 @@ class PeerClient:
         self, contact: Contact, call: Callable[[pb_grpc.PeerAsyncStub], Awaitable[R]]
     ) -> R | None:
         """A call whose refusals carry meaning (lease RPCs): None when the node could not be
-        reached (counted as a failure); PeerRefused when it answered with a refusal (counted
-        as heard from)."""
-        if self._closed:
-            return None
-        stub = self._stub(contact.discovery_endpoint)
-        self._note(contact)
-        self.calls += 1
-        try:
-            reply = await call(stub)
-        except grpc.aio.AioRpcError as err:
-            if err.code() not in ANSWERED_STATUSES:
-                self._failed_at(contact)
-                return None
-            self._answered_call(contact)
-            raise PeerRefused(err.code(), err.details() or "") from None
-        self._answered_call(contact)
-        return reply
+        reached (counted as a failure); raises the error kind of the status it answered a
+        refusal with (error_for_status; counted as heard from)."""
+        return await self._call(contact, call, ANSWERED_STATUSES)
 
     def _answered_call(self, contact: Contact) -> None:
         """`contact` answered a call. Its ports may be what another node named (a lookup

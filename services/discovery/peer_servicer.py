@@ -6,7 +6,8 @@ address it does not own. Over mutual TLS that address must also be one the calle
 certificate names (an IP SAN), and the node ID it sends must be the one its certificate's key
 gives (identity.node_id_of_certificate): a node's identity in the DHT is bound to its
 certificate, so it can neither speak for another node nor mint IDs. The ports a caller sends
-only ever describe the caller itself (its own contact, its own records).
+only ever describe the caller itself (its own contact, its own records). Refusals are raised as
+errors of services.common.errors; the server's interceptor answers their status.
 """
 
 from __future__ import annotations
@@ -15,16 +16,23 @@ from collections.abc import Callable, Sequence
 
 import grpc
 
+from services.common.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+    UnauthenticatedError,
+    UnimplementedError,
+)
 from services.common.genproto.peermirror.discovery.v1 import peer_pb2 as pb
 from services.common.genproto.peermirror.discovery.v1 import peer_pb2_grpc as pb_grpc
 from services.common.grpc_server import client_of
 from services.common.ratelog import LimitLog
 from services.discovery.identity import PeerIdentities, PeerIdentity
 from services.discovery.kademlia import Contact, DhtNode, RecordRateExceeded, short_id
-from services.discovery.lease_rpc import LeaseAuthority, serve_lease
-from services.discovery.peer_client import PeerClient
+from services.discovery.lease_rpc import LeaseAuthority
+from services.discovery.peer_client import PeerServiceClient
 from services.discovery.wire import (
-    InvalidRequest,
     check_id_field,
     check_keys,
     contact_to_proto,
@@ -46,7 +54,7 @@ class PeerServicer(pb_grpc.PeerServicer):
     def __init__(
         self,
         node: DhtNode,
-        client: PeerClient,
+        client: PeerServiceClient,
         me: Callable[[], pb.SenderInfo],
         clock: Callable[[], float],
         *,
@@ -61,24 +69,20 @@ class PeerServicer(pb_grpc.PeerServicer):
         self._clock = clock
         # Set when the server requires client certificates (tls.enabled).
         self._bind_identity = bind_identity
-        self._limit_log = limit_log if limit_log is not None else LimitLog("discovery.limits")
+        self._limit_log = limit_log if limit_log is not None else LimitLog(__name__)
         self._identities = PeerIdentities()
         self.requests = 0
         self.refused_identity = 0
 
-    async def _caller(self, has_sender: bool, sender: pb.SenderInfo, context: Context) -> Contact:
-        """The caller as a contact; aborts the call when it is not acceptable."""
+    def _caller(self, has_sender: bool, sender: pb.SenderInfo, context: Context) -> Contact:
+        """The caller as a contact; raises when it is not acceptable."""
         address = peer_ip(context.peer())
         if address is None:
-            await context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                "the Peer service only accepts TCP callers with an IP address",
+            raise FailedPreconditionError(
+                "the Peer service only accepts TCP callers with an IP address"
             )
-        identity = await self._check_identity(address, context) if self._bind_identity else None
-        try:
-            caller = sender_contact(has_sender, sender, address)
-        except InvalidRequest as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        identity = self._check_identity(address, context) if self._bind_identity else None
+        caller = sender_contact(has_sender, sender, address)
         if identity is not None and caller.node_id != identity.node_id:
             self.refused_identity += 1
             self._limit_log.refused(
@@ -88,23 +92,20 @@ class PeerServicer(pb_grpc.PeerServicer):
                 claimed=short_id(caller.node_id),
                 certificate_node_id=short_id(identity.node_id),
             )
-            await context.abort(
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"sender.node_id: the caller's certificate gives it node ID "
+            raise PermissionDeniedError(
+                f"the caller's certificate gives it node ID "
                 f"{identity.node_id.hex()}, not {caller.node_id.hex()}",
+                field="sender.node_id",
             )
         return caller
 
-    async def _check_identity(self, address: str, context: Context) -> PeerIdentity:
-        """The caller's verified identity; aborts unless its certificate names the address
+    def _check_identity(self, address: str, context: Context) -> PeerIdentity:
+        """The caller's verified identity; raises unless its certificate names the address
         it calls from."""
         identity = self._identities.of(context.auth_context())
         if identity is None:
             self.refused_identity += 1
-            await context.abort(
-                grpc.StatusCode.UNAUTHENTICATED,
-                "a client certificate of the cluster CA is required",
-            )
+            raise UnauthenticatedError("a client certificate of the cluster CA is required")
         named = identity.ips
         if address not in {normalize_ip(ip) for ip in named}:
             self.refused_identity += 1
@@ -114,21 +115,13 @@ class PeerServicer(pb_grpc.PeerServicer):
                 "peer refused: its certificate does not name the address it calls from",
                 certificate_ips=named,
             )
-            await context.abort(
-                grpc.StatusCode.PERMISSION_DENIED,
+            raise PermissionDeniedError(
                 f"the caller's certificate names {named or 'no IP address'}, "
-                f"not the address {address} it calls from",
+                f"not the address {address} it calls from"
             )
         return identity
 
-    @staticmethod
-    async def _check(context: Context, check: Callable[[], object]) -> None:
-        try:
-            check()
-        except InvalidRequest as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-
-    async def _check_batch(self, keys: Sequence[bytes], context: Context) -> None:
+    def _check_batch(self, keys: Sequence[bytes], context: Context) -> None:
         """An AddProvider/RemoveProvider batch; one over discovery.max_keys_per_peer_call is
         also logged (rate limited) before it is refused like any malformed batch."""
         limit = self._node.config.max_batch_keys
@@ -140,7 +133,7 @@ class PeerServicer(pb_grpc.PeerServicer):
                 max=limit,
                 keys=len(keys),
             )
-        await self._check(context, lambda: check_keys(keys, limit))
+        check_keys(keys, limit)
 
     def _heard(self, caller: Contact) -> None:
         # Only once the whole request was found well-formed.
@@ -148,13 +141,13 @@ class PeerServicer(pb_grpc.PeerServicer):
         self._client.heard_from(caller)
 
     async def Ping(self, request: pb.PingRequest, context: Context) -> pb.PingResponse:
-        caller = await self._caller(request.HasField("sender"), request.sender, context)
+        caller = self._caller(request.HasField("sender"), request.sender, context)
         self._heard(caller)
         return pb.PingResponse(responder=self._me(), observed_address=caller.address)
 
     async def FindNode(self, request: pb.FindNodeRequest, context: Context) -> pb.FindNodeResponse:
-        caller = await self._caller(request.HasField("sender"), request.sender, context)
-        await self._check(context, lambda: check_id_field(request.target, "target"))
+        caller = self._caller(request.HasField("sender"), request.sender, context)
+        check_id_field(request.target, "target")
         self._heard(caller)
         closest = self._node.find_node(caller.node_id, request.target)
         return pb.FindNodeResponse(closest=[contact_to_proto(c) for c in closest])
@@ -162,8 +155,8 @@ class PeerServicer(pb_grpc.PeerServicer):
     async def GetProviders(
         self, request: pb.GetProvidersRequest, context: Context
     ) -> pb.GetProvidersResponse:
-        caller = await self._caller(request.HasField("sender"), request.sender, context)
-        await self._check(context, lambda: check_id_field(request.key, "key"))
+        caller = self._caller(request.HasField("sender"), request.sender, context)
+        check_id_field(request.key, "key")
         self._heard(caller)
         now = self._clock()
         records, closer = self._node.get_providers(caller.node_id, request.key, request.limit, now)
@@ -179,11 +172,11 @@ class PeerServicer(pb_grpc.PeerServicer):
     async def AddProvider(
         self, request: pb.AddProviderRequest, context: Context
     ) -> pb.AddProviderResponse:
-        caller = await self._caller(request.HasField("sender"), request.sender, context)
-        await self._check_batch(request.keys, context)
+        caller = self._caller(request.HasField("sender"), request.sender, context)
+        self._check_batch(request.keys, context)
         ttl = seconds(request.ttl) if request.HasField("ttl") else 0.0
         if ttl < 0:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "ttl: must not be negative")
+            raise InvalidArgumentError("must not be negative", field="ttl")
         self._heard(caller)
         try:
             stored, applied = self._node.add_provider(caller, request.keys, ttl, self._clock())
@@ -195,57 +188,49 @@ class PeerServicer(pb_grpc.PeerServicer):
                 max=exc.rate,
                 keys=len(request.keys),
             )
-            await context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"keys: this node takes at most {exc.rate:g} records per second from one peer "
+            raise ResourceExhaustedError(
+                f"this node takes at most {exc.rate:g} records per second from one peer "
                 f"(discovery.peer_records_per_second); retry in {exc.retry_after:.1f} s",
-            )
+                field="keys",
+            ) from None
         return pb.AddProviderResponse(stored=stored, ttl=duration(applied))
 
     async def RemoveProvider(
         self, request: pb.RemoveProviderRequest, context: Context
     ) -> pb.RemoveProviderResponse:
-        caller = await self._caller(request.HasField("sender"), request.sender, context)
-        await self._check_batch(request.keys, context)
+        caller = self._caller(request.HasField("sender"), request.sender, context)
+        self._check_batch(request.keys, context)
         self._heard(caller)
         return pb.RemoveProviderResponse(removed=self._node.remove_provider(caller, request.keys))
 
     # -- fetch leases (the rules are in lease_rpc and kademlia.leases) -----------------------
 
-    async def _lease_caller(
-        self, has_sender: bool, sender: pb.SenderInfo, key: bytes, context: Context
+    def _lease_caller(
+        self, request: pb.PeerLeaseRequest | pb.PeerLeaseKey, context: Context
     ) -> tuple[Contact, LeaseAuthority]:
-        caller = await self._caller(has_sender, sender, context)
-        await self._check(context, lambda: check_id_field(key, "key"))
+        caller = self._caller(request.HasField("sender"), request.sender, context)
+        check_id_field(request.key, "key")
         if self._leases is None:
-            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this node keeps no fetch leases")
+            raise UnimplementedError("this node keeps no fetch leases")
         self._heard(caller)
         return caller, self._leases
 
     async def AcquireLease(
         self, request: pb.PeerLeaseRequest, context: Context
     ) -> pb.PeerLeaseState:
-        caller, leases = await self._lease_caller(
-            request.HasField("sender"), request.sender, request.key, context
-        )
-        return await serve_lease(context, lambda: leases.acquire_state(caller, request))
+        caller, leases = self._lease_caller(request, context)
+        return leases.acquire_state(caller, request)
 
     async def RenewLease(self, request: pb.PeerLeaseRequest, context: Context) -> pb.PeerLeaseState:
-        caller, leases = await self._lease_caller(
-            request.HasField("sender"), request.sender, request.key, context
-        )
-        return await serve_lease(context, lambda: leases.renew_state(caller, request))
+        caller, leases = self._lease_caller(request, context)
+        return leases.renew_state(caller, request)
 
     async def ReleaseLease(
         self, request: pb.PeerLeaseKey, context: Context
     ) -> pb.PeerLeaseReleased:
-        caller, leases = await self._lease_caller(
-            request.HasField("sender"), request.sender, request.key, context
-        )
-        return await serve_lease(context, lambda: leases.release_state(caller, request.key))
+        caller, leases = self._lease_caller(request, context)
+        return leases.release_state(caller, request.key)
 
     async def GetLease(self, request: pb.PeerLeaseKey, context: Context) -> pb.PeerLeaseState:
-        caller, leases = await self._lease_caller(
-            request.HasField("sender"), request.sender, request.key, context
-        )
-        return await serve_lease(context, lambda: leases.get_state(caller, request.key))
+        caller, leases = self._lease_caller(request, context)
+        return leases.get_state(caller, request.key)

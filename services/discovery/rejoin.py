@@ -12,7 +12,7 @@ import random
 from collections.abc import Container, Iterable
 from dataclasses import dataclass
 
-from services.discovery.bootstrap import Endpoint
+from services.discovery.bootstrap import BootstrapEndpoint
 
 # Most addresses pinged per round: a peer list naming every node of a large cluster (most
 # of them rightly absent from a k-bucket table) must not turn into a ping storm.
@@ -57,19 +57,19 @@ class RejoinSchedule:
         self.recheck = recheck
         self.batch = batch
         self._rng = rng or random.Random()
-        self._answered: dict[Endpoint, bytes] = {}
-        self._retry: dict[Endpoint, _Retry] = {}
+        self._answered: dict[BootstrapEndpoint, bytes] = {}
+        self._retry: dict[BootstrapEndpoint, _Retry] = {}
         # Our own address as a source lists it (a peer list or DNS name naming every node).
-        self._own: set[Endpoint] = set()
+        self._own: set[BootstrapEndpoint] = set()
         self._next_round = 0.0
 
     def due(
         self,
-        endpoints: Iterable[Endpoint],
+        endpoints: Iterable[BootstrapEndpoint],
         table_ids: Container[bytes],
-        table_endpoints: Container[Endpoint],
+        table_endpoints: Container[BootstrapEndpoint],
         now: float,
-    ) -> list[Endpoint]:
+    ) -> list[BootstrapEndpoint]:
         """The absent endpoints to ping now (most overdue first, at most `batch`); each is
         reported back with `answered` or `failed`. Endpoints no longer listed are forgotten.
         Empty until the next round is due."""
@@ -81,7 +81,7 @@ class RejoinSchedule:
             del self._retry[gone]
         for gone in [e for e in self._answered if e not in listed]:
             del self._answered[gone]
-        ready: list[tuple[float, Endpoint]] = []
+        ready: list[tuple[float, BootstrapEndpoint]] = []
         for endpoint in sorted(listed):
             if endpoint in self._own:
                 continue
@@ -100,7 +100,9 @@ class RejoinSchedule:
             self._retry[endpoint].in_flight = True
         return chosen
 
-    def answered(self, endpoint: Endpoint, node_id: bytes, own_id: bytes, now: float) -> None:
+    def answered(
+        self, endpoint: BootstrapEndpoint, node_id: bytes, own_id: bytes, now: float
+    ) -> None:
         """`node_id` answered a ping at `endpoint`."""
         if node_id == own_id:
             self._own.add(endpoint)
@@ -115,7 +117,7 @@ class RejoinSchedule:
             retry.in_flight = False
             retry.next_at = now + self._jitter(self.recheck)
 
-    def failed(self, endpoint: Endpoint, now: float) -> int:
+    def failed(self, endpoint: BootstrapEndpoint, now: float) -> int:
         """A ping at `endpoint` got no usable answer; returns the failures in a row."""
         retry = self._retry.setdefault(endpoint, _Retry())
         retry.failures += 1
@@ -124,7 +126,7 @@ class RejoinSchedule:
         retry.next_at = now + min(self.cap, self._jitter(delay))
         return retry.failures
 
-    def failures(self, endpoint: Endpoint) -> int:
+    def failures(self, endpoint: BootstrapEndpoint) -> int:
         """Failed pings in a row at `endpoint` (0 when it answered last or is present)."""
         retry = self._retry.get(endpoint)
         return 0 if retry is None else retry.failures

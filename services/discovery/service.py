@@ -42,7 +42,7 @@ STOP_BUDGET = 4.0
 # In-flight RPCs get this long once a stop began.
 STOP_GRACE = 1.0
 
-log = get_logger("discovery")
+log = get_logger(__name__)
 
 
 def dht_config(cfg: NodeConfig) -> DhtConfig:
@@ -114,7 +114,7 @@ class DiscoveryService:
         engine = self.engine
         self.leases = LeaseBroker(engine, LeaseSettings.of(d))
         # One per node: refusals logged once per client and limit, whichever API was called.
-        limit_log = LimitLog("discovery.limits")
+        limit_log = LimitLog(__name__)
         self.peer_server = GrpcServer(
             _listen_address(d.host, d.port),
             name="discovery-peer",

@@ -12,16 +12,9 @@ from urllib.parse import unquote
 
 from google.protobuf.duration_pb2 import Duration
 
+from services.common.errors import InvalidArgumentError
 from services.common.genproto.peermirror.discovery.v1 import peer_pb2 as pb
 from services.discovery.kademlia import ID_BYTES, Contact
-
-
-class InvalidRequest(ValueError):
-    """A request field is malformed; `field` names it as the proto spells it."""
-
-    def __init__(self, field: str, problem: str) -> None:
-        super().__init__(f"{field}: {problem}")
-        self.field = field
 
 
 def normalize_ip(text: str) -> str | None:
@@ -55,21 +48,21 @@ def peer_ip(peer: str) -> str | None:
 
 def _check_port(value: int, field: str) -> int:
     if not 1 <= value <= 65535:
-        raise InvalidRequest(field, f"must be a TCP port 1-65535, got {value}")
+        raise InvalidArgumentError(f"must be a TCP port 1-65535, got {value}", field=field)
     return value
 
 
 def check_id_field(value: bytes, field: str) -> bytes:
-    """`value` when it is a 32-byte ID or key; InvalidRequest naming `field` otherwise."""
+    """`value` when it is a 32-byte ID or key; InvalidArgumentError naming `field` otherwise."""
     if len(value) != ID_BYTES:
-        raise InvalidRequest(field, f"must be {ID_BYTES} bytes, got {len(value)}")
+        raise InvalidArgumentError(f"must be {ID_BYTES} bytes, got {len(value)}", field=field)
     return value
 
 
 def sender_contact(has_sender: bool, sender: pb.SenderInfo, address: str) -> Contact:
     """The caller as a contact: ID and ports from its SenderInfo, address from the connection."""
     if not has_sender:
-        raise InvalidRequest("sender", "is required")
+        raise InvalidArgumentError("is required", field="sender")
     node_id = check_id_field(sender.node_id, "sender.node_id")
     return Contact(
         node_id,
@@ -82,9 +75,9 @@ def sender_contact(has_sender: bool, sender: pb.SenderInfo, address: str) -> Con
 def check_keys(keys: Sequence[bytes], limit: int) -> list[bytes]:
     """A batch of DHT keys: at least one, at most `limit`, each 32 bytes."""
     if not keys:
-        raise InvalidRequest("keys", "at least one key is required")
+        raise InvalidArgumentError("at least one key is required", field="keys")
     if len(keys) > limit:
-        raise InvalidRequest("keys", f"at most {limit} keys per call, got {len(keys)}")
+        raise InvalidArgumentError(f"at most {limit} keys per call, got {len(keys)}", field="keys")
     return [check_id_field(key, f"keys[{i}]") for i, key in enumerate(keys)]
 
 

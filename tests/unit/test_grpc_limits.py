@@ -17,12 +17,12 @@ from services.common.config import (
     NodeConfig,
     load_config,
 )
+from services.common.errors import InvalidArgumentError
 from services.common.grpc_server import MESSAGE_LIMIT, GrpcServer, client_of
 from services.common.ratelog import LimitLog
 from services.discovery.kademlia import DhtConfig
 from services.discovery.local_servicer import KeyLimitExceeded, KeyLimits
 from services.discovery.service import dht_config
-from services.discovery.wire import InvalidRequest
 from tests.harness.discovery_mesh import wait_until
 
 # (dotted key, default): the limits that were constants before they were config keys.
@@ -120,7 +120,7 @@ def test_key_limits_name_the_limit_they_enforce() -> None:
     assert str(long.value) == "keys[1]: longer than 4 characters"
     # Malformed keys are refused too, but are not limits.
     for bad in ("", "a b"):
-        with pytest.raises(InvalidRequest) as err:
+        with pytest.raises(InvalidArgumentError) as err:
             limits.check_key(bad, "key")
         assert not isinstance(err.value, KeyLimitExceeded)
 

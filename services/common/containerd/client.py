@@ -12,7 +12,6 @@ import asyncio
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import grpc
@@ -21,6 +20,7 @@ from google.protobuf.empty_pb2 import Empty
 from google.protobuf.field_mask_pb2 import FieldMask
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from services.common.closing import AsyncClosing
 from services.common.containerd.errors import (
     ContainerdError,
     ContainerdUnavailableError,
@@ -184,7 +184,7 @@ class EventStream:
         self.close()
 
 
-class ContainerdClient:
+class ContainerdClient(AsyncClosing):
     """Async client of one containerd daemon, scoped to one namespace.
 
     Create it inside a running event loop; `close()` (or `async with`) releases the channel.
@@ -218,19 +218,9 @@ class ContainerdClient:
         return ContainerdClient(self.address, namespace, _channel=self._channel)
 
     async def close(self) -> None:
+        """Close the connection when this client opened it (not a with_namespace() view)."""
         if self._owns_channel:
             await self._channel.close()
-
-    async def __aenter__(self) -> ContainerdClient:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def wait_connected(self) -> VersionInfo:
         """Wait until containerd answers (e.g. after a restart) and return its version.

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import grpc
 
+from services.common.errors import AlreadyExistsError, PeermirrorError, UnavailableError
 from services.common.store.protocol import NotFoundError
 
 
-class ContainerdError(Exception):
+class ContainerdError(PeermirrorError):
     """A containerd call failed; `code` is the gRPC status code when the daemon answered."""
 
     def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
@@ -27,11 +28,11 @@ class ContainerdNotFoundError(NotFoundError, ContainerdError):
         self.detail = detail
 
 
-class ContainerdAlreadyExistsError(ContainerdError):
+class ContainerdAlreadyExistsError(ContainerdError, AlreadyExistsError):
     """The image name or content digest is already present (Create, or Write of known content)."""
 
 
-class ContainerdUnavailableError(ContainerdError):
+class ContainerdUnavailableError(ContainerdError, UnavailableError):
     """containerd cannot be reached (socket missing, daemon stopped or restarting, stream cut).
 
     The one error a long-running caller (the pinner) should answer by reconnecting: wait with

@@ -12,12 +12,15 @@ from typing import Any
 
 import yaml
 
+from services.common.errors import InvalidArgumentError
+
 # Registry host keys as image references spell them: a DNS name (components of letters, digits
 # and inner dashes), an IPv4 address, or a bracketed IPv6 address, then an optional port.
 _DOMAIN_COMPONENT = r"(?:[a-z0-9]|[a-z0-9][a-z0-9-]*[a-z0-9])"
 _HOST_RE = re.compile(
     rf"^(?:{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*|\[[0-9a-f:.]+\])(?::(?P<port>[0-9]+))?$"
 )
+
 WILDCARD = "*"
 
 _TOP_KEYS = ("mirrors", "configs")
@@ -32,7 +35,7 @@ _TLS_KEYS = (*_TLS_STR_KEYS, "insecure_skip_verify")
 _NON_RE2 = re.compile(r"\(\?(?:=|!|<=|<!|>|P=|\()|\\[1-9]|[*+?}]\+")
 
 
-class RegistriesError(ValueError):
+class RegistriesError(InvalidArgumentError):
     """registries.yaml is invalid; the message names the file and the key path."""
 
     def __init__(self, source: str, key: str, message: str) -> None:
@@ -41,6 +44,7 @@ class RegistriesError(ValueError):
         self.message = message
         where = f"{source}: {key}: " if key else f"{source}: "
         super().__init__(where + message)
+        self.field = key or None
 
 
 @dataclass(frozen=True, slots=True)

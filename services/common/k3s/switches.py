@@ -14,6 +14,8 @@ from pathlib import Path
 
 import yaml
 
+from services.common.errors import InvalidArgumentError
+
 EMBEDDED_REGISTRY = "embedded-registry"
 DISABLE_DEFAULT_ENDPOINT = "disable-default-registry-endpoint"
 # The K3s keys read, spelled exactly as K3s spells them.
@@ -25,7 +27,7 @@ _GO_FALSE = frozenset({"0", "f", "F", "false", "FALSE", "False"})
 _DROPIN_SUFFIXES = (".yaml", ".yml")
 
 
-class K3sConfigError(ValueError):
+class K3sConfigError(InvalidArgumentError):
     """A K3s config file cannot be read or a switch has a value K3s would refuse too."""
 
 

@@ -12,6 +12,8 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from services.common.errors import PeermirrorError
+
 CONTENT_TYPE = "application/json"
 
 
@@ -79,7 +81,7 @@ CATALOGUE: dict[ErrorCode, ErrorSpec] = {
 }
 
 
-class OciError(Exception):
+class OciError(PeermirrorError):
     """An error to answer with an OCI error body.
 
     ``code`` must be a catalogue code (an :class:`ErrorCode` or its string); ``message`` defaults
@@ -98,6 +100,7 @@ class OciError(Exception):
         self.message = message if message is not None else self.code.default_message
         self.detail = detail
         self.status = status if status is not None else self.code.status
+        self.http_status = self.status
         super().__init__(f"{self.code}: {self.message}")
 
     def to_dict(self) -> dict[str, object]:

@@ -5,14 +5,17 @@ or status RPCs, and /metrics; gathered into :class:`~services.common.status.repo
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, TypeVar
 
 from services.common.config import NodeConfig
 from services.common.status.report import SERVICES, Observed, ServiceObservation
 
 if TYPE_CHECKING:
     import grpc
+    from google.protobuf.timestamp_pb2 import Timestamp
+
+T = TypeVar("T")
 
 DEFAULT_TIMEOUT = 2.0
 _NO_PROXY = [("grpc.enable_http_proxy", 0)]
@@ -94,6 +97,24 @@ def _channel(address: str) -> grpc.Channel:
     return grpc.insecure_channel(dial_address(address), options=_NO_PROXY)
 
 
+def _ask(address: str, call: Callable[[grpc.Channel], T]) -> T | None:
+    """``call(channel)`` on a channel to `address`; None when the service does not answer it."""
+    import grpc
+
+    try:
+        with _channel(address) as ch:
+            return call(ch)
+    except grpc.RpcError:
+        return None
+
+
+def _started(obs: Observed, name: str, started_at: Timestamp) -> None:
+    """The start time a service's RPC reports, unless its /metrics gave one already."""
+    seen = obs.services[name]
+    if seen.started_at is None:
+        seen.started_at = started_at.ToNanoseconds() / 1e9
+
+
 def _observe_service(
     address: str, metrics_address: str | None, timeout: float
 ) -> tuple[ServiceObservation, dict[str, list[tuple[dict[str, str], float]]] | None]:
@@ -110,8 +131,6 @@ def _observe_service(
 
 
 def _registry(obs: Observed, address: str, timeout: float) -> None:
-    import grpc
-
     from services.common.genproto.peermirror.registry.v1 import introspection_pb2 as pb
     from services.common.genproto.peermirror.registry.v1 import introspection_pb2_grpc as pb_grpc
 
@@ -123,10 +142,11 @@ def _registry(obs: Observed, address: str, timeout: float) -> None:
         pb.REQUEST_RESULT_ERROR: "error",
     }
     counted_kinds = {pb.REQUEST_KIND_MANIFEST, pb.REQUEST_KIND_BLOB}
-    try:
-        with _channel(address) as ch:
-            stats = pb_grpc.RegistryIntrospectionStub(ch).Stats(pb.StatsRequest(), timeout=timeout)
-    except grpc.RpcError:
+    stats = _ask(
+        address,
+        lambda ch: pb_grpc.RegistryIntrospectionStub(ch).Stats(pb.StatsRequest(), timeout=timeout),
+    )
+    if stats is None:
         return
     counts: dict[str, int] = {}
     for entry in stats.requests:
@@ -135,21 +155,17 @@ def _registry(obs: Observed, address: str, timeout: float) -> None:
         label = labels[entry.result]
         counts[label] = counts.get(label, 0) + entry.count
     obs.since_start = counts
-    registry = obs.services["registry"]
-    if registry.started_at is None:
-        registry.started_at = stats.started_at.ToNanoseconds() / 1e9
+    _started(obs, "registry", stats.started_at)
 
 
 def _discovery(obs: Observed, address: str, timeout: float) -> None:
-    import grpc
-
     from services.common.genproto.peermirror.discovery.v1 import local_pb2 as pb
     from services.common.genproto.peermirror.discovery.v1 import local_pb2_grpc as pb_grpc
 
-    try:
-        with _channel(address) as ch:
-            stats = pb_grpc.LocalDiscoveryStub(ch).Stats(pb.StatsRequest(), timeout=timeout)
-    except grpc.RpcError:
+    stats = _ask(
+        address, lambda ch: pb_grpc.LocalDiscoveryStub(ch).Stats(pb.StatsRequest(), timeout=timeout)
+    )
+    if stats is None:
         return
     obs.peers = stats.peers
     obs.provider_records = stats.provider_records
@@ -162,21 +178,17 @@ def _discovery(obs: Observed, address: str, timeout: float) -> None:
         "lost": stats.leases_lost,
         "waits": stats.lease_waits,
     }
-    discovery = obs.services["discovery"]
-    if discovery.started_at is None:
-        discovery.started_at = stats.started_at.ToNanoseconds() / 1e9
+    _started(obs, "discovery", stats.started_at)
 
 
 def _pinner(obs: Observed, address: str, timeout: float) -> None:
-    import grpc
-
     from services.common.genproto.peermirror.pinner.v1 import pinner_pb2 as pb
     from services.common.genproto.peermirror.pinner.v1 import pinner_pb2_grpc as pb_grpc
 
-    try:
-        with _channel(address) as ch:
-            status = pb_grpc.PinnerStub(ch).Status(pb.StatusRequest(), timeout=timeout)
-    except grpc.RpcError:
+    status = _ask(
+        address, lambda ch: pb_grpc.PinnerStub(ch).Status(pb.StatusRequest(), timeout=timeout)
+    )
+    if status is None:
         # UNIMPLEMENTED on a pinner without containerd (oci-layout store): nothing pinned there.
         return
     obs.pinned_images = status.pinned_images

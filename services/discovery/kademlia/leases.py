@@ -12,12 +12,17 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from services.common.errors import (
+    NotFoundError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+)
 from services.discovery.kademlia.contact import Contact
 from services.discovery.kademlia.node_id import check_id, xor_distance
 
 
 @dataclass(frozen=True, slots=True)
-class Lease:
+class FetchLease:
     """`holder` fetches the content named by `key` until `expires_at` unless it renews."""
 
     key: bytes
@@ -29,23 +34,22 @@ class Lease:
         return max(0.0, self.expires_at - now)
 
 
-class LeaseError(Exception):
-    """A lease request the table refuses; the subclass says why."""
+# The refusals of a lease table; each names the field they are about, the key.
 
 
-class LeaseHeldElsewhere(LeaseError):
+class LeaseHeldElsewhere(PermissionDeniedError):
     """A renewal or release by a node that does not hold the lease."""
 
-    def __init__(self, lease: Lease) -> None:
-        super().__init__(f"the lease is held by another node ({lease.holder})")
+    def __init__(self, lease: FetchLease) -> None:
+        super().__init__(f"the lease is held by another node ({lease.holder})", field="key")
         self.lease = lease
 
 
-class NoLease(LeaseError):
+class NoLease(NotFoundError):
     """A renewal of a key nobody holds a lease on here (never granted, expired or released)."""
 
     def __init__(self) -> None:
-        super().__init__("no lease is held on this key here")
+        super().__init__("no lease is held on this key here", field="key")
 
 
 # Distinct waiting nodes counted per lease; past it the count stops growing (it tells a holder
@@ -53,8 +57,11 @@ class NoLease(LeaseError):
 MAX_WAITERS_COUNTED = 4096
 
 
-class LeaseCapReached(LeaseError):
+class LeaseCapReached(ResourceExhaustedError):
     """The table or the asker's share of it is full."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(problem, field="key")
 
 
 @dataclass
@@ -75,7 +82,7 @@ class Grant:
     """Answer to an acquisition: `lease` is the caller's when `granted`, another's otherwise."""
 
     granted: bool
-    lease: Lease
+    lease: FetchLease
 
 
 class LeaseTable:
@@ -98,7 +105,7 @@ class LeaseTable:
         self.default_ttl = default_ttl
         self.max_ttl = max_ttl
         self.counters = LeaseTableCounters()
-        self._leases: dict[bytes, Lease] = {}
+        self._leases: dict[bytes, FetchLease] = {}
         self._per_holder: Counter[bytes] = Counter()
         # Key -> IDs of the other nodes told its holder is fetching, since it was granted.
         self._waiters: dict[bytes, set[bytes]] = {}
@@ -114,7 +121,7 @@ class LeaseTable:
         cut to it (as provider records' TTLs are)."""
         return min(ttl if ttl > 0 else self.default_ttl, self.max_ttl)
 
-    def get(self, key: bytes, now: float) -> Lease | None:
+    def get(self, key: bytes, now: float) -> FetchLease | None:
         """The live lease on `key`, if any."""
         self.expire(now)
         return self._leases.get(key)
@@ -141,7 +148,7 @@ class LeaseTable:
             self.counters.granted += 1
         return Grant(True, self._put(key, caller, ttl, now))
 
-    def renew(self, key: bytes, caller: Contact, ttl: float, now: float) -> Lease:
+    def renew(self, key: bytes, caller: Contact, ttl: float, now: float) -> FetchLease:
         """Extend the caller's lease; NoLease or LeaseHeldElsewhere otherwise."""
         self.expire(now)
         current = self._leases.get(key)
@@ -165,9 +172,9 @@ class LeaseTable:
         self.counters.released += 1
         return True
 
-    def expire(self, now: float) -> list[Lease]:
+    def expire(self, now: float) -> list[FetchLease]:
         """Drop leases past their expiry; returns them."""
-        gone: list[Lease] = []
+        gone: list[FetchLease] = []
         while self._expiry and self._expiry[0][0] <= now:
             expires_at, key = heapq.heappop(self._expiry)
             lease = self._leases.get(key)
@@ -186,10 +193,10 @@ class LeaseTable:
         """Number of leases `node_id` holds here."""
         return self._per_holder[node_id]
 
-    def _put(self, key: bytes, holder: Contact, ttl: float, now: float) -> Lease:
+    def _put(self, key: bytes, holder: Contact, ttl: float, now: float) -> FetchLease:
         if key not in self._leases:
             self._per_holder[holder.node_id] += 1
-        lease = Lease(key, holder, now + self.applied_ttl(ttl))
+        lease = FetchLease(key, holder, now + self.applied_ttl(ttl))
         self._leases[key] = lease
         heapq.heappush(self._expiry, (lease.expires_at, key))
         return lease

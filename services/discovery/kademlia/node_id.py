@@ -6,11 +6,13 @@ import hashlib
 import random
 import secrets
 
+from services.common.errors import InvalidArgumentError
+
 ID_BYTES = 32
 ID_BITS = ID_BYTES * 8
 
 
-class NodeIdError(ValueError):
+class NodeIdError(InvalidArgumentError):
     """A node ID or DHT key is not exactly 32 bytes (or 64 hex characters)."""
 
 

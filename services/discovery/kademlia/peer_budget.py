@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from services.common.errors import ResourceExhaustedError
 
-class RecordRateExceeded(Exception):
+
+class RecordRateExceeded(ResourceExhaustedError):
     """A peer sent more records than its budget holds; nothing of the call was stored."""
 
     def __init__(self, rate: float, retry_after: float) -> None:
@@ -15,7 +17,7 @@ class RecordRateExceeded(Exception):
 
 
 @dataclass(slots=True)
-class _Bucket:
+class _TokenBucket:
     tokens: float
     at: float
 
@@ -29,7 +31,7 @@ class PeerBudgets:
             raise ValueError("rate and burst must be positive")
         self.rate = rate
         self.burst = burst
-        self._buckets: dict[bytes, _Bucket] = {}
+        self._buckets: dict[bytes, _TokenBucket] = {}
 
     def __len__(self) -> int:
         return len(self._buckets)
@@ -43,7 +45,7 @@ class PeerBudgets:
             # A call larger than the burst could never pass: say when a full bucket would.
             wanted = min(float(amount), self.burst)
             raise RecordRateExceeded(self.rate, max(wanted - tokens, 0.0) / self.rate)
-        self._buckets[peer_id] = _Bucket(tokens - amount, now)
+        self._buckets[peer_id] = _TokenBucket(tokens - amount, now)
 
     def prune(self, now: float) -> int:
         """Forgets peers whose bucket is full again (they cost nothing to recreate)."""
@@ -52,5 +54,5 @@ class PeerBudgets:
             del self._buckets[pid]
         return len(full)
 
-    def _level(self, bucket: _Bucket, now: float) -> float:
+    def _level(self, bucket: _TokenBucket, now: float) -> float:
         return min(self.burst, bucket.tokens + max(0.0, now - bucket.at) * self.rate)

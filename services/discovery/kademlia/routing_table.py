@@ -192,14 +192,10 @@ class RoutingTable:
         The contact of a pending ping-before-evict is evicted at once (its newcomer takes
         the slot); any other contact goes after `max_failures` consecutive failures.
         """
-        key = id_int(node_id)
-        if key == self._own:
+        known = self._forget_replacement(node_id)
+        if known is None:
             return None
-        bucket = self._buckets[self._index(key)]
-        bucket.replacements.pop(node_id, None)
-        entry = bucket.entries.get(node_id)
-        if entry is None:
-            return None
+        bucket, entry = known
         pending = bucket.pending
         if pending is not None and pending.lrs == node_id:
             bucket.pending = None
@@ -211,16 +207,23 @@ class RoutingTable:
         self._drop(bucket, node_id)
         return entry.contact
 
-    def remove(self, node_id: bytes) -> Contact | None:
-        """Forgets a contact (and any replacement-cache entry for it)."""
+    def _forget_replacement(self, node_id: bytes) -> tuple[_Bucket, _Entry] | None:
+        """Drops `node_id` from its bucket's replacement cache; its bucket and table entry,
+        None when it is this node or not in the table."""
         key = id_int(node_id)
         if key == self._own:
             return None
         bucket = self._buckets[self._index(key)]
         bucket.replacements.pop(node_id, None)
         entry = bucket.entries.get(node_id)
-        if entry is None:
+        return None if entry is None else (bucket, entry)
+
+    def remove(self, node_id: bytes) -> Contact | None:
+        """Forgets a contact (and any replacement-cache entry for it)."""
+        known = self._forget_replacement(node_id)
+        if known is None:
             return None
+        bucket, entry = known
         if bucket.pending is not None and bucket.pending.lrs == node_id:
             bucket.pending = None
         self._drop(bucket, node_id)

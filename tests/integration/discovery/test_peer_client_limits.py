@@ -12,7 +12,7 @@ from services.common.genproto.peermirror.discovery.v1 import peer_pb2 as pb
 from services.common.genproto.peermirror.discovery.v1 import peer_pb2_grpc as pb_grpc
 from services.common.grpc_server import GrpcServer
 from services.discovery.kademlia import Contact, DhtConfig, DhtNode
-from services.discovery.peer_client import PeerClient
+from services.discovery.peer_client import PeerServiceClient
 from services.discovery.peer_servicer import SERVICE_NAME
 from tests.harness.peer_stubs import NoLeases
 
@@ -73,10 +73,10 @@ async def big_server() -> AsyncIterator[GrpcServer]:
         await server.stop(None)
 
 
-def _client(max_message_bytes: int) -> PeerClient:
+def _client(max_message_bytes: int) -> PeerServiceClient:
     me = Contact(os.urandom(32), "127.0.0.1", 5001, 6443)
     node = DhtNode(me, DhtConfig())
-    return PeerClient(
+    return PeerServiceClient(
         node,
         lambda: pb.SenderInfo(node_id=me.node_id, discovery_port=5001, registry_port=6443),
         rpc_timeout=10.0,

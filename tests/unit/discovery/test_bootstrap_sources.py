@@ -12,8 +12,8 @@ import pytest
 
 from services.discovery.bootstrap import (
     BACKOFF_CAP,
+    BootstrapEndpoint,
     BootstrapSources,
-    Endpoint,
     backoff_delay,
     gather_endpoints,
     parse_peer_entry,
@@ -106,10 +106,10 @@ async def test_gather_endpoints_from_every_source(peer_list_url: str) -> None:
         default_port=5001,
     )
     gathered = await gather_endpoints(sources)
-    assert Endpoint("127.0.0.3", 5103) in gathered.endpoints
-    assert Endpoint("127.0.0.1", 5104) in gathered.endpoints  # localhost's A record
-    assert Endpoint("127.0.0.1", 5101) in gathered.endpoints
-    assert Endpoint("127.0.0.2", 5102) in gathered.endpoints
+    assert BootstrapEndpoint("127.0.0.3", 5103) in gathered.endpoints
+    assert BootstrapEndpoint("127.0.0.1", 5104) in gathered.endpoints  # localhost's A record
+    assert BootstrapEndpoint("127.0.0.1", 5101) in gathered.endpoints
+    assert BootstrapEndpoint("127.0.0.2", 5102) in gathered.endpoints
     assert gathered.endpoints == sorted(set(gathered.endpoints))
     assert len(gathered.problems) == 1 and "bootstrap_peers 'bad:0'" in gathered.problems[0]
 

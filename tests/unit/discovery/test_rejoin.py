@@ -6,15 +6,15 @@ import random
 
 import pytest
 
-from services.discovery.bootstrap import Endpoint
+from services.discovery.bootstrap import BootstrapEndpoint
 from services.discovery.rejoin import RejoinSchedule
 
 ME = b"\x00" * 32
 A_ID = b"\x0a" * 32
 B_ID = b"\x0b" * 32
-A = Endpoint("10.0.0.1", 5001)
-B = Endpoint("10.0.0.2", 5001)
-SELF = Endpoint("10.0.0.9", 5001)
+A = BootstrapEndpoint("10.0.0.1", 5001)
+B = BootstrapEndpoint("10.0.0.2", 5001)
+SELF = BootstrapEndpoint("10.0.0.9", 5001)
 
 
 def schedule(batch: int = 8) -> RejoinSchedule:
@@ -92,7 +92,7 @@ def test_an_address_being_pinged_is_not_handed_out_twice() -> None:
 
 def test_a_round_pings_at_most_batch_addresses_most_overdue_first() -> None:
     s = schedule(batch=2)
-    many = [Endpoint(f"10.0.1.{i}", 5001) for i in range(5)]
+    many = [BootstrapEndpoint(f"10.0.1.{i}", 5001) for i in range(5)]
     first = s.due(many, set(), set(), 0.0)
     assert len(first) == 2
     for endpoint in first:

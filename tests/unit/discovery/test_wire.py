@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from services.common.errors import InvalidArgumentError
 from services.common.genproto.peermirror.discovery.v1 import peer_pb2 as pb
 from services.discovery.wire import (
-    InvalidRequest,
     check_keys,
     contact_from_proto,
     contact_to_proto,
@@ -73,7 +73,7 @@ def test_sender_contact_takes_the_address_from_the_connection() -> None:
     ],
 )
 def test_bad_sender_names_the_field(has: bool, sender: pb.SenderInfo, field: str) -> None:
-    with pytest.raises(InvalidRequest) as info:
+    with pytest.raises(InvalidArgumentError) as info:
         sender_contact(has, sender, "10.0.0.1")
     assert info.value.field == field
     assert str(info.value).startswith(f"{field}:")
@@ -81,13 +81,13 @@ def test_bad_sender_names_the_field(has: bool, sender: pb.SenderInfo, field: str
 
 def test_check_keys_names_the_bad_key_and_caps_the_batch() -> None:
     assert check_keys([ID, ID], 2) == [ID, ID]
-    with pytest.raises(InvalidRequest) as info:
+    with pytest.raises(InvalidArgumentError) as info:
         check_keys([ID, b"short"], 4)
     assert info.value.field == "keys[1]"
-    with pytest.raises(InvalidRequest) as info:
+    with pytest.raises(InvalidArgumentError) as info:
         check_keys([ID] * 3, 2)
     assert info.value.field == "keys"
-    with pytest.raises(InvalidRequest) as info:
+    with pytest.raises(InvalidArgumentError) as info:
         check_keys([], 2)
     assert info.value.field == "keys"
 

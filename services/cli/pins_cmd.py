@@ -7,7 +7,13 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from services.cli.args import Subparsers, add_config_option, load_node_config
+from services.cli.args import (
+    Subparsers,
+    add_address_option,
+    add_command,
+    add_config_option,
+    load_node_config,
+)
 
 if TYPE_CHECKING:
     from services.common.genproto.peermirror.pinner.v1 import pinner_pb2_grpc
@@ -17,47 +23,45 @@ RPC_TIMEOUT_S = 30.0
 
 def register(subparsers: Subparsers) -> None:
     """Add the `pins`, `pin` and `unpin` subcommands."""
-    listing = subparsers.add_parser(
+    add_command(
+        subparsers,
         "pins",
+        _list,
         help="list pinned images",
         description=(
             "List the images pinned in containerd (io.cri-containerd.pinned=pinned): name, "
             "digest, whether the air-gap import manages the pin, and the file it came from."
         ),
+        options=[_common],
     )
-    _common(listing)
-    listing.set_defaults(handler=_list)
-
-    pin = subparsers.add_parser(
+    add_command(
+        subparsers,
         "pin",
+        _pin,
         help="pin an image so kubelet's image GC keeps it",
         description=(
             "Pin an image already present in containerd. Manual pins survive pinner restarts; "
             "short names are normalised (alpine:3.19 -> docker.io/library/alpine:3.19)."
         ),
+        options=[_ref, _common],
     )
-    pin.add_argument("ref", help="image name or reference")
-    _common(pin)
-    pin.set_defaults(handler=_pin)
-
-    unpin = subparsers.add_parser(
+    add_command(
+        subparsers,
         "unpin",
+        _unpin,
         help="remove an image's pin",
         description="Remove the pin of an image (manual or set by the air-gap import).",
+        options=[_ref, _common],
     )
-    unpin.add_argument("ref", help="image name or reference")
-    _common(unpin)
-    unpin.set_defaults(handler=_unpin)
+
+
+def _ref(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("ref", help="image name or reference")
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
     add_config_option(parser)
-    parser.add_argument(
-        "--address",
-        metavar="HOST:PORT",
-        default=None,
-        help="pinner gRPC API address (default: pinner.grpc_address from the config)",
-    )
+    add_address_option(parser, "pinner gRPC API", "pinner.grpc_address")
 
 
 def _address(args: argparse.Namespace) -> str:

@@ -6,15 +6,17 @@ import argparse
 import sys
 from pathlib import Path
 
-from services.cli.args import Subparsers
+from services.cli.args import Subparsers, add_command
 
 EXIT_INVALID = 2
 
 
 def register(subparsers: Subparsers) -> None:
     """Add `containerd-config`."""
-    parser = subparsers.add_parser(
+    parser = add_command(
+        subparsers,
         "containerd-config",
+        _run,
         help="write containerd certs.d/<host>/hosts.toml files from a registries.yaml",
         description=(
             "Render a K3s registries.yaml into containerd hosts.toml files (the embedded "
@@ -67,7 +69,6 @@ def register(subparsers: Subparsers) -> None:
     target.add_argument(
         "--server", metavar="URL", help="replace every registry's default endpoint with URL"
     )
-    parser.set_defaults(handler=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
