@@ -22,7 +22,7 @@ protos: setup
 	$(PY) protos/generate.py
 
 bench: setup
-	for b in idle_memory registry_vs_distribution tls_serving dht_hops dht_latency lease_latency discovery_maintenance import_throughput p2p_mesh; do \
+	for b in idle_memory registry_vs_distribution tls_serving dht_hops dht_latency lease_latency discovery_maintenance import_throughput p2p_mesh first_pull; do \
 		$(PY) -m bench.$$b || exit 1; done
 
 clean:

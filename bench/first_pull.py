@@ -11,8 +11,12 @@ so containerd's mirror endpoint is refused at once and it goes to the upstream i
 
 Figures: upstream bytes (iptables counter in the upstream's namespace) over the image size, and
 the wave's median pull time over the baseline's. Targets (issue 13): bytes <= 1.05x the image,
-median pull time <= 1.25x the baseline. Exit 0 whether targets are met or missed (the PASS/MISS
-lines say which); 1 only when the benchmark itself could not run. Everything is torn down.
+median pull time <= 1.25x the baseline. Also the machine's CPU time (all processes, from
+/proc/stat) during the baseline and the wave, and the floor it sets: every node of a wave unpacks
+and stores the whole image as the lone node does, and all nodes share this machine's cores, so a
+wave of N cannot take less than N x (CPU-seconds of the lone pull) / cores. Exit 0 whether
+targets are met or missed (the PASS/MISS lines say which); 1 only when the benchmark itself could
+not run. Everything is torn down.
 
 Run as root: `.venv/bin/python -m bench.first_pull [--waves 3,5] [--image-mib 512]`.
 """
@@ -20,6 +24,7 @@ Run as root: `.venv/bin/python -m bench.first_pull [--waves 3,5] [--image-mib 51
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -45,19 +50,32 @@ def verdict(ok: bool) -> str:
     return "PASS" if ok else "MISS"
 
 
-def alone_from_upstream(mesh: Mesh, upstream: Upstream, scratch: Path, layer_size: int) -> float:
+def busy_cpu_seconds() -> float:
+    """CPU seconds the whole machine has spent not idle since boot (/proc/stat's cpu line)."""
+    with open("/proc/stat", encoding="ascii") as stat:
+        fields = [int(v) for v in stat.readline().split()[1:]]
+    idle, iowait = fields[3], fields[4]
+    return (sum(fields[:8]) - idle - iowait) / os.sysconf("SC_CLK_TCK")
+
+
+def alone_from_upstream(
+    mesh: Mesh, upstream: Upstream, scratch: Path, layer_size: int
+) -> tuple[float, float]:
     """Seconds one node takes to pull a new image straight from the upstream (its own registry
-    stopped, so containerd's mirror endpoint is refused and it goes upstream at once)."""
+    stopped, so containerd's mirror endpoint is refused and it goes upstream at once), and the
+    machine's CPU seconds meanwhile."""
     node = mesh.nodes[-1]
     image = push_new_image(upstream, scratch, "alone", layer_size=layer_size)
     node.stop_service("registry")
+    cpu = busy_cpu_seconds()
     try:
         (outcome,) = pull_together([node], image.name)
+        cpu = busy_cpu_seconds() - cpu
     finally:
         node.start_service("registry")
     if outcome.error is not None:
         raise MeshError(f"baseline pull failed: {outcome.error}")
-    return outcome.seconds
+    return outcome.seconds, cpu
 
 
 def run(waves: Sequence[int], layer_size: int) -> int:
@@ -74,12 +92,15 @@ def run(waves: Sequence[int], layer_size: int) -> int:
             f"{LAYERS}-layer {size_mib:.0f} MiB images"
         )
         for wave in waves:
-            baseline = alone_from_upstream(mesh, upstream, scratch / f"alone{wave}", layer_size)
+            baseline, alone_cpu = alone_from_upstream(
+                mesh, upstream, scratch / f"alone{wave}", layer_size
+            )
             image = push_new_image(
                 upstream, scratch / f"wave{wave}", f"wave{wave}", layer_size=layer_size
             )
-            before = upstream.sent.read()
+            before, cpu = upstream.sent.read(), busy_cpu_seconds()
             outcomes = pull_together(mesh.nodes[:wave], image.name)
+            cpu = busy_cpu_seconds() - cpu
             failed = [o for o in outcomes if o.error is not None]
             if failed:
                 print(f"wave of {wave}: pulls failed: {failed}")
@@ -99,6 +120,13 @@ def run(waves: Sequence[int], layer_size: int) -> int:
             print(
                 f"{verdict(ratio <= TIME_TARGET)} {wave} nodes: median pull {ratio:.2f}x one node "
                 f"alone from upstream (target <= {TIME_TARGET}x)"
+            )
+            cores = os.cpu_count() or 1
+            floor = max(1.0, wave * alone_cpu / cores / baseline)
+            print(
+                f"     CPU: the lone pull used {alone_cpu:.1f} CPU-s ({alone_cpu / baseline:.2f} "
+                f"cores), the wave {cpu:.1f} CPU-s ({cpu / max(o.seconds for o in outcomes):.2f} "
+                f"cores of {cores}); CPU floor for {wave} nodes on this machine: {floor:.2f}x"
             )
     return 0
 
