@@ -29,6 +29,10 @@ MAX_HEAD_BYTES = 64 * 1024
 # what has already arrived, so bytes reach the client as they come.
 GATHER_BYTES = 1024 * 1024
 RECV_BYTES = 256 * 1024
+# A read that filled less than this share of its buffer is copied out of it (see read()).
+SMALL_PIECE_SHARE = 4
+# The smallest receive buffer (two TLS records): see read() for how it is sized.
+MIN_PIECE = 32 * 1024
 # Kernel buffers for fast links (the kernel caps them at its own maximum).
 SOCKET_BUFFER = 4 * 1024 * 1024
 # How long a cancelled worker may take to let go of its socket.
@@ -57,6 +61,7 @@ class PeerSocket:
         self._sock: socket.socket | None = None
         self._cancelled = threading.Event()
         self._lock = threading.Lock()
+        self._piece = MIN_PIECE  # the next read's buffer size (see read())
 
     def request(self, target: str, headers: Mapping[str, str], timeout: float) -> Head:
         """Connect, send ``GET target`` and read the response head (each step within
@@ -109,32 +114,39 @@ class PeerSocket:
             raise PeerAnswerError("chunked blob answer (a registry sends Content-Length)")
         return Head(int(parts[1]), headers, early)
 
-    def read(self, limit: int, timeout: float) -> bytes:
+    def read(self, limit: int, timeout: float) -> bytes | memoryview:
         """Up to `limit` body bytes: waits at most `timeout` seconds for the first, then takes
         only what has already arrived. ``b""`` at the end of the stream; TimeoutError when
         nothing came in time; other OSErrors for a broken connection."""
         sock = self._sock
         if sock is None or self._cancelled.is_set():
             raise ConnectionAbortedError("request cancelled")
+        # Received straight into one buffer per piece: gathering recv() results and joining
+        # them copied every byte once more (about 0.15 CPU-s per GB on this machine). The
+        # buffer is never reused, so the view can be handed on and held. A new buffer is
+        # zeroed, so it is sized at twice the last read (doubling while reads fill it): a
+        # reader that outpaces its peer gets a record per read and must not clear 1 MiB each.
+        buffer = memoryview(bytearray(max(min(limit, self._piece), 1)))
         sock.settimeout(max(timeout, 0.001))
-        first = sock.recv(min(limit, RECV_BYTES))
-        if not first or len(first) >= limit:
-            return first
-        parts = [first]
-        size = len(first)
+        size = sock.recv_into(buffer)
+        if not size:
+            return b""
         # Then whatever else has arrived, without waiting (over TLS a read yields one record
         # of at most 16 KiB; asking the socket beats a poll per record).
         sock.settimeout(0.0)
-        while size < limit:
+        while size < len(buffer):
             try:
-                data = sock.recv(min(limit - size, RECV_BYTES))
+                got = sock.recv_into(buffer[size:])
             except (BlockingIOError, ssl.SSLWantReadError):
                 break
-            if not data:
+            if not got:
                 break  # the end shows on the next read
-            parts.append(data)
-            size += len(data)
-        return b"".join(parts)
+            size += got
+        self._piece = min(max(2 * size, MIN_PIECE), GATHER_BYTES)
+        if size * SMALL_PIECE_SHARE < len(buffer):
+            # A trickle: keep its bytes, not the whole buffer, while it waits to be sent.
+            return bytes(buffer[:size])
+        return buffer[:size]
 
     def cancel(self) -> None:
         """Stop the exchange: a blocked call in the worker returns with an error."""

@@ -70,6 +70,24 @@ def test_a_head_is_parsed_and_the_body_read_to_its_end(
     assert "\r\nConnection: close\r\n" in request
 
 
+@pytest.mark.parametrize("limit", [1 << 20, 1000])
+def test_a_large_body_comes_whole_and_in_order_in_pieces_no_larger_than_asked(
+    server: tuple[int, list[bytes], list[bytes]], limit: int
+) -> None:
+    # Every byte position differs from its neighbours, so a piece lost, repeated or taken
+    # from a stale part of a receive buffer shows.
+    body = bytes(range(251)) * (5 * (1 << 20) // 251)
+    port, answers, _ = server
+    answers.append(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    peer = PeerSocket("127.0.0.1", port, None)
+    pieces = [peer.request("/", {}, timeout=5).early]
+    while data := peer.read(limit, timeout=5):
+        assert len(data) <= limit
+        pieces.append(bytes(data))
+    peer.close()
+    assert b"".join(pieces) == body
+
+
 @pytest.mark.parametrize(
     ("answer", "message"),
     [
