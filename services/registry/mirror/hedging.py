@@ -7,15 +7,17 @@ headers have not come after the hedge delay, one more peer is asked. The delay i
 recent latencies once there are enough of them (a late answer is then an unusual one), never
 more than the configured header wait, so a miss stays short even on a slow cluster. Body
 transfers feed a third: each peer's smoothed rate. A peer the relay left for being slow is
-ranked behind every other until it shows a good rate again.
+ranked behind every other until it shows a good rate again. A rate is known for RATE_TTL_S after
+it was measured, no longer: a link that slowed since must not stand for a fast peer.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import math
+import time
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 DEFAULT_ALPHA = 0.3
@@ -25,6 +27,9 @@ DEFAULT_PERCENTILE = 0.9
 # A hedge earlier than this would mostly duplicate requests that are merely scheduled late.
 MIN_HEDGE_DELAY_S = 0.002
 DEFAULT_MAX_PEERS = 1024
+# Seconds a peer's measured body rate is taken as what it would send now. Long enough to carry
+# from one layer of a pull to the next, short enough that a link slowed since is not believed.
+RATE_TTL_S = 30.0
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -75,6 +80,8 @@ class PeerLoad:
     in_flight: int = 0
     latency: float | None = None
     rate: float | None = None
+    # When `rate` was last measured (the book's clock).
+    rate_at: float = 0.0
     slow: bool = False
 
 
@@ -89,8 +96,10 @@ class PeerBook:
         min_samples: int = DEFAULT_MIN_SAMPLES,
         quantile: float = DEFAULT_PERCENTILE,
         max_peers: int = DEFAULT_MAX_PEERS,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.alpha = alpha
+        self._clock = clock
         self.min_samples = min_samples
         self.quantile = quantile
         self.max_peers = max_peers
@@ -148,22 +157,29 @@ class PeerBook:
     def observe_rate(self, peer: Peer, rate: float) -> None:
         """`peer` sent body bytes at `rate` bytes per second."""
         record = self.load(peer)
-        record.rate = (
-            rate if record.rate is None else self.alpha * rate + (1 - self.alpha) * record.rate
-        )
+        known = self._fresh(record)
+        record.rate = rate if known is None else self.alpha * rate + (1 - self.alpha) * known
+        record.rate_at = self._clock()
         record.slow = False
 
     def rank_down(self, peer: Peer, rate: float) -> None:
         """A relay left `peer` for sending at `rate`: ask it after every other peer."""
         record = self.load(peer)
         record.rate = rate
+        record.rate_at = self._clock()
         record.slow = True
 
     def peak_rate(self) -> float | None:
         """The fastest smoothed rate of any peer not ranked down: what this node's relays
         normally get."""
-        rates = [r.rate for r in self._peers.values() if r.rate is not None and not r.slow]
+        rates = [rate for r in self._peers.values() if (rate := self._fresh(r)) is not None]
         return max(rates) if rates else None
+
+    def _fresh(self, record: PeerLoad) -> float | None:
+        """The record's rate while it is recent and the peer not ranked down; else None."""
+        if record.rate is None or record.slow:
+            return None
+        return record.rate if self._clock() - record.rate_at <= RATE_TTL_S else None
 
     def is_slow(self, peer: Peer) -> bool:
         """Whether a relay left `peer` for being slow (and it has not shown a good rate since)."""
@@ -173,7 +189,7 @@ class PeerBook:
     def rate(self, peer: Peer) -> float | None:
         """`peer`'s smoothed body rate (None: unknown, or ranked down as slow)."""
         record = self._peers.get(peer)
-        return None if record is None or record.slow else record.rate
+        return None if record is None else self._fresh(record)
 
     def choose(self, candidates: Sequence[Peer]) -> Peer | None:
         """The least-used candidate not ranked down as slow, fastest first among equals

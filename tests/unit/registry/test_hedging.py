@@ -6,6 +6,7 @@ import pytest
 
 from services.registry.mirror.hedging import (
     MIN_HEDGE_DELAY_S,
+    RATE_TTL_S,
     Peer,
     PeerBook,
     peer_from_contact,
@@ -126,3 +127,18 @@ def test_a_peer_ranked_down_as_slow_is_chosen_last_until_it_is_fast_again() -> N
 def test_a_peer_is_judged_by_its_node_not_its_port() -> None:
     assert Peer("10.0.0.1", 1, "aa").identity == Peer("10.0.0.9", 2, "aa").identity
     assert Peer("10.0.0.1", 1).identity != Peer("10.0.0.1", 2).identity
+
+
+def test_a_rate_measured_long_ago_is_not_known_any_more() -> None:
+    # A peer whose link slowed after its rate was measured must not stand for a fast peer: a
+    # relay would leave an honest peer for it (seen in bench.relay_paths under load).
+    now = [100.0]
+    book = PeerBook(clock=lambda: now[0])
+    book.observe_rate(A, 100e6)
+    book.observe_rate(B, 50e6)
+    assert book.rate(A) == 100e6 and book.peak_rate() == 100e6
+    now[0] += RATE_TTL_S + 1
+    book.observe_rate(B, 40e6)
+    assert book.rate(A) is None
+    # B's own old rate is not averaged in either: it starts again from what it sends now.
+    assert book.peak_rate() == 40e6
