@@ -23,7 +23,7 @@ from services.common.metrics import PREFIX, key_labels, new_registry, registry_o
 
 if TYPE_CHECKING:
     from services.pinner.airgap.manager import AirgapManager
-    from services.pinner.tracker import KeyIndex
+    from services.pinner.keys import KeyIndex
 
 # Imports range from a small archive (a second) to multi-GiB air-gap bundles (minutes).
 IMPORT_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)

@@ -204,6 +204,10 @@ class _LayoutWatcher:
             self._snapshot = new
         return self._pending.popleft()
 
+    async def ready(self) -> bool:
+        """In force from creation: the first snapshot was taken then."""
+        return True
+
     async def aclose(self) -> None:
         """Stop: pending and future `__anext__` calls end the iteration."""
         self._closed.set()
@@ -320,7 +324,10 @@ class OciLayoutStore:
         images = await asyncio.to_thread(self._read_images)
         return [ImageRecord(name, target) for name, target in sorted(images.items())]
 
-    def watch(self) -> AsyncIterator[StoreEvent]:
+    async def digests(self) -> set[str]:
+        return set(await asyncio.to_thread(self._list_blobs))
+
+    def watch(self) -> _LayoutWatcher:
         """Poll every `poll_interval` s; changes made after this call are reported.
 
         Image events come from diffing the named images of index.json (re-read when its inode,

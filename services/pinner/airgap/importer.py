@@ -53,7 +53,7 @@ from services.pinner.airgap.stream import MemberEnd, MemberStart, TarStream
 SMALL_BLOB_BYTES = 4 << 20
 SMALL_CACHE_TOTAL = 64 << 20
 
-log = get_logger("pinner.airgap")
+log = get_logger(__name__)
 
 
 class ArchiveImportError(Exception):

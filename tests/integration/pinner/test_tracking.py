@@ -17,7 +17,6 @@ from services.common.config import NodeConfig, load_config
 from services.common.containerd.client import ContainerdClient
 from services.common.k3s.registries import load_registries
 from services.common.store.protocol import Descriptor
-from services.pinner.containerd_watch import ContainerdTracker
 from services.pinner.hosts_writer import LOCK_FILE
 from services.pinner.service import PinnerRuntime, prepare
 from tests.harness.containerd import ContainerdDaemon
@@ -211,8 +210,8 @@ async def test_multi_platform_index_and_digest_reference(
                 assert disco.keys == keys_of(image)
                 await c.delete_image(image.name)
             await wait_keys(disco, keys_of(image, tag=False))
-            assert isinstance(runtime.tracker, ContainerdTracker)
-            assert runtime.tracker.probe_confirmed
+            assert runtime.tracker is not None
+            assert runtime.tracker.watch_proven
 
 
 @pytest.mark.parametrize("allow_latest", [False, True], ids=["latest-off", "latest-on"])
