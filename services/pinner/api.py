@@ -8,6 +8,7 @@ service tracks state.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -101,13 +102,8 @@ def progress_message(update: PrefetchUpdate) -> pinner_pb2.PrefetchProgress:
 
 
 def pin_message(pin: Pin) -> pinner_pb2.PinnedImage:
-    return pinner_pb2.PinnedImage(
-        name=pin.name,
-        digest=pin.digest,
-        media_type=pin.media_type,
-        managed=pin.managed,
-        source=pin.source,
-    )
+    # Pin's fields are PinnedImage's, name for name.
+    return pinner_pb2.PinnedImage(**dataclasses.asdict(pin))
 
 
 def import_message(state: ImportStatus) -> pinner_pb2.ImportState:

@@ -1,8 +1,8 @@
 """OCI documents: descriptors, the children of a manifest or index, index.json names, digests.
 
 The one place that reads these shapes; the stores, the pinner's tracker and the air-gap import
-all use it. Parsing here is lenient (a malformed child is skipped, an unreadable document has no
-children); callers that must reject bad archives check `strict_descriptor` themselves.
+all use it. Parsing is lenient by default (a malformed child is skipped, an unreadable document
+has no children); importers ask for strict parsing, which names what is wrong.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from services.common.oci.grammar import SUPPORTED_ALGORITHMS
@@ -20,6 +21,11 @@ from services.common.oci.media_types import (
     is_manifest_media_type,
 )
 from services.common.store.protocol import Descriptor
+
+
+class DocumentError(ValueError):
+    """A document that has to be well formed is not; the message names the part."""
+
 
 ANNOTATION_CONTAINERD_NAME = "io.containerd.image.name"
 ANNOTATION_REF_NAME = "org.opencontainers.image.ref.name"
@@ -83,18 +89,27 @@ def descriptor(obj: object) -> Descriptor | None:
 
 
 def strict_descriptor(obj: object, what: str) -> Descriptor:
-    """The descriptor `obj` spells; ValueError naming `what` unless digest, size and media type
-    are all well formed (for content that is about to be written)."""
+    """The descriptor `obj` spells; DocumentError naming `what` unless digest, size and media
+    type are all well formed (for content that is about to be written)."""
+    if not isinstance(obj, Mapping):
+        raise DocumentError(f"{what}: descriptor is not an object")
     desc = descriptor(obj)
     if desc is None:
-        raise ValueError(f"{what}: bad or unsupported digest")
-    assert isinstance(obj, Mapping)
+        raise DocumentError(f"{what}: bad or unsupported digest {obj.get('digest')!r}")
     size, media = obj.get("size"), obj.get("mediaType", "")
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-        raise ValueError(f"{what}: bad size {size!r}")
+        raise DocumentError(f"{what}: bad size {size!r}")
     if not isinstance(media, str):
-        raise ValueError(f"{what}: bad mediaType {media!r}")
+        raise DocumentError(f"{what}: bad mediaType {media!r}")
     return desc
+
+
+def load_json(body: bytes, what: str) -> object:
+    """`body` parsed as JSON; DocumentError naming `what` when it is not."""
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise DocumentError(f"{what} is not valid JSON: {exc}") from exc
 
 
 def manifest_kind(body: bytes, media_type: str = "") -> str | None:
@@ -106,32 +121,72 @@ def manifest_kind(body: bytes, media_type: str = "") -> str | None:
     return detect_manifest_media_type(body)
 
 
-def manifest_children(body: bytes, media_type: str = "") -> tuple[Descriptor, ...]:
-    """The descriptors a manifest or index refers to; () for anything else or unparsable JSON.
+@dataclass(frozen=True, slots=True)
+class Children:
+    """What an index or manifest refers to, by role (containerd's GC labels name each role)."""
 
-    An index yields its `manifests`; an image manifest its `config` and `layers`. `media_type`
-    is what the parent said; when empty or not a manifest type the document's own shape decides.
+    manifests: tuple[Descriptor, ...] = ()
+    config: Descriptor | None = None
+    layers: tuple[Descriptor, ...] = ()
+
+    def all(self) -> list[Descriptor]:
+        """Every child: manifests, then config, then layers."""
+        out = list(self.manifests)
+        if self.config is not None:
+            out.append(self.config)
+        out.extend(self.layers)
+        return out
+
+
+def parse_children(body: bytes, media_type: str = "", *, strict: bool = False) -> Children:
+    """The descriptors an index (manifests) or image manifest (config, layers) refers to.
+
+    Lenient (the default): the document's own shape decides when `media_type` is not a manifest
+    type, malformed children are skipped and anything else has no children. `strict` (content
+    about to be imported): `media_type` must be a manifest type and every part well formed, else
+    DocumentError says which.
     """
-    kind = manifest_kind(body, media_type)
+    kind = (
+        media_type.split(";", 1)[0].strip().lower() if strict else manifest_kind(body, media_type)
+    )
     if kind is None:
-        return ()
+        return Children()
     try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return ()
+        doc = load_json(body, media_type or "manifest")
+    except DocumentError:
+        if strict:
+            raise
+        return Children()
     if not isinstance(doc, dict):
-        return ()
-    found: list[Descriptor | None] = []
+        if strict:
+            raise DocumentError(f"{media_type} is not a JSON object")
+        return Children()
+
+    def read(obj: object, what: str) -> Descriptor | None:
+        return strict_descriptor(obj, what) if strict else descriptor(obj)
+
+    def read_list(key: str, missing: str) -> tuple[Descriptor, ...]:
+        entries = doc.get(key)
+        if not isinstance(entries, list):
+            if strict:
+                raise DocumentError(missing)
+            return ()
+        found = (read(e, f"{key}[{i}]") for i, e in enumerate(entries))
+        return tuple(d for d in found if d is not None)
+
     if is_index_media_type(kind):
-        manifests = doc.get("manifests")
-        if isinstance(manifests, list):
-            found.extend(descriptor(m) for m in manifests)
-    elif is_image_manifest_media_type(kind):
-        found.append(descriptor(doc.get("config")))
-        layers = doc.get("layers")
-        if isinstance(layers, list):
-            found.extend(descriptor(layer) for layer in layers)
-    return tuple(d for d in found if d is not None)
+        return Children(manifests=read_list("manifests", "index has no manifests list"))
+    if is_image_manifest_media_type(kind):
+        layers = read_list("layers", "manifest has no layers list")
+        return Children(config=read(doc.get("config"), "config"), layers=layers)
+    if strict:
+        raise DocumentError(f"unsupported manifest media type {media_type!r}")
+    return Children()
+
+
+def manifest_children(body: bytes, media_type: str = "") -> tuple[Descriptor, ...]:
+    """Every descriptor a manifest or index refers to (lenient `parse_children`)."""
+    return tuple(parse_children(body, media_type).all())
 
 
 def may_have_children(desc: Descriptor) -> bool:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -15,15 +14,13 @@ from services.common.containerd.client import (
 )
 from services.common.containerd.errors import ContainerdError, ContainerdUnavailableError
 from services.common.logsetup import get_logger
+from services.common.oci.document import blob_path, split_digest
 from services.common.store.containerd_watch import ContainerdWatch
 from services.common.store.protocol import (
     Descriptor,
     ImageRecord,
     NotFoundError,
 )
-
-# Only digests of this exact shape become file paths, so no input can point outside the store.
-_DIGEST_RE = re.compile(r"^(?:sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128})$")
 
 READ_CHUNK_BYTES = 1 << 20
 
@@ -97,7 +94,7 @@ class ContainerdStore:
         return (await self.client.get_image(reference)).target
 
     async def stat(self, digest: str) -> int:
-        if not _DIGEST_RE.match(digest):
+        if split_digest(digest) is None:
             raise NotFoundError(digest)
         return (await self.client.content_info(digest)).size
 
@@ -149,11 +146,9 @@ class ContainerdStore:
             yield chunk
 
     def local_path(self, digest: str) -> Path | None:
-        if self.content_root is None or not _DIGEST_RE.match(digest):
-            return None
-        algorithm, _, encoded = digest.partition(":")
-        path = self.content_root / "blobs" / algorithm / encoded
-        return path if path.is_file() else None
+        # Only well-formed digests become paths, so no input can point outside the store.
+        path = None if self.content_root is None else blob_path(self.content_root, digest)
+        return path if path is not None and path.is_file() else None
 
     async def list_images(self) -> list[ImageRecord]:
         return [

@@ -130,14 +130,16 @@ async def image_sharing_first_layer(
             ],
         }
     ).encode()
-    labels = {f"{GC_REF}.config": config.digest}
+    # Rooted until the image holds it: content nothing refers to may be collected at any time.
+    labels = {f"{GC_REF}.config": config.digest, "containerd.io/gc.root": "test"}
     if protect_layer:
         labels[f"{GC_REF}.l.0"] = layer.descriptor.digest
     manifest = await put_blob(client, manifest_body, labels)
     target = Descriptor(manifest.digest, manifest.size, OCI_MANIFEST)
     await client.create_image(name, target)
-    # The image now holds the config; it needs no root of its own any more.
-    await client.update_content_labels(config.digest, {"containerd.io/gc.root": None})
+    # The image now holds manifest and config; they need no root of their own any more.
+    for held in (manifest, config):
+        await client.update_content_labels(held.digest, {"containerd.io/gc.root": None})
     return manifest, config
 
 
