@@ -26,7 +26,6 @@ import threading
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 
 from services.common.oci.document import (
     ANNOTATION_CONTAINERD_NAME,
@@ -186,12 +185,7 @@ class OciLayoutStore:
     async def __aenter__(self) -> OciLayoutStore:
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
     @property
