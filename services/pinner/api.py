@@ -12,7 +12,7 @@ import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -35,6 +35,8 @@ if TYPE_CHECKING:
     from services.common.grpc_server import GrpcServer
     from services.pinner.airgap.manager import AirgapManager, ImportStatus
     from services.pinner.prefetch import Prefetcher
+
+_T = TypeVar("_T")
 
 SERVICE_NAME: str = pinner_pb2.DESCRIPTOR.services_by_name["Pinner"].full_name
 
@@ -151,38 +153,39 @@ class PinnerApi(pinner_pb2_grpc.PinnerServicer):
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the pinner has no containerd here")
         return self._pins
 
+    async def _with_pins(
+        self,
+        context: grpc.aio.ServicerContext[object, object],
+        call: Callable[[PinManager], Awaitable[_T]],
+        ref: str = "",
+    ) -> _T:
+        """`call` on the pins, its failures answered with the status they mean."""
+        pins = await self._containerd(context)
+        try:
+            return await call(pins)
+        except InvalidReferenceError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"ref: {exc}")
+        except ContainerdError as exc:
+            await _abort(context, exc, ref)
+
     async def ListPins(
         self, request: pinner_pb2.ListPinsRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pinner_pb2.ListPinsResponse:
-        pins = await self._containerd(context)
-        try:
-            pinned = await pins.pinned()
-        except ContainerdError as exc:
-            await _abort(context, exc)
+        pinned = await self._with_pins(context, lambda pins: pins.pinned())
         return pinner_pb2.ListPinsResponse(pins=[pin_message(p) for p in pinned])
 
     async def Pin(
         self, request: pinner_pb2.PinRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pinner_pb2.PinResponse:
-        pins = await self._containerd(context)
-        try:
-            pin = await pins.pin(request.ref)
-        except InvalidReferenceError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"ref: {exc}")
-        except ContainerdError as exc:
-            await _abort(context, exc, request.ref)
+        pin = await self._with_pins(context, lambda pins: pins.pin(request.ref), request.ref)
         return pinner_pb2.PinResponse(pin=pin_message(pin))
 
     async def Unpin(
         self, request: pinner_pb2.UnpinRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pinner_pb2.UnpinResponse:
-        pins = await self._containerd(context)
-        try:
-            was_pinned = await pins.unpin(request.ref)
-        except InvalidReferenceError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"ref: {exc}")
-        except ContainerdError as exc:
-            await _abort(context, exc, request.ref)
+        was_pinned = await self._with_pins(
+            context, lambda pins: pins.unpin(request.ref), request.ref
+        )
         return pinner_pb2.UnpinResponse(was_pinned=was_pinned)
 
     async def Status(
@@ -242,7 +245,7 @@ class PinnerApi(pinner_pb2_grpc.PinnerServicer):
 
 async def _abort(
     context: grpc.aio.ServicerContext[object, object], exc: ContainerdError, ref: str = ""
-) -> None:
+) -> NoReturn:
     if isinstance(exc, ContainerdNotFoundError):
         await context.abort(grpc.StatusCode.NOT_FOUND, f"no such image: {ref}")
     if isinstance(exc, ContainerdUnavailableError):
