@@ -17,7 +17,7 @@ import grpc
 
 from services.common.genproto.peermirror.discovery.v1 import local_pb2, local_pb2_grpc
 from services.common.logsetup import get_logger
-from services.pinner.tracker import KeyDelta, diff
+from services.pinner.keys import KeyDelta, diff
 
 # Keys per Advertise/Withdraw call: well under any sane server cap and gRPC's 4 MiB message
 # limit (a tag reference is at most ~400 bytes).
@@ -28,7 +28,7 @@ CALL_TIMEOUT_S = 10.0
 BACKOFF_START_S = 0.1
 BACKOFF_MAX_S = 5.0
 
-log = get_logger("pinner.advertiser")
+log = get_logger(__name__)
 
 
 def batches(keys: Iterable[str], size: int = BATCH_SIZE) -> list[list[str]]:

@@ -1,16 +1,18 @@
 """The pinner's node-local gRPC API (peermirror.pinner.v1.Pinner): pins, status, resync, prefetch.
 
-Pins and imports come from the AirgapManager; what only the service knows (participation,
-advertisement counts, the containerd connection, a full resync) is asked of it through the
-two optional callbacks, so this module stays independent of how the service tracks state.
+Pins and prefetches go to containerd, import states come from the AirgapManager; what only the
+service knows (participation, advertisement counts, the store connection, a full resync) is
+asked of it through the two optional callbacks, so this module stays independent of how the
+service tracks state.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -21,7 +23,7 @@ from services.common.containerd.errors import (
     ContainerdUnavailableError,
 )
 from services.common.genproto.peermirror.pinner.v1 import pinner_pb2, pinner_pb2_grpc
-from services.pinner.pins import InvalidReferenceError, Pin
+from services.pinner.pins import InvalidReferenceError, Pin, PinManager
 from services.pinner.prefetch import (
     InvalidPrefetchError,
     Phase,
@@ -33,6 +35,8 @@ if TYPE_CHECKING:
     from services.common.grpc_server import GrpcServer
     from services.pinner.airgap.manager import AirgapManager, ImportStatus
     from services.pinner.prefetch import Prefetcher
+
+_T = TypeVar("_T")
 
 SERVICE_NAME: str = pinner_pb2.DESCRIPTOR.services_by_name["Pinner"].full_name
 
@@ -100,13 +104,8 @@ def progress_message(update: PrefetchUpdate) -> pinner_pb2.PrefetchProgress:
 
 
 def pin_message(pin: Pin) -> pinner_pb2.PinnedImage:
-    return pinner_pb2.PinnedImage(
-        name=pin.name,
-        digest=pin.digest,
-        media_type=pin.media_type,
-        managed=pin.managed,
-        source=pin.source,
-    )
+    # Pin's fields are PinnedImage's, name for name.
+    return pinner_pb2.PinnedImage(**dataclasses.asdict(pin))
 
 
 def import_message(state: ImportStatus) -> pinner_pb2.ImportState:
@@ -121,82 +120,102 @@ def import_message(state: ImportStatus) -> pinner_pb2.ImportState:
 
 
 class PinnerApi(pinner_pb2_grpc.PinnerServicer):
-    """Servicer of the Pinner API over an AirgapManager."""
+    """Servicer of the Pinner API.
+
+    Without containerd (`pins` None: the oci-layout store) there is nothing to pin or pull
+    through: Prefetch is refused with FAILED_PRECONDITION saying why, and pins, status and
+    resync answer UNIMPLEMENTED, as when no Pinner service was served there (`peermirror
+    status` relies on that).
+    """
 
     def __init__(
         self,
-        airgap: AirgapManager,
+        pins: PinManager | None,
         *,
+        prefetcher: Prefetcher | None = None,
+        airgap: AirgapManager | None = None,
         sync_state: SyncStateFn | None = None,
         resync: ResyncFn | None = None,
-        prefetcher: Prefetcher | None = None,
     ) -> None:
+        self._pins = pins
+        self._prefetcher = prefetcher
         self._airgap = airgap
         self._sync_state = sync_state
         self._resync = resync
-        self._prefetcher = prefetcher if prefetcher is not None else airgap.prefetcher
 
     def register(self, server: GrpcServer) -> None:
         server.add_service(
             SERVICE_NAME, lambda s: pinner_pb2_grpc.add_PinnerServicer_to_server(self, s)
         )
 
+    async def _containerd(self, context: grpc.aio.ServicerContext[object, object]) -> PinManager:
+        if self._pins is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the pinner has no containerd here")
+        return self._pins
+
+    async def _with_pins(
+        self,
+        context: grpc.aio.ServicerContext[object, object],
+        call: Callable[[PinManager], Awaitable[_T]],
+        ref: str = "",
+    ) -> _T:
+        """`call` on the pins, its failures answered with the status they mean."""
+        pins = await self._containerd(context)
+        try:
+            return await call(pins)
+        except InvalidReferenceError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"ref: {exc}")
+        except ContainerdError as exc:
+            await _abort(context, exc, ref)
+
     async def ListPins(
         self, request: pinner_pb2.ListPinsRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pinner_pb2.ListPinsResponse:
-        try:
-            pins = await self._airgap.pins.pinned()
-        except ContainerdError as exc:
-            await _abort(context, exc)
-        return pinner_pb2.ListPinsResponse(pins=[pin_message(p) for p in pins])
+        pinned = await self._with_pins(context, lambda pins: pins.pinned())
+        return pinner_pb2.ListPinsResponse(pins=[pin_message(p) for p in pinned])
 
     async def Pin(
         self, request: pinner_pb2.PinRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pinner_pb2.PinResponse:
-        try:
-            pin = await self._airgap.pins.pin(request.ref)
-        except InvalidReferenceError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"ref: {exc}")
-        except ContainerdError as exc:
-            await _abort(context, exc, request.ref)
+        pin = await self._with_pins(context, lambda pins: pins.pin(request.ref), request.ref)
         return pinner_pb2.PinResponse(pin=pin_message(pin))
 
     async def Unpin(
         self, request: pinner_pb2.UnpinRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pinner_pb2.UnpinResponse:
-        try:
-            was_pinned = await self._airgap.pins.unpin(request.ref)
-        except InvalidReferenceError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"ref: {exc}")
-        except ContainerdError as exc:
-            await _abort(context, exc, request.ref)
+        was_pinned = await self._with_pins(
+            context, lambda pins: pins.unpin(request.ref), request.ref
+        )
         return pinner_pb2.UnpinResponse(was_pinned=was_pinned)
 
     async def Status(
         self, request: pinner_pb2.StatusRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pinner_pb2.StatusResponse:
+        pins = await self._containerd(context)
         state = self._sync_state() if self._sync_state is not None else SyncState()
         try:
-            pinned = len(await self._airgap.pins.pinned())
+            pinned = len(await pins.pinned())
             connected = state.containerd_connected
         except ContainerdError:
             pinned, connected = 0, False
+        imports = self._airgap.status() if self._airgap is not None else []
         return pinner_pb2.StatusResponse(
             participating=state.participating,
             containerd_connected=connected,
-            namespace=self._airgap.client.namespace,
+            namespace=pins.client.namespace,
             last_sync=_timestamp(state.last_sync),
             last_sync_error=state.last_sync_error,
             advertised_keys=state.advertised_keys,
             pinned_images=pinned,
-            imports=[import_message(s) for s in self._airgap.status()],
+            imports=[import_message(s) for s in imports],
         )
 
     async def Resync(
         self, request: pinner_pb2.ResyncRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pinner_pb2.ResyncResponse:
+        await self._containerd(context)
         try:
-            imported = await self._airgap.rescan()
+            imported = await self._airgap.rescan() if self._airgap is not None else 0
             outcome = await self._resync() if self._resync is not None else SyncOutcome()
         except ContainerdError as exc:
             await _abort(context, exc)
@@ -212,6 +231,8 @@ class PinnerApi(pinner_pb2_grpc.PinnerServicer):
         request: pinner_pb2.PrefetchRequest,
         context: grpc.aio.ServicerContext[object, object],
     ) -> AsyncIterator[pinner_pb2.PrefetchProgress]:
+        if self._prefetcher is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, NO_CONTAINERD)
         try:
             async for update in self._prefetcher.prefetch(request.reference):
                 yield progress_message(update)
@@ -222,57 +243,9 @@ class PinnerApi(pinner_pb2_grpc.PinnerServicer):
             await context.abort(pull_failure_status(exc), f"reference {request.reference!r}: {exc}")
 
 
-class ContainerdlessPinnerApi(pinner_pb2_grpc.PinnerServicer):
-    """The Pinner API of a pinner without containerd (oci-layout store): prefetch is refused with
-    FAILED_PRECONDITION saying why; pins, status and resync answer UNIMPLEMENTED, as they did
-    when no Pinner service was served there (`peermirror status` relies on that)."""
-
-    def register(self, server: GrpcServer) -> None:
-        server.add_service(
-            SERVICE_NAME, lambda s: pinner_pb2_grpc.add_PinnerServicer_to_server(self, s)
-        )
-
-    @staticmethod
-    async def _unimplemented(context: grpc.aio.ServicerContext[object, object]) -> NoReturn:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the pinner has no containerd here")
-
-    async def ListPins(
-        self, request: pinner_pb2.ListPinsRequest, context: grpc.aio.ServicerContext[object, object]
-    ) -> pinner_pb2.ListPinsResponse:
-        await self._unimplemented(context)
-
-    async def Pin(
-        self, request: pinner_pb2.PinRequest, context: grpc.aio.ServicerContext[object, object]
-    ) -> pinner_pb2.PinResponse:
-        await self._unimplemented(context)
-
-    async def Unpin(
-        self, request: pinner_pb2.UnpinRequest, context: grpc.aio.ServicerContext[object, object]
-    ) -> pinner_pb2.UnpinResponse:
-        await self._unimplemented(context)
-
-    async def Status(
-        self, request: pinner_pb2.StatusRequest, context: grpc.aio.ServicerContext[object, object]
-    ) -> pinner_pb2.StatusResponse:
-        await self._unimplemented(context)
-
-    async def Resync(
-        self, request: pinner_pb2.ResyncRequest, context: grpc.aio.ServicerContext[object, object]
-    ) -> pinner_pb2.ResyncResponse:
-        await self._unimplemented(context)
-
-    async def Prefetch(
-        self,
-        request: pinner_pb2.PrefetchRequest,
-        context: grpc.aio.ServicerContext[object, object],
-    ) -> AsyncIterator[pinner_pb2.PrefetchProgress]:
-        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, NO_CONTAINERD)
-        yield pinner_pb2.PrefetchProgress()  # never reached: makes this a streaming handler
-
-
 async def _abort(
     context: grpc.aio.ServicerContext[object, object], exc: ContainerdError, ref: str = ""
-) -> None:
+) -> NoReturn:
     if isinstance(exc, ContainerdNotFoundError):
         await context.abort(grpc.StatusCode.NOT_FOUND, f"no such image: {ref}")
     if isinstance(exc, ContainerdUnavailableError):

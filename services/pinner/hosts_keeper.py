@@ -25,7 +25,7 @@ from services.pinner.hosts_writer import (
     write_hosts_files,
 )
 
-log = get_logger("pinner.hosts")
+log = get_logger(__name__)
 
 Signature = tuple[int, int, int] | None
 # Seconds a check waits for the certs.d lock: the thread it runs in must end soon after a stop.

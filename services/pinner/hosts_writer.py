@@ -41,7 +41,7 @@ _LOCK_POLL_S = 0.05
 
 DirState = Literal["missing", "ours", "k3s", "empty", "foreign"]
 
-log = get_logger("pinner.hosts")
+log = get_logger(__name__)
 
 
 @dataclass(slots=True)

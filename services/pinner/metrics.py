@@ -23,7 +23,8 @@ from services.common.metrics import PREFIX, key_labels, new_registry, registry_o
 
 if TYPE_CHECKING:
     from services.pinner.airgap.manager import AirgapManager
-    from services.pinner.tracker import KeyIndex
+    from services.pinner.keys import KeyIndex
+    from services.pinner.pins import PinManager
 
 # Imports range from a small archive (a second) to multi-GiB air-gap bundles (minutes).
 IMPORT_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
@@ -60,6 +61,9 @@ class RuntimeView(Protocol):
 
     @property
     def airgap(self) -> AirgapManager | None: ...
+
+    @property
+    def pins(self) -> PinManager | None: ...
 
 
 class _TrackerCollector(Collector):
@@ -122,11 +126,11 @@ class PinnerMetrics:
 
     async def refresh(self) -> None:
         """Read what needs containerd: the pinned images (left as they were when it is down)."""
-        airgap = self._runtime.airgap
-        if airgap is None:
+        pins = self._runtime.pins
+        if pins is None:
             return
         with contextlib.suppress(ContainerdError):
-            self.pinned.set(len(await airgap.pins.pinned()))
+            self.pinned.set(len(await pins.pinned()))
 
     def render(self) -> bytes:
         return render(self.registry)

@@ -17,19 +17,24 @@ from services.common.k3s.mirror_policy import Policy
 from services.common.k3s.registries import Registries, RegistriesError, load_registries
 from services.common.logsetup import get_logger
 from services.common.metrics import start_listener
+from services.common.store.containerd_store import ContainerdStore
 from services.common.store.oci_layout import OciLayoutStore
+from services.common.store.protocol import ContentStore
 from services.common.tls import tls_files
 from services.pinner.advertiser import BATCH_SIZE as ADVERTISE_BATCH
 from services.pinner.advertiser import Advertiser
+from services.pinner.airgap.ingest import IngestChannel
 from services.pinner.airgap.manager import AirgapManager
-from services.pinner.api import ContainerdlessPinnerApi, SyncOutcome, SyncState
-from services.pinner.containerd_watch import ContainerdTracker
+from services.pinner.airgap.pull import CRI_NAMESPACE
+from services.pinner.api import PinnerApi, SyncOutcome, SyncState
 from services.pinner.hosts_keeper import HostsKeeper
 from services.pinner.hosts_toml import HostsOptions
 from services.pinner.hosts_writer import HostsLockedError, write_containerd_config
+from services.pinner.keys import KeyPolicy
 from services.pinner.metrics import PinnerMetrics
-from services.pinner.store_tracker import StoreTracker
-from services.pinner.tracker import KeyPolicy
+from services.pinner.pins import PinManager
+from services.pinner.prefetch import Prefetcher
+from services.pinner.tracker import Tracker
 
 # Leaves headroom inside the 5 s the node and kubelet allow between SIGTERM and exit.
 STOP_BUDGET = 4.0
@@ -38,7 +43,7 @@ EXIT_CONFIG = 2
 # Seconds the start waits for another hosts.toml writer before leaving it to the keeper.
 START_LOCK_WAIT = 2.0
 
-log = get_logger("pinner")
+log = get_logger(__name__)
 
 
 def _path(value: Path | None) -> str | None:
@@ -119,10 +124,10 @@ def hosts_keeper(cfg: NodeConfig) -> HostsKeeper:
 class PinnerRuntime:
     """The pinner's long-running parts, started and stopped together (also used by tests).
 
-    Air-gap import and pinning run on every containerd node; tracking and advertising only on a
-    node that mirrors at least one registry. With the oci-layout store (dev boxes, the local
-    mesh) the layout directory is tracked instead of containerd, and there is no air-gap import
-    (it imports into containerd).
+    Pins, prefetch and air-gap import run on every containerd node; tracking and advertising
+    only on a node that mirrors at least one registry. With the oci-layout store (dev boxes, the
+    local mesh) the layout directory is tracked instead of containerd, and there is nothing to
+    pin, pull through or import into.
     """
 
     def __init__(self, cfg: NodeConfig, registries: Registries, *, airgap: bool = True) -> None:
@@ -132,7 +137,10 @@ class PinnerRuntime:
         self.policy = key_policy(cfg, lambda registry: self.registries.is_mirrored(registry))
         self.policy.update(mirrors_anything=participates(cfg, registries))
         self.client: ContainerdClient | None = None
-        self.store: OciLayoutStore | None = None
+        self.store: ContentStore
+        self.pins: PinManager | None = None
+        self.prefetcher: Prefetcher | None = None
+        self.ingest: IngestChannel | None = None
         self.airgap: AirgapManager | None = None
         if cfg.store.backend == "oci-layout":
             self.store = OciLayoutStore(cfg.store.oci_layout_path, create=True)
@@ -145,10 +153,21 @@ class PinnerRuntime:
             self.client = ContainerdClient(
                 cfg.store.containerd_address, cfg.store.containerd_namespace
             )
+            root = cfg.store.content_root
+            self.store = ContainerdStore(
+                self.client, root, find_root=root is None, report_collections=True
+            )
+            self.pins = PinManager(self.client)
+            # Imports and prefetches move bulk data on a connection of their own.
+            self.ingest = IngestChannel(self.client.address, self.client.namespace)
+            # Prefetches pull through containerd's CRI, which writes into its own namespace.
+            self.prefetcher = Prefetcher(self.ingest.channel, CRI_NAMESPACE)
             if airgap:
-                self.airgap = AirgapManager.from_config(self.client, cfg.pinner)
+                self.airgap = AirgapManager.from_config(
+                    self.client, cfg.pinner, pins=self.pins, ingest=self.ingest
+                )
         self.advertiser: Advertiser | None = None
-        self.tracker: ContainerdTracker | StoreTracker | None = None
+        self.tracker: Tracker | None = None
         # Also on a node that takes no part or mirrors nothing yet: registries.yaml may change.
         self.hosts = hosts_keeper(cfg)
         self.hosts.on_registries = self.registries_changed
@@ -180,31 +199,22 @@ class PinnerRuntime:
             cfg.discovery.local_address,
             batch_size=min(ADVERTISE_BATCH, cfg.discovery.max_keys_per_advertise),
         )
-        if self.store is not None:
-            self.tracker = StoreTracker(
-                self.store,
-                self.policy,
-                self.advertiser.apply,
-                resync_interval=cfg.pinner.resync_interval,
-            )
-        else:
-            assert self.client is not None
-            self.tracker = ContainerdTracker(
-                self.client,
-                self.policy,
-                self.advertiser.apply,
-                resync_interval=cfg.pinner.resync_interval,
-                content_root=cfg.store.content_root,
-            )
+        self.tracker = Tracker(
+            self.store,
+            self.policy,
+            self.advertiser.apply,
+            resync_interval=cfg.pinner.resync_interval,
+        )
 
     def register(self, server: GrpcServer) -> None:
         """Serve the Pinner API on `server` (before it starts)."""
-        if self.airgap is not None:
-            self.airgap.register(server, sync_state=self.sync_state, resync=self.resync)
-        elif self.store is not None:
-            # Without containerd there is nothing to pin or pull through: callers of Prefetch
-            # learn why (FAILED_PRECONDITION) instead of meeting an unknown service.
-            ContainerdlessPinnerApi().register(server)
+        PinnerApi(
+            self.pins,
+            prefetcher=self.prefetcher,
+            airgap=self.airgap,
+            sync_state=self.sync_state,
+            resync=self.resync,
+        ).register(server)
 
     def start(self) -> None:
         self._started = True
@@ -240,13 +250,13 @@ class PinnerRuntime:
                 self._resync_for_mirrors(self.tracker), name="pinner-mirrors-resync"
             )
 
-    async def _resync_for_mirrors(self, tracker: ContainerdTracker | StoreTracker) -> None:
+    async def _resync_for_mirrors(self, tracker: Tracker) -> None:
         # An edit made during a re-walk may come after images it already decided: walk again.
         while self._mirrors_changed:
             self._mirrors_changed = False
             try:
                 await tracker.resync()
-            except ContainerdUnavailableError as exc:
+            except Exception as exc:
                 # The tracker's next full sync (on reconnect, or every resync_interval) does it.
                 log.warning("could not re-walk the store for the new mirrors", error=str(exc))
                 return
@@ -305,10 +315,11 @@ class PinnerRuntime:
         self._tasks.clear()
         if self.airgap is not None:
             await self.airgap.close()
+        if self.ingest is not None:
+            await self.ingest.close()
+        await self.store.close()
         if self.client is not None:
             await self.client.close()
-        if self.store is not None:
-            await self.store.close()
 
 
 async def run(cfg: NodeConfig) -> None:

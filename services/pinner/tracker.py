@@ -1,320 +1,201 @@
-"""Which keys this node advertises, worked out from its images (pure: no containerd, no network).
+"""Follows the node's content store so its key set always matches its images, across restarts.
 
-An image record names a target (index or manifest). Walking it gives the digests it reaches —
-index, manifests, configs, layers — of which only those present in the content store count.
-For an image of a mirrored registry the keys are those present digests plus, for a tag
-reference that the shared serving policy allows (latest rule, filters), the tag reference
-`<registry>/<name>:<tag>`. `name@digest` references contribute digests only; names that are
-not fully qualified references (CRI's `sha256:<id>` records) contribute nothing.
+One session: open a watch, wait until it is in force (`StoreWatch.ready`), then list everything
+(full sync) and apply events as they come; a full sync also runs every `resync_interval`.
+Watching before listing means no change is lost between the two: whatever happened before the
+watch was ready is in the listing, whatever happens after arrives as an event (applying an event
+the listing already shows changes nothing, since every handler re-reads the store).
 
-`KeyIndex` counts, per key, the images holding it, so a digest shared by two images stays
-advertised while either remains; every change returns the exact keys gained and lost.
+Losing the store (containerd restarting, a broken index.json) ends the session; the next one
+starts after a short backoff, with a full sync. Nothing here ever ends the pinner.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Collection, Iterable, Mapping
-from dataclasses import dataclass, field
+import asyncio
+import contextlib
+from collections.abc import Callable
+from datetime import UTC, datetime
 
-from services.common.k3s.mirror_policy import Policy
-from services.common.oci.errors import OciError
-from services.common.oci.grammar import (
-    is_digest_syntax,
-    looks_like_registry,
-    parse_reference,
+from services.common.logsetup import get_logger
+from services.common.oci.document import split_digest
+from services.common.store.protocol import (
+    ContentStore,
+    EventKind,
+    NotFoundError,
+    StoreEvent,
+    StoreWatch,
 )
-from services.common.oci.media_types import (
-    detect_manifest_media_type,
-    is_image_manifest_media_type,
-    is_index_media_type,
-    is_manifest_media_type,
-)
-from services.common.store.protocol import Descriptor
+from services.pinner.image_graph import ImageGraph
+from services.pinner.keys import KeyDelta, KeyIndex, KeyPolicy, image_key_set
 
-# Indexes may nest (an index of indexes); real images go two levels deep. The bound only stops
-# a malicious or corrupt chain from recursing for ever.
-MAX_DEPTH = 8
+KeySink = Callable[[KeyDelta], None]
+
+BACKOFF_START_S = 0.1
+BACKOFF_MAX_S = 2.0
+
+log = get_logger(__name__)
 
 
-# --- manifests ---------------------------------------------------------------------------------
+class Tracker:
+    """Keeps a `KeyIndex` of the store's mirrored images and reports every change to `sink`.
 
-
-def _descriptor(obj: object) -> Descriptor | None:
-    if not isinstance(obj, dict):
-        return None
-    digest = obj.get("digest")
-    if not isinstance(digest, str) or not is_digest_syntax(digest):
-        return None
-    size = obj.get("size")
-    media_type = obj.get("mediaType")
-    return Descriptor(
-        digest=digest,
-        size=size if isinstance(size, int) and not isinstance(size, bool) else 0,
-        media_type=media_type if isinstance(media_type, str) else "",
-    )
-
-
-def manifest_children(body: bytes, media_type: str = "") -> tuple[Descriptor, ...]:
-    """The descriptors a manifest or index refers to; () for anything else or unparsable JSON.
-
-    An index yields its `manifests`; an image manifest its `config` and `layers`. `media_type`
-    is what the parent said; when empty or not a manifest type the document's own shape decides.
-    """
-    kind = media_type.split(";", 1)[0].strip().lower()
-    if not is_manifest_media_type(kind):
-        detected = detect_manifest_media_type(body)
-        if detected is None:
-            return ()
-        kind = detected
-    try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return ()
-    if not isinstance(doc, dict):
-        return ()
-    found: list[Descriptor | None] = []
-    if is_index_media_type(kind):
-        manifests = doc.get("manifests")
-        if isinstance(manifests, list):
-            found.extend(_descriptor(m) for m in manifests)
-    elif is_image_manifest_media_type(kind):
-        found.append(_descriptor(doc.get("config")))
-        layers = doc.get("layers")
-        if isinstance(layers, list):
-            found.extend(_descriptor(layer) for layer in layers)
-    return tuple(d for d in found if d is not None)
-
-
-def may_have_children(desc: Descriptor) -> bool:
-    """Whether `desc` has to be read to find more digests (a manifest/index, or type unknown)."""
-    return desc.media_type == "" or is_manifest_media_type(desc.media_type)
-
-
-def walk_image(
-    target: Descriptor,
-    children: Callable[[Descriptor], tuple[Descriptor, ...] | None],
-    present: Collection[str],
-) -> frozenset[str]:
-    """Every digest reachable from `target` that is in `present`.
-
-    `children(desc)` gives a present manifest's children (None when it could not be read); it
-    is only asked about present descriptors for which `may_have_children` holds. An absent
-    manifest hides its children: they are not reachable through this image.
-    """
-    found: set[str] = set()
-    stack: list[tuple[Descriptor, int]] = [(target, 0)]
-    while stack:
-        desc, depth = stack.pop()
-        if desc.digest in found or desc.digest not in present:
-            continue
-        found.add(desc.digest)
-        if depth >= MAX_DEPTH or not may_have_children(desc):
-            continue
-        for child in children(desc) or ():
-            stack.append((child, depth + 1))
-    return frozenset(found)
-
-
-def digests_to_read(
-    target: Descriptor,
-    known: Mapping[str, tuple[Descriptor, ...]],
-    present: Collection[str],
-) -> list[Descriptor]:
-    """The present manifests reachable from `target` whose children are not in `known` yet.
-
-    Walks as far as `known` allows; the caller reads what is returned, adds it to `known` and
-    asks again until nothing is left (each round goes one level deeper).
-    """
-    missing: list[Descriptor] = []
-    seen: set[str] = set()
-    stack: list[tuple[Descriptor, int]] = [(target, 0)]
-    while stack:
-        desc, depth = stack.pop()
-        if desc.digest in seen or desc.digest not in present:
-            continue
-        seen.add(desc.digest)
-        if depth >= MAX_DEPTH or not may_have_children(desc):
-            continue
-        kids = known.get(desc.digest)
-        if kids is None:
-            missing.append(desc)
-            continue
-        stack.extend((child, depth + 1) for child in kids)
-    return missing
-
-
-# --- which keys an image gives -----------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class ImageKeys:
-    """What one image name contributes: whether its digests count, and its tag key if any."""
-
-    digests: bool
-    tag_key: str | None = None
-
-
-NO_KEYS = ImageKeys(digests=False)
-
-
-class KeyPolicy:
-    """Decides per image name which keys it may give, with the registry's serving rules.
-
-    The same `Policy` the registry serves with (mirrored registries, latest rule, filters), so
-    the node advertises exactly what its registry would answer for.
+    Offers what the pinner runtime reads: `run`, `synced`, `resync`, `index` and the status
+    fields (`connected`, `last_sync`, `last_error`).
     """
 
-    def __init__(self, policy: Policy, *, mirrors_anything: bool = True) -> None:
+    def __init__(
+        self,
+        store: ContentStore,
+        policy: KeyPolicy,
+        sink: KeySink,
+        *,
+        resync_interval: float,
+    ) -> None:
+        self._store = store
         self._policy = policy
-        self.mirrors_anything = mirrors_anything
-        self._cache: dict[str, ImageKeys] = {}
+        self._sink = sink
+        self._resync_interval = resync_interval
+        self.graph = ImageGraph(store)
+        self.index = KeyIndex()
+        # Set once the first full sync has completed (the service reports SERVING then).
+        self.synced = asyncio.Event()
+        self.sessions = 0
+        self.full_syncs = 0
+        # Whether the last watch proved it was in force (see StoreWatch.ready).
+        self.watch_proven = False
+        # What the status API reports.
+        self.connected = False
+        self.last_sync: datetime | None = None
+        self.last_error = ""
+        # Full syncs (periodic or asked for) and event handling never interleave.
+        self._lock = asyncio.Lock()
 
-    def update(self, *, mirrors_anything: bool) -> None:
-        """The mirrored registries changed (registries.yaml was edited): decide afresh."""
-        self.mirrors_anything = mirrors_anything
-        self._cache.clear()
+    # --- the session loop -------------------------------------------------------------------
 
-    def image_keys(self, name: str) -> ImageKeys:
-        """The keys image record `name` may contribute (cached until the rules change)."""
-        cached = self._cache.get(name)
-        if cached is None:
-            cached = self._decide(name)
-            if len(self._cache) > 65536:
-                self._cache.clear()
-            self._cache[name] = cached
-        return cached
+    async def run(self) -> None:
+        """Track until cancelled; store failures only ever start a new session."""
+        backoff = BACKOFF_START_S
+        failing = False
+        while True:
+            syncs_before = self.full_syncs
+            try:
+                await self._session()
+            except Exception as exc:
+                # Never let a lost store or a bug in one event take the pinner down: log it
+                # once per outage and start over with a full sync.
+                self.last_error = str(exc) or repr(exc)
+                if not failing:
+                    log.warning("store tracking failed; starting over", error=self.last_error)
+                    failing = True
+            if self.full_syncs > syncs_before:
+                # The session worked for a while: start the backoff over.
+                backoff = BACKOFF_START_S
+                failing = False
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, BACKOFF_MAX_S)
 
-    def _decide(self, name: str) -> ImageKeys:
-        if not self.mirrors_anything:
-            return NO_KEYS
-        first, slash, _rest = name.partition("/")
-        # containerd's records are fully qualified; anything else (CRI's `sha256:<id>` names,
-        # hand-made short names) has no registry to be mirrored for.
-        if not slash or not looks_like_registry(first) or is_digest_syntax(name):
-            return NO_KEYS
+    async def _session(self) -> None:
+        self.sessions += 1
+        events = self._store.watch()
         try:
-            ref = parse_reference(name)
-            self._policy.check(ref.registry, ref.repository)
-        except OciError:
-            return NO_KEYS
-        if ref.tag is None or ref.digest is not None:
-            return ImageKeys(digests=True)
-        try:
-            target = self._policy.check(ref.registry, ref.repository, ref.tag)
-        except OciError:
-            return ImageKeys(digests=True)
-        return ImageKeys(digests=True, tag_key=target.store_key(ref.tag))
+            self.watch_proven = await events.ready()
+            await self.full_sync()
+            if self.sessions > 1:
+                log.info("store tracking resumed", sessions=self.sessions)
+            await self._follow(events)
+        finally:
+            self.connected = False
+            with contextlib.suppress(Exception):
+                await events.aclose()
 
+    async def _follow(self, events: StoreWatch) -> None:
+        loop = asyncio.get_running_loop()
+        next_resync = loop.time() + self._resync_interval
+        while True:
+            try:
+                async with asyncio.timeout_at(next_resync):
+                    event = await anext(events)
+            except TimeoutError:
+                await self.full_sync()
+                next_resync = loop.time() + self._resync_interval
+                continue
+            except StopAsyncIteration:
+                raise RuntimeError("the store's event stream ended") from None
+            async with self._lock:
+                delta = await self._apply(event)
+            self._emit(delta)
 
-def image_key_set(name: str, digests: Iterable[str], policy: KeyPolicy) -> frozenset[str]:
-    """The keys image `name` holding the present `digests` gives (empty when not mirrored)."""
-    decision = policy.image_keys(name)
-    if not decision.digests:
-        return frozenset()
-    keys = set(digests)
-    if decision.tag_key is not None and keys:
-        keys.add(decision.tag_key)
-    return frozenset(keys)
+    # --- syncing ----------------------------------------------------------------------------
 
+    async def resync(self) -> KeyDelta:
+        """Run a full sync now (the API's Resync), in turn with events."""
+        return await self.full_sync()
 
-# --- the node's key set ------------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class KeyDelta:
-    """Keys the node gained (to advertise) and lost (to withdraw) in one change."""
-
-    added: set[str] = field(default_factory=set)
-    removed: set[str] = field(default_factory=set)
-
-    def __bool__(self) -> bool:
-        return bool(self.added or self.removed)
-
-    def merge(self, other: KeyDelta) -> None:
-        """Fold a later change into this one (a key added then removed cancels out)."""
-        for key in other.added:
-            if key in self.removed:
-                self.removed.discard(key)
-            else:
-                self.added.add(key)
-        for key in other.removed:
-            if key in self.added:
-                self.added.discard(key)
-            else:
-                self.removed.add(key)
-
-
-def diff(desired: Collection[str], advertised: Collection[str]) -> KeyDelta:
-    """What to advertise and withdraw so that `advertised` becomes `desired`."""
-    want = set(desired)
-    have = set(advertised)
-    return KeyDelta(added=want - have, removed=have - want)
-
-
-class KeyIndex:
-    """Per image name, the keys it holds; per key, how many images hold it."""
-
-    def __init__(self) -> None:
-        self._images: dict[str, frozenset[str]] = {}
-        self._holders: dict[str, int] = {}
-        self._key_images: dict[str, set[str]] = {}
-
-    @property
-    def keys(self) -> frozenset[str]:
-        """Every key held by at least one image."""
-        return frozenset(self._holders)
-
-    @property
-    def images(self) -> Mapping[str, frozenset[str]]:
-        return self._images
-
-    def image(self, name: str) -> frozenset[str]:
-        """Keys held by image `name` (empty when unknown)."""
-        return self._images.get(name, frozenset())
-
-    def holders_of(self, key: str) -> set[str]:
-        """Names of the images holding `key`."""
-        return set(self._key_images.get(key, ()))
-
-    def set_image(self, name: str, keys: Iterable[str]) -> KeyDelta:
-        """Make image `name` hold exactly `keys` (empty: forget the image)."""
-        new = frozenset(keys)
-        old = self._images.get(name, frozenset())
-        if new == old:
-            return KeyDelta()
-        delta = KeyDelta()
-        for key in new - old:
-            count = self._holders.get(key, 0)
-            if count == 0:
-                delta.added.add(key)
-            self._holders[key] = count + 1
-            self._key_images.setdefault(key, set()).add(name)
-        for key in old - new:
-            count = self._holders[key] - 1
-            holders = self._key_images[key]
-            holders.discard(name)
-            if count == 0:
-                del self._holders[key]
-                del self._key_images[key]
-                delta.removed.add(key)
-            else:
-                self._holders[key] = count
-        if new:
-            self._images[name] = new
-        else:
-            self._images.pop(name, None)
+    async def full_sync(self) -> KeyDelta:
+        """List every image and all content; make the index match exactly."""
+        async with self._lock:
+            present = await self._store.digests()
+            images = await self._store.list_images()
+            desired: dict[str, frozenset[str]] = {}
+            for image in images:
+                if not self._policy.image_keys(image.name).digests:
+                    continue
+                digests = await self.graph.image_digests(image.target, present)
+                keys = image_key_set(image.name, digests, self._policy)
+                if keys:
+                    desired[image.name] = keys
+            self.graph.prune(present)
+            delta = self.index.replace_all(desired)
+        self.full_syncs += 1
+        self.connected = True
+        self.last_sync = datetime.now(UTC)
+        self.last_error = ""
+        self._emit(delta)
+        if not self.synced.is_set():
+            log.info(
+                "first sync done",
+                images=len(images),
+                mirrored_images=len(desired),
+                keys=len(self.index.keys),
+            )
+            self.synced.set()
         return delta
 
-    def remove_image(self, name: str) -> KeyDelta:
-        """Forget image `name`; keys still held by other images stay."""
-        return self.set_image(name, ())
+    async def refresh_image(self, name: str) -> KeyDelta:
+        """Re-read image `name` from the store and update its keys (gone: removed)."""
+        if not self._policy.image_keys(name).digests:
+            return self.index.remove_image(name)
+        try:
+            target = await self._store.resolve(name)
+        except NotFoundError:
+            return self.index.remove_image(name)
+        digests = await self.graph.image_digests(target)
+        return self.index.set_image(name, image_key_set(name, digests, self._policy))
 
-    def replace_all(self, images: Mapping[str, Iterable[str]]) -> KeyDelta:
-        """Make the index hold exactly `images` (a full resync), returning the net change."""
+    async def _apply(self, event: StoreEvent) -> KeyDelta:
+        if event.kind is EventKind.CONTENT_DELETE:
+            # The images holding that digest lose it (and what only it reached).
+            self.graph.forget([event.subject])
+            return await self._refresh_holders([event.subject])
+        if event.kind is EventKind.CONTENT_COLLECTED:
+            # Blobs went without an event each: compare what is held with what is there.
+            held = [k for k in self.index.keys if split_digest(k) is not None]
+            gone = set(held) - await self._store.digests()
+            self.graph.forget(gone)
+            return await self._refresh_holders(gone)
+        return await self.refresh_image(event.subject)
+
+    async def _refresh_holders(self, digests: set[str] | list[str]) -> KeyDelta:
+        names: set[str] = set()
+        for digest in digests:
+            names |= self.index.holders_of(digest)
         delta = KeyDelta()
-        for name in [n for n in self._images if n not in images]:
-            delta.merge(self.remove_image(name))
-        for name, keys in images.items():
-            delta.merge(self.set_image(name, keys))
+        for name in sorted(names):
+            delta.merge(await self.refresh_image(name))
         return delta
+
+    def _emit(self, delta: KeyDelta) -> None:
+        if delta:
+            log.debug("key set changed", added=len(delta.added), removed=len(delta.removed))
+            self._sink(delta)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from services.common.oci.document import ANNOTATION_CONTAINERD_NAME, ANNOTATION_REF_NAME
 from services.common.oci.media_types import (
     DOCKER_CONFIG,
     DOCKER_MANIFEST,
@@ -27,7 +28,6 @@ from services.common.oci.synthetic import (
     write_oci_archive,
     write_oci_layout,
 )
-from services.common.store.oci_layout import ANNOTATION_CONTAINERD_NAME, ANNOTATION_REF_NAME
 
 __all__ = [
     "ANNOTATION_CONTAINERD_NAME",

@@ -189,6 +189,15 @@ async def test_tag_resolves_to_target(
 
 
 @pytest.mark.parametrize("kind", IMAGE_KINDS)
+async def test_digests_lists_every_blob_of_an_image(
+    backend: StoreBackend, images: dict[str, BuiltImage], kind: str
+) -> None:
+    image = images[kind]
+    await backend.add_image(image)
+    assert {d.digest for d in image.blobs} <= await backend.store.digests()
+
+
+@pytest.mark.parametrize("kind", IMAGE_KINDS)
 async def test_every_blob_stats_with_its_size(
     backend: StoreBackend, images: dict[str, BuiltImage], kind: str
 ) -> None:
@@ -321,12 +330,30 @@ async def events(backend: StoreBackend, tmp_path: Path) -> AsyncIterator[EventPu
         await pump.close()
 
 
+IMAGE_EVENTS = (EventKind.IMAGE_CREATE, EventKind.IMAGE_UPDATE, EventKind.IMAGE_DELETE)
+
+
 async def next_image_event(pump: EventPump[StoreEvent]) -> StoreEvent:
     """The next image event (content events may interleave, e.g. containerd's GC)."""
     while True:
         event = await pump.next()
-        if event.kind is not EventKind.CONTENT_DELETE:
+        if event.kind in IMAGE_EVENTS:
             return event
+
+
+async def test_a_ready_watch_reports_the_next_change(
+    backend: StoreBackend, images: dict[str, BuiltImage]
+) -> None:
+    """`ready()` is the proof callers list after: no probing of their own needed."""
+    watch = backend.store.watch()
+    assert await watch.ready()
+    pump: EventPump[StoreEvent] = EventPump(watch)
+    try:
+        image = images["oci"]
+        await backend.add_image(image)
+        assert await next_image_event(pump) == StoreEvent(EventKind.IMAGE_CREATE, image.name)
+    finally:
+        await pump.close()
 
 
 async def test_watch_reports_image_create_and_delete(

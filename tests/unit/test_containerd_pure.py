@@ -21,7 +21,8 @@ from services.common.containerd.models import (
 from services.common.genproto.containerd.events import content_pb2 as content_events
 from services.common.genproto.containerd.events import image_pb2 as image_events
 from services.common.genproto.containerd.services.events.v1 import events_pb2
-from services.common.store.containerd_store import read_window, store_event
+from services.common.store.containerd_store import read_window
+from services.common.store.containerd_watch import store_event
 from services.common.store.protocol import EventKind, StoreEvent
 from tests.harness.containerd import SANDBOX_IMAGE, render_config
 

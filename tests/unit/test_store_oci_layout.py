@@ -9,15 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from services.common.store.oci_layout import (
+from services.common.oci.document import (
     ANNOTATION_CONTAINERD_NAME,
     ANNOTATION_REF_NAME,
-    LayoutError,
+    DocumentError,
+    entry_name,
+    split_digest,
+)
+from services.common.store.oci_layout import (
     LayoutSnapshot,
     OciLayoutStore,
     diff_snapshots,
-    image_name,
-    split_digest,
 )
 from services.common.store.protocol import (
     ContentStore,
@@ -58,6 +60,8 @@ def entry(image: BuiltImage, annotations: dict[str, str]) -> dict[str, object]:
         ),
         ({ANNOTATION_REF_NAME: "docker.io/a/b:2"}, None, "docker.io/a/b:2"),
         ({ANNOTATION_REF_NAME: "3"}, None, None),
+        # A `:` makes it a reference (no tag holds one), taken as written.
+        ({ANNOTATION_REF_NAME: "app:3"}, "docker.io/library/x", "app:3"),
         ({ANNOTATION_REF_NAME: "3"}, "docker.io/library/app", "docker.io/library/app:3"),
         ({}, "docker.io/library/app", None),
         ({ANNOTATION_CONTAINERD_NAME: ""}, None, None),
@@ -66,7 +70,7 @@ def entry(image: BuiltImage, annotations: dict[str, str]) -> dict[str, object]:
 def test_naming_rule(
     annotations: dict[str, str], bare_repo: str | None, expected: str | None
 ) -> None:
-    assert image_name(annotations, bare_repo) == expected
+    assert entry_name(annotations, bare_repo) == expected
 
 
 @pytest.mark.parametrize(
@@ -199,7 +203,7 @@ def test_half_written_index_keeps_the_previous_images(tmp_path: Path) -> None:
     # A watcher polling now reports nothing, rather than the image being deleted.
     assert during.images == {image.name: image.target}
     assert diff_snapshots(before, during) == []
-    with pytest.raises(LayoutError):
+    with pytest.raises(DocumentError):
         store.snapshot()
 
 

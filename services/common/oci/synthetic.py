@@ -22,8 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
 
+from services.common.oci.document import ANNOTATION_CONTAINERD_NAME, ANNOTATION_REF_NAME
 from services.common.oci.media_types import (
     DOCKER_CONFIG,
+    DOCKER_LAYER_TAR,
     DOCKER_LAYER_TAR_GZIP,
     DOCKER_MANIFEST,
     DOCKER_MANIFEST_LIST,
@@ -32,7 +34,6 @@ from services.common.oci.media_types import (
     OCI_LAYER_TAR_GZIP,
     OCI_MANIFEST,
 )
-from services.common.store.oci_layout import ANNOTATION_CONTAINERD_NAME, ANNOTATION_REF_NAME
 from services.common.store.protocol import Descriptor
 
 # Short names the builder's callers use for the gzip'd layer types.
@@ -531,11 +532,7 @@ def write_docker_archive(
         repo_tag=repo_tag,
         config=Descriptor(chosen.config.digest, chosen.config.size, DOCKER_CONFIG),
         layers=tuple(
-            Descriptor(
-                layer.diff_id,
-                layer.uncompressed_size,
-                "application/vnd.docker.image.rootfs.diff.tar",
-            )
+            Descriptor(layer.diff_id, layer.uncompressed_size, DOCKER_LAYER_TAR)
             for layer in chosen.layers
         ),
     )

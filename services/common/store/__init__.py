@@ -7,6 +7,7 @@ from services.common.store.protocol import (
     ImageRecord,
     NotFoundError,
     StoreEvent,
+    StoreWatch,
 )
 
 __all__ = [
@@ -16,4 +17,5 @@ __all__ = [
     "ImageRecord",
     "NotFoundError",
     "StoreEvent",
+    "StoreWatch",
 ]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -12,47 +11,20 @@ from services.common.containerd.client import (
     DEFAULT_ADDRESS,
     DEFAULT_NAMESPACE,
     ContainerdClient,
-    EventStream,
 )
-from services.common.containerd.models import (
-    TOPIC_CONTENT_DELETE,
-    TOPIC_IMAGE_CREATE,
-    TOPIC_IMAGE_DELETE,
-    TOPIC_IMAGE_UPDATE,
-    ContentDeleted,
-    Envelope,
-    ImageCreated,
-    ImageDeleted,
-    ImageUpdated,
-)
+from services.common.containerd.errors import ContainerdError, ContainerdUnavailableError
+from services.common.logsetup import get_logger
+from services.common.oci.document import blob_path, split_digest
+from services.common.store.containerd_watch import ContainerdWatch
 from services.common.store.protocol import (
     Descriptor,
-    EventKind,
     ImageRecord,
     NotFoundError,
-    StoreEvent,
 )
-
-# Only digests of this exact shape become file paths, so no input can point outside the store.
-_DIGEST_RE = re.compile(r"^(?:sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128})$")
 
 READ_CHUNK_BYTES = 1 << 20
 
-WATCH_TOPICS = (TOPIC_IMAGE_CREATE, TOPIC_IMAGE_UPDATE, TOPIC_IMAGE_DELETE, TOPIC_CONTENT_DELETE)
-
-
-def store_event(envelope: Envelope) -> StoreEvent | None:
-    """The store event for a containerd event, None for events the store does not report."""
-    event = envelope.event
-    if isinstance(event, ImageCreated):
-        return StoreEvent(EventKind.IMAGE_CREATE, event.name)
-    if isinstance(event, ImageUpdated):
-        return StoreEvent(EventKind.IMAGE_UPDATE, event.name)
-    if isinstance(event, ImageDeleted):
-        return StoreEvent(EventKind.IMAGE_DELETE, event.name)
-    if isinstance(event, ContentDeleted):
-        return StoreEvent(EventKind.CONTENT_DELETE, event.digest)
-    return None
+log = get_logger(__name__)
 
 
 def read_window(size: int, offset: int, length: int | None) -> tuple[int, int]:
@@ -67,26 +39,6 @@ def read_window(size: int, offset: int, length: int | None) -> tuple[int, int]:
     return start, max(start, end)
 
 
-class ContainerdWatch:
-    """Store events from a containerd subscription that is requested at creation."""
-
-    def __init__(self, stream: EventStream) -> None:
-        self._stream = stream
-
-    def __aiter__(self) -> ContainerdWatch:
-        return self
-
-    async def __anext__(self) -> StoreEvent:
-        while True:
-            envelope = await self._stream.__anext__()
-            event = store_event(envelope)
-            if event is not None:
-                return event
-
-    async def aclose(self) -> None:
-        self._stream.close()
-
-
 class ContainerdStore:
     """ContentStore over containerd's gRPC API, reading blob files directly when it can.
 
@@ -94,6 +46,9 @@ class ContainerdStore:
     containerd whether this namespace holds the digest (one Info call) and only then opens the
     file. `local_path()` cannot ask (it is synchronous): callers `stat()` first, as the registry
     does for Content-Length anyway.
+
+    `find_root` asks containerd for its content root at the first read when none was given;
+    `report_collections` makes watches report CONTENT_COLLECTED after image deletes.
     """
 
     def __init__(
@@ -102,10 +57,14 @@ class ContainerdStore:
         content_root: Path | None = None,
         *,
         owns_client: bool = False,
+        find_root: bool = False,
+        report_collections: bool = False,
     ) -> None:
         self.client = client
         self.content_root = content_root
         self._owns_client = owns_client
+        self._find_root = find_root and content_root is None
+        self._report_collections = report_collections
         self._watches: set[ContainerdWatch] = set()
 
     @classmethod
@@ -135,7 +94,7 @@ class ContainerdStore:
         return (await self.client.get_image(reference)).target
 
     async def stat(self, digest: str) -> int:
-        if not _DIGEST_RE.match(digest):
+        if split_digest(digest) is None:
             raise NotFoundError(digest)
         return (await self.client.content_info(digest)).size
 
@@ -146,6 +105,8 @@ class ContainerdStore:
         start, end = read_window(size, offset, length)
         if start == end:
             return
+        if self._find_root:
+            await self._look_up_root()
         path = self.local_path(digest)
         if path is not None:
             try:
@@ -162,6 +123,15 @@ class ContainerdStore:
         async for chunk in self.client.read_content(digest, start, end - start):
             yield chunk
 
+    async def _look_up_root(self) -> None:
+        try:
+            self.content_root = await self.client.content_root()
+        except ContainerdUnavailableError:
+            raise
+        except ContainerdError as exc:
+            log.info("content root unknown; reading through containerd", error=str(exc))
+        self._find_root = False
+
     @staticmethod
     async def _read_file(fd: int, start: int, end: int, digest: str) -> AsyncIterator[bytes]:
         position = start
@@ -176,11 +146,9 @@ class ContainerdStore:
             yield chunk
 
     def local_path(self, digest: str) -> Path | None:
-        if self.content_root is None or not _DIGEST_RE.match(digest):
-            return None
-        algorithm, _, encoded = digest.partition(":")
-        path = self.content_root / "blobs" / algorithm / encoded
-        return path if path.is_file() else None
+        # Only well-formed digests become paths, so no input can point outside the store.
+        path = None if self.content_root is None else blob_path(self.content_root, digest)
+        return path if path is not None and path.is_file() else None
 
     async def list_images(self) -> list[ImageRecord]:
         return [
@@ -188,14 +156,13 @@ class ContainerdStore:
             for image in await self.client.list_images()
         ]
 
-    def watch(self) -> ContainerdWatch:
-        """Image and content-delete events of this namespace.
+    async def digests(self) -> set[str]:
+        return {info.digest for info in await self.client.list_content()}
 
-        The subscription is requested here, before the first iteration; containerd gives no sign
-        of when it is in force, so a change made in the same instant may be missed.
-        """
-        stream = self.client.subscribe(*(f'topic=="{t}"' for t in WATCH_TOPICS))
-        watch = ContainerdWatch(stream)
+    def watch(self) -> ContainerdWatch:
+        """Image and content-delete events of this namespace (the subscription starts here;
+        `ready()` proves it is in force)."""
+        watch = ContainerdWatch(self.client, report_collections=self._report_collections)
         self._watches.add(watch)
         return watch
 

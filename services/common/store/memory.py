@@ -41,6 +41,10 @@ class _QueueWatcher:
             raise StopAsyncIteration
         return event
 
+    async def ready(self) -> bool:
+        """In force from creation: the store pushes every later mutation."""
+        return True
+
     async def aclose(self) -> None:
         """Stop receiving; a pending `__anext__` ends the iteration."""
         self._store._watchers.discard(self)
@@ -137,7 +141,10 @@ class MemoryStore:
     async def list_images(self) -> list[ImageRecord]:
         return [self._images[name] for name in sorted(self._images)]
 
-    def watch(self) -> AsyncIterator[StoreEvent]:
+    async def digests(self) -> set[str]:
+        return set(self._blobs)
+
+    def watch(self) -> _QueueWatcher:
         """Every mutation after this call is reported, in order."""
         watcher = _QueueWatcher(self)
         self._watchers.add(watcher)

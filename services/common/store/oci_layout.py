@@ -2,15 +2,12 @@
 
 Layout: `oci-layout`, `index.json` (its entries name the images), `blobs/<alg>/<hex>`.
 
-Naming rule (what `resolve` and `list_images` see). Each entry of index.json gets at most one
-image name, taken from its annotations in this order:
-
-1. `io.containerd.image.name`, verbatim (containerd's export and our own writers set it to the
-   full reference `<registry>/<repo>:<tag>`);
-2. `org.opencontainers.image.ref.name` when it contains a `/`, verbatim (a full reference);
-3. `org.opencontainers.image.ref.name` without a `/` is a bare tag, as skopeo and other tools
-   write it: it becomes `<bare_tag_repository>:<tag>` when the store was given a
-   `bare_tag_repository` (e.g. `docker.io/library/app`), and leaves the entry unnamed otherwise.
+Naming rule (what `resolve` and `list_images` see): each entry of index.json gets at most one
+image name, by `services.common.oci.document.entry_name` (the rule the air-gap import follows
+too): `io.containerd.image.name` verbatim, else `org.opencontainers.image.ref.name` verbatim when
+it holds a reference (a `/` or a `:`), else a bare tag there becomes
+`<bare_tag_repository>:<tag>` when the store was given a `bare_tag_repository` (e.g.
+`docker.io/library/app`) and leaves the entry unnamed otherwise.
 
 Entries without a name are not images of the store (their blobs are still served by digest).
 `resolve(reference)` is an exact string match of `reference` against these names; when two
@@ -25,13 +22,25 @@ import contextlib
 import hashlib
 import json
 import os
-import re
 import threading
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 
+from services.common.oci.document import (
+    ANNOTATION_CONTAINERD_NAME,
+    ANNOTATION_REF_NAME,
+    MAX_MANIFEST_BYTES,
+    DocumentError,
+    annotations_of,
+    blob_path,
+    entry_name,
+    manifest_children,
+    may_have_children,
+    strict_descriptor,
+)
+from services.common.oci.grammar import SUPPORTED_ALGORITHMS
+from services.common.oci.media_types import OCI_INDEX
 from services.common.store.protocol import (
     Descriptor,
     EventKind,
@@ -40,86 +49,30 @@ from services.common.store.protocol import (
     StoreEvent,
 )
 
-ANNOTATION_CONTAINERD_NAME = "io.containerd.image.name"
-ANNOTATION_REF_NAME = "org.opencontainers.image.ref.name"
-OCI_INDEX_MEDIA_TYPE = "application/vnd.oci.image.index.v1+json"
 LAYOUT_FILE_CONTENT = '{"imageLayoutVersion":"1.0.0"}'
-
-# Digest grammar accepted before any path is built from it: nothing else reaches the filesystem.
-_DIGEST_PATTERNS = {
-    "sha256": re.compile(r"[a-f0-9]{64}"),
-    "sha512": re.compile(r"[a-f0-9]{128}"),
-}
-# Only these media types (or JSON blobs of unknown type) are parsed when walking an image graph.
-_PARENT_MEDIA_TYPES = frozenset(
-    {
-        OCI_INDEX_MEDIA_TYPE,
-        "application/vnd.oci.image.manifest.v1+json",
-        "application/vnd.docker.distribution.manifest.list.v2+json",
-        "application/vnd.docker.distribution.manifest.v2+json",
-    }
-)
-_MAX_SNIFF_BYTES = 4 * 1024 * 1024
 
 DEFAULT_READ_CHUNK = 1024 * 1024
 DEFAULT_POLL_INTERVAL_S = 0.5
 
 
-class LayoutError(ValueError):
-    """The layout's index.json is not a readable OCI index."""
-
-
-def split_digest(digest: str) -> tuple[str, str] | None:
-    """Return (algorithm, hex) of a well-formed sha256/sha512 digest, else None."""
-    algorithm, sep, encoded = digest.partition(":")
-    pattern = _DIGEST_PATTERNS.get(algorithm)
-    if not sep or pattern is None or pattern.fullmatch(encoded) is None:
-        return None
-    return algorithm, encoded
-
-
-def image_name(annotations: Mapping[str, str], bare_tag_repository: str | None) -> str | None:
-    """The image name of an index.json entry under the module's naming rule, or None."""
-    name = annotations.get(ANNOTATION_CONTAINERD_NAME, "")
-    if name:
-        return name
-    ref = annotations.get(ANNOTATION_REF_NAME, "")
-    if not ref:
-        return None
-    if "/" in ref:
-        return ref
-    if bare_tag_repository:
-        return f"{bare_tag_repository}:{ref}"
-    return None
-
-
 def _entry_descriptor(entry: object) -> Descriptor | None:
-    if not isinstance(entry, dict):
+    try:
+        return strict_descriptor(entry, "index.json entry")
+    except DocumentError:
         return None
-    digest, size, media_type = entry.get("digest"), entry.get("size"), entry.get("mediaType", "")
-    if not isinstance(digest, str) or not isinstance(size, int) or not isinstance(media_type, str):
-        return None
-    return Descriptor(digest, size, media_type)
-
-
-def _entry_annotations(entry: object) -> dict[str, str]:
-    raw = entry.get("annotations") if isinstance(entry, dict) else None
-    if not isinstance(raw, dict):
-        return {}
-    return {k: v for k, v in raw.items() if isinstance(k, str) and isinstance(v, str)}
 
 
 def parse_index(data: bytes) -> list[dict[str, object]]:
-    """The `manifests` entries of an index.json document; LayoutError when it is not one."""
+    """The `manifests` entries of an index.json document; DocumentError when it is not one."""
     try:
         doc = json.loads(data)
     except ValueError as exc:
-        raise LayoutError(f"index.json is not JSON: {exc}") from exc
+        raise DocumentError(f"index.json is not JSON: {exc}") from exc
     if not isinstance(doc, dict):
-        raise LayoutError("index.json is not a JSON object")
+        raise DocumentError("index.json is not a JSON object")
     manifests = doc.get("manifests", [])
     if not isinstance(manifests, list):
-        raise LayoutError("index.json `manifests` is not a list")
+        raise DocumentError("index.json `manifests` is not a list")
     return [m for m in manifests if isinstance(m, dict)]
 
 
@@ -130,28 +83,10 @@ def named_images(
     images: dict[str, Descriptor] = {}
     for entry in entries:
         desc = _entry_descriptor(entry)
-        name = image_name(_entry_annotations(entry), bare_tag_repository)
+        name = entry_name(annotations_of(entry), bare_tag_repository)
         if desc is not None and name is not None:
             images[name] = desc
     return images
-
-
-def child_descriptors(data: bytes) -> list[Descriptor]:
-    """Descriptors an index (its manifests) or a manifest (config, layers) points at."""
-    try:
-        doc = json.loads(data)
-    except ValueError:
-        return []
-    if not isinstance(doc, dict):
-        return []
-    raw: list[object] = []
-    if isinstance(doc.get("manifests"), list):
-        raw.extend(doc["manifests"])
-    if doc.get("config") is not None:
-        raw.append(doc["config"])
-    if isinstance(doc.get("layers"), list):
-        raw.extend(doc["layers"])
-    return [d for d in (_entry_descriptor(r) for r in raw) if d is not None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,6 +139,10 @@ class _LayoutWatcher:
             self._snapshot = new
         return self._pending.popleft()
 
+    async def ready(self) -> bool:
+        """In force from creation: the first snapshot was taken then."""
+        return True
+
     async def aclose(self) -> None:
         """Stop: pending and future `__anext__` calls end the iteration."""
         self._closed.set()
@@ -246,12 +185,7 @@ class OciLayoutStore:
     async def __aenter__(self) -> OciLayoutStore:
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
     @property
@@ -260,10 +194,7 @@ class OciLayoutStore:
 
     def blob_file(self, digest: str) -> Path | None:
         """Where blob `digest` lives (existing or not); None when `digest` is malformed."""
-        parts = split_digest(digest)
-        if parts is None:
-            return None
-        return self.path / "blobs" / parts[0] / parts[1]
+        return blob_path(self.path, digest)
 
     # --- ContentStore -----------------------------------------------------------------------
 
@@ -320,7 +251,10 @@ class OciLayoutStore:
         images = await asyncio.to_thread(self._read_images)
         return [ImageRecord(name, target) for name, target in sorted(images.items())]
 
-    def watch(self) -> AsyncIterator[StoreEvent]:
+    async def digests(self) -> set[str]:
+        return set(await asyncio.to_thread(self._list_blobs))
+
+    def watch(self) -> _LayoutWatcher:
         """Poll every `poll_interval` s; changes made after this call are reported.
 
         Image events come from diffing the named images of index.json (re-read when its inode,
@@ -356,7 +290,7 @@ class OciLayoutStore:
 
     def _list_blobs(self) -> frozenset[str]:
         found: set[str] = set()
-        for algorithm, pattern in _DIGEST_PATTERNS.items():
+        for algorithm, pattern in SUPPORTED_ALGORITHMS.items():
             try:
                 names = os.listdir(self.path / "blobs" / algorithm)
             except FileNotFoundError:
@@ -376,7 +310,7 @@ class OciLayoutStore:
         else:
             try:
                 images = self._read_images()
-            except LayoutError:
+            except DocumentError:
                 if previous is None:
                     raise
                 images, signature = previous.images, previous.index_signature
@@ -468,7 +402,7 @@ class OciLayoutStore:
             return deleted
 
     def _entry_is(self, entry: Mapping[str, object], name: str) -> bool:
-        return image_name(_entry_annotations(entry), self.bare_tag_repository) == name
+        return entry_name(annotations_of(entry), self.bare_tag_repository) == name
 
     def _reachable(self, entries: Iterable[Mapping[str, object]]) -> set[str]:
         seen: set[str] = set()
@@ -481,13 +415,12 @@ class OciLayoutStore:
             path = self.blob_file(desc.digest)
             if path is None or not path.is_file():
                 continue
-            sniff = desc.media_type == "" or desc.media_type.endswith("json")
-            if desc.media_type in _PARENT_MEDIA_TYPES or (sniff and desc.size <= _MAX_SNIFF_BYTES):
-                todo.extend(child_descriptors(path.read_bytes()))
+            if may_have_children(desc) and desc.size <= MAX_MANIFEST_BYTES:
+                todo.extend(manifest_children(path.read_bytes(), desc.media_type))
         return seen
 
     def _write_index(self, entries: list[dict[str, object]]) -> None:
-        doc = {"schemaVersion": 2, "mediaType": OCI_INDEX_MEDIA_TYPE, "manifests": entries}
+        doc = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries}
         tmp = self.path / f".index.json.tmp-{os.getpid()}-{threading.get_ident()}"
         tmp.write_text(json.dumps(doc, indent=2))
         os.replace(tmp, self.index_path)

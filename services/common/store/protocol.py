@@ -46,6 +46,9 @@ class EventKind(enum.Enum):
     IMAGE_UPDATE = "image_update"
     IMAGE_DELETE = "image_delete"
     CONTENT_DELETE = "content_delete"
+    # Content may have gone without a CONTENT_DELETE per digest (containerd's garbage collector
+    # publishes nothing): whoever relies on content re-checks it. `subject` is empty.
+    CONTENT_COLLECTED = "content_collected"
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +57,29 @@ class StoreEvent:
 
     kind: EventKind
     subject: str
+
+
+class StoreWatch(Protocol):
+    """The changes of one store from the moment the watch is in force, until closed."""
+
+    def __aiter__(self) -> StoreWatch: ...
+
+    async def __anext__(self) -> StoreEvent:
+        """The next change; StopAsyncIteration once closed, the store's error when it is lost."""
+        ...
+
+    async def ready(self) -> bool:
+        """Return once every change made from now on will be yielded.
+
+        True when the store proved it (containerd: a probe event came back through the
+        subscription), False when it could only assume so. Events received before are dropped:
+        callers list the store after this returns.
+        """
+        ...
+
+    async def aclose(self) -> None:
+        """Stop watching; a pending `__anext__` ends the iteration."""
+        ...
 
 
 @runtime_checkable
@@ -86,8 +112,12 @@ class ContentStore(Protocol):
         """Return every named image of the store."""
         ...
 
-    def watch(self) -> AsyncIterator[StoreEvent]:
-        """Yield image and content changes from now on, until the iterator is closed."""
+    async def digests(self) -> set[str]:
+        """Return the digest of every blob the store holds (one listing, not a stat each)."""
+        ...
+
+    def watch(self) -> StoreWatch:
+        """Watch image and content changes (in a running event loop); see `StoreWatch.ready`."""
         ...
 
     async def close(self) -> None:

@@ -19,15 +19,14 @@ from services.common.containerd.errors import (
     ContainerdNotFoundError,
 )
 from services.common.logsetup import get_logger
+from services.common.oci.document import digest_matches, digest_of
+from services.common.oci.media_types import DOCKER_CONFIG, DOCKER_MANIFEST, is_index_media_type
 from services.common.store.protocol import Descriptor
 from services.pinner.airgap.budget import DEFAULT_MAX_DESCRIPTORS, DescriptorBudget
 from services.pinner.airgap.formats import FileKind
 from services.pinner.airgap.ingest import BlobWriter, IngestChannel, Lease
 from services.pinner.airgap.layout import (
-    DOCKER_CONFIG,
-    DOCKER_MANIFEST,
     DOCKER_MANIFEST_FILE,
-    INDEX_TYPES,
     METADATA_MAX_BYTES,
     OCI_INDEX_FILE,
     LayoutError,
@@ -43,7 +42,6 @@ from services.pinner.airgap.layout import (
     parse_docker_manifest,
     parse_oci_index,
     record_names,
-    sha256_digest,
     source_label_key,
 )
 from services.pinner.airgap.stream import MemberEnd, MemberStart, TarStream
@@ -53,7 +51,7 @@ from services.pinner.airgap.stream import MemberEnd, MemberStart, TarStream
 SMALL_BLOB_BYTES = 4 << 20
 SMALL_CACHE_TOTAL = 64 << 20
 
-log = get_logger("pinner.airgap")
+log = get_logger(__name__)
 
 
 class ArchiveImportError(Exception):
@@ -245,7 +243,7 @@ class ArchiveImporter:
             manifest = docker_manifest_bytes(
                 Descriptor(config.digest, config.size, DOCKER_CONFIG), layers
             )
-            digest = sha256_digest(manifest)
+            digest = digest_of(manifest)
             writer = await lease.writer(len(manifest), digest)
             if writer is None:
                 await lease.hold(digest)
@@ -291,7 +289,7 @@ class ArchiveImporter:
                 raise LayoutError(f"manifest {desc.digest} is implausibly large ({desc.size})")
             pieces = [piece async for piece in self._client.read_content(desc.digest)]
             data = b"".join(pieces)
-        if sha256_digest(data) != desc.digest:
+        if not digest_matches(desc.digest, data):
             raise LayoutError(f"content of {desc.digest} does not match its digest")
         return data
 
@@ -312,7 +310,7 @@ class ArchiveImporter:
         children = parse_children(media, data)
         # Every entry is paid for, repeated ones too: each gets a GC label.
         await budget.spend(len(children.all()))
-        if media in INDEX_TYPES:
+        if is_index_media_type(media):
             listed = _unique(children.manifests)
             # Archives of one platform of a multi-platform image (`ctr export` without
             # --all-platforms) list manifests they do not hold; those are skipped.

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import uuid
 from datetime import UTC, datetime, timedelta
-from types import TracebackType
 from typing import Any
 
 import grpc
@@ -94,12 +93,7 @@ class Lease:
             raise translate_rpc_error(err, f"lease {self.id}") from err
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
         # After a failure, collect at once so the half-written content is gone when we report.
         await self.release(sync=exc is not None)
 

@@ -4,32 +4,32 @@ content needs (garbage-collection references and distribution sources)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from services.common.oci.document import (
+    INDEX_FILE,
+    Children,
+    DocumentError,
+    annotations_of,
+    entry_name,
+    load_json,
+    split_digest,
+    strict_descriptor,
+)
+from services.common.oci.document import parse_children as read_children
 from services.common.oci.grammar import GrammarError, parse_reference
+from services.common.oci.media_types import (
+    DOCKER_LAYER_TAR,
+    DOCKER_LAYER_TAR_GZIP,
+    DOCKER_MANIFEST,
+    OCI_LAYER_TAR_ZSTD,
+    detect_manifest_media_type,
+)
 from services.common.store.protocol import Descriptor
 
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
-# docker-save stores layers as they were built: normally plain tars, sometimes gzip'd.
-DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar"
-DOCKER_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
-OCI_LAYER_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
-
-INDEX_TYPES = frozenset({OCI_INDEX, DOCKER_MANIFEST_LIST})
-MANIFEST_TYPES = frozenset({OCI_MANIFEST, DOCKER_MANIFEST})
-
-ANNOTATION_CONTAINERD_NAME = "io.containerd.image.name"
-ANNOTATION_REF_NAME = "org.opencontainers.image.ref.name"
-
-OCI_INDEX_FILE = "index.json"
+OCI_INDEX_FILE = INDEX_FILE
 DOCKER_MANIFEST_FILE = "manifest.json"
 # Archive members read into memory; anything else is content streamed to containerd.
 METADATA_FILES = frozenset({OCI_INDEX_FILE, DOCKER_MANIFEST_FILE, "oci-layout", "repositories"})
@@ -40,28 +40,30 @@ SOURCE_LABEL_PREFIX = "containerd.io/distribution.source."
 # containerd refuses a label whose key and value together exceed 4096 bytes.
 LABEL_MAX_BYTES = 4096
 
-_BLOB_PATH = re.compile(r"^blobs/(sha256)/([0-9a-f]{64})$")
+# containerd's importer takes sha256 content only.
+IMPORT_ALGORITHM = "sha256"
 _GZIP_MAGIC = b"\x1f\x8b"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
-class LayoutError(Exception):
+class LayoutError(DocumentError):
     """The archive's metadata is missing, malformed or names content it does not hold."""
 
 
 def blob_digest(member: str) -> str | None:
-    """The digest an OCI layout path `blobs/<alg>/<hex>` promises, else None."""
-    match = _BLOB_PATH.match(member)
-    return f"{match.group(1)}:{match.group(2)}" if match else None
+    """The digest an OCI layout path `blobs/sha256/<hex>` promises, else None."""
+    top, _, rest = member.partition("/")
+    algorithm, _, encoded = rest.partition("/")
+    digest = f"{algorithm}:{encoded}"
+    # split_digest takes hex only, so no further path component can hide in `encoded`.
+    if top != "blobs" or algorithm != IMPORT_ALGORITHM or split_digest(digest) is None:
+        return None
+    return digest
 
 
 def is_metadata(member: str) -> bool:
     """Whether a member is archive metadata (kept in memory) rather than content."""
     return member in METADATA_FILES
-
-
-def sha256_digest(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 # --- image names ---------------------------------------------------------------------------------
@@ -110,29 +112,25 @@ class NamedTarget:
 
 def _load_json(data: bytes, what: str) -> object:
     try:
-        return json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise LayoutError(f"{what} is not valid JSON: {exc}") from exc
+        return load_json(data, what)
+    except DocumentError as exc:
+        raise LayoutError(str(exc)) from exc
 
 
 def _descriptor(obj: object, what: str) -> Descriptor:
-    if not isinstance(obj, Mapping):
-        raise LayoutError(f"{what}: descriptor is not an object")
-    digest, size, media = obj.get("digest"), obj.get("size"), obj.get("mediaType", "")
-    if not isinstance(digest, str) or not digest.startswith("sha256:") or len(digest) != 71:
-        raise LayoutError(f"{what}: bad or unsupported digest {digest!r}")
-    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-        raise LayoutError(f"{what}: bad size {size!r}")
-    if not isinstance(media, str):
-        raise LayoutError(f"{what}: bad mediaType {media!r}")
-    return Descriptor(digest, size, media)
+    try:
+        desc = strict_descriptor(obj, what)
+    except DocumentError as exc:
+        raise LayoutError(str(exc)) from exc
+    if not desc.digest.startswith(IMPORT_ALGORITHM + ":"):
+        raise LayoutError(f"{what}: unsupported digest {desc.digest!r}")
+    return desc
 
 
 def parse_oci_index(data: bytes) -> tuple[list[NamedTarget], list[Descriptor]]:
     """Images named by an OCI layout's index.json, and the entries that carry no usable name.
 
-    The name comes from `io.containerd.image.name`, else from `org.opencontainers.image.ref.name`
-    when that holds a full reference (a bare tag names nothing without a base name).
+    Names follow `document.entry_name` (a bare tag names nothing without a base name).
     """
     obj = _load_json(data, OCI_INDEX_FILE)
     if not isinstance(obj, Mapping) or not isinstance(obj.get("manifests"), list):
@@ -141,15 +139,8 @@ def parse_oci_index(data: bytes) -> tuple[list[NamedTarget], list[Descriptor]]:
     unnamed: list[Descriptor] = []
     for i, entry in enumerate(obj["manifests"]):
         desc = _descriptor(entry, f"index.json manifests[{i}]")
-        annotations = entry.get("annotations") or {}
-        text = (
-            annotations.get(ANNOTATION_CONTAINERD_NAME) if isinstance(annotations, dict) else None
-        )
-        if not text and isinstance(annotations, dict):
-            ref_name = annotations.get(ANNOTATION_REF_NAME)
-            if isinstance(ref_name, str) and ("/" in ref_name or ":" in ref_name):
-                text = ref_name
-        if isinstance(text, str) and text:
+        text = entry_name(annotations_of(entry))
+        if text:
             named.append(NamedTarget(parse_image_name(text), desc))
         else:
             unnamed.append(desc)
@@ -160,55 +151,24 @@ def media_type_of(desc_media: str, data: bytes) -> str:
     """A manifest's media type: the descriptor's, else the JSON's `mediaType`, else its shape."""
     if desc_media:
         return desc_media
-    obj = _load_json(data, "manifest")
-    if isinstance(obj, Mapping):
-        declared = obj.get("mediaType")
-        if isinstance(declared, str) and declared:
-            return declared
-        if "manifests" in obj:
-            return OCI_INDEX
-        if "config" in obj and "layers" in obj:
-            return OCI_MANIFEST
-    raise LayoutError("cannot tell the media type of a manifest")
-
-
-@dataclass(frozen=True, slots=True)
-class Children:
-    """What an index or manifest refers to, by role (each role gets its own GC label key)."""
-
-    manifests: tuple[Descriptor, ...] = ()
-    config: Descriptor | None = None
-    layers: tuple[Descriptor, ...] = ()
-
-    def all(self) -> list[Descriptor]:
-        out = list(self.manifests)
-        if self.config is not None:
-            out.append(self.config)
-        out.extend(self.layers)
-        return out
+    _load_json(data, "manifest")
+    detected = detect_manifest_media_type(data)
+    if detected is None:
+        raise LayoutError("cannot tell the media type of a manifest")
+    return detected
 
 
 def parse_children(media_type: str, data: bytes) -> Children:
-    """The descriptors an index (manifests) or image manifest (config, layers) refers to."""
-    obj = _load_json(data, media_type)
-    if not isinstance(obj, Mapping):
-        raise LayoutError(f"{media_type} is not a JSON object")
-    if media_type in INDEX_TYPES:
-        entries = obj.get("manifests")
-        if not isinstance(entries, list):
-            raise LayoutError("index has no manifests list")
-        return Children(
-            manifests=tuple(_descriptor(e, f"manifests[{i}]") for i, e in enumerate(entries))
-        )
-    if media_type in MANIFEST_TYPES:
-        layers = obj.get("layers")
-        if not isinstance(layers, list):
-            raise LayoutError("manifest has no layers list")
-        return Children(
-            config=_descriptor(obj.get("config"), "config"),
-            layers=tuple(_descriptor(e, f"layers[{i}]") for i, e in enumerate(layers)),
-        )
-    raise LayoutError(f"unsupported manifest media type {media_type!r}")
+    """The descriptors an index (manifests) or image manifest (config, layers) refers to, each
+    checked (LayoutError names what is wrong)."""
+    try:
+        children = read_children(data, media_type, strict=True)
+    except DocumentError as exc:
+        raise LayoutError(str(exc)) from exc
+    for i, desc in enumerate(children.all()):
+        if not desc.digest.startswith(IMPORT_ALGORITHM + ":"):
+            raise LayoutError(f"child {i}: unsupported digest {desc.digest!r}")
+    return children
 
 
 def gc_labels(children: Children) -> dict[str, str]:
@@ -287,10 +247,10 @@ def _clean(path: str) -> str:
 def docker_layer_media_type(head: bytes) -> str:
     """Media type of a docker-save layer from its first bytes (compressed layers exist too)."""
     if head.startswith(_GZIP_MAGIC):
-        return DOCKER_LAYER_GZIP
+        return DOCKER_LAYER_TAR_GZIP
     if head.startswith(_ZSTD_MAGIC):
-        return OCI_LAYER_ZSTD
-    return DOCKER_LAYER
+        return OCI_LAYER_TAR_ZSTD
+    return DOCKER_LAYER_TAR
 
 
 def docker_manifest_bytes(config: Descriptor, layers: Iterable[Descriptor]) -> bytes:

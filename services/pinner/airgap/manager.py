@@ -2,7 +2,7 @@
 
 Entry point for the pinner service: `AirgapManager(client, images_dir)`, then `await start()`
 (drop our old pins, import everything, re-pin), `await run()` (watch loop, until cancelled),
-`status()` for the API, `register(server)` to serve the Pinner gRPC API, `await close()`.
+`status()` and `rescan()` for the Pinner API, `await close()`.
 """
 
 from __future__ import annotations
@@ -27,14 +27,11 @@ from services.pinner.airgap.pull import CRI_NAMESPACE, CriPuller, parse_list
 from services.pinner.airgap.stream import ArchiveReadError
 from services.pinner.airgap.watch import ChangeTracker, FileStat, scan
 from services.pinner.pins import PinManager, managed_labels
-from services.pinner.prefetch import Prefetcher
 
 if TYPE_CHECKING:
     from services.common.config import PinnerSection
-    from services.common.grpc_server import GrpcServer
-    from services.pinner.api import ResyncFn, SyncStateFn
 
-log = get_logger("pinner.airgap")
+log = get_logger(__name__)
 
 ImportResultName = Literal["pending", "imported", "failed"]
 # Files larger than this are not list files, whatever their name says.
@@ -69,13 +66,18 @@ class _Counters:
 
 
 class AirgapManager:
-    """Imports `images_dir` into `client`'s namespace and keeps it imported and pinned."""
+    """Imports `images_dir` into `client`'s namespace and keeps it imported and pinned.
+
+    `pins` and `ingest` are the service's when it shares them (made here otherwise).
+    """
 
     def __init__(
         self,
         client: ContainerdClient,
         images_dir: Path,
         *,
+        pins: PinManager | None = None,
+        ingest: IngestChannel | None = None,
         settle: float = 2.0,
         poll_interval: float = 1.0,
         max_import_descriptors: int = DEFAULT_MAX_DESCRIPTORS,
@@ -84,15 +86,16 @@ class AirgapManager:
         self.client = client
         self.images_dir = images_dir
         self.poll_interval = poll_interval
-        self.pins = PinManager(client)
+        self.pins = pins if pins is not None else PinManager(client)
         self._cri_pins = PinManager(client.with_namespace(CRI_NAMESPACE))
-        self._ingest = IngestChannel(client.address, client.namespace)
+        self._owns_ingest = ingest is None
+        self._ingest = (
+            ingest if ingest is not None else IngestChannel(client.address, client.namespace)
+        )
         self._importer = ArchiveImporter(
             client, self._ingest, max_descriptors=max_import_descriptors
         )
         self._puller = CriPuller(self._ingest.channel)
-        # Prefetches pull through the same CRI (the Pinner API's Prefetch).
-        self.prefetcher = Prefetcher(self._ingest.channel, CRI_NAMESPACE)
         self._tracker = ChangeTracker(settle)
         self._clock = clock
         self._states: dict[Path, ImportStatus] = {}
@@ -101,17 +104,27 @@ class AirgapManager:
         self.on_import: Callable[[str, float], None] | None = None
 
     @classmethod
-    def from_config(cls, client: ContainerdClient, section: PinnerSection) -> AirgapManager:
+    def from_config(
+        cls,
+        client: ContainerdClient,
+        section: PinnerSection,
+        *,
+        pins: PinManager | None = None,
+        ingest: IngestChannel | None = None,
+    ) -> AirgapManager:
         return cls(
             client,
             section.images_dir,
+            pins=pins,
+            ingest=ingest,
             settle=section.import_settle,
             poll_interval=section.import_poll_interval,
             max_import_descriptors=section.max_import_descriptors,
         )
 
     async def close(self) -> None:
-        await self._ingest.close()
+        if self._owns_ingest:
+            await self._ingest.close()
 
     # --- the three phases ---------------------------------------------------------------------
 
@@ -187,18 +200,6 @@ class AirgapManager:
             previous = self._states.get(path)
             if previous is None or previous.result != "pending":
                 self._states[path] = ImportStatus(path, "pending", size=stats[path].size)
-
-    def register(
-        self,
-        server: GrpcServer,
-        *,
-        sync_state: SyncStateFn | None = None,
-        resync: ResyncFn | None = None,
-    ) -> None:
-        """Serve the Pinner gRPC API on `server` (call before `server.start()`)."""
-        from services.pinner.api import PinnerApi
-
-        PinnerApi(self, sync_state=sync_state, resync=resync).register(server)
 
     # --- one file -----------------------------------------------------------------------------
 

@@ -14,7 +14,6 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import IO
 
 from services.pinner.airgap.formats import ArchiveFormatError, FileKind, open_decompressed
@@ -102,12 +101,7 @@ class TarStream:
         self._thread.start()
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         self._stop.set()
         thread = self._thread
         if thread is not None:

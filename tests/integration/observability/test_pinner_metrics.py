@@ -9,6 +9,7 @@ import pytest
 
 from services.pinner.airgap import AirgapManager
 from services.pinner.metrics import PinnerMetrics
+from services.pinner.pins import PinManager
 from tests.harness.containerd import ContainerdDaemon
 from tests.harness.metrics_scrape import Samples
 from tests.integration.pinner_import.helpers import manager, oci_archive
@@ -18,10 +19,14 @@ pytestmark = pytest.mark.containerd
 
 @dataclass
 class RuntimeStandIn:
-    """The two parts of a pinner runtime the metrics read (no tracker: nothing advertised)."""
+    """The parts of a pinner runtime the metrics read (no tracker: nothing advertised)."""
 
     airgap: AirgapManager
     tracker: None = None
+
+    @property
+    def pins(self) -> PinManager:
+        return self.airgap.pins
 
 
 async def test_imports_by_result_and_pinned_images(

@@ -17,7 +17,6 @@ from services.common.config import NodeConfig, load_config
 from services.common.containerd.client import ContainerdClient
 from services.common.k3s.registries import load_registries
 from services.common.store.protocol import Descriptor
-from services.pinner.containerd_watch import ContainerdTracker
 from services.pinner.hosts_writer import LOCK_FILE
 from services.pinner.service import PinnerRuntime, prepare
 from tests.harness.containerd import ContainerdDaemon
@@ -131,14 +130,16 @@ async def image_sharing_first_layer(
             ],
         }
     ).encode()
-    labels = {f"{GC_REF}.config": config.digest}
+    # Rooted until the image holds it: content nothing refers to may be collected at any time.
+    labels = {f"{GC_REF}.config": config.digest, "containerd.io/gc.root": "test"}
     if protect_layer:
         labels[f"{GC_REF}.l.0"] = layer.descriptor.digest
     manifest = await put_blob(client, manifest_body, labels)
     target = Descriptor(manifest.digest, manifest.size, OCI_MANIFEST)
     await client.create_image(name, target)
-    # The image now holds the config; it needs no root of its own any more.
-    await client.update_content_labels(config.digest, {"containerd.io/gc.root": None})
+    # The image now holds manifest and config; they need no root of their own any more.
+    for held in (manifest, config):
+        await client.update_content_labels(held.digest, {"containerd.io/gc.root": None})
     return manifest, config
 
 
@@ -211,8 +212,8 @@ async def test_multi_platform_index_and_digest_reference(
                 assert disco.keys == keys_of(image)
                 await c.delete_image(image.name)
             await wait_keys(disco, keys_of(image, tag=False))
-            assert isinstance(runtime.tracker, ContainerdTracker)
-            assert runtime.tracker.probe_confirmed
+            assert runtime.tracker is not None
+            assert runtime.tracker.watch_proven
 
 
 @pytest.mark.parametrize("allow_latest", [False, True], ids=["latest-off", "latest-on"])

@@ -17,10 +17,10 @@ import lz4.frame  # type: ignore[import-untyped]
 import zstandard
 
 from services.common.containerd.client import ContainerdClient
+from services.common.oci.media_types import OCI_INDEX
 from services.common.store.protocol import Descriptor
 from services.pinner.airgap import AirgapManager
 from services.pinner.airgap.formats import FileKind, classify
-from services.pinner.airgap.layout import OCI_INDEX
 from tests.harness.images import BuiltImage, DockerArchive, build_image
 
 PIN = "io.cri-containerd.pinned"

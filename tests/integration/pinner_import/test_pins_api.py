@@ -11,7 +11,7 @@ import pytest
 from services.common.genproto.peermirror.pinner.v1 import pinner_pb2, pinner_pb2_grpc
 from services.common.grpc_server import GrpcServer
 from services.pinner.airgap import AirgapManager
-from services.pinner.api import SyncOutcome, SyncState
+from services.pinner.api import PinnerApi, SyncOutcome, SyncState
 from tests.harness.containerd import ContainerdDaemon
 from tests.harness.service_procs import run_cli
 from tests.integration.pinner_import.helpers import MANAGED, PIN, manager, oci_archive
@@ -37,11 +37,12 @@ async def served(
     async with manager(containerd_daemon.address, containerd_namespace, images_dir) as airgap:
         await airgap.start()
         server = GrpcServer("127.0.0.1:0", name="pinner-test")
-        airgap.register(
-            server,
+        PinnerApi(
+            airgap.pins,
+            airgap=airgap,
             sync_state=lambda: SyncState(participating=True, advertised_keys=42),
             resync=resync,
-        )
+        ).register(server)
         await server.start()
         try:
             yield airgap, server.bound_address, resyncs

@@ -39,6 +39,7 @@ class PinnerRuntimeStandIn:
 
     tracker: None = None
     airgap: None = None
+    pins: None = None
 
 
 def series_names(registry: CollectorRegistry) -> set[str]:

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from services.pinner.advertiser import Advertiser, batches
-from services.pinner.tracker import KeyDelta
+from services.pinner.keys import KeyDelta
 from tests.harness.fake_discovery import FakeDiscovery
 from tests.harness.service_procs import free_port
 

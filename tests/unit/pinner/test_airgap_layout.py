@@ -6,15 +6,17 @@ import json
 
 import pytest
 
-from services.common.store.protocol import Descriptor
-from services.pinner.airgap.layout import (
+from services.common.oci.document import Children
+from services.common.oci.media_types import (
     DOCKER_CONFIG,
-    DOCKER_LAYER,
-    DOCKER_LAYER_GZIP,
     DOCKER_MANIFEST,
     OCI_INDEX,
     OCI_MANIFEST,
-    Children,
+)
+from services.common.oci.media_types import DOCKER_LAYER_TAR as DOCKER_LAYER
+from services.common.oci.media_types import DOCKER_LAYER_TAR_GZIP as DOCKER_LAYER_GZIP
+from services.common.store.protocol import Descriptor
+from services.pinner.airgap.layout import (
     LayoutError,
     blob_digest,
     docker_layer_media_type,

@@ -21,8 +21,16 @@ from services.common.genproto.containerd.services.content.v1 import content_pb2
 from services.common.genproto.cri.runtime.v1 import api_pb2
 from services.common.genproto.peermirror.pinner.v1 import pinner_pb2, pinner_pb2_grpc
 from services.common.grpc_server import GrpcServer
-from services.pinner.airgap import AirgapManager
-from services.pinner.prefetch import InvalidPrefetchError, normalise_reference, pull_failure_status
+from services.pinner.airgap.ingest import IngestChannel
+from services.pinner.airgap.pull import CRI_NAMESPACE
+from services.pinner.api import PinnerApi
+from services.pinner.pins import PinManager
+from services.pinner.prefetch import (
+    InvalidPrefetchError,
+    Prefetcher,
+    normalise_reference,
+    pull_failure_status,
+)
 
 # What containerd 1.6's CRI answered in the fuzz run when the registry was unreachable.
 REFUSED = (
@@ -92,16 +100,17 @@ async def served(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterato
     )
     await containerd.start()
     client = ContainerdClient(socket, "fuzz")
-    airgap = AirgapManager(client, tmp_path / "images")
+    ingest = IngestChannel(client.address, client.namespace)
+    prefetcher = Prefetcher(ingest.channel, CRI_NAMESPACE)
     pinner = GrpcServer("127.0.0.1:0", name="pinner-test")
-    airgap.register(pinner)
+    PinnerApi(PinManager(client), prefetcher=prefetcher).register(pinner)
     await pinner.start()
     try:
         async with grpc.aio.insecure_channel(pinner.bound_address) as channel:
             yield Served(pinner_pb2_grpc.PinnerStub(channel), cri)
     finally:
         await pinner.stop(grace=None)
-        await airgap.close()
+        await ingest.close()
         await client.close()
         await containerd.stop(grace=None)
 

@@ -13,7 +13,7 @@ from services.cli.prefetch_cmd import parse_nodes, prefetch_all, short_id, task_
 from services.cli.progress import ProgressView
 from services.common.genproto.peermirror.pinner.v1 import pinner_pb2, pinner_pb2_grpc
 from services.common.grpc_server import GrpcServer
-from services.pinner.api import NO_CONTAINERD, ContainerdlessPinnerApi, progress_message
+from services.pinner.api import NO_CONTAINERD, PinnerApi, progress_message
 from services.pinner.prefetch import (
     Ingest,
     IngestTally,
@@ -80,11 +80,12 @@ def test_cli_helpers() -> None:
     assert (state.phase, state.done, state.total, state.ok) == ("pulling", 3, 9, None)
 
 
-class FakePinner(ContainerdlessPinnerApi):
+class FakePinner(PinnerApi):
     """Streams a scripted prefetch: two updates then DONE, or an error status (the CLI asks
     nothing else of a pinner)."""
 
     def __init__(self, fail: grpc.StatusCode | None = None) -> None:
+        super().__init__(None)
         self.fail = fail
         self.asked: list[str] = []
 
@@ -109,7 +110,7 @@ class FakePinner(ContainerdlessPinnerApi):
         )
 
 
-async def serve(servicer: ContainerdlessPinnerApi) -> GrpcServer:
+async def serve(servicer: PinnerApi) -> GrpcServer:
     server = GrpcServer("127.0.0.1:0", name="fake-pinner")
     servicer.register(server)
     await server.start()
@@ -136,7 +137,7 @@ async def test_cli_prefetches_nodes_concurrently_and_reports_each() -> None:
 
 async def test_prefetch_on_a_pinner_without_containerd_is_refused() -> None:
     server = GrpcServer("127.0.0.1:0", name="oci-layout-pinner")
-    ContainerdlessPinnerApi().register(server)
+    PinnerApi(None).register(server)
     await server.start()
     try:
         async with grpc.aio.insecure_channel(server.bound_address) as channel:

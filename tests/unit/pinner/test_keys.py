@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from services.common.k3s.mirror_policy import Policy
 from services.common.k3s.registries import parse_registries
+from services.common.oci.document import manifest_children
 from services.common.oci.media_types import (
     DOCKER_MANIFEST,
     DOCKER_MANIFEST_LIST,
@@ -19,16 +20,14 @@ from services.common.oci.media_types import (
     OCI_MANIFEST,
 )
 from services.common.store.protocol import Descriptor
-from services.pinner.tracker import (
+from services.pinner.image_graph import digests_to_read, walk_image
+from services.pinner.keys import (
     ImageKeys,
     KeyDelta,
     KeyIndex,
     KeyPolicy,
     diff,
-    digests_to_read,
     image_key_set,
-    manifest_children,
-    walk_image,
 )
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from services.common.config import NodeConfig, load_config
 from services.common.store.oci_layout import OciLayoutStore
 from services.pinner.service import PinnerRuntime, prepare
-from services.pinner.store_tracker import StoreTracker
+from services.pinner.tracker import Tracker
 from tests.harness.fake_discovery import FakeDiscovery
 from tests.harness.images import BuiltImage, build_image
 
@@ -83,7 +83,7 @@ async def test_layout_images_are_advertised_and_changes_followed(tmp_path: Path)
         layout = cfg.store.oci_layout_path
         first = seed(layout, "docker.io/library/first:1")
         async with pinner(cfg) as runtime:
-            assert isinstance(runtime.tracker, StoreTracker)
+            assert isinstance(runtime.tracker, Tracker)
             await wait_keys(disco, keys_of(first))
             state = runtime.sync_state()
             assert state.participating

@@ -1,31 +1,72 @@
-"""Reads an image's graph out of a store: which digests each image reaches and holds.
+"""Which digests an image reaches and its content store holds.
 
-`ManifestGraph` holds the walk shared by both trackers; `ImageScanner` supplies containerd's reads
-(`store_tracker.StoreScanner` a ContentStore's).
-
-Manifests are read from the content store's files when this process can see them (much faster
-than the gRPC Read stream), else through containerd; their parsed children are cached by digest
-(content is immutable). Presence is containerd's view of the namespace: one content listing for
-a full sync, Info calls for a single image.
+An image record names a target (index or manifest). Walking it gives the digests it reaches —
+index, manifests, configs, layers — of which only those present in the store count. The walks
+are pure (`walk_image`, `digests_to_read`); `ImageGraph` reads manifests from a ContentStore
+and caches their parsed children by digest (content is immutable).
 """
 
 from __future__ import annotations
 
-import abc
 import asyncio
 from collections import ChainMap
-from collections.abc import AsyncIterator, Collection, Iterable, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Iterator, Mapping
 
-from services.common.containerd.client import ContainerdClient
-from services.common.containerd.errors import ContainerdNotFoundError
-from services.common.store.protocol import Descriptor
-from services.pinner.tracker import digests_to_read, manifest_children, walk_image
+from services.common.oci.document import MAX_MANIFEST_BYTES, manifest_children, may_have_children
+from services.common.store.protocol import ContentStore, Descriptor, NotFoundError
 
-# A manifest or index larger than this is not one (containerd itself caps manifests at 4 MiB).
-MAX_MANIFEST_BYTES = 4 << 20
+# Indexes may nest (an index of indexes); real images go two levels deep. The bound only stops
+# a malicious or corrupt chain from recursing for ever.
+MAX_DEPTH = 8
 # Parallel presence checks for one image (a few dozen layers at most).
 CHECK_CONCURRENCY = 16
+
+
+def walk_image(
+    target: Descriptor,
+    children: Callable[[Descriptor], tuple[Descriptor, ...] | None],
+    present: Collection[str],
+) -> frozenset[str]:
+    """Every digest reachable from `target` that is in `present`.
+
+    `children(desc)` gives a present manifest's children (None when it could not be read); it
+    is only asked about present descriptors for which `may_have_children` holds. An absent
+    manifest hides its children: they are not reachable through this image.
+    """
+    found: set[str] = set()
+    stack: list[tuple[Descriptor, int]] = [(target, 0)]
+    while stack:
+        desc, depth = stack.pop()
+        if desc.digest in found or desc.digest not in present:
+            continue
+        found.add(desc.digest)
+        if depth >= MAX_DEPTH or not may_have_children(desc):
+            continue
+        for child in children(desc) or ():
+            stack.append((child, depth + 1))
+    return frozenset(found)
+
+
+def digests_to_read(
+    target: Descriptor,
+    known: Mapping[str, tuple[Descriptor, ...]],
+    present: Collection[str],
+) -> list[Descriptor]:
+    """The present manifests reachable from `target` whose children are not in `known` yet.
+
+    Walks as far as `known` allows; the caller reads what is returned, adds it to `known` and
+    asks again until nothing is left (each round goes one level deeper).
+    """
+    missing: dict[str, Descriptor] = {}
+
+    def children(desc: Descriptor) -> tuple[Descriptor, ...] | None:
+        kids = known.get(desc.digest)
+        if kids is None:
+            missing.setdefault(desc.digest, desc)
+        return kids
+
+    walk_image(target, children, present)
+    return list(missing.values())
 
 
 class _Everything(Collection[str]):
@@ -53,20 +94,12 @@ async def read_capped(chunks: AsyncIterator[bytes]) -> bytes:
     return b"".join(parts)
 
 
-class ManifestGraph(abc.ABC):
-    """Which digests an image reaches and its store holds, with parsed manifests cached by
-    digest (content is immutable). Subclasses supply the two store reads."""
+class ImageGraph:
+    """The graph of a ContentStore's images, with parsed manifests cached by digest."""
 
-    def __init__(self) -> None:
+    def __init__(self, store: ContentStore) -> None:
+        self._store = store
         self._children: dict[str, tuple[Descriptor, ...]] = {}
-
-    @abc.abstractmethod
-    async def _holds(self, digest: str) -> bool:
-        """Whether the store holds `digest`."""
-
-    @abc.abstractmethod
-    async def _read_manifest(self, digest: str) -> bytes | None:
-        """The body of `digest` (capped as read_capped does), or None when absent."""
 
     @property
     def cached_manifests(self) -> int:
@@ -79,7 +112,11 @@ class ManifestGraph(abc.ABC):
 
         async def check(digest: str) -> bool:
             async with limit:
-                return await self._holds(digest)
+                try:
+                    await self._store.stat(digest)
+                except NotFoundError:
+                    return False
+                return True
 
         answers = await asyncio.gather(*(check(d) for d in wanted))
         return {d for d, ok in zip(wanted, answers, strict=True) if ok}
@@ -115,8 +152,9 @@ class ManifestGraph(abc.ABC):
             if not missing:
                 return unreadable
             for desc in missing:
-                body = await self._read_manifest(desc.digest)
-                if body is None:
+                try:
+                    body = await read_capped(self._store.read(desc.digest))
+                except NotFoundError:
                     unreadable[desc.digest] = ()
                 else:
                     self._children[desc.digest] = manifest_children(body, desc.media_type)
@@ -129,50 +167,3 @@ class ManifestGraph(abc.ABC):
     def prune(self, keep: Collection[str]) -> None:
         """Keep only the cached manifests in `keep` (content that is gone is forgotten)."""
         self.forget([d for d in self._children if d not in keep])
-
-
-class ImageScanner(ManifestGraph):
-    """The graph of images in one containerd namespace."""
-
-    def __init__(self, client: ContainerdClient, content_root: Path | None = None) -> None:
-        super().__init__()
-        self._client = client
-        self._content_root = content_root
-
-    def set_content_root(self, root: Path | None) -> None:
-        self._content_root = root
-
-    async def present_digests(self) -> set[str]:
-        """Every digest committed in the namespace (one listing call)."""
-        return {info.digest for info in await self._client.list_content()}
-
-    async def _holds(self, digest: str) -> bool:
-        try:
-            await self._client.content_info(digest)
-        except ContainerdNotFoundError:
-            return False
-        return True
-
-    async def _read_manifest(self, digest: str) -> bytes | None:
-        body = self._read_file(digest)
-        if body is not None:
-            return body
-        try:
-            return await read_capped(self._client.read_content(digest))
-        except ContainerdNotFoundError:
-            return None
-
-    def _read_file(self, digest: str) -> bytes | None:
-        if self._content_root is None:
-            return None
-        algorithm, sep, encoded = digest.partition(":")
-        if not sep or "/" in encoded or "/" in algorithm or not encoded:
-            return None
-        path = self._content_root / "blobs" / algorithm / encoded
-        try:
-            with path.open("rb") as f:
-                body = f.read(MAX_MANIFEST_BYTES + 1)
-        except OSError:
-            return None
-        # Too large for a manifest: no children (b"" parses as nothing).
-        return b"" if len(body) > MAX_MANIFEST_BYTES else body
