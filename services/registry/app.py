@@ -8,6 +8,7 @@ from sanic.exceptions import PayloadTooLarge, RequestTimeout
 
 from services.common.config import NodeConfig
 from services.common.k3s.mirror_policy import Policy
+from services.common.logsetup import get_logger
 from services.common.oci.errors import ErrorCode, OciError
 from services.common.store.protocol import ContentStore
 from services.registry import api
@@ -36,6 +37,8 @@ MAX_REQUEST_BODY_BYTES = 64 * 1024
 # in place and fails when run a second time in one process: only the first app gets it. The
 # service runs one app per process; tests run several.
 _touchup_claimed = False
+
+log = get_logger(__name__)
 
 
 def build_policy(cfg: NodeConfig, mirrored: MirroredRegistries | None = None) -> Policy:
@@ -162,7 +165,18 @@ def create_app(
     async def start_store(app: RegistryApp) -> None:
         keeper.start()
         if app.ctx.inflight is not None:
-            app.ctx.inflight.pool.open()
+            try:
+                app.ctx.inflight.pool.open()
+            except OSError as exc:
+                # A read-only root without a volume for the spool, say: the registry still
+                # serves, and a miss nobody holds is a fast 404 again (containerd pulls itself).
+                log.error(
+                    "shared first pulls are off: the spool directory is unusable",
+                    key="inflight.spool_dir",
+                    path=str(app.ctx.inflight.pool.directory),
+                    error=str(exc),
+                )
+                app.ctx.inflight = None
 
     async def stop_store(app: RegistryApp) -> None:
         await keeper.close()

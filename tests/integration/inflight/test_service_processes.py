@@ -103,3 +103,40 @@ async def test_concurrent_first_pulls_cost_one_upstream_request(
     assert len(upstream.requests("GET", f"/blobs/{layer}")) == 1
     assert len(upstream.requests("GET", "/manifests/1.0")) == 1
     assert 'peermirror_inflight_upstream_fetches_total{outcome="completed"} 1.0' in metrics
+
+
+async def test_an_unusable_spool_directory_turns_shared_first_pulls_off_not_the_registry(
+    tmp_path: Path, upstream: DistributionRegistry, image: BuiltImage
+) -> None:
+    # A read-only root filesystem (a container without a volume for the spool) or a file where
+    # the directory should be: the registry still serves, and a miss is a fast 404 again, so
+    # containerd pulls itself, as without peermirror.
+    ports = NodePorts.pick()
+    config = write_node_config(tmp_path / "node", ports)
+    registries = tmp_path / "node" / "registries.yaml"
+    registries.write_text(
+        yaml.safe_dump({"mirrors": {REGISTRY: {"endpoint": [upstream.url]}}}), encoding="utf-8"
+    )
+    not_a_dir = tmp_path / "spool-is-a-file"
+    not_a_dir.write_text("", encoding="utf-8")
+    data = yaml.safe_load(config.read_text(encoding="utf-8"))
+    data["registry"]["registries_file"] = str(registries)
+    data["pinner"]["disable_default_endpoint"] = True
+    data["inflight"] = {"spool_dir": str(not_a_dir / "spool")}
+    config.write_text(yaml.safe_dump(data), encoding="utf-8")
+    logs = tmp_path / "logs"
+    with (
+        running(cli_argv("discovery", "--config", str(config)), logs, "discovery") as discovery,
+        running(cli_argv("registry", "--config", str(config)), logs, "registry") as registry,
+    ):
+        wait_serving(ports.grpc_address("discovery"), discovery)
+        wait_serving(ports.grpc_address("registry"), registry)
+        wait_http_ok(f"{ports.registry_url}/readyz")
+        layer = image.platforms[0].layers[0].descriptor.digest
+        url = f"{ports.registry_url}/v2/{REPO}/blobs/{layer}?ns={REGISTRY}"
+        async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
+            status, _, _ = await _get(session, url)
+        assert status == 404
+        assert upstream.requests("GET", f"/blobs/{layer}") == []
+    log = (logs / "registry.stderr").read_text(encoding="utf-8")
+    assert "inflight.spool_dir" in log
