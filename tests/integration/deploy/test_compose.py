@@ -9,7 +9,6 @@ with the hosts.toml the compose node's pinner wrote, and every blob is checked a
 from __future__ import annotations
 
 import hashlib
-import socket
 import subprocess
 import time
 import uuid
@@ -26,6 +25,7 @@ from tests.harness.fixtures_mesh import running_mesh
 from tests.harness.images import BuiltImage, build_image
 from tests.harness.mesh import Mesh
 from tests.harness.netns import BRIDGE_HOST, host_address
+from tests.harness.service_procs import free_port
 from tests.integration.deploy.compose_override import (
     SERVICES,
     NodePorts,
@@ -45,12 +45,6 @@ COMPOSE = "/usr/bin/docker-compose"
 HEALTHY_TIMEOUT = 120.0
 ADVERTISE_TIMEOUT = 90.0
 PULL_ATTEMPTS = 3
-
-
-def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def _ports() -> NodePorts:
