@@ -38,7 +38,8 @@ from services.common.genproto.peermirror.discovery.v1 import local_pb2 as lpb
 from services.common.genproto.peermirror.discovery.v1 import local_pb2_grpc as lpb_grpc
 from services.common.logsetup import configure_logging
 from services.discovery.kademlia import dht_key, random_node_id
-from tests.harness.discovery_mesh import Mesh, wait_until
+from tests.harness.discovery_mesh import Mesh
+from tests.harness.wait import wait_until
 
 TARGET_P50_MS = 5.0
 TARGET_P99_MS = 20.0

@@ -5,7 +5,7 @@ grpcio-tools) and the mypy-protobuf plugins write ``*_pb2.py``, ``*_pb2_grpc.py`
 stubs; absolute imports of our own proto packages are then rewritten to live under
 ``services.common.genproto`` so all generated code is one importable package. Output depends only
 on the input files and the pinned tool versions, so ``diff_trees`` can compare a fresh run with
-the committed tree byte for byte (tests/unit/test_genproto_fresh.py).
+the committed tree byte for byte (tests/unit/common/genproto/test_genproto_fresh.py).
 """
 
 from __future__ import annotations

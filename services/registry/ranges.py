@@ -102,12 +102,3 @@ def parse_range(header: str | None, size: int) -> RangeResult:
         return Unsatisfiable(size)
     end = size - 1 if last is None else min(last, size - 1)
     return ByteRange(first, end, size)
-
-
-def format_range(first: int | None, last: int | None) -> str:
-    """The ``Range`` header value for a single range (``first=None`` makes a suffix range)."""
-    if first is None:
-        if last is None:
-            raise ValueError("a suffix range needs a length")
-        return f"bytes=-{last}"
-    return f"bytes={first}-" + ("" if last is None else str(last))

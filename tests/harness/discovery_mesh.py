@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,10 @@ from services.common.config import (
 from services.common.genproto.peermirror.discovery.v1 import local_pb2 as lpb
 from services.common.genproto.peermirror.discovery.v1 import local_pb2_grpc as lpb_grpc
 from services.discovery.service import DiscoveryService
+
+# Re-exported for tests/integration/inflight (another change owns it); new code imports
+# tests.harness.wait.
+from tests.harness.wait import wait_until as wait_until
 
 # Registry ports the nodes announce (nothing listens there; the DHT only carries them).
 REGISTRY_PORT_BASE = 17000
@@ -107,17 +109,3 @@ async def find_providers(address: str, key: str, limit: int = 0) -> list[lpb.Fin
         stub = lpb_grpc.LocalDiscoveryStub(channel)
         call = stub.FindProviders(lpb.FindProvidersRequest(key=key, limit=limit), timeout=10.0)
         return [reply async for reply in call]
-
-
-async def wait_until(condition: Callable[[], Any], within: float, interval: float = 0.05) -> float:
-    """Awaits `condition()` (sync or async) to be truthy; returns the seconds it took."""
-    started = time.monotonic()
-    while True:
-        result = condition()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return time.monotonic() - started
-        if time.monotonic() - started > within:
-            raise TimeoutError(f"condition not met within {within} s")
-        await asyncio.sleep(interval)

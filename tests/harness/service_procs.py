@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
@@ -21,15 +20,17 @@ import grpc
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tests.harness.wait import eventually
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # Generous: two shared cores may be busy with other test processes while a service imports.
 START_TIMEOUT = 30.0
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on `host` that nothing listens on right now."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return int(s.getsockname()[1])
 
 
@@ -188,19 +189,20 @@ def health_status(address: str, timeout: float = 1.0) -> str:
 
 def wait_serving(address: str, proc: ServiceProcess | None = None) -> None:
     """Poll the health service at `address` until it answers SERVING."""
-    deadline = time.monotonic() + START_TIMEOUT
     last: str = "no answer"
-    while time.monotonic() < deadline:
+
+    def serving() -> bool:
+        nonlocal last
         if proc is not None and proc.proc.poll() is not None:
             raise RuntimeError(f"process exited with {proc.proc.returncode}: {proc.output_lines()}")
         try:
             last = health_status(address)
-            if last == "SERVING":
-                return
         except grpc.RpcError as exc:
             last = str(exc.code())
-        time.sleep(0.1)
-    raise TimeoutError(f"{address} not SERVING within {START_TIMEOUT}s (last: {last})")
+        return last == "SERVING"
+
+    if not eventually(serving, START_TIMEOUT, interval=0.1):
+        raise TimeoutError(f"{address} not SERVING within {START_TIMEOUT}s (last: {last})")
 
 
 # No proxy from the environment: test traffic stays on loopback.
@@ -218,15 +220,17 @@ def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
 
 def wait_http_ok(url: str) -> bytes:
     """Poll `url` until it answers 200; returns the body."""
-    deadline = time.monotonic() + START_TIMEOUT
     last: object = "no answer"
-    while time.monotonic() < deadline:
+    body = b""
+
+    def ok() -> bool:
+        nonlocal last, body
         try:
-            status, body = http_get(url)
-            if status == 200:
-                return body
-            last = status
+            last, body = http_get(url)
         except OSError as exc:
             last = exc
-        time.sleep(0.1)
-    raise TimeoutError(f"{url} not 200 within {START_TIMEOUT}s (last: {last})")
+        return last == 200
+
+    if not eventually(ok, START_TIMEOUT, interval=0.1):
+        raise TimeoutError(f"{url} not 200 within {START_TIMEOUT}s (last: {last})")
+    return body

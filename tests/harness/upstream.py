@@ -18,7 +18,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from services.common.pki import create_ca, issue_node
 from tests.harness.images import BuiltImage
 from tests.harness.service_procs import REPO_ROOT, free_port
 from tests.harness.token_server import TOKEN_PATH, TokenPolicy
+from tests.harness.wait import eventually
 
 if TYPE_CHECKING:
     from tests.harness.mesh import MeshProcess, NetnsHost
@@ -268,13 +268,14 @@ def _popen_stopper(proc: subprocess.Popen[bytes]) -> Any:
 
 
 def _wait_listening(probe: Any, running: Any, log_path: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT
-    while not probe():
+
+    def listening() -> bool:
         if not running():
             raise UpstreamError(f"process exited: {log_path.read_text(errors='replace')}")
-        if time.monotonic() > deadline:
-            raise UpstreamError(f"{log_path.name}: nothing listened within {START_TIMEOUT} s")
-        time.sleep(0.05)
+        return bool(probe())
+
+    if not eventually(listening, START_TIMEOUT, interval=0.05):
+        raise UpstreamError(f"{log_path.name}: nothing listened within {START_TIMEOUT} s")
 
 
 def _tcp_open(host: str, port: int) -> bool:

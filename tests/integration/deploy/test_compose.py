@@ -9,7 +9,6 @@ with the hosts.toml the compose node's pinner wrote, and every blob is checked a
 from __future__ import annotations
 
 import hashlib
-import socket
 import subprocess
 import time
 import uuid
@@ -26,6 +25,8 @@ from tests.harness.fixtures_mesh import running_mesh
 from tests.harness.images import BuiltImage, build_image
 from tests.harness.mesh import Mesh
 from tests.harness.netns import BRIDGE_HOST, host_address
+from tests.harness.service_procs import free_port
+from tests.harness.wait import eventually
 from tests.integration.deploy.compose_override import (
     SERVICES,
     NodePorts,
@@ -45,12 +46,6 @@ COMPOSE = "/usr/bin/docker-compose"
 HEALTHY_TIMEOUT = 120.0
 ADVERTISE_TIMEOUT = 90.0
 PULL_ATTEMPTS = 3
-
-
-def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def _ports() -> NodePorts:
@@ -170,10 +165,8 @@ def test_compose_node_is_healthy_pulls_from_a_peer_and_leaves_nothing(
 
         lookup = ["exec", "-T", "registry", "peermirror", "lookup", image.name]
         lookup += ["--config", "/etc/peermirror/node.yaml"]
-        deadline = time.monotonic() + ADVERTISE_TIMEOUT
-        while n1.ip not in _quiet(project, lookup):
-            assert time.monotonic() < deadline, f"compose node never found {n1.ip} for {image.name}"
-            time.sleep(1.0)
+        found = eventually(lambda: n1.ip in _quiet(project, lookup), ADVERTISE_TIMEOUT, 1.0)
+        assert found, f"compose node never found {n1.ip} for {image.name}"
 
         before = served_to_peers(n1)
         pull = ["images", "pull", "--hosts-dir", str(containerd.hosts_dir), image.name]

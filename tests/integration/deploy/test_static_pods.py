@@ -31,6 +31,7 @@ from tests.harness.containerd import ContainerdDaemon
 from tests.harness.fixtures_mesh import running_mesh
 from tests.harness.images import BuiltImage, build_image
 from tests.harness.mesh import Mesh, NetnsHost, deep_merge
+from tests.harness.wait import eventually
 from tests.integration.deploy.conftest import REPO
 from tests.integration.deploy.docker_daemon import DockerDaemon
 from tests.integration.deploy.podspec import Container, Volume, containers
@@ -187,10 +188,8 @@ def test_k3s_static_pods_run_answer_their_probes_and_pull_from_a_peer(
         # A server's registry listens on 6445 (K3s's API server owns 6443 there).
         assert port == {"agent": 6443, "server": 6445}[kind]
         lookup = ["peermirror", "lookup", image.name, "--config", "/etc/peermirror/node.yaml"]
-        deadline = time.monotonic() + ADVERTISE_TIMEOUT
-        while runner.exec(registry, lookup) != 0:
-            assert time.monotonic() < deadline, f"the node never found a provider of {image.name}"
-            time.sleep(1.0)
+        found = eventually(lambda: runner.exec(registry, lookup) == 0, ADVERTISE_TIMEOUT, 1.0)
+        assert found, f"the node never found a provider of {image.name}"
 
         before = served_to_peers(n1)
         result = pull(k3s, node_containerd, image.name, tls)

@@ -24,7 +24,7 @@ from services.common.genproto.peermirror.discovery.v1 import peer_pb2 as pb
 from services.common.genproto.peermirror.discovery.v1 import peer_pb2_grpc as pb_grpc
 from services.discovery.kademlia import Contact, dht_key, xor_distance
 from services.discovery.service import DiscoveryService
-from tests.harness.discovery_mesh import Mesh, find_providers, wait_until
+from tests.harness.discovery_mesh import Mesh, find_providers
 from tests.harness.service_procs import (
     NodePorts,
     cli_argv,
@@ -33,6 +33,7 @@ from tests.harness.service_procs import (
     wait_serving,
     write_node_config,
 )
+from tests.harness.wait import wait_until
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

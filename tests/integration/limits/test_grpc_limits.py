@@ -24,7 +24,6 @@ from services.common.genproto.peermirror.discovery.v1 import local_pb2_grpc as l
 from services.common.genproto.peermirror.discovery.v1 import peer_pb2 as ppb
 from services.common.genproto.peermirror.discovery.v1 import peer_pb2_grpc as ppb_grpc
 from services.common.tls import TlsFiles
-from tests.harness.discovery_mesh import wait_until
 from tests.harness.service_procs import (
     NodePorts,
     ServiceProcess,
@@ -33,6 +32,7 @@ from tests.harness.service_procs import (
     wait_serving,
     write_node_config,
 )
+from tests.harness.wait import wait_until
 from tests.integration.security import conftest as security
 from tests.integration.security.nodes import credentials_of, sender
 

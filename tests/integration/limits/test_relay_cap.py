@@ -26,7 +26,7 @@ import yaml
 
 from services.common.oci.synthetic import BuiltImage, build_image
 from tests.fuzz.raw_http import build_request, parse_response
-from tests.harness.discovery_mesh import find_providers, wait_until
+from tests.harness.discovery_mesh import find_providers
 from tests.harness.fuzz_node import write_limited_config
 from tests.harness.metrics_scrape import Samples
 from tests.harness.service_procs import (
@@ -38,6 +38,7 @@ from tests.harness.service_procs import (
     wait_http_ok,
     wait_serving,
 )
+from tests.harness.wait import wait_until
 
 MAX_RELAYS = 2
 MAX_LOCAL = 5

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
-import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from services.common.genproto.peermirror.registry.v1 import introspection_pb2 as
 from services.common.genproto.peermirror.registry.v1 import introspection_pb2_grpc as ipb_grpc
 from tests.harness.images import BuiltImage, write_oci_archive
 from tests.harness.mesh import MeshNode
+from tests.harness.wait import eventually
 
 # Short discovery timings so withdrawals, deaths and restarts show within seconds; imports of
 # dropped archives are picked up quickly too. The liveness window is the one the issue's
@@ -61,17 +61,6 @@ SCHEDULING_SLACK = 10.0
 def unique_ref(stem: str, registry: str = "docker.io") -> str:
     """A tag reference no other test uses (content derives from the name: unique too)."""
     return f"{registry}/library/p2p-{stem}-{uuid.uuid4().hex[:8]}:1"
-
-
-def eventually(check: Callable[[], bool], timeout: float, interval: float = 0.2) -> bool:
-    """Poll `check` until it holds or `timeout` passes; returns its last answer."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if check():
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(interval)
 
 
 # --- discovery --------------------------------------------------------------------------------

@@ -12,9 +12,7 @@ import ipaddress
 import os
 import subprocess
 import sys
-import time
 import tomllib
-from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -34,19 +32,9 @@ from tests.harness.mesh import (
     pull_via_mirror,
 )
 from tests.harness.service_procs import REPO_ROOT, health_status, http_get
+from tests.harness.wait import eventually
 
 pytestmark = pytest.mark.containerd
-
-
-def eventually(check: Callable[[], bool], timeout: float = 20.0) -> bool:
-    """Poll `check` until it holds or `timeout` passes; returns its last answer."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if check():
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.2)
 
 
 def peer_addresses(node: MeshNode) -> set[str]:

@@ -15,11 +15,11 @@ import pytest
 from tests.harness.fixtures_mesh import running_mesh
 from tests.harness.images import build_image
 from tests.harness.mesh import K8S_NAMESPACE, SERVICES, Mesh, MeshNode
+from tests.harness.wait import eventually
 from tests.integration.mesh.p2p import (
     FAST_TIMINGS,
     PULL_TIMEOUT,
     assert_holds_verified,
-    eventually,
     import_image,
     log_events,
     raw_get,

@@ -16,6 +16,7 @@ from services.common.oci.media_types import DOCKER_MANIFEST, OCI_INDEX, OCI_MANI
 from tests.harness.fixtures_mesh import running_mesh
 from tests.harness.images import BuiltImage, build_image
 from tests.harness.mesh import NOWHERE, Mesh, MeshNode, pull_via_mirror
+from tests.harness.wait import eventually
 from tests.integration.mesh.p2p import (
     FAST_TIMINGS,
     LIVENESS_WINDOW,
@@ -27,7 +28,6 @@ from tests.integration.mesh.p2p import (
     assert_holds_verified,
     cri_pull,
     drop_archive,
-    eventually,
     finds,
     held_digests,
     image_keys,

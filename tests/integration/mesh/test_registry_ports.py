@@ -4,9 +4,7 @@ peers fetch from the advertised port, and each pinner points its containerd at i
 
 from __future__ import annotations
 
-import time
 import tomllib
-from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -17,6 +15,7 @@ from services.common.genproto.peermirror.discovery.v1 import local_pb2_grpc as l
 from tests.harness.fixtures_mesh import MeshFactory
 from tests.harness.images import BuiltImage, build_image
 from tests.harness.mesh import NOWHERE, MeshNode, pull_via_mirror
+from tests.harness.wait import eventually
 
 pytestmark = [pytest.mark.containerd, pytest.mark.slow]
 
@@ -24,16 +23,6 @@ AGENT_PORT = 6443
 SERVER_PORT = 6445
 # Generous: two shared cores; the pinner advertises after containerd's import event.
 ADVERTISE_TIMEOUT = 60.0
-
-
-def eventually(check: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        if check():
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.2)
 
 
 def providers(node: MeshNode, key: str) -> set[tuple[str, int]]:

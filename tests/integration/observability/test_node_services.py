@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ from tests.harness.service_procs import (
     running,
     wait_serving,
 )
+from tests.harness.wait import eventually
 
 IMAGE = "docker.io/library/app:1.0"
 REPO = "library/app"
@@ -118,12 +118,8 @@ def pick_ports() -> dict[str, int]:
 
 
 def wait_until(what: str, check: Any) -> None:
-    deadline = time.monotonic() + WAIT
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.2)
-    raise TimeoutError(f"{what} not within {WAIT}s")
+    if not eventually(check, WAIT):
+        raise TimeoutError(f"{what} not within {WAIT}s")
 
 
 def discovery_stats(node: Node) -> local_pb2.StatsResponse:

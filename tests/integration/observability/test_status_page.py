@@ -29,9 +29,10 @@ from services.common.store.oci_layout import OciLayoutStore
 from services.registry.app import create_app
 from services.registry.service import HttpServer
 from tests.harness.chromium import dump_dom
-from tests.harness.discovery_mesh import REGISTRY_PORT_BASE, Mesh, find_providers, wait_until
+from tests.harness.discovery_mesh import REGISTRY_PORT_BASE, Mesh, find_providers
 from tests.harness.images import BuiltImage, build_image
 from tests.harness.registry_inproc import write_registries_file
+from tests.harness.wait import wait_until
 
 IMAGE = "docker.io/library/statusdemo:1.0"
 # Nothing listens on the discard port: the pinner (and the registry's own gRPC) show DOWN.

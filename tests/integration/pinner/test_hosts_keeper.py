@@ -240,7 +240,7 @@ def test_containerd_config_waits_for_the_lock(tmp_path: Path) -> None:
         fcntl.flock(lock, fcntl.LOCK_EX)
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
-            time.sleep(2.0)
+            time.sleep(2.0)  # a fixed pause on purpose: it shows the writer keeps waiting
             assert proc.poll() is None, proc.communicate()
             assert not (certs / "docker.io").exists()
         finally:

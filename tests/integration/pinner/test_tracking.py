@@ -254,7 +254,7 @@ async def test_a_node_mirroring_nothing_takes_no_part(
         async with pinner(cfg) as runtime:
             assert runtime.tracker is None and runtime.advertiser is None
             await import_image(containerd_daemon, containerd_namespace, image)
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(0.5)  # a fixed pause on purpose: nothing is advertised meanwhile
         assert disco.calls == [] and disco.keys == set()
         # The certs.d directory exists and holds no generated configuration, only the
         # writers' lock file.

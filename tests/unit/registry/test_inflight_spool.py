@@ -18,6 +18,7 @@ from services.registry.inflight.spool import (
 )
 from services.registry.inflight.spool_state import Phase, SpoolFailedError, SpoolState
 from tests.harness.fake_inflight import sha256
+from tests.harness.wait import wait_until
 
 BLOB = os.urandom(300_000)
 DIGEST = sha256(BLOB)
@@ -90,7 +91,7 @@ async def test_concurrent_readers_at_any_offset_wait_for_bytes(tmp_path: Path) -
     # A range far beyond anything written yet.
     tail = asyncio.create_task(_collect(spool.read(250_000, 40_000, 5)))
     await spool.write(BLOB[:100_000])
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0.05)  # a fixed pause on purpose: shows that neither read finishes early
     assert not tail.done() and not whole.done()
     await _write_all(spool, BLOB[100_000:])
     assert not whole.done(), "the last byte must wait for the digest's verdict"
@@ -161,8 +162,7 @@ async def test_complete_spool_removed_after_grace_period(tmp_path: Path) -> None
     pool.settle(spool)
     path = tmp_path / spool_file_name(DIGEST)
     assert path.exists() and pool.get(DIGEST) is spool
-    await asyncio.sleep(0.3)
-    assert not path.exists()
+    await wait_until(lambda: not path.exists(), within=10.0)
     assert pool.get(DIGEST) is None and pool.used_bytes == 0
 
 

@@ -25,7 +25,7 @@ from services.common.genproto.containerd.services.version.v1 import version_pb2
 from services.common.genproto.containerd.types import descriptor_pb2 as ctd_descriptor_pb2
 from services.common.genproto.containerd.types import platform_pb2
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[4]
 PROTOS = REPO_ROOT / "protos"
 COMMITTED = REPO_ROOT / "services" / "common" / "genproto"
 

@@ -23,7 +23,7 @@ from services.common.ratelog import LimitLog
 from services.discovery.kademlia import DhtConfig
 from services.discovery.local_servicer import KeyLimitExceeded, KeyLimits
 from services.discovery.service import dht_config
-from tests.harness.discovery_mesh import wait_until
+from tests.harness.wait import wait_until
 
 # (dotted key, default): the limits that were constants before they were config keys.
 LIMIT_KEYS = [
