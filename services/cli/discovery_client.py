@@ -38,7 +38,9 @@ def channel(args: argparse.Namespace) -> grpc.Channel:
     """A channel to the local API; environment proxies never apply to it."""
     import grpc
 
-    return grpc.insecure_channel(local_address(args), options=[("grpc.enable_http_proxy", 0)])
+    from services.common.discovery_router import local_channel_options
+
+    return grpc.insecure_channel(local_address(args), options=local_channel_options())
 
 
 def describe_error(address: str, exc: grpc.RpcError) -> str:

@@ -15,7 +15,7 @@ from collections.abc import Collection, Iterable
 
 import grpc
 
-from services.common.genproto.peermirror.discovery.v1 import local_pb2, local_pb2_grpc
+from services.common.discovery_router import GrpcRouter
 from services.common.logsetup import get_logger
 from services.pinner.keys import KeyDelta, diff
 
@@ -46,6 +46,7 @@ class Advertiser:
         *,
         batch_size: int = BATCH_SIZE,
         check_interval: float = CHECK_INTERVAL_S,
+        max_message_bytes: int | None = None,
     ) -> None:
         self.address = address
         self._batch_size = batch_size
@@ -56,8 +57,11 @@ class Advertiser:
         self._server_started: tuple[int, int] | None = None
         self._changed = asyncio.Event()
         self._idle = asyncio.Event()
-        self._channel: grpc.aio.Channel | None = None
-        self._stub: local_pb2_grpc.LocalDiscoveryAsyncStub | None = None
+        self._router = (
+            GrpcRouter(address, call_timeout=CALL_TIMEOUT_S)
+            if max_message_bytes is None
+            else GrpcRouter(address, max_message_bytes, call_timeout=CALL_TIMEOUT_S)
+        )
         self._reachable = True
         self.pushes = 0
 
@@ -90,24 +94,8 @@ class Advertiser:
 
     # --- the push loop ----------------------------------------------------------------------
 
-    def _open(self) -> local_pb2_grpc.LocalDiscoveryAsyncStub:
-        if self._stub is None:
-            self._channel = grpc.aio.insecure_channel(
-                self.address,
-                options=[
-                    ("grpc.initial_reconnect_backoff_ms", 100),
-                    ("grpc.min_reconnect_backoff_ms", 100),
-                    ("grpc.max_reconnect_backoff_ms", 2000),
-                ],
-            )
-            self._stub = local_pb2_grpc.LocalDiscoveryStub(self._channel)
-        return self._stub
-
     async def close(self) -> None:
-        if self._channel is not None:
-            await self._channel.close()
-        self._channel = None
-        self._stub = None
+        await self._router.close()
 
     async def run(self) -> None:
         """Push changes until cancelled; never raises on discovery failures."""
@@ -145,18 +133,17 @@ class Advertiser:
             await self._check_server()
 
     async def _sync_once(self) -> None:
-        stub = self._open()
         self._changed.clear()
         if self._confirmed is None:
-            self._confirmed = await self._list(stub)
+            self._confirmed = await self._router.list_advertised()
             await self._check_server(remember_only=True)
         delta = diff(self._desired, self._confirmed)
         # New content first: peers find it sooner; stale keys only cost a failed fetch.
         for batch in batches(delta.added, self._batch_size):
-            await stub.Advertise(local_pb2.AdvertiseRequest(keys=batch), timeout=CALL_TIMEOUT_S)
+            await self._router.advertise(batch)
             self._confirmed.update(batch)
         for batch in batches(delta.removed, self._batch_size):
-            await stub.Withdraw(local_pb2.WithdrawRequest(keys=batch), timeout=CALL_TIMEOUT_S)
+            await self._router.withdraw(batch)
             self._confirmed.difference_update(batch)
         if delta:
             self.pushes += 1
@@ -169,31 +156,23 @@ class Advertiser:
         if not self._changed.is_set():
             self._idle.set()
 
-    async def _list(self, stub: local_pb2_grpc.LocalDiscoveryAsyncStub) -> set[str]:
-        keys: set[str] = set()
-        call = stub.ListAdvertised(local_pb2.ListAdvertisedRequest(), timeout=CALL_TIMEOUT_S)
-        async for resp in call:
-            keys.update(resp.keys)
-        return keys
-
     async def _check_server(self, *, remember_only: bool = False) -> None:
         """Detect a discovery that restarted (new start time) or lost keys (count differs)."""
-        stub = self._open()
         try:
-            stats = await stub.Stats(local_pb2.StatsRequest(), timeout=CALL_TIMEOUT_S)
-        except grpc.aio.AioRpcError as err:
-            if err.code() != grpc.StatusCode.UNIMPLEMENTED:
-                if remember_only:
-                    return
-                raise
+            stats = await self._router.state()
+        except grpc.aio.AioRpcError:
+            if remember_only:
+                return
+            raise
+        if stats is None:
             # No Stats: compare the listed set itself.
             if not remember_only:
-                listed = await self._list(stub)
+                listed = await self._router.list_advertised()
                 if listed != self._confirmed:
                     self._confirmed = listed
                     self._changed.set()
             return
-        started = (stats.started_at.seconds, stats.started_at.nanos)
+        started = stats.started_at
         if remember_only:
             self._server_started = started
             return

@@ -198,6 +198,7 @@ class PinnerRuntime:
         self.advertiser = Advertiser(
             cfg.discovery.local_address,
             batch_size=min(ADVERTISE_BATCH, cfg.discovery.max_keys_per_advertise),
+            max_message_bytes=cfg.grpc.max_message_bytes,
         )
         self.tracker = Tracker(
             self.store,

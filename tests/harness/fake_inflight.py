@@ -6,83 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from services.registry.inflight.ports import (
     FetchSlot,
-    Holder,
-    LeaseAnswer,
     UpstreamManifest,
 )
 
 
 def sha256(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-class LeaseTable:
-    """The leases of a whole cluster: one holder per key until it releases or its ttl passes
-    without a renewal."""
-
-    def __init__(self, ttl: float = 5.0) -> None:
-        self.ttl = ttl
-        self.held: dict[str, tuple[Holder, float]] = {}
-        self.granted: list[tuple[str, Holder]] = []
-        self.renewals: list[str] = []
-        self.released: list[str] = []
-        self.down = False
-        # Nodes whose process is gone: nothing they send reaches discovery any more.
-        self.crashed: set[Holder] = set()
-
-    def client(self, me: Holder) -> FakeLease:
-        return FakeLease(self, me)
-
-    def crash(self, node: Holder) -> None:
-        """`node` died: its leases stay until their ttl runs out, unrenewed and unreleased."""
-        self.crashed.add(node)
-
-    def expire(self, key: str) -> None:
-        """The holder of `key` died or stalled: its lease runs out now."""
-        self.held.pop(key, None)
-
-
-@dataclass
-class FakeLease:
-    """One node's lease client over a shared LeaseTable."""
-
-    table: LeaseTable
-    me: Holder
-
-    async def acquire(self, key: str) -> LeaseAnswer:
-        if self.table.down:
-            raise ConnectionError("discovery unavailable")
-        now = time.monotonic()
-        held = self.table.held.get(key)
-        if held is not None and held[1] > now and held[0] != self.me:
-            return LeaseAnswer(granted=False, holder=held[0])
-        self.table.held[key] = (self.me, now + self.table.ttl)
-        self.table.granted.append((key, self.me))
-        return LeaseAnswer(granted=True, ttl=self.table.ttl)
-
-    async def renew(self, key: str) -> bool:
-        if self.me in self.table.crashed:
-            raise ConnectionError("this node's process is gone")
-        self.table.renewals.append(key)
-        held = self.table.held.get(key)
-        if held is None or held[0] != self.me:
-            return False
-        self.table.held[key] = (self.me, time.monotonic() + self.table.ttl)
-        return True
-
-    async def release(self, key: str) -> None:
-        if self.me in self.table.crashed:
-            raise ConnectionError("this node's process is gone")
-        held = self.table.held.get(key)
-        if held is not None and held[0] == self.me:
-            del self.table.held[key]
-            self.table.released.append(key)
 
 
 @dataclass
@@ -164,20 +98,6 @@ class FakeUpstream:
         if self.refuse is not None:
             raise self.refuse
         return self.manifests[reference]
-
-
-@dataclass
-class FakeAdvertiser:
-    """Discovery's Advertise/Withdraw, recorded."""
-
-    advertised: list[str] = field(default_factory=list)
-    withdrawn: list[str] = field(default_factory=list)
-
-    async def advertise(self, keys: Sequence[str]) -> None:
-        self.advertised.extend(keys)
-
-    async def withdraw(self, keys: Sequence[str]) -> None:
-        self.withdrawn.extend(keys)
 
 
 class _Slot:

@@ -13,8 +13,8 @@ from services.common.store.oci_layout import OciLayoutStore
 from services.registry.inflight.coordinator import Coordinator, InflightSettings
 from services.registry.inflight.ports import Holder
 from services.registry.inflight.spool import SpoolPool
-from tests.harness.fake_inflight import LeaseTable
 from tests.harness.fake_local_discovery import FakeLocalDiscovery
+from tests.harness.fake_router import LeaseTable
 from tests.harness.registry_inproc import RunningRegistry, serve_registry
 from tests.harness.slow_upstream import SlowUpstreamClient
 

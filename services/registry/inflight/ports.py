@@ -10,27 +10,9 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from services.common.discovery_router import Holder, LeaseAnswer
 
-@dataclass(frozen=True, slots=True)
-class Holder:
-    """The node that holds a fetch lease: where its registry answers peer requests."""
-
-    address: str
-    registry_port: int
-
-    def __str__(self) -> str:
-        host = f"[{self.address}]" if ":" in self.address else self.address
-        return f"{host}:{self.registry_port}"
-
-
-@dataclass(frozen=True, slots=True)
-class LeaseAnswer:
-    """Discovery's answer to a lease request: granted to us, or held by `holder`."""
-
-    granted: bool
-    holder: Holder | None = None
-    # Seconds the lease lasts unless renewed (granted answers only).
-    ttl: float = 0.0
+__all__ = ["Advertiser", "FetchLimiter", "FetchSlot", "Holder", "LeaseAnswer", "LeaseClient"]
 
 
 class LeaseClient(Protocol):

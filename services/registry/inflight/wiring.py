@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry
 
 from services.common.config import NodeConfig
+from services.common.discovery_router import GrpcRouter
 from services.common.k3s.registries import Registries
 from services.registry.inflight.coordinator import Coordinator
-from services.registry.inflight.local_discovery import LocalDiscoveryPorts
 from services.registry.inflight.upstream_adapter import ClientFetcher
 from services.registry.upstream import UpstreamClient, UpstreamMetrics, UpstreamSettings
 
@@ -22,7 +22,7 @@ class SharedFirstPulls:
 
     coordinator: Coordinator
     upstream: UpstreamClient
-    discovery: LocalDiscoveryPorts
+    discovery: GrpcRouter
 
     @classmethod
     def build(
@@ -37,7 +37,7 @@ class SharedFirstPulls:
         upstream = UpstreamClient(
             registries, UpstreamSettings.from_config(cfg), UpstreamMetrics(metrics)
         )
-        discovery = LocalDiscoveryPorts(cfg.discovery.local_address)
+        discovery = GrpcRouter(cfg.discovery.local_address, cfg.grpc.max_message_bytes)
         coordinator = Coordinator.from_config(cfg, discovery, ClientFetcher(upstream), discovery)
         return cls(coordinator, upstream, discovery)
 

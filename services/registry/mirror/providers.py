@@ -10,32 +10,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-import grpc
-
 from services.common.cancellation import cancel_and_wait
-from services.common.genproto.peermirror.discovery.v1 import local_pb2, local_pb2_grpc
+from services.common.discovery_router import LookupFailed, Router
 from services.common.logsetup import get_logger
-from services.common.request_id import outgoing_metadata
 from services.registry.mirror.hedging import Peer, peer_from_contact
 
 log = get_logger("registry.mirror.providers")
-
-_CHANNEL_OPTIONS = [
-    # Discovery is node-local: a proxy from the environment must never carry these calls.
-    ("grpc.enable_http_proxy", 0),
-    # A restarted discovery is found again within a second, not after minutes of backoff.
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-]
 
 
 class ProviderLookup:
     """One FindProviders stream, read in the background into `found` (distinct, usable peers)."""
 
-    def __init__(
-        self, stub: local_pb2_grpc.LocalDiscoveryAsyncStub, key: str, limit: int, deadline: float
-    ) -> None:
+    def __init__(self, router: Router, key: str, limit: int, deadline: float) -> None:
         self.key = key
         self.found: list[Peer] = []
         self.done = False
@@ -44,19 +30,13 @@ class ProviderLookup:
         self._started = asyncio.get_running_loop().time()
         # When the first provider arrived, or the lookup ended without one.
         self._resolved_at: float | None = None
-        self._call = stub.FindProviders(
-            local_pb2.FindProvidersRequest(key=key, limit=limit),
-            timeout=deadline,
-            # The request id lets discovery's log line be matched to the registry's.
-            metadata=outgoing_metadata() or None,
-        )
+        self._stream = router.lookup(key, limit=limit, deadline=deadline)
         self._limit = limit
         self._task = asyncio.create_task(self._read(), name=f"find-providers {key}")
 
     async def _read(self) -> None:
         try:
-            async for response in self._call:
-                contact = response.provider
+            async for contact in self._stream:
                 peer = peer_from_contact(contact.address, contact.registry_port, contact.node_id)
                 if peer is None:
                     log.warning(
@@ -73,12 +53,12 @@ class ProviderLookup:
                     self._changed.set()
                 if len(self.found) >= self._limit:
                     break
-        except grpc.aio.AioRpcError as err:
-            if err.code() is not grpc.StatusCode.DEADLINE_EXCEEDED:
-                self.error = f"discovery: {err.code().name}: {err.details()}"
-                log.info("provider lookup failed", key=self.key, error=self.error)
+        except LookupFailed as err:
+            self.error = str(err)
+            log.info("provider lookup failed", key=self.key, error=self.error)
         finally:
-            self._call.cancel()
+            # Ends the call when the loop stopped early (enough providers found).
+            await self._stream.aclose()
             self.done = True
             self._changed.set()
 
@@ -107,30 +87,5 @@ class ProviderLookup:
 
     async def close(self) -> None:
         """Stop the lookup (nothing more is needed from it)."""
-        self._call.cancel()
         # Bounded: a request must never wait on a lookup that ignores its cancel.
         await cancel_and_wait([self._task], within=1.0, owner="find-providers")
-
-
-class DiscoveryClient:
-    """The registry's channel to the LocalDiscovery API at `address`, opened on first use."""
-
-    def __init__(self, address: str) -> None:
-        self.address = address
-        self._channel: grpc.aio.Channel | None = None
-        self._stub: local_pb2_grpc.LocalDiscoveryAsyncStub | None = None
-
-    def _open(self) -> local_pb2_grpc.LocalDiscoveryAsyncStub:
-        if self._stub is None:
-            self._channel = grpc.aio.insecure_channel(self.address, options=_CHANNEL_OPTIONS)
-            self._stub = local_pb2_grpc.LocalDiscoveryStub(self._channel)
-        return self._stub
-
-    def find(self, key: str, *, limit: int, deadline: float) -> ProviderLookup:
-        """Start looking `key` up: at most `limit` providers, for at most `deadline` seconds."""
-        return ProviderLookup(self._open(), key, limit, deadline)
-
-    async def close(self) -> None:
-        channel, self._channel, self._stub = self._channel, None, None
-        if channel is not None:
-            await channel.close()

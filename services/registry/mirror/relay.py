@@ -38,6 +38,7 @@ import aiohttp
 from sanic import HTTPResponse, Request
 
 from services.common.config import NodeConfig, RegistrySection
+from services.common.discovery_router import GrpcRouter, Router
 from services.common.logsetup import get_logger
 from services.common.oci.errors import OciError
 from services.common.tls import client_context, tls_files
@@ -54,7 +55,7 @@ from services.registry.mirror import relay_core as core
 from services.registry.mirror.hedging import Peer, PeerBook
 from services.registry.mirror.peer_fetch import PeerClient, peer_url
 from services.registry.mirror.peer_socket import Head, PeerSocket, in_thread
-from services.registry.mirror.providers import DiscoveryClient, ProviderLookup
+from services.registry.mirror.providers import ProviderLookup
 from services.registry.mirror.quarantine import Quarantine
 from services.registry.mirror.verify import (
     DigestMismatchError,
@@ -241,7 +242,7 @@ class Mirror:
     def __init__(
         self,
         settings: MirrorSettings,
-        discovery: DiscoveryClient,
+        discovery: Router,
         client: PeerClient,
         *,
         book: PeerBook | None = None,
@@ -264,7 +265,7 @@ class Mirror:
         settings = MirrorSettings.from_config(cfg.registry)
         return cls(
             settings,
-            DiscoveryClient(cfg.discovery.local_address),
+            GrpcRouter(cfg.discovery.local_address, cfg.grpc.max_message_bytes),
             PeerClient(settings.peer_timeout, _peer_ssl_context(cfg)),
         )
 
@@ -304,8 +305,8 @@ class Mirror:
         no peer serves it, RelayAbortedError when a body had to be cut short."""
         lookup_key = route.digest if route.digest is not None else key
         s = self.settings
-        lookup = self.discovery.find(
-            lookup_key, limit=s.max_providers, deadline=max(s.resolve_timeout, s.peer_timeout)
+        lookup = ProviderLookup(
+            self.discovery, lookup_key, s.max_providers, max(s.resolve_timeout, s.peer_timeout)
         )
         pull = _Pull(self, lookup, local_error)
         try:

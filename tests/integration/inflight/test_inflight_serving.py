@@ -21,7 +21,7 @@ from services.registry.inflight.coordinator import Coordinator, InflightSettings
 from services.registry.inflight.ports import Holder
 from services.registry.inflight.spool import SpoolPool
 from services.registry.inflight.spool_state import Phase
-from tests.harness.fake_inflight import FakeAdvertiser, LeaseTable
+from tests.harness.fake_router import FakeRouter, LeaseTable
 from tests.harness.inflight_cluster import inflight_cluster
 from tests.harness.registry_inproc import RunningRegistry, serve_registry
 from tests.harness.slow_upstream import SlowUpstream, SlowUpstreamClient, serve_slow_upstream
@@ -42,7 +42,7 @@ class Node:
     registry: RunningRegistry
     upstream: SlowUpstream
     coordinator: Coordinator
-    advertiser: FakeAdvertiser
+    advertiser: FakeRouter
     leases: LeaseTable
 
     def url(self, digest: str) -> str:
@@ -54,7 +54,7 @@ async def node(tmp_path: Path) -> AsyncIterator[Node]:
     async with serve_slow_upstream(SlowUpstream()) as upstream:
         client = SlowUpstreamClient(upstream.port)
         leases = LeaseTable()
-        advertiser = FakeAdvertiser()
+        advertiser = FakeRouter()
         coordinator = Coordinator(
             InflightSettings(stall_s=20),
             SpoolPool(tmp_path / "spool", 64 * MiB, grace_s=60),

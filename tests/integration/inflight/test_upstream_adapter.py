@@ -20,7 +20,7 @@ from services.registry.inflight.ports import Holder, UpstreamManifest
 from services.registry.inflight.spool import SpoolPool
 from services.registry.inflight.upstream_adapter import ClientFetcher
 from services.registry.upstream import UpstreamClient, UpstreamSettings
-from tests.harness.fake_inflight import FakeAdvertiser, LeaseTable
+from tests.harness.fake_router import FakeRouter, LeaseTable
 from tests.harness.images import BuiltImage, build_image
 from tests.harness.upstream import (
     DistributionRegistry,
@@ -64,7 +64,7 @@ def _coordinator(
         pool,
         (leases or LeaseTable()).client(Holder("127.0.0.1", 1)),
         ClientFetcher(client),
-        FakeAdvertiser(),
+        FakeRouter(),
     )
     return coordinator, client
 

@@ -11,7 +11,8 @@ from services.common.store.memory import MemoryStore
 from services.registry.app import create_app
 from services.registry.inflight.coordinator import Coordinator
 from services.registry.inflight.ports import Holder
-from tests.harness.fake_inflight import FakeAdvertiser, FakeUpstream, LeaseTable
+from tests.harness.fake_inflight import FakeUpstream
+from tests.harness.fake_router import FakeRouter, LeaseTable
 
 
 def _write(tmp_path: Path, text: str) -> Path:
@@ -30,7 +31,7 @@ def test_inflight_keys_reach_the_coordinator(tmp_path: Path) -> None:
         )
     )
     coordinator = Coordinator.from_config(
-        cfg, LeaseTable().client(Holder("127.0.0.1", 1)), FakeUpstream(), FakeAdvertiser()
+        cfg, LeaseTable().client(Holder("127.0.0.1", 1)), FakeUpstream(), FakeRouter()
     )
     assert coordinator.pool.directory == Path("/srv/pm/spool")
     assert coordinator.pool.max_bytes == 1048576
@@ -55,7 +56,7 @@ def test_inflight_off_means_the_app_does_not_use_it(tmp_path: Path) -> None:
         load_config(None),
         LeaseTable().client(Holder("127.0.0.1", 1)),
         FakeUpstream(),
-        FakeAdvertiser(),
+        FakeRouter(),
     )
     for enabled in (True, False):
         cfg = load_config(

@@ -25,13 +25,8 @@ from services.registry.inflight.serving import answer_local_miss
 from services.registry.inflight.spool import SpoolPool
 from services.registry.inflight.spool_state import Phase, SpoolFailedError
 from services.registry.paths import parse_v2_path
-from tests.harness.fake_inflight import (
-    CountingLimiter,
-    FakeAdvertiser,
-    FakeUpstream,
-    LeaseTable,
-    sha256,
-)
+from tests.harness.fake_inflight import CountingLimiter, FakeUpstream, sha256
+from tests.harness.fake_router import FakeRouter, LeaseTable
 
 BLOB = os.urandom(1_000_000)
 NODE_A = Holder("10.0.0.1", 6443)
@@ -49,10 +44,10 @@ def _node(
     max_bytes: int = 64 << 20,
     limiter: CountingLimiter | None = None,
     **settings: Any,
-) -> tuple[Coordinator, FakeAdvertiser]:
+) -> tuple[Coordinator, FakeRouter]:
     pool = SpoolPool(tmp_path / me.address, max_bytes, grace_s=60)
     pool.open()
-    advertiser = FakeAdvertiser()
+    advertiser = FakeRouter()
     defaults: dict[str, Any] = {"renew_interval_s": 0.05, "stall_s": 5.0, "holder_wait_s": 2.0}
     coordinator = Coordinator(
         InflightSettings(**(defaults | settings)),
@@ -393,7 +388,7 @@ async def test_lease_kept_while_the_complete_spool_is_served_then_released(
         pool,
         table.client(NODE_A),
         upstream,
-        FakeAdvertiser(),
+        FakeRouter(),
     )
     other = table.client(NODE_B)
     assert await _read_all(node, await node.claim_blob(REGISTRY, REPO, digest)) == BLOB

@@ -19,7 +19,8 @@ from services.registry.inflight.ports import Holder
 from services.registry.inflight.spool import SpoolPool
 from services.registry.status_page import inflight_rows
 from services.registry.status_view import InflightRow, StatusData, build_document, render_html
-from tests.harness.fake_inflight import FakeAdvertiser, FakeUpstream, LeaseTable
+from tests.harness.fake_inflight import FakeUpstream
+from tests.harness.fake_router import FakeRouter, LeaseTable
 
 NOW = 10_000.0
 
@@ -90,7 +91,7 @@ async def test_rows_come_from_the_coordinators_running_fetches(tmp_path: Path) -
         pool,
         LeaseTable().client(Holder("127.0.0.1", 1)),
         upstream,
-        FakeAdvertiser(),
+        FakeRouter(),
     )
     await coordinator.claim_blob("docker.io", "library/app", digest)
     await coordinator.claim_blob("docker.io", "library/app", digest)

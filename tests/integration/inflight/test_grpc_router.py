@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from services.registry.inflight.local_discovery import LocalDiscoveryPorts
+from services.common.discovery_router import GrpcRouter
 from tests.harness.discovery_mesh import REGISTRY_PORT_BASE, Mesh, find_providers, wait_until
 
 DIGEST = "sha256:" + "5e" * 32
@@ -14,7 +14,7 @@ async def test_one_node_gets_the_lease_the_other_is_told_who_holds_it(tmp_path: 
     mesh = Mesh(tmp_path)
     try:
         await mesh.grow(2)
-        first, second = (LocalDiscoveryPorts(n.local_address) for n in mesh.nodes)
+        first, second = (GrpcRouter(n.local_address) for n in mesh.nodes)
         try:
             granted = await first.acquire(DIGEST)
             assert granted.granted and granted.ttl > 0
@@ -43,7 +43,7 @@ async def test_advertised_digest_is_found_by_another_node_until_withdrawn(
     try:
         await mesh.grow(2)
         holder, waiter = mesh.nodes
-        ports = LocalDiscoveryPorts(holder.local_address)
+        ports = GrpcRouter(holder.local_address)
         try:
             await ports.advertise([DIGEST])
 
