@@ -10,6 +10,7 @@ import pytest
 
 from services.pinner.airgap import AirgapManager
 from tests.harness.containerd import ContainerdDaemon
+from tests.harness.wait import wait_until
 from tests.integration.pinner_import.helpers import MANAGED, PIN, manager, oci_archive
 
 pytestmark = pytest.mark.containerd
@@ -93,6 +94,9 @@ async def test_file_added_while_running_is_imported_and_pinned(
             (images_dir / "nested").mkdir()
             next(staging.iterdir()).rename(images_dir / "nested" / "late.tar.zst")
             await wait_pinned(airgap, "registry.example.test/late:1", NEW_FILE_BOUND_S)
+            # The file's status is recorded after its images are pinned: on a loaded machine a
+            # look right after the pin can still find it pending.
+            await wait_until(lambda: airgap.status()[0].result != "pending", NEW_FILE_BOUND_S)
             [state] = airgap.status()
             assert state.result == "imported"
             assert "registry.example.test/late:1" in state.images
