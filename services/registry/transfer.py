@@ -64,8 +64,8 @@ async def send_blob(
     count: int,
 ) -> int:
     """Answer with `status`, `headers` and `count` bytes of `blob` from `offset`; returns the body
-    bytes sent. Raises ClientGoneError when the client disconnects, NotFoundError (before anything
-    is sent) when the content vanished, and store errors as they come."""
+    bytes sent. Raises ClientGoneError when the client disconnects, ContentNotFoundError (before
+    anything is sent) when the content vanished, and store errors as they come."""
     f = None
     if blob.path is not None and not _is_tls(request):
         f = await asyncio.to_thread(_open_exact, blob)

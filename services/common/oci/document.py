@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.common.errors import InvalidArgumentError
 from services.common.oci.grammar import SUPPORTED_ALGORITHMS
 from services.common.oci.media_types import (
     detect_manifest_media_type,
@@ -23,7 +24,7 @@ from services.common.oci.media_types import (
 from services.common.store.protocol import Descriptor
 
 
-class DocumentError(ValueError):
+class DocumentError(InvalidArgumentError):
     """A document that has to be well formed is not; the message names the part."""
 
 
