@@ -18,6 +18,7 @@ import structlog
 from sanic import Blueprint, HTTPResponse, Request
 from sanic.exceptions import MethodNotAllowed, RequestCancelled
 
+from services.common.errors import PeermirrorError
 from services.common.logsetup import get_logger
 from services.common.oci.errors import CONTENT_TYPE, ErrorCode, OciError
 from services.common.request_id import HTTP_HEADER as REQUEST_ID_HEADER
@@ -73,7 +74,7 @@ class Scope(enum.Enum):
     LOCAL_THEN_PEERS = "local_then_peers"
 
 
-class _Refused(Exception):
+class _Refused(PeermirrorError):
     """A policy refusal or a peer request this node cannot answer locally (REFUSED)."""
 
     def __init__(self, error: OciError) -> None:

@@ -22,11 +22,12 @@ from typing import Any, BinaryIO
 
 from sanic import Request
 
+from services.common.errors import PeermirrorError
 from services.common.store.protocol import ContentStore
 from services.registry.content import Blob
 
 
-class ClientGoneError(ConnectionError):
+class ClientGoneError(PeermirrorError, ConnectionError):
     """The client went away while its body was being sent (nothing to answer any more)."""
 
     def __init__(self, cause: BaseException) -> None:

@@ -1,5 +1,5 @@
-"""Every exception common, discovery and the CLI define descends from PeermirrorError, so one
-handler per protocol can answer all of them."""
+"""Every exception common, discovery, the registry and the CLI define descends from
+PeermirrorError, so one handler per protocol can answer all of them."""
 
 from __future__ import annotations
 
@@ -12,9 +12,15 @@ import pytest
 import services.cli
 import services.common
 import services.discovery
+import services.registry
 from services.common.errors import PeermirrorError
 
-PACKAGES = (services.common, services.discovery, services.cli)
+PACKAGES = (
+    services.common,
+    services.discovery,
+    services.cli,
+    services.registry,
+)
 NOT_YET = ("services.common.genproto.",)
 
 
