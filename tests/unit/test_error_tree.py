@@ -1,5 +1,5 @@
-"""Every exception common, discovery, the registry and the CLI define descends from
-PeermirrorError, so one handler per protocol can answer all of them."""
+"""Every exception common, the services and the CLI define descends from PeermirrorError,
+so one handler per protocol can answer all of them."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 import services.cli
 import services.common
 import services.discovery
+import services.pinner
 import services.registry
 from services.common.errors import PeermirrorError
 
@@ -20,6 +21,7 @@ PACKAGES = (
     services.discovery,
     services.cli,
     services.registry,
+    services.pinner,
 )
 NOT_YET = ("services.common.genproto.",)
 
