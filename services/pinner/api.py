@@ -25,7 +25,6 @@ from services.common.containerd.errors import (
 from services.common.genproto.peermirror.pinner.v1 import pinner_pb2, pinner_pb2_grpc
 from services.pinner.pins import InvalidReferenceError, Pin, PinManager
 from services.pinner.prefetch import (
-    InvalidPrefetchError,
     Phase,
     PrefetchUpdate,
     pull_failure_status,
@@ -233,11 +232,10 @@ class PinnerApi(pinner_pb2_grpc.PinnerServicer):
     ) -> AsyncIterator[pinner_pb2.PrefetchProgress]:
         if self._prefetcher is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, NO_CONTAINERD)
+        # An InvalidPrefetchError (the field named) is answered by the ErrorStatuses interceptor.
         try:
             async for update in self._prefetcher.prefetch(request.reference):
                 yield progress_message(update)
-        except InvalidPrefetchError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except ContainerdError as exc:
             # Name the field, keep containerd's reason (not found upstream, unreachable, ...).
             await context.abort(pull_failure_status(exc), f"reference {request.reference!r}: {exc}")

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from services.common.errors import UnavailableError
 from services.common.k3s.registries import load_registries
 from services.common.logsetup import get_logger
 from services.pinner.hosts_toml import MARKER, HostsOptions, render_hosts_files
@@ -62,7 +63,7 @@ class WriteReport:
         return sorted(self.written + self.unchanged)
 
 
-class HostsLockedError(OSError):
+class HostsLockedError(UnavailableError, OSError):
     """Another writer held the certs.d lock for longer than this writer would wait."""
 
 

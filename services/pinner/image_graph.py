@@ -13,7 +13,7 @@ from collections import ChainMap
 from collections.abc import AsyncIterator, Callable, Collection, Iterable, Iterator, Mapping
 
 from services.common.oci.document import MAX_MANIFEST_BYTES, manifest_children, may_have_children
-from services.common.store.protocol import ContentStore, Descriptor, NotFoundError
+from services.common.store.protocol import ContentNotFoundError, ContentStore, Descriptor
 
 # Indexes may nest (an index of indexes); real images go two levels deep. The bound only stops
 # a malicious or corrupt chain from recursing for ever.
@@ -114,7 +114,7 @@ class ImageGraph:
             async with limit:
                 try:
                     await self._store.stat(digest)
-                except NotFoundError:
+                except ContentNotFoundError:
                     return False
                 return True
 
@@ -154,7 +154,7 @@ class ImageGraph:
             for desc in missing:
                 try:
                     body = await read_capped(self._store.read(desc.digest))
-                except NotFoundError:
+                except ContentNotFoundError:
                     unreadable[desc.digest] = ()
                 else:
                     self._children[desc.digest] = manifest_children(body, desc.media_type)

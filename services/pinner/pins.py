@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from services.common.containerd.client import ContainerdClient
 from services.common.containerd.errors import ContainerdNotFoundError
 from services.common.containerd.models import Image
+from services.common.errors import InvalidArgumentError
 from services.common.oci.grammar import GrammarError, parse_reference
 
 PIN_LABEL = "io.cri-containerd.pinned"
@@ -66,7 +67,7 @@ def pin_of(image: Image) -> Pin:
     )
 
 
-class InvalidReferenceError(ValueError):
+class InvalidReferenceError(InvalidArgumentError):
     """A pin/unpin reference is neither an image name in containerd nor a valid reference."""
 
 

@@ -19,6 +19,7 @@ import grpc
 
 from services.common.containerd.client import NAMESPACE_METADATA_KEY
 from services.common.containerd.errors import ContainerdError, translate_rpc_error
+from services.common.errors import InvalidArgumentError
 from services.common.genproto.containerd.services.content.v1 import (
     content_pb2,
     content_pb2_grpc,
@@ -93,7 +94,7 @@ class IngestTally:
         return self._finished + sum(max(i.total, i.offset) for i in self._active.values())
 
 
-class InvalidPrefetchError(ValueError):
+class InvalidPrefetchError(InvalidArgumentError):
     """The request names no valid image reference (the message names the field)."""
 
 

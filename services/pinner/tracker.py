@@ -20,9 +20,9 @@ from datetime import UTC, datetime
 from services.common.logsetup import get_logger
 from services.common.oci.document import split_digest
 from services.common.store.protocol import (
+    ContentNotFoundError,
     ContentStore,
     EventKind,
-    NotFoundError,
     StoreEvent,
     StoreWatch,
 )
@@ -168,7 +168,7 @@ class Tracker:
             return self.index.remove_image(name)
         try:
             target = await self._store.resolve(name)
-        except NotFoundError:
+        except ContentNotFoundError:
             return self.index.remove_image(name)
         digests = await self.graph.image_digests(target)
         return self.index.set_image(name, image_key_set(name, digests, self._policy))

@@ -18,14 +18,15 @@ import structlog
 from sanic import Blueprint, HTTPResponse, Request
 from sanic.exceptions import MethodNotAllowed, RequestCancelled
 
+from services.common.errors import PeermirrorError
 from services.common.logsetup import get_logger
 from services.common.oci.errors import CONTENT_TYPE, ErrorCode, OciError
 from services.common.request_id import HTTP_HEADER as REQUEST_ID_HEADER
 from services.common.request_id import LOG_KEY as REQUEST_ID_KEY
 from services.common.request_id import accept_request_id
-from services.common.store.protocol import NotFoundError
+from services.common.store.protocol import ContentNotFoundError
 from services.registry.cache import Manifest
-from services.registry.content import StoreUnavailableError
+from services.registry.content import store_failed
 from services.registry.context import RegistryApp
 from services.registry.headers import (
     API_VERSION,
@@ -73,7 +74,7 @@ class Scope(enum.Enum):
     LOCAL_THEN_PEERS = "local_then_peers"
 
 
-class _Refused(Exception):
+class _Refused(PeermirrorError):
     """A policy refusal or a peer request this node cannot answer locally (REFUSED)."""
 
     def __init__(self, error: OciError) -> None:
@@ -92,7 +93,7 @@ def error_response(error: OciError, headers: dict[str, str] | None = None) -> HT
 
 
 def _result_of(error: OciError) -> Result:
-    if isinstance(error, StoreUnavailableError):
+    if store_failed(error):
         return Result.ERROR
     if error.status == 404:
         return Result.NOT_FOUND
@@ -140,7 +141,7 @@ async def _on_local_miss(
         )
     if scope is Scope.LOCAL_THEN_PEERS and mirror is not None:
         return await relay()
-    if scope is Scope.LOCAL_ONLY and not isinstance(error, StoreUnavailableError):
+    if scope is Scope.LOCAL_ONLY and not store_failed(error):
         raise _Refused(
             OciError(
                 error.code,
@@ -371,7 +372,7 @@ async def _blob(request: AppRequest, route: Route, scope: Scope) -> HTTPResponse
     assert store is not None
     try:
         sent = await send_blob(request, status, headers, store, blob, offset, count)
-    except NotFoundError:
+    except ContentNotFoundError:
         # Deleted between lookup and first read: nothing was sent yet, so a clean 404 goes out.
         raise OciError(
             ErrorCode.BLOB_UNKNOWN, f"blob {blob.digest} was just removed from this node"

@@ -12,7 +12,8 @@ Manifest or blob? The store keeps no media types for content, so the content dec
 
 Manifest bodies are checked against their digest before being served or cached, since a client
 would reject a mismatch only after the fact. Store failures other than "not found" (containerd
-down, I/O errors) become :class:`StoreUnavailableError`, a 404, so containerd falls back at once.
+down, I/O errors: the contract's :class:`StoreUnavailableError`) become a 404 all the same, so
+containerd falls back at once; :func:`store_failed` tells them from a miss.
 """
 
 from __future__ import annotations
@@ -24,7 +25,12 @@ from pathlib import Path
 from services.common.logsetup import get_logger
 from services.common.oci.errors import ErrorCode, OciError
 from services.common.oci.media_types import detect_manifest_media_type, is_manifest_media_type
-from services.common.store.protocol import ContentStore, Descriptor, NotFoundError
+from services.common.store.protocol import (
+    ContentNotFoundError,
+    ContentStore,
+    Descriptor,
+    StoreUnavailableError,
+)
 from services.registry.backend import StoreKeeper
 from services.registry.cache import BlobFacts, ContentCache, Manifest
 
@@ -36,14 +42,25 @@ _JSON_WHITESPACE = b" \t\r\n"
 log = get_logger("registry.content")
 
 
-class StoreUnavailableError(OciError):
-    """The content store failed (not a plain "not found"); answered 404 so clients fall back."""
+def _unavailable(code: ErrorCode, what: str, exc: StoreUnavailableError) -> OciError:
+    """A store failure as a 404 so the client falls back; its cause stays `exc`, which tells it
+    from a plain miss (see :func:`store_failed`)."""
+    # The backend's own failure names the reason when the contract's error only wraps it.
+    failure = exc.__cause__ if type(exc) is StoreUnavailableError else exc
+    reason = str(exc) if failure is None else f"{type(failure).__name__}: {failure}"
+    error = OciError(
+        code,
+        f"content store unavailable ({reason})",
+        detail={"what": what},
+        status=404,
+    )
+    error.__cause__ = exc
+    return error
 
-    def __init__(self, code: ErrorCode, what: str, exc: BaseException | None) -> None:
-        reason = f"{type(exc).__name__}: {exc}" if exc is not None else "not opened yet"
-        super().__init__(
-            code, f"content store unavailable ({reason})", detail={"what": what}, status=404
-        )
+
+def store_failed(error: OciError) -> bool:
+    """Whether `error` answers a store failure rather than content this node lacks."""
+    return isinstance(error.__cause__, StoreUnavailableError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +94,7 @@ class ContentService:
     def _store(self, code: ErrorCode, what: str) -> ContentStore:
         store = self.keeper.store
         if store is None:
-            raise StoreUnavailableError(code, what, None)
+            raise _unavailable(code, what, StoreUnavailableError("not opened yet"))
         return store
 
     async def _read_all(self, store: ContentStore, digest: str, limit: int) -> bytes:
@@ -97,13 +114,13 @@ class ContentService:
         generation = self.cache.generation
         try:
             target = await store.resolve(key)
-        except NotFoundError:
+        except ContentNotFoundError:
             raise OciError(
                 ErrorCode.MANIFEST_UNKNOWN, f"no image {key} on this node", detail={"tag": key}
             ) from None
-        except Exception as exc:
+        except StoreUnavailableError as exc:
             log.warning("store failed resolving a tag", reference=key, error=str(exc))
-            raise StoreUnavailableError(ErrorCode.MANIFEST_UNKNOWN, key, exc) from exc
+            raise _unavailable(ErrorCode.MANIFEST_UNKNOWN, key, exc) from exc
         self.cache.put_tag(key, target, generation)
         return target
 
@@ -133,18 +150,16 @@ class ContentService:
             if size > MAX_MANIFEST_BYTES:
                 raise unknown
             body = await self._read_all(store, digest, size)
-        except NotFoundError:
+        except ContentNotFoundError:
             raise unknown from None
-        except OciError:
-            raise
-        except Exception as exc:
+        except StoreUnavailableError as exc:
             log.warning("store failed reading a manifest", digest=digest, error=str(exc))
-            raise StoreUnavailableError(ErrorCode.MANIFEST_UNKNOWN, digest, exc) from exc
+            raise _unavailable(ErrorCode.MANIFEST_UNKNOWN, digest, exc) from exc
         if len(body) != size or not _digest_matches(digest, body):
             log.error("stored manifest does not match its digest", digest=digest)
-            raise StoreUnavailableError(
-                ErrorCode.MANIFEST_UNKNOWN, digest, ValueError("content does not match digest")
-            )
+            mismatch = StoreUnavailableError("content does not match digest")
+            mismatch.__cause__ = ValueError("content does not match digest")
+            raise _unavailable(ErrorCode.MANIFEST_UNKNOWN, digest, mismatch)
         media_type = detect_manifest_media_type(body)
         if media_type is None:
             self.cache.put_blob(digest, BlobFacts(size, False), generation)
@@ -185,13 +200,13 @@ class ContentService:
                         head if size <= SNIFF_BYTES else await self._read_all(store, digest, size)
                     )
                     is_manifest = detect_manifest_media_type(body) is not None
-        except NotFoundError:
+        except ContentNotFoundError:
             raise OciError(
                 ErrorCode.BLOB_UNKNOWN, f"no blob {digest} on this node", detail={"digest": digest}
             ) from None
-        except Exception as exc:
+        except StoreUnavailableError as exc:
             log.warning("store failed looking a blob up", digest=digest, error=str(exc))
-            raise StoreUnavailableError(ErrorCode.BLOB_UNKNOWN, digest, exc) from exc
+            raise _unavailable(ErrorCode.BLOB_UNKNOWN, digest, exc) from exc
         facts = BlobFacts(size, is_manifest)
         self.cache.put_blob(digest, facts, generation)
         return facts

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from services.common.errors import PeermirrorError
 from services.common.oci.errors import ErrorCode, OciError
 from services.common.oci.media_types import OCTET_STREAM
 from services.registry.ranges import ByteRange, Unsatisfiable, parse_range
@@ -57,7 +58,7 @@ def unsatisfiable_headers(unsatisfiable: Unsatisfiable, registry: str) -> dict[s
     }
 
 
-class RangeNotSatisfiableError(Exception):
+class RangeNotSatisfiableError(PeermirrorError, http_status=416):
     """A client's Range selects nothing of the blob: answered 416 with `error` and `headers`."""
 
     def __init__(self, error: OciError, headers: dict[str, str]) -> None:

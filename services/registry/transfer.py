@@ -22,11 +22,12 @@ from typing import Any, BinaryIO
 
 from sanic import Request
 
+from services.common.errors import PeermirrorError
 from services.common.store.protocol import ContentStore
 from services.registry.content import Blob
 
 
-class ClientGoneError(ConnectionError):
+class ClientGoneError(PeermirrorError, ConnectionError):
     """The client went away while its body was being sent (nothing to answer any more)."""
 
     def __init__(self, cause: BaseException) -> None:
@@ -64,8 +65,8 @@ async def send_blob(
     count: int,
 ) -> int:
     """Answer with `status`, `headers` and `count` bytes of `blob` from `offset`; returns the body
-    bytes sent. Raises ClientGoneError when the client disconnects, NotFoundError (before anything
-    is sent) when the content vanished, and store errors as they come."""
+    bytes sent. Raises ClientGoneError when the client disconnects, ContentNotFoundError (before
+    anything is sent) when the content vanished, and store errors as they come."""
     f = None
     if blob.path is not None and not _is_tls(request):
         f = await asyncio.to_thread(_open_exact, blob)

@@ -26,10 +26,10 @@ from services.common.containerd.models import (
 )
 from services.common.store.containerd_store import ContainerdStore
 from services.common.store.protocol import (
+    ContentNotFoundError,
     ContentStore,
     Descriptor,
     EventKind,
-    NotFoundError,
     StoreEvent,
 )
 from tests.harness.containerd import ContainerdDaemon
@@ -137,7 +137,7 @@ async def test_write_refuses_existing_and_wrong_content(client: ContainerdClient
 
 async def test_missing_content_is_not_found(client: ContainerdClient) -> None:
     _, digest = blob(10)
-    with pytest.raises(NotFoundError) as info_err:
+    with pytest.raises(ContentNotFoundError) as info_err:
         await client.content_info(digest)
     assert isinstance(info_err.value, ContainerdNotFoundError)
     assert info_err.value.what == digest
@@ -347,14 +347,14 @@ async def test_store_over_imported_image(
         with pytest.raises(ValueError):
             await collect(store.read(layer.digest, -1))
 
-        with pytest.raises(NotFoundError):
+        with pytest.raises(ContentNotFoundError):
             await store.resolve("docker.io/library/sample:absent")
         _, unknown = blob(10)
-        with pytest.raises(NotFoundError):
+        with pytest.raises(ContentNotFoundError):
             await store.stat(unknown)
-        with pytest.raises(NotFoundError):
+        with pytest.raises(ContentNotFoundError):
             await collect(store.read(unknown))
-        with pytest.raises(NotFoundError):
+        with pytest.raises(ContentNotFoundError):
             await store.stat("sha256:../../etc/passwd")
         assert store.local_path(unknown) is None
         assert store.local_path("sha256:../../etc/passwd") is None
@@ -388,9 +388,9 @@ async def test_store_hides_blobs_of_other_namespaces(
     try:
         # The file is on disk (blobs are shared), but this namespace does not hold the content.
         assert containerd_daemon.blob_path(digest).is_file()
-        with pytest.raises(NotFoundError):
+        with pytest.raises(ContentNotFoundError):
             await store.stat(digest)
-        with pytest.raises(NotFoundError):
+        with pytest.raises(ContentNotFoundError):
             await collect(store.read(digest))
     finally:
         await store.close()

@@ -20,9 +20,9 @@ from services.common.store.containerd_store import ContainerdStore
 from services.common.store.memory import MemoryStore
 from services.common.store.oci_layout import OciLayoutStore
 from services.common.store.protocol import (
+    ContentNotFoundError,
     ContentStore,
     EventKind,
-    NotFoundError,
     StoreEvent,
 )
 from tests.harness.containerd import ContainerdDaemon
@@ -251,11 +251,11 @@ async def test_unknown_digests_are_not_found(backend: StoreBackend) -> None:
         "sha512:" + hashlib.sha512(b"never stored either").hexdigest(),
     ]
     for digest in unknown:
-        with pytest.raises(NotFoundError):
+        with pytest.raises(ContentNotFoundError):
             await backend.store.stat(digest)
-        with pytest.raises(NotFoundError):
+        with pytest.raises(ContentNotFoundError):
             await collect(backend.store.read(digest))
-        with pytest.raises(NotFoundError):
+        with pytest.raises(ContentNotFoundError):
             await collect(backend.store.read(digest, 5, 10))
         assert backend.store.local_path(digest) is None
 
@@ -270,7 +270,7 @@ async def test_unknown_tags_are_not_found(
         "docker.io/library/never-added:1.0",
         f"other.example/{image.repository}:{image.tag}",
     ]:
-        with pytest.raises(NotFoundError):
+        with pytest.raises(ContentNotFoundError):
             await backend.store.resolve(reference)
 
 
@@ -302,7 +302,7 @@ async def test_deleted_image_no_longer_resolves(
     image = images["docker"]
     await backend.add_image(image)
     await backend.delete_image(image.name)
-    with pytest.raises(NotFoundError):
+    with pytest.raises(ContentNotFoundError):
         await backend.store.resolve(image.name)
     assert image.name not in {r.name for r in await backend.store.list_images()}
 

@@ -2,8 +2,9 @@
 
 Every call carries the namespace as `containerd-namespace` gRPC metadata. Failures surface as the
 exceptions of `services.common.containerd.errors`: NOT_FOUND as `ContainerdNotFoundError` (a
-`services.common.store.NotFoundError`), ALREADY_EXISTS as `ContainerdAlreadyExistsError`, a lost
-or missing daemon as `ContainerdUnavailableError`, anything else as `ContainerdError`.
+`services.common.store.ContentNotFoundError`), ALREADY_EXISTS as `ContainerdAlreadyExistsError`,
+a lost or missing daemon as `ContainerdUnavailableError` (a
+`services.common.store.StoreUnavailableError`), anything else as `ContainerdError`.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import grpc
 
-from services.common.errors import AlreadyExistsError, PeermirrorError, UnavailableError
-from services.common.store.protocol import NotFoundError
+from services.common.errors import AlreadyExistsError, PeermirrorError
+from services.common.store.protocol import ContentNotFoundError, StoreUnavailableError
 
 
 class ContainerdError(PeermirrorError):
@@ -16,14 +16,15 @@ class ContainerdError(PeermirrorError):
         self.code = code
 
 
-class ContainerdNotFoundError(NotFoundError, ContainerdError):
+class ContainerdNotFoundError(ContentNotFoundError, ContainerdError):
     """containerd holds no such content or image in the client's namespace.
 
-    A subclass of the content store's NotFoundError, so store code can let it through unchanged.
+    A subclass of the content store's ContentNotFoundError, so store code lets it through
+    unchanged.
     """
 
     def __init__(self, what: str, detail: str = "") -> None:
-        NotFoundError.__init__(self, what)
+        ContentNotFoundError.__init__(self, what)
         self.code = grpc.StatusCode.NOT_FOUND
         self.detail = detail
 
@@ -32,7 +33,7 @@ class ContainerdAlreadyExistsError(ContainerdError, AlreadyExistsError):
     """The image name or content digest is already present (Create, or Write of known content)."""
 
 
-class ContainerdUnavailableError(ContainerdError, UnavailableError):
+class ContainerdUnavailableError(ContainerdError, StoreUnavailableError):
     """containerd cannot be reached (socket missing, daemon stopped or restarting, stream cut).
 
     The one error a long-running caller (the pinner) should answer by reconnecting: wait with

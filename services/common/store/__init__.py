@@ -1,21 +1,23 @@
 """Content stores: one Protocol, three backends (containerd, OCI image layout, in-memory fake)."""
 
 from services.common.store.protocol import (
+    ContentNotFoundError,
     ContentStore,
     Descriptor,
     EventKind,
     ImageRecord,
-    NotFoundError,
     StoreEvent,
+    StoreUnavailableError,
     StoreWatch,
 )
 
 __all__ = [
+    "ContentNotFoundError",
     "ContentStore",
     "Descriptor",
     "EventKind",
     "ImageRecord",
-    "NotFoundError",
     "StoreEvent",
+    "StoreUnavailableError",
     "StoreWatch",
 ]

@@ -17,9 +17,10 @@ from services.common.logsetup import get_logger
 from services.common.oci.document import blob_path, split_digest
 from services.common.store.containerd_watch import ContainerdWatch
 from services.common.store.protocol import (
+    ContentNotFoundError,
     Descriptor,
     ImageRecord,
-    NotFoundError,
+    store_failures,
 )
 
 READ_CHUNK_BYTES = 1 << 20
@@ -91,37 +92,40 @@ class ContainerdStore:
         return cls(client, content_root if fast_path else None, owns_client=True)
 
     async def resolve(self, reference: str) -> Descriptor:
-        return (await self.client.get_image(reference)).target
+        with store_failures(ContainerdError):
+            return (await self.client.get_image(reference)).target
 
     async def stat(self, digest: str) -> int:
         if split_digest(digest) is None:
-            raise NotFoundError(digest)
-        return (await self.client.content_info(digest)).size
+            raise ContentNotFoundError(digest)
+        with store_failures(ContainerdError):
+            return (await self.client.content_info(digest)).size
 
     async def read(
         self, digest: str, offset: int = 0, length: int | None = None
     ) -> AsyncIterator[bytes]:
-        size = await self.stat(digest)
-        start, end = read_window(size, offset, length)
-        if start == end:
-            return
-        if self._find_root:
-            await self._look_up_root()
-        path = self.local_path(digest)
-        if path is not None:
-            try:
-                fd = await asyncio.to_thread(os.open, path, os.O_RDONLY)
-            except FileNotFoundError:
-                pass
-            else:
-                try:
-                    async for chunk in self._read_file(fd, start, end, digest):
-                        yield chunk
-                finally:
-                    os.close(fd)
+        with store_failures(ContainerdError, OSError):
+            size = await self.stat(digest)
+            start, end = read_window(size, offset, length)
+            if start == end:
                 return
-        async for chunk in self.client.read_content(digest, start, end - start):
-            yield chunk
+            if self._find_root:
+                await self._look_up_root()
+            path = self.local_path(digest)
+            if path is not None:
+                try:
+                    fd = await asyncio.to_thread(os.open, path, os.O_RDONLY)
+                except FileNotFoundError:
+                    pass
+                else:
+                    try:
+                        async for chunk in self._read_file(fd, start, end, digest):
+                            yield chunk
+                    finally:
+                        os.close(fd)
+                    return
+            async for chunk in self.client.read_content(digest, start, end - start):
+                yield chunk
 
     async def _look_up_root(self) -> None:
         try:
@@ -141,7 +145,7 @@ class ContainerdStore:
             )
             if not chunk:
                 # containerd never truncates a committed blob; a short file means it was removed.
-                raise NotFoundError(digest)
+                raise ContentNotFoundError(digest)
             position += len(chunk)
             yield chunk
 

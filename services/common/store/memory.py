@@ -8,10 +8,10 @@ from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
 from services.common.store.protocol import (
+    ContentNotFoundError,
     Descriptor,
     EventKind,
     ImageRecord,
-    NotFoundError,
     StoreEvent,
 )
 
@@ -75,9 +75,9 @@ class MemoryStore:
         return digest
 
     def delete_blob(self, digest: str) -> None:
-        """Remove content `digest` (NotFoundError when absent) and report CONTENT_DELETE."""
+        """Remove content `digest` (ContentNotFoundError when absent) and report CONTENT_DELETE."""
         if self._blobs.pop(digest, None) is None:
-            raise NotFoundError(digest)
+            raise ContentNotFoundError(digest)
         self._emit(StoreEvent(EventKind.CONTENT_DELETE, digest))
 
     def set_image(
@@ -97,9 +97,9 @@ class MemoryStore:
         return kind
 
     def delete_image(self, name: str) -> None:
-        """Remove image `name` (NotFoundError when absent) and report IMAGE_DELETE."""
+        """Remove image `name` (ContentNotFoundError when absent) and report IMAGE_DELETE."""
         if self._images.pop(name, None) is None:
-            raise NotFoundError(name)
+            raise ContentNotFoundError(name)
         self._emit(StoreEvent(EventKind.IMAGE_DELETE, name))
 
     def _emit(self, event: StoreEvent) -> None:
@@ -111,13 +111,13 @@ class MemoryStore:
     async def resolve(self, reference: str) -> Descriptor:
         record = self._images.get(reference)
         if record is None:
-            raise NotFoundError(reference)
+            raise ContentNotFoundError(reference)
         return record.target
 
     async def stat(self, digest: str) -> int:
         data = self._blobs.get(digest)
         if data is None:
-            raise NotFoundError(digest)
+            raise ContentNotFoundError(digest)
         return len(data)
 
     async def read(
@@ -128,7 +128,7 @@ class MemoryStore:
             raise ValueError(f"bad range offset={offset} length={length}")
         data = self._blobs.get(digest)
         if data is None:
-            raise NotFoundError(digest)
+            raise ContentNotFoundError(digest)
         end = len(data) if length is None else min(len(data), offset + length)
         for pos in range(offset, end, self.read_chunk):
             yield data[pos : min(pos + self.read_chunk, end)]

@@ -42,11 +42,12 @@ from services.common.oci.document import (
 from services.common.oci.grammar import SUPPORTED_ALGORITHMS
 from services.common.oci.media_types import OCI_INDEX
 from services.common.store.protocol import (
+    ContentNotFoundError,
     Descriptor,
     EventKind,
     ImageRecord,
-    NotFoundError,
     StoreEvent,
+    store_failures,
 )
 
 LAYOUT_FILE_CONTENT = '{"imageLayoutVersion":"1.0.0"}'
@@ -199,20 +200,22 @@ class OciLayoutStore:
     # --- ContentStore -----------------------------------------------------------------------
 
     async def resolve(self, reference: str) -> Descriptor:
-        images = await asyncio.to_thread(self._read_images)
+        with store_failures(OSError, DocumentError):
+            images = await asyncio.to_thread(self._read_images)
         try:
             return images[reference]
         except KeyError:
-            raise NotFoundError(reference) from None
+            raise ContentNotFoundError(reference) from None
 
     async def stat(self, digest: str) -> int:
         path = self.blob_file(digest)
         if path is None:
-            raise NotFoundError(digest)
-        try:
-            st = await asyncio.to_thread(os.stat, path)
-        except (FileNotFoundError, NotADirectoryError):
-            raise NotFoundError(digest) from None
+            raise ContentNotFoundError(digest)
+        with store_failures(OSError):
+            try:
+                st = await asyncio.to_thread(os.stat, path)
+            except (FileNotFoundError, NotADirectoryError):
+                raise ContentNotFoundError(digest) from None
         return st.st_size
 
     async def read(
@@ -223,23 +226,26 @@ class OciLayoutStore:
             raise ValueError(f"bad range offset={offset} length={length}")
         path = self.blob_file(digest)
         if path is None:
-            raise NotFoundError(digest)
-        try:
-            fd = await asyncio.to_thread(os.open, path, os.O_RDONLY)
-        except (FileNotFoundError, NotADirectoryError):
-            raise NotFoundError(digest) from None
-        try:
-            size = os.fstat(fd).st_size
-            end = size if length is None else min(size, offset + length)
-            pos = offset
-            while pos < end:
-                chunk = await asyncio.to_thread(os.pread, fd, min(self.read_chunk, end - pos), pos)
-                if not chunk:
-                    raise OSError(f"{path} shrank while being read")
-                pos += len(chunk)
-                yield chunk
-        finally:
-            os.close(fd)
+            raise ContentNotFoundError(digest)
+        with store_failures(OSError):
+            try:
+                fd = await asyncio.to_thread(os.open, path, os.O_RDONLY)
+            except (FileNotFoundError, NotADirectoryError):
+                raise ContentNotFoundError(digest) from None
+            try:
+                size = os.fstat(fd).st_size
+                end = size if length is None else min(size, offset + length)
+                pos = offset
+                while pos < end:
+                    chunk = await asyncio.to_thread(
+                        os.pread, fd, min(self.read_chunk, end - pos), pos
+                    )
+                    if not chunk:
+                        raise OSError(f"{path} shrank while being read")
+                    pos += len(chunk)
+                    yield chunk
+            finally:
+                os.close(fd)
 
     def local_path(self, digest: str) -> Path | None:
         path = self.blob_file(digest)
@@ -367,7 +373,7 @@ class OciLayoutStore:
             self.add_blob(source, digest)
         target_file = self.blob_file(target.digest)
         if target_file is None or not target_file.is_file():
-            raise NotFoundError(target.digest)
+            raise ContentNotFoundError(target.digest)
         with self._write_lock:
             entries = [e for e in self._read_entries() if not self._entry_is(e, name)]
             entries.append(
@@ -381,13 +387,13 @@ class OciLayoutStore:
             self._write_index(entries)
 
     def remove_image(self, name: str, *, prune: bool = True) -> list[str]:
-        """Drop image `name` (NotFoundError when absent); with `prune`, delete its blobs that no
-        remaining index.json entry reaches. Returns the digests deleted."""
+        """Drop image `name` (ContentNotFoundError when absent); with `prune`, delete its blobs
+        that no remaining index.json entry reaches. Returns the digests deleted."""
         with self._write_lock:
             entries = self._read_entries()
             removed = [e for e in entries if self._entry_is(e, name)]
             if not removed:
-                raise NotFoundError(name)
+                raise ContentNotFoundError(name)
             kept = [e for e in entries if not self._entry_is(e, name)]
             self._write_index(kept)
             if not prune:

@@ -6,19 +6,39 @@ backend can be swapped without touching either.
 
 from __future__ import annotations
 
+import contextlib
 import enum
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+from services.common.errors import NotFoundError, UnavailableError
 
-class NotFoundError(LookupError):
+
+class ContentNotFoundError(NotFoundError):
     """The store holds no content (or no image) under the given digest or reference."""
 
     def __init__(self, what: str) -> None:
         super().__init__(f"not found: {what}")
         self.what = what
+
+
+class StoreUnavailableError(UnavailableError):
+    """The store failed for another reason than "not found": it cannot be reached (containerd
+    down or restarting) or its files cannot be read. Every backend raises this, and only this,
+    for such failures, so callers need not know the backend to tell a miss from an outage."""
+
+
+@contextlib.contextmanager
+def store_failures(*kinds: type[BaseException]) -> Iterator[None]:
+    """Raise a backend's own failures of `kinds` as StoreUnavailableError (misses pass)."""
+    try:
+        yield
+    except (ContentNotFoundError, StoreUnavailableError):
+        raise
+    except kinds as exc:
+        raise StoreUnavailableError(f"{type(exc).__name__}: {exc}") from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,18 +109,20 @@ class ContentStore(Protocol):
     async def resolve(self, reference: str) -> Descriptor:
         """Return the target of image `reference` (`<registry>/<repo>:<tag>`).
 
-        Raises NotFoundError if absent.
+        Raises ContentNotFoundError if absent, StoreUnavailableError if the store failed.
         """
         ...
 
     async def stat(self, digest: str) -> int:
-        """Return the size in bytes of content `digest`; NotFoundError if absent."""
+        """Return the size in bytes of content `digest`; ContentNotFoundError if absent,
+        StoreUnavailableError if the store failed."""
         ...
 
     def read(self, digest: str, offset: int = 0, length: int | None = None) -> AsyncIterator[bytes]:
         """Stream `length` bytes (all to the end when None) of `digest` from `offset`.
 
-        Raises NotFoundError (on first iteration) when the content is absent.
+        Raises ContentNotFoundError (on first iteration) when the content is absent,
+        StoreUnavailableError when the store failed.
         """
         ...
 

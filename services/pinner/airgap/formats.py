@@ -10,6 +10,8 @@ from typing import IO, cast
 
 import zstandard
 
+from services.common.errors import InvalidArgumentError
+
 # K3s caps the zstd window at 32 MiB so a hostile archive cannot make the decoder allocate
 # gigabytes; the same bound applies here.
 ZSTD_MAX_WINDOW = 32 << 20
@@ -44,7 +46,7 @@ _SUFFIXES: tuple[tuple[str, FileKind], ...] = (
 )
 
 
-class ArchiveFormatError(Exception):
+class ArchiveFormatError(InvalidArgumentError):
     """The file cannot be read as the kind its name promises (bad header, window too large)."""
 
 

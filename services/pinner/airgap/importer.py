@@ -18,6 +18,7 @@ from services.common.containerd.errors import (
     ContainerdAlreadyExistsError,
     ContainerdNotFoundError,
 )
+from services.common.errors import PeermirrorError
 from services.common.logsetup import get_logger
 from services.common.oci.document import digest_matches, digest_of
 from services.common.oci.media_types import DOCKER_CONFIG, DOCKER_MANIFEST, is_index_media_type
@@ -54,7 +55,7 @@ SMALL_CACHE_TOTAL = 64 << 20
 log = get_logger(__name__)
 
 
-class ArchiveImportError(Exception):
+class ArchiveImportError(PeermirrorError):
     """An archive could not be imported; nothing of it was kept."""
 
 

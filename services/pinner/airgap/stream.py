@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from services.common.errors import InvalidArgumentError, PeermirrorError
 from services.pinner.airgap.formats import ArchiveFormatError, FileKind, open_decompressed
 
 CHUNK_BYTES = 1 << 20
@@ -24,7 +25,7 @@ DEPTH = 8
 _POLL_S = 0.1
 
 
-class ArchiveReadError(Exception):
+class ArchiveReadError(InvalidArgumentError):
     """The archive is corrupt, truncated or not a tar; the message says where it broke."""
 
 
@@ -189,5 +190,8 @@ class TarStream:
         self._put(MemberEnd(None if hasher is None else "sha256:" + hasher.hexdigest()))
 
 
-class _Stopped(Exception):
+class _Stopped(PeermirrorError):
     """The consumer left; the reader thread unwinds quietly."""
+
+    def __init__(self) -> None:
+        super().__init__("the consumer left")

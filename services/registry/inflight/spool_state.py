@@ -10,6 +10,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from services.common.errors import PeermirrorError
+
 
 class Phase(enum.Enum):
     """Where a spool is in its life."""
@@ -19,7 +21,7 @@ class Phase(enum.Enum):
     FAILED = "failed"
 
 
-class SpoolFailedError(Exception):
+class SpoolFailedError(PeermirrorError):
     """The spool will never hold the blob (upstream failed, or the bytes did not verify)."""
 
 

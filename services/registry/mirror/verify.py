@@ -12,13 +12,14 @@ import json
 import re
 from collections.abc import Mapping
 
+from services.common.errors import PeermirrorError
 from services.common.oci.grammar import GrammarError, parse_digest
 from services.registry.ranges import ByteRange
 
 _CONTENT_RANGE_RE = re.compile(r"bytes (\d{1,18})-(\d{1,18})/(\d{1,18})")
 
 
-class PeerAnswerError(Exception):
+class PeerAnswerError(PeermirrorError):
     """A peer's answer is unusable (wrong status, missing or inconsistent headers)."""
 
 

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import aiohttp
 from yarl import URL
 
+from services.common.errors import PeermirrorError
 from services.common.k3s.registries import Registries, TLSConfig
 from services.common.oci.grammar import is_valid_digest, is_valid_name, is_valid_tag
 from services.common.oci.media_types import (
@@ -102,7 +103,7 @@ class UpstreamSettings:
         )
 
 
-class _AttemptFailed(Exception):
+class _AttemptFailed(PeermirrorError):
     """One endpoint gave no usable answer; `kind` is how it counts: auth, not_found, unavailable."""
 
     def __init__(self, kind: str, message: str) -> None:

@@ -7,13 +7,14 @@ import binascii
 import urllib.parse
 from dataclasses import dataclass, field
 
+from services.common.errors import InvalidArgumentError
 from services.common.k3s.registries import AuthConfig
 
 # What the token endpoint is told the client is (OAuth2 `client_id`, required with a POST).
 CLIENT_ID = "peermirror"
 
 
-class CredentialsError(ValueError):
+class CredentialsError(InvalidArgumentError):
     """`configs.<host>.auth` cannot be used (e.g. `auth` is not base64 of `user:password`)."""
 
 

@@ -8,9 +8,13 @@ then pulls from upstream itself, with its own credentials, as without peermirror
 
 from __future__ import annotations
 
+from services.common.errors import PeermirrorError
 
-class UpstreamError(Exception):
-    """An upstream fetch failed; `attempts` lists what each endpoint answered, for logs."""
+
+class UpstreamError(PeermirrorError, http_status=404):
+    """An upstream fetch failed; `attempts` lists what each endpoint answered, for logs.
+
+    Answered 404 whatever the kind, so containerd falls back to upstream itself."""
 
     def __init__(self, message: str, attempts: tuple[str, ...] = ()) -> None:
         self.attempts = attempts

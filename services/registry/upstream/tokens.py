@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from services.common.errors import InvalidArgumentError
+
 # distribution's token spec: a response without `expires_in` lasts 60 seconds.
 DEFAULT_EXPIRES_IN = 60.0
 # Renew this long before expiry, so a token does not run out between check and use.
@@ -13,7 +15,7 @@ EXPIRY_MARGIN = 5.0
 MAX_ENTRIES = 1024
 
 
-class TokenResponseError(ValueError):
+class TokenResponseError(InvalidArgumentError):
     """The token endpoint answered something that is not a token response."""
 
 

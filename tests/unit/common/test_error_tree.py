@@ -1,5 +1,5 @@
-"""Every exception common (store aside: its owner roots it), discovery and the CLI define
-descends from PeermirrorError, so one handler per protocol can answer all of them."""
+"""Every exception common, the services and the CLI define descends from PeermirrorError,
+so one handler per protocol can answer all of them."""
 
 from __future__ import annotations
 
@@ -12,11 +12,18 @@ import pytest
 import services.cli
 import services.common
 import services.discovery
+import services.pinner
+import services.registry
 from services.common.errors import PeermirrorError
 
-PACKAGES = (services.common, services.discovery, services.cli)
-# The content store's errors are rooted by the store's contract (services/common/store).
-NOT_YET = ("services.common.store.", "services.common.genproto.")
+PACKAGES = (
+    services.common,
+    services.discovery,
+    services.cli,
+    services.registry,
+    services.pinner,
+)
+NOT_YET = ("services.common.genproto.",)
 
 
 def _modules() -> list[str]:

@@ -10,11 +10,11 @@ import pytest
 
 from services.common.store.memory import MemoryStore
 from services.common.store.protocol import (
+    ContentNotFoundError,
     ContentStore,
     Descriptor,
     EventKind,
     ImageRecord,
-    NotFoundError,
     StoreEvent,
 )
 
@@ -67,11 +67,11 @@ async def test_mutations_are_reported_in_order_to_every_watcher() -> None:
     async with asyncio.timeout(WAIT_S):
         for watch in (first, second):
             assert [await anext(watch) for _ in expected] == expected
-    with pytest.raises(NotFoundError):
+    with pytest.raises(ContentNotFoundError):
         store.delete_image("docker.io/a/b:1")
-    with pytest.raises(NotFoundError):
+    with pytest.raises(ContentNotFoundError):
         store.delete_blob(digest)
-    with pytest.raises(NotFoundError):
+    with pytest.raises(ContentNotFoundError):
         await store.resolve("docker.io/a/b:1")
 
 

@@ -22,11 +22,12 @@ from services.common.store.oci_layout import (
     diff_snapshots,
 )
 from services.common.store.protocol import (
+    ContentNotFoundError,
     ContentStore,
     Descriptor,
     EventKind,
-    NotFoundError,
     StoreEvent,
+    StoreUnavailableError,
 )
 from tests.harness.images import BuiltImage, build_image
 
@@ -92,9 +93,9 @@ async def test_malformed_digests_never_touch_the_filesystem(tmp_path: Path, dige
     assert split_digest(digest) is None
     assert store.blob_file(digest) is None
     assert store.local_path(digest) is None
-    with pytest.raises(NotFoundError):
+    with pytest.raises(ContentNotFoundError):
         await store.stat(digest)
-    with pytest.raises(NotFoundError):
+    with pytest.raises(ContentNotFoundError):
         await collect(store.read(digest))
 
 
@@ -106,7 +107,7 @@ async def test_layout_written_by_other_tools_with_bare_tags(tmp_path: Path) -> N
 
     unnamed = OciLayoutStore(layout)
     assert await unnamed.list_images() == []
-    with pytest.raises(NotFoundError):
+    with pytest.raises(ContentNotFoundError):
         await unnamed.resolve("docker.io/library/test:1.0")
     # Blobs are served by digest whether or not an image names them.
     assert await unnamed.stat(image.target.digest) == image.target.size
@@ -139,7 +140,7 @@ def test_missing_directory_is_refused_unless_created(tmp_path: Path) -> None:
 
 def test_set_image_refuses_a_target_it_does_not_hold(tmp_path: Path) -> None:
     store = OciLayoutStore(tmp_path / "layout", create=True)
-    with pytest.raises(NotFoundError):
+    with pytest.raises(ContentNotFoundError):
         store.set_image("docker.io/library/x:1", Descriptor("sha256:" + "0" * 64, 1, ""))
 
 
@@ -167,9 +168,9 @@ async def test_remove_image_prunes_only_unshared_blobs(tmp_path: Path) -> None:
     deleted = store.remove_image("docker.io/library/two:1")
     assert sorted(deleted) == sorted(b.digest for b in image.blobs)
     for desc in image.blobs:
-        with pytest.raises(NotFoundError):
+        with pytest.raises(ContentNotFoundError):
             await store.stat(desc.digest)
-    with pytest.raises(NotFoundError):
+    with pytest.raises(ContentNotFoundError):
         store.remove_image("docker.io/library/two:1")
 
 
@@ -205,6 +206,30 @@ def test_half_written_index_keeps_the_previous_images(tmp_path: Path) -> None:
     assert diff_snapshots(before, during) == []
     with pytest.raises(DocumentError):
         store.snapshot()
+
+
+async def test_unreadable_layout_is_the_contracts_unavailable_error(tmp_path: Path) -> None:
+    # Not a miss: a blob that cannot be read and an index that cannot be parsed are outages,
+    # which callers tell apart from "not found" without knowing the backend.
+    image = build_image(tmp_path / "src", layers=1)
+    layout = tmp_path / "layout"
+    image.write_oci_layout(layout)
+    store = OciLayoutStore(layout)
+    blob = store.blob_file(image.target.digest)
+    assert blob is not None
+    blob.unlink()
+    blob.mkdir()
+    with pytest.raises(StoreUnavailableError) as read_failure:
+        await collect(store.read(image.target.digest))
+    assert isinstance(read_failure.value.__cause__, IsADirectoryError)
+    (layout / "index.json").write_text('{"schemaVersion": 2, "manif')
+    with pytest.raises(StoreUnavailableError) as index_failure:
+        await store.resolve(image.name)
+    assert isinstance(index_failure.value.__cause__, DocumentError)
+    assert index_failure.value.http_status == 503
+    with pytest.raises(ContentNotFoundError) as miss:
+        await store.stat("sha256:" + "0" * 64)
+    assert miss.value.http_status == 404
 
 
 def test_diff_snapshots() -> None:
