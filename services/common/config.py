@@ -712,8 +712,10 @@ class InflightSection:
         "lease to pass to this node) before it is answered 404",
         check=_check_positive,
     )
+    # Long enough for a loaded node's GET by digest to follow its tag resolution (1 s was not,
+    # on two shared cores), within discovery.lease_ttl so the lease needs no renewal for it.
     manifest_window: float = _key(
-        1.0,
+        5.0,
         "seconds a manifest fetched from upstream is reused for concurrent requests of the "
         "same tag or digest; tags are never cached longer",
         check=_check_positive,

@@ -68,7 +68,10 @@ class InflightSettings:
     stall_s: float = 30.0
     holder_wait_s: float = 30.0
     retry_interval_s: float = 0.2
-    manifest_window_s: float = 1.0
+    manifest_window_s: float = 5.0
+    # A manifest is content-addressed: once verified it is served by digest this long (a tag
+    # only for the window), so a pull whose GET by digest comes late still costs one request.
+    digest_keep_s: float = 120.0
     upstream_resumes: int = 3
 
     @classmethod
@@ -78,6 +81,7 @@ class InflightSettings:
             stall_s=section.stall_timeout,
             holder_wait_s=section.holder_wait,
             manifest_window_s=section.manifest_window,
+            digest_keep_s=section.grace_period,
             upstream_resumes=section.upstream_resumes,
         )
 
@@ -488,21 +492,32 @@ class Coordinator:
         if checked is None:
             await self._release(key)
             return Unavailable(f"upstream manifest for {reference} does not match its digest")
-        until = time.monotonic() + self.settings.manifest_window_s
+        leased = [key]
+        if key != checked.digest and await self._acquire(checked.digest) is None:
+            # Before anyone learns the digest from this answer: a node that resolved the tag
+            # through us and asks for the digest's lease next is sent here, not upstream again.
+            leased.append(checked.digest)
+        now = time.monotonic()
         keys = [key] if key == checked.digest else [key, checked.digest]
-        for k in keys:
-            self._window[k] = (checked, until)
+        self._window[key] = (checked, now + self.settings.manifest_window_s)
+        kept = max(self.settings.manifest_window_s, self.settings.digest_keep_s)
+        self._window[checked.digest] = (checked, now + kept)
         await self._call_discovery("advertise", self.advertiser.advertise, keys)
         # The lease is kept for the window, so askers in it relay from here instead of
         # fetching again; then it is released and the next asker fetches afresh.
         loop = asyncio.get_running_loop()
-        loop.call_later(self.settings.manifest_window_s, self._end_window, key)
+        for leased_key in leased:
+            loop.call_later(self.settings.manifest_window_s, self._end_window, leased_key)
+        loop.call_later(kept, self._drop_stale)
         return checked
 
-    def _end_window(self, key: str) -> None:
+    def _drop_stale(self) -> None:
         now = time.monotonic()
         for stale in [k for k, (_, until) in self._window.items() if until <= now]:
             del self._window[stale]
+
+    def _end_window(self, key: str) -> None:
+        self._drop_stale()
         task = asyncio.create_task(self._release(key), name=f"release {key}")
         self._background.add(task)
         task.add_done_callback(self._background.discard)

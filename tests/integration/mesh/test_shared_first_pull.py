@@ -113,7 +113,12 @@ def test_a_wave_of_first_pulls_downloads_the_image_once(
     assert sent <= WAVE_BOUND * image_bytes(image), (
         f"{wave} nodes made the upstream send {sent / image_bytes(image):.2f}x the image"
     )
-    assert manifest_gets(upstream, image) == 1
+    repository = image.name.split("/", 1)[1].rpartition(":")[0]
+    assert manifest_gets(upstream, image) == 1, [
+        f"{r.get('http.request.method')} {str(r.get('http.request.uri'))[-30:]} "
+        f"{r.get('http.request.remoteaddr')} {r.get('time')}"
+        for r in upstream.registry.requests(path_part=f"/v2/{repository}/manifests/")
+    ]
 
     # After the wave a node that was not part of it is served by its peers alone.
     late = mesh.nodes[-1]

@@ -277,6 +277,23 @@ async def test_tags_are_never_cached_beyond_the_window(tmp_path: Path) -> None:
     await node.close()
 
 
+async def test_a_tags_manifest_is_kept_by_digest_after_the_window(tmp_path: Path) -> None:
+    # containerd resolves the tag, then GETs the digest; on a loaded node that can come after
+    # the tag's window, and must not cost a second upstream request (seen in the mesh test).
+    upstream = FakeUpstream(manifests={"1.0": MANIFEST})
+    node, _ = _node(
+        tmp_path, LeaseTable(), NODE_A, upstream, manifest_window_s=0.05, digest_keep_s=5.0
+    )
+    assert await node.claim_manifest(REGISTRY, REPO, "1.0", TAG_KEY) == MANIFEST
+    await asyncio.sleep(0.15)
+    assert node.window_manifest(TAG_KEY) is None
+    assert node.window_manifest(MANIFEST.digest) == MANIFEST
+    claim = await node.claim_manifest(REGISTRY, REPO, MANIFEST.digest, MANIFEST.digest)
+    assert claim == MANIFEST
+    assert upstream.manifest_calls == ["1.0"]
+    await node.close()
+
+
 async def test_manifest_not_matching_its_digest_is_refused(tmp_path: Path) -> None:
     wrong = UpstreamManifest(MANIFEST.digest, MANIFEST_BODY + b" ", MANIFEST.media_type)
     upstream = FakeUpstream(manifests={MANIFEST.digest: wrong})
@@ -333,7 +350,8 @@ async def test_waiter_takes_over_when_the_holders_lease_runs_out(tmp_path: Path)
     route = parse_v2_path("library/app/manifests/1.0")
     answer = await answer_local_miss(_request(), route, REGISTRY, TAG_KEY, b, _miss(), relay)
     assert answer is not None and answer.body == MANIFEST_BODY
-    assert table.granted[-1] == (TAG_KEY, NODE_B)
+    # B took the tag's lease, then the digest's, so peers asking for either are sent to B.
+    assert table.granted[-2:] == [(TAG_KEY, NODE_B), (MANIFEST.digest, NODE_B)]
     await b.close()
 
 
@@ -368,7 +386,9 @@ async def test_stalled_upstream_is_replaced_then_given_up(tmp_path: Path) -> Non
 
 async def test_manifest_window_entries_are_dropped_when_it_closes(tmp_path: Path) -> None:
     upstream = FakeUpstream(manifests={"1.0": MANIFEST})
-    node, _ = _node(tmp_path, LeaseTable(), NODE_A, upstream, manifest_window_s=0.05)
+    node, _ = _node(
+        tmp_path, LeaseTable(), NODE_A, upstream, manifest_window_s=0.05, digest_keep_s=0.05
+    )
     await node.claim_manifest(REGISTRY, REPO, "1.0", TAG_KEY)
     await asyncio.sleep(0.15)
     assert node.window_size == 0
