@@ -16,12 +16,13 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.common.genproto.peermirror.discovery.v1 import local_pb2, local_pb2_grpc
 from services.common.grpc_server import GrpcServer
+from tests.harness.peer_stubs import NoLocalLeases
 
 # Sent per ListAdvertised message, small so tests cover the multi-batch case.
 LIST_BATCH = 100
 
 
-class _Servicer(local_pb2_grpc.LocalDiscoveryServicer):
+class _Servicer(NoLocalLeases, local_pb2_grpc.LocalDiscoveryServicer):
     def __init__(self, owner: FakeDiscovery) -> None:
         self._owner = owner
 
@@ -74,32 +75,6 @@ class _Servicer(local_pb2_grpc.LocalDiscoveryServicer):
         self, request: local_pb2.ListPeersRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> local_pb2.ListPeersResponse:
         return local_pb2.ListPeersResponse()
-
-    async def AcquireLease(
-        self,
-        request: local_pb2.AcquireLeaseRequest,
-        context: grpc.aio.ServicerContext[object, object],
-    ) -> local_pb2.AcquireLeaseResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "fake: no fetch leases")
-
-    async def RenewLease(
-        self,
-        request: local_pb2.RenewLeaseRequest,
-        context: grpc.aio.ServicerContext[object, object],
-    ) -> local_pb2.RenewLeaseResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "fake: no fetch leases")
-
-    async def ReleaseLease(
-        self,
-        request: local_pb2.ReleaseLeaseRequest,
-        context: grpc.aio.ServicerContext[object, object],
-    ) -> local_pb2.ReleaseLeaseResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "fake: no fetch leases")
-
-    async def GetLease(
-        self, request: local_pb2.GetLeaseRequest, context: grpc.aio.ServicerContext[object, object]
-    ) -> local_pb2.GetLeaseResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "fake: no fetch leases")
 
 
 class FakeDiscovery:

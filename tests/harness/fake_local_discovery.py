@@ -14,9 +14,10 @@ import grpc
 
 from services.common.genproto.peermirror.discovery.v1 import local_pb2, local_pb2_grpc, peer_pb2
 from services.common.grpc_server import GrpcServer
+from tests.harness.peer_stubs import NoLocalLeases
 
 
-class _Servicer(local_pb2_grpc.LocalDiscoveryServicer):
+class _Servicer(NoLocalLeases, local_pb2_grpc.LocalDiscoveryServicer):
     def __init__(self, owner: FakeLocalDiscovery) -> None:
         self._owner = owner
 
@@ -71,32 +72,6 @@ class _Servicer(local_pb2_grpc.LocalDiscoveryServicer):
         self, request: local_pb2.StatsRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> local_pb2.StatsResponse:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "fake: FindProviders only")
-
-    async def AcquireLease(
-        self,
-        request: local_pb2.AcquireLeaseRequest,
-        context: grpc.aio.ServicerContext[object, object],
-    ) -> local_pb2.AcquireLeaseResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "fake: no fetch leases")
-
-    async def RenewLease(
-        self,
-        request: local_pb2.RenewLeaseRequest,
-        context: grpc.aio.ServicerContext[object, object],
-    ) -> local_pb2.RenewLeaseResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "fake: no fetch leases")
-
-    async def ReleaseLease(
-        self,
-        request: local_pb2.ReleaseLeaseRequest,
-        context: grpc.aio.ServicerContext[object, object],
-    ) -> local_pb2.ReleaseLeaseResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "fake: no fetch leases")
-
-    async def GetLease(
-        self, request: local_pb2.GetLeaseRequest, context: grpc.aio.ServicerContext[object, object]
-    ) -> local_pb2.GetLeaseResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "fake: no fetch leases")
 
 
 class FakeLocalDiscovery:
