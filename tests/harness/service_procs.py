@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -27,11 +28,42 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 30.0
 
 
+# Ports handed out by this process, so two picks never collide before either listens.
+_handed_out: set[int] = set()
+# Where picks start below the ephemeral range; under 1024 needs privileges some tools refuse.
+_LOWEST = 10000
+
+
+def ephemeral_range() -> tuple[int, int]:
+    """The kernel's range for outgoing connections' local ports (low, high), inclusive."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port on `host` that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """A TCP port on `host` that nothing listens on now and no client socket will take.
+
+    Binding to port 0 would hand out an ephemeral port, and any outgoing connection (a test's
+    own gRPC channel, say) may take that same port as its local port before the service
+    listens. So the pick comes from below the ephemeral range, never twice per process.
+    """
+    low, _ = ephemeral_range()
+    lowest = _LOWEST if low > _LOWEST + 1000 else 1024
+    for _ in range(1000):
+        port = random.randrange(lowest, low)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free port on {host} in [{lowest}, {low})")
 
 
 @dataclass(frozen=True)
