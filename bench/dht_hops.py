@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from services.discovery.kademlia import DhtConfig
-from tests.sim.dht_network import SimNetwork
+from tests.harness.dht_sim import SimNetwork
 
 
 @dataclass(frozen=True)

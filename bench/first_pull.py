@@ -31,15 +31,15 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from tests.harness.mesh import Mesh, MeshError
-from tests.integration.mesh.first_pull import pull_together
-from tests.integration.mesh.p2p import FAST_TIMINGS
-from tests.integration.mesh.test_shared_first_pull import (
+from tests.harness.first_pull_wave import (
     Upstream,
     image_bytes,
+    pull_together,
     push_new_image,
     start_counted_upstream,
 )
+from tests.harness.mesh import Mesh, MeshError
+from tests.harness.mesh_p2p import FAST_TIMINGS
 
 BYTES_TARGET = 1.05
 TIME_TARGET = 1.25

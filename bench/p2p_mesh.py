@@ -53,12 +53,12 @@ from bench.root_run import run_as_root
 from tests.harness import netns
 from tests.harness.images import BuiltImage, build_image, write_oci_archive
 from tests.harness.mesh import K8S_NAMESPACE, Mesh, MeshError, MeshNode, NetnsHost, deep_merge
-from tests.harness.upstream import UpstreamOptions, start_in_netns
-from tests.integration.mesh.p2p import (
+from tests.harness.mesh_p2p import (
     FAST_TIMINGS,
     remove_image,
     wait_advertised,
 )
+from tests.harness.upstream import UpstreamOptions, start_in_netns
 
 GIB = 1 << 30
 MIB = 1 << 20

@@ -48,8 +48,8 @@ from services.common.pki import issue_node, write_node
 from services.common.tls import TlsFiles, client_context, server_context
 from tests.harness.images import BuiltImage, build_image, write_oci_archive
 from tests.harness.mesh import Mesh, MeshError, MeshNode, MeshProcess, NetnsHost
+from tests.harness.mesh_p2p import wait_advertised
 from tests.harness.wait import eventually
-from tests.integration.mesh.p2p import wait_advertised
 
 MIB = 1 << 20
 REGISTRY = "registry.test:5000"

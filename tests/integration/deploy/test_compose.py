@@ -24,6 +24,7 @@ from tests.harness.containerd import ContainerdDaemon
 from tests.harness.fixtures_mesh import running_mesh
 from tests.harness.images import BuiltImage, build_image
 from tests.harness.mesh import Mesh
+from tests.harness.mesh_p2p import import_image, served_to_peers
 from tests.harness.netns import BRIDGE_HOST, host_address
 from tests.harness.service_procs import free_port
 from tests.harness.wait import eventually
@@ -36,7 +37,6 @@ from tests.integration.deploy.compose_override import (
 )
 from tests.integration.deploy.conftest import REPO
 from tests.integration.deploy.docker_daemon import DockerDaemon
-from tests.integration.mesh.p2p import import_image, served_to_peers
 
 # The first test of a fresh machine also pays for debootstrap and the image build (fixtures).
 pytestmark = [pytest.mark.slow, pytest.mark.containerd, pytest.mark.timeout(900)]

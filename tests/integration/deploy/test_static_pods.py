@@ -31,12 +31,12 @@ from tests.harness.containerd import ContainerdDaemon
 from tests.harness.fixtures_mesh import running_mesh
 from tests.harness.images import BuiltImage, build_image
 from tests.harness.mesh import Mesh, NetnsHost, deep_merge
+from tests.harness.mesh_p2p import import_image, served_to_peers
 from tests.harness.wait import eventually
 from tests.integration.deploy.conftest import REPO
 from tests.integration.deploy.docker_daemon import DockerDaemon
 from tests.integration.deploy.podspec import Container, Volume, containers
 from tests.integration.deploy.static_pods import NAMESPACE, PodRunner, RunningContainer
-from tests.integration.mesh.p2p import import_image, served_to_peers
 
 pytestmark = [pytest.mark.slow, pytest.mark.containerd, pytest.mark.timeout(900)]
 

@@ -15,8 +15,7 @@ import pytest
 from tests.harness.fixtures_mesh import running_mesh
 from tests.harness.images import build_image
 from tests.harness.mesh import K8S_NAMESPACE, SERVICES, Mesh, MeshNode
-from tests.harness.wait import eventually
-from tests.integration.mesh.p2p import (
+from tests.harness.mesh_p2p import (
     FAST_TIMINGS,
     PULL_TIMEOUT,
     assert_holds_verified,
@@ -29,6 +28,7 @@ from tests.integration.mesh.p2p import (
     v2_url,
     wait_advertised,
 )
+from tests.harness.wait import eventually
 
 pytestmark = pytest.mark.containerd
 

@@ -19,7 +19,7 @@ from services.common.tls import client_context
 from tests.harness.fixtures_mesh import running_mesh
 from tests.harness.images import BuiltImage, build_image
 from tests.harness.mesh import DEFAULT_MIRRORS, NOWHERE, Mesh, pull_via_mirror
-from tests.integration.mesh.p2p import (
+from tests.harness.mesh_p2p import (
     FAST_TIMINGS,
     PULL_TIMEOUT,
     assert_holds_verified,

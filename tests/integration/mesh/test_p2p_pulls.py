@@ -16,8 +16,7 @@ from services.common.oci.media_types import DOCKER_MANIFEST, OCI_INDEX, OCI_MANI
 from tests.harness.fixtures_mesh import running_mesh
 from tests.harness.images import BuiltImage, build_image
 from tests.harness.mesh import NOWHERE, Mesh, MeshNode, pull_via_mirror
-from tests.harness.wait import eventually
-from tests.integration.mesh.p2p import (
+from tests.harness.mesh_p2p import (
     FAST_TIMINGS,
     LIVENESS_WINDOW,
     LOOKUP_CACHE_TTL,
@@ -43,6 +42,7 @@ from tests.integration.mesh.p2p import (
     wait_advertised,
     wait_imported,
 )
+from tests.harness.wait import eventually
 
 pytestmark = pytest.mark.containerd
 

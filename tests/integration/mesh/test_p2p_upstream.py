@@ -8,18 +8,16 @@ node 1 now holds, and node 2 pulls the image from node 1 with the upstream unrea
 
 from __future__ import annotations
 
-import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import yaml
 
+from tests.harness.first_pull_wave import MIRRORED, UPSTREAM_PORT, point_mirrors_at
 from tests.harness.fixtures_mesh import running_mesh
 from tests.harness.images import build_image, write_oci_archive
-from tests.harness.mesh import NOWHERE, Mesh, NetnsHost, pull_via_mirror, registries_data
-from tests.harness.upstream import start_in_netns
-from tests.integration.mesh.p2p import (
+from tests.harness.mesh import Mesh, NetnsHost, pull_via_mirror
+from tests.harness.mesh_p2p import (
     FAST_TIMINGS,
     PULL_TIMEOUT,
     assert_holds_verified,
@@ -27,11 +25,9 @@ from tests.integration.mesh.p2p import (
     unique_ref,
     wait_advertised,
 )
+from tests.harness.upstream import start_in_netns
 
 pytestmark = pytest.mark.containerd
-
-UPSTREAM_PORT = 5000
-MIRRORED = "registry.test:5000"
 
 
 @pytest.fixture(scope="module")
@@ -45,22 +41,6 @@ def start_upstream(mesh: Mesh) -> NetnsHost:
     host = mesh.add_host("upstream")
     start_in_netns(host, port=UPSTREAM_PORT)
     return host
-
-
-def point_mirrors_at(mesh: Mesh, upstream: NetnsHost) -> None:
-    """Every node's registries.yaml names the upstream as `registry.test:5000`'s endpoint; the
-    pinners are restarted to write hosts.toml from it."""
-    endpoint = f"http://{upstream.ip}:{UPSTREAM_PORT}"
-    mirrors = {"docker.io": [NOWHERE], MIRRORED: [endpoint]}
-    for node in mesh.nodes:
-        path = Path(node.config["registry"]["registries_file"])
-        path.write_text(yaml.safe_dump(registries_data(mirrors), sort_keys=False))
-        node.stop_service("pinner")
-        node.start_service("pinner")
-        hosts = tomllib.loads((node.hosts_dir / MIRRORED / "hosts.toml").read_text())
-        # containerd may dial its own mirror and the upstream namespace, nothing else.
-        assert hosts["server"] == f"{endpoint}/v2"
-        assert set(hosts["host"]) == {f"http://127.0.0.1:{node.registry_port}/v2"}
 
 
 def test_image_from_upstream_is_then_served_to_the_next_node_by_peers(

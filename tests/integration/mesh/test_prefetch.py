@@ -18,9 +18,7 @@ from services.common.genproto.peermirror.pinner.v1 import pinner_pb2, pinner_pb2
 from tests.harness.fixtures_mesh import running_mesh
 from tests.harness.images import BuiltImage, build_image
 from tests.harness.mesh import Mesh, MeshNode, pull_via_mirror
-from tests.harness.metrics_scrape import Samples
-from tests.harness.service_procs import REPO_ROOT, http_get
-from tests.integration.mesh.p2p import (
+from tests.harness.mesh_p2p import (
     FAST_TIMINGS,
     PULL_TIMEOUT,
     assert_holds_verified,
@@ -29,6 +27,8 @@ from tests.integration.mesh.p2p import (
     unique_ref,
     wait_advertised,
 )
+from tests.harness.metrics_scrape import Samples
+from tests.harness.service_procs import REPO_ROOT, http_get
 
 pytestmark = pytest.mark.containerd
 

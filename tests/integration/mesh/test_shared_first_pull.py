@@ -9,90 +9,39 @@ peermirror. Pull times are the benchmark's business (bench/first_pull.py), not t
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from tests.harness.first_pull_wave import (
+    Upstream,
+    image_bytes,
+    manifest_gets,
+    pull_together,
+    push_new_image,
+    start_counted_upstream,
+)
 from tests.harness.fixtures_mesh import running_mesh
-from tests.harness.images import BuiltImage, build_image
-from tests.harness.mesh import Mesh, NetnsHost
-from tests.harness.upstream import DistributionRegistry, SentBytes, push_image, start_in_netns
-from tests.integration.mesh.first_pull import pull_together
-from tests.integration.mesh.p2p import (
+from tests.harness.mesh import Mesh
+from tests.harness.mesh_p2p import (
     FAST_TIMINGS,
     assert_holds_verified,
     cri_pull,
-    unique_ref,
     wait_advertised,
 )
-from tests.integration.mesh.test_p2p_upstream import MIRRORED, UPSTREAM_PORT, point_mirrors_at
 
 pytestmark = pytest.mark.containerd
 
 NODES = 6  # the 5-node wave, and one node that joins after it
-LAYERS = 4
-LAYER_SIZE = 128 * 1024 * 1024  # a 512 MiB image
 # Upstream bytes a wave may cost, in images: the blobs once, plus HTTP headers and the odd
 # resumed range (the issue's bound).
 WAVE_BOUND = 1.05
-
-
-@dataclass
-class Upstream:
-    """The upstream registry, its namespace and the kernel's count of what it sent."""
-
-    host: NetnsHost
-    registry: DistributionRegistry
-    sent: SentBytes
-
-
-def start_counted_upstream(mesh: Mesh) -> Upstream:
-    """docker-registry in a namespace of its own, its sent bytes counted, every node's
-    registries.yaml pointing `registry.test:5000` at it."""
-    host = mesh.add_host("upstream")
-    registry = start_in_netns(host, port=UPSTREAM_PORT)
-    sent = SentBytes(host, UPSTREAM_PORT).install()
-    point_mirrors_at(mesh, host)
-    return Upstream(host, registry, sent)
 
 
 @pytest.fixture(scope="module")
 def wave_mesh() -> Iterator[tuple[Mesh, Upstream]]:
     with running_mesh(Mesh(NODES, overrides=FAST_TIMINGS)) as mesh:
         yield mesh, start_counted_upstream(mesh)
-
-
-def push_new_image(
-    upstream: Upstream, scratch: Path, stem: str, layer_size: int = LAYER_SIZE
-) -> BuiltImage:
-    """A 4-layer image no node has seen, pushed into the upstream with skopeo."""
-    image = build_image(
-        scratch / "img",
-        name=unique_ref(stem, registry=MIRRORED),
-        layers=LAYERS,
-        layer_size=layer_size,
-        cheap_data=True,
-        compresslevel=0,
-    )
-    push_image(image, upstream.registry, via=upstream.host)
-    return image
-
-
-def image_bytes(image: BuiltImage) -> int:
-    return sum(desc.size for desc in image.blobs)
-
-
-def manifest_gets(upstream: Upstream, image: BuiltImage) -> int:
-    """GETs the upstream answered for `image`'s manifest, by tag or by digest."""
-    repository, _, tag = image.name.split("/", 1)[1].rpartition(":")
-    prefix = f"/v2/{repository}/manifests/"
-    refs = {f"{prefix}{tag}", f"{prefix}{image.target.digest}"}
-    return sum(
-        1
-        for r in upstream.registry.requests("GET", prefix)
-        if str(r["http.request.uri"]).split("?", 1)[0] in refs
-    )
 
 
 @pytest.mark.parametrize("wave", [3, 5])

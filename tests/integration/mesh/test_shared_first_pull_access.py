@@ -20,9 +20,11 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.harness.first_pull_wave import image_bytes, pull_together
 from tests.harness.fixtures_mesh import running_mesh
 from tests.harness.images import BuiltImage, build_image
 from tests.harness.mesh import NOWHERE, Mesh, NetnsHost, deep_merge, registries_data
+from tests.harness.mesh_p2p import FAST_TIMINGS, assert_holds_verified, unique_ref
 from tests.harness.token_server import SigningKey, TokenPolicy
 from tests.harness.upstream import (
     DistributionRegistry,
@@ -35,8 +37,6 @@ from tests.harness.upstream import (
     start_token_server,
     write_htpasswd,
 )
-from tests.integration.mesh.first_pull import pull_together
-from tests.integration.mesh.p2p import FAST_TIMINGS, assert_holds_verified, unique_ref
 
 pytestmark = pytest.mark.containerd
 
@@ -58,10 +58,6 @@ def new_image(scratch: Path, registry: str, stem: str) -> BuiltImage:
         cheap_data=True,
         compresslevel=0,
     )
-
-
-def image_bytes(image: BuiltImage) -> int:
-    return sum(desc.size for desc in image.blobs)
 
 
 def point_at(mesh: Mesh, document: Mapping[str, Any]) -> None:

@@ -15,16 +15,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness.fixtures_mesh import running_mesh
-from tests.harness.mesh import SERVICES, Mesh, MeshNode
-from tests.integration.mesh.first_pull import PullOutcome, pull_together
-from tests.integration.mesh.p2p import FAST_TIMINGS, SEED_TIMEOUT, assert_holds_verified
-from tests.integration.mesh.test_shared_first_pull import (
+from tests.harness.first_pull_wave import (
+    PullOutcome,
     Upstream,
     image_bytes,
+    pull_together,
     push_new_image,
     start_counted_upstream,
 )
+from tests.harness.fixtures_mesh import running_mesh
+from tests.harness.mesh import SERVICES, Mesh, MeshNode
+from tests.harness.mesh_p2p import FAST_TIMINGS, SEED_TIMEOUT, assert_holds_verified
 
 pytestmark = pytest.mark.containerd
 

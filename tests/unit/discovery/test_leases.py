@@ -18,7 +18,7 @@ from services.discovery.kademlia.leases import (
     lease_authorities,
 )
 from services.discovery.lease_broker import LeaseSettings
-from tests.sim.dht_network import SimNetwork
+from tests.harness.dht_sim import SimNetwork
 from tests.unit.discovery.helpers import contact
 
 KEY = dht_key("sha256:" + "ab" * 32)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import pytest
 
 from services.discovery.kademlia import DhtConfig, DhtNode
-from tests.sim.dht_network import SimNetwork
+from tests.harness.dht_sim import SimNetwork
 
 pytestmark = pytest.mark.slow
 

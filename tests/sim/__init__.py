@@ -1,1 +1,0 @@
-"""Simulated networks for testing and benchmarking the pure cores without sockets."""
