@@ -10,10 +10,11 @@ import signal
 import socket
 import subprocess
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
+
+from tests.harness.wait import eventually
 
 # Plugins that need kernel features or host setup we never use; disabling them keeps start-up quiet
 # and independent of the machine (no devmapper pool, no zfs dataset, no btrfs root).
@@ -190,20 +191,21 @@ class ContainerdDaemon:
         return [setpriv, "--pdeathsig", "TERM"] if setpriv else []
 
     def _wait_ready(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            assert self._proc is not None
-            if self._proc.poll() is not None:
+        proc = self._proc
+        assert proc is not None
+
+        def answers() -> bool:
+            if proc.poll() is not None:
                 raise ContainerdError(
-                    f"containerd exited with {self._proc.returncode} during start-up:\n"
-                    + self.log_tail()
+                    f"containerd exited with {proc.returncode} during start-up:\n" + self.log_tail()
                 )
-            if self._socket_answers():
-                # The socket accepts before every service is registered; `ctr version` proves gRPC.
-                probe = self._run_ctr(["version"], namespace="default", check=False)
-                if probe.returncode == 0:
-                    return
-            time.sleep(0.05)
+            # The socket accepts before every service is registered; `ctr version` proves gRPC.
+            return self._socket_answers() and (
+                self._run_ctr(["version"], namespace="default", check=False).returncode == 0
+            )
+
+        if eventually(answers, START_TIMEOUT_S, interval=0.05):
+            return
         self._terminate()
         raise ContainerdError(
             f"containerd did not answer on {self.address} within {START_TIMEOUT_S}s:\n"

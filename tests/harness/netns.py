@@ -22,10 +22,11 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from tests.harness.wait import eventually
 
 # 10.213/16 is not used by Docker, K3s (10.42/16, 10.43/16), Kubernetes' usual 10.96/12 service
 # range or common home routers; each mesh takes one /24 of it that the host routes nowhere.
@@ -249,13 +250,9 @@ def kill_namespace_processes(namespace: str, grace: float = 5.0) -> None:
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
-        deadline = time.monotonic() + grace
-        while pids and time.monotonic() < deadline:
-            pids = namespace_pids(namespace)
-            if pids:
-                time.sleep(0.05)
-        if not pids:
+        if eventually(lambda: not namespace_pids(namespace), grace, interval=0.05):
             return
+        pids = namespace_pids(namespace)
 
 
 def create_bridge(name: str, address: ipaddress.IPv4Interface) -> None:

@@ -6,7 +6,6 @@ import contextlib
 import json
 import signal
 import socket
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from tests.harness.service_procs import (
     wait_serving,
     write_node_config,
 )
+from tests.harness.wait import eventually
 
 SERVICES = ("discovery", "registry", "pinner")
 
@@ -137,13 +137,16 @@ def _children(node_pid: int) -> dict[str, psutil.Process]:
 
 
 def _wait_for_child(node_pid: int, service: str, not_pid: int | None = None) -> psutil.Process:
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        child = _children(node_pid).get(service)
-        if child is not None and child.pid != not_pid:
-            return child
-        time.sleep(0.1)
-    raise TimeoutError(f"no {service} child of {node_pid} (other than {not_pid})")
+
+    def child() -> psutil.Process | None:
+        found = _children(node_pid).get(service)
+        return found if found is not None and found.pid != not_pid else None
+
+    if not eventually(child, START_TIMEOUT, interval=0.1):
+        raise TimeoutError(f"no {service} child of {node_pid} (other than {not_pid})")
+    found = child()
+    assert found is not None
+    return found
 
 
 @pytest.fixture

@@ -17,11 +17,11 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from tests.harness.wait import eventually
 from tests.integration.deploy.debian_base import CACHE_DIR
 
 RUN_DIR = Path("/run/peermirror-test")
@@ -96,13 +96,15 @@ class DockerDaemon:
             )
         finally:
             log.close()
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise DockerError(f"dockerd exited ({self._proc.returncode}):\n{self.log_tail()}")
-            if self.docker("version", check=False).returncode == 0:
-                return
-            time.sleep(0.3)
+        proc = self._proc
+
+        def answers() -> bool:
+            if proc.poll() is not None:
+                raise DockerError(f"dockerd exited ({proc.returncode}):\n{self.log_tail()}")
+            return self.docker("version", check=False).returncode == 0
+
+        if eventually(answers, START_TIMEOUT, interval=0.3):
+            return
         raise DockerError(f"dockerd not answering after {START_TIMEOUT}s:\n{self.log_tail()}")
 
     def _kill_leftover(self) -> None:
@@ -199,13 +201,16 @@ def _mounts_below(directory: Path) -> list[str]:
 
 
 def _wait_gone(pid: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+
+    def gone() -> bool:
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
-            return
-        time.sleep(0.1)
+            return True
+        return False
+
+    if eventually(gone, timeout, interval=0.1):
+        return
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
 

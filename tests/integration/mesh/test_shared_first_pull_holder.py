@@ -26,6 +26,7 @@ from tests.harness.first_pull_wave import (
 from tests.harness.fixtures_mesh import running_mesh
 from tests.harness.mesh import SERVICES, Mesh, MeshNode
 from tests.harness.mesh_p2p import FAST_TIMINGS, SEED_TIMEOUT, assert_holds_verified
+from tests.harness.wait import eventually
 
 pytestmark = pytest.mark.containerd
 
@@ -51,14 +52,19 @@ def slow_down(upstream: Upstream) -> None:
 
 def fetching_node(nodes: list[MeshNode], digest: str, timeout: float) -> MeshNode:
     """The node whose registry logs that it fetches `digest` from the upstream for the cluster."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for node in nodes:
-            for record in node.log_records("registry"):
-                if record.get("event") == FETCHING_EVENT and record.get("digest") == digest:
-                    return node
-        time.sleep(0.05)
-    raise AssertionError(f"no node logged {FETCHING_EVENT!r} for {digest}")
+
+    def fetching() -> list[MeshNode]:
+        return [
+            node
+            for node in nodes
+            if any(
+                record.get("event") == FETCHING_EVENT and record.get("digest") == digest
+                for record in node.log_records("registry")
+            )
+        ]
+
+    assert eventually(fetching, timeout, interval=0.05), f"no node logged {FETCHING_EVENT!r}"
+    return fetching()[0]
 
 
 def lose(node: MeshNode) -> None:

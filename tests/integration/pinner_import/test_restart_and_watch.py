@@ -69,12 +69,10 @@ async def test_manual_pin_survives_restart(
 
 
 async def wait_pinned(airgap: AirgapManager, name: str, bound: float) -> None:
-    async with asyncio.timeout(bound):
-        while True:
-            names = {p.name for p in await airgap.pins.pinned() if p.managed}
-            if name in names:
-                return
-            await asyncio.sleep(0.1)
+    async def pinned() -> bool:
+        return name in {p.name for p in await airgap.pins.pinned() if p.managed}
+
+    await wait_until(pinned, within=bound, interval=0.1)
 
 
 async def test_file_added_while_running_is_imported_and_pinned(

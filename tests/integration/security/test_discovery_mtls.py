@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -15,6 +14,7 @@ from services.common.genproto.peermirror.discovery.v1 import peer_pb2_grpc as pb
 from services.discovery.kademlia.node_id import dht_key, xor_distance
 from services.discovery.service import DiscoveryService
 from tests.harness.discovery_mesh import find_providers
+from tests.harness.wait import wait_until
 from tests.integration.security.conftest import ClusterPki
 from tests.integration.security.nodes import (
     credentials_of,
@@ -115,15 +115,17 @@ async def test_two_nodes_find_each_others_content_over_mutual_tls(
             assert b.engine.node_id in a.engine.node.table
             b.engine.advertise([KEY])
             found: list[tuple[bytes, str, int]] = []
-            for _ in range(100):
-                found = [
+
+            async def found_b() -> bool:
+                found[:] = [
                     (c.node_id, c.address, c.registry_port)
                     async for c in a.engine.find_providers(KEY)
                 ]
-                if found:
-                    break
+                # A lookup cached before b advertised would keep answering "nobody".
                 a.engine.cache.drop_node(b.engine.node_id)
-                await asyncio.sleep(0.05)
+                return bool(found)
+
+            await wait_until(found_b, within=5.0)
             assert found == [(b.engine.node_id, "127.0.0.1", 7002)]
 
 

@@ -26,6 +26,7 @@ from services.discovery.service import DiscoveryService
 from tests.harness.discovery_mesh import find_providers
 from tests.harness.fake_local_discovery import FakeLocalDiscovery
 from tests.harness.registry_inproc import RunningRegistry, serve_registry
+from tests.harness.wait import wait_until
 from tests.integration.security.conftest import OTHER_IP, ClusterPki, ConnectionRecorder
 from tests.integration.security.nodes import discovery_config, discovery_node
 from tests.integration.security.rogue_peer import RoguePeer
@@ -33,7 +34,7 @@ from tests.unit.discovery.helpers import with_prefix
 
 DIGEST = "sha256:" + hashlib.sha256(b"content nobody here has").hexdigest()
 TIMEOUT = aiohttp.ClientTimeout(total=20)
-SETTLE_TRIES = 200
+SETTLE_S = 10.0
 
 
 def _poison(recorder: ConnectionRecorder, discovery_port: int) -> pb.Contact:
@@ -126,10 +127,9 @@ async def test_poisoned_provider_lists_and_ns_are_never_dialled(
             assert await _get(registry, cluster, path, f"{OTHER_IP}:{recorder.port}") == 404
             # The lookups behind those requests finish in the background: wait until the
             # poisoned provider was checked and refused before looking at the listener.
-            for _ in range(SETTLE_TRIES):
-                if honest.engine.counters.providers_refused and rogue.asked:
-                    break
-                await asyncio.sleep(0.05)
+            await wait_until(
+                lambda: honest.engine.counters.providers_refused and rogue.asked, within=SETTLE_S
+            )
             assert honest.engine.counters.providers_refused >= 1
     finally:
         await store.close()
@@ -231,10 +231,7 @@ async def test_a_contact_named_by_a_peer_keeps_the_ports_it_answered(
     rogue.nodes = [_with_registry_port(b, 9999)]
     # The lookup asks the rogue, which names b; b answers, and b is remembered.
     await honest.engine.lookup_nodes(b.engine.node_id)
-    for _ in range(SETTLE_TRIES):
-        if b.engine.node_id in honest.engine.node.table:
-            break
-        await asyncio.sleep(0.05)
+    await wait_until(lambda: b.engine.node_id in honest.engine.node.table, within=SETTLE_S)
     known = honest.engine.node.table.get(b.engine.node_id)
     assert known is not None
     assert (known.discovery_port, known.registry_port) == (b.engine.discovery_port, 7002)
