@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from services.common.errors import PeermirrorError
 from services.common.oci.errors import ErrorCode, OciError
 from services.common.oci.media_types import OCTET_STREAM
 from services.registry.ranges import ByteRange, Unsatisfiable, parse_range
@@ -58,13 +57,24 @@ def unsatisfiable_headers(unsatisfiable: Unsatisfiable, registry: str) -> dict[s
     }
 
 
-class RangeNotSatisfiableError(PeermirrorError, http_status=416):
-    """A client's Range selects nothing of the blob: answered 416 with `error` and `headers`."""
+class OciErrorWithHeaders(OciError):
+    """An OCI error whose answer carries extra headers (a 405's ``Allow``, a 416's size)."""
 
-    def __init__(self, error: OciError, headers: dict[str, str]) -> None:
-        super().__init__(str(error))
-        self.error = error
+    def __init__(
+        self,
+        code: ErrorCode,
+        message: str,
+        *,
+        headers: dict[str, str],
+        detail: object = None,
+        status: int | None = None,
+    ) -> None:
+        super().__init__(code, message, detail=detail, status=status)
         self.headers = headers
+
+
+class RangeNotSatisfiableError(OciErrorWithHeaders):
+    """A client's Range selects nothing of the blob: answered 416 with the blob's size."""
 
 
 def select_range(header: str | None, size: int, registry: str) -> ByteRange | None:
@@ -73,10 +83,8 @@ def select_range(header: str | None, size: int, registry: str) -> ByteRange | No
     selected = parse_range(header, size)
     if isinstance(selected, Unsatisfiable):
         raise RangeNotSatisfiableError(
-            OciError(
-                ErrorCode.RANGE_INVALID,
-                f"range {header!r} selects nothing of a {size}-byte blob",
-            ),
-            unsatisfiable_headers(selected, registry),
+            ErrorCode.RANGE_INVALID,
+            f"range {header!r} selects nothing of a {size}-byte blob",
+            headers=unsatisfiable_headers(selected, registry),
         )
     return selected
