@@ -25,10 +25,9 @@ from services.registry.headers import (
     API_VERSION_HEADER,
     PEER_HEADER,
     RangeNotSatisfiableError,
-    blob_headers,
+    blob_answer,
     is_peer_request,
     manifest_headers,
-    select_range,
 )
 from services.registry.inflight.serving import (
     answer_local_miss,
@@ -171,16 +170,13 @@ async def _blob(request: AppRequest, route: Route, scope: Scope) -> HTTPResponse
         blob = await ctx.content.blob(route.digest)
     except OciError as error:
         return await _on_local_miss(request, route, registry, key, error, scope)
-    byte_range = select_range(request.headers.get("range"), blob.size, registry)
-    headers = blob_headers(blob.digest, blob.size, registry, byte_range)
-    status = 200 if byte_range is None else 206
+    answer = blob_answer(request.headers.get("range"), blob.digest, blob.size, registry)
     if request.method == "HEAD":
-        return HTTPResponse(b"", status=status, headers=headers)
-    offset, count = (0, blob.size) if byte_range is None else (byte_range.start, byte_range.length)
+        return HTTPResponse(b"", status=answer.status, headers=answer.headers)
     store = ctx.content.keeper.store
     assert store is not None
     try:
-        sent = await send_blob(request, status, headers, store, blob, offset, count)
+        sent = await send_blob(request, answer, store, blob)
     except ContentNotFoundError:
         # Deleted between lookup and first read: nothing was sent yet, so a clean 404 goes out.
         raise OciError(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from services.common.oci.errors import ErrorCode, OciError
 from services.common.oci.media_types import OCTET_STREAM
 from services.registry.ranges import ByteRange, Unsatisfiable, parse_range
@@ -88,3 +90,24 @@ def select_range(header: str | None, size: int, registry: str) -> ByteRange | No
             headers=unsatisfiable_headers(selected, registry),
         )
     return selected
+
+
+@dataclass(frozen=True, slots=True)
+class BlobAnswer:
+    """How a GET or HEAD of a blob is answered: status, headers, and the bytes of the blob
+    (`count` from `offset`) its body holds."""
+
+    status: int
+    headers: dict[str, str]
+    offset: int
+    count: int
+
+
+def blob_answer(range_header: str | None, digest: str, size: int, registry: str) -> BlobAnswer:
+    """The answer to a request for the `size`-byte blob `digest` carrying `range_header`: all of
+    it (200) or the part asked for (206). Raises RangeNotSatisfiableError."""
+    byte_range = select_range(range_header, size, registry)
+    headers = blob_headers(digest, size, registry, byte_range)
+    if byte_range is None:
+        return BlobAnswer(200, headers, 0, size)
+    return BlobAnswer(206, headers, byte_range.start, byte_range.length)
