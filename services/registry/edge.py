@@ -218,41 +218,41 @@ def _from_sanic(request: AnyRequest, exc: SanicException) -> OciError:
     return OciError(_CODES.get(status, ErrorCode.UNSUPPORTED), str(exc), status=status)
 
 
-def _failure(
-    request: AnyRequest, exchange: Exchange, exc: BaseException
-) -> tuple[OciError, Result]:
-    """What `exc` is answered with, and how the request counts."""
-    if isinstance(exc, RefusedError):
-        return exc, Result.REFUSED
-    if isinstance(exc, OciError):
+def classify(exc: BaseException, kind: RequestKind) -> tuple[OciError, Result]:
+    """What an exception raised while answering a request for `kind` is answered with, and
+    how the request counts (pure: the edge's rules, tested without a server)."""
+    if isinstance(exc, OciError) and exc.status < 500:
+        if isinstance(exc, RefusedError):
+            return exc, Result.REFUSED
         if store_failed(exc):
             return exc, Result.ERROR
-        return exc, Result.NOT_FOUND if exc.status == 404 else Result.CLIENT_ERROR
-    status = getattr(exc, "http_status", None) if isinstance(exc, PeermirrorError) else None
-    if isinstance(exc, SanicException):
-        status = exc.status_code
-    if status is not None and status < 500:
-        error = (
-            _from_sanic(request, exc)
-            if isinstance(exc, SanicException)
-            else OciError(_unknown_or_code(status, exchange.kind), str(exc), status=status)
-        )
-        return error, Result.NOT_FOUND if status == 404 else Result.CLIENT_ERROR
-    # This node's side failed: a fast 404 lets the client fetch elsewhere.
+        return exc, _result_of_status(exc.status)
+    status = exc.http_status if isinstance(exc, PeermirrorError) else 500
+    if status < 500:
+        code = _UNKNOWN[kind] if status == 404 else _CODES.get(status, ErrorCode.UNSUPPORTED)
+        return OciError(code, str(exc), status=status), _result_of_status(status)
+    # This node's side failed (a 5xx kind, a bug): a fast 404 lets the client fetch elsewhere.
     what = str(exc) if isinstance(exc, PeermirrorError) else type(exc).__name__
-    return OciError(
-        _UNKNOWN[exchange.kind], f"this node failed to answer ({what})", status=404
-    ), Result.ERROR
+    error = OciError(_UNKNOWN[kind], f"this node failed to answer ({what})", status=404)
+    return error, Result.ERROR
 
 
-def _unknown_or_code(status: int, kind: RequestKind) -> ErrorCode:
-    return _UNKNOWN[kind] if status == 404 else _CODES.get(status, ErrorCode.UNSUPPORTED)
+def _result_of_status(status: int, served_by_peer: bool = False) -> Result:
+    if status < 400:
+        return Result.PEER_HIT if served_by_peer else Result.LOCAL_HIT
+    if status == 404:
+        return Result.NOT_FOUND
+    return Result.CLIENT_ERROR if status < 500 else Result.ERROR
 
 
 def note_failure(request: AnyRequest, exc: BaseException) -> OciError:
     """Record how `exc` ends the request (for its count and log line); returns its answer."""
     exchange = begin(request)
-    error, result = _failure(request, exchange, exc)
+    if isinstance(exc, SanicException) and exc.status_code < 500:
+        error = _from_sanic(request, exc)
+        result = _result_of_status(error.status)
+    else:
+        error, result = classify(exc, exchange.kind)
     exchange.result = result
     if isinstance(exc, (OciError, SanicException)):
         exchange.error = error.message
@@ -270,14 +270,6 @@ def render_error(request: AnyRequest, exception: Exception) -> HTTPResponse:
 
 
 # --- the request's end -------------------------------------------------------------------------
-
-
-def _result_of_status(status: int, served_by_peer: bool) -> Result:
-    if status < 400:
-        return Result.PEER_HIT if served_by_peer else Result.LOCAL_HIT
-    if status == 404:
-        return Result.NOT_FOUND
-    return Result.CLIENT_ERROR if status < 500 else Result.ERROR
 
 
 async def on_answered(request: AnyRequest, response: HTTPResponse) -> None:
