@@ -19,7 +19,8 @@ from services.common.store.protocol import ContentNotFoundError
 from services.registry.cache import Manifest
 from services.registry.content import store_failed
 from services.registry.context import RegistryApp
-from services.registry.edge import ALLOWED_METHODS, RefusedError, note_failure
+from services.registry.edge import note_failure
+from services.registry.error_answers import ALLOWED_METHODS, RefusedError
 from services.registry.headers import (
     API_VERSION,
     API_VERSION_HEADER,

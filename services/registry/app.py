@@ -14,6 +14,7 @@ from services.registry.backend import StoreKeeper, open_store
 from services.registry.cache import ContentCache
 from services.registry.content import ContentService
 from services.registry.context import RegistryApp, RegistryContext
+from services.registry.error_answers import MAX_REQUEST_BODY_BYTES
 from services.registry.health import health
 from services.registry.inflight.coordinator import Coordinator
 from services.registry.inflight.metrics import InflightCollector
@@ -84,7 +85,7 @@ def create_app(
     )
     config.REQUEST_MAX_HEADER_SIZE = cfg.registry.max_header_bytes
     # A pull request has no body; a small cap keeps a client from making us buffer one.
-    config.REQUEST_MAX_SIZE = edge.MAX_REQUEST_BODY_BYTES
+    config.REQUEST_MAX_SIZE = MAX_REQUEST_BODY_BYTES
     global _touchup_claimed
     config.TOUCHUP = not _touchup_claimed
     _touchup_claimed = True

@@ -1,4 +1,4 @@
-"""The registry's HTTP edge: one error handler and the middleware every request passes through.
+"""The registry's HTTP edge: the middleware and the one error handler every request passes.
 
 Handlers answer or raise; this module does the rest for every request, whichever route (or
 Sanic itself, before any route) answers it:
@@ -6,10 +6,9 @@ Sanic itself, before any route) answers it:
 - request middleware accepts the client's ``X-Request-Id`` (or makes one) and binds it to the
   structlog context, so every line logged while answering carries it; response middleware sends
   it back;
-- :func:`render_error`, the app's only error handler, turns every exception into an OCI error
-  body with a 4xx status: our errors keep theirs, Sanic's refusals (unknown route, method,
-  oversized or slow request) get the matching one, and a failure on this node's side (a 5xx
-  kind, a bug) is a 404 so containerd falls back at once, its cause kept for the log line;
+- :func:`render_error`, the app's only error handler, answers every exception with an OCI error
+  body and a 4xx status (the rules are in :mod:`services.registry.error_answers`), keeping its
+  cause for the log line;
 - once the request is over, its outcome is counted (pull API requests only: the /v2 routes) and
   written as exactly one ``request`` log line. "Over" is a Sanic lifecycle signal, not response
   middleware, which runs when a streamed body has only begun: ``http.lifecycle.response`` after
@@ -21,77 +20,44 @@ from __future__ import annotations
 
 import contextvars
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Any
 from urllib.parse import unquote
 
 import structlog
-from sanic import HTTPResponse, Request
-from sanic.exceptions import (
-    MethodNotAllowed,
-    NotFound,
-    PayloadTooLarge,
-    RequestTimeout,
-    SanicException,
-)
+from sanic import HTTPResponse
+from sanic.exceptions import SanicException
 from sanic.models.server_types import ConnInfo
 
 from services.common.errors import PeermirrorError
 from services.common.logsetup import get_logger
-from services.common.oci.errors import CONTENT_TYPE, ErrorCode, OciError
+from services.common.oci.errors import OciError
 from services.common.request_id import HTTP_HEADER as REQUEST_ID_HEADER
 from services.common.request_id import LOG_KEY as REQUEST_ID_KEY
 from services.common.request_id import accept_request_id
-from services.registry.content import store_failed
-from services.registry.headers import (
-    API_VERSION,
-    API_VERSION_HEADER,
-    PEER_HEADER,
-    OciErrorWithHeaders,
-    is_peer_request,
+from services.registry.error_answers import (
+    AnyRequest,
+    classify,
+    client_address,
+    error_response,
+    from_sanic,
+    result_of_status,
 )
-from services.registry.limits import headers_too_large, limit_log
+from services.registry.headers import PEER_HEADER, is_peer_request
+from services.registry.limits import limit_log
 from services.registry.metrics import source_label
-from services.registry.paths import Kind, Route, kind_hint, no_such_endpoint
+from services.registry.paths import Kind, Route, kind_hint
 from services.registry.stats import PullRecord, RequestKind, Result
 
-# The methods the pull API serves; every other one is a 405 naming these.
-ALLOWED_METHODS = ("GET", "HEAD")
-MAX_REQUEST_BODY_BYTES = 64 * 1024
 PULL_API = "/v2"
 
 log = get_logger(__name__)
-
-AnyRequest = Request[Any, SimpleNamespace]
 
 _KINDS: dict[Kind | None, RequestKind] = {
     Kind.MANIFEST: RequestKind.MANIFEST,
     Kind.BLOB: RequestKind.BLOB,
 }
-# What content this node failed to look up is called, by what was asked for.
-_UNKNOWN = {
-    RequestKind.MANIFEST: ErrorCode.MANIFEST_UNKNOWN,
-    RequestKind.BLOB: ErrorCode.BLOB_UNKNOWN,
-    RequestKind.OTHER: ErrorCode.NAME_UNKNOWN,
-}
-# Codes for refusals that carry only a status (our error kinds, Sanic's exceptions).
-_CODES = {
-    401: ErrorCode.UNAUTHORIZED,
-    403: ErrorCode.DENIED,
-    416: ErrorCode.RANGE_INVALID,
-    429: ErrorCode.TOOMANYREQUESTS,
-}
-
-
-class RefusedError(OciError):
-    """A policy refusal, or a peer request this node cannot answer locally (REFUSED)."""
-
-    @classmethod
-    def of(cls, error: OciError, message: str | None = None) -> RefusedError:
-        """`error` as a refusal (404, so the client moves on), with `message` if given."""
-        return cls(error.code, message or error.message, detail=error.detail, status=404)
 
 
 @dataclass(slots=True)
@@ -110,28 +76,6 @@ class Exchange:
     exc_info: BaseException | None = None
     status: int | None = None
     done: bool = False
-
-
-def error_response(error: OciError) -> HTTPResponse:
-    """The one rendering of an OCI error as an HTTP answer."""
-    extra = error.headers if isinstance(error, OciErrorWithHeaders) else {}
-    return HTTPResponse(
-        error.body(),
-        status=error.status,
-        headers={API_VERSION_HEADER: API_VERSION, **extra},
-        content_type=CONTENT_TYPE,
-    )
-
-
-def method_refused(method: str, allowed: Sequence[str] = ALLOWED_METHODS) -> OciErrorWithHeaders:
-    """The 405 for `method`, with the ``Allow`` header RFC 9110 requires on a 405."""
-    return OciErrorWithHeaders(
-        ErrorCode.UNSUPPORTED,
-        f"method {method} not supported: this registry is read-only "
-        f"({' and '.join(allowed)} only here)",
-        detail={"method": method},
-        headers={"Allow": ", ".join(allowed)},
-    )
 
 
 # --- the request's beginning -----------------------------------------------------------------
@@ -168,7 +112,8 @@ async def on_request(request: AnyRequest) -> None:
     begin(request)
     too_long = request.app.ctx.limits.check(request.path, request.query_string)
     if too_long is not None:
-        limit_log.refused("max_uri_bytes", _client(request), "client refused: request URI too long")
+        why = "client refused: request URI too long"
+        limit_log.refused("max_uri_bytes", client_address(request), why)
         raise too_long
 
 
@@ -182,75 +127,12 @@ async def on_response(request: AnyRequest, response: HTTPResponse) -> None:
 # --- errors ------------------------------------------------------------------------------------
 
 
-def _limit_refusal(request: AnyRequest, exc: SanicException) -> OciError | None:
-    """The answer to a request Sanic cut for a configured limit, its client named in the log at
-    most once a minute per limit; None for other exceptions."""
-    if isinstance(exc, PayloadTooLarge) and "header" in str(exc).lower():
-        # Sanic raises the same exception for an oversized head and an oversized body.
-        limit, why = "max_header_bytes", "client refused: headers too large"
-        error = headers_too_large(request.app.ctx.cfg.registry.max_header_bytes)
-    elif isinstance(exc, PayloadTooLarge):
-        limit, why = "max_body_bytes", "client refused: request body too large"
-        error = OciError(
-            ErrorCode.SIZE_INVALID,
-            f"request body exceeds the {MAX_REQUEST_BODY_BYTES} bytes allowed",
-            status=413,
-        )
-    elif isinstance(exc, RequestTimeout):
-        limit, why = "request_timeout", "client cut off: request too slow"
-        error = OciError(ErrorCode.UNSUPPORTED, "request not received in time", status=408)
-    else:
-        return None
-    limit_log.refused(limit, _client(request), why)
-    return error
-
-
-def _from_sanic(request: AnyRequest, exc: SanicException) -> OciError:
-    if isinstance(exc, MethodNotAllowed):
-        allowed = getattr(exc, "allowed_methods", None) or ALLOWED_METHODS
-        return method_refused(request.method, sorted(allowed))
-    if isinstance(exc, NotFound):
-        return no_such_endpoint(request.path)
-    limited = _limit_refusal(request, exc)
-    if limited is not None:
-        return limited
-    status = exc.status_code
-    return OciError(_CODES.get(status, ErrorCode.UNSUPPORTED), str(exc), status=status)
-
-
-def classify(exc: BaseException, kind: RequestKind) -> tuple[OciError, Result]:
-    """What an exception raised while answering a request for `kind` is answered with, and
-    how the request counts (pure: the edge's rules, tested without a server)."""
-    if isinstance(exc, OciError) and exc.status < 500:
-        if isinstance(exc, RefusedError):
-            return exc, Result.REFUSED
-        if store_failed(exc):
-            return exc, Result.ERROR
-        return exc, _result_of_status(exc.status)
-    status = exc.http_status if isinstance(exc, PeermirrorError) else 500
-    if status < 500:
-        code = _UNKNOWN[kind] if status == 404 else _CODES.get(status, ErrorCode.UNSUPPORTED)
-        return OciError(code, str(exc), status=status), _result_of_status(status)
-    # This node's side failed (a 5xx kind, a bug): a fast 404 lets the client fetch elsewhere.
-    what = str(exc) if isinstance(exc, PeermirrorError) else type(exc).__name__
-    error = OciError(_UNKNOWN[kind], f"this node failed to answer ({what})", status=404)
-    return error, Result.ERROR
-
-
-def _result_of_status(status: int, served_by_peer: bool = False) -> Result:
-    if status < 400:
-        return Result.PEER_HIT if served_by_peer else Result.LOCAL_HIT
-    if status == 404:
-        return Result.NOT_FOUND
-    return Result.CLIENT_ERROR if status < 500 else Result.ERROR
-
-
 def note_failure(request: AnyRequest, exc: BaseException) -> OciError:
     """Record how `exc` ends the request (for its count and log line); returns its answer."""
     exchange = begin(request)
     if isinstance(exc, SanicException) and exc.status_code < 500:
-        error = _from_sanic(request, exc)
-        result = _result_of_status(error.status)
+        error = from_sanic(request, exc)
+        result = result_of_status(error.status)
     else:
         error, result = classify(exc, exchange.kind)
     exchange.result = result
@@ -279,7 +161,7 @@ async def on_answered(request: AnyRequest, response: HTTPResponse) -> None:
         exchange.status = response.status
     if exchange.result is None:
         served_by_peer = bool(getattr(request.ctx, "served_by_peer", False))
-        exchange.result = _result_of_status(response.status, served_by_peer)
+        exchange.result = result_of_status(response.status, served_by_peer)
     finish(request)
 
 
@@ -372,14 +254,6 @@ def _pull_record(
         bytes=int(getattr(request.ctx, "bytes_sent", 0)),
         seconds=seconds,
     )
-
-
-def _client(request: AnyRequest) -> str:
-    # The head may not have been parsed; the transport still knows the peer.
-    try:
-        return str(request.ip) or "unknown"
-    except Exception:
-        return "unknown"
 
 
 def install(app: Any) -> None:

@@ -1,4 +1,4 @@
-"""The edge's rules for turning an exception into an answer and a count: every kind of error
+"""The rules turning an exception into an answer and a count: every kind of error
 becomes an OCI error with a 4xx status, and failures on this node's side a 404."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from services.common.store.protocol import ContentStore, StoreUnavailableError
 from services.registry.backend import StoreKeeper
 from services.registry.cache import ContentCache
 from services.registry.content import ContentService
-from services.registry.edge import RefusedError, classify, method_refused
+from services.registry.error_answers import RefusedError, classify, method_refused
 from services.registry.headers import RangeNotSatisfiableError, select_range
 from services.registry.stats import RequestKind, Result
 from services.registry.upstream.errors import UpstreamError
