@@ -122,11 +122,14 @@ async def content(request: AppRequest, path: str) -> HTTPResponse | None:
         if route.kind is Kind.MANIFEST:
             return await _manifest(request, route, scope)
         return await _blob(request, route, scope)
-    except ClientGoneError as gone:
+    except Exception as exc:
+        if not request.responded and not isinstance(exc, ClientGoneError):
+            raise  # the edge answers it
         # The answer had begun, so no error answer can follow: the edge logs why it was cut,
-        # and a cancelled request ends quietly (Sanic would log a traceback for anything else).
-        note_failure(request, gone)
-        raise RequestCancelled() from gone
+        # and a cancelled request ends quietly, its connection closed short of the body
+        # (Sanic would log a traceback and two errors for anything else).
+        note_failure(request, exc)
+        raise RequestCancelled() from exc
 
 
 def _policy_target_or_refuse(request: AppRequest, route: Route) -> tuple[str, str]:

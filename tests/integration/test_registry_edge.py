@@ -16,7 +16,7 @@ import pytest
 
 from services.common.logsetup import configure_logging
 from services.common.store.memory import MemoryStore
-from services.common.store.protocol import Descriptor
+from services.common.store.protocol import Descriptor, StoreUnavailableError
 from services.registry.stats import RequestKind, Result
 from tests.harness.registry_inproc import RunningRegistry, serve_registry
 
@@ -26,12 +26,25 @@ MANIFEST = b'{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.
 
 class BrokenStore(MemoryStore):
     """Fault injection: resolving one tag fails with an error the store contract does not name
-    (a bug somewhere below the handler)."""
+    (a bug somewhere below the handler), and reading a blob marked `failing` fails after its
+    first chunk (the disk went away mid-body)."""
+
+    failing: set[str]
 
     async def resolve(self, reference: str) -> Descriptor:
         if reference.endswith(":broken"):
             raise RuntimeError("bug below the handler")
         return await super().resolve(reference)
+
+    async def read(
+        self, digest: str, offset: int = 0, length: int | None = None
+    ) -> AsyncIterator[bytes]:
+        chunks = 0
+        async for chunk in super().read(digest, offset, length):
+            if chunks and digest in getattr(self, "failing", ()):
+                raise StoreUnavailableError("disk gone mid-body")
+            chunks += 1
+            yield chunk
 
 
 @dataclass
@@ -174,3 +187,25 @@ async def test_client_leaving_mid_body_ends_in_one_error_line(edge: Edge) -> Non
     (line,) = edge.request_lines("edge-gone")
     assert line["result"] == "error"
     assert edge.registry.app.ctx.stats.in_flight == 0
+
+
+async def test_a_failure_mid_body_cuts_the_answer_with_one_line_and_no_traceback(
+    edge: Edge,
+) -> None:
+    store = edge.registry.app.ctx.content.keeper.store
+    assert isinstance(store, BrokenStore)
+    digest = store.add_blob(b"y" * (4 * store.read_chunk))
+    store.failing = {digest}
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await edge.ask("GET", f"/v2/a/blobs/{digest}?ns=docker.io", "edge-midbody")
+    for _ in range(100):
+        if edge.request_lines("edge-midbody"):
+            break
+        await asyncio.sleep(0.05)
+    (line,) = edge.request_lines("edge-midbody")
+    assert line["result"] == "error"
+    assert line["status"] == 200
+    assert "disk gone mid-body" in str(line["error"])
+    # The reason is in the request's line, not in lines of Sanic's with a traceback.
+    assert "Traceback" not in edge.log.getvalue()
+    assert edge.registry.app.ctx.stats.count(RequestKind.BLOB, Result.ERROR) == 1
