@@ -19,6 +19,7 @@ from services.common.store.memory import MemoryStore
 from services.common.store.protocol import Descriptor, StoreUnavailableError
 from services.registry.stats import RequestKind, Result
 from tests.harness.registry_inproc import RunningRegistry, serve_registry
+from tests.harness.wait import wait_until
 
 IMAGE = "docker.io/library/app:1.0"
 MANIFEST = b'{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json"}'
@@ -180,10 +181,7 @@ async def test_client_leaving_mid_body_ends_in_one_error_line(edge: Edge) -> Non
     await writer.drain()
     assert (await reader.read(4096)).startswith(b"HTTP/1.1 200")
     writer.transport.abort()
-    for _ in range(100):
-        if edge.request_lines("edge-gone"):
-            break
-        await asyncio.sleep(0.05)
+    await wait_until(lambda: edge.request_lines("edge-gone"), within=5)
     (line,) = edge.request_lines("edge-gone")
     assert line["result"] == "error"
     assert edge.registry.app.ctx.stats.in_flight == 0
@@ -198,10 +196,7 @@ async def test_a_failure_mid_body_cuts_the_answer_with_one_line_and_no_traceback
     store.failing = {digest}
     with pytest.raises(aiohttp.ClientPayloadError):
         await edge.ask("GET", f"/v2/a/blobs/{digest}?ns=docker.io", "edge-midbody")
-    for _ in range(100):
-        if edge.request_lines("edge-midbody"):
-            break
-        await asyncio.sleep(0.05)
+    await wait_until(lambda: edge.request_lines("edge-midbody"), within=5)
     (line,) = edge.request_lines("edge-midbody")
     assert line["result"] == "error"
     assert line["status"] == 200
