@@ -70,7 +70,8 @@ def create_app(
     # We run inside our own asyncio loop, so none of Sanic's process management applies.
     config.MOTD = False
     config.AUTO_RELOAD = False
-    config.ACCESS_LOG = cfg.log.level == "debug"
+    # The edge writes one line per request (status and timing included) at every level.
+    config.ACCESS_LOG = False
     config.NOISY_EXCEPTIONS = False
     # Errors Sanic answers itself (404 on unknown paths, 405) come back as JSON, not HTML.
     config.FALLBACK_ERROR_FORMAT = "json"
