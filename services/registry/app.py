@@ -2,25 +2,24 @@
 
 from __future__ import annotations
 
-from sanic import HTTPResponse, Request, Sanic
+from sanic import Sanic
 from sanic.config import Config
-from sanic.exceptions import PayloadTooLarge, RequestTimeout
 
 from services.common.config import NodeConfig
 from services.common.k3s.mirror_policy import Policy
 from services.common.logsetup import get_logger
-from services.common.oci.errors import ErrorCode, OciError
 from services.common.store.protocol import ContentStore
-from services.registry import api
+from services.registry import api, edge
 from services.registry.backend import StoreKeeper, open_store
 from services.registry.cache import ContentCache
 from services.registry.content import ContentService
 from services.registry.context import RegistryApp, RegistryContext
+from services.registry.error_answers import MAX_REQUEST_BODY_BYTES
 from services.registry.health import health
 from services.registry.inflight.coordinator import Coordinator
 from services.registry.inflight.metrics import InflightCollector
 from services.registry.inflight.wiring import SharedFirstPulls
-from services.registry.limits import ClientSlots, RequestLimits, headers_too_large, limit_log
+from services.registry.limits import ClientSlots, RequestLimits
 from services.registry.metrics import RegistryMetrics
 from services.registry.metrics import install as install_metrics
 from services.registry.mirror.relay import Mirror
@@ -31,7 +30,6 @@ APP_NAME = "peermirror_registry"
 # A 1 GiB blob to a slow client must not be cut: Sanic's response timeout only restarts when it
 # writes itself, which the zero-copy path bypasses.
 RESPONSE_TIMEOUT_S = 3600
-MAX_REQUEST_BODY_BYTES = 64 * 1024
 
 # Sanic's touch-up (dropping unused signal dispatches from its hot path) rewrites its classes
 # in place and fails when run a second time in one process: only the first app gets it. The
@@ -54,43 +52,6 @@ def build_policy(cfg: NodeConfig, mirrored: MirroredRegistries | None = None) ->
     )
 
 
-def _install_limit_errors(app: RegistryApp, max_header_bytes: int) -> None:
-    """Sanic's own refusals of oversized or slow requests answered with OCI bodies, each
-    client named in the log at most once a minute per limit."""
-
-    def too_large(request: Request, exception: Exception) -> HTTPResponse:
-        client = _client(request)
-        # Sanic raises the same exception for an oversized head and an oversized body.
-        if "header" in str(exception).lower():
-            limit_log.refused("max_header_bytes", client, "client refused: headers too large")
-            return api.error_response(headers_too_large(max_header_bytes))
-        limit_log.refused("max_body_bytes", client, "client refused: request body too large")
-        return api.error_response(
-            OciError(
-                ErrorCode.SIZE_INVALID,
-                f"request body exceeds the {MAX_REQUEST_BODY_BYTES} bytes allowed",
-                status=413,
-            )
-        )
-
-    def too_slow(request: Request, exception: Exception) -> HTTPResponse:
-        limit_log.refused("request_timeout", _client(request), "client cut off: request too slow")
-        return api.error_response(
-            OciError(ErrorCode.UNSUPPORTED, "request not received in time", status=408)
-        )
-
-    app.error_handler.add(PayloadTooLarge, too_large)
-    app.error_handler.add(RequestTimeout, too_slow)
-
-
-def _client(request: Request) -> str:
-    # The head may not have been parsed; the transport still knows the peer.
-    try:
-        return str(request.ip) or "unknown"
-    except Exception:
-        return "unknown"
-
-
 def create_app(
     cfg: NodeConfig,
     *,
@@ -109,7 +70,8 @@ def create_app(
     # We run inside our own asyncio loop, so none of Sanic's process management applies.
     config.MOTD = False
     config.AUTO_RELOAD = False
-    config.ACCESS_LOG = cfg.log.level == "debug"
+    # The edge writes one line per request (status and timing included) at every level.
+    config.ACCESS_LOG = False
     config.NOISY_EXCEPTIONS = False
     # Errors Sanic answers itself (404 on unknown paths, 405) come back as JSON, not HTML.
     config.FALLBACK_ERROR_FORMAT = "json"
@@ -160,7 +122,7 @@ def create_app(
     install_metrics(app)
     install_status_page(app)
     api.install(app)
-    _install_limit_errors(app, cfg.registry.max_header_bytes)
+    edge.install(app)
 
     async def start_store(app: RegistryApp) -> None:
         keeper.start()

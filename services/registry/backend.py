@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
+from dataclasses import KW_ONLY, dataclass, field
 
 from services.common.config import NodeConfig
 from services.common.logsetup import get_logger
@@ -41,29 +42,28 @@ async def open_store(cfg: NodeConfig) -> ContentStore:
     )
 
 
+@dataclass(eq=False)
 class StoreKeeper:
-    """The current store (None until opened) and the watch task that maintains `cache`."""
+    """The current store (None until opened) and the watch task that maintains `cache`.
 
-    def __init__(
-        self,
-        cache: ContentCache,
-        opener: StoreOpener | None = None,
-        *,
-        store: ContentStore | None = None,
-        owns_store: bool = True,
-        retry_s: float = RETRY_S,
-        settle_s: float = WATCH_SETTLE_S,
-    ) -> None:
-        if (opener is None) == (store is None):
+    Give exactly one of `opener` (the keeper opens the store, retrying, and closes it) and
+    `store` (already open; closed by the keeper only when `owns_store`).
+    """
+
+    cache: ContentCache
+    opener: StoreOpener | None = None
+    _: KW_ONLY
+    store: ContentStore | None = None
+    owns_store: bool = True
+    retry_s: float = RETRY_S
+    settle_s: float = WATCH_SETTLE_S
+    # Set while a watch is live and has settled (the cache is on).
+    watching: asyncio.Event = field(default_factory=asyncio.Event, init=False)
+    _task: asyncio.Task[None] | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        if (self.opener is None) == (self.store is None):
             raise ValueError("give exactly one of opener and store")
-        self.cache = cache
-        self.store = store
-        self._opener = opener
-        self._owns_store = owns_store
-        self._retry_s = retry_s
-        self._settle_s = settle_s
-        self._task: asyncio.Task[None] | None = None
-        self.watching = asyncio.Event()
 
     def start(self) -> None:
         """Begin opening (if needed) and watching the store in the background."""
@@ -71,13 +71,13 @@ class StoreKeeper:
             self._task = asyncio.create_task(self._run(), name="registry-store-keeper")
 
     async def _open(self) -> ContentStore:
-        assert self._opener is not None
+        assert self.opener is not None
         while True:
             try:
-                store = await self._opener()
+                store = await self.opener()
             except Exception as exc:
                 log.warning("content store not available yet", error=str(exc))
-                await asyncio.sleep(self._retry_s)
+                await asyncio.sleep(self.retry_s)
                 continue
             log.info("content store opened", store=type(store).__name__)
             return store
@@ -89,7 +89,7 @@ class StoreKeeper:
         loop = asyncio.get_running_loop()
         while True:
             watch = store.watch()
-            enable = loop.call_later(self._settle_s, self._enable)
+            enable = loop.call_later(self.settle_s, self._enable)
             try:
                 async for event in watch:
                     self.cache.invalidate(event)
@@ -104,7 +104,7 @@ class StoreKeeper:
                 if aclose is not None:
                     with contextlib.suppress(Exception):
                         await aclose()
-            await asyncio.sleep(self._retry_s)
+            await asyncio.sleep(self.retry_s)
 
     def _enable(self) -> None:
         self.cache.set_enabled(True)
@@ -118,5 +118,5 @@ class StoreKeeper:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self.cache.set_enabled(False)
-        if self.store is not None and self._owns_store:
+        if self.store is not None and self.owns_store:
             await self.store.close()

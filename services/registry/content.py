@@ -18,7 +18,9 @@ containerd falls back at once; :func:`store_failed` tells them from a miss.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +58,19 @@ def _unavailable(code: ErrorCode, what: str, exc: StoreUnavailableError) -> OciE
     )
     error.__cause__ = exc
     return error
+
+
+@contextlib.contextmanager
+def _store_errors(missing: OciError, doing: str, reference: str) -> Iterator[None]:
+    """The store contract's errors as answers: not found is `missing`; unavailable is a 404 of
+    the same code that :func:`store_failed` tells from a miss (logged, saying what failed)."""
+    try:
+        yield
+    except ContentNotFoundError:
+        raise missing from None
+    except StoreUnavailableError as exc:
+        log.warning(f"store failed {doing}", reference=reference, error=str(exc))
+        raise _unavailable(missing.code, reference, exc) from exc
 
 
 def store_failed(error: OciError) -> bool:
@@ -112,15 +127,11 @@ class ContentService:
             return cached
         store = self._store(ErrorCode.MANIFEST_UNKNOWN, key)
         generation = self.cache.generation
-        try:
+        missing = OciError(
+            ErrorCode.MANIFEST_UNKNOWN, f"no image {key} on this node", detail={"tag": key}
+        )
+        with _store_errors(missing, "resolving a tag", key):
             target = await store.resolve(key)
-        except ContentNotFoundError:
-            raise OciError(
-                ErrorCode.MANIFEST_UNKNOWN, f"no image {key} on this node", detail={"tag": key}
-            ) from None
-        except StoreUnavailableError as exc:
-            log.warning("store failed resolving a tag", reference=key, error=str(exc))
-            raise _unavailable(ErrorCode.MANIFEST_UNKNOWN, key, exc) from exc
         self.cache.put_tag(key, target, generation)
         return target
 
@@ -145,16 +156,11 @@ class ContentService:
             f"no manifest {digest} on this node",
             detail={"digest": digest},
         )
-        try:
+        with _store_errors(unknown, "reading a manifest", digest):
             size = await store.stat(digest)
             if size > MAX_MANIFEST_BYTES:
                 raise unknown
             body = await self._read_all(store, digest, size)
-        except ContentNotFoundError:
-            raise unknown from None
-        except StoreUnavailableError as exc:
-            log.warning("store failed reading a manifest", digest=digest, error=str(exc))
-            raise _unavailable(ErrorCode.MANIFEST_UNKNOWN, digest, exc) from exc
         if len(body) != size or not _digest_matches(digest, body):
             log.error("stored manifest does not match its digest", digest=digest)
             mismatch = StoreUnavailableError("content does not match digest")
@@ -190,7 +196,10 @@ class ContentService:
 
     async def _load_blob_facts(self, store: ContentStore, digest: str) -> BlobFacts:
         generation = self.cache.generation
-        try:
+        missing = OciError(
+            ErrorCode.BLOB_UNKNOWN, f"no blob {digest} on this node", detail={"digest": digest}
+        )
+        with _store_errors(missing, "looking a blob up", digest):
             size = await store.stat(digest)
             is_manifest = False
             if 0 < size <= MAX_MANIFEST_BYTES:
@@ -200,13 +209,6 @@ class ContentService:
                         head if size <= SNIFF_BYTES else await self._read_all(store, digest, size)
                     )
                     is_manifest = detect_manifest_media_type(body) is not None
-        except ContentNotFoundError:
-            raise OciError(
-                ErrorCode.BLOB_UNKNOWN, f"no blob {digest} on this node", detail={"digest": digest}
-            ) from None
-        except StoreUnavailableError as exc:
-            log.warning("store failed looking a blob up", digest=digest, error=str(exc))
-            raise _unavailable(ErrorCode.BLOB_UNKNOWN, digest, exc) from exc
         facts = BlobFacts(size, is_manifest)
         self.cache.put_blob(digest, facts, generation)
         return facts

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from services.common.errors import PeermirrorError
+from dataclasses import dataclass
+
 from services.common.oci.errors import ErrorCode, OciError
 from services.common.oci.media_types import OCTET_STREAM
 from services.registry.ranges import ByteRange, Unsatisfiable, parse_range
@@ -58,13 +59,24 @@ def unsatisfiable_headers(unsatisfiable: Unsatisfiable, registry: str) -> dict[s
     }
 
 
-class RangeNotSatisfiableError(PeermirrorError, http_status=416):
-    """A client's Range selects nothing of the blob: answered 416 with `error` and `headers`."""
+class OciErrorWithHeaders(OciError):
+    """An OCI error whose answer carries extra headers (a 405's ``Allow``, a 416's size)."""
 
-    def __init__(self, error: OciError, headers: dict[str, str]) -> None:
-        super().__init__(str(error))
-        self.error = error
+    def __init__(
+        self,
+        code: ErrorCode,
+        message: str,
+        *,
+        headers: dict[str, str],
+        detail: object = None,
+        status: int | None = None,
+    ) -> None:
+        super().__init__(code, message, detail=detail, status=status)
         self.headers = headers
+
+
+class RangeNotSatisfiableError(OciErrorWithHeaders):
+    """A client's Range selects nothing of the blob: answered 416 with the blob's size."""
 
 
 def select_range(header: str | None, size: int, registry: str) -> ByteRange | None:
@@ -73,10 +85,29 @@ def select_range(header: str | None, size: int, registry: str) -> ByteRange | No
     selected = parse_range(header, size)
     if isinstance(selected, Unsatisfiable):
         raise RangeNotSatisfiableError(
-            OciError(
-                ErrorCode.RANGE_INVALID,
-                f"range {header!r} selects nothing of a {size}-byte blob",
-            ),
-            unsatisfiable_headers(selected, registry),
+            ErrorCode.RANGE_INVALID,
+            f"range {header!r} selects nothing of a {size}-byte blob",
+            headers=unsatisfiable_headers(selected, registry),
         )
     return selected
+
+
+@dataclass(frozen=True, slots=True)
+class BlobAnswer:
+    """How a GET or HEAD of a blob is answered: status, headers, and the bytes of the blob
+    (`count` from `offset`) its body holds."""
+
+    status: int
+    headers: dict[str, str]
+    offset: int
+    count: int
+
+
+def blob_answer(range_header: str | None, digest: str, size: int, registry: str) -> BlobAnswer:
+    """The answer to a request for the `size`-byte blob `digest` carrying `range_header`: all of
+    it (200) or the part asked for (206). Raises RangeNotSatisfiableError."""
+    byte_range = select_range(range_header, size, registry)
+    headers = blob_headers(digest, size, registry, byte_range)
+    if byte_range is None:
+        return BlobAnswer(200, headers, 0, size)
+    return BlobAnswer(206, headers, byte_range.start, byte_range.length)

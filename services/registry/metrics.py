@@ -1,4 +1,4 @@
-"""The registry's Prometheus metrics, its /metrics route and its one log line per request.
+"""The registry's Prometheus metrics and its /metrics route.
 
 Request counts carry the labels Spegel's ``spegel_mirror_requests_total`` has (registry, cache,
 source) plus the kind of content, so dashboards built for Spegel translate by renaming.
@@ -18,16 +18,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from sanic import HTTPResponse, Request
 
-from services.common.logsetup import get_logger
 from services.common.metrics import PREFIX, new_registry, render
-from services.common.request_id import HTTP_HEADER
 from services.common.status.report import RECENT_WINDOW_S
 from services.registry.stats import RequestKind, Result
 
 if TYPE_CHECKING:
     from services.registry.context import RegistryContext
-
-log = get_logger("registry.requests")
 
 # The `cache` label: Spegel's hit/miss, with a peer hit told apart from a local one.
 CACHE_LABELS: dict[Result, str] = {
@@ -160,37 +156,6 @@ class RegistryMetrics:
         return render(self.registry)
 
 
-def log_request(
-    *,
-    method: str,
-    path: str,
-    registry: str,
-    kind: RequestKind,
-    result: Result,
-    from_peer: bool,
-    seconds: float,
-    error: str | None,
-) -> None:
-    """The one line per request: INFO for misses, errors and requests from peers (the other
-    half of another node's miss, so a pull can be followed there), DEBUG for local hits."""
-    quiet = result is Result.LOCAL_HIT and not from_peer
-    fields: dict[str, Any] = {
-        "method": method,
-        "path": path,
-        "registry": registry,
-        "kind": kind.value,
-        "result": result.value,
-        "source": source_label(from_peer),
-        "ms": round(seconds * 1000, 2),
-    }
-    if error is not None:
-        fields["error"] = error
-    if quiet:
-        log.debug("request", **fields)
-    else:
-        log.info("request", **fields)
-
-
 AnyRequest = Request[Any, SimpleNamespace]
 
 
@@ -200,14 +165,6 @@ async def metrics_handler(request: AnyRequest) -> HTTPResponse:
     return HTTPResponse(metrics.render(), content_type=CONTENT_TYPE_LATEST)
 
 
-async def echo_request_id(request: AnyRequest, response: HTTPResponse) -> None:
-    """Response middleware: the id a request was logged with goes back to the client."""
-    rid = getattr(request.ctx, "request_id", None)
-    if rid is not None:
-        response.headers[HTTP_HEADER] = rid
-
-
 def install(app: Any) -> None:
-    """Add /metrics and the request-id echo to a registry app."""
+    """Add /metrics to a registry app."""
     app.add_route(metrics_handler, "/metrics", methods=["GET", "HEAD"], name="metrics")
-    app.register_middleware(echo_request_id, "response")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 
 from services.common.k3s.registries import Registries, RegistriesError, load_registries
@@ -20,22 +21,20 @@ DEFAULT_RECHECK_S = 2.0
 log = get_logger("registry.mirrors")
 
 
+@dataclass(eq=False)
 class MirroredRegistries:
     """`is_mirrored(registry)` over a registries.yaml file, reloaded on change."""
 
-    def __init__(
-        self,
-        path: Path,
-        *,
-        recheck_s: float = DEFAULT_RECHECK_S,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.path = path
-        self._recheck_s = recheck_s
-        self._clock = clock
-        self._signature: tuple[int, int, int] | None = None
-        self._registries = Registries()
-        self._checked_at = float("-inf")
+    path: Path
+    _: KW_ONLY
+    recheck_s: float = DEFAULT_RECHECK_S
+    clock: Callable[[], float] = time.monotonic
+    # (inode, size, mtime) of the file as last read; None when it was absent.
+    _signature: tuple[int, int, int] | None = field(default=None, init=False)
+    _registries: Registries = field(default_factory=Registries, init=False)
+    _checked_at: float = field(default=float("-inf"), init=False)
+
+    def __post_init__(self) -> None:
         self._reload()
 
     def _stat(self) -> tuple[int, int, int] | None:
@@ -46,7 +45,7 @@ class MirroredRegistries:
         return (st.st_ino, st.st_size, st.st_mtime_ns)
 
     def _reload(self) -> None:
-        self._checked_at = self._clock()
+        self._checked_at = self.clock()
         signature = self._stat()
         if signature == self._signature and signature is not None:
             return
@@ -66,6 +65,6 @@ class MirroredRegistries:
 
     def registries(self) -> Registries:
         """The registries file as last read (re-read when it changed), for upstream fetches."""
-        if self._clock() - self._checked_at >= self._recheck_s:
+        if self.clock() - self._checked_at >= self.recheck_s:
             self._reload()
         return self._registries

@@ -59,7 +59,8 @@ class Route:
 BASE = Route(Kind.BASE)
 
 
-def _unsupported(path: str) -> OciError:
+def no_such_endpoint(path: str) -> OciError:
+    """What a path naming no endpoint of this registry is answered with (404)."""
     return OciError(
         ErrorCode.UNSUPPORTED,
         "no such endpoint: this registry serves /v2/<name>/manifests/<reference> and "
@@ -72,13 +73,13 @@ def _unsupported(path: str) -> OciError:
 def parse_v2_path(path: str) -> Route:
     """Parse the part of the URL path after ``/v2/`` (leading and trailing "/" tolerated once)."""
     if len(path) > MAX_PATH_LENGTH:
-        raise _unsupported(path)
+        raise no_such_endpoint(path)
     trimmed = path.removeprefix("/")
     if trimmed == "":
         return BASE
     parts = trimmed.rsplit("/", 2)
     if len(parts) != 3 or parts[1] not in ("manifests", "blobs") or not parts[2]:
-        raise _unsupported(path)
+        raise no_such_endpoint(path)
     name, segment, reference = parts
     validate_name(name)
     if segment == "blobs":

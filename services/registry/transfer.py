@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+from collections.abc import AsyncIterable
 from typing import Any, BinaryIO
 
 from sanic import Request
@@ -25,6 +26,7 @@ from sanic import Request
 from services.common.errors import PeermirrorError
 from services.common.store.protocol import ContentStore
 from services.registry.content import Blob
+from services.registry.headers import BlobAnswer
 
 
 class ClientGoneError(PeermirrorError, ConnectionError):
@@ -56,30 +58,25 @@ def body_sent_outside_sanic(request: Request[Any, Any], sent: int) -> None:
 
 
 async def send_blob(
-    request: Request[Any, Any],
-    status: int,
-    headers: dict[str, str],
-    store: ContentStore,
-    blob: Blob,
-    offset: int,
-    count: int,
+    request: Request[Any, Any], answer: BlobAnswer, store: ContentStore, blob: Blob
 ) -> int:
-    """Answer with `status`, `headers` and `count` bytes of `blob` from `offset`; returns the body
-    bytes sent. Raises ClientGoneError when the client disconnects, ContentNotFoundError (before
+    """Answer with `answer`: its status, headers and bytes of `blob`; returns the body bytes
+    sent. Raises ClientGoneError when the client disconnects, ContentNotFoundError (before
     anything is sent) when the content vanished, and store errors as they come."""
     f = None
     if blob.path is not None and not _is_tls(request):
         f = await asyncio.to_thread(_open_exact, blob)
     if f is None:
-        return await _send_stream(request, status, headers, store, blob.digest, offset, count)
+        body = store.read(blob.digest, answer.offset, answer.count)
+        return await _send_stream(request, answer.status, answer.headers, body)
     with f:
-        response = await request.respond(status=status, headers=headers)
+        response = await request.respond(status=answer.status, headers=answer.headers)
         sent = 0
         try:
             await response.send(b"", end_stream=False)
-            if count:
+            if answer.count:
                 loop = asyncio.get_running_loop()
-                sent = await loop.sendfile(request.transport, f, offset, count)  # type: ignore[arg-type]
+                sent = await loop.sendfile(request.transport, f, answer.offset, answer.count)  # type: ignore[arg-type]
         except (ConnectionError, OSError, RuntimeError) as exc:
             # RuntimeError: asyncio refuses to send on a transport that is already closing.
             _drop(request)
@@ -99,15 +96,9 @@ def _drop(request: Request[Any, Any]) -> None:
 
 
 async def _send_stream(
-    request: Request[Any, Any],
-    status: int,
-    headers: dict[str, str],
-    store: ContentStore,
-    digest: str,
-    offset: int,
-    count: int,
+    request: Request[Any, Any], status: int, headers: dict[str, str], body: AsyncIterable[bytes]
 ) -> int:
-    chunks = store.read(digest, offset, count).__aiter__()
+    chunks = body.__aiter__()
     # The first chunk is read before anything is sent, so content that vanished since its
     # lookup still gets a clean 404 instead of a cut connection.
     first = await anext(chunks, b"")

@@ -27,7 +27,6 @@ from services.common.oci.grammar import (
     validate_tag,
 )
 from services.common.request_id import HTTP_HEADER as REQUEST_ID_HEADER
-from services.registry import api
 from services.registry.app import create_app
 from services.registry.context import RegistryApp
 from services.registry.headers import (
@@ -41,8 +40,6 @@ from services.registry.paths import Kind, parse_v2_path
 
 OPENAPI = Path(__file__).resolve().parents[3] / "docs" / "openapi.yaml"
 HTTP_METHODS = {"get", "head", "post", "put", "patch", "delete", "options", "trace"}
-# Methods the /v2 routes take only to refuse them with an OCI body (405).
-REFUSED = set(api.ROUTED_METHODS) - set(api.ALLOWED_METHODS)
 # What each described /v2 path must parse as (the catch-all route serves all three).
 V2_KINDS = {
     "/v2/": Kind.BASE,
@@ -108,7 +105,7 @@ def concrete(document: dict[str, Any], path: str) -> str:
 
 
 def served(route: SanicRoute) -> set[str]:
-    return set(route.methods) - REFUSED
+    return set(route.methods)
 
 
 def validator(document: dict[str, Any], pointer: str) -> jsonschema_rs.Validator:
