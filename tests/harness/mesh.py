@@ -66,6 +66,7 @@ from services.common.pki import Issued, create_ca, issue_node, write_ca, write_n
 from services.common.tls import TlsFiles, client_context
 from tests.harness import netns
 from tests.harness.containerd import ContainerdDaemon
+from tests.harness.cpu_cgroup import CpuCgroup
 from tests.harness.service_procs import REPO_ROOT, health_status, http_get
 
 SERVICES: tuple[str, ...] = ("discovery", "registry", "pinner")
@@ -651,6 +652,7 @@ class Mesh:
         self.hosts: list[NetnsHost] = []
         self.lease: netns.MeshLease | None = None
         self._names: netns.MeshNames | None = None
+        self.cgroups: dict[str, CpuCgroup] = {}
 
     # -- identity ----------------------------------------------------------------------------
 
@@ -818,6 +820,27 @@ class Mesh:
         self.hosts.append(host)
         return host
 
+    # -- CPU ------------------------------------------------------------------------------------
+
+    def cap_cpu(self, cpus: float | None) -> dict[str, CpuCgroup]:
+        """Puts each node's processes (containerd, its shims, the services) into a cgroup of
+        its own, capped at `cpus` cores (None: accounted only): each node then behaves like a
+        machine of that size instead of sharing every core with the others. Returns the groups
+        by node name; `regroup()` after restarting a node's process; `close()` removes them."""
+        for node in self.nodes:
+            if node.name not in self.cgroups:
+                self.cgroups[node.name] = CpuCgroup(f"peermirror-{self.token}-{node.name}", cpus)
+            self.cgroups[node.name].create()
+        self.regroup()
+        return self.cgroups
+
+    def regroup(self) -> None:
+        """Moves every process now in a node's namespace into that node's cgroup."""
+        for node in self.nodes:
+            group = self.cgroups.get(node.name)
+            if group is not None:
+                group.enter(netns.namespace_pids(node.ns))
+
     # -- stop ----------------------------------------------------------------------------------
 
     def close(self) -> None:
@@ -856,6 +879,12 @@ class Mesh:
             with contextlib.suppress(ValueError):
                 netns.delete_link(lease.names.veth(host.index))
         netns.delete_link(lease.names.bridge)
+        for group in self.cgroups.values():
+            try:
+                group.remove()
+            except Exception as exc:
+                problems.append(f"cgroup {group.dirs[0]}: {exc}")
+        self.cgroups.clear()
         left = self.leftovers()
         if left:
             problems.append(f"still present after teardown: {left}")

@@ -315,3 +315,29 @@ def test_a_killed_run_leaves_nothing_running_and_the_sweep_removes_its_debris() 
     assert not _objects_of(token)
     assert not Path(work).exists()
     assert not netns.MeshNames(token).lock_path.exists()
+
+
+def test_cpu_cap_holds_every_process_of_a_node_and_counts_its_cpu(
+    mesh_factory: MeshFactory,
+) -> None:
+    m = mesh_factory(1)
+    (node,) = m.nodes
+    group = m.cap_cpu(0.5)[node.name]
+    assert group.quota_cpus() == 0.5
+    members = set(group.pids())
+    service_pids = {s.pid for s in node.services.values()}
+    assert node.containerd.pid in members
+    assert service_pids <= members
+    before = group.cpu_seconds()
+    for _ in range(20):
+        assert node.registry_get("/v2/")[0] == 200
+    assert group.cpu_seconds() > before
+    # A restarted service is a child of the test, not of the node: it joins on regroup().
+    node.stop_service("registry")
+    node.start_service("registry")
+    assert node.services["registry"].pid not in group.pids()
+    m.regroup()
+    assert node.services["registry"].pid in group.pids()
+    dirs = list(group.dirs)
+    m.close()
+    assert not [d for d in dirs if d.exists()]
