@@ -16,10 +16,10 @@ from typing import Any, TypeVar
 import grpc
 
 from services.common.cancellation import cancel_and_wait
-from services.common.config import GrpcSection
 from services.common.errors import error_for_status
 from services.common.genproto.peermirror.discovery.v1 import peer_pb2 as pb
 from services.common.genproto.peermirror.discovery.v1 import peer_pb2_grpc as pb_grpc
+from services.common.grpc_channel import channel_options
 from services.common.logsetup import get_logger
 from services.discovery.bootstrap import BootstrapEndpoint
 from services.discovery.identity import ServerIdentities
@@ -28,15 +28,8 @@ from services.discovery.wire import contacts_from_proto, duration, normalize_ip
 
 R = TypeVar("R")
 
-CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
-    # Peers are cluster-internal: an HTTP proxy from the environment must not apply.
-    ("grpc.enable_http_proxy", 0),
-    # A restarted peer is reachable again within a couple of seconds, not after gRPC's
-    # default reconnect backoff of up to two minutes.
-    ("grpc.initial_reconnect_backoff_ms", 200),
-    ("grpc.min_reconnect_backoff_ms", 200),
-    ("grpc.max_reconnect_backoff_ms", 2000),
-)
+# A restarted peer is reachable again within a couple of seconds.
+RECONNECT_MS = (200, 2000)
 # Nodes whose own answer to a ping is kept (beyond the routing table, whose buckets may be
 # full), so calls to them need no new ping to learn their ports.
 ANSWERED_KEPT = 1024
@@ -102,12 +95,7 @@ class PeerServiceClient:
         self.refused_answers = 0
         # grpc.max_message_bytes bounds what we accept from peers as it bounds what they may
         # send our server (gRPC's own default is 4 MiB); None keeps that key's default.
-        limit = GrpcSection().max_message_bytes if max_message_bytes is None else max_message_bytes
-        self._options: tuple[tuple[str, int], ...] = (
-            *CHANNEL_OPTIONS,
-            ("grpc.max_receive_message_length", limit),
-            ("grpc.max_send_message_length", limit),
-        )
+        self._options = channel_options(max_message_bytes, reconnect_ms=RECONNECT_MS)
         # Mutual TLS (tls.enabled): every channel presents this node's certificate and accepts
         # only a peer certificate from the cluster CA naming the IP address dialled.
         self._credentials = credentials

@@ -13,7 +13,7 @@ import asyncio
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import grpc
 from google.protobuf.any_pb2 import Any as AnyPb
@@ -50,6 +50,7 @@ from services.common.genproto.containerd.services.introspection.v1 import (
 )
 from services.common.genproto.containerd.services.version.v1 import version_pb2_grpc
 from services.common.genproto.containerd.types import descriptor_pb2
+from services.common.grpc_channel import channel_options
 from services.common.store.protocol import Descriptor
 
 DEFAULT_ADDRESS = "/run/containerd/containerd.sock"
@@ -63,15 +64,8 @@ WRITE_CHUNK_BYTES = 1 << 20
 _Request = TypeVar("_Request")
 _Response = TypeVar("_Response")
 
-_CHANNEL_OPTIONS: list[tuple[str, Any]] = [
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    # gRPC's default reconnect backoff grows to two minutes; a restarted containerd is back in
-    # well under a second, and the pinner should notice that promptly.
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 2000),
-]
+# A restarted containerd is back in well under a second, and the pinner should notice promptly.
+_CHANNEL_OPTIONS = channel_options(MAX_MESSAGE_BYTES, reconnect_ms=(100, 2000))
 
 
 def grpc_target(address: str) -> str:
