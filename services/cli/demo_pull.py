@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
-from services.cli.demo_plan import repository_path
+from services.cli.demo_plan import PulledItem, repository_path
 from services.common.errors import PeermirrorError
 from services.common.oci.media_types import (
     ACCEPT_MANIFESTS,
@@ -36,16 +36,6 @@ _PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
 
 class PullError(PeermirrorError):
     """The pull failed; the message says how (client output or the registry's error)."""
-
-
-@dataclass(frozen=True)
-class PulledItem:
-    """One manifest or blob the client received."""
-
-    kind: str  # "index", "manifest", "config" or "layer"
-    digest: str
-    size: int
-    verified: bool
 
 
 @dataclass(frozen=True)
