@@ -19,6 +19,7 @@ import sys
 
 from services.cli.args import Subparsers, add_config_option, load_node_config
 from services.common.config import NodeConfig
+from services.common.hostport import join_host_port
 from services.common.status.observe import check
 
 EXIT_PASS = 0
@@ -100,10 +101,9 @@ def registry_url(cfg: NodeConfig, live: bool) -> str:
     """The registry health URL a local probe asks (loopback when it listens everywhere)."""
     host = cfg.registry.host
     host = "127.0.0.1" if host in _WILDCARD_HOSTS or host == "::" else host
-    if ":" in host:
-        host = f"[{host}]"
     scheme = "https" if cfg.tls.enabled else "http"
-    return f"{scheme}://{host}:{cfg.registry.port}{LIVE_PATH if live else READY_PATH}"
+    path = LIVE_PATH if live else READY_PATH
+    return f"{scheme}://{join_host_port(host, cfg.registry.port)}{path}"
 
 
 def check_http(url: str, cfg: NodeConfig, timeout: float = DEFAULT_TIMEOUT) -> str:

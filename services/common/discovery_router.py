@@ -11,6 +11,7 @@ import grpc
 from services.common.errors import UnavailableError
 from services.common.genproto.peermirror.discovery.v1 import local_pb2, local_pb2_grpc
 from services.common.grpc_channel import channel_options
+from services.common.hostport import join_host_port
 from services.common.request_id import outgoing_metadata
 
 # Seconds a unary call to the node-local API may take (the API answers from memory or a few
@@ -43,8 +44,7 @@ class Holder:
     registry_port: int
 
     def __str__(self) -> str:
-        host = f"[{self.address}]" if ":" in self.address else self.address
-        return f"{host}:{self.registry_port}"
+        return join_host_port(self.address, self.registry_port)
 
 
 @dataclass(frozen=True, slots=True)
