@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from services.cli.args import Subparsers
+from services.cli.args import Subparsers, add_command
 from services.cli.demo_plan import DEFAULT_BASE_PORT, DEFAULT_NODES, DEMO_IMAGE
 
 MIB = 1024 * 1024
@@ -14,8 +14,10 @@ MIB = 1024 * 1024
 
 def register(subparsers: Subparsers) -> None:
     """Add the `demo` subcommand."""
-    parser = subparsers.add_parser(
+    parser = add_command(
+        subparsers,
         "demo",
+        _run,
         help="run a local mesh of nodes and pull an image from one node through another",
         description=(
             f"Start NODES peermirror nodes on 127.0.0.1 (each its discovery, registry and "
@@ -66,7 +68,6 @@ def register(subparsers: Subparsers) -> None:
         default=8.0,
         help="size of each layer in MiB (default: %(default)s)",
     )
-    parser.set_defaults(handler=_run)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -369,10 +370,7 @@ def report_of(
     }
     items = [
         ServedItem(
-            kind=item.kind,
-            digest=item.digest,
-            size=item.size,
-            verified=item.verified,
+            **dataclasses.asdict(item),
             served_by=servers_of(
                 found.get(item.digest, set()),
                 peers_for["manifest" if item.kind in ("index", "manifest") else "blob"],

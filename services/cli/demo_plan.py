@@ -169,13 +169,19 @@ def repository_path(image: str) -> tuple[str, str]:
 
 
 @dataclass(frozen=True)
-class ServedItem:
-    """One piece of content the client received, and which nodes answered it."""
+class PulledItem:
+    """One manifest or blob the client received."""
 
-    kind: str  # "manifest", "index", "config" or "layer"
+    kind: str  # "index", "manifest", "config" or "layer"
     digest: str
     size: int
     verified: bool
+
+
+@dataclass(frozen=True)
+class ServedItem(PulledItem):
+    """One piece of content the client received, and which nodes answered it."""
+
     served_by: tuple[str, ...]
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import http.client
-import json
 import os
 import shutil
 import time
@@ -17,10 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
-from services.cli.demo_plan import repository_path
+from services.cli.demo_plan import PulledItem, repository_path
 from services.common.errors import PeermirrorError
+from services.common.oci.document import DocumentError, parse_children
 from services.common.oci.media_types import (
     ACCEPT_MANIFESTS,
+    OCI_INDEX,
+    OCI_MANIFEST,
     detect_manifest_media_type,
     is_index_media_type,
 )
@@ -36,16 +38,6 @@ _PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
 
 class PullError(PeermirrorError):
     """The pull failed; the message says how (client output or the registry's error)."""
-
-
-@dataclass(frozen=True)
-class PulledItem:
-    """One manifest or blob the client received."""
-
-    kind: str  # "index", "manifest", "config" or "layer"
-    digest: str
-    size: int
-    verified: bool
 
 
 @dataclass(frozen=True)
@@ -107,40 +99,17 @@ def verify_layout(layout: Path, image: str) -> list[PulledItem]:
     return items
 
 
-def _descriptor(obj: object) -> Descriptor | None:
-    if not isinstance(obj, dict):
-        return None
-    digest, size = obj.get("digest"), obj.get("size")
-    media_type = obj.get("mediaType", "")
-    if not isinstance(digest, str) or not isinstance(size, int) or not isinstance(media_type, str):
-        return None
-    return Descriptor(digest, size, media_type)
-
-
 def _children(body: bytes, kind: str) -> list[tuple[Descriptor, str | None]]:
     """(child, kind) pairs: an index's manifests (kind None: read them), a manifest's config
-    and layers."""
+    and layers; PullError when the document or a descriptor in it is malformed."""
     try:
-        doc = json.loads(body)
-    except ValueError as exc:
-        raise PullError(f"a pulled manifest is not JSON: {exc}") from exc
-    if not isinstance(doc, dict):
-        raise PullError("a pulled manifest is not a JSON object")
-    out: list[tuple[Descriptor, str | None]] = []
+        children = parse_children(body, OCI_INDEX if kind == "index" else OCI_MANIFEST, strict=True)
+    except DocumentError as exc:
+        raise PullError(f"a pulled {kind}: {exc}") from exc
     if kind == "index":
-        for entry in doc.get("manifests") or []:
-            desc = _descriptor(entry)
-            if desc is not None:
-                out.append((desc, None))
-        return out
-    config = _descriptor(doc.get("config"))
-    if config is not None:
-        out.append((config, "config"))
-    for entry in doc.get("layers") or []:
-        desc = _descriptor(entry)
-        if desc is not None:
-            out.append((desc, "layer"))
-    return out
+        return [(desc, None) for desc in children.manifests]
+    config = [] if children.config is None else [(children.config, "config")]
+    return [*config, *((desc, "layer") for desc in children.layers)]
 
 
 def _client_env() -> dict[str, str]:

@@ -17,8 +17,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from services.cli.args import Subparsers, add_config_option, load_node_config
+from services.cli.args import (
+    Subparsers,
+    add_command,
+    add_config_option,
+    add_timeout_option,
+    load_node_config,
+)
 from services.common.config import NodeConfig
+from services.common.hostport import join_host_port
 from services.common.status.observe import check
 
 EXIT_PASS = 0
@@ -42,8 +49,10 @@ _WILDCARD_HOSTS = ("", "0.0.0.0", "[::]")
 
 def register(subparsers: Subparsers) -> None:
     """Add the `health` subcommand."""
-    parser = subparsers.add_parser(
+    parser = add_command(
+        subparsers,
         "health",
+        _run,
         help="check a service's gRPC health (exit 0 when SERVING)",
         description=(
             "Ask a gRPC server for its standard health status (grpc.health.v1.Health/Check) and "
@@ -72,14 +81,8 @@ def register(subparsers: Subparsers) -> None:
         action="store_true",
         help="liveness: exit 0 on any health answer, NOT_SERVING included",
     )
-    parser.add_argument(
-        "--timeout",
-        type=float,
-        default=DEFAULT_TIMEOUT,
-        help=f"seconds to wait for the answer (default {DEFAULT_TIMEOUT})",
-    )
+    add_timeout_option(parser, DEFAULT_TIMEOUT, "seconds to wait for the answer")
     add_config_option(parser)
-    parser.set_defaults(handler=_run)
 
 
 def local_address(cfg: NodeConfig, service: str) -> str:
@@ -100,10 +103,9 @@ def registry_url(cfg: NodeConfig, live: bool) -> str:
     """The registry health URL a local probe asks (loopback when it listens everywhere)."""
     host = cfg.registry.host
     host = "127.0.0.1" if host in _WILDCARD_HOSTS or host == "::" else host
-    if ":" in host:
-        host = f"[{host}]"
     scheme = "https" if cfg.tls.enabled else "http"
-    return f"{scheme}://{host}:{cfg.registry.port}{LIVE_PATH if live else READY_PATH}"
+    path = LIVE_PATH if live else READY_PATH
+    return f"{scheme}://{join_host_port(host, cfg.registry.port)}{path}"
 
 
 def check_http(url: str, cfg: NodeConfig, timeout: float = DEFAULT_TIMEOUT) -> str:

@@ -9,6 +9,7 @@ from typing import Any
 
 from services.cli.args import Subparsers, add_command
 from services.cli.discovery_client import add_local_api_options, channel, describe_error
+from services.common.hostport import join_host_port
 
 
 def register(subparsers: Subparsers) -> None:
@@ -50,18 +51,18 @@ def _run(args: argparse.Namespace) -> int:
             request = pb.FindProvidersRequest(key=args.key, limit=args.limit)
             for reply in stub.FindProviders(request, timeout=args.timeout):
                 p = reply.provider
-                host = f"[{p.address}]" if ":" in p.address else p.address
+                registry = join_host_port(p.address, p.registry_port)
                 providers.append(
                     {
                         "node_id": p.node_id.hex(),
                         "address": p.address,
-                        "registry": f"{host}:{p.registry_port}",
+                        "registry": registry,
                         "in_flight": reply.in_flight,
                     }
                 )
                 if not args.json:
                     fetching = "  (fetching from upstream)" if reply.in_flight else ""
-                    print(f"{host}:{p.registry_port}  node {p.node_id.hex()}{fetching}", flush=True)
+                    print(f"{registry}  node {p.node_id.hex()}{fetching}", flush=True)
             lease = _lease(stub, args)
     except grpc.RpcError as exc:
         print(f"peermirror lookup: {describe_error(address, exc)}", file=sys.stderr)
@@ -95,11 +96,10 @@ def _lease(stub: Any, args: argparse.Namespace) -> dict[str, Any] | None:
     if not reply.held:
         return None
     h = reply.holder
-    host = f"[{h.address}]" if ":" in h.address else h.address
     return {
         "mine": reply.mine,
         "node_id": h.node_id.hex() if not reply.mine else None,
-        "registry": f"{host}:{h.registry_port}" if not reply.mine else None,
+        "registry": join_host_port(h.address, h.registry_port) if not reply.mine else None,
         "ttl_seconds": round(reply.ttl.ToNanoseconds() / 1e9, 1),
         "waiters": reply.waiters,
     }

@@ -8,34 +8,23 @@ from typing import Protocol
 
 import grpc
 
-from services.common.config import GrpcSection
 from services.common.errors import UnavailableError
 from services.common.genproto.peermirror.discovery.v1 import local_pb2, local_pb2_grpc
+from services.common.grpc_channel import channel_options
+from services.common.hostport import join_host_port
 from services.common.request_id import outgoing_metadata
 
 # Seconds a unary call to the node-local API may take (the API answers from memory or a few
 # DHT round trips; a hung discovery must not hold a request or a lease decision longer).
 CALL_TIMEOUT_S = 2.0
-# Bytes of one message either way unless the node config says otherwise.
-_DEFAULT_MAX_MESSAGE = GrpcSection().max_message_bytes
 # RenewLease's and ReleaseLease's answers when the lease is no longer ours.
 _NOT_OURS = (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.NOT_FOUND)
 
 
-def local_channel_options(
-    max_message_bytes: int = _DEFAULT_MAX_MESSAGE,
-) -> list[tuple[str, int]]:
-    """The one set of options every channel to the LocalDiscovery API uses."""
-    return [
-        # Discovery is node-local: a proxy from the environment must never carry these calls.
-        ("grpc.enable_http_proxy", 0),
-        # A restarted discovery is found again within a second, not after minutes of backoff.
-        ("grpc.initial_reconnect_backoff_ms", 100),
-        ("grpc.min_reconnect_backoff_ms", 100),
-        ("grpc.max_reconnect_backoff_ms", 1000),
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.max_send_message_length", max_message_bytes),
-    ]
+def local_channel_options(max_message_bytes: int | None = None) -> list[tuple[str, int]]:
+    """The one set of options every channel to the LocalDiscovery API uses: a restarted
+    discovery is found again within a second."""
+    return channel_options(max_message_bytes, reconnect_ms=(100, 1000))
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,8 +44,7 @@ class Holder:
     registry_port: int
 
     def __str__(self) -> str:
-        host = f"[{self.address}]" if ":" in self.address else self.address
-        return f"{host}:{self.registry_port}"
+        return join_host_port(self.address, self.registry_port)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +117,7 @@ class GrpcRouter:
     def __init__(
         self,
         address: str,
-        max_message_bytes: int = _DEFAULT_MAX_MESSAGE,
+        max_message_bytes: int | None = None,
         *,
         call_timeout: float = CALL_TIMEOUT_S,
     ) -> None:

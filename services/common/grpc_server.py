@@ -26,8 +26,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from services.common.config import GrpcSection
 from services.common.errors import PeermirrorError
+from services.common.grpc_channel import message_limit
 from services.common.logsetup import get_logger
 from services.common.ratelog import LimitLog
 
@@ -293,9 +293,7 @@ class GrpcServer:
         # TLS credentials for listeners facing other nodes; None = plaintext (node-local APIs).
         self._credentials = credentials
         # grpc.max_message_bytes of the node config; None = that key's default.
-        self.max_message_bytes = (
-            GrpcSection().max_message_bytes if max_message_bytes is None else max_message_bytes
-        )
+        self.max_message_bytes = message_limit(max_message_bytes)
         self._options: list[tuple[str, int | str]] = [
             *SERVER_OPTIONS,
             # Explicit rather than grpc's implicit default: a larger message is refused with

@@ -23,6 +23,7 @@ from prometheus_client import (
 )
 
 from services.common.config import parse_host_port
+from services.common.hostport import join_host_port
 from services.common.logsetup import get_logger
 from services.common.oci.grammar import is_digest_syntax
 
@@ -120,7 +121,7 @@ class MetricsListener:
     @property
     def address(self) -> str:
         """host:port listened on (the real port once started)."""
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return join_host_port(self.host, self.port)
 
     async def start(self) -> int:
         """Listen; returns the bound port. OSError when the address is taken."""

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from services.common.config import parse_host_port
+from services.common.hostport import join_host_port
 from services.discovery.wire import normalize_ip
 
 # Bootstrap retries: 1 s, 2 s, 4 s ... capped, with jitter so a cluster restarting at once
@@ -37,8 +38,7 @@ class BootstrapEndpoint:
     port: int
 
     def __str__(self) -> str:
-        host = f"[{self.address}]" if ":" in self.address else self.address
-        return f"{host}:{self.port}"
+        return join_host_port(self.address, self.port)
 
 
 def parse_peer_entry(text: str, default_port: int) -> tuple[str, int]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass, field
 from typing import TypeVar
 
 import grpc
@@ -95,30 +95,23 @@ def timestamp(wall: float) -> Timestamp:
     return value
 
 
+@dataclass(eq=False)
 class LocalDiscoveryServicer(pb_grpc.LocalDiscoveryServicer):
     """Advertise, withdraw and look up keys for this node's registry and pinner."""
 
-    def __init__(
-        self,
-        engine: DiscoveryEngine,
-        metrics: DiscoveryMetrics | None = None,
-        *,
-        limits: KeyLimits | None = None,
-        limit_log: LimitLog | None = None,
-        leases: LeaseBroker | None = None,
-    ) -> None:
-        self._leases = leases
-        self._engine = engine
-        self._metrics = metrics
-        self._limits = limits if limits is not None else KeyLimits.of(DiscoverySection())
-        self._limit_log = limit_log if limit_log is not None else LimitLog(__name__)
+    engine: DiscoveryEngine
+    metrics: DiscoveryMetrics | None = None
+    _: KW_ONLY
+    limits: KeyLimits = field(default_factory=lambda: KeyLimits.of(DiscoverySection()))
+    limit_log: LimitLog = field(default_factory=lambda: LimitLog(__name__))
+    leases: LeaseBroker | None = None
 
     def _checked(self, check: Callable[[], T], context: Context) -> T:
         """``check()``; a key limit it hits is also logged (rate limited) before the refusal."""
         try:
             return check()
         except KeyLimitExceeded as exc:
-            self._limit_log.refused(
+            self.limit_log.refused(
                 exc.limit,
                 client_of(context.peer()),
                 "client refused: request over a key limit",
@@ -128,38 +121,38 @@ class LocalDiscoveryServicer(pb_grpc.LocalDiscoveryServicer):
             raise
 
     def _keys(self, keys: Sequence[str], context: Context) -> list[str]:
-        return self._checked(lambda: self._limits.check_key_list(keys), context)
+        return self._checked(lambda: self.limits.check_key_list(keys), context)
 
     async def Advertise(
         self, request: pb.AdvertiseRequest, context: Context
     ) -> pb.AdvertiseResponse:
         keys = self._keys(request.keys, context)
-        added, total = self._engine.advertise(keys)
+        added, total = self.engine.advertise(keys)
         return pb.AdvertiseResponse(added=added, total=total)
 
     async def Withdraw(self, request: pb.WithdrawRequest, context: Context) -> pb.WithdrawResponse:
         keys = self._keys(request.keys, context)
-        removed, total = self._engine.withdraw(keys)
+        removed, total = self.engine.withdraw(keys)
         return pb.WithdrawResponse(removed=removed, total=total)
 
     async def ListAdvertised(
         self, request: pb.ListAdvertisedRequest, context: Context
     ) -> AsyncIterator[pb.ListAdvertisedResponse]:
-        keys = self._engine.advertised()
+        keys = self.engine.advertised()
         for start in range(0, len(keys), LIST_BATCH):
             yield pb.ListAdvertisedResponse(keys=keys[start : start + LIST_BATCH])
 
     async def FindProviders(
         self, request: pb.FindProvidersRequest, context: Context
     ) -> AsyncIterator[pb.FindProvidersResponse]:
-        key = self._checked(lambda: self._limits.check_key(request.key, "key"), context)
+        key = self._checked(lambda: self.limits.check_key(request.key, "key"), context)
         # The registry's request id comes as metadata; it is logged explicitly (this generator
         # may be finished from another context, so nothing is bound to contextvars here).
         request_id = from_metadata(context.invocation_metadata())
         started = time.monotonic()
         first: float | None = None
         found = 0
-        fetching = self._leases.in_flight(key) if self._leases is not None else None
+        fetching = self.leases.in_flight(key) if self.leases is not None else None
         try:
             limit = request.limit
             if fetching is not None:
@@ -170,7 +163,7 @@ class LocalDiscoveryServicer(pb_grpc.LocalDiscoveryServicer):
                 if limit == 1:
                     return
                 limit = max(limit - 1, 0)
-            async for provider in self._engine.find_providers(key, limit):
+            async for provider in self.engine.find_providers(key, limit):
                 if fetching is not None and provider.node_id == fetching.node_id:
                     continue
                 if first is None:
@@ -179,8 +172,8 @@ class LocalDiscoveryServicer(pb_grpc.LocalDiscoveryServicer):
                 yield pb.FindProvidersResponse(provider=contact_to_proto(provider))
         finally:
             took = first if first is not None else time.monotonic() - started
-            if self._metrics is not None:
-                self._metrics.lookup_done(took, found > 0)
+            if self.metrics is not None:
+                self.metrics.lookup_done(took, found > 0)
             fields = {"request_id": request_id} if request_id is not None else {}
             log.info(
                 "lookup",
@@ -201,12 +194,12 @@ class LocalDiscoveryServicer(pb_grpc.LocalDiscoveryServicer):
                     contact=contact_to_proto(entry.contact),
                     last_seen=timestamp(entry.last_seen + offset),
                 )
-                for entry in self._engine.node.table.peers()
+                for entry in self.engine.node.table.peers()
             ]
         )
 
     async def Stats(self, request: pb.StatsRequest, context: Context) -> pb.StatsResponse:
-        engine = self._engine
+        engine = self.engine
         counters = engine.counters
         return pb.StatsResponse(
             node_id=engine.node_id,
@@ -225,11 +218,11 @@ class LocalDiscoveryServicer(pb_grpc.LocalDiscoveryServicer):
     # -- fetch leases (the logic is in lease_broker) -------------------------------------
 
     def _lease_stats(self) -> dict[str, int]:
-        leases = self._leases
+        leases = self.leases
         if leases is None:
             return {}
         table = leases.table
-        table.expire(self._engine.clock())
+        table.expire(self.engine.clock())
         return {
             "leases_held": leases.held(),
             "lease_records": len(table),
@@ -243,12 +236,12 @@ class LocalDiscoveryServicer(pb_grpc.LocalDiscoveryServicer):
         self, key: str, ttl_seconds: int | None, context: Context
     ) -> tuple[LeaseBroker, str]:
         """The broker and the checked key; INVALID_ARGUMENT naming the field otherwise."""
-        leases = self._leases
+        leases = self.leases
         if leases is None:
             raise UnimplementedError("fetch leases are not enabled")
 
         def check() -> str:
-            checked = self._limits.check_key(key, "key")
+            checked = self.limits.check_key(key, "key")
             longest = leases.settings.max_ttl
             if ttl_seconds is not None and ttl_seconds > longest:
                 raise KeyLimitExceeded(

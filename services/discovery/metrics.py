@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 from prometheus_client import Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -38,12 +39,12 @@ _COUNTERS = (
 )
 
 
+@dataclass(eq=False)
 class _EngineCollector(Collector):
-    def __init__(self, engine: DiscoveryEngine) -> None:
-        self._engine = engine
+    engine: DiscoveryEngine
 
     def collect(self) -> Iterator[Metric]:
-        engine = self._engine
+        engine = self.engine
         counters = engine.counters
         for name, doc, attribute in _COUNTERS:
             family = CounterMetricFamily(f"{PREFIX}_{name}", doc)
@@ -70,17 +71,17 @@ class _EngineCollector(Collector):
         yield provided
 
 
+@dataclass(eq=False)
 class _LeaseCollector(Collector):
     """Fetch leases: this node as the deciding node (its table) and as asker and holder."""
 
-    def __init__(self, leases: LeaseBroker, engine: DiscoveryEngine) -> None:
-        self._leases = leases
-        self._engine = engine
+    leases: LeaseBroker
+    engine: DiscoveryEngine
 
     def collect(self) -> Iterator[Metric]:
-        leases = self._leases
+        leases = self.leases
         table = leases.table
-        table.expire(self._engine.clock())
+        table.expire(self.engine.clock())
         for name, doc, value in (
             (
                 "leases_granted",

@@ -10,16 +10,16 @@ from __future__ import annotations
 import asyncio
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, InitVar, dataclass, field
 from typing import Any, TypeVar
 
 import grpc
 
 from services.common.cancellation import cancel_and_wait
-from services.common.config import GrpcSection
 from services.common.errors import error_for_status
 from services.common.genproto.peermirror.discovery.v1 import peer_pb2 as pb
 from services.common.genproto.peermirror.discovery.v1 import peer_pb2_grpc as pb_grpc
+from services.common.grpc_channel import channel_options
 from services.common.logsetup import get_logger
 from services.discovery.bootstrap import BootstrapEndpoint
 from services.discovery.identity import ServerIdentities
@@ -28,15 +28,8 @@ from services.discovery.wire import contacts_from_proto, duration, normalize_ip
 
 R = TypeVar("R")
 
-CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
-    # Peers are cluster-internal: an HTTP proxy from the environment must not apply.
-    ("grpc.enable_http_proxy", 0),
-    # A restarted peer is reachable again within a couple of seconds, not after gRPC's
-    # default reconnect backoff of up to two minutes.
-    ("grpc.initial_reconnect_backoff_ms", 200),
-    ("grpc.min_reconnect_backoff_ms", 200),
-    ("grpc.max_reconnect_backoff_ms", 2000),
-)
+# A restarted peer is reachable again within a couple of seconds.
+RECONNECT_MS = (200, 2000)
 # Nodes whose own answer to a ping is kept (beyond the routing table, whose buckets may be
 # full), so calls to them need no new ping to learn their ports.
 ANSWERED_KEPT = 1024
@@ -78,46 +71,33 @@ class PingAnswer:
     observed_address: str | None
 
 
+@dataclass(eq=False)
 class PeerServiceClient:
     """Issues Peer RPCs for one node; reports every outcome to its DhtNode."""
 
-    def __init__(
-        self,
-        node: DhtNode,
-        sender: Callable[[], pb.SenderInfo],
-        *,
-        rpc_timeout: float,
-        probe_timeout: float,
-        clock: Callable[[], float],
-        on_dropped: Callable[[bytes], None] | None = None,
-        on_heard: Callable[[bytes], None] | None = None,
-        max_channels: int = MAX_CHANNELS,
-        credentials: grpc.ChannelCredentials | None = None,
-        max_message_bytes: int | None = None,
-        server_identities: ServerIdentities | None = None,
-    ) -> None:
-        self.node = node
-        # Mutual TLS: a ping answer is believed only from the node its certificate makes it.
-        self._identities = server_identities
-        self.refused_answers = 0
-        # grpc.max_message_bytes bounds what we accept from peers as it bounds what they may
-        # send our server (gRPC's own default is 4 MiB); None keeps that key's default.
-        limit = GrpcSection().max_message_bytes if max_message_bytes is None else max_message_bytes
-        self._options: tuple[tuple[str, int], ...] = (
-            *CHANNEL_OPTIONS,
-            ("grpc.max_receive_message_length", limit),
-            ("grpc.max_send_message_length", limit),
-        )
-        # Mutual TLS (tls.enabled): every channel presents this node's certificate and accepts
-        # only a peer certificate from the cluster CA naming the IP address dialled.
-        self._credentials = credentials
-        self._sender = sender
-        self.rpc_timeout = rpc_timeout
-        self.probe_timeout = probe_timeout
-        self._clock = clock
-        self._on_dropped = on_dropped
-        self._on_heard = on_heard
-        self._max_channels = max_channels
+    node: DhtNode
+    sender: Callable[[], pb.SenderInfo]
+    _: KW_ONLY
+    rpc_timeout: float
+    probe_timeout: float
+    clock: Callable[[], float]
+    on_dropped: Callable[[bytes], None] | None = None
+    on_heard: Callable[[bytes], None] | None = None
+    max_channels: int = MAX_CHANNELS
+    # Mutual TLS (tls.enabled): every channel presents this node's certificate and accepts
+    # only a peer certificate from the cluster CA naming the IP address dialled.
+    credentials: grpc.ChannelCredentials | None = None
+    # grpc.max_message_bytes bounds what we accept from peers as it bounds what they may
+    # send our server (gRPC's own default is 4 MiB); None keeps that key's default.
+    max_message_bytes: InitVar[int | None] = None
+    # Mutual TLS: a ping answer is believed only from the node its certificate makes it.
+    server_identities: ServerIdentities | None = None
+    refused_answers: int = field(default=0, init=False)
+    calls: int = field(default=0, init=False)
+    failures: int = field(default=0, init=False)
+
+    def __post_init__(self, max_message_bytes: int | None) -> None:
+        self._options = channel_options(max_message_bytes, reconnect_ms=RECONNECT_MS)
         self._channels: OrderedDict[str, tuple[grpc.aio.Channel, pb_grpc.PeerAsyncStub]] = (
             OrderedDict()
         )
@@ -128,16 +108,14 @@ class PeerServiceClient:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing: set[asyncio.Task[None]] = set()
         self._closed = False
-        self.calls = 0
-        self.failures = 0
 
     # -- liveness bookkeeping ---------------------------------------------------------
 
     def heard_from(self, contact: Contact) -> None:
         """A node called or answered us; runs the ping-before-evict the core may ask for."""
-        if self._on_heard is not None:
-            self._on_heard(contact.node_id)
-        to_ping = self.node.heard_from(contact, self._clock())
+        if self.on_heard is not None:
+            self.on_heard(contact.node_id)
+        to_ping = self.node.heard_from(contact, self.clock())
         if to_ping is not None:
             self.spawn(self.ping(to_ping))
 
@@ -170,10 +148,10 @@ class PeerServiceClient:
 
     def _failed(self, node_id: bytes) -> None:
         self.failures += 1
-        if self.node.rpc_failed(node_id, self._clock()):
+        if self.node.rpc_failed(node_id, self.clock()):
             self.node_dropped(node_id)
-            if self._on_dropped is not None:
-                self._on_dropped(node_id)
+            if self.on_dropped is not None:
+                self.on_dropped(node_id)
 
     # -- RPCs -------------------------------------------------------------------------
 
@@ -217,7 +195,7 @@ class PeerServiceClient:
         self.calls += 1
         try:
             reply: pb.PingResponse = await stub.Ping(
-                pb.PingRequest(sender=self._sender()), timeout=self.probe_timeout
+                pb.PingRequest(sender=self.sender()), timeout=self.probe_timeout
             )
         except grpc.aio.AioRpcError:
             return None
@@ -228,7 +206,7 @@ class PeerServiceClient:
             or not 1 <= r.registry_port <= 65535
         ):
             return None
-        if self._identities is not None and not await self._identities.confirm(
+        if self.server_identities is not None and not await self.server_identities.confirm(
             address, port, r.node_id, self.probe_timeout
         ):
             self.refused_answers += 1
@@ -243,7 +221,7 @@ class PeerServiceClient:
 
     async def find_node(self, contact: Contact, target: bytes) -> list[Contact] | None:
         """FindNode; None when the call failed."""
-        request = pb.FindNodeRequest(sender=self._sender(), target=target)
+        request = pb.FindNodeRequest(sender=self.sender(), target=target)
         reply = await self._call(
             contact, lambda stub: stub.FindNode(request, timeout=self.rpc_timeout)
         )
@@ -253,7 +231,7 @@ class PeerServiceClient:
         self, contact: Contact, key: bytes, limit: int
     ) -> ProvidersAnswer | None:
         """GetProviders; None when the call failed."""
-        request = pb.GetProvidersRequest(sender=self._sender(), key=key, limit=limit)
+        request = pb.GetProvidersRequest(sender=self.sender(), key=key, limit=limit)
         reply = await self._call(
             contact, lambda stub: stub.GetProviders(request, timeout=self.rpc_timeout)
         )
@@ -264,7 +242,7 @@ class PeerServiceClient:
 
     async def add_provider(self, contact: Contact, keys: Sequence[bytes], ttl: float) -> int | None:
         """AddProvider; the number of records stored, None when the call failed."""
-        request = pb.AddProviderRequest(sender=self._sender(), keys=keys, ttl=duration(ttl))
+        request = pb.AddProviderRequest(sender=self.sender(), keys=keys, ttl=duration(ttl))
         reply = await self._call(
             contact, lambda stub: stub.AddProvider(request, timeout=self.rpc_timeout)
         )
@@ -272,7 +250,7 @@ class PeerServiceClient:
 
     async def remove_provider(self, contact: Contact, keys: Sequence[bytes]) -> int | None:
         """RemoveProvider; the number of records removed, None when the call failed."""
-        request = pb.RemoveProviderRequest(sender=self._sender(), keys=keys)
+        request = pb.RemoveProviderRequest(sender=self.sender(), keys=keys)
         reply = await self._call(
             contact, lambda stub: stub.RemoveProvider(request, timeout=self.rpc_timeout)
         )
@@ -340,13 +318,13 @@ class PeerServiceClient:
         if cached is not None:
             self._channels.move_to_end(endpoint)
             return cached[1]
-        if self._credentials is None:
+        if self.credentials is None:
             channel = grpc.aio.insecure_channel(endpoint, options=self._options)
         else:
-            channel = grpc.aio.secure_channel(endpoint, self._credentials, options=self._options)
+            channel = grpc.aio.secure_channel(endpoint, self.credentials, options=self._options)
         stub = pb_grpc.PeerStub(channel)
         self._channels[endpoint] = (channel, stub)
-        while len(self._channels) > self._max_channels:
+        while len(self._channels) > self.max_channels:
             oldest = next(iter(self._channels))
             self._close_channel(oldest)
         return stub

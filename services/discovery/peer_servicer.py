@@ -13,6 +13,7 @@ errors of services.common.errors; the server's interceptor answers their status.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import KW_ONLY, dataclass, field
 
 import grpc
 
@@ -48,31 +49,22 @@ SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["Peer"].full_name
 Context = grpc.aio.ServicerContext[object, object]
 
 
+@dataclass(eq=False)
 class PeerServicer(pb_grpc.PeerServicer):
     """Answers other nodes from the DhtNode's state."""
 
-    def __init__(
-        self,
-        node: DhtNode,
-        client: PeerServiceClient,
-        me: Callable[[], pb.SenderInfo],
-        clock: Callable[[], float],
-        *,
-        bind_identity: bool = False,
-        limit_log: LimitLog | None = None,
-        leases: LeaseAuthority | None = None,
-    ) -> None:
-        self._leases = leases
-        self._node = node
-        self._client = client
-        self._me = me
-        self._clock = clock
-        # Set when the server requires client certificates (tls.enabled).
-        self._bind_identity = bind_identity
-        self._limit_log = limit_log if limit_log is not None else LimitLog(__name__)
-        self._identities = PeerIdentities()
-        self.requests = 0
-        self.refused_identity = 0
+    node: DhtNode
+    client: PeerServiceClient
+    me: Callable[[], pb.SenderInfo]
+    clock: Callable[[], float]
+    _: KW_ONLY
+    # Set when the server requires client certificates (tls.enabled).
+    bind_identity: bool = False
+    limit_log: LimitLog = field(default_factory=lambda: LimitLog(__name__))
+    leases: LeaseAuthority | None = None
+    identities: PeerIdentities = field(default_factory=PeerIdentities, init=False)
+    requests: int = field(default=0, init=False)
+    refused_identity: int = field(default=0, init=False)
 
     def _caller(self, has_sender: bool, sender: pb.SenderInfo, context: Context) -> Contact:
         """The caller as a contact; raises when it is not acceptable."""
@@ -81,11 +73,11 @@ class PeerServicer(pb_grpc.PeerServicer):
             raise FailedPreconditionError(
                 "the Peer service only accepts TCP callers with an IP address"
             )
-        identity = self._check_identity(address, context) if self._bind_identity else None
+        identity = self._check_identity(address, context) if self.bind_identity else None
         caller = sender_contact(has_sender, sender, address)
         if identity is not None and caller.node_id != identity.node_id:
             self.refused_identity += 1
-            self._limit_log.refused(
+            self.limit_log.refused(
                 "identity_node_id",
                 address,
                 "peer refused: it claims a node ID its certificate does not give it",
@@ -102,14 +94,14 @@ class PeerServicer(pb_grpc.PeerServicer):
     def _check_identity(self, address: str, context: Context) -> PeerIdentity:
         """The caller's verified identity; raises unless its certificate names the address
         it calls from."""
-        identity = self._identities.of(context.auth_context())
+        identity = self.identities.of(context.auth_context())
         if identity is None:
             self.refused_identity += 1
             raise UnauthenticatedError("a client certificate of the cluster CA is required")
         named = identity.ips
         if address not in {normalize_ip(ip) for ip in named}:
             self.refused_identity += 1
-            self._limit_log.refused(
+            self.limit_log.refused(
                 "identity_binding",
                 address,
                 "peer refused: its certificate does not name the address it calls from",
@@ -124,9 +116,9 @@ class PeerServicer(pb_grpc.PeerServicer):
     def _check_batch(self, keys: Sequence[bytes], context: Context) -> None:
         """An AddProvider/RemoveProvider batch; one over discovery.max_keys_per_peer_call is
         also logged (rate limited) before it is refused like any malformed batch."""
-        limit = self._node.config.max_batch_keys
+        limit = self.node.config.max_batch_keys
         if len(keys) > limit:
-            self._limit_log.refused(
+            self.limit_log.refused(
                 "max_keys_per_peer_call",
                 client_of(context.peer()),
                 "peer refused: too many keys in one call",
@@ -138,18 +130,18 @@ class PeerServicer(pb_grpc.PeerServicer):
     def _heard(self, caller: Contact) -> None:
         # Only once the whole request was found well-formed.
         self.requests += 1
-        self._client.heard_from(caller)
+        self.client.heard_from(caller)
 
     async def Ping(self, request: pb.PingRequest, context: Context) -> pb.PingResponse:
         caller = self._caller(request.HasField("sender"), request.sender, context)
         self._heard(caller)
-        return pb.PingResponse(responder=self._me(), observed_address=caller.address)
+        return pb.PingResponse(responder=self.me(), observed_address=caller.address)
 
     async def FindNode(self, request: pb.FindNodeRequest, context: Context) -> pb.FindNodeResponse:
         caller = self._caller(request.HasField("sender"), request.sender, context)
         check_id_field(request.target, "target")
         self._heard(caller)
-        closest = self._node.find_node(caller.node_id, request.target)
+        closest = self.node.find_node(caller.node_id, request.target)
         return pb.FindNodeResponse(closest=[contact_to_proto(c) for c in closest])
 
     async def GetProviders(
@@ -158,8 +150,8 @@ class PeerServicer(pb_grpc.PeerServicer):
         caller = self._caller(request.HasField("sender"), request.sender, context)
         check_id_field(request.key, "key")
         self._heard(caller)
-        now = self._clock()
-        records, closer = self._node.get_providers(caller.node_id, request.key, request.limit, now)
+        now = self.clock()
+        records, closer = self.node.get_providers(caller.node_id, request.key, request.limit, now)
         return pb.GetProvidersResponse(
             providers=[
                 pb.Provider(node=contact_to_proto(r.provider), ttl=duration(r.ttl(now)))
@@ -179,9 +171,9 @@ class PeerServicer(pb_grpc.PeerServicer):
             raise InvalidArgumentError("must not be negative", field="ttl")
         self._heard(caller)
         try:
-            stored, applied = self._node.add_provider(caller, request.keys, ttl, self._clock())
+            stored, applied = self.node.add_provider(caller, request.keys, ttl, self.clock())
         except RecordRateExceeded as exc:
-            self._limit_log.refused(
+            self.limit_log.refused(
                 "peer_records_per_second",
                 caller.address,
                 "peer refused: too many provider records per second",
@@ -201,7 +193,7 @@ class PeerServicer(pb_grpc.PeerServicer):
         caller = self._caller(request.HasField("sender"), request.sender, context)
         self._check_batch(request.keys, context)
         self._heard(caller)
-        return pb.RemoveProviderResponse(removed=self._node.remove_provider(caller, request.keys))
+        return pb.RemoveProviderResponse(removed=self.node.remove_provider(caller, request.keys))
 
     # -- fetch leases (the rules are in lease_rpc and kademlia.leases) -----------------------
 
@@ -210,10 +202,10 @@ class PeerServicer(pb_grpc.PeerServicer):
     ) -> tuple[Contact, LeaseAuthority]:
         caller = self._caller(request.HasField("sender"), request.sender, context)
         check_id_field(request.key, "key")
-        if self._leases is None:
+        if self.leases is None:
             raise UnimplementedError("this node keeps no fetch leases")
         self._heard(caller)
-        return caller, self._leases
+        return caller, self.leases
 
     async def AcquireLease(
         self, request: pb.PeerLeaseRequest, context: Context

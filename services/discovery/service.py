@@ -16,6 +16,7 @@ import asyncio
 from services.common.config import ConfigError, NodeConfig
 from services.common.genproto.peermirror.discovery.v1 import local_pb2_grpc, peer_pb2_grpc
 from services.common.grpc_server import GrpcServer, run_until_signal
+from services.common.hostport import join_host_port
 from services.common.logsetup import get_logger
 from services.common.metrics import start_listener
 from services.common.ratelog import LimitLog
@@ -66,10 +67,6 @@ def dht_config(cfg: NodeConfig) -> DhtConfig:
         raise ConfigError(f"discovery: {exc}") from None
 
 
-def _listen_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 class DiscoveryService:
     """Both servers and the engine of one discovery node; tests run many in one process."""
 
@@ -116,7 +113,7 @@ class DiscoveryService:
         # One per node: refusals logged once per client and limit, whichever API was called.
         limit_log = LimitLog(__name__)
         self.peer_server = GrpcServer(
-            _listen_address(d.host, d.port),
+            join_host_port(d.host, d.port),
             name="discovery-peer",
             credentials=grpc_server_credentials(self.tls) if self.tls is not None else None,
             max_message_bytes=cfg.grpc.max_message_bytes,

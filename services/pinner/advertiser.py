@@ -57,11 +57,7 @@ class Advertiser:
         self._server_started: tuple[int, int] | None = None
         self._changed = asyncio.Event()
         self._idle = asyncio.Event()
-        self._router = (
-            GrpcRouter(address, call_timeout=CALL_TIMEOUT_S)
-            if max_message_bytes is None
-            else GrpcRouter(address, max_message_bytes, call_timeout=CALL_TIMEOUT_S)
-        )
+        self._router = GrpcRouter(address, max_message_bytes, call_timeout=CALL_TIMEOUT_S)
         self._reachable = True
         self.pushes = 0
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, NoReturn, TypeVar
 
@@ -118,6 +118,7 @@ def import_message(state: ImportStatus) -> pinner_pb2.ImportState:
     )
 
 
+@dataclass(eq=False)
 class PinnerApi(pinner_pb2_grpc.PinnerServicer):
     """Servicer of the Pinner API.
 
@@ -127,20 +128,12 @@ class PinnerApi(pinner_pb2_grpc.PinnerServicer):
     status` relies on that).
     """
 
-    def __init__(
-        self,
-        pins: PinManager | None,
-        *,
-        prefetcher: Prefetcher | None = None,
-        airgap: AirgapManager | None = None,
-        sync_state: SyncStateFn | None = None,
-        resync: ResyncFn | None = None,
-    ) -> None:
-        self._pins = pins
-        self._prefetcher = prefetcher
-        self._airgap = airgap
-        self._sync_state = sync_state
-        self._resync = resync
+    pins: PinManager | None
+    _: KW_ONLY
+    prefetcher: Prefetcher | None = None
+    airgap: AirgapManager | None = None
+    sync_state: SyncStateFn | None = None
+    resync: ResyncFn | None = None
 
     def register(self, server: GrpcServer) -> None:
         server.add_service(
@@ -148,9 +141,9 @@ class PinnerApi(pinner_pb2_grpc.PinnerServicer):
         )
 
     async def _containerd(self, context: grpc.aio.ServicerContext[object, object]) -> PinManager:
-        if self._pins is None:
+        if self.pins is None:
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the pinner has no containerd here")
-        return self._pins
+        return self.pins
 
     async def _with_pins(
         self,
@@ -191,13 +184,13 @@ class PinnerApi(pinner_pb2_grpc.PinnerServicer):
         self, request: pinner_pb2.StatusRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pinner_pb2.StatusResponse:
         pins = await self._containerd(context)
-        state = self._sync_state() if self._sync_state is not None else SyncState()
+        state = self.sync_state() if self.sync_state is not None else SyncState()
         try:
             pinned = len(await pins.pinned())
             connected = state.containerd_connected
         except ContainerdError:
             pinned, connected = 0, False
-        imports = self._airgap.status() if self._airgap is not None else []
+        imports = self.airgap.status() if self.airgap is not None else []
         return pinner_pb2.StatusResponse(
             participating=state.participating,
             containerd_connected=connected,
@@ -214,8 +207,8 @@ class PinnerApi(pinner_pb2_grpc.PinnerServicer):
     ) -> pinner_pb2.ResyncResponse:
         await self._containerd(context)
         try:
-            imported = await self._airgap.rescan() if self._airgap is not None else 0
-            outcome = await self._resync() if self._resync is not None else SyncOutcome()
+            imported = await self.airgap.rescan() if self.airgap is not None else 0
+            outcome = await self.resync() if self.resync is not None else SyncOutcome()
         except ContainerdError as exc:
             await _abort(context, exc)
         return pinner_pb2.ResyncResponse(
@@ -230,11 +223,11 @@ class PinnerApi(pinner_pb2_grpc.PinnerServicer):
         request: pinner_pb2.PrefetchRequest,
         context: grpc.aio.ServicerContext[object, object],
     ) -> AsyncIterator[pinner_pb2.PrefetchProgress]:
-        if self._prefetcher is None:
+        if self.prefetcher is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, NO_CONTAINERD)
         # An InvalidPrefetchError (the field named) is answered by the ErrorStatuses interceptor.
         try:
-            async for update in self._prefetcher.prefetch(request.reference):
+            async for update in self.prefetcher.prefetch(request.reference):
                 yield progress_message(update)
         except ContainerdError as exc:
             # Name the field, keep containerd's reason (not found upstream, unreachable, ...).

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Awaitable, Callable
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 
 from services.common.k3s.registries import Registries, RegistriesError, load_registries
@@ -43,28 +44,21 @@ def _signature(path: Path) -> Signature:
     return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
+@dataclass(eq=False)
 class HostsKeeper:
     """Puts `certs_dir` right whenever it differs from what `registries_file` renders to."""
 
-    def __init__(
-        self,
-        registries_file: Path,
-        certs_dir: Path,
-        opts: HostsOptions,
-        *,
-        interval: float,
-        write: bool = True,
-    ) -> None:
-        self.registries_file = registries_file
-        self.certs_dir = certs_dir
-        self.opts = opts
-        self.interval = interval
-        self.write = write
-        # Told each registries.yaml that was read anew (on the event loop).
-        self.on_registries: Callable[[Registries], Awaitable[None]] | None = None
-        self._loaded: object = _NEVER
-        self._files: dict[str, str] | None = None
-        self._warnings: tuple[str, ...] = ()
+    registries_file: Path
+    certs_dir: Path
+    opts: HostsOptions
+    _: KW_ONLY
+    interval: float
+    write: bool = True
+    # Told each registries.yaml that was read anew (on the event loop).
+    on_registries: Callable[[Registries], Awaitable[None]] | None = field(default=None, init=False)
+    _loaded: object = field(default=_NEVER, init=False)
+    _files: dict[str, str] | None = field(default=None, init=False)
+    _warnings: tuple[str, ...] = field(default=(), init=False)
 
     def _reload(self) -> Registries | None:
         signature = _signature(self.registries_file)

@@ -24,14 +24,11 @@ from services.common.genproto.containerd.services.content.v1 import (
     content_pb2,
     content_pb2_grpc,
 )
-from services.common.genproto.cri.runtime.v1 import api_pb2, api_pb2_grpc
+from services.pinner.cri import PULL_TIMEOUT, STATUS_TIMEOUT, CriPuller
 from services.pinner.pins import candidate_names
 
 # Often enough for a progress bar to move, rare enough to cost containerd nothing.
 POLL_INTERVAL = 0.5
-# The same bound the air-gap list pulls have: a prefetch of a large image may take minutes.
-PULL_TIMEOUT = 600.0
-STATUS_TIMEOUT = 10.0
 
 
 class Phase(Enum):
@@ -150,10 +147,9 @@ class Prefetcher:
         pull_timeout: float = PULL_TIMEOUT,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._images = api_pb2_grpc.ImageServiceStub(channel)
+        self._cri = CriPuller(channel, pull_timeout)
         self._content = content_pb2_grpc.ContentStub(channel)
         self._poll_interval = poll_interval
-        self._pull_timeout = pull_timeout
         self._clock = clock
         self._metadata = ((NAMESPACE_METADATA_KEY, namespace),)
 
@@ -186,7 +182,7 @@ class Prefetcher:
 
         tally = IngestTally(await self.ingests())
         yield update(Phase.STARTED, tally)
-        pull = asyncio.create_task(self._pull(ref))
+        pull = asyncio.create_task(self._cri.pull(ref))
         try:
             while True:
                 done, _ = await asyncio.wait({pull}, timeout=self._poll_interval)
@@ -202,7 +198,7 @@ class Prefetcher:
                 pull.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await pull
-        size = await self._image_size(ref)
+        size = await self._cri.image_size(ref)
         yield PrefetchUpdate(
             reference=reference,
             phase=Phase.DONE,
@@ -212,19 +208,3 @@ class Prefetcher:
             image_id=image_id,
             image_size=size,
         )
-
-    async def _pull(self, ref: str) -> str:
-        request = api_pb2.PullImageRequest(image=api_pb2.ImageSpec(image=ref))
-        try:
-            reply = await self._images.PullImage(request, timeout=self._pull_timeout)
-        except grpc.aio.AioRpcError as err:
-            raise translate_rpc_error(err, f"CRI pull of {ref}") from err
-        return str(reply.image_ref)
-
-    async def _image_size(self, ref: str) -> int:
-        request = api_pb2.ImageStatusRequest(image=api_pb2.ImageSpec(image=ref))
-        try:
-            reply = await self._images.ImageStatus(request, timeout=STATUS_TIMEOUT)
-        except grpc.aio.AioRpcError as err:
-            raise translate_rpc_error(err, f"CRI image status of {ref}") from err
-        return int(reply.image.size) if reply.HasField("image") else 0

@@ -25,8 +25,8 @@ from services.pinner.advertiser import BATCH_SIZE as ADVERTISE_BATCH
 from services.pinner.advertiser import Advertiser
 from services.pinner.airgap.ingest import IngestChannel
 from services.pinner.airgap.manager import AirgapManager
-from services.pinner.airgap.pull import CRI_NAMESPACE
 from services.pinner.api import PinnerApi, SyncOutcome, SyncState
+from services.pinner.cri import CRI_NAMESPACE
 from services.pinner.hosts_keeper import HostsKeeper
 from services.pinner.hosts_toml import HostsOptions
 from services.pinner.hosts_writer import HostsLockedError, write_containerd_config

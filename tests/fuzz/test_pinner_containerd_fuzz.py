@@ -33,7 +33,7 @@ from services.common.containerd.client import ContainerdClient
 from services.common.containerd.errors import ContainerdNotFoundError
 from services.common.genproto.peermirror.pinner.v1 import pinner_pb2
 from services.common.oci.grammar import GrammarError, Reference, parse_reference
-from services.pinner.airgap.pull import CRI_NAMESPACE
+from services.pinner.cri import CRI_NAMESPACE
 from services.pinner.pins import PIN_LABEL, PIN_VALUE
 from services.pinner.prefetch import InvalidPrefetchError, normalise_reference
 from tests.fuzz.grpc_calls import Outcome, call_batch

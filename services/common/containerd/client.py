@@ -13,7 +13,7 @@ import asyncio
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 
 import grpc
 from google.protobuf.any_pb2 import Any as AnyPb
@@ -50,6 +50,7 @@ from services.common.genproto.containerd.services.introspection.v1 import (
 )
 from services.common.genproto.containerd.services.version.v1 import version_pb2_grpc
 from services.common.genproto.containerd.types import descriptor_pb2
+from services.common.grpc_channel import channel_options
 from services.common.store.protocol import Descriptor
 
 DEFAULT_ADDRESS = "/run/containerd/containerd.sock"
@@ -60,15 +61,11 @@ NAMESPACE_METADATA_KEY = "containerd-namespace"
 MAX_MESSAGE_BYTES = 16 << 20
 WRITE_CHUNK_BYTES = 1 << 20
 
-_CHANNEL_OPTIONS: list[tuple[str, Any]] = [
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    # gRPC's default reconnect backoff grows to two minutes; a restarted containerd is back in
-    # well under a second, and the pinner should notice that promptly.
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 2000),
-]
+_Request = TypeVar("_Request")
+_Response = TypeVar("_Response")
+
+# A restarted containerd is back in well under a second, and the pinner should notice promptly.
+_CHANNEL_OPTIONS = channel_options(MAX_MESSAGE_BYTES, reconnect_ms=(100, 2000))
 
 
 def grpc_target(address: str) -> str:
@@ -208,11 +205,17 @@ class ContainerdClient(AsyncClosing):
             else _channel
         )
         self._metadata = ((NAMESPACE_METADATA_KEY, namespace),)
-        self._content = content_pb2_grpc.ContentStub(self._channel)
-        self._images = images_pb2_grpc.ImagesStub(self._channel)
-        self._events = events_pb2_grpc.EventsStub(self._channel)
-        self._introspection = introspection_pb2_grpc.IntrospectionStub(self._channel)
-        self._version = version_pb2_grpc.VersionStub(self._channel)
+        self._content: content_pb2_grpc.ContentAsyncStub = content_pb2_grpc.ContentStub(
+            self._channel
+        )
+        self._images: images_pb2_grpc.ImagesAsyncStub = images_pb2_grpc.ImagesStub(self._channel)
+        self._events: events_pb2_grpc.EventsAsyncStub = events_pb2_grpc.EventsStub(self._channel)
+        self._introspection: introspection_pb2_grpc.IntrospectionAsyncStub = (
+            introspection_pb2_grpc.IntrospectionStub(self._channel)
+        )
+        self._version: version_pb2_grpc.VersionAsyncStub = version_pb2_grpc.VersionStub(
+            self._channel
+        )
 
     def with_namespace(self, namespace: str) -> ContainerdClient:
         """A client for `namespace` sharing this client's connection (closing it is a no-op)."""
@@ -237,23 +240,29 @@ class ContainerdClient(AsyncClosing):
                 await self._channel.channel_ready()
                 await asyncio.sleep(0.05)
 
+    async def _unary(
+        self,
+        rpc: grpc.aio.UnaryUnaryMultiCallable[_Request, _Response],
+        request: _Request,
+        subject: str,
+    ) -> _Response:
+        """One unary call in this namespace; a failure raised as our exception about `subject`."""
+        try:
+            return await rpc(request, metadata=self._metadata)
+        except grpc.aio.AioRpcError as err:
+            raise translate_rpc_error(err, subject) from err
+
     # --- version and introspection ----------------------------------------------------------
 
     async def version(self) -> VersionInfo:
-        try:
-            resp = await self._version.Version(Empty(), metadata=self._metadata)
-        except grpc.aio.AioRpcError as err:
-            raise translate_rpc_error(err, "version") from err
+        resp = await self._unary(self._version.Version, Empty(), "version")
         return VersionInfo(version=resp.version, revision=resp.revision)
 
     async def plugins(self) -> list[PluginInfo]:
         """Every plugin the daemon knows, with what each exports (e.g. the content root)."""
-        try:
-            resp = await self._introspection.Plugins(
-                introspection_pb2.PluginsRequest(), metadata=self._metadata
-            )
-        except grpc.aio.AioRpcError as err:
-            raise translate_rpc_error(err, "introspection") from err
+        resp = await self._unary(
+            self._introspection.Plugins, introspection_pb2.PluginsRequest(), "introspection"
+        )
         return [
             PluginInfo(
                 type=p.type, id=p.id, exports=dict(p.exports), capabilities=tuple(p.capabilities)
@@ -273,12 +282,7 @@ class ContainerdClient(AsyncClosing):
     # --- content ------------------------------------------------------------------------------
 
     async def content_info(self, digest: str) -> ContentInfo:
-        try:
-            resp = await self._content.Info(
-                content_pb2.InfoRequest(digest=digest), metadata=self._metadata
-            )
-        except grpc.aio.AioRpcError as err:
-            raise translate_rpc_error(err, digest) from err
+        resp = await self._unary(self._content.Info, content_pb2.InfoRequest(digest=digest), digest)
         return _content_info(resp.info)
 
     async def read_content(
@@ -391,19 +395,13 @@ class ContainerdClient(AsyncClosing):
             info=content_pb2.Info(digest=digest, labels=labels),
             update_mask=FieldMask(paths=paths),
         )
-        try:
-            resp = await self._content.Update(request, metadata=self._metadata)
-        except grpc.aio.AioRpcError as err:
-            raise translate_rpc_error(err, digest) from err
+        resp = await self._unary(self._content.Update, request, digest)
         return _content_info(resp.info)
 
     async def delete_content(self, digest: str) -> None:
-        try:
-            await self._content.Delete(
-                content_pb2.DeleteContentRequest(digest=digest), metadata=self._metadata
-            )
-        except grpc.aio.AioRpcError as err:
-            raise translate_rpc_error(err, digest) from err
+        await self._unary(
+            self._content.Delete, content_pb2.DeleteContentRequest(digest=digest), digest
+        )
 
     async def list_content(self, *filters: str) -> list[ContentInfo]:
         """Every blob of the namespace matching all of `filters` (containerd filter syntax)."""
@@ -421,22 +419,14 @@ class ContainerdClient(AsyncClosing):
     # --- images -------------------------------------------------------------------------------
 
     async def get_image(self, name: str) -> Image:
-        try:
-            resp = await self._images.Get(
-                images_pb2.GetImageRequest(name=name), metadata=self._metadata
-            )
-        except grpc.aio.AioRpcError as err:
-            raise translate_rpc_error(err, name) from err
+        resp = await self._unary(self._images.Get, images_pb2.GetImageRequest(name=name), name)
         return _image(resp.image)
 
     async def list_images(self, *filters: str) -> list[Image]:
         """Images matching any of `filters` (containerd filter syntax: `name~="^docker.io/"`)."""
-        try:
-            resp = await self._images.List(
-                images_pb2.ListImagesRequest(filters=list(filters)), metadata=self._metadata
-            )
-        except grpc.aio.AioRpcError as err:
-            raise translate_rpc_error(err, "image list") from err
+        resp = await self._unary(
+            self._images.List, images_pb2.ListImagesRequest(filters=list(filters)), "image list"
+        )
         return [_image(img) for img in resp.images]
 
     async def create_image(
@@ -444,12 +434,9 @@ class ContainerdClient(AsyncClosing):
     ) -> Image:
         """Create image `name`; ContainerdAlreadyExistsError when the name is taken."""
         image = images_pb2.Image(name=name, target=_descriptor_pb(target), labels=labels or {})
-        try:
-            resp = await self._images.Create(
-                images_pb2.CreateImageRequest(image=image), metadata=self._metadata
-            )
-        except grpc.aio.AioRpcError as err:
-            raise translate_rpc_error(err, name) from err
+        resp = await self._unary(
+            self._images.Create, images_pb2.CreateImageRequest(image=image), name
+        )
         return _image(resp.image)
 
     async def update_image(
@@ -475,20 +462,14 @@ class ContainerdClient(AsyncClosing):
 
     async def _update_image(self, image: images_pb2.Image, paths: list[str]) -> Image:
         request = images_pb2.UpdateImageRequest(image=image, update_mask=FieldMask(paths=paths))
-        try:
-            resp = await self._images.Update(request, metadata=self._metadata)
-        except grpc.aio.AioRpcError as err:
-            raise translate_rpc_error(err, image.name) from err
+        resp = await self._unary(self._images.Update, request, image.name)
         return _image(resp.image)
 
     async def delete_image(self, name: str, *, sync: bool = False) -> None:
         """Delete image `name`; with `sync`, containerd garbage-collects before answering."""
-        try:
-            await self._images.Delete(
-                images_pb2.DeleteImageRequest(name=name, sync=sync), metadata=self._metadata
-            )
-        except grpc.aio.AioRpcError as err:
-            raise translate_rpc_error(err, name) from err
+        await self._unary(
+            self._images.Delete, images_pb2.DeleteImageRequest(name=name, sync=sync), name
+        )
 
     # --- events -------------------------------------------------------------------------------
 
@@ -513,7 +494,4 @@ class ContainerdClient(AsyncClosing):
         request = events_pb2.PublishRequest(
             topic=topic, event=AnyPb(type_url=type_url, value=value)
         )
-        try:
-            await self._events.Publish(request, metadata=self._metadata)
-        except grpc.aio.AioRpcError as err:
-            raise translate_rpc_error(err, f"publish {topic}") from err
+        await self._unary(self._events.Publish, request, f"publish {topic}")

@@ -19,26 +19,29 @@ CONTENT_PLUGIN_TYPE = "io.containerd.content.v1"
 CONTENT_PLUGIN_ID = "content"
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Record:
+    """What containerd keeps on every record it stores: labels and its two timestamps."""
+
+    labels: Mapping[str, str] = field(default_factory=dict)
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+
 @dataclass(frozen=True, slots=True)
-class ContentInfo:
+class ContentInfo(Record):
     """One committed blob as containerd's namespace sees it."""
 
     digest: str
     size: int
-    labels: Mapping[str, str] = field(default_factory=dict)
-    created_at: datetime | None = None
-    updated_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
-class Image:
+class Image(Record):
     """One image record: a name (`<registry>/<repo>:<tag>` or `name@digest`) and its target."""
 
     name: str
     target: Descriptor
-    labels: Mapping[str, str] = field(default_factory=dict)
-    created_at: datetime | None = None
-    updated_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,15 +63,19 @@ class VersionInfo:
 
 
 @dataclass(frozen=True, slots=True)
-class ImageCreated:
+class ImageChange:
+    """An image record written: its name and the labels it has now."""
+
     name: str
     labels: Mapping[str, str] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
-class ImageUpdated:
-    name: str
-    labels: Mapping[str, str] = field(default_factory=dict)
+class ImageCreated(ImageChange):
+    __slots__ = ()
+
+
+class ImageUpdated(ImageChange):
+    __slots__ = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, TypeVar
 
 from services.common.config import NodeConfig
+from services.common.grpc_channel import NO_PROXY
 from services.common.status.report import SERVICES, Observed, ServiceObservation
 
 if TYPE_CHECKING:
@@ -18,7 +19,6 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 DEFAULT_TIMEOUT = 2.0
-_NO_PROXY = [("grpc.enable_http_proxy", 0)]
 _WILDCARD_HOSTS = ("", "0.0.0.0", "[::]")
 
 
@@ -94,7 +94,7 @@ def _first(samples: Mapping[str, list[tuple[dict[str, str], float]]], name: str)
 def _channel(address: str) -> grpc.Channel:
     import grpc
 
-    return grpc.insecure_channel(dial_address(address), options=_NO_PROXY)
+    return grpc.insecure_channel(dial_address(address), options=NO_PROXY)
 
 
 def _ask(address: str, call: Callable[[grpc.Channel], T]) -> T | None:

@@ -51,6 +51,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from services.common.units import format_duration
+
 SCHEMA_VERSION = 1
 # Seconds the registry's recent-requests window spans (its gauge and the report's recent rate).
 RECENT_WINDOW_S = 300.0
@@ -154,17 +156,8 @@ def exit_code(report: Mapping[str, Any]) -> int:
     return 0 if report["ok"] else 1
 
 
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    s = int(seconds)
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    if s < 86400:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+def _duration_text(seconds: float | None) -> str:
+    return "-" if seconds is None else format_duration(seconds)
 
 
 def _value(value: object) -> str:
@@ -189,7 +182,7 @@ def render_text(report: Mapping[str, Any]) -> str:
         s = report["services"][name]
         lines.append(
             f"{name:<10} {s['state']:<9} {s['health']:<26} {_value(s['version']):<9} "
-            f"{_duration(s['uptime_seconds']):<8} {s['address']}"
+            f"{_duration_text(s['uptime_seconds']):<8} {s['address']}"
         )
     lines.append(
         f"peers {_value(report['peers'])}, provider records {_value(report['provider_records'])}, "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from services.common.hostport import join_host_port
 from services.discovery.kademlia.node_id import check_id, id_int, short_id
 
 
@@ -25,17 +26,12 @@ class Contact:
     @property
     def discovery_endpoint(self) -> str:
         """host:port of the Peer service, IPv6 bracketed."""
-        return _endpoint(self.address, self.discovery_port)
+        return join_host_port(self.address, self.discovery_port)
 
     @property
     def registry_endpoint(self) -> str:
         """host:port of the registry, IPv6 bracketed."""
-        return _endpoint(self.address, self.registry_port)
+        return join_host_port(self.address, self.registry_port)
 
     def __str__(self) -> str:
         return f"{short_id(self.node_id)}@{self.discovery_endpoint}"
-
-
-def _endpoint(address: str, port: int) -> str:
-    host = f"[{address}]" if ":" in address else address
-    return f"{host}:{port}"

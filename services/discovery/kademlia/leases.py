@@ -18,20 +18,16 @@ from services.common.errors import (
     ResourceExhaustedError,
 )
 from services.discovery.kademlia.contact import Contact
+from services.discovery.kademlia.expiring import Expiring
 from services.discovery.kademlia.node_id import check_id, xor_distance
 
 
 @dataclass(frozen=True, slots=True)
-class FetchLease:
+class FetchLease(Expiring):
     """`holder` fetches the content named by `key` until `expires_at` unless it renews."""
 
     key: bytes
     holder: Contact
-    expires_at: float
-
-    def ttl(self, now: float) -> float:
-        """Seconds left."""
-        return max(0.0, self.expires_at - now)
 
 
 # The refusals of a lease table; each names the field they are about, the key.
@@ -196,7 +192,7 @@ class LeaseTable:
     def _put(self, key: bytes, holder: Contact, ttl: float, now: float) -> FetchLease:
         if key not in self._leases:
             self._per_holder[holder.node_id] += 1
-        lease = FetchLease(key, holder, now + self.applied_ttl(ttl))
+        lease = FetchLease(key, holder, expires_at=now + self.applied_ttl(ttl))
         self._leases[key] = lease
         heapq.heappush(self._expiry, (lease.expires_at, key))
         return lease

@@ -7,6 +7,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from services.discovery.kademlia.contact import Contact
+from services.discovery.kademlia.expiring import Expiring
 from services.discovery.kademlia.node_id import check_id, dht_key
 
 # Defaults of discovery.max_records_per_peer and discovery.max_records_total: a record costs
@@ -18,16 +19,11 @@ EXPIRY_SLACK = 64
 
 
 @dataclass(frozen=True, slots=True)
-class ProviderRecord:
+class ProviderRecord(Expiring):
     """`provider` holds the content named by `key` until `expires_at` (caller's clock)."""
 
     key: bytes
     provider: Contact
-    expires_at: float
-
-    def ttl(self, now: float) -> float:
-        """Seconds left, as sent in peer.proto's Provider.ttl."""
-        return max(0.0, self.expires_at - now)
 
 
 class ProviderStore:
@@ -81,7 +77,7 @@ class ProviderStore:
             provider.node_id
         ):
             return 0.0
-        record = ProviderRecord(key, provider, now + applied)
+        record = ProviderRecord(key, provider, expires_at=now + applied)
         by_provider = self._records.setdefault(key, {})
         if provider.node_id not in by_provider:
             self._count += 1

@@ -23,9 +23,10 @@ from services.pinner.airgap.formats import FileKind
 from services.pinner.airgap.importer import ArchiveImporter, ArchiveImportError
 from services.pinner.airgap.ingest import IngestChannel
 from services.pinner.airgap.layout import LayoutError
-from services.pinner.airgap.pull import CRI_NAMESPACE, CriPuller, parse_list
+from services.pinner.airgap.pull import parse_list
 from services.pinner.airgap.stream import ArchiveReadError
 from services.pinner.airgap.watch import ChangeTracker, FileStat, scan
+from services.pinner.cri import CRI_NAMESPACE, CriPuller
 from services.pinner.pins import PinManager, managed_labels
 
 if TYPE_CHECKING:

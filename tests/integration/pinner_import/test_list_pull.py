@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from services.pinner.airgap.pull import CRI_NAMESPACE
+from services.pinner.cri import CRI_NAMESPACE
 from tests.harness.containerd import ContainerdDaemon
 from tests.harness.ctr_pull import DEAD_SERVER, push
 from tests.harness.upstream import (

@@ -17,7 +17,7 @@ from services.cli.progress import (
     render_line,
     render_plain,
 )
-from services.common.units import format_bytes
+from services.common.units import format_bytes, format_duration
 
 
 class Clock:
@@ -34,6 +34,14 @@ class Clock:
 )
 def test_format_bytes(n: int, text: str) -> None:
     assert format_bytes(n) == text
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(0, "0s"), (59.9, "59s"), (185, "3m05s"), (7500, "2h05m"), (273600, "3d04h")],
+)
+def test_format_duration(seconds: float, text: str) -> None:
+    assert format_duration(seconds) == text
 
 
 def test_fraction_unknown_total_then_partial_then_done() -> None:

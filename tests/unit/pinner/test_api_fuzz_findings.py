@@ -22,8 +22,8 @@ from services.common.genproto.cri.runtime.v1 import api_pb2
 from services.common.genproto.peermirror.pinner.v1 import pinner_pb2, pinner_pb2_grpc
 from services.common.grpc_server import GrpcServer
 from services.pinner.airgap.ingest import IngestChannel
-from services.pinner.airgap.pull import CRI_NAMESPACE
 from services.pinner.api import PinnerApi
+from services.pinner.cri import CRI_NAMESPACE
 from services.pinner.pins import PinManager
 from services.pinner.prefetch import (
     InvalidPrefetchError,
