@@ -12,6 +12,7 @@ from sanic.server.protocols.http_protocol import HttpProtocol
 
 from services.common.config import NodeConfig
 from services.common.grpc_server import AddressInUseError, GrpcServer, run_until_signal
+from services.common.hostport import join_host_port
 from services.common.logsetup import get_logger
 from services.common.metrics import start_listener
 from services.common.tls import server_context, tls_files
@@ -27,10 +28,6 @@ STOP_BUDGET = 4.0
 CONNECTION_DRAIN = 1.0
 
 log = get_logger("registry")
-
-
-def _http_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class HttpServer:
@@ -50,7 +47,7 @@ class HttpServer:
     @property
     def address(self) -> str:
         """host:port actually listened on (the real port when 0 was asked for)."""
-        return _http_address(self.host, self.port)
+        return join_host_port(self.host, self.port)
 
     async def start(self) -> None:
         """Bind, run Sanic's startup events, then start accepting connections."""

@@ -19,6 +19,8 @@ from typing import Any
 from sanic import HTTPResponse, Request
 
 from services.common.config import NodeConfig
+from services.common.grpc_channel import NO_PROXY
+from services.common.hostport import join_host_port
 from services.common.metrics import Page, version
 from services.common.status.observe import observe
 from services.common.status.report import build_report, state_of
@@ -40,11 +42,6 @@ CALL_TIMEOUT = 2.0
 # Bounds the work of one page on a node with many images: one lookup per image shown.
 MAX_IMAGES = 50
 MAX_PROVIDERS = 20
-_NO_PROXY = [("grpc.enable_http_proxy", 0)]
-
-
-def _host_port(address: str, port: int) -> str:
-    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
 def ask_discovery(
@@ -60,13 +57,13 @@ def ask_discovery(
     now = time.time()
     providers: dict[str, list[str]] = {}
     try:
-        with grpc.insecure_channel(address, options=_NO_PROXY) as ch:
+        with grpc.insecure_channel(address, options=NO_PROXY) as ch:
             stub = pb_grpc.LocalDiscoveryStub(ch)
             table = stub.ListPeers(pb.ListPeersRequest(), timeout=timeout)
             peers = [
                 PeerRow(
                     node_id=p.contact.node_id.hex(),
-                    registry=_host_port(p.contact.address, p.contact.registry_port),
+                    registry=join_host_port(p.contact.address, p.contact.registry_port),
                     discovery_port=p.contact.discovery_port,
                     last_seen_ago=(
                         round(max(0.0, now - p.last_seen.ToNanoseconds() / 1e9), 1)
@@ -82,7 +79,7 @@ def ask_discovery(
                 try:
                     for reply in stub.FindProviders(request, timeout=timeout):
                         c = reply.provider
-                        found.append(_host_port(c.address, c.registry_port))
+                        found.append(join_host_port(c.address, c.registry_port))
                 except grpc.RpcError:
                     pass  # this image's row shows this node only
                 providers[name] = sorted(set(found))

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from services.common.status.report import SERVICES, render_text
-from services.common.units import format_bytes
+from services.common.units import format_bytes, format_duration
 from services.registry.metrics import CACHE_LABELS
 from services.registry.stats import CountKey, PullRecord, Result
 
@@ -186,12 +186,7 @@ def _size(n: float | None) -> str:
 def _ago(seconds: float | None) -> str:
     if seconds is None:
         return "-"
-    s = int(seconds)
-    if s < 60:
-        return f"{s}s ago"
-    if s < 3600:
-        return f"{s // 60}m ago"
-    return f"{s // 3600}h{s % 3600 // 60:02d}m ago"
+    return f"{format_duration(seconds)} ago"
 
 
 def _short_ref(ref: str) -> str:
