@@ -51,10 +51,8 @@ DISCOVERY_CALL_S = 2.0
 
 log = get_logger("registry.inflight")
 
-# Bytes of upstream body gathered before they go to the spool (and readers are woken).
-WRITE_BATCH = 512 * 1024
-# A partial batch is written once upstream sent nothing more for this long.
-FLUSH_AFTER_S = 0.005
+# Most bytes of upstream body gathered while a spool write runs before the next one waits.
+WRITE_BATCH = 1024 * 1024
 
 # Advertiser.advertise or Advertiser.withdraw.
 _KeysCall = Callable[[Sequence[str]], Awaitable[None]]
@@ -335,41 +333,41 @@ class Coordinator:
         """Body bytes into the spool; TimeoutError when upstream sends nothing for the stall
         limit, so a stalled connection is replaced (or the fetch fails and its lease is
         released) instead of holding every waiter in the cluster."""
-        chunks = body.chunks().__aiter__()
-        # Upstream pieces are small (a socket read each); written in batches, every reader
-        # wakes and every thread hop happens once per batch instead of once per piece. A
-        # batch is written as soon as upstream pauses, so no byte waits for the next one.
-        batch = bytearray()
-        pending: asyncio.Future[bytes | None] | None = None
+        loop = asyncio.get_running_loop()
+        stall_s = self.settings.stall_s
+        # One write runs (hashing and pwritev on a worker thread) while the pieces that arrive
+        # meanwhile are gathered for the next: a piece is written at once when no write runs,
+        # so no byte waits for a later one, and a fast upstream gets large batches (every
+        # reader wakes and every thread hop happens once per batch, not once per piece). The
+        # pieces are written as they came: joining them copied every byte twice more.
+        writer: asyncio.Task[None] | None = None
+        parts: list[bytes] = []
+        gathered = 0
         try:
-            while True:
-                if pending is None:
-                    pending = asyncio.ensure_future(anext(chunks, None))
-                wait_s = FLUSH_AFTER_S if batch else self.settings.stall_s
-                done, _ = await asyncio.wait({pending}, timeout=wait_s)
-                if not done:
-                    if not batch:
-                        raise TimeoutError(f"upstream sent nothing for {wait_s:g} s")
-                    await spool.write(bytes(batch))
-                    batch.clear()
-                    continue
-                chunk, pending = pending.result(), None
-                if chunk is None:
-                    break
-                batch += chunk
-                if len(batch) >= WRITE_BATCH:
-                    await spool.write(bytes(batch))
-                    batch.clear()
-            if batch:
-                await spool.write(bytes(batch))
-        except Exception:
-            # Bytes received before the body broke are kept: the resume starts after them.
-            if batch:
-                await spool.write(bytes(batch))
-            raise
+            async with asyncio.timeout(stall_s) as stall:
+                async for chunk in body.chunks():
+                    # One timer, moved per piece (a task and a timer per piece cost more
+                    # CPU than the bytes' hashing).
+                    stall.reschedule(loop.time() + stall_s)
+                    parts.append(chunk)
+                    gathered += len(chunk)
+                    if writer is not None and (writer.done() or gathered >= WRITE_BATCH):
+                        # A full batch waits for the write before it (bounded memory; the
+                        # upstream connection is paused meanwhile).
+                        await writer
+                        writer = None
+                        stall.reschedule(loop.time() + stall_s)
+                    if writer is None:
+                        writer = asyncio.create_task(spool.write_parts(parts))
+                        parts, gathered = [], 0
+        except TimeoutError:
+            raise TimeoutError(f"upstream sent nothing for {stall_s:g} s") from None
         finally:
-            if pending is not None:
-                await cancel_and_wait([pending], within=1.0, owner="inflight")
+            # Bytes received before the body broke are kept too: the resume starts after them.
+            if writer is not None:
+                await writer
+            if parts:
+                await spool.write_parts(parts)
 
     async def _renewed(self, key: str) -> bool:
         """Renew our lease on `key`: False once it is no longer ours (a failed call is not
