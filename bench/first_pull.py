@@ -14,7 +14,9 @@ the wave's median pull time over the baseline's. Targets (issue 13): bytes <= 1.
 median pull time <= 1.25x the baseline. Also the machine's CPU time (all processes, from
 /proc/stat) during the baseline and the wave, and the floor it sets: every node of a wave unpacks
 and stores the whole image as the lone node does, and all nodes share this machine's cores, so a
-wave of N cannot take less than N x (CPU-seconds of the lone pull) / cores. Exit 0 whether
+wave of N cannot take less than N x (CPU-seconds of the lone pull) / cores. And the CPU-seconds
+per GB of image each wave node's registry, containerd and discovery spent (per process, so far
+less disturbed by other load than the machine's figures). Exit 0 whether
 targets are met or missed (the PASS/MISS lines say which); 1 only when the benchmark itself could
 not run. Everything is torn down.
 
@@ -31,6 +33,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from bench.p2p_mesh import process_cpu_s
 from tests.harness.first_pull_wave import (
     Upstream,
     image_bytes,
@@ -38,12 +41,14 @@ from tests.harness.first_pull_wave import (
     push_new_image,
     start_counted_upstream,
 )
-from tests.harness.mesh import Mesh, MeshError
+from tests.harness.mesh import Mesh, MeshError, MeshNode
 from tests.harness.mesh_p2p import FAST_TIMINGS
 
 BYTES_TARGET = 1.05
 TIME_TARGET = 1.25
 LAYERS = 4
+# Processes of a wave node whose CPU per GB is printed: the registry's is what the wave adds.
+SERVICES = ("registry", "containerd", "discovery")
 
 
 def verdict(ok: bool) -> str:
@@ -56,6 +61,16 @@ def busy_cpu_seconds() -> float:
         fields = [int(v) for v in stat.readline().split()[1:]]
     idle, iowait = fields[3], fields[4]
     return (sum(fields[:8]) - idle - iowait) / os.sysconf("SC_CLK_TCK")
+
+
+def wave_processes(nodes: Sequence[MeshNode]) -> dict[tuple[str, str], int | None]:
+    """Each pulling node's processes whose CPU the wave's figures break down."""
+    processes: dict[tuple[str, str], int | None] = {}
+    for node in nodes:
+        processes[(node.name, "registry")] = node.services["registry"].pid
+        processes[(node.name, "containerd")] = node.containerd.pid
+        processes[(node.name, "discovery")] = node.services["discovery"].pid
+    return processes
 
 
 def alone_from_upstream(
@@ -98,9 +113,13 @@ def run(waves: Sequence[int], layer_size: int) -> int:
             image = push_new_image(
                 upstream, scratch / f"wave{wave}", f"wave{wave}", layer_size=layer_size
             )
+            pulling = mesh.nodes[:wave]
+            processes = wave_processes(pulling)
             before, cpu = upstream.sent.read(), busy_cpu_seconds()
-            outcomes = pull_together(mesh.nodes[:wave], image.name)
+            spent = {name: process_cpu_s(pid) for name, pid in processes.items()}
+            outcomes = pull_together(pulling, image.name)
             cpu = busy_cpu_seconds() - cpu
+            spent = {name: process_cpu_s(pid) - spent[name] for name, pid in processes.items()}
             failed = [o for o in outcomes if o.error is not None]
             if failed:
                 print(f"wave of {wave}: pulls failed: {failed}")
@@ -127,6 +146,17 @@ def run(waves: Sequence[int], layer_size: int) -> int:
                 f"     CPU: the lone pull used {alone_cpu:.1f} CPU-s ({alone_cpu / baseline:.2f} "
                 f"cores), the wave {cpu:.1f} CPU-s ({cpu / max(o.seconds for o in outcomes):.2f} "
                 f"cores of {cores}); CPU floor for {wave} nodes on this machine: {floor:.2f}x"
+            )
+            gigabytes = image_bytes(image) / 1e9
+            per_gb = {
+                service: sum(s for (_, svc), s in spent.items() if svc == service)
+                / wave
+                / gigabytes
+                for service in SERVICES
+            }
+            print(
+                "     CPU-s per GB of image per node in the wave: "
+                + ", ".join(f"{service} {per_gb[service]:.2f}" for service in SERVICES)
             )
     return 0
 
