@@ -43,6 +43,7 @@ from services.registry.inflight.ports import (
     UpstreamManifest,
 )
 from services.registry.inflight.spool import Spool, SpoolPool
+from services.registry.inflight.spool_feed import SpoolFeed
 from services.registry.inflight.spool_state import Phase
 
 # Bound on each call to discovery made on a request's behalf: it is node-local and quick, and a
@@ -51,8 +52,10 @@ DISCOVERY_CALL_S = 2.0
 
 log = get_logger("registry.inflight")
 
-# Most bytes of upstream body gathered while a spool write runs before the next one waits.
-WRITE_BATCH = 1024 * 1024
+# Bytes of upstream body gathered into one spool write (and one wake-up of its readers).
+WRITE_BATCH = 512 * 1024
+# A smaller batch is written once its first piece waited this long.
+FLUSH_AFTER_S = 0.005
 
 # Advertiser.advertise or Advertiser.withdraw.
 _KeysCall = Callable[[Sequence[str]], Awaitable[None]]
@@ -335,39 +338,25 @@ class Coordinator:
         released) instead of holding every waiter in the cluster."""
         loop = asyncio.get_running_loop()
         stall_s = self.settings.stall_s
-        # One write runs (hashing and pwritev on a worker thread) while the pieces that arrive
-        # meanwhile are gathered for the next: a piece is written at once when no write runs,
-        # so no byte waits for a later one, and a fast upstream gets large batches (every
-        # reader wakes and every thread hop happens once per batch, not once per piece). The
-        # pieces are written as they came: joining them copied every byte twice more.
-        writer: asyncio.Task[None] | None = None
-        parts: list[bytes] = []
-        gathered = 0
+        feed = SpoolFeed(spool, WRITE_BATCH, FLUSH_AFTER_S)
+        stall = asyncio.timeout(stall_s)
         try:
-            async with asyncio.timeout(stall_s) as stall:
-                async for chunk in body.chunks():
-                    # One timer, moved per piece (a task and a timer per piece cost more
-                    # CPU than the bytes' hashing).
+            async with stall:
+                async for piece in body.chunks():
+                    await feed.add(piece)
+                    # One timer, moved per piece (a task and a timer per piece cost more CPU
+                    # than hashing the bytes).
                     stall.reschedule(loop.time() + stall_s)
-                    parts.append(chunk)
-                    gathered += len(chunk)
-                    if writer is not None and (writer.done() or gathered >= WRITE_BATCH):
-                        # A full batch waits for the write before it (bounded memory; the
-                        # upstream connection is paused meanwhile).
-                        await writer
-                        writer = None
-                        stall.reschedule(loop.time() + stall_s)
-                    if writer is None:
-                        writer = asyncio.create_task(spool.write_parts(parts))
-                        parts, gathered = [], 0
-        except TimeoutError:
-            raise TimeoutError(f"upstream sent nothing for {stall_s:g} s") from None
-        finally:
-            # Bytes received before the body broke are kept too: the resume starts after them.
-            if writer is not None:
-                await writer
-            if parts:
-                await spool.write_parts(parts)
+        except Exception:
+            # Bytes received before the body broke are kept: the resume starts after them.
+            await feed.close()
+            if stall.expired():
+                raise TimeoutError(f"upstream sent nothing for {stall_s:g} s") from None
+            raise
+        except BaseException:
+            await feed.abort()
+            raise
+        await feed.close()
 
     async def _renewed(self, key: str) -> bool:
         """Renew our lease on `key`: False once it is no longer ours (a failed call is not

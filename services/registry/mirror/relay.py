@@ -672,6 +672,15 @@ class Mirror:
             check.update(data)
 
 
+def _piece_buffers(actions: list[core.Action]) -> list[object]:
+    """The receive buffers the pieces sent by `actions` are views of."""
+    return [
+        action.data.obj
+        for action in actions
+        if isinstance(action, core.Send) and isinstance(action.data, memoryview)
+    ]
+
+
 class _BodyRelay:
     """The I/O of one relayed blob body: reads peers, carries out what the core decides."""
 
@@ -751,6 +760,12 @@ class _BodyRelay:
                     cancel()
                     raise
                 finally:
+                    # Sent or abandoned: their buffers serve later reads once nothing
+                    # refers to them (the list is the last holder of the pieces here).
+                    buffers = _piece_buffers(actions)
+                    actions.clear()
+                    for buffer in buffers:
+                        sock.buffers.give_back(buffer)
                     free.release()
 
         def hand_over(actions: list[core.Action]) -> None:
@@ -778,6 +793,9 @@ class _BodyRelay:
                     else:
                         now = time.monotonic()
                         actions = blob.received(data, now) if data else blob.ended(now)
+                        # The core keeps what it needs; a view kept here while the next read
+                        # waits would keep its buffer from being reused.
+                        del data
                 if not all(isinstance(a, core.Send | core.RecordRate) for a in actions):
                     return actions
                 if actions:
