@@ -248,14 +248,22 @@ class Coordinator:
             return Unavailable("fetch lease refused without a holder")
         return HeldElsewhere(answer.holder)
 
-    async def _claim_blob(self, registry: str, repository: str, digest: str) -> BlobClaim:
-        refused = await self._acquire(digest)
+    async def _lease_and_slot(self, key: str) -> FetchSlot | HeldElsewhere | Unavailable:
+        """The lease on `key` and one of this node's upstream slots, both ours now; else who
+        holds the lease or why this node may not fetch (the lease is not kept then)."""
+        refused = await self._acquire(key)
         if refused is not None:
             return refused
         slot = await self.limiter.acquire()
         if slot is None:
-            await self._release(digest)
+            await self._release(key)
             return Unavailable("this node is at its back-to-source limit")
+        return slot
+
+    async def _claim_blob(self, registry: str, repository: str, digest: str) -> BlobClaim:
+        slot = await self._lease_and_slot(digest)
+        if isinstance(slot, HeldElsewhere | Unavailable):
+            return slot
         try:
             body = await self.upstream.fetch_blob(registry, repository, digest, 0)
         except Exception as exc:
@@ -460,13 +468,9 @@ class Coordinator:
     async def _claim_manifest(
         self, registry: str, repository: str, reference: str, key: str
     ) -> ManifestClaim:
-        refused = await self._acquire(key)
-        if refused is not None:
-            return refused
-        slot = await self.limiter.acquire()
-        if slot is None:
-            await self._release(key)
-            return Unavailable("this node is at its back-to-source limit")
+        slot = await self._lease_and_slot(key)
+        if isinstance(slot, HeldElsewhere | Unavailable):
+            return slot
         try:
             self.counters.upstream_manifest_requests += 1
             manifest = await self.upstream.fetch_manifest(registry, repository, reference)
