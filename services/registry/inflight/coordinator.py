@@ -53,7 +53,7 @@ DISCOVERY_CALL_S = 2.0
 log = get_logger("registry.inflight")
 
 # Bytes of upstream body gathered into one spool write (and one wake-up of its readers).
-WRITE_BATCH = 512 * 1024
+WRITE_BATCH = 1024 * 1024
 # A smaller batch is written once its first piece waited this long.
 FLUSH_AFTER_S = 0.005
 
