@@ -14,7 +14,9 @@ the wave's median pull time over the baseline's. Targets (issue 13): bytes <= 1.
 median pull time <= 1.25x the baseline. Also the machine's CPU time (all processes, from
 /proc/stat) during the baseline and the wave, and the floor it sets: every node of a wave unpacks
 and stores the whole image as the lone node does, and all nodes share this machine's cores, so a
-wave of N cannot take less than N x (CPU-seconds of the lone pull) / cores. Exit 0 whether
+wave of N cannot take less than N x (CPU-seconds of the lone pull) / cores. And the CPU-seconds
+per GB of image each wave node's registry, containerd and discovery spent (per process, so far
+less disturbed by other load than the machine's figures). Exit 0 whether
 targets are met or missed (the PASS/MISS lines say which); 1 only when the benchmark itself could
 not run. Everything is torn down.
 
@@ -39,6 +41,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.p2p_mesh import process_cpu_s
 from tests.harness.first_pull_wave import (
     Upstream,
     image_bytes,
@@ -52,6 +55,8 @@ from tests.harness.mesh_p2p import FAST_TIMINGS
 BYTES_TARGET = 1.05
 TIME_TARGET = 1.25
 LAYERS = 4
+# Processes of a wave node whose CPU per GB is printed: the registry's is what the wave adds.
+SERVICES = ("registry", "containerd", "discovery")
 
 
 def verdict(ok: bool) -> str:
@@ -74,19 +79,34 @@ class Pulls:
     seconds: list[float]
     machine_cpu: float
     node_cpu: list[float]
+    # CPU seconds of each of SERVICES, summed over the pulling nodes.
+    service_cpu: dict[str, float]
+
+
+def service_pids(node: MeshNode) -> dict[str, int | None]:
+    return {
+        "registry": node.services["registry"].pid,
+        "containerd": node.containerd.pid,
+        "discovery": node.services["discovery"].pid,
+    }
 
 
 def timed_pulls(mesh: Mesh, nodes: Sequence[MeshNode], ref: str) -> Pulls:
     groups = [mesh.cgroups[n.name] for n in nodes]
+    pids = [(service, pid) for n in nodes for service, pid in service_pids(n).items()]
     node_cpu = [g.cpu_seconds() for g in groups]
+    process_cpu = [process_cpu_s(pid) for _, pid in pids]
     machine_cpu = busy_cpu_seconds()
     outcomes = pull_together(nodes, ref)
     machine_cpu = busy_cpu_seconds() - machine_cpu
     node_cpu = [g.cpu_seconds() - c for g, c in zip(groups, node_cpu, strict=True)]
+    service_cpu = dict.fromkeys(SERVICES, 0.0)
+    for (service, pid), before in zip(pids, process_cpu, strict=True):
+        service_cpu[service] += process_cpu_s(pid) - before
     failed = [o for o in outcomes if o.error is not None]
     if failed:
         raise MeshError(f"pulls failed: {failed}")
-    return Pulls([o.seconds for o in outcomes], machine_cpu, node_cpu)
+    return Pulls([o.seconds for o in outcomes], machine_cpu, node_cpu, service_cpu)
 
 
 def alone_from_upstream(mesh: Mesh, upstream: Upstream, scratch: Path, layer_size: int) -> Pulls:
@@ -150,6 +170,14 @@ def run(waves: Sequence[int], layer_size: int, node_cpus: float | None) -> int:
                 f"     node CPU: the lone node {alone.node_cpu[0]:.1f} CPU-s; wave nodes "
                 f"{', '.join(f'{c:.1f}' for c in pulls.node_cpu)} CPU-s, median "
                 f"{node_ratio:.2f}x the lone node's"
+            )
+            gigabytes = image_bytes(image) / 1e9
+            print(
+                "     CPU-s per GB of image per node in the wave: "
+                + ", ".join(
+                    f"{service} {pulls.service_cpu[service] / wave / gigabytes:.2f}"
+                    for service in SERVICES
+                )
             )
             if node_cpus is None:
                 floor = max(1.0, wave * alone.machine_cpu / cores / baseline)

@@ -43,6 +43,7 @@ from services.registry.inflight.ports import (
     UpstreamManifest,
 )
 from services.registry.inflight.spool import Spool, SpoolPool
+from services.registry.inflight.spool_feed import SpoolFeed
 from services.registry.inflight.spool_state import Phase
 
 # Bound on each call to discovery made on a request's behalf: it is node-local and quick, and a
@@ -51,9 +52,9 @@ DISCOVERY_CALL_S = 2.0
 
 log = get_logger("registry.inflight")
 
-# Bytes of upstream body gathered before they go to the spool (and readers are woken).
-WRITE_BATCH = 512 * 1024
-# A partial batch is written once upstream sent nothing more for this long.
+# Bytes of upstream body gathered into one spool write (and one wake-up of its readers).
+WRITE_BATCH = 1024 * 1024
+# A smaller batch is written once its first piece waited this long.
 FLUSH_AFTER_S = 0.005
 
 # Advertiser.advertise or Advertiser.withdraw.
@@ -247,14 +248,22 @@ class Coordinator:
             return Unavailable("fetch lease refused without a holder")
         return HeldElsewhere(answer.holder)
 
-    async def _claim_blob(self, registry: str, repository: str, digest: str) -> BlobClaim:
-        refused = await self._acquire(digest)
+    async def _lease_and_slot(self, key: str) -> FetchSlot | HeldElsewhere | Unavailable:
+        """The lease on `key` and one of this node's upstream slots, both ours now; else who
+        holds the lease or why this node may not fetch (the lease is not kept then)."""
+        refused = await self._acquire(key)
         if refused is not None:
             return refused
         slot = await self.limiter.acquire()
         if slot is None:
-            await self._release(digest)
+            await self._release(key)
             return Unavailable("this node is at its back-to-source limit")
+        return slot
+
+    async def _claim_blob(self, registry: str, repository: str, digest: str) -> BlobClaim:
+        slot = await self._lease_and_slot(digest)
+        if isinstance(slot, HeldElsewhere | Unavailable):
+            return slot
         try:
             body = await self.upstream.fetch_blob(registry, repository, digest, 0)
         except Exception as exc:
@@ -335,41 +344,27 @@ class Coordinator:
         """Body bytes into the spool; TimeoutError when upstream sends nothing for the stall
         limit, so a stalled connection is replaced (or the fetch fails and its lease is
         released) instead of holding every waiter in the cluster."""
-        chunks = body.chunks().__aiter__()
-        # Upstream pieces are small (a socket read each); written in batches, every reader
-        # wakes and every thread hop happens once per batch instead of once per piece. A
-        # batch is written as soon as upstream pauses, so no byte waits for the next one.
-        batch = bytearray()
-        pending: asyncio.Future[bytes | None] | None = None
+        loop = asyncio.get_running_loop()
+        stall_s = self.settings.stall_s
+        feed = SpoolFeed(spool, WRITE_BATCH, FLUSH_AFTER_S)
+        stall = asyncio.timeout(stall_s)
         try:
-            while True:
-                if pending is None:
-                    pending = asyncio.ensure_future(anext(chunks, None))
-                wait_s = FLUSH_AFTER_S if batch else self.settings.stall_s
-                done, _ = await asyncio.wait({pending}, timeout=wait_s)
-                if not done:
-                    if not batch:
-                        raise TimeoutError(f"upstream sent nothing for {wait_s:g} s")
-                    await spool.write(bytes(batch))
-                    batch.clear()
-                    continue
-                chunk, pending = pending.result(), None
-                if chunk is None:
-                    break
-                batch += chunk
-                if len(batch) >= WRITE_BATCH:
-                    await spool.write(bytes(batch))
-                    batch.clear()
-            if batch:
-                await spool.write(bytes(batch))
+            async with stall:
+                async for piece in body.chunks():
+                    await feed.add(piece)
+                    # One timer, moved per piece (a task and a timer per piece cost more CPU
+                    # than hashing the bytes).
+                    stall.reschedule(loop.time() + stall_s)
         except Exception:
             # Bytes received before the body broke are kept: the resume starts after them.
-            if batch:
-                await spool.write(bytes(batch))
+            await feed.close()
+            if stall.expired():
+                raise TimeoutError(f"upstream sent nothing for {stall_s:g} s") from None
             raise
-        finally:
-            if pending is not None:
-                await cancel_and_wait([pending], within=1.0, owner="inflight")
+        except BaseException:
+            await feed.abort()
+            raise
+        await feed.close()
 
     async def _renewed(self, key: str) -> bool:
         """Renew our lease on `key`: False once it is no longer ours (a failed call is not
@@ -473,13 +468,9 @@ class Coordinator:
     async def _claim_manifest(
         self, registry: str, repository: str, reference: str, key: str
     ) -> ManifestClaim:
-        refused = await self._acquire(key)
-        if refused is not None:
-            return refused
-        slot = await self.limiter.acquire()
-        if slot is None:
-            await self._release(key)
-            return Unavailable("this node is at its back-to-source limit")
+        slot = await self._lease_and_slot(key)
+        if isinstance(slot, HeldElsewhere | Unavailable):
+            return slot
         try:
             self.counters.upstream_manifest_requests += 1
             manifest = await self.upstream.fetch_manifest(registry, repository, reference)

@@ -50,6 +50,53 @@ class Head:
     early: bytes
 
 
+class BufferPool:
+    """Receive buffers of `size` bytes, reused once nothing refers to them any more.
+
+    A new buffer is zeroed and its pages faulted in while the GIL is held: in a wave of first
+    pulls that was a fifth of a relaying registry's GIL time. The reader takes buffers (any
+    thread), the sender gives each back once it sent the bytes (see :meth:`give_back`).
+    """
+
+    def __init__(self, size: int, keep: int = 4) -> None:
+        self.size = size
+        self._keep = keep
+        self._free: list[bytearray] = []
+        # Whether a buffer ever came back: until then, a small read gets a small buffer.
+        self._reused = False
+
+    def take(self, length: int) -> memoryview:
+        """A view of `length` bytes (at most `size`) of a free or new buffer."""
+        try:
+            buffer = self._free.pop()  # atomic: the sender may give back meanwhile
+        except IndexError:
+            buffer = bytearray(self.size if self._reused or length >= self.size else length)
+        return memoryview(buffer)[: min(length, len(buffer))]
+
+    def give_back(self, buffer: object) -> None:
+        """Keep `buffer` for a later read when it is one of ours and nothing refers to it."""
+        if (
+            isinstance(buffer, bytearray)
+            and len(buffer) == self.size
+            and len(self._free) < self._keep
+            and not _exported(buffer)
+        ):
+            self._reused = True
+            self._free.append(buffer)
+
+
+def _exported(buffer: bytearray) -> bool:
+    """Whether a view of `buffer` still exists (the client's transport may hold one, or the
+    relay a held-back piece): Python refuses to resize a bytearray while one does, so an
+    attempt to tells, and a buffer still referred to is never written again."""
+    try:
+        buffer.append(0)
+    except BufferError:
+        return True
+    del buffer[-1]
+    return False
+
+
 class PeerSocket:
     """One HTTP/1.1 exchange with a peer (``Connection: close``): :meth:`request` then
     :meth:`read` until it returns ``b""``. :meth:`cancel` may be called from any thread."""
@@ -62,6 +109,7 @@ class PeerSocket:
         self._cancelled = threading.Event()
         self._lock = threading.Lock()
         self._piece = MIN_PIECE  # the next read's buffer size (see read())
+        self.buffers = BufferPool(GATHER_BYTES)
 
     def request(self, target: str, headers: Mapping[str, str], timeout: float) -> Head:
         """Connect, send ``GET target`` and read the response head (each step within
@@ -122,11 +170,12 @@ class PeerSocket:
         if sock is None or self._cancelled.is_set():
             raise ConnectionAbortedError("request cancelled")
         # Received straight into one buffer per piece: gathering recv() results and joining
-        # them copied every byte once more (about 0.15 CPU-s per GB on this machine). The
-        # buffer is never reused, so the view can be handed on and held. A new buffer is
-        # zeroed, so it is sized at twice the last read (doubling while reads fill it): a
-        # reader that outpaces its peer gets a record per read and must not clear 1 MiB each.
-        buffer = memoryview(bytearray(max(min(limit, self._piece), 1)))
+        # them copied every byte once more (about 0.15 CPU-s per GB on this machine). A buffer
+        # is reused only once nothing refers to it (see BufferPool), so the view can be handed
+        # on and held. A new buffer is zeroed, so it is sized at twice the last read (doubling
+        # while reads fill it): a reader that outpaces its peer gets a record per read and
+        # must not clear 1 MiB each.
+        buffer = self.buffers.take(max(min(limit, self._piece), 1))
         sock.settimeout(max(timeout, 0.001))
         size = sock.recv_into(buffer)
         if not size:
@@ -145,7 +194,11 @@ class PeerSocket:
         self._piece = min(max(2 * size, MIN_PIECE), GATHER_BYTES)
         if size * SMALL_PIECE_SHARE < len(buffer):
             # A trickle: keep its bytes, not the whole buffer, while it waits to be sent.
-            return bytes(buffer[:size])
+            data = bytes(buffer[:size])
+            base = buffer.obj
+            buffer.release()
+            self.buffers.give_back(base)
+            return data
         return buffer[:size]
 
     def cancel(self) -> None:

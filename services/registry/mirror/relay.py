@@ -88,46 +88,6 @@ AnyRequest = Request[Any, Any]
 _PEER_ERRORS = (aiohttp.ClientError, TimeoutError, OSError, PeerAnswerError)
 
 
-@dataclass(frozen=True, slots=True)
-class MirrorSettings:
-    """The relay's budgets and limits (see RegistrySection for their meaning)."""
-
-    resolve_timeout: float = 0.05
-    header_timeout: float = 0.04
-    peer_timeout: float = 2.0
-    max_providers: int = 3
-    max_attempts: int = 4
-    quarantine_duration: float = 300.0
-    rate_window: float = 0.5
-    min_peer_rate: float = 128 * 1024.0
-    slow_peer_ratio: float = 0.2
-    peer_attempt_timeout: float = 600.0
-
-    @classmethod
-    def from_config(cls, section: RegistrySection) -> MirrorSettings:
-        return cls(
-            resolve_timeout=section.resolve_timeout,
-            header_timeout=section.header_timeout,
-            peer_timeout=section.peer_timeout,
-            max_providers=section.max_providers,
-            max_attempts=section.max_attempts,
-            quarantine_duration=section.quarantine_duration,
-            rate_window=section.rate_window,
-            min_peer_rate=section.min_peer_rate,
-            slow_peer_ratio=section.slow_peer_ratio,
-            peer_attempt_timeout=section.peer_attempt_timeout,
-        )
-
-    def rate_policy(self) -> core.RatePolicy:
-        return core.RatePolicy(
-            window=self.rate_window,
-            min_rate=self.min_peer_rate,
-            slow_ratio=self.slow_peer_ratio,
-            attempt_timeout=self.peer_attempt_timeout,
-            stall_timeout=self.peer_timeout,
-        )
-
-
 class RelayAbortedError(ClientGoneError):
     """A relayed body could not be completed correctly, so the client connection was cut."""
 
@@ -241,7 +201,7 @@ class Mirror:
 
     def __init__(
         self,
-        settings: MirrorSettings,
+        settings: RegistrySection,
         discovery: Router,
         client: PeerClient,
         *,
@@ -262,7 +222,7 @@ class Mirror:
 
     @classmethod
     def from_config(cls, cfg: NodeConfig) -> Mirror:
-        settings = MirrorSettings.from_config(cfg.registry)
+        settings = cfg.registry
         return cls(
             settings,
             GrpcRouter(cfg.discovery.local_address, cfg.grpc.max_message_bytes),
@@ -610,7 +570,7 @@ class Mirror:
         window = span if byte_range is None else byte_range
         headers = blob_headers(digest, span.size, registry, byte_range)
         response = await request.respond(status=200 if byte_range is None else 206, headers=headers)
-        blob = core.BlobRelay(digest, span.size, window, self.settings.rate_policy())
+        blob = core.BlobRelay(digest, span.size, window, self.settings)
         relay = _BodyRelay(self, request, response, blob, stats)
         try:
             await relay.run(pull, route, registry, answer)
@@ -670,6 +630,15 @@ class Mirror:
             if not data:
                 return
             check.update(data)
+
+
+def _piece_buffers(actions: list[core.Action]) -> list[object]:
+    """The receive buffers the pieces sent by `actions` are views of."""
+    return [
+        action.data.obj
+        for action in actions
+        if isinstance(action, core.Send) and isinstance(action.data, memoryview)
+    ]
 
 
 class _BodyRelay:
@@ -751,6 +720,12 @@ class _BodyRelay:
                     cancel()
                     raise
                 finally:
+                    # Sent or abandoned: their buffers serve later reads once nothing
+                    # refers to them (the list is the last holder of the pieces here).
+                    buffers = _piece_buffers(actions)
+                    actions.clear()
+                    for buffer in buffers:
+                        sock.buffers.give_back(buffer)
                     free.release()
 
         def hand_over(actions: list[core.Action]) -> None:
@@ -778,6 +753,9 @@ class _BodyRelay:
                     else:
                         now = time.monotonic()
                         actions = blob.received(data, now) if data else blob.ended(now)
+                        # The core keeps what it needs; a view kept here while the next read
+                        # waits would keep its buffer from being reused.
+                        del data
                 if not all(isinstance(a, core.Send | core.RecordRate) for a in actions):
                     return actions
                 if actions:

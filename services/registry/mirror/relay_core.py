@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from services.common.config import RegistrySection
 from services.common.oci.grammar import GrammarError, parse_digest
 from services.common.oci.media_types import detect_manifest_media_type, is_manifest_media_type
 from services.registry.mirror.hedging import Peer
@@ -41,13 +42,17 @@ MIN_RATE_BYTES = 256 * 1024
 
 @dataclass(frozen=True, slots=True)
 class RatePolicy:
-    """How fast a peer must send a body (see RegistrySection for each key)."""
+    """How fast a peer must send a body. The ``registry`` config section has the same keys (see
+    RegistrySection for each), so the relay takes it as it is."""
 
-    window: float = 0.5  # registry.rate_window
-    min_rate: float = 128 * 1024.0  # registry.min_peer_rate
-    slow_ratio: float = 0.2  # registry.slow_peer_ratio
-    attempt_timeout: float = 600.0  # registry.peer_attempt_timeout
-    stall_timeout: float = 2.0  # registry.peer_timeout
+    rate_window: float = 0.5
+    min_peer_rate: float = 128 * 1024.0
+    slow_peer_ratio: float = 0.2
+    peer_attempt_timeout: float = 600.0
+    peer_timeout: float = 2.0
+
+
+Policy = RatePolicy | RegistrySection
 
 
 # --- actions ----------------------------------------------------------------------------------
@@ -202,7 +207,7 @@ class BlobRelay:
     """One relayed blob GET: `size` bytes read and hashed against `digest`, `window` of them
     sent to the client. Feed events in order; act on what each returns, in order."""
 
-    def __init__(self, digest: str, size: int, window: ByteRange, policy: RatePolicy) -> None:
+    def __init__(self, digest: str, size: int, window: ByteRange, policy: Policy) -> None:
         self.digest = digest
         self.size = size
         self.policy = policy
@@ -269,25 +274,25 @@ class BlobRelay:
         if self.peer is None or self.done:
             return []
         policy = self.policy
-        if now - self._last_progress >= policy.stall_timeout:
-            return self._leave(f"sent no body bytes for {policy.stall_timeout:g} s", now)
-        if now - self._attempt_start >= policy.attempt_timeout:
+        if now - self._last_progress >= policy.peer_timeout:
+            return self._leave(f"sent no body bytes for {policy.peer_timeout:g} s", now)
+        if now - self._attempt_start >= policy.peer_attempt_timeout:
             return self._leave_slow(
-                f"took over {policy.attempt_timeout:g} s", self._attempt_rate(now), now
+                f"took over {policy.peer_attempt_timeout:g} s", self._attempt_rate(now), now
             )
         elapsed = now - self._rate_since
-        if elapsed < policy.window:
+        if elapsed < policy.rate_window:
             return []
         rate = (self.offset - self._rate_offset) / elapsed
         self._rate_since, self._rate_offset = now, self.offset
-        if rate < policy.min_rate:
+        if rate < policy.min_peer_rate:
             return self._leave_slow(
-                f"sent {rate:.0f} B/s, below the floor of {policy.min_rate:.0f} B/s", rate, now
+                f"sent {rate:.0f} B/s, below the floor of {policy.min_peer_rate:.0f} B/s", rate, now
             )
         reference = self._reference
-        if reference is not None and rate < policy.slow_ratio * reference:
+        if reference is not None and rate < policy.slow_peer_ratio * reference:
             return self._leave_slow(
-                f"sent {rate:.0f} B/s, under {policy.slow_ratio:g} of another provider's "
+                f"sent {rate:.0f} B/s, under {policy.slow_peer_ratio:g} of another provider's "
                 f"{reference:.0f} B/s",
                 rate,
                 now,
@@ -299,9 +304,9 @@ class BlobRelay:
         """Seconds until :meth:`tick` may have something to decide."""
         policy = self.policy
         due = min(
-            self._last_progress + policy.stall_timeout,
-            self._attempt_start + policy.attempt_timeout,
-            self._rate_since + policy.window,
+            self._last_progress + policy.peer_timeout,
+            self._attempt_start + policy.peer_attempt_timeout,
+            self._rate_since + policy.rate_window,
         )
         return max(0.0, due - now)
 

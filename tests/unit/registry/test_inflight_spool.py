@@ -4,6 +4,7 @@ removal after the grace period."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -83,6 +84,26 @@ async def _write_all(spool: Spool, data: bytes, step: int = 50_000) -> None:
     for i in range(0, len(data), step):
         await spool.write(data[i : i + step])
         await asyncio.sleep(0)
+
+
+async def test_pieces_written_unjoined_land_in_order_and_verify(tmp_path: Path) -> None:
+    """Upstream's pieces go to disk in one vectored write each batch, more pieces than one
+    pwritev takes and empty ones included; the file and the hash see them in order."""
+    spool = _spool(tmp_path)
+    cuts = [0, 7, 7, 1000, *range(1001, 2001), 64 * 1024, 200_000, len(BLOB)]
+    parts = [BLOB[a:b] for a, b in itertools.pairwise(cuts)]
+    await spool.write_parts(parts[:3])  # small: hashed on the event loop
+    await spool.write_parts(parts[3:])  # over a thousand pieces, on a worker thread
+    assert spool.state.written == len(BLOB)
+    assert await spool.finish()
+    assert spool.path.read_bytes() == BLOB
+
+
+async def test_pieces_past_the_size_are_refused_before_any_is_written(tmp_path: Path) -> None:
+    spool = _spool(tmp_path)
+    with pytest.raises(ValueError, match="more than"):
+        await spool.write_parts([BLOB, b"x"])
+    assert spool.state.written == 0
 
 
 async def test_concurrent_readers_at_any_offset_wait_for_bytes(tmp_path: Path) -> None:

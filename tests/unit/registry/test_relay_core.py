@@ -31,7 +31,11 @@ BLOB = bytes(range(256)) * 4096  # 1 MiB
 DIGEST = "sha256:" + hashlib.sha256(BLOB).hexdigest()
 A, B, C = Peer("10.0.0.1", 6443, "aa"), Peer("10.0.0.2", 6443, "bb"), Peer("10.0.0.3", 6443, "cc")
 POLICY = RatePolicy(
-    window=1.0, min_rate=1000.0, slow_ratio=0.2, attempt_timeout=100.0, stall_timeout=5.0
+    rate_window=1.0,
+    min_peer_rate=1000.0,
+    slow_peer_ratio=0.2,
+    peer_attempt_timeout=100.0,
+    peer_timeout=5.0,
 )
 
 
@@ -137,7 +141,10 @@ def test_a_peer_keeping_pace_gets_rate_samples_not_judgements() -> None:
 
 def test_the_attempt_deadline_leaves_even_a_steady_peer() -> None:
     relay = BlobRelay(
-        DIGEST, len(BLOB), _whole(), RatePolicy(window=1.0, min_rate=1.0, attempt_timeout=3.0)
+        DIGEST,
+        len(BLOB),
+        _whole(),
+        RatePolicy(rate_window=1.0, min_peer_rate=1.0, peer_attempt_timeout=3.0),
     )
     relay.begin(A, 0.0)
     for t in (1.0, 2.0):
