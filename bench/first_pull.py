@@ -41,7 +41,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.p2p_mesh import process_cpu_s
+from bench.process_cpu import cpu_seconds
 from tests.harness.first_pull_wave import (
     Upstream,
     image_bytes,
@@ -83,26 +83,28 @@ class Pulls:
     service_cpu: dict[str, float]
 
 
-def service_pids(node: MeshNode) -> dict[str, int | None]:
-    return {
+def service_pids(node: MeshNode) -> list[tuple[str, int]]:
+    """The node's processes among SERVICES that run (the lone node's registry is stopped)."""
+    pids = {
         "registry": node.services["registry"].pid,
         "containerd": node.containerd.pid,
         "discovery": node.services["discovery"].pid,
     }
+    return [(service, pid) for service, pid in pids.items() if pid is not None]
 
 
 def timed_pulls(mesh: Mesh, nodes: Sequence[MeshNode], ref: str) -> Pulls:
     groups = [mesh.cgroups[n.name] for n in nodes]
-    pids = [(service, pid) for n in nodes for service, pid in service_pids(n).items()]
+    pids = [entry for n in nodes for entry in service_pids(n)]
     node_cpu = [g.cpu_seconds() for g in groups]
-    process_cpu = [process_cpu_s(pid) for _, pid in pids]
+    process_cpu = [cpu_seconds(pid) for _, pid in pids]
     machine_cpu = busy_cpu_seconds()
     outcomes = pull_together(nodes, ref)
     machine_cpu = busy_cpu_seconds() - machine_cpu
     node_cpu = [g.cpu_seconds() - c for g, c in zip(groups, node_cpu, strict=True)]
     service_cpu = dict.fromkeys(SERVICES, 0.0)
     for (service, pid), before in zip(pids, process_cpu, strict=True):
-        service_cpu[service] += process_cpu_s(pid) - before
+        service_cpu[service] += cpu_seconds(pid) - before
     failed = [o for o in outcomes if o.error is not None]
     if failed:
         raise MeshError(f"pulls failed: {failed}")
@@ -172,13 +174,14 @@ def run(waves: Sequence[int], layer_size: int, node_cpus: float | None) -> int:
                 f"{node_ratio:.2f}x the lone node's"
             )
             gigabytes = image_bytes(image) / 1e9
-            print(
-                "     CPU-s per GB of image per node in the wave: "
-                + ", ".join(
-                    f"{service} {pulls.service_cpu[service] / wave / gigabytes:.2f}"
-                    for service in SERVICES
+            for label, of, nodes_in in (("the wave", pulls, wave), ("the lone node", alone, 1)):
+                print(
+                    f"     CPU-s per GB of image per node, {label}: "
+                    + ", ".join(
+                        f"{service} {of.service_cpu[service] / nodes_in / gigabytes:.2f}"
+                        for service in SERVICES
+                    )
                 )
-            )
             if node_cpus is None:
                 floor = max(1.0, wave * alone.machine_cpu / cores / baseline)
                 print(
