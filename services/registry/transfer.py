@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, AsyncIterator
 from typing import Any, BinaryIO
 
 from sanic import Request
@@ -99,26 +99,40 @@ async def _send_stream(
     request: Request[Any, Any], status: int, headers: dict[str, str], body: AsyncIterable[bytes]
 ) -> int:
     chunks = body.__aiter__()
-    # The first chunk is read before anything is sent, so content that vanished since its
-    # lookup still gets a clean 404 instead of a cut connection.
-    first = await anext(chunks, b"")
-    response = await request.respond(status=status, headers=headers)
-    sent = 0
     try:
-        chunk = first
-        while chunk:
-            try:
-                await response.send(chunk, end_stream=False)
-            except (ConnectionError, OSError) as exc:
-                _drop(request)
-                raise ClientGoneError(exc) from exc
-            sent += len(chunk)
-            chunk = await anext(chunks, b"")
-        if sent == 0:
-            # An empty body still needs its headers.
-            await response.send(b"", end_stream=True)
+        # The first chunk is read before anything is sent, so content that vanished since its
+        # lookup still gets a clean 404 instead of a cut connection.
+        first = await anext(chunks, b"")
+        return await send_chunks(request, status, headers, first, chunks)
     finally:
         aclose = getattr(chunks, "aclose", None)
         if aclose is not None:
             await aclose()
+
+
+async def send_chunks(
+    request: Request[Any, Any],
+    status: int,
+    headers: dict[str, str],
+    first: bytes,
+    rest: AsyncIterator[bytes],
+) -> int:
+    """Sends the head, then `first` and the rest of the body as it comes; `request.ctx.bytes_sent`
+    follows along (for the request's log line). Returns the bytes sent. A client gone mid-body
+    is ClientGoneError, its connection dropped; the caller closes `rest`."""
+    response = await request.respond(status=status, headers=headers)
+    sent = 0
+    chunk = first
+    while chunk:
+        try:
+            await response.send(chunk, end_stream=False)
+        except (ConnectionError, OSError) as exc:
+            _drop(request)
+            raise ClientGoneError(exc) from exc
+        sent += len(chunk)
+        request.ctx.bytes_sent = sent
+        chunk = await anext(rest, b"")
+    if sent == 0:
+        # An empty body still needs its headers.
+        await response.send(b"", end_stream=True)
     return sent

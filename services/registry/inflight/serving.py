@@ -38,7 +38,7 @@ from services.registry.inflight.ports import UpstreamManifest
 from services.registry.inflight.spool import Spool
 from services.registry.inflight.spool_state import SpoolFailedError
 from services.registry.paths import Kind, Route
-from services.registry.transfer import ClientGoneError, body_sent_outside_sanic
+from services.registry.transfer import ClientGoneError, body_sent_outside_sanic, send_chunks
 
 AnyRequest = Request[Any, Any]
 Relay = Callable[[], Awaitable[HTTPResponse | None]]
@@ -197,21 +197,8 @@ async def send_spool(
     except SpoolFailedError as exc:
         await chunks.aclose()
         raise _not_fetched(spool, exc) from None
-    response = await request.respond(status=status, headers=headers)
-    sent = 0
     try:
-        chunk = first
-        while chunk:
-            try:
-                await response.send(chunk, end_stream=False)
-            except (ConnectionError, OSError) as exc:
-                _drop(request)
-                raise ClientGoneError(exc) from exc
-            sent += len(chunk)
-            request.ctx.bytes_sent = sent
-            chunk = await anext(chunks, b"")
-        if sent == 0:
-            await response.send(b"", end_stream=True)
+        await send_chunks(request, status, headers, first, chunks)
     except SpoolFailedError as exc:
         _drop(request)
         raise SpoolAbortedError(str(exc)) from exc
