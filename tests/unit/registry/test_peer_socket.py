@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import fcntl
 import socket
+import struct
+import termios
 import threading
 from collections.abc import Iterator
+from functools import partial
 
 import pytest
 
-from services.registry.mirror.peer_socket import PeerSocket
+from services.registry.mirror.peer_socket import BufferPool, PeerSocket
 from services.registry.mirror.verify import PeerAnswerError
+from tests.harness.wait import eventually
 
 
 @pytest.fixture
@@ -88,6 +93,40 @@ def test_a_large_body_comes_whole_and_in_order_in_pieces_no_larger_than_asked(
     assert b"".join(pieces) == body
 
 
+def test_a_buffer_comes_back_only_once_nothing_refers_to_it() -> None:
+    pool = BufferPool(64 * 1024, keep=2)
+    first = pool.take(64 * 1024)
+    first[:3] = b"abc"
+    base = first.obj
+    held = first[:3]  # a piece the relay holds back until the digest verdict
+    del first
+    pool.give_back(base)
+    second = pool.take(64 * 1024)
+    assert second.obj is not base, "a buffer still referred to was handed out again"
+    assert bytes(held) == b"abc"
+    held.release()
+    pool.give_back(base)
+    assert pool.take(64 * 1024).obj is base
+    # Buffers of another size are not ours to keep; at most `keep` wait for reuse.
+    odd = bytearray(10)
+    spare = [bytearray(64 * 1024) for _ in range(3)]
+    for buffer in (odd, *spare):
+        pool.give_back(buffer)
+    taken = {id(pool.take(64 * 1024).obj) for _ in range(3)}
+    assert id(odd) not in taken
+    assert len(taken & {id(b) for b in spare}) == 2
+
+
+def _queued(sock: socket.socket) -> int:
+    """Bytes received on `sock` and not read yet."""
+    (count,) = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4))
+    return int(count)
+
+
+def _has_queued(sock: socket.socket, count: int) -> bool:
+    return _queued(sock) >= count
+
+
 def test_buffers_given_back_are_reused_and_a_held_piece_is_never_overwritten(
     server: tuple[int, list[bytes], list[bytes]],
 ) -> None:
@@ -99,10 +138,21 @@ def test_buffers_given_back_are_reused_and_a_held_piece_is_never_overwritten(
     answers.append(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
     peer = PeerSocket("127.0.0.1", port, None)
     pieces = [peer.request("/", {}, timeout=5).early]
+    sock = peer._sock
+    assert sock is not None
+    # Room for a whole buffer and more in the socket, and each read waits until that much
+    # came: reads then fill their buffers (which double up to the pool's size) however busy
+    # the machine is.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * peer.buffers.size)
     held: bytes | memoryview = b""
     held_at = 0
     buffers: set[int] = set()
-    while data := peer.read(1 << 20, timeout=5):
+    while True:
+        wanted = min(peer.buffers.size, len(body) - sum(map(len, pieces)))
+        assert eventually(partial(_has_queued, sock, wanted), 10, interval=0.005)
+        data = peer.read(1 << 20, timeout=5)
+        if not data:
+            break
         base = getattr(data, "obj", None)
         if not held and isinstance(base, bytearray) and len(base) == peer.buffers.size:
             # Kept, as the relay keeps a window's final piece, and given back at once.
