@@ -63,16 +63,22 @@ def push_new_image(
     upstream: Upstream, scratch: Path, stem: str, layer_size: int = LAYER_SIZE
 ) -> BuiltImage:
     """A 4-layer image no node has seen, pushed into the upstream with skopeo."""
-    image = build_image(
+    image = new_image(scratch, stem, MIRRORED, layer_size)
+    push_image(image, upstream.registry, via=upstream.host)
+    return image
+
+
+def new_image(scratch: Path, stem: str, registry: str, layer_size: int = LAYER_SIZE) -> BuiltImage:
+    """A 4-layer image named under `registry` that no node has seen (cheap to build: its
+    layers are stored, not compressed)."""
+    return build_image(
         scratch / "img",
-        name=unique_ref(stem, registry=MIRRORED),
+        name=unique_ref(stem, registry=registry),
         layers=LAYERS,
         layer_size=layer_size,
         cheap_data=True,
         compresslevel=0,
     )
-    push_image(image, upstream.registry, via=upstream.host)
-    return image
 
 
 def image_bytes(image: BuiltImage) -> int:

@@ -20,11 +20,11 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.harness.first_pull_wave import image_bytes, pull_together
+from tests.harness.first_pull_wave import image_bytes, new_image, pull_together
 from tests.harness.fixtures_mesh import running_mesh
-from tests.harness.images import BuiltImage, build_image
+from tests.harness.images import BuiltImage
 from tests.harness.mesh import NOWHERE, Mesh, NetnsHost, deep_merge, registries_data
-from tests.harness.mesh_p2p import FAST_TIMINGS, assert_holds_verified, unique_ref
+from tests.harness.mesh_p2p import FAST_TIMINGS, assert_holds_verified
 from tests.harness.token_server import SigningKey, TokenPolicy
 from tests.harness.upstream import (
     DistributionRegistry,
@@ -43,21 +43,9 @@ pytestmark = pytest.mark.containerd
 USER, PASSWORD = "puller", "s3cret"
 CREDS = (USER, PASSWORD)
 WAVE = 3
-LAYERS = 4
 LAYER_SIZE = 16 * 1024 * 1024  # a 64 MiB image
 WAVE_BOUND = 1.05
 PORT = 5000
-
-
-def new_image(scratch: Path, registry: str, stem: str) -> BuiltImage:
-    return build_image(
-        scratch / "img",
-        name=unique_ref(stem, registry=registry),
-        layers=LAYERS,
-        layer_size=LAYER_SIZE,
-        cheap_data=True,
-        compresslevel=0,
-    )
 
 
 def point_at(mesh: Mesh, document: Mapping[str, Any]) -> None:
@@ -110,7 +98,7 @@ def test_basic_auth_upstream_is_shared(
 ) -> None:
     host, upstream = basic_upstream
     registry = f"basic.test:{PORT}"
-    image = new_image(tmp_path, registry, "basic")
+    image = new_image(tmp_path, "basic", registry, LAYER_SIZE)
     push_image(image, upstream, creds=CREDS, via=host)
     auth = {"auth": {"username": USER, "password": PASSWORD}}
     point_at(access_mesh, mirroring(registry, upstream.url, {upstream.hostport: auth}))
@@ -128,7 +116,7 @@ def test_token_auth_upstream_over_tls_is_shared(access_mesh: Mesh, tmp_path: Pat
     )
     upstream = start_in_netns(host, options, port=PORT)
     registry = f"token.test:{PORT}"
-    image = new_image(tmp_path, registry, "token")
+    image = new_image(tmp_path, "token", registry, LAYER_SIZE)
     push_image(image, upstream, creds=CREDS, ca_dir=tls.ca_dir, via=host)
     config = {
         "tls": {"ca_file": str(tls.ca_file)},
@@ -143,7 +131,7 @@ def test_wrong_credentials_pull_as_without_peermirror(
 ) -> None:
     host, upstream = basic_upstream
     registry = f"wrong.test:{PORT}"
-    image = new_image(tmp_path, registry, "wrong")
+    image = new_image(tmp_path, "wrong", registry, LAYER_SIZE)
     push_image(image, upstream, creds=CREDS, via=host)
     wrong = {"auth": {"username": USER, "password": "not-the-password"}}
     point_at(access_mesh, mirroring(registry, upstream.url, {upstream.hostport: wrong}))
@@ -174,7 +162,7 @@ def test_only_the_listed_endpoint_is_fetched_from_without_the_default(tmp_path: 
         default = start_in_netns(default_host, port=PORT)
         listed = start_in_netns(listed_host, port=PORT)
         # The image's registry is the default endpoint's own address; both hold the image.
-        image = new_image(tmp_path, default.hostport, "listed")
+        image = new_image(tmp_path, "listed", default.hostport, LAYER_SIZE)
         push_image(image, default, via=default_host)
         push_image(image, listed, via=listed_host)
         point_at(mesh, mirroring(default.hostport, listed.url, {}))
