@@ -4,21 +4,17 @@ the in-memory fake on a loopback port."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import dataclasses
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 from services.common.config import NodeConfig, load_config
 from services.common.store.oci_layout import OciLayoutStore
-from services.pinner.service import PinnerRuntime, prepare
 from services.pinner.tracker import Tracker
 from tests.harness.fake_discovery import FakeDiscovery
 from tests.harness.images import BuiltImage, build_image
+from tests.integration.pinner.runtime import keys_of, pinner, wait_keys
 
 # Only there so a bug fails instead of hangs (the store is polled every 0.5 s).
-WAIT_S = 30.0
 MIRROR_DOCKER_IO = "mirrors:\n  docker.io: {}\n"
 
 
@@ -47,30 +43,6 @@ def node_config(
             containerd_address=str(tmp_path / "no-containerd.sock"),
         ),
     )
-
-
-@contextlib.asynccontextmanager
-async def pinner(cfg: NodeConfig, *, airgap: bool = False) -> AsyncIterator[PinnerRuntime]:
-    runtime = PinnerRuntime(cfg, prepare(cfg), airgap=airgap)
-    runtime.start()
-    try:
-        async with asyncio.timeout(WAIT_S):
-            await runtime.wait_synced()
-        yield runtime
-    finally:
-        await runtime.stop()
-
-
-def keys_of(image: BuiltImage, *, tag: bool = True) -> set[str]:
-    keys = {b.digest for b in image.blobs}
-    if tag:
-        keys.add(image.name)
-    return keys
-
-
-async def wait_keys(disco: FakeDiscovery, want: set[str]) -> None:
-    async with asyncio.timeout(WAIT_S):
-        await disco.wait_for(lambda keys: keys == want)
 
 
 def seed(layout: Path, name: str) -> BuiltImage:

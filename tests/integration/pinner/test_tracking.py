@@ -18,18 +18,18 @@ from services.common.containerd.client import ContainerdClient
 from services.common.k3s.registries import load_registries
 from services.common.store.protocol import Descriptor
 from services.pinner.hosts_writer import LOCK_FILE
-from services.pinner.service import PinnerRuntime, prepare
+from services.pinner.service import PinnerRuntime
 from tests.harness.containerd import ContainerdDaemon
 from tests.harness.containerd_store_factory import import_image
 from tests.harness.fake_discovery import FakeDiscovery
 from tests.harness.images import OCI_CONFIG, OCI_MANIFEST, BuiltImage, build_image
+from tests.integration.pinner.runtime import keys_of, pinner, wait_keys
 
 pytestmark = pytest.mark.containerd
 
 # The bound for an imported image to be advertised.
 ADVERTISE_WITHIN_S = 2.0
 # Upper bound for slower convergence (restarts, GC); only there so a bug fails instead of hangs.
-WAIT_S = 30.0
 GC_REF = "containerd.io/gc.ref.content"
 
 
@@ -59,30 +59,6 @@ def node_config(
             base.store, containerd_address=daemon.address, containerd_namespace=namespace
         ),
     )
-
-
-@contextlib.asynccontextmanager
-async def pinner(cfg: NodeConfig) -> AsyncIterator[PinnerRuntime]:
-    runtime = PinnerRuntime(cfg, prepare(cfg), airgap=False)
-    runtime.start()
-    try:
-        async with asyncio.timeout(WAIT_S):
-            await runtime.wait_synced()
-        yield runtime
-    finally:
-        await runtime.stop()
-
-
-def keys_of(image: BuiltImage, *, tag: bool = True) -> set[str]:
-    keys = {b.digest for b in image.blobs}
-    if tag:
-        keys.add(image.name)
-    return keys
-
-
-async def wait_keys(disco: FakeDiscovery, want: set[str], within: float = WAIT_S) -> None:
-    async with asyncio.timeout(within):
-        await disco.wait_for(lambda keys: keys == want)
 
 
 async def wait_superset(disco: FakeDiscovery, want: set[str], within: float) -> None:
