@@ -82,11 +82,9 @@ class CpuCgroup:
             try:
                 for directory in self.dirs:
                     (directory / "cgroup.procs").write_text(str(pid))
-            except ProcessLookupError:
+            except ProcessLookupError:  # ESRCH: it ended meanwhile
                 continue
             except OSError as exc:
-                if exc.errno == 3:  # ESRCH: gone meanwhile
-                    continue
                 raise CgroupError(f"cannot move {pid} into {self.dirs[0]}: {exc}") from exc
             moved += 1
         return moved
