@@ -399,6 +399,10 @@ class NetnsHost:
         netns.unisolate(self.ns)
         self.isolated = False
 
+    def limit_egress(self, mbit: float) -> None:
+        """Hold what this host sends to `mbit` Mbit/s (see netns.limit_egress)."""
+        netns.limit_egress(self.ns, mbit)
+
     def stop_extra(self) -> list[str]:
         """Stop processes started with `popen`; returns problems (for teardown)."""
         problems = []

@@ -333,6 +333,30 @@ def unisolate(namespace: str) -> None:
             run(exec_argv(namespace, ["iptables", "-D", *rule]))
 
 
+def shaping_argv(mbit: float, iface: str = INNER_IFACE) -> list[str]:
+    """tc command (to run in a namespace) holding `iface`'s egress to `mbit` Mbit/s: a token
+    bucket whose burst is a hundredth of a second at that rate (at least 64 KiB), so a TCP
+    stream moves at the rate rather than in bursts above it."""
+    if not mbit > 0:
+        raise ValueError(f"link rate must be positive, got {mbit!r} Mbit/s")
+    burst = max(64 * 1024, int(mbit * 1e6 / 8 / 100))
+    return [
+        "tc", "qdisc", "replace", "dev", iface, "root", "tbf",
+        "rate", f"{mbit:g}mbit", "burst", str(burst), "latency", "100ms",
+    ]  # fmt: skip
+
+
+def limit_egress(namespace: str, mbit: float) -> None:
+    """Hold what `namespace` sends on its eth0 to `mbit` Mbit/s, e.g. an upstream registry
+    behind a cluster's internet link; deleting the namespace deletes the limit."""
+    run(exec_argv(namespace, shaping_argv(mbit)))
+
+
+def egress_qdisc(namespace: str) -> str:
+    """`tc qdisc show` of the namespace's eth0 (what limit_egress installed)."""
+    return run(exec_argv(namespace, ["tc", "qdisc", "show", "dev", INNER_IFACE]))
+
+
 def _rule_present(namespace: str, rule: Sequence[str]) -> bool:
     result = subprocess.run(
         exec_argv(namespace, ["iptables", "-C", *rule]),

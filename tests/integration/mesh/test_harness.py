@@ -182,6 +182,11 @@ def test_extra_host_on_the_bridge_is_reachable_from_nodes(mesh: Mesh) -> None:
     )
     assert eventually(lambda: _answers(mesh.nodes[0], f"http://{host.ip}:8080/hello.txt"))
     assert mesh.nodes[0].http_get(f"http://{host.ip}:8080/hello.txt") == (200, b"hi")
+    # A link limit (bench.first_pull's upstream behind a cluster's internet link) is installed
+    # on the host's own eth0 and traffic still flows through it.
+    host.limit_egress(200)
+    assert "tbf" in netns.egress_qdisc(host.ns) and "200Mbit" in netns.egress_qdisc(host.ns)
+    assert mesh.nodes[0].http_get(f"http://{host.ip}:8080/hello.txt") == (200, b"hi")
     assert server.stop() is not None
 
 
