@@ -28,7 +28,7 @@ from services.cli.demo_mesh import (
     service_argv,
     write_configs,
 )
-from services.cli.demo_plan import DEMO_IMAGE, NodePlan, plan_mesh
+from services.cli.demo_plan import DEMO_IMAGE, Listener, NodePlan, plan_mesh
 from services.common.node_supervisor import SERVICES, NodeSupervisor
 from services.common.oci.synthetic import BuiltImage, build_image
 from services.common.store.oci_layout import OciLayoutStore
@@ -102,7 +102,7 @@ async def run(out: Path, workdir: Path, base_port: int) -> int:
         await _populate(options, nodes, image)
         out.parent.mkdir(parents=True, exist_ok=True)
         # The node-local listener (registry.metrics_address), where operators open the page.
-        url = f"http://127.0.0.1:{nodes[-1].registry_metrics_port}/status"
+        url = f"http://{nodes[-1].address(Listener.REGISTRY_METRICS)}/status"
         await screenshot(url, str(out), WIDTH, HEIGHT)
         _echo(f"screenshot: {url} -> {out}")
     finally:

@@ -31,6 +31,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from services.cli.demo_plan import (
     DEMO_IMAGE,
     REGISTRIES_YAML,
+    Listener,
     NodePlan,
     PullReport,
     ServedItem,
@@ -221,7 +222,9 @@ async def service_ready(node: NodePlan, service: str) -> bool:
     """Whether one service of `node` says it is ready (gRPC health, the registry's /readyz)."""
     if service == "registry":
         return await asyncio.to_thread(_http_ready, node.registry_url)
-    address = node.discovery_local if service == "discovery" else node.pinner_grpc
+    address = node.address(
+        Listener.DISCOVERY_LOCAL if service == "discovery" else Listener.PINNER_GRPC
+    )
     return await _serving(address)
 
 
@@ -254,7 +257,7 @@ async def wait_ready(nodes: Sequence[NodePlan], workdir: Path, log: MeshLog) -> 
 
 async def advertised_keys(node: NodePlan) -> set[str]:
     """What `node`'s discovery advertises for it."""
-    async with grpc.aio.insecure_channel(node.discovery_local) as channel:
+    async with grpc.aio.insecure_channel(node.address(Listener.DISCOVERY_LOCAL)) as channel:
         stub = local_pb2_grpc.LocalDiscoveryStub(channel)
         keys: set[str] = set()
         call = stub.ListAdvertised(local_pb2.ListAdvertisedRequest(), timeout=RPC_TIMEOUT_S)
@@ -268,7 +271,7 @@ async def providers(
 ) -> dict[str, set[str]]:
     """Per key, the mesh nodes `node`'s discovery names as providers."""
     found: dict[str, set[str]] = {}
-    async with grpc.aio.insecure_channel(node.discovery_local) as channel:
+    async with grpc.aio.insecure_channel(node.address(Listener.DISCOVERY_LOCAL)) as channel:
         stub = local_pb2_grpc.LocalDiscoveryStub(channel)
         for key in keys:
             names: set[str] = set()
@@ -312,7 +315,7 @@ async def wait_findable(
 
 async def registry_counters(node: NodePlan) -> dict[str, int]:
     """The registry counters the report uses, from `node`'s introspection API."""
-    async with grpc.aio.insecure_channel(node.registry_grpc) as channel:
+    async with grpc.aio.insecure_channel(node.address(Listener.REGISTRY_GRPC)) as channel:
         stub = reg_grpc.RegistryIntrospectionStub(channel)
         stats = await stub.Stats(reg_pb.StatsRequest(), timeout=RPC_TIMEOUT_S)
     counters = {
@@ -345,7 +348,7 @@ async def pull(options: DemoOptions, puller: NodePlan, dest: Path) -> PullResult
         raise DemoError("--client skopeo: skopeo is not installed (Debian package `skopeo`)")
     try:
         if skopeo is not None and options.client != "builtin":
-            registry = f"127.0.0.1:{puller.registry_port}"
+            registry = puller.address(Listener.REGISTRY)
             return await pull_with_skopeo(skopeo, registry, DEMO_IMAGE, dest)
         return await pull_builtin(puller.registry_url, DEMO_IMAGE, dest)
     except PullError as exc:
@@ -402,7 +405,7 @@ async def scenario(
     store = OciLayoutStore(seed.layout_path, create=True)
     await asyncio.to_thread(store.set_image, image.name, image.target, image.blob_paths)
     keys = [image.name, *(b.digest for b in image.blobs)]
-    by_port = {n.registry_port: n.name for n in nodes}
+    by_port = {n.port(Listener.REGISTRY): n.name for n in nodes}
     found = await wait_findable(seed, puller, keys, by_port)
     echo(f"demo: {puller.name}'s discovery finds {seed.name} for all {len(keys)} keys; pulling")
     before = await all_counters(nodes)

@@ -5,74 +5,68 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from enum import IntEnum
 from pathlib import Path
 from typing import Any
 
+from services.common.hostport import join_host_port
 from services.common.units import format_bytes
 
 LOOPBACK = "127.0.0.1"
 DEFAULT_BASE_PORT = 15000
 DEFAULT_NODES = 3
 MAX_NODES = 99
-# The eight listeners of node i sit at base + i + 100*k, so node numbers read off the ports.
+# Node i's k-th listener sits at base + i + 100*k (see Listener), so node numbers read off
+# the ports.
 PORT_STRIDE = 100
-PORTS_PER_NODE = 8
 DEMO_IMAGE = "docker.io/library/peermirror-demo:1.0"
 # Every registry is mirrored: the demo image's docker.io, and whatever an operator pulls next.
 REGISTRIES_YAML = '# Written by `peermirror demo`: mirror every registry.\nmirrors:\n  "*": {}\n'
 
 
+class Listener(IntEnum):
+    """One loopback listener of a mesh node; its value is the block of PORT_STRIDE ports it
+    takes its port from (node i's is at base + PORT_STRIDE * value + i)."""
+
+    REGISTRY = 0
+    REGISTRY_GRPC = 1
+    DISCOVERY = 2
+    DISCOVERY_LOCAL = 3
+    PINNER_GRPC = 4
+    REGISTRY_METRICS = 5
+    DISCOVERY_METRICS = 6
+    PINNER_METRICS = 7
+
+
+PORTS_PER_NODE = len(Listener)
+
+
 @dataclass(frozen=True)
 class NodePlan:
-    """Where one mesh node lives: its directory and its eight loopback ports."""
+    """Where one mesh node lives: its directory and its loopback ports (one per Listener)."""
 
     number: int
     directory: Path
-    registry_port: int
-    registry_grpc_port: int
-    discovery_port: int
-    discovery_local_port: int
-    pinner_grpc_port: int
-    registry_metrics_port: int
-    discovery_metrics_port: int
-    pinner_metrics_port: int
+    base_port: int
 
     @property
     def name(self) -> str:
         return f"node{self.number}"
 
+    def port(self, listener: Listener) -> int:
+        return self.base_port + PORT_STRIDE * listener + self.number
+
+    def address(self, listener: Listener) -> str:
+        """`host:port` of `listener`, for a config key or a client."""
+        return join_host_port(LOOPBACK, self.port(listener))
+
     @property
     def registry_url(self) -> str:
-        return f"http://{LOOPBACK}:{self.registry_port}"
-
-    @property
-    def registry_grpc(self) -> str:
-        return f"{LOOPBACK}:{self.registry_grpc_port}"
-
-    @property
-    def discovery_peer(self) -> str:
-        return f"{LOOPBACK}:{self.discovery_port}"
-
-    @property
-    def discovery_local(self) -> str:
-        return f"{LOOPBACK}:{self.discovery_local_port}"
-
-    @property
-    def pinner_grpc(self) -> str:
-        return f"{LOOPBACK}:{self.pinner_grpc_port}"
+        return f"http://{self.address(Listener.REGISTRY)}"
 
     @property
     def ports(self) -> tuple[int, ...]:
-        return (
-            self.registry_port,
-            self.registry_grpc_port,
-            self.discovery_port,
-            self.discovery_local_port,
-            self.pinner_grpc_port,
-            self.registry_metrics_port,
-            self.discovery_metrics_port,
-            self.pinner_metrics_port,
-        )
+        return tuple(self.port(listener) for listener in Listener)
 
     @property
     def config_path(self) -> Path:
@@ -93,21 +87,7 @@ def plan_mesh(nodes: int, base_port: int, workdir: Path) -> list[NodePlan]:
             f"--base-port {base_port} needs ports {base_port + 1}..{highest}: "
             "use a base between 1024 and " + str(65535 - (PORTS_PER_NODE - 1) * PORT_STRIDE - nodes)
         )
-    return [
-        NodePlan(
-            number=i,
-            directory=workdir / f"node{i}",
-            registry_port=base_port + i,
-            registry_grpc_port=base_port + PORT_STRIDE + i,
-            discovery_port=base_port + 2 * PORT_STRIDE + i,
-            discovery_local_port=base_port + 3 * PORT_STRIDE + i,
-            pinner_grpc_port=base_port + 4 * PORT_STRIDE + i,
-            registry_metrics_port=base_port + 5 * PORT_STRIDE + i,
-            discovery_metrics_port=base_port + 6 * PORT_STRIDE + i,
-            pinner_metrics_port=base_port + 7 * PORT_STRIDE + i,
-        )
-        for i in range(1, nodes + 1)
-    ]
+    return [NodePlan(i, workdir / f"node{i}", base_port) for i in range(1, nodes + 1)]
 
 
 def node_config(node: NodePlan, seed: NodePlan, registries_file: Path) -> dict[str, Any]:
@@ -122,8 +102,8 @@ def node_config(node: NodePlan, seed: NodePlan, registries_file: Path) -> dict[s
         "log": {"level": "info", "format": "json"},
         "registry": {
             "host": LOOPBACK,
-            "port": node.registry_port,
-            "grpc_address": node.registry_grpc,
+            "port": node.port(Listener.REGISTRY),
+            "grpc_address": node.address(Listener.REGISTRY_GRPC),
             "registries_file": str(registries_file),
             # skopeo and plain HTTP clients send no `ns`: they are pulling docker.io images.
             "default_registry": "docker.io",
@@ -132,25 +112,27 @@ def node_config(node: NodePlan, seed: NodePlan, registries_file: Path) -> dict[s
             "resolve_timeout": 2.0,
             "header_timeout": 1.0,
             "peer_timeout": 10.0,
-            "metrics_address": f"{LOOPBACK}:{node.registry_metrics_port}",
+            "metrics_address": node.address(Listener.REGISTRY_METRICS),
         },
         # The demo runs on one host's loopback: plain HTTP and plaintext gRPC, said in the log.
         "tls": {"enabled": False},
         "discovery": {
             "host": LOOPBACK,
-            "port": node.discovery_port,
-            "local_address": node.discovery_local,
-            "bootstrap_peers": [] if node.number == seed.number else [seed.discovery_peer],
-            "metrics_address": f"{LOOPBACK}:{node.discovery_metrics_port}",
+            "port": node.port(Listener.DISCOVERY),
+            "local_address": node.address(Listener.DISCOVERY_LOCAL),
+            "bootstrap_peers": (
+                [] if node.number == seed.number else [seed.address(Listener.DISCOVERY)]
+            ),
+            "metrics_address": node.address(Listener.DISCOVERY_METRICS),
         },
         "pinner": {
-            "grpc_address": node.pinner_grpc,
+            "grpc_address": node.address(Listener.PINNER_GRPC),
             "images_dir": str(node.directory / "images"),
             "certs_dir": str(node.directory / "certs.d"),
             # No containerd reads these: nothing to write, and the registry speaks plain HTTP.
             "mirror_tls": False,
             "write_hosts": False,
-            "metrics_address": f"{LOOPBACK}:{node.pinner_metrics_port}",
+            "metrics_address": node.address(Listener.PINNER_METRICS),
         },
         "store": {"backend": "oci-layout", "oci_layout_path": str(node.layout_path)},
     }

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from types import TracebackType
 from typing import Self
 
 
 class AsyncClosing:
-    """Subclasses define ``async close()``; ``async with resource:`` calls it on the way out."""
+    """Subclasses define ``close()``; ``async with resource:`` calls it on the way out.
 
-    async def close(self) -> None:
+    ``close()`` may be a coroutine (a gRPC channel closes asynchronously) or a plain method: a
+    resource released at once (an HTTP response) keeps a sync close so that sync code and
+    ``finally`` blocks outside a coroutine can release it too.
+    """
+
+    def close(self) -> Awaitable[None] | None:
         """Release what the resource holds; safe to call more than once."""
         raise NotImplementedError
 
@@ -22,4 +28,6 @@ class AsyncClosing:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self.close()
+        closing = self.close()
+        if closing is not None:
+            await closing

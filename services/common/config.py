@@ -601,11 +601,6 @@ class GrpcSection:
     )
 
 
-def _check_not_negative(value: object) -> None:
-    if isinstance(value, int | float) and value < 0:
-        raise ValueError(f"must be >= 0, got {value}")
-
-
 @dataclass(frozen=True)
 class UpstreamSection:
     """Per-node limits and timeouts of fetches from upstream registries (the in-flight spool).
@@ -624,13 +619,13 @@ class UpstreamSection:
         0,
         "bytes per second this node receives from upstream registries in all (token "
         "bucket, 1 s burst); 0 = no cap",
-        check=_check_not_negative,
+        check=_check_non_negative,
     )
     queue_wait: float = _key(
         0.5,
         "seconds a fetch waits for a free slot or for the bandwidth cap before it is "
         "given up (answered 404 fast)",
-        check=_check_not_negative,
+        check=_check_non_negative,
     )
     connect_timeout: float = _key(
         5.0,

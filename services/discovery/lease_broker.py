@@ -40,25 +40,16 @@ R = TypeVar("R")
 log = get_logger(__name__)
 
 
-@dataclass(frozen=True)
-class LeaseSettings:
-    """The lease keys of the discovery config section."""
-
-    ttl: float = 10.0
-    max_ttl: float = 60.0
-    max_leases: int = 10_000
-    max_per_peer: int = 1024
-
-    @classmethod
-    def of(cls, section: DiscoverySection) -> LeaseSettings:
+def lease_table(section: DiscoverySection) -> LeaseTable:
+    """The table of the leases this node decides on, bounded by the section's lease keys."""
+    return LeaseTable(
+        max_leases=section.max_leases,
+        max_per_holder=section.max_leases_per_peer,
+        default_ttl=section.lease_ttl,
         # The maximum is at least the default (as the key's description says), so no pair of
         # values is an error an operator could trip over.
-        return cls(
-            section.lease_ttl,
-            max(section.max_lease_ttl, section.lease_ttl),
-            section.max_leases,
-            section.max_leases_per_peer,
-        )
+        max_ttl=max(section.max_lease_ttl, section.lease_ttl),
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,15 +100,9 @@ class _State:
 class LeaseBroker:
     """Fetch leases of one discovery node."""
 
-    def __init__(self, engine: DiscoveryEngine, settings: LeaseSettings) -> None:
+    def __init__(self, engine: DiscoveryEngine, section: DiscoverySection) -> None:
         self._engine = engine
-        self.settings = settings
-        self.table = LeaseTable(
-            max_leases=settings.max_leases,
-            max_per_holder=settings.max_per_peer,
-            default_ttl=settings.ttl,
-            max_ttl=settings.max_ttl,
-        )
+        self.table = lease_table(section)
         # The Peer servicer answers other nodes' lease RPCs from the same table.
         self.authority = LeaseAuthority(self.table, engine.clock)
         self.counters = LeaseCounters()
@@ -334,7 +319,7 @@ class LeaseBroker:
     def _prune(self, now: float) -> None:
         """Forget leases long expired. A held one is kept a while past its expiry: renewing
         it late still gets it back when nobody took it meanwhile."""
-        stale = now - self.settings.max_ttl
+        stale = now - self.table.max_ttl
         for key in [k for k, h in self._held.items() if h.expires_at < stale]:
             del self._held[key]
         for key in [k for k, w in self._waiting.items() if w.expires_at < now]:

@@ -242,7 +242,7 @@ class LocalDiscoveryServicer(pb_grpc.LocalDiscoveryServicer):
 
         def check() -> str:
             checked = self.limits.check_key(key, "key")
-            longest = leases.settings.max_ttl
+            longest = leases.table.max_ttl
             if ttl_seconds is not None and ttl_seconds > longest:
                 raise KeyLimitExceeded(
                     "ttl_seconds",

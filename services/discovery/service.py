@@ -30,7 +30,7 @@ from services.discovery.bootstrap import BootstrapSources
 from services.discovery.engine import DiscoveryEngine
 from services.discovery.identity import ServerIdentities, node_id_for
 from services.discovery.kademlia import DhtConfig
-from services.discovery.lease_broker import LeaseBroker, LeaseSettings
+from services.discovery.lease_broker import LeaseBroker
 from services.discovery.local_servicer import SERVICE_NAME as LOCAL_SERVICE
 from services.discovery.local_servicer import KeyLimits, LocalDiscoveryServicer
 from services.discovery.metrics import DiscoveryMetrics
@@ -109,7 +109,7 @@ class DiscoveryService:
             ),
         )
         engine = self.engine
-        self.leases = LeaseBroker(engine, LeaseSettings.of(d))
+        self.leases = LeaseBroker(engine, d)
         # One per node: refusals logged once per client and limit, whichever API was called.
         limit_log = LimitLog(__name__)
         self.peer_server = GrpcServer(

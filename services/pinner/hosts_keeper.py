@@ -11,11 +11,11 @@ warning about it is only logged when a write happens for another reason.
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Awaitable, Callable
 from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 
+from services.common.file_signature import file_signature
 from services.common.k3s.registries import Registries, RegistriesError, load_registries
 from services.common.logsetup import get_logger
 from services.pinner.hosts_toml import HostsOptions, render_hosts_files
@@ -28,20 +28,10 @@ from services.pinner.hosts_writer import (
 
 log = get_logger(__name__)
 
-Signature = tuple[int, int, int] | None
 # Seconds a check waits for the certs.d lock: the thread it runs in must end soon after a stop.
 MAX_LOCK_WAIT = 1.0
 # Differs from every signature, a missing file's (None) included.
 _NEVER = object()
-
-
-def _signature(path: Path) -> Signature:
-    """What changes when a file is replaced or written: inode, size, modification time."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 @dataclass(eq=False)
@@ -61,7 +51,7 @@ class HostsKeeper:
     _warnings: tuple[str, ...] = field(default=(), init=False)
 
     def _reload(self) -> Registries | None:
-        signature = _signature(self.registries_file)
+        signature = file_signature(self.registries_file)
         if signature == self._loaded:
             return None
         self._loaded = signature

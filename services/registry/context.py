@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from sanic import Sanic
 from sanic.config import Config
 
-from services.common.config import NodeConfig
+from services.common.config import NodeConfig, RegistrySection
 from services.common.k3s.mirror_policy import Policy
 from services.registry.content import ContentService
 from services.registry.limits import ClientSlots, RequestLimits
@@ -39,7 +39,7 @@ class RegistryContext:
     # Prometheus metrics served on /metrics; set by create_app.
     metrics: RegistryMetrics | None = None
     # Path/query bounds and the counts of peer relays in flight (registry.max_*).
-    limits: RequestLimits = field(default_factory=RequestLimits)
+    limits: RequestLimits = field(default_factory=lambda: RequestLimits.of(RegistrySection()))
     relay_slots: ClientSlots = field(default_factory=lambda: ClientSlots(limit=16, local_limit=128))
 
 

@@ -83,10 +83,11 @@ class ClientSlots:
 
 @dataclass(frozen=True)
 class RequestLimits:
-    """Path and query bounds of the pull API (header size and timeouts are Sanic's to enforce)."""
+    """Path and query bounds of the pull API (registry.max_path_bytes and max_query_bytes;
+    header size and timeouts are Sanic's to enforce)."""
 
-    max_path_bytes: int = 2048
-    max_query_bytes: int = 1024
+    max_path_bytes: int
+    max_query_bytes: int
 
     @classmethod
     def of(cls, section: RegistrySection) -> RequestLimits:

@@ -7,12 +7,12 @@ mirrors takes no part); a file that becomes invalid keeps the last good answer a
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 
+from services.common.file_signature import FileSignature, file_signature
 from services.common.k3s.registries import Registries, RegistriesError, load_registries
 from services.common.logsetup import get_logger
 
@@ -30,23 +30,16 @@ class MirroredRegistries:
     recheck_s: float = DEFAULT_RECHECK_S
     clock: Callable[[], float] = time.monotonic
     # (inode, size, mtime) of the file as last read; None when it was absent.
-    _signature: tuple[int, int, int] | None = field(default=None, init=False)
+    _signature: FileSignature = field(default=None, init=False)
     _registries: Registries = field(default_factory=Registries, init=False)
     _checked_at: float = field(default=float("-inf"), init=False)
 
     def __post_init__(self) -> None:
         self._reload()
 
-    def _stat(self) -> tuple[int, int, int] | None:
-        try:
-            st = os.stat(self.path)
-        except OSError:
-            return None
-        return (st.st_ino, st.st_size, st.st_mtime_ns)
-
     def _reload(self) -> None:
         self._checked_at = self.clock()
-        signature = self._stat()
+        signature = file_signature(self.path)
         if signature == self._signature and signature is not None:
             return
         try:

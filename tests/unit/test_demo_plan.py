@@ -10,6 +10,7 @@ import yaml
 from services.cli.demo_plan import (
     DEMO_IMAGE,
     PORTS_PER_NODE,
+    Listener,
     PullReport,
     ServedItem,
     answered,
@@ -35,7 +36,8 @@ def test_every_port_of_the_plan_is_distinct_and_named_by_node(tmp_path: Path) ->
     nodes = plan_mesh(3, 15000, tmp_path)
     ports = [p for n in nodes for p in n.ports]
     assert len(ports) == len(set(ports)) == 3 * PORTS_PER_NODE == 24
-    assert [n.registry_port for n in nodes] == [15001, 15002, 15003]
+    assert [n.port(Listener.REGISTRY) for n in nodes] == [15001, 15002, 15003]
+    assert nodes[0].address(Listener.PINNER_METRICS) == "127.0.0.1:15701"
     assert [n.name for n in nodes] == ["node1", "node2", "node3"]
     assert nodes[2].registry_url == "http://127.0.0.1:15003"
     assert nodes[1].directory == tmp_path / "node2"
@@ -56,13 +58,13 @@ def test_generated_configs_load_and_chain_to_node1(tmp_path: Path) -> None:
         cfg = load_config(path, {})
         assert cfg.store.backend == "oci-layout"
         assert cfg.store.oci_layout_path == node.layout_path
-        assert cfg.registry.port == node.registry_port
+        assert cfg.registry.port == node.port(Listener.REGISTRY)
         assert cfg.registry.host == cfg.discovery.host == "127.0.0.1"
         assert cfg.registry.default_registry == "docker.io"
         assert cfg.registry.registries_file == registries
         assert not cfg.pinner.write_hosts and not cfg.pinner.mirror_tls
-        assert cfg.discovery.local_address == node.discovery_local
-        want = [] if node is nodes[0] else [nodes[0].discovery_peer]
+        assert cfg.discovery.local_address == node.address(Listener.DISCOVERY_LOCAL)
+        want = [] if node is nodes[0] else [nodes[0].address(Listener.DISCOVERY)]
         assert cfg.discovery.bootstrap_peers == want
 
 

@@ -16,6 +16,16 @@ if TYPE_CHECKING:
     import grpc
     from google.protobuf.timestamp_pb2 import Timestamp
 
+    from services.common.genproto.peermirror.discovery.v1.local_pb2 import (
+        StatsResponse as DiscoveryStats,
+    )
+    from services.common.genproto.peermirror.pinner.v1.pinner_pb2 import (
+        StatusResponse as PinnerStatus,
+    )
+    from services.common.genproto.peermirror.registry.v1.introspection_pb2 import (
+        StatsResponse as RegistryStats,
+    )
+
 T = TypeVar("T")
 
 DEFAULT_TIMEOUT = 2.0
@@ -130,9 +140,43 @@ def _observe_service(
     return seen, samples
 
 
-def _registry(obs: Observed, address: str, timeout: float) -> None:
+def _ask_services(
+    grpc_at: Mapping[str, str], timeout: float
+) -> tuple[RegistryStats | None, DiscoveryStats | None, PinnerStatus | None]:
+    """What the registry's and discovery's Stats and the pinner's Status RPCs answer (None
+    for a service that does not)."""
+    from services.common.genproto.peermirror.discovery.v1 import local_pb2, local_pb2_grpc
+    from services.common.genproto.peermirror.pinner.v1 import pinner_pb2, pinner_pb2_grpc
+    from services.common.genproto.peermirror.registry.v1 import (
+        introspection_pb2,
+        introspection_pb2_grpc,
+    )
+
+    return (
+        _ask(
+            grpc_at["registry"],
+            lambda ch: introspection_pb2_grpc.RegistryIntrospectionStub(ch).Stats(
+                introspection_pb2.StatsRequest(), timeout=timeout
+            ),
+        ),
+        _ask(
+            grpc_at["discovery"],
+            lambda ch: local_pb2_grpc.LocalDiscoveryStub(ch).Stats(
+                local_pb2.StatsRequest(), timeout=timeout
+            ),
+        ),
+        # UNIMPLEMENTED on a pinner without containerd (oci-layout store): nothing pinned there.
+        _ask(
+            grpc_at["pinner"],
+            lambda ch: pinner_pb2_grpc.PinnerStub(ch).Status(
+                pinner_pb2.StatusRequest(), timeout=timeout
+            ),
+        ),
+    )
+
+
+def _registry(obs: Observed, stats: RegistryStats) -> None:
     from services.common.genproto.peermirror.registry.v1 import introspection_pb2 as pb
-    from services.common.genproto.peermirror.registry.v1 import introspection_pb2_grpc as pb_grpc
 
     # The cache labels of the registry's metrics, for the results the hit rate counts.
     labels = {
@@ -142,12 +186,6 @@ def _registry(obs: Observed, address: str, timeout: float) -> None:
         pb.REQUEST_RESULT_ERROR: "error",
     }
     counted_kinds = {pb.REQUEST_KIND_MANIFEST, pb.REQUEST_KIND_BLOB}
-    stats = _ask(
-        address,
-        lambda ch: pb_grpc.RegistryIntrospectionStub(ch).Stats(pb.StatsRequest(), timeout=timeout),
-    )
-    if stats is None:
-        return
     counts: dict[str, int] = {}
     for entry in stats.requests:
         if entry.from_peer or entry.kind not in counted_kinds or entry.result not in labels:
@@ -158,15 +196,7 @@ def _registry(obs: Observed, address: str, timeout: float) -> None:
     _started(obs, "registry", stats.started_at)
 
 
-def _discovery(obs: Observed, address: str, timeout: float) -> None:
-    from services.common.genproto.peermirror.discovery.v1 import local_pb2 as pb
-    from services.common.genproto.peermirror.discovery.v1 import local_pb2_grpc as pb_grpc
-
-    stats = _ask(
-        address, lambda ch: pb_grpc.LocalDiscoveryStub(ch).Stats(pb.StatsRequest(), timeout=timeout)
-    )
-    if stats is None:
-        return
+def _discovery(obs: Observed, stats: DiscoveryStats) -> None:
     obs.peers = stats.peers
     obs.provider_records = stats.provider_records
     obs.advertised_keys = stats.advertised_keys
@@ -181,16 +211,7 @@ def _discovery(obs: Observed, address: str, timeout: float) -> None:
     _started(obs, "discovery", stats.started_at)
 
 
-def _pinner(obs: Observed, address: str, timeout: float) -> None:
-    from services.common.genproto.peermirror.pinner.v1 import pinner_pb2 as pb
-    from services.common.genproto.peermirror.pinner.v1 import pinner_pb2_grpc as pb_grpc
-
-    status = _ask(
-        address, lambda ch: pb_grpc.PinnerStub(ch).Status(pb.StatusRequest(), timeout=timeout)
-    )
-    if status is None:
-        # UNIMPLEMENTED on a pinner without containerd (oci-layout store): nothing pinned there.
-        return
+def _pinner(obs: Observed, status: PinnerStatus) -> None:
     obs.pinned_images = status.pinned_images
     if obs.advertised_keys is None:
         obs.advertised_keys = status.advertised_keys
@@ -225,7 +246,11 @@ def observe(cfg: NodeConfig, timeout: float = DEFAULT_TIMEOUT) -> Observed:
             for labels, value in registry_samples.get("peermirror_mirror_recent_requests", [])
         }
         inflight_from_metrics(obs, registry_samples)
-    _registry(obs, grpc_at["registry"], timeout)
-    _discovery(obs, grpc_at["discovery"], timeout)
-    _pinner(obs, grpc_at["pinner"], timeout)
+    registry, discovery, pinner = _ask_services(grpc_at, timeout)
+    if registry is not None:
+        _registry(obs, registry)
+    if discovery is not None:
+        _discovery(obs, discovery)
+    if pinner is not None:
+        _pinner(obs, pinner)
     return obs

@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.common.file_signature import FileSignature, file_signature
 from services.common.oci.document import (
     ANNOTATION_CONTAINERD_NAME,
     ANNOTATION_REF_NAME,
@@ -94,7 +95,7 @@ def named_images(
 class LayoutSnapshot:
     """What a watcher compares between polls: the named images and the blobs present."""
 
-    index_signature: tuple[int, int, int] | None
+    index_signature: FileSignature
     images: Mapping[str, Descriptor]
     blobs: frozenset[str] = field(default_factory=frozenset)
 
@@ -277,13 +278,6 @@ class OciLayoutStore:
 
     # --- snapshots (blocking; run in threads by async callers) ------------------------------
 
-    def _index_signature(self) -> tuple[int, int, int] | None:
-        try:
-            st = os.stat(self.index_path)
-        except FileNotFoundError:
-            return None
-        return (st.st_ino, st.st_size, st.st_mtime_ns)
-
     def _read_entries(self) -> list[dict[str, object]]:
         try:
             data = self.index_path.read_bytes()
@@ -310,7 +304,7 @@ class OciLayoutStore:
         An index.json that cannot be parsed (caught mid-write by a non-atomic writer) keeps the
         previous images, so a watcher never reports spurious deletions.
         """
-        signature = self._index_signature()
+        signature = file_signature(self.index_path)
         if previous is not None and signature == previous.index_signature:
             images: Mapping[str, Descriptor] = previous.images
         else:

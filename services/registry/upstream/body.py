@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
-from types import TracebackType
 
 import aiohttp
 from multidict import CIMultiDictProxy
 
+from services.common.closing import AsyncClosing
 from services.registry.upstream.errors import UpstreamUnavailable
 from services.registry.upstream.routes import Route
 
@@ -15,7 +15,7 @@ from services.registry.upstream.routes import Route
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 
 
-class UpstreamBody:
+class UpstreamBody(AsyncClosing):
     """What an endpoint answered: headers now, body bytes as they arrive.
 
     The bytes always start at `offset` of the content: when an endpoint ignores a Range and
@@ -114,14 +114,3 @@ class UpstreamBody:
         self._closed = True
         self._response.release()
         self._on_close()
-
-    async def __aenter__(self) -> UpstreamBody:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

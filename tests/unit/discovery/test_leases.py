@@ -17,7 +17,7 @@ from services.discovery.kademlia.leases import (
     NoLease,
     lease_authorities,
 )
-from services.discovery.lease_broker import LeaseSettings
+from services.discovery.lease_broker import lease_table
 from tests.harness.dht_sim import SimNetwork
 from tests.unit.discovery.helpers import contact
 
@@ -223,12 +223,20 @@ def test_every_node_asks_the_same_node_and_the_next_closest_when_it_dies() -> No
         assert regrant.granted
 
 
-def test_config_keys_set_the_lease_settings(tmp_path: Path) -> None:
+def test_config_keys_set_the_lease_table(tmp_path: Path) -> None:
     path = tmp_path / "node.yaml"
-    path.write_text("discovery:\n  lease_ttl: 90\n  max_lease_ttl: 60\n  max_leases: 5\n")
-    settings = LeaseSettings.of(load_config(path, env={}).discovery)
+    path.write_text(
+        "discovery:\n  lease_ttl: 90\n  max_lease_ttl: 60\n  max_leases: 5\n"
+        "  max_leases_per_peer: 3\n"
+    )
+    table = lease_table(load_config(path, env={}).discovery)
     # The maximum is never below the default.
-    assert (settings.ttl, settings.max_ttl, settings.max_leases) == (90.0, 90.0, 5)
+    assert (table.default_ttl, table.max_ttl, table.max_leases, table.max_per_holder) == (
+        90.0,
+        90.0,
+        5,
+        3,
+    )
     path.write_text("discovery:\n  lease_ttl: 0\n")
     with pytest.raises(ConfigError, match=f"{path}: discovery.lease_ttl: must be > 0"):
         load_config(path, env={})

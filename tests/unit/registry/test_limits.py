@@ -27,8 +27,9 @@ def test_too_long_is_414_with_oci_body(path: str, query: str, limit: str) -> Non
 
 
 def test_multibyte_characters_count_as_bytes() -> None:
-    assert RequestLimits(max_path_bytes=4).check("éé", "") is None
-    assert RequestLimits(max_path_bytes=4).check("ééé", "") is not None
+    limits = RequestLimits(max_path_bytes=4, max_query_bytes=4)
+    assert limits.check("éé", "") is None
+    assert limits.check("ééé", "") is not None
 
 
 def test_headers_too_large_is_431() -> None:
