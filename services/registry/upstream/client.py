@@ -26,6 +26,7 @@ import aiohttp
 from yarl import URL
 
 from services.common.errors import PeermirrorError
+from services.common.hostport import join_host_port
 from services.common.k3s.registries import Registries, TLSConfig
 from services.common.oci.grammar import is_valid_digest, is_valid_name, is_valid_tag
 from services.common.oci.media_types import (
@@ -88,10 +89,8 @@ class UpstreamSettings:
         """Settings from a loaded node config (k3s switches already folded into pinner)."""
         u = cfg.upstream
         port = cfg.registry.port
-        own = {f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}"}
-        if cfg.node.address:
-            host = cfg.node.address
-            own.add(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+        hosts = ["127.0.0.1", "localhost", "::1", *([cfg.node.address] if cfg.node.address else [])]
+        own = {join_host_port(host, port) for host in hosts}
         return cls(
             max_fetches=u.max_concurrent_fetches,
             max_bandwidth=u.max_bandwidth,
