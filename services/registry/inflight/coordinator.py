@@ -63,28 +63,15 @@ _KeysCall = Callable[[Sequence[str]], Awaitable[None]]
 
 @dataclass(frozen=True, slots=True)
 class InflightSettings:
-    """The coordinator's timings (see the ``inflight`` config section)."""
+    """The coordinator's timings: the ``inflight`` config section, and how often a waiter
+    looks again for the blob or the lease."""
 
-    renew_interval_s: float = 2.0
-    stall_s: float = 30.0
-    holder_wait_s: float = 30.0
+    section: InflightSection = field(default_factory=InflightSection)
     retry_interval_s: float = 0.2
-    manifest_window_s: float = 5.0
-    # A manifest is content-addressed: once verified it is served by digest this long (a tag
-    # only for the window), so a pull whose GET by digest comes late still costs one request.
-    digest_keep_s: float = 120.0
-    upstream_resumes: int = 3
 
     @classmethod
     def from_config(cls, section: InflightSection) -> InflightSettings:
-        return cls(
-            renew_interval_s=section.renew_interval,
-            stall_s=section.stall_timeout,
-            holder_wait_s=section.holder_wait,
-            manifest_window_s=section.manifest_window,
-            digest_keep_s=section.grace_period,
-            upstream_resumes=section.upstream_resumes,
-        )
+        return cls(section)
 
 
 @dataclass(frozen=True, slots=True)
@@ -322,7 +309,7 @@ class Coordinator:
             except (ValueError, asyncio.CancelledError):
                 raise
             except Exception as exc:
-                if fetch.resumes >= self.settings.upstream_resumes:
+                if fetch.resumes >= self.settings.section.upstream_resumes:
                     raise
                 fetch.resumes += 1
                 log.info(
@@ -345,7 +332,7 @@ class Coordinator:
         limit, so a stalled connection is replaced (or the fetch fails and its lease is
         released) instead of holding every waiter in the cluster."""
         loop = asyncio.get_running_loop()
-        stall_s = self.settings.stall_s
+        stall_s = self.settings.section.stall_timeout
         feed = SpoolFeed(spool, WRITE_BATCH, FLUSH_AFTER_S)
         stall = asyncio.timeout(stall_s)
         try:
@@ -378,7 +365,7 @@ class Coordinator:
 
     async def _renew(self, fetch: Fetch) -> None:
         while True:
-            await asyncio.sleep(self.settings.renew_interval_s)
+            await asyncio.sleep(self.settings.section.renew_interval)
             if not await self._renewed(fetch.digest):
                 # Our bytes are still good, so the fetch goes on; another node may fetch too.
                 fetch.lease_lost = True
@@ -405,7 +392,7 @@ class Coordinator:
         # it (and discovery names the holder first) instead of being granted a second download
         # before this node's advertisement reaches it.
         while self.pool.get(fetch.digest) is fetch.spool and not fetch.lease_lost:
-            await asyncio.sleep(self.settings.renew_interval_s)
+            await asyncio.sleep(self.settings.section.renew_interval)
             if not await self._renewed(fetch.digest):
                 return
         await self._release(fetch.digest)
@@ -490,15 +477,18 @@ class Coordinator:
             leased.append(checked.digest)
         now = time.monotonic()
         keys = [key] if key == checked.digest else [key, checked.digest]
-        self._window[key] = (checked, now + self.settings.manifest_window_s)
-        kept = max(self.settings.manifest_window_s, self.settings.digest_keep_s)
+        self._window[key] = (checked, now + self.settings.section.manifest_window)
+        # A manifest is content-addressed: once verified it is served by digest for the spools'
+        # grace period (a tag only for the window), so a GET by digest that comes late still
+        # costs one upstream request.
+        kept = max(self.settings.section.manifest_window, self.settings.section.grace_period)
         self._window[checked.digest] = (checked, now + kept)
         await self._call_discovery("advertise", self.advertiser.advertise, keys)
         # The lease is kept for the window, so askers in it relay from here instead of
         # fetching again; then it is released and the next asker fetches afresh.
         loop = asyncio.get_running_loop()
         for leased_key in leased:
-            loop.call_later(self.settings.manifest_window_s, self._end_window, leased_key)
+            loop.call_later(self.settings.section.manifest_window, self._end_window, leased_key)
         loop.call_later(kept, self._drop_stale)
         return checked
 

@@ -100,7 +100,9 @@ async def answer_peer(
         spool = coordinator.peer_spool(route.digest)
         if spool is None:
             return None
-        return Answered(await send_spool(request, spool, registry, coordinator.settings.stall_s))
+        return Answered(
+            await send_spool(request, spool, registry, coordinator.settings.section.stall_timeout)
+        )
     manifest = coordinator.window_manifest(route.digest if route.digest is not None else key)
     if manifest is None:
         return None
@@ -121,7 +123,7 @@ async def answer_local_miss(
     (extended with the reason) when nobody will fetch it for this request."""
     settings = coordinator.settings
     loop = asyncio.get_running_loop()
-    give_up_at = loop.time() + settings.holder_wait_s
+    give_up_at = loop.time() + settings.section.holder_wait
     # Upstream spells Docker Hub's official images library/<name>, as containerd does.
     repository = normalize_name(registry, route.name)
     while True:
@@ -136,7 +138,7 @@ async def answer_local_miss(
             window_key = route.digest if route.digest is not None else key
             claim = await coordinator.claim_manifest(registry, repository, reference, window_key)
         if isinstance(claim, Fetching):
-            return await send_spool(request, claim.spool, registry, settings.stall_s)
+            return await send_spool(request, claim.spool, registry, settings.section.stall_timeout)
         if isinstance(claim, UpstreamManifest):
             return manifest_response(request, claim, registry)
         if isinstance(claim, Unavailable):

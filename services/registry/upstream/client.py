@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import aiohttp
 from yarl import URL
 
+from services.common.config import UpstreamSection
 from services.common.errors import PeermirrorError
 from services.common.hostport import join_host_port
 from services.common.k3s.registries import Registries, TLSConfig
@@ -71,32 +72,24 @@ USER_AGENT = "peermirror-upstream"
 
 @dataclass(frozen=True, slots=True)
 class UpstreamSettings:
-    """How this node fetches from upstream registries (config section `upstream`)."""
+    """How this node fetches from upstream registries: the `upstream` section's limits and
+    timeouts, and what comes from elsewhere in the config."""
 
-    max_fetches: int = 8
-    max_bandwidth: int = 0
-    queue_wait: float = 0.5
-    connect_timeout: float = 5.0
-    read_timeout: float = 30.0
-    max_redirects: int = MAX_REDIRECTS
+    limits: UpstreamSection = field(default_factory=UpstreamSection)
     # K3s disable-default-registry-endpoint: only the listed endpoints are upstreams.
     disable_default_endpoint: bool = False
     # This node's own registry addresses (host:port), never upstream endpoints.
     own_hosts: frozenset[str] = field(default_factory=frozenset)
+    max_redirects: int = MAX_REDIRECTS
 
     @classmethod
     def from_config(cls, cfg: NodeConfig) -> UpstreamSettings:
         """Settings from a loaded node config (k3s switches already folded into pinner)."""
-        u = cfg.upstream
         port = cfg.registry.port
         hosts = ["127.0.0.1", "localhost", "::1", *([cfg.node.address] if cfg.node.address else [])]
         own = {join_host_port(host, port) for host in hosts}
         return cls(
-            max_fetches=u.max_concurrent_fetches,
-            max_bandwidth=u.max_bandwidth,
-            queue_wait=u.queue_wait,
-            connect_timeout=u.connect_timeout,
-            read_timeout=u.read_timeout,
+            limits=cfg.upstream,
             disable_default_endpoint=cfg.pinner.disable_default_endpoint,
             own_hosts=frozenset(own),
         )
@@ -128,8 +121,9 @@ class UpstreamClient:
         self.settings = settings or UpstreamSettings()
         self._metrics = metrics
         self._clock = clock
+        limits = self.settings.limits
         self.limiter = FetchLimiter(
-            self.settings.max_fetches, self.settings.max_bandwidth, self.settings.queue_wait, clock
+            limits.max_concurrent_fetches, limits.max_bandwidth, limits.queue_wait, clock
         )
         self.tokens = TokenCache()
         # Hosts that asked for Basic auth: later requests send it at once, as containerd does.
@@ -413,7 +407,7 @@ class UpstreamClient:
             s = self.settings
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(
-                    total=None, connect=s.connect_timeout, sock_read=s.read_timeout
+                    total=None, connect=s.limits.connect_timeout, sock_read=s.limits.read_timeout
                 ),
                 headers={"User-Agent": USER_AGENT},
                 # Proxies from the environment would send registry traffic elsewhere.

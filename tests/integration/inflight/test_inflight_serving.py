@@ -15,6 +15,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from services.common.config import InflightSection
 from services.common.store.oci_layout import OciLayoutStore
 from services.registry.headers import DIGEST_HEADER, PEER_HEADER
 from services.registry.inflight.coordinator import Coordinator, InflightSettings
@@ -56,7 +57,7 @@ async def node(tmp_path: Path) -> AsyncIterator[Node]:
         leases = LeaseTable()
         advertiser = FakeRouter()
         coordinator = Coordinator(
-            InflightSettings(stall_s=20),
+            InflightSettings(InflightSection(stall_timeout=20)),
             SpoolPool(tmp_path / "spool", 64 * MiB, grace_s=60),
             leases.client(Holder("127.0.0.1", 0)),
             client,
@@ -237,7 +238,7 @@ async def test_concurrent_tag_pulls_cost_one_upstream_manifest_request(node: Nod
         # `latest` is refused by policy before anything is asked of upstream.
         latest, _, _ = await _get(session, f"{base}/latest?ns={NS}", {})
         # Past the window the tag is not served from memory any more.
-        await asyncio.sleep(node.coordinator.settings.manifest_window_s + 0.2)
+        await asyncio.sleep(node.coordinator.settings.section.manifest_window + 0.2)
         expired, _, _ = await _get(session, f"{base}/1.0?ns={NS}", PEER)
     assert expired == 404
     for status, headers, body in [*answers, pinned, by_tag, by_digest]:

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import pytest
 from prometheus_client import CollectorRegistry
 
+from services.common.config import UpstreamSection
 from services.common.k3s.registries import Registries, parse_registries
 from services.registry.upstream import (
     MANIFEST_ACCEPT,
@@ -392,7 +393,9 @@ async def test_token_flow_wrong_credentials_is_an_auth_error(
 async def test_past_the_fetch_cap_a_fetch_is_refused_busy(
     plain: DistributionRegistry, image: BuiltImage, make_client: MakeClient
 ) -> None:
-    client = make_client(mirror_of(plain.url), max_fetches=1, queue_wait=0.05)
+    client = make_client(
+        mirror_of(plain.url), limits=UpstreamSection(max_concurrent_fetches=1, queue_wait=0.05)
+    )
     held = await client.fetch_blob(REGISTRY, "team/app", layer(image))
     with pytest.raises(UpstreamBusy):
         await client.fetch_manifest(REGISTRY, "team/app", "1.0")
@@ -404,7 +407,9 @@ async def test_past_the_fetch_cap_a_fetch_is_refused_busy(
 async def test_bandwidth_capped_fetch_delivers_every_byte(
     plain: DistributionRegistry, image: BuiltImage, make_client: MakeClient
 ) -> None:
-    client = make_client(mirror_of(plain.url), max_bandwidth=4 * 1024 * 1024)
+    client = make_client(
+        mirror_of(plain.url), limits=UpstreamSection(max_bandwidth=4 * 1024 * 1024)
+    )
     data = await read_all(client, layer(image))
     assert data == image.blob_path(layer(image)).read_bytes()
 

@@ -36,9 +36,9 @@ def test_inflight_keys_reach_the_coordinator(tmp_path: Path) -> None:
     assert coordinator.pool.directory == Path("/srv/pm/spool")
     assert coordinator.pool.max_bytes == 1048576
     assert coordinator.pool.grace_s == 5
-    assert coordinator.settings.manifest_window_s == 0.5
-    assert coordinator.settings.holder_wait_s == 3
-    assert coordinator.settings.upstream_resumes == 0
+    assert coordinator.settings.section.manifest_window == 0.5
+    assert coordinator.settings.section.holder_wait == 3
+    assert coordinator.settings.section.upstream_resumes == 0
 
 
 def test_bad_inflight_values_name_key_and_file(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from sanic import HTTPResponse
 
+from services.common.config import InflightSection
 from services.common.oci.errors import ErrorCode, OciError
 from services.registry.inflight.coordinator import (
     Coordinator,
@@ -48,9 +49,10 @@ def _node(
     pool = SpoolPool(tmp_path / me.address, max_bytes, grace_s=60)
     pool.open()
     advertiser = FakeRouter()
-    defaults: dict[str, Any] = {"renew_interval_s": 0.05, "stall_s": 5.0, "holder_wait_s": 2.0}
+    retry = settings.pop("retry_interval_s", 0.2)
+    defaults: dict[str, Any] = {"renew_interval": 0.05, "stall_timeout": 5.0, "holder_wait": 2.0}
     coordinator = Coordinator(
-        InflightSettings(**(defaults | settings)),
+        InflightSettings(InflightSection(**(defaults | settings)), retry_interval_s=retry),
         pool,
         table.client(me),
         upstream,
@@ -63,8 +65,8 @@ def _node(
 async def _read_all(coordinator: Coordinator, claim: object) -> bytes:
     assert isinstance(claim, Fetching), claim
     spool = claim.spool
-    parts = [c async for c in spool.read(0, spool.size, coordinator.settings.stall_s)]
-    await spool.verdict(coordinator.settings.stall_s)
+    parts = [c async for c in spool.read(0, spool.size, coordinator.settings.section.stall_timeout)]
+    await spool.verdict(coordinator.settings.section.stall_timeout)
     return b"".join(parts)
 
 
@@ -148,7 +150,7 @@ async def test_holder_lost_waiter_takes_the_lease_and_fetches(tmp_path: Path) ->
     digest = stalled.add_blob(BLOB)
     healthy.add_blob(BLOB)
     table = LeaseTable()
-    a, _ = _node(tmp_path, table, NODE_A, stalled, renew_interval_s=60)
+    a, _ = _node(tmp_path, table, NODE_A, stalled, renew_interval=60)
     b, _ = _node(tmp_path, table, NODE_B, healthy)
     await a.claim_blob(REGISTRY, REPO, digest)
     assert await b.claim_blob(REGISTRY, REPO, digest) == HeldElsewhere(NODE_A)
@@ -247,8 +249,8 @@ TAG_KEY = "docker.io/library/app:1.0"
 async def test_concurrent_tag_resolutions_cost_one_upstream_request(tmp_path: Path) -> None:
     upstream = FakeUpstream(manifest_delay=0.05, manifests={"1.0": MANIFEST})
     table = LeaseTable()
-    a, advertiser = _node(tmp_path, table, NODE_A, upstream, manifest_window_s=0.3)
-    b, _ = _node(tmp_path, table, NODE_B, upstream, manifest_window_s=0.3)
+    a, advertiser = _node(tmp_path, table, NODE_A, upstream, manifest_window=0.3)
+    b, _ = _node(tmp_path, table, NODE_B, upstream, manifest_window=0.3)
     answers = await asyncio.gather(
         *(a.claim_manifest(REGISTRY, REPO, "1.0", TAG_KEY) for _ in range(4)),
         b.claim_manifest(REGISTRY, REPO, "1.0", TAG_KEY),
@@ -267,7 +269,7 @@ async def test_concurrent_tag_resolutions_cost_one_upstream_request(tmp_path: Pa
 async def test_tags_are_never_cached_beyond_the_window(tmp_path: Path) -> None:
     upstream = FakeUpstream(manifests={"1.0": MANIFEST})
     table = LeaseTable()
-    node, _ = _node(tmp_path, table, NODE_A, upstream, manifest_window_s=0.05)
+    node, _ = _node(tmp_path, table, NODE_A, upstream, manifest_window=0.05)
     assert await node.claim_manifest(REGISTRY, REPO, "1.0", TAG_KEY) == MANIFEST
     await asyncio.sleep(0.15)
     assert node.window_manifest(TAG_KEY) is None
@@ -282,7 +284,7 @@ async def test_a_tags_manifest_is_kept_by_digest_after_the_window(tmp_path: Path
     # the tag's window, and must not cost a second upstream request (seen in the mesh test).
     upstream = FakeUpstream(manifests={"1.0": MANIFEST})
     node, _ = _node(
-        tmp_path, LeaseTable(), NODE_A, upstream, manifest_window_s=0.05, digest_keep_s=5.0
+        tmp_path, LeaseTable(), NODE_A, upstream, manifest_window=0.05, grace_period=5.0
     )
     assert await node.claim_manifest(REGISTRY, REPO, "1.0", TAG_KEY) == MANIFEST
     await asyncio.sleep(0.15)
@@ -317,7 +319,7 @@ def _miss() -> OciError:
 async def test_waiter_relays_from_the_holder_once_it_is_a_provider(tmp_path: Path) -> None:
     upstream = FakeUpstream(manifests={"1.0": MANIFEST})
     table = LeaseTable()
-    a, _ = _node(tmp_path, table, NODE_A, upstream, manifest_window_s=5)
+    a, _ = _node(tmp_path, table, NODE_A, upstream, manifest_window=5)
     b, _ = _node(tmp_path, table, NODE_B, upstream, retry_interval_s=0.01)
     await a.claim_manifest(REGISTRY, REPO, "1.0", TAG_KEY)
     relays = 0
@@ -358,7 +360,7 @@ async def test_waiter_takes_over_when_the_holders_lease_runs_out(tmp_path: Path)
 async def test_waiter_gives_up_with_a_404_after_holder_wait(tmp_path: Path) -> None:
     upstream = FakeUpstream(manifests={"1.0": MANIFEST})
     table = LeaseTable(ttl=60)
-    b, _ = _node(tmp_path, table, NODE_B, upstream, holder_wait_s=0.1, retry_interval_s=0.02)
+    b, _ = _node(tmp_path, table, NODE_B, upstream, holder_wait=0.1, retry_interval_s=0.02)
     await table.client(NODE_A).acquire(TAG_KEY)
     route = parse_v2_path("library/app/manifests/1.0")
     with pytest.raises(OciError) as raised:
@@ -373,7 +375,9 @@ async def test_stalled_upstream_is_replaced_then_given_up(tmp_path: Path) -> Non
     upstream = FakeUpstream(gate=asyncio.Event())  # never opens: upstream sends nothing
     digest = upstream.add_blob(BLOB)
     table = LeaseTable()
-    node, advertiser = _node(tmp_path, table, NODE_A, upstream, stall_s=0.05, upstream_resumes=1)
+    node, advertiser = _node(
+        tmp_path, table, NODE_A, upstream, stall_timeout=0.05, upstream_resumes=1
+    )
     claim = await node.claim_blob(REGISTRY, REPO, digest)
     assert isinstance(claim, Fetching)
     await _settled(node)
@@ -387,7 +391,7 @@ async def test_stalled_upstream_is_replaced_then_given_up(tmp_path: Path) -> Non
 async def test_manifest_window_entries_are_dropped_when_it_closes(tmp_path: Path) -> None:
     upstream = FakeUpstream(manifests={"1.0": MANIFEST})
     node, _ = _node(
-        tmp_path, LeaseTable(), NODE_A, upstream, manifest_window_s=0.05, digest_keep_s=0.05
+        tmp_path, LeaseTable(), NODE_A, upstream, manifest_window=0.05, grace_period=0.05
     )
     await node.claim_manifest(REGISTRY, REPO, "1.0", TAG_KEY)
     await asyncio.sleep(0.15)
@@ -404,7 +408,7 @@ async def test_lease_kept_while_the_complete_spool_is_served_then_released(
     pool = SpoolPool(tmp_path / "spool", 64 << 20, grace_s=0.5)
     pool.open()
     node = Coordinator(
-        InflightSettings(renew_interval_s=0.05),
+        InflightSettings(InflightSection(renew_interval=0.05)),
         pool,
         table.client(NODE_A),
         upstream,

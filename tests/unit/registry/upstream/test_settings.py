@@ -27,7 +27,12 @@ def test_settings_from_config(tmp_path: Path) -> None:
         env={},
     )
     settings = UpstreamSettings.from_config(cfg)
-    assert (settings.max_fetches, settings.max_bandwidth, settings.queue_wait) == (3, 1048576, 0.2)
+    limits = settings.limits
+    assert (limits.max_concurrent_fetches, limits.max_bandwidth, limits.queue_wait) == (
+        3,
+        1048576,
+        0.2,
+    )
     assert settings.disable_default_endpoint is True
     assert settings.own_hosts == {
         "127.0.0.1:6445",
