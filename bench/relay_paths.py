@@ -299,23 +299,7 @@ def slow_provider(
     """Relay GET seconds with `slow`'s link cut to a SLOWDOWN-th of the clean relay rate."""
     rate_bit = max(8_000, int(clean_gbps * 1e9 * 8 / SLOWDOWN))
     progress(f"[mTLS] slowing node 2's link to {rate_bit / 8e6:.1f} MB/s ...")
-    slow.exec(
-        [
-            "tc",
-            "qdisc",
-            "add",
-            "dev",
-            "eth0",
-            "root",
-            "tbf",
-            "rate",
-            f"{rate_bit}bit",
-            "burst",
-            "256kb",
-            "latency",
-            "400ms",
-        ]
-    )
+    slow.limit_egress(rate_bit / 1e6, burst=256 * 1024, latency_ms=400)
     try:
         answer = run_worker(
             client, {"reps": reps, "targets": [relay], "tls": creds, "verify": False}
@@ -325,7 +309,7 @@ def slow_provider(
         tail = "\n".join(client.log_text("registry").splitlines()[-15:])
         raise MeshError(f"{exc}\nnode 3's registry log:\n{tail}") from exc
     finally:
-        slow.exec(["tc", "qdisc", "del", "dev", "eth0", "root"], check=False)
+        slow.unlimit_egress()
     seconds: list[float] = answer["seconds"]["relay"]
     return seconds
 

@@ -399,9 +399,13 @@ class NetnsHost:
         netns.unisolate(self.ns)
         self.isolated = False
 
-    def limit_egress(self, mbit: float) -> None:
-        """Hold what this host sends to `mbit` Mbit/s (see netns.limit_egress)."""
-        netns.limit_egress(self.ns, mbit)
+    def limit_egress(self, mbit: float, burst: int | None = None, latency_ms: int = 100) -> None:
+        """Hold what this host sends to `mbit` Mbit/s (see netns.shaping_argv)."""
+        netns.limit_egress(self.ns, mbit, burst, latency_ms)
+
+    def unlimit_egress(self) -> None:
+        """Undo `limit_egress`."""
+        netns.unlimit_egress(self.ns)
 
     def stop_extra(self) -> list[str]:
         """Stop processes started with `popen`; returns problems (for teardown)."""

@@ -333,23 +333,34 @@ def unisolate(namespace: str) -> None:
             run(exec_argv(namespace, ["iptables", "-D", *rule]))
 
 
-def shaping_argv(mbit: float, iface: str = INNER_IFACE) -> list[str]:
+def shaping_argv(
+    mbit: float, iface: str = INNER_IFACE, burst: int | None = None, latency_ms: int = 100
+) -> list[str]:
     """tc command (to run in a namespace) holding `iface`'s egress to `mbit` Mbit/s: a token
-    bucket whose burst is a hundredth of a second at that rate (at least 64 KiB), so a TCP
-    stream moves at the rate rather than in bursts above it."""
+    bucket whose burst is by default a hundredth of a second at that rate (at least 64 KiB), so
+    a TCP stream moves at the rate rather than in bursts above it; packets wait at most
+    `latency_ms` in its queue."""
     if not mbit > 0:
         raise ValueError(f"link rate must be positive, got {mbit!r} Mbit/s")
-    burst = max(64 * 1024, int(mbit * 1e6 / 8 / 100))
+    if burst is None:
+        burst = max(64 * 1024, int(mbit * 1e6 / 8 / 100))
     return [
         "tc", "qdisc", "replace", "dev", iface, "root", "tbf",
-        "rate", f"{mbit:g}mbit", "burst", str(burst), "latency", "100ms",
+        "rate", f"{round(mbit * 1e6)}bit", "burst", str(burst), "latency", f"{latency_ms}ms",
     ]  # fmt: skip
 
 
-def limit_egress(namespace: str, mbit: float) -> None:
-    """Hold what `namespace` sends on its eth0 to `mbit` Mbit/s, e.g. an upstream registry
-    behind a cluster's internet link; deleting the namespace deletes the limit."""
-    run(exec_argv(namespace, shaping_argv(mbit)))
+def limit_egress(
+    namespace: str, mbit: float, burst: int | None = None, latency_ms: int = 100
+) -> None:
+    """Hold what `namespace` sends on its eth0 to `mbit` Mbit/s (see shaping_argv), e.g. an
+    upstream registry behind a cluster's internet link; deleting the namespace deletes it."""
+    run(exec_argv(namespace, shaping_argv(mbit, burst=burst, latency_ms=latency_ms)))
+
+
+def unlimit_egress(namespace: str) -> None:
+    """Remove what limit_egress installed (a no-op when nothing is)."""
+    run(exec_argv(namespace, ["tc", "qdisc", "del", "dev", INNER_IFACE, "root"]), check=False)
 
 
 def egress_qdisc(namespace: str) -> str:

@@ -187,6 +187,8 @@ def test_extra_host_on_the_bridge_is_reachable_from_nodes(mesh: Mesh) -> None:
     host.limit_egress(200)
     assert "tbf" in netns.egress_qdisc(host.ns) and "200Mbit" in netns.egress_qdisc(host.ns)
     assert mesh.nodes[0].http_get(f"http://{host.ip}:8080/hello.txt") == (200, b"hi")
+    host.unlimit_egress()
+    assert "tbf" not in netns.egress_qdisc(host.ns)
     assert server.stop() is not None
 
 
