@@ -44,7 +44,9 @@ class BlobFetch:
 
 
 def _request_bytes(host: str, port: int, target: str, headers: Mapping[str, str]) -> bytes:
-    lines = [f"GET {target} HTTP/1.1", f"Host: {host}:{port}", "Connection: close"]
+    # Keep-alive, as containerd asks: the client closes once the body is in (see
+    # services/registry/mirror/peer_socket.PeerSocket for why the server must not).
+    lines = [f"GET {target} HTTP/1.1", f"Host: {host}:{port}"]
     lines += [f"{name}: {value}" for name, value in headers.items()]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
