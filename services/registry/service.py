@@ -8,7 +8,6 @@ import ssl
 from typing import cast
 
 from sanic.server.async_server import AsyncioServer
-from sanic.server.protocols.http_protocol import HttpProtocol
 
 from services.common.config import NodeConfig
 from services.common.grpc_server import AddressInUseError, GrpcServer, run_until_signal
@@ -20,7 +19,7 @@ from services.registry.app import create_app
 from services.registry.context import RegistryApp
 from services.registry.introspection import register as register_introspection
 from services.registry.limits import limit_log
-from services.registry.protocol import PlainHttpProtocol
+from services.registry.protocol import PlainHttpProtocol, TlsHttpProtocol
 from services.registry.status_page import listener_pages
 
 # Leaves headroom inside the 5 s the node and kubelet allow between SIGTERM and exit.
@@ -65,7 +64,7 @@ class HttpServer:
                 return_asyncio_server=True,
                 ssl=self.ssl_context,
                 # The TLS-refusing protocol is for the plain listener only.
-                protocol=PlainHttpProtocol if self.ssl_context is None else HttpProtocol,
+                protocol=PlainHttpProtocol if self.ssl_context is None else TlsHttpProtocol,
                 # Accept nothing until the router is finalized by startup() below.
                 asyncio_server_kwargs={"start_serving": False},
             )

@@ -102,11 +102,10 @@ class PeerSocket:
     Content-Length is in (or ``b""``, the peer closed), then :meth:`close`. :meth:`cancel` may
     be called from any thread.
 
-    The peer is not asked to close after its answer (``Connection: close``): our registry,
-    closing a TLS connection right after writing an answer, sometimes lost the answer's last
-    records (asyncio's TLS transport under Sanic). Relaying a 256 MiB blob between mesh nodes
-    over mutual TLS, 5 GETs in 75 got a short body and resumed from another provider; 0 in 75
-    since. Closing is ours, once every byte is in."""
+    The peer is not asked to close after its answer (``Connection: close``): the relay knows
+    where the body ends, and a peer closing right after an answer is what once lost its last
+    TLS records (see services/registry/protocol.TlsHttpProtocol). Closing is ours, once every
+    byte is in."""
 
     def __init__(self, address: str, port: int, ssl_context: ssl.SSLContext | None) -> None:
         self.address = address

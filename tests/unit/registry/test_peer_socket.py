@@ -73,7 +73,7 @@ def test_a_head_is_parsed_and_the_body_read_to_its_end(
     assert request.startswith("GET /v2/a/blobs/sha256:abc?ns=r HTTP/1.1\r\n")
     assert "\r\nRange: bytes=5-\r\n" in request
     # The peer is not asked to close after its answer: a registry closing a TLS connection
-    # right after an answer sometimes lost its last records (5 relayed GETs in 75 between mesh
+    # right after an answer once lost its last records (5 relayed GETs in 75 between mesh
     # nodes over mutual TLS). The relay stops at Content-Length and closes itself.
     assert "connection:" not in request.lower()
 
