@@ -174,12 +174,13 @@ def run(
             f"mesh of {nodes} nodes, upstream docker-registry, "
             f"{LAYERS}-layer {size_mib:.0f} MiB images; {sizing}; {link}"
         )
-        most = warm_gib(max(waves), size_mib / 1024)
-        first, again = guest_memory.touch(most), guest_memory.touch(most)
+        (touched, first), (_, again) = [
+            guest_memory.touch(warm_gib(max(waves), size_mib / 1024)) for _ in range(2)
+        ]
         print(
-            f"memory: touching {most:.1f} GiB took {first / most:.2f} s/GiB, again "
-            f"{again / most:.2f} s/GiB; each measured pull is preceded by such a touch "
-            "(bench/guest_memory.py says why)"
+            f"memory: touching {touched:.1f} GiB took {first / max(touched, 1e-9):.2f} s/GiB, "
+            f"again {again / max(touched, 1e-9):.2f} s/GiB; each measured pull is preceded by "
+            "such a touch (bench/guest_memory.py says why)"
         )
         for wave in waves:
             warm = warm_gib(wave, size_mib / 1024)

@@ -17,11 +17,24 @@ import time
 GIB = 1024**3
 # Touched in pieces so no single allocation is huge; all held at once so the pages differ.
 PIECE = 64 * 1024 * 1024
+# What a touch leaves to everything else at the least (a smaller machine touches less).
+SPARE = 2 * GIB
 
 
-def touch(gib: float) -> float:
-    """Write to `gib` GiB of new memory, free it, and return the seconds it took."""
+def available_bytes() -> int:
+    """MemAvailable from /proc/meminfo."""
+    with open("/proc/meminfo", encoding="ascii") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("/proc/meminfo has no MemAvailable line")
+
+
+def touch(gib: float) -> tuple[float, float]:
+    """Write to `gib` GiB of new memory (less when the machine cannot spare it) and free it;
+    returns the GiB touched and the seconds it took."""
     start = time.monotonic()
-    pieces = [b"\x01" * PIECE for _ in range(max(1, round(gib * GIB / PIECE)))]
+    count = round(min(gib * GIB, max(0, available_bytes() - SPARE)) / PIECE)
+    pieces = [b"\x01" * PIECE for _ in range(count)]
     del pieces
-    return time.monotonic() - start
+    return count * PIECE / GIB, time.monotonic() - start
