@@ -20,6 +20,8 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
+from services.common.hostport import join_host_port
+
 DEFAULT_ALPHA = 0.3
 DEFAULT_WINDOW = 128
 DEFAULT_MIN_SAMPLES = 20
@@ -47,8 +49,7 @@ class Peer:
         return f"node:{self.node_id}" if self.node_id else f"endpoint:{self}"
 
     def __str__(self) -> str:
-        host = f"[{self.address}]" if ":" in self.address else self.address
-        return f"{host}:{self.port}"
+        return join_host_port(self.address, self.port)
 
 
 def peer_from_contact(address: str, port: int, node_id: bytes = b"") -> Peer | None:

@@ -21,6 +21,7 @@ from typing import TypeVar, cast
 
 from multidict import CIMultiDict
 
+from services.common.hostport import join_host_port
 from services.registry.mirror.verify import PeerAnswerError
 
 # A response head larger than this is not a registry's.
@@ -138,8 +139,7 @@ class PeerSocket:
                 sock.close()
                 raise ConnectionAbortedError("request cancelled")
             self._sock = sock
-        host = f"[{self.address}]" if ":" in self.address else self.address
-        lines = [f"GET {target} HTTP/1.1", f"Host: {host}:{self.port}"]
+        lines = [f"GET {target} HTTP/1.1", f"Host: {join_host_port(self.address, self.port)}"]
         lines += [f"{name}: {value}" for name, value in headers.items()]
         sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
         return self._read_head(sock)
