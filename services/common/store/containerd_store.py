@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from pathlib import Path
 
 from services.common.containerd.client import (
@@ -16,6 +18,7 @@ from services.common.containerd.errors import ContainerdError, ContainerdUnavail
 from services.common.logsetup import get_logger
 from services.common.oci.document import blob_path, split_digest
 from services.common.store.containerd_watch import ContainerdWatch
+from services.common.store.file_range import read_range
 from services.common.store.protocol import (
     ContentNotFoundError,
     Descriptor,
@@ -118,11 +121,13 @@ class ContainerdStore:
                 except FileNotFoundError:
                     pass
                 else:
-                    try:
-                        async for chunk in self._read_file(fd, start, end, digest):
+                    # containerd never truncates a committed blob: a short file was removed.
+                    gone = functools.partial(ContentNotFoundError, digest)
+                    async with aclosing(
+                        read_range(fd, start, end, READ_CHUNK_BYTES, gone)
+                    ) as chunks:
+                        async for chunk in chunks:
                             yield chunk
-                    finally:
-                        os.close(fd)
                     return
             async for chunk in self.client.read_content(digest, start, end - start):
                 yield chunk
@@ -135,19 +140,6 @@ class ContainerdStore:
         except ContainerdError as exc:
             log.info("content root unknown; reading through containerd", error=str(exc))
         self._find_root = False
-
-    @staticmethod
-    async def _read_file(fd: int, start: int, end: int, digest: str) -> AsyncIterator[bytes]:
-        position = start
-        while position < end:
-            chunk = await asyncio.to_thread(
-                os.pread, fd, min(READ_CHUNK_BYTES, end - position), position
-            )
-            if not chunk:
-                # containerd never truncates a committed blob; a short file means it was removed.
-                raise ContentNotFoundError(digest)
-            position += len(chunk)
-            yield chunk
 
     def local_path(self, digest: str) -> Path | None:
         # Only well-formed digests become paths, so no input can point outside the store.

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -42,6 +43,7 @@ from services.common.oci.document import (
 )
 from services.common.oci.grammar import SUPPORTED_ALGORITHMS
 from services.common.oci.media_types import OCI_INDEX
+from services.common.store.file_range import read_range
 from services.common.store.protocol import (
     ContentNotFoundError,
     Descriptor,
@@ -235,18 +237,16 @@ class OciLayoutStore:
                 raise ContentNotFoundError(digest) from None
             try:
                 size = os.fstat(fd).st_size
-                end = size if length is None else min(size, offset + length)
-                pos = offset
-                while pos < end:
-                    chunk = await asyncio.to_thread(
-                        os.pread, fd, min(self.read_chunk, end - pos), pos
-                    )
-                    if not chunk:
-                        raise OSError(f"{path} shrank while being read")
-                    pos += len(chunk)
-                    yield chunk
-            finally:
+            except OSError:
                 os.close(fd)
+                raise
+            end = size if length is None else min(size, offset + length)
+            shrank = functools.partial(OSError, f"{path} shrank while being read")
+            async with contextlib.aclosing(
+                read_range(fd, offset, end, self.read_chunk, shrank)
+            ) as chunks:
+                async for chunk in chunks:
+                    yield chunk
 
     def local_path(self, digest: str) -> Path | None:
         path = self.blob_file(digest)
