@@ -17,9 +17,9 @@ from services.common.metrics import start_listener
 from services.common.tls import server_context, tls_files
 from services.registry.app import create_app
 from services.registry.context import RegistryApp
+from services.registry.http_protocols import PlainHttpProtocol, TlsHttpProtocol
 from services.registry.introspection import register as register_introspection
 from services.registry.limits import limit_log
-from services.registry.protocol import PlainHttpProtocol, TlsHttpProtocol
 from services.registry.status_page import listener_pages
 
 # Leaves headroom inside the 5 s the node and kubelet allow between SIGTERM and exit.

@@ -105,7 +105,7 @@ class PeerSocket:
 
     The peer is not asked to close after its answer (``Connection: close``): the relay knows
     where the body ends, and a peer closing right after an answer is what once lost its last
-    TLS records (see services/registry/protocol.TlsHttpProtocol). Closing is ours, once every
+    TLS records (see services/registry/http_protocols.TlsHttpProtocol). Closing is ours, once every
     byte is in."""
 
     def __init__(self, address: str, port: int, ssl_context: ssl.SSLContext | None) -> None:
