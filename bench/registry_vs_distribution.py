@@ -26,8 +26,7 @@ import signal
 import statistics
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,7 @@ from bench.process_cpu import cpu_seconds
 from tests.harness.containerd import ContainerdDaemon
 from tests.harness.images import BuiltImage, build_image
 from tests.harness.service_procs import ServiceProcess, cli_argv, free_port, running
+from tests.harness.wait import wait_for
 
 GIB = 1 << 30
 HOST = "127.0.0.1"
@@ -136,19 +136,6 @@ def write_peermirror_config(
     return path
 
 
-def wait_until(what: str, check: Callable[[], bool], proc: ServiceProcess) -> None:
-    """Poll `check` until it holds; fail early (with the process's output) if `proc` exits."""
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.proc.returncode}: {proc.output_lines()}")
-        with contextlib.suppress(OSError, LoadError):
-            if check():
-                return
-        time.sleep(0.1)
-    raise TimeoutError(f"{what} not answering within {START_TIMEOUT_S}s: {proc.output_lines()}")
-
-
 def check_answers(server: Server, image: BuiltImage, layer_digest: str) -> None:
     """Manifest and blob come back whole and hash to their digests (blob hash: once, untimed)."""
     manifest = fetch_blob(
@@ -163,8 +150,26 @@ def check_answers(server: Server, image: BuiltImage, layer_digest: str) -> None:
         raise LoadError(f"{server.label}: blob answer wrong ({blob.status})")
 
 
+def wait_answering(server: Server, proc: ServiceProcess) -> None:
+    """Until `server` answers its manifest; fails early, with its output, if `proc` exits."""
+    wait_for(
+        f"{server.label} answering",
+        functools.partial(manifest_answers, server),
+        START_TIMEOUT_S,
+        0.1,
+        gone=proc.exited,
+        detail=lambda: str(proc.output_lines()),
+    )
+
+
 def manifest_answers(server: Server) -> bool:
-    answer = fetch_blob(HOST, server.port, server.manifest_target(), {"Accept": MANIFEST_ACCEPT})
+    """Whether `server` answers its manifest yet (a refused connection: not yet)."""
+    try:
+        answer = fetch_blob(
+            HOST, server.port, server.manifest_target(), {"Accept": MANIFEST_ACCEPT}
+        )
+    except (OSError, LoadError):
+        return False
     return answer.status == 200
 
 
@@ -223,7 +228,7 @@ def servers(
 
         for server in started:
             assert server.proc is not None
-            wait_until(server.label, functools.partial(manifest_answers, server), server.proc)
+            wait_answering(server, server.proc)
             check_answers(server, image, layer_digest)
         yield started
 

@@ -34,22 +34,20 @@ def wait_for(
 ) -> None:
     """Poll `check` until it holds; TimeoutError naming `what` past `timeout`.
 
-    `gone` says why the wait can no longer succeed (a watched process exited), or None: a
-    reason ends the wait at once with WaitAborted instead of running out the clock. `detail`
-    adds what explains a failure (a log tail, the last answer) to either message.
+    `gone` says why the wait can no longer succeed (a watched process exited, with its
+    output), or None: a reason ends the wait at once with WaitAborted instead of running out
+    the clock. `detail` adds what explains a timeout (a log tail, the last answer).
     """
-
-    def explained(message: str) -> str:
-        return f"{message}: {detail()}" if detail is not None else message
 
     def holds() -> bool:
         reason = gone() if gone is not None else None
         if reason is not None:
-            raise WaitAborted(explained(f"{what}: {reason}"))
+            raise WaitAborted(f"{what}: {reason}")
         return bool(check())
 
     if not eventually(holds, timeout, interval):
-        raise TimeoutError(explained(f"{what} not within {timeout} s"))
+        message = f"{what} not within {timeout} s"
+        raise TimeoutError(f"{message}: {detail()}" if detail is not None else message)
 
 
 async def wait_until(
