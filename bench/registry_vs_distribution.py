@@ -26,7 +26,7 @@ import signal
 import statistics
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -150,11 +150,18 @@ def check_answers(server: Server, image: BuiltImage, layer_digest: str) -> None:
         raise LoadError(f"{server.label}: blob answer wrong ({blob.status})")
 
 
-def wait_answering(server: Server, proc: ServiceProcess) -> None:
-    """Until `server` answers its manifest; fails early, with its output, if `proc` exits."""
+def wait_answering(label: str, answers: Callable[[], bool], proc: ServiceProcess) -> None:
+    """Until `answers()` holds; fails early, with its output, if `proc` exits."""
+
+    def answered() -> bool:
+        try:
+            return answers()
+        except (OSError, LoadError):  # not listening (or not speaking TLS) yet
+            return False
+
     wait_for(
-        f"{server.label} answering",
-        functools.partial(manifest_answers, server),
+        f"{label} answering",
+        answered,
         START_TIMEOUT_S,
         0.1,
         gone=proc.exited,
@@ -163,13 +170,7 @@ def wait_answering(server: Server, proc: ServiceProcess) -> None:
 
 
 def manifest_answers(server: Server) -> bool:
-    """Whether `server` answers its manifest yet (a refused connection: not yet)."""
-    try:
-        answer = fetch_blob(
-            HOST, server.port, server.manifest_target(), {"Accept": MANIFEST_ACCEPT}
-        )
-    except (OSError, LoadError):
-        return False
+    answer = fetch_blob(HOST, server.port, server.manifest_target(), {"Accept": MANIFEST_ACCEPT})
     return answer.status == 200
 
 
@@ -228,7 +229,7 @@ def servers(
 
         for server in started:
             assert server.proc is not None
-            wait_answering(server, server.proc)
+            wait_answering(server.label, functools.partial(manifest_answers, server), server.proc)
             check_answers(server, image, layer_digest)
         yield started
 
