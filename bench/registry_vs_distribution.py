@@ -26,7 +26,6 @@ import signal
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +39,7 @@ from bench.process_cpu import cpu_seconds
 from tests.harness.containerd import ContainerdDaemon
 from tests.harness.images import BuiltImage, build_image
 from tests.harness.service_procs import ServiceProcess, cli_argv, free_port, running
+from tests.harness.wait import wait_for
 
 GIB = 1 << 30
 HOST = "127.0.0.1"
@@ -136,19 +136,6 @@ def write_peermirror_config(
     return path
 
 
-def wait_until(what: str, check: Callable[[], bool], proc: ServiceProcess) -> None:
-    """Poll `check` until it holds; fail early (with the process's output) if `proc` exits."""
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.proc.returncode}: {proc.output_lines()}")
-        with contextlib.suppress(OSError, LoadError):
-            if check():
-                return
-        time.sleep(0.1)
-    raise TimeoutError(f"{what} not answering within {START_TIMEOUT_S}s: {proc.output_lines()}")
-
-
 def check_answers(server: Server, image: BuiltImage, layer_digest: str) -> None:
     """Manifest and blob come back whole and hash to their digests (blob hash: once, untimed)."""
     manifest = fetch_blob(
@@ -161,6 +148,25 @@ def check_answers(server: Server, image: BuiltImage, layer_digest: str) -> None:
     blob = fetch_blob(HOST, server.port, server.blob_target(layer_digest), verify=True)
     if blob.status != 200 or f"sha256:{blob.sha256}" != layer_digest:
         raise LoadError(f"{server.label}: blob answer wrong ({blob.status})")
+
+
+def wait_answering(label: str, answers: Callable[[], bool], proc: ServiceProcess) -> None:
+    """Until `answers()` holds; fails early, with its output, if `proc` exits."""
+
+    def answered() -> bool:
+        try:
+            return answers()
+        except (OSError, LoadError):  # not listening (or not speaking TLS) yet
+            return False
+
+    wait_for(
+        f"{label} answering",
+        answered,
+        START_TIMEOUT_S,
+        0.1,
+        gone=proc.exited,
+        detail=lambda: str(proc.output_lines()),
+    )
 
 
 def manifest_answers(server: Server) -> bool:
@@ -223,7 +229,7 @@ def servers(
 
         for server in started:
             assert server.proc is not None
-            wait_until(server.label, functools.partial(manifest_answers, server), server.proc)
+            wait_answering(server.label, functools.partial(manifest_answers, server), server.proc)
             check_answers(server, image, layer_digest)
         yield started
 

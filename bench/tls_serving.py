@@ -27,7 +27,7 @@ from pathlib import Path
 
 from bench.http_load import LoadError, fetch_blob
 from bench.process_cpu import cpu_seconds
-from bench.registry_vs_distribution import wait_until, write_peermirror_config
+from bench.registry_vs_distribution import wait_answering, write_peermirror_config
 from services.common import pki
 from services.common.tls import TlsFiles, client_context
 from tests.harness.images import BuiltImage, build_image
@@ -92,7 +92,7 @@ def registries(work: Path, image: BuiltImage, target: str) -> Iterator[list[Side
             side.proc = stack.enter_context(running(argv, work / "logs", f"registry-{name}"))
         for side in sides:
             assert side.proc is not None
-            wait_until(side.label, functools.partial(side.answers, target), side.proc)
+            wait_answering(side.label, functools.partial(side.answers, target), side.proc)
         yield sides
 
 

@@ -42,6 +42,7 @@ class FakeBody:
             if self.gate is not None:
                 await self.gate.wait()
             if self.delay:
+                # A slow upstream on purpose: pacing is what this fake is for.
                 await asyncio.sleep(self.delay)
             end = min(position + self.chunk, len(self.data))
             if self.break_at is not None and position < self.break_at <= end:
@@ -94,6 +95,7 @@ class FakeUpstream:
     ) -> UpstreamManifest:
         self.manifest_calls.append(reference)
         if self.manifest_delay:
+            # A slow manifest answer on purpose (keeps concurrent askers in the window).
             await asyncio.sleep(self.manifest_delay)
         if self.refuse is not None:
             raise self.refuse

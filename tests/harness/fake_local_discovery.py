@@ -32,6 +32,7 @@ class _Servicer(NoLocalLeases, local_pb2_grpc.LocalDiscoveryServicer):
         limit = request.limit or len(contacts)
         for i, (address, port) in enumerate(contacts[:limit]):
             if i == 0 and owner.first_delay:
+                # A slow lookup on purpose: the fault this fake exists to inject.
                 await asyncio.sleep(owner.first_delay)
             yield local_pb2.FindProvidersResponse(
                 provider=peer_pb2.Contact(

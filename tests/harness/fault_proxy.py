@@ -192,6 +192,7 @@ class FaultProxy:
             writer.write(chunk[:fast])
             await writer.drain()
             for i in range(fast, len(chunk)):
+                # Fault pacing: the drip's interval is the fault being injected.
                 await asyncio.sleep(faults.drip_interval)
                 writer.write(chunk[i : i + 1])
                 await writer.drain()
@@ -201,6 +202,7 @@ class FaultProxy:
             for i in range(0, len(chunk), step):
                 writer.write(chunk[i : i + step])
                 await writer.drain()
+                # Fault pacing: holding the rate down is the fault being injected.
                 await asyncio.sleep(step / faults.rate)
             return
         writer.write(chunk)

@@ -33,6 +33,7 @@ class ProvidedAfter:
 
     async def advertise(self, keys: Sequence[str]) -> None:
         async def later() -> None:
+            # A fixed delay on purpose: it plays the DHT's publish latency, which is the point.
             await asyncio.sleep(self.delay)
             self.discovery.provide(list(keys), ("127.0.0.1", self.port))
 
@@ -51,6 +52,7 @@ class InflightNode:
     coordinator: Coordinator
     leases: LeaseTable
     me: Holder
+    discovery: FakeLocalDiscovery
 
     async def crash(self) -> None:
         """Stop this node as a crash would look to the others: its lease is left to expire."""
@@ -93,5 +95,5 @@ async def inflight_cluster(
                 serve_registry(store, home, discovery=discovery.address, inflight=coordinator)
             )
             advertiser.port = registry.port
-            nodes.append(InflightNode(registry, coordinator, leases, me))
+            nodes.append(InflightNode(registry, coordinator, leases, me, discovery))
         yield nodes

@@ -51,7 +51,6 @@ import ssl
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -68,6 +67,7 @@ from tests.harness import netns
 from tests.harness.containerd import ContainerdDaemon
 from tests.harness.cpu_cgroup import CpuCgroup
 from tests.harness.service_procs import REPO_ROOT, health_status, http_get
+from tests.harness.wait import WaitAborted, wait_for
 
 SERVICES: tuple[str, ...] = ("discovery", "registry", "pinner")
 DISCOVERY_PORT = 5001
@@ -551,26 +551,26 @@ def wait_ready(pending: Iterable[tuple[MeshNode, str]], timeout: float = START_T
     """Poll until every (node, service) is ready; MeshError naming the laggard (with its log)
     if one exits or the time runs out."""
     waiting = list(pending)
-    deadline = time.monotonic() + timeout
-    while waiting:
-        for node, name in list(waiting):
+
+    def exited() -> str | None:
+        for node, name in waiting:
             proc = node.services[name]
             if not proc.running:
-                raise MeshError(
-                    f"{node.name}/{name} exited with {proc.returncode} before it was ready:\n"
-                    + proc.log_tail()
-                )
-            if node.ready(name):
-                waiting.remove((node, name))
-        if not waiting:
-            return
-        if time.monotonic() > deadline:
-            node, name = waiting[0]
-            raise MeshError(
-                f"{node.name}/{name} not ready within {timeout}s:\n"
-                + node.services[name].log_tail()
-            )
-        time.sleep(0.1)
+                return f"{node.name}/{name} exited with {proc.returncode}:\n" + proc.log_tail()
+        return None
+
+    def all_ready() -> bool:
+        waiting[:] = [(node, name) for node, name in waiting if not node.ready(name)]
+        return not waiting
+
+    def laggard() -> str:
+        node, name = waiting[0]
+        return f"{node.name}/{name} is not:\n" + node.services[name].log_tail()
+
+    try:
+        wait_for("every service ready", all_ready, timeout, 0.1, gone=exited, detail=laggard)
+    except (WaitAborted, TimeoutError) as exc:
+        raise MeshError(str(exc)) from None
 
 
 def pull_via_mirror(

@@ -21,7 +21,7 @@ import grpc
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.harness.wait import eventually
+from tests.harness.wait import wait_for
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # Generous: two shared cores may be busy with other test processes while a service imports.
@@ -172,6 +172,12 @@ class ServiceProcess:
     def pid(self) -> int:
         return self.proc.pid
 
+    def exited(self) -> str | None:
+        """Why a wait on this process can no longer succeed (it exited; its output), or None."""
+        if self.proc.poll() is None:
+            return None
+        return f"exited with {self.proc.returncode}: {self.output_lines()}"
+
     def terminate(self, timeout: float = 5.0) -> int:
         """SIGTERM, then wait up to `timeout` seconds; raises TimeoutExpired if it hangs."""
         self.proc.send_signal(signal.SIGTERM)
@@ -220,21 +226,26 @@ def health_status(address: str, timeout: float = 1.0) -> str:
 
 
 def wait_serving(address: str, proc: ServiceProcess | None = None) -> None:
-    """Poll the health service at `address` until it answers SERVING."""
+    """Poll the health service at `address` until it answers SERVING (ends early, with its
+    output, if `proc` exits)."""
     last: str = "no answer"
 
     def serving() -> bool:
         nonlocal last
-        if proc is not None and proc.proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.proc.returncode}: {proc.output_lines()}")
         try:
             last = health_status(address)
         except grpc.RpcError as exc:
             last = str(exc.code())
         return last == "SERVING"
 
-    if not eventually(serving, START_TIMEOUT, interval=0.1):
-        raise TimeoutError(f"{address} not SERVING within {START_TIMEOUT}s (last: {last})")
+    wait_for(
+        f"{address} SERVING",
+        serving,
+        START_TIMEOUT,
+        0.1,
+        gone=proc.exited if proc is not None else None,
+        detail=lambda: f"last: {last}",
+    )
 
 
 # No proxy from the environment: test traffic stays on loopback.
@@ -263,6 +274,5 @@ def wait_http_ok(url: str) -> bytes:
             last = exc
         return last == 200
 
-    if not eventually(ok, START_TIMEOUT, interval=0.1):
-        raise TimeoutError(f"{url} not 200 within {START_TIMEOUT}s (last: {last})")
+    wait_for(f"{url} answering 200", ok, START_TIMEOUT, 0.1, detail=lambda: f"last: {last}")
     return body

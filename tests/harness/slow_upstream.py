@@ -51,11 +51,13 @@ class SlowUpstream:
         loop = asyncio.get_running_loop()
         start = max(loop.time(), self._link_free_at)
         self._link_free_at = start + size / self.rate
+        # The simulated link's transfer time: the slowness is what this upstream is for.
         await asyncio.sleep(self._link_free_at - loop.time())
 
     async def _manifest(self, request: web.Request) -> web.Response:
         reference = request.match_info["reference"]
         self.requests.append((request.path, None))
+        # A slow manifest answer on purpose: the delay is the upstream this fake plays.
         await asyncio.sleep(self.manifest_delay)
         found = self.manifests.get(reference)
         if found is None:

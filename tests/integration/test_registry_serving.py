@@ -29,6 +29,7 @@ from services.registry.introspection import register
 from services.registry.service import HttpServer
 from services.registry.stats import RequestKind, Result
 from tests.harness.registry_inproc import RunningRegistry, serve_registry, write_registries_file
+from tests.harness.wait import wait_until
 
 MiB = 1 << 20
 
@@ -182,19 +183,22 @@ async def test_cache_follows_store_events(env: Env) -> None:
     assert env.registry.app.ctx.content.cache.tag("docker.io/library/app:1.0") is not None
 
     # Retag to an index: the image event drops the cached resolution.
+    cache = env.registry.app.ctx.content.cache
     index = _json({"schemaVersion": 2, "manifests": [{"digest": env.content.manifest.digest}]})
     target = Descriptor(env.content.store.add_blob(index), len(index), OCI_INDEX)
+    seen = cache.generation
     env.content.store.set_image("docker.io/library/app:1.0", target)
-    await asyncio.sleep(0.05)
+    await wait_until(lambda: cache.generation >= seen + 1, 10.0, what="the image event applied")
     _, headers, body = await env.get(path)
     assert headers["Docker-Content-Digest"] == target.digest
     assert headers["Content-Type"] == OCI_INDEX
     assert body == index
 
     # Deleted content is no longer served, even though it was cached.
+    seen = cache.generation
     env.content.store.delete_image("docker.io/library/app:1.0")
     env.content.store.delete_blob(target.digest)
-    await asyncio.sleep(0.05)
+    await wait_until(lambda: cache.generation >= seen + 2, 10.0, what="both delete events applied")
     status, _, _ = await env.get(f"/v2/library/app/manifests/{target.digest}")
     assert status == 404
     status, _, _ = await env.get(path)
@@ -274,10 +278,9 @@ async def test_client_leaving_mid_body_is_counted_and_harmless(
         assert (await reader.read(4096)).startswith(b"HTTP/1.1 200")
         writer.transport.abort()
         stats = registry.app.ctx.stats
-        for _ in range(100):
-            if stats.count(RequestKind.BLOB, Result.ERROR) == 1:
-                break
-            await asyncio.sleep(0.05)
+        await wait_until(
+            lambda: stats.count(RequestKind.BLOB, Result.ERROR) >= 1, 5.0, what="the error counted"
+        )
         assert stats.count(RequestKind.BLOB, Result.ERROR) == 1
         assert stats.in_flight == 0
         async with (

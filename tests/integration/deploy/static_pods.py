@@ -8,6 +8,7 @@ run inside it with `ctr task exec`, as kubelet's exec probes do through CRI.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import subprocess
 import time
@@ -17,9 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from tests.harness.containerd import ContainerdDaemon
+from tests.harness.wait import eventually
 from tests.integration.deploy.podspec import Container, Volume, image_reference, oci_spec
 
 NAMESPACE = "k8s.io"
+# How long a SIGKILLed task may take to be reaped before it is deleted by force.
+KILLED_TIMEOUT = 10.0
 
 
 class PodError(RuntimeError):
@@ -109,12 +113,19 @@ class PodRunner:
         )
         return result.returncode
 
+    def exec_ok(self, running: RunningContainer, argv: Sequence[str]) -> bool:
+        """Whether `argv` exits 0 inside the container (a passing exec probe)."""
+        return self.exec(running, argv) == 0
+
     def task_status(self, running: RunningContainer) -> str:
         for line in self._ctr("task", "ls", check=False).splitlines()[1:]:
             fields = line.split()
             if fields and fields[0] == running.id:
                 return fields[-1]
         return "GONE"
+
+    def stopped(self, running: RunningContainer) -> bool:
+        return self.task_status(running) != "RUNNING"
 
     def stop_all(self) -> list[str]:
         """SIGTERM every task, wait, delete tasks, containers and snapshots; returns problems."""
@@ -125,12 +136,12 @@ class PodRunner:
         for running in self.running:
             # kubelet's grace period, counted from the SIGTERM sent to all at once.
             grace = running.container.grace_period
-            while self.task_status(running) == "RUNNING" and time.monotonic() - start < grace:
-                time.sleep(0.2)
-            if self.task_status(running) == "RUNNING":
+            stopped = functools.partial(self.stopped, running)
+            if not eventually(stopped, max(0.0, start + grace - time.monotonic()), 0.2):
                 problems.append(f"{running.id} still running {grace}s after SIGTERM")
                 self._ctr("task", "kill", "--signal", "SIGKILL", running.id, check=False)
-                time.sleep(1.0)
+                # Deleted by force below even if this runs out: the problem is already noted.
+                eventually(stopped, KILLED_TIMEOUT, 0.2)
             self._ctr("task", "delete", "--force", running.id, check=False)
             self._ctr("containers", "delete", running.id, check=False)
             self._ctr("images", "unmount", "--rm", str(running.rootfs), check=False)

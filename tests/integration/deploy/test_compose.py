@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -27,7 +26,7 @@ from tests.harness.mesh import Mesh
 from tests.harness.mesh_p2p import import_image, served_to_peers
 from tests.harness.netns import BRIDGE_HOST, host_address
 from tests.harness.service_procs import free_port
-from tests.harness.wait import eventually
+from tests.harness.wait import eventually, wait_for
 from tests.integration.deploy.compose_override import (
     SERVICES,
     NodePorts,
@@ -96,17 +95,25 @@ class ComposeProject:
 
 def wait_healthy(project: ComposeProject) -> dict[str, dict[str, Any]]:
     """Every service's `docker inspect`, once all three report healthy."""
-    deadline = time.monotonic() + HEALTHY_TIMEOUT
-    while True:
-        inspected = {s: project.docker.inspect("container", project.container(s)) for s in SERVICES}
+    inspected: dict[str, dict[str, Any] | None] = {}
+    health: dict[str, object] = {}
+
+    def all_healthy() -> bool:
+        inspected.update(
+            {s: project.docker.inspect("container", project.container(s)) for s in SERVICES}
+        )
         states = {s: (i or {}).get("State", {}) for s, i in inspected.items()}
-        health = {s: st.get("Health", {}).get("Status") for s, st in states.items()}
-        if all(h == "healthy" for h in health.values()):
-            return {s: i for s, i in inspected.items() if i is not None}
-        if time.monotonic() > deadline:
-            logs = project.run("logs", "--tail=20")
-            pytest.fail(f"compose services not healthy: {health}\n{logs}", pytrace=False)
-        time.sleep(1.0)
+        health.update({s: st.get("Health", {}).get("Status") for s, st in states.items()})
+        return all(h == "healthy" for h in health.values())
+
+    wait_for(
+        "compose services healthy",
+        all_healthy,
+        HEALTHY_TIMEOUT,
+        1.0,
+        detail=lambda: f"{health}\n{project.run('logs', '--tail=20')}",
+    )
+    return {s: i for s, i in inspected.items() if i is not None}
 
 
 @pytest.fixture

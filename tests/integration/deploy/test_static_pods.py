@@ -12,6 +12,7 @@ this containerd needs (it is upstream containerd 1.6, not K3s's).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import subprocess
 import time
@@ -32,7 +33,7 @@ from tests.harness.fixtures_mesh import running_mesh
 from tests.harness.images import BuiltImage, build_image
 from tests.harness.mesh import Mesh, NetnsHost, deep_merge
 from tests.harness.mesh_p2p import import_image, served_to_peers
-from tests.harness.wait import eventually
+from tests.harness.wait import eventually, wait_for
 from tests.integration.deploy.conftest import REPO
 from tests.integration.deploy.docker_daemon import DockerDaemon
 from tests.integration.deploy.podspec import Container, Volume, containers
@@ -210,12 +211,20 @@ def wait_probes(runner: PodRunner, started: list[RunningContainer]) -> None:
         c: Container = running.container
         assert c.readiness is not None and c.liveness is not None, c.name
         for probe in (c.readiness, c.liveness):
-            while runner.exec(running, probe) != 0:
-                status = runner.task_status(running)
-                assert status == "RUNNING", f"{running.id} {status}:\n{running.log_tail()}"
-                if time.monotonic() > deadline:
-                    pytest.fail(f"{running.id}: {probe} failing:\n{running.log_tail()}")
-                time.sleep(1.0)
+            wait_for(
+                f"{running.id}: {probe} passing",
+                functools.partial(runner.exec_ok, running, probe),
+                max(0.0, deadline - time.monotonic()),
+                1.0,
+                gone=functools.partial(task_gone, runner, running),
+                detail=running.log_tail,
+            )
+
+
+def task_gone(runner: PodRunner, running: RunningContainer) -> str | None:
+    """Why `running`'s probes can never pass any more (its task is not running), or None."""
+    status = runner.task_status(running)
+    return None if status == "RUNNING" else f"task {status}:\n{running.log_tail()}"
 
 
 def pull(

@@ -194,7 +194,8 @@ async def test_holder_that_stops_renewing_loses_the_lease_to_the_next_asker(mesh
     name = _digest("stalled")
     holder, other = mesh.nodes[1], mesh.nodes[3]
     assert (await _acquire(holder, name, ttl=6)).granted
-    # Renewing keeps it past its first TTL.
+    # Renewing keeps it past its first TTL. Fixed pauses on purpose: the 6 s TTL must really
+    # elapse (3.5 + 3.5 s) for the renewal to be what kept the lease.
     await asyncio.sleep(3.5)
     assert (await _renew(holder, name, ttl=6)).ttl.seconds >= 5
     await asyncio.sleep(3.5)

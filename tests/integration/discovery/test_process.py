@@ -139,7 +139,8 @@ async def test_single_node_without_peers_is_serving_and_logs_no_problem(tmp_path
         assert stats.peers == 0
         await _advertise(local, "sha256:" + "0" * 64)
         assert await find_providers(local, "sha256:" + "0" * 64) == []
-        # A few maintenance ticks and publish attempts with nobody to publish to.
+        # A few maintenance ticks and publish attempts with nobody to publish to. A fixed pause
+        # on purpose: the point is that nothing goes wrong meanwhile, which no condition shows.
         await asyncio.sleep(2.5)
         stats, advertised = await _local(local)
         assert advertised == ["sha256:" + "0" * 64]
@@ -163,7 +164,8 @@ async def test_unreachable_bootstrap_is_not_ready_and_warns_once(tmp_path: Path)
                 return False
 
         await wait_until(answering, within=30.0)
-        # Several retries happen meanwhile (1 s, 2 s ... backoff); it never turns ready.
+        # Several retries happen meanwhile (1 s, 2 s ... backoff); it never turns ready. Polled
+        # over a fixed interval on purpose: it must stay NOT_SERVING throughout.
         deadline = time.monotonic() + 3.5
         while time.monotonic() < deadline:
             assert health_status(local) == "NOT_SERVING"

@@ -8,7 +8,7 @@ import asyncio
 import hashlib
 import os
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,11 +26,14 @@ from tests.harness.fake_router import FakeRouter, LeaseTable
 from tests.harness.inflight_cluster import inflight_cluster
 from tests.harness.registry_inproc import RunningRegistry, serve_registry
 from tests.harness.slow_upstream import SlowUpstream, SlowUpstreamClient, serve_slow_upstream
+from tests.harness.wait import wait_until
 
 MiB = 1 << 20
 NS = "upstream.test"
 REPO = "library/app"
 CLIENT_TIMEOUT = aiohttp.ClientTimeout(total=30)
+# Bound on waiting for what another task's I/O makes true.
+SETTLE_S = 10.0
 PEER = {PEER_HEADER: "1"}
 
 
@@ -79,16 +82,10 @@ async def _get(
         return response.status, dict(response.headers), await response.read()
 
 
-async def _until(condition: Callable[[], bool], what: str = "condition") -> None:
-    for _ in range(1000):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"{what} not met within 10 s")
-
-
 async def _in_flight_on(coordinator: Coordinator, digest: str) -> None:
-    await _until(lambda: digest in coordinator.fetches, "the upstream fetch starting")
+    await wait_until(
+        lambda: digest in coordinator.fetches, SETTLE_S, what="the upstream fetch starting"
+    )
 
 
 async def _in_flight(node: Node, digest: str) -> None:
@@ -118,6 +115,8 @@ async def test_peer_requests_for_an_in_flight_blob_wait_for_the_spool(node: Node
             assert head.status == 200
             assert head.headers["Content-Length"] == str(len(blob))
             assert head.headers[DIGEST_HEADER] == digest
+        # A fixed pause on purpose: it shows that no reader finishes early; nothing happening
+        # is the point, so there is no condition to await.
         await asyncio.sleep(0.3)
         assert not ranged.done() and not whole.done() and not local.done(), (
             "readers must wait for bytes upstream has not sent yet"
@@ -157,7 +156,9 @@ async def test_local_client_gone_does_not_stop_the_fetch(node: Node) -> None:
         assert response.status == 200
         await response.content.readexactly(1000)
         response.close()  # containerd gave up on this request
-    await asyncio.sleep(0.1)
+    # The registry let go of that request before upstream sends on.
+    stats = node.registry.app.ctx.stats
+    await wait_until(lambda: stats.in_flight == 0, SETTLE_S, what="the request let go")
     node.upstream.gate.set()
     async with aiohttp.ClientSession(timeout=CLIENT_TIMEOUT) as session:
         status, _, body = await _get(session, node.url(digest), PEER)
@@ -200,8 +201,14 @@ async def test_waiting_node_relays_from_the_lease_holder(tmp_path: Path) -> None
             pull_a = asyncio.create_task(_get(session, a.registry.url + url, {}))
             await _in_flight_on(a.coordinator, digest)
             pull_b = asyncio.create_task(_get(session, b.registry.url + url, {}))
-            await _until(lambda: b.coordinator.counters.coalesced["remote_holder"] >= 1)
-            await asyncio.sleep(0.4)  # A's advertisement is visible now
+            await wait_until(
+                lambda: b.coordinator.counters.coalesced["remote_holder"] >= 1,
+                SETTLE_S,
+                what="B finding the lease held",
+            )
+            await wait_until(
+                lambda: digest in a.discovery.providers, SETTLE_S, what="A's advertisement"
+            )
             upstream.gate.set()
             for pull in (pull_a, pull_b):
                 status, headers, body = await pull
@@ -237,7 +244,8 @@ async def test_concurrent_tag_pulls_cost_one_upstream_manifest_request(node: Nod
         by_digest = await _get(session, f"{base}/{_digest(MANIFEST_BODY)}?ns={NS}", PEER)
         # `latest` is refused by policy before anything is asked of upstream.
         latest, _, _ = await _get(session, f"{base}/latest?ns={NS}", {})
-        # Past the window the tag is not served from memory any more.
+        # Past the window the tag is not served from memory any more (a window that must
+        # really elapse: polling for the 404 would not show when it came).
         await asyncio.sleep(node.coordinator.settings.section.manifest_window + 0.2)
         expired, _, _ = await _get(session, f"{base}/1.0?ns={NS}", PEER)
     assert expired == 404

@@ -295,7 +295,7 @@ from tests.harness.mesh import Mesh
 m = Mesh(1, services=["registry"]).start()
 n = m.nodes[0]
 print(m.token, m.work_dir, n.containerd.pid, n.services["registry"].pid, flush=True)
-time.sleep(600)
+time.sleep(600)  # alive, mesh and all, until the test kills it: that kill is the crash
 """
 
 

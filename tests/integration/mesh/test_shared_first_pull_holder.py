@@ -9,12 +9,12 @@ over or resume from the upstream; the upstream sends at most 2.1x the image in a
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from services.registry.inflight.spool import spool_file_name
 from tests.harness.first_pull_wave import (
     PullOutcome,
     Upstream,
@@ -34,6 +34,7 @@ LAYER_SIZE = 32 * 1024 * 1024  # a 128 MiB image: long enough to die in, at the 
 UPSTREAM_RATE = "200mbit"  # about 25 MB/s: the image takes some 5 s to leave the upstream
 LOST_HOLDER_BOUND = 2.1
 FETCHING_EVENT = "fetching from upstream for the cluster"
+SPOOLED_BEFORE_LOSS = LAYER_SIZE // 8  # what the holder has fetched when it is lost
 
 
 @pytest.fixture
@@ -67,6 +68,15 @@ def fetching_node(nodes: list[MeshNode], digest: str, timeout: float) -> MeshNod
     return fetching()[0]
 
 
+def spooled(node: MeshNode, digest: str) -> int:
+    """Bytes of `digest` in `node`'s spool (the default spool directory) so far."""
+    path = Path(node.config["node"]["data_dir"]) / "spool" / spool_file_name(digest)
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
 def lose(node: MeshNode) -> None:
     """The node is gone: its address dropped, every process of it killed."""
     node.isolate()
@@ -88,7 +98,10 @@ def test_a_holder_lost_mid_fetch_leaves_every_other_pull_whole(
     wave = threading.Thread(target=lambda: outcomes.extend(pull_together(mesh.nodes, image.name)))
     wave.start()
     holder = fetching_node(mesh.nodes, largest.digest, SEED_TIMEOUT)
-    time.sleep(1.0)  # a second of its download is in its spool and with the waiters
+    # Part of its download is in its spool (and so with the waiters) when it goes.
+    assert eventually(
+        lambda: spooled(holder, largest.digest) >= SPOOLED_BEFORE_LOSS, SEED_TIMEOUT, 0.05
+    ), f"{holder.name} spooled no {SPOOLED_BEFORE_LOSS} bytes of {largest.digest}"
     lose(holder)
     wave.join()
 

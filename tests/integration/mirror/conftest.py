@@ -3,10 +3,9 @@ them (through fault proxies), and a helper to start the mirroring registry under
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,15 +26,8 @@ IMAGE = "docker.io/library/app:1.0"
 PEERS = 3
 # Client-side bound on every test request: a hang fails the test instead of stalling it.
 CLIENT_TIMEOUT = aiohttp.ClientTimeout(total=20)
-
-
-async def eventually(condition: Callable[[], bool]) -> None:
-    """Poll `condition` (something another task's I/O will make true) for up to 10 s."""
-    for _ in range(1000):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    assert condition()
+# Bound on waiting for something another task's I/O makes true (a quarantine, a cancel).
+SETTLE_S = 10.0
 
 
 @contextlib.asynccontextmanager

@@ -13,7 +13,8 @@ import pytest
 from services.registry.headers import DIGEST_HEADER, PEER_HEADER
 from services.registry.stats import RequestKind, Result
 from tests.fuzz.raw_http import build_request, exchange
-from tests.integration.mirror.conftest import Cluster, eventually
+from tests.harness.wait import wait_until
+from tests.integration.mirror.conftest import SETTLE_S, Cluster
 
 # Discovery's fake ends its streams at once, so a long resolve wait costs nothing; it only makes
 # sure every provider is seen however loaded the machine is.
@@ -144,7 +145,9 @@ async def test_late_headers_fire_a_hedge_and_the_fast_peer_wins(cluster: Cluster
         assert body == cluster.image.read_blob(cluster.layer)
         assert fast.completed == 2
         # The losing requests were cancelled: the slow peer saw its clients leave.
-        await eventually(lambda: slow.abandoned == len(slow.requests) >= 1)
+        await wait_until(
+            lambda: slow.abandoned == len(slow.requests) >= 1, SETTLE_S, what="slow peer abandoned"
+        )
         assert slow.completed == 0
 
 

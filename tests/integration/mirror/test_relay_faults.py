@@ -13,7 +13,8 @@ import aiohttp
 from services.registry.headers import DIGEST_HEADER
 from services.registry.mirror.relay import Mirror
 from tests.harness.registry_inproc import RunningRegistry
-from tests.integration.mirror.conftest import Cluster, eventually
+from tests.harness.wait import wait_until
+from tests.integration.mirror.conftest import SETTLE_S, Cluster
 
 # Hedging and the stall timer kept out of the way: these tests are about the body's rate.
 QUIET: dict[str, Any] = {
@@ -109,7 +110,9 @@ async def test_a_framing_peer_cannot_get_an_honest_one_quarantined(cluster: Clus
         assert len(received) < len(layer)
         assert honest.requests[0].headers["range"] == f"bytes={1024 * 1024 + 5}-{len(layer) - 1}"
         # The liar is caught on proof; the honest peer is not.
-        await eventually(lambda: cluster.quarantined(node, bad))
+        await wait_until(
+            lambda: cluster.quarantined(node, bad), SETTLE_S, what="the liar quarantined"
+        )
         assert not cluster.quarantined(node, honest)
         status, _, body = await cluster.get(node, path)
         assert (status, body) == (200, layer)
@@ -150,7 +153,9 @@ async def test_quarantine_follows_the_node_not_its_port(cluster: Cluster) -> Non
                 await resp.read()
         except aiohttp.ClientError:  # the cut connection is the expected outcome
             pass
-        await eventually(lambda: cluster.quarantined(node, bad))
+        await wait_until(
+            lambda: cluster.quarantined(node, bad), SETTLE_S, what="the liar quarantined"
+        )
         cluster.provide(other_port, good)
         status, _, body = await cluster.get(node, path)
         assert (status, body) == (200, layer)

@@ -33,7 +33,7 @@ from tests.harness.service_procs import (
     running,
     wait_serving,
 )
-from tests.harness.wait import eventually
+from tests.harness.wait import wait_for
 
 IMAGE = "docker.io/library/app:1.0"
 REPO = "library/app"
@@ -117,11 +117,6 @@ def pick_ports() -> dict[str, int]:
     return {name: free_port() for name in names}
 
 
-def wait_until(what: str, check: Any) -> None:
-    if not eventually(check, WAIT):
-        raise TimeoutError(f"{what} not within {WAIT}s")
-
-
 def discovery_stats(node: Node) -> local_pb2.StatsResponse:
     with grpc.insecure_channel(node.grpc("discovery")) as channel:
         stub = local_pb2_grpc.LocalDiscoveryStub(channel)
@@ -177,11 +172,14 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             for service, proc in node.procs.items():
                 wait_serving(node.grpc(service), proc)
         keys = 1 + len(image.blobs)
-        wait_until("A advertising the image", lambda: discovery_stats(a).advertised_keys == keys)
-        wait_until("B finding A", lambda: providers_of(b, IMAGE) > 0)
-        wait_until(
+        wait_for(
+            "A advertising the image", lambda: discovery_stats(a).advertised_keys == keys, WAIT
+        )
+        wait_for("B finding A", lambda: providers_of(b, IMAGE) > 0, WAIT)
+        wait_for(
             "B finding A's layer",
             lambda: providers_of(b, image.platforms[0].layers[-1].descriptor.digest) > 0,
+            WAIT,
         )
         before = {
             "b_discovery": b.metrics("discovery"),

@@ -23,7 +23,8 @@ from tests.harness.containerd import ContainerdDaemon
 from tests.harness.containerd_store_factory import import_image
 from tests.harness.fake_discovery import FakeDiscovery
 from tests.harness.images import OCI_CONFIG, OCI_MANIFEST, BuiltImage, build_image
-from tests.integration.pinner.runtime import keys_of, pinner, wait_keys
+from tests.harness.wait import wait_until
+from tests.integration.pinner.runtime import WAIT_S, keys_of, pinner, wait_keys
 
 pytestmark = pytest.mark.containerd
 
@@ -59,6 +60,15 @@ def node_config(
             base.store, containerd_address=daemon.address, containerd_namespace=namespace
         ),
     )
+
+
+async def settled(runtime: PinnerRuntime, name: str) -> None:
+    """Until the tracker has taken in image `name` and the advertiser has pushed what followed."""
+    tracker, advertiser = runtime.tracker, runtime.advertiser
+    assert tracker is not None and advertiser is not None
+    await wait_until(lambda: name in tracker.index.images, WAIT_S, what=f"{name} tracked")
+    async with asyncio.timeout(WAIT_S):
+        await advertiser.wait_idle()
 
 
 async def wait_superset(disco: FakeDiscovery, want: set[str], within: float) -> None:
@@ -183,8 +193,9 @@ async def test_multi_platform_index_and_digest_reference(
             # A name@digest record of the same index adds no key; removing the tag leaves the
             # digests, still held by the digest reference.
             async with ContainerdClient(containerd_daemon.address, containerd_namespace) as c:
-                await c.create_image(f"docker.io/library/multi@{image.target.digest}", image.target)
-                await asyncio.sleep(0.2)
+                by_digest = f"docker.io/library/multi@{image.target.digest}"
+                await c.create_image(by_digest, image.target)
+                await settled(runtime, by_digest)
                 assert disco.keys == keys_of(image)
                 await c.delete_image(image.name)
             await wait_keys(disco, keys_of(image, tag=False))
@@ -256,7 +267,10 @@ async def test_containerd_restart_under_a_running_pinner(
                 containerd_daemon.restart()
             else:
                 containerd_daemon.kill()
-                await asyncio.sleep(0.5)  # the pinner runs on with containerd gone
+                # The pinner notices containerd gone and runs on without it.
+                tracker = runtime.tracker
+                await wait_until(lambda: not tracker.connected, WAIT_S, what="containerd lost")
+                assert runtime.running
                 containerd_daemon.start()
             # Imported right after the restart, possibly before the pinner resubscribed.
             await import_image(containerd_daemon, containerd_namespace, after)

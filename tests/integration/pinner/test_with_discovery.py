@@ -23,6 +23,7 @@ from tests.harness.service_procs import (
     wait_serving,
     write_node_config,
 )
+from tests.harness.wait import wait_until
 
 pytestmark = pytest.mark.containerd
 
@@ -39,14 +40,13 @@ async def advertised(address: str) -> set[str]:
 
 
 async def wait_advertised(address: str, want: set[str]) -> None:
-    async with asyncio.timeout(WAIT_S):
-        while True:
-            try:
-                if await advertised(address) == want:
-                    return
-            except grpc.aio.AioRpcError:
-                pass  # discovery restarting
-            await asyncio.sleep(0.1)  # another process: nothing to wait on but its answers
+    async def listed() -> bool:
+        try:
+            return await advertised(address) == want
+        except grpc.aio.AioRpcError:
+            return False  # discovery restarting
+
+    await wait_until(listed, WAIT_S, 0.1, what=f"{len(want)} keys advertised")
 
 
 async def test_advertised_through_real_discovery_and_again_after_its_restart(

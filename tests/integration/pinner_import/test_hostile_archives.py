@@ -4,7 +4,6 @@ answers all along (the import must never hold the event loop)."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ from services.common.containerd.client import ContainerdClient
 from services.common.genproto.peermirror.pinner.v1 import pinner_pb2, pinner_pb2_grpc
 from tests.harness.containerd import ContainerdDaemon
 from tests.harness.service_procs import ServiceProcess, cli_argv, free_port, running
+from tests.harness.wait import wait_for
 from tests.integration.pinner_import.helpers import nested_index_archive
 
 pytestmark = pytest.mark.containerd
@@ -24,6 +24,7 @@ pytestmark = pytest.mark.containerd
 IMPORT_DEADLINE_S = 60.0
 # Per call: a pinner whose event loop is frozen misses it.
 CALL_TIMEOUT_S = 5.0
+ENDED = (pinner_pb2.IMPORT_RESULT_IMPORTED, pinner_pb2.IMPORT_RESULT_FAILED)
 
 
 def pinner_config(
@@ -57,31 +58,33 @@ def pinner_config(
 def finished_import(address: str, proc: ServiceProcess) -> pinner_pb2.ImportState:
     """Poll Status until the one archive's import ended; every call must be answered."""
     calls = 0
-    deadline = time.monotonic() + IMPORT_DEADLINE_S
+    done: list[pinner_pb2.ImportState] = []
     with grpc.insecure_channel(address) as channel:
         stub = pinner_pb2_grpc.PinnerStub(channel)
-        while time.monotonic() < deadline:
-            if proc.proc.poll() is not None:
-                pytest.fail(f"pinner exited: {proc.output_lines()[-20:]}")
+
+        def ended() -> bool:
+            nonlocal calls
             try:
                 reply = stub.Status(pinner_pb2.StatusRequest(), timeout=CALL_TIMEOUT_S)
             except grpc.RpcError as exc:
                 if exc.code() is grpc.StatusCode.UNAVAILABLE and calls == 0:
-                    time.sleep(0.1)  # not listening yet
-                    continue
+                    return False  # not listening yet
                 raise AssertionError(
                     f"Status not answered during the import: {exc.code()} after {calls} calls"
                 ) from None
             calls += 1
-            done = [
-                s
-                for s in reply.imports
-                if s.result in (pinner_pb2.IMPORT_RESULT_IMPORTED, pinner_pb2.IMPORT_RESULT_FAILED)
-            ]
-            if done:
-                return done[0]
-            time.sleep(0.05)
-    raise AssertionError(f"import not finished within {IMPORT_DEADLINE_S} s ({calls} calls)")
+            done.extend(s for s in reply.imports if s.result in ENDED)
+            return bool(done)
+
+        wait_for(
+            "the import finished",
+            ended,
+            IMPORT_DEADLINE_S,
+            0.05,
+            gone=proc.exited,
+            detail=lambda: f"{calls} calls",
+        )
+    return done[0]
 
 
 async def test_nested_duplicate_index_imports_in_bounded_time(

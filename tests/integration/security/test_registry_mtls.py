@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import aiohttp
@@ -14,8 +13,10 @@ import pytest
 from sanic.server.protocols.http_protocol import HttpProtocol
 
 from services.common.store.oci_layout import OciLayoutStore
+from services.registry.stats import RequestKind, Result
 from tests.harness.images import BuiltImage, build_image
 from tests.harness.registry_inproc import RunningRegistry, serve_registry
+from tests.harness.wait import wait_for
 from tests.integration.security.conftest import ClusterPki
 
 IMAGE = "docker.io/library/secure:1.0"
@@ -90,9 +91,12 @@ async def test_blobs_over_tls_arrive_whole_and_by_range(
     assert (status, body) == (206, data[first : last + 1])
 
 
-def _get_then_read_late(port: int, target: str, ctx: ssl.SSLContext) -> tuple[bytes, bytes]:
+def _get_then_read_late(
+    port: int, target: str, ctx: ssl.SSLContext, answered: Callable[[], bool]
+) -> tuple[bytes, bytes]:
     """GET `target` asking the server to close after its answer, through a small receive
-    buffer, and read nothing for a while; returns the head and the body bytes that came."""
+    buffer, and read nothing until `answered()` (the server is done with the request: what
+    the buffers do not hold waits in its transport); returns the head and the body bytes."""
     raw = socket.socket()
     raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL_BUFFER)
     raw.settimeout(10)
@@ -101,7 +105,7 @@ def _get_then_read_late(port: int, target: str, ctx: ssl.SSLContext) -> tuple[by
         sock.sendall(
             f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n".encode()
         )
-        time.sleep(0.5)
+        wait_for("the registry done with the answer", answered, 10.0, 0.01)
         received = bytearray()
         while piece := sock.recv(64 * 1024):
             received += piece
@@ -132,8 +136,13 @@ async def test_an_answer_still_queued_when_the_connection_closes_is_sent_whole(
     target = f"/v2/library/secure/blobs/{layer}?ns=docker.io"
     try:
         async with serve_registry(store, tmp_path, mirrors=["docker.io"], tls=cluster.node) as r:
+            stats = r.app.ctx.stats
             head, body = await asyncio.to_thread(
-                _get_then_read_late, r.port, target, cluster.context("peer")
+                _get_then_read_late,
+                r.port,
+                target,
+                cluster.context("peer"),
+                lambda: sum(stats.count(RequestKind.BLOB, result) for result in Result) == 1,
             )
     finally:
         await store.close()

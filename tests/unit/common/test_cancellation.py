@@ -9,6 +9,7 @@ from services.common.cancellation import cancel_and_wait
 
 
 async def test_cancelled_tasks_end_and_none_is_left() -> None:
+    # Tasks that would run for an hour (only the cancel ends them) and one that ends at once.
     tasks = [asyncio.create_task(asyncio.sleep(3600)) for _ in range(3)]
     finished = asyncio.create_task(asyncio.sleep(0))
     await finished
@@ -31,7 +32,7 @@ async def test_a_task_ignoring_its_cancel_is_returned_instead_of_waited_for() ->
                 ignored += 1
 
     task = asyncio.create_task(stubborn(), name="stubborn")
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # one loop turn: the task reaches its wait (a yield, not a wait)
     try:
         stuck = await cancel_and_wait([task], within=0.2, owner="test")
         assert stuck == [task]
@@ -51,7 +52,7 @@ async def test_failures_of_the_tasks_are_retrieved() -> None:
         raise RuntimeError("boom")
 
     task = asyncio.create_task(fails())
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # one loop turn: the task runs and fails (a yield, not a wait)
     assert task.done()
     assert await cancel_and_wait([task], within=1.0, owner="test") == []
     del task

@@ -21,6 +21,7 @@ from services.common.grpc_server import (
     GrpcServer,
     run_until_signal,
 )
+from tests.harness.wait import wait_until
 
 ECHO_SERVICE = "peermirror.test.v1.Echo"
 ECHO_METHOD = f"/{ECHO_SERVICE}/Echo"
@@ -196,16 +197,17 @@ async def test_stop_lets_in_flight_calls_finish(
     call = asyncio.create_task(echo_call(server.bound_address, b"slow"))
     await echo.entered.wait()
     stopping = asyncio.create_task(server.stop(grace=30))
+
     # New calls are refused once the stop began, while the held one is still running (a late
     # call that got in before the stop began is answered at once: it is not held).
-    for _ in range(1000):
+    async def refused() -> bool:
         try:
             await echo_call(server.bound_address, b"late")
         except grpc.aio.AioRpcError:
-            break
-        await asyncio.sleep(0.01)
-    else:
-        pytest.fail("server kept accepting new calls while stopping")
+            return True
+        return False
+
+    await wait_until(refused, 10.0, 0.01, what="new calls refused while stopping")
     assert not call.done()
     echo.gate.set()
     assert await call == b"echo:slow"
@@ -250,7 +252,7 @@ async def test_run_until_signal_stops_on_sigterm(
     # A late stop signal (a killed node's children can be sent more than one) is ignored until
     # the loop closes instead of taking its default, fatal action: this test is still running.
     os.kill(os.getpid(), signal.SIGTERM)
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # one loop turn: the signal's handler runs (a yield, not a wait)
     assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN)
 
 

@@ -26,7 +26,7 @@ def trickling_url() -> Iterator[str]:
                 while not done.is_set():
                     self.wfile.write(b" ")
                     self.wfile.flush()
-                    time.sleep(0.2)
+                    time.sleep(0.2)  # the trickle is the fault: a body that never ends in time
             except OSError:
                 pass
 

@@ -52,6 +52,7 @@ async def test_cancelled_follower_does_not_disturb_others() -> None:
     gone: list[Contact] = []
     keeper = asyncio.create_task(_collect(flight, 3, kept))
     quitter = asyncio.create_task(_collect(flight, 3, gone))
+    # Single loop turns (yields, not waits): both follow before the cancel, which lands next.
     await asyncio.sleep(0)
     quitter.cancel()
     await asyncio.sleep(0)

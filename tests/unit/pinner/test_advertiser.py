@@ -88,6 +88,8 @@ async def test_discovery_down_at_start_and_changes_meanwhile_are_not_lost() -> N
     adv = Advertiser(disco.address, check_interval=0.2)
     async with running(adv):
         adv.apply(KeyDelta(added={dg(1), dg(2)}))
+        # A fixed outage on purpose: calls fail meanwhile, and the advertiser shows failures
+        # only in its log, so there is no condition to await.
         await asyncio.sleep(0.3)  # let a few calls fail
         adv.apply(KeyDelta(added={dg(3)}, removed={dg(1)}))
         await disco.start()
@@ -110,7 +112,7 @@ async def test_discovery_outage_while_running(outage_changes: bool) -> None:
             await disco.stop()
             if outage_changes:
                 adv.apply(KeyDelta(added={dg(2)}))
-                await asyncio.sleep(0.3)
+                await asyncio.sleep(0.3)  # a fixed outage on purpose, as above
             await disco.start()
             want = {dg(1), dg(2)} if outage_changes else {dg(1)}
             async with asyncio.timeout(WAIT_S):

@@ -26,10 +26,10 @@ async def test_other_tasks_run_while_the_budget_is_spent() -> None:
         nonlocal ticks
         while True:
             ticks += 1
-            await asyncio.sleep(0)
+            await asyncio.sleep(0)  # gives the loop back each tick: the ticks count turns
 
     task = asyncio.create_task(ticker())
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # one loop turn: the ticker starts (a yield, not a wait)
     before = ticks
     budget = DescriptorBudget(100_000, yield_every=100)
     for _ in range(1_000):

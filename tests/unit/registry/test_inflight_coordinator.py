@@ -28,12 +28,15 @@ from services.registry.inflight.spool_state import Phase, SpoolFailedError
 from services.registry.paths import parse_v2_path
 from tests.harness.fake_inflight import CountingLimiter, FakeUpstream, sha256
 from tests.harness.fake_router import FakeRouter, LeaseTable
+from tests.harness.wait import wait_until
 
 BLOB = os.urandom(1_000_000)
 NODE_A = Holder("10.0.0.1", 6443)
 NODE_B = Holder("10.0.0.2", 6443)
 REGISTRY = "docker.io"
 REPO = "library/app"
+# Bound on waiting for what the coordinator's background tasks make true.
+WAIT_S = 10.0
 
 
 def _node(
@@ -71,12 +74,13 @@ async def _read_all(coordinator: Coordinator, claim: object) -> bytes:
 
 
 async def _settled(coordinator: Coordinator) -> None:
-    for _ in range(200):
-        if not coordinator.fetches:
-            await asyncio.sleep(0.01)  # the lease release runs right after
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("fetch did not end")
+    """Until no fetch is running (what follows one, the lease's release or keeping, runs on)."""
+    await wait_until(lambda: not coordinator.fetches, WAIT_S, 0.01, what="the fetch ending")
+
+
+async def _withdrawn(advertiser: FakeRouter, digest: str) -> None:
+    """Until a failed fetch's aftermath is done: the lease released, then `digest` withdrawn."""
+    await wait_until(lambda: digest in advertiser.withdrawn, WAIT_S, 0.01, what="the withdrawal")
 
 
 async def test_concurrent_misses_on_one_node_share_one_upstream_fetch(tmp_path: Path) -> None:
@@ -115,7 +119,8 @@ async def test_fetch_goes_on_when_its_client_disconnects(tmp_path: Path) -> None
     node, _ = _node(tmp_path, table, NODE_A, upstream)
     claim = await node.claim_blob(REGISTRY, REPO, digest)
     client = asyncio.create_task(_read_all(node, claim))
-    await asyncio.sleep(0.02)
+    assert isinstance(claim, Fetching)
+    await wait_until(lambda: claim.spool.readers == 1, WAIT_S, 0.01, what="the client reading")
     client.cancel()  # the client that started the fetch goes away
     with pytest.raises(asyncio.CancelledError):
         await client
@@ -124,6 +129,9 @@ async def test_fetch_goes_on_when_its_client_disconnects(tmp_path: Path) -> None
     await claim.spool.verdict(5)
     assert claim.spool.state.phase is Phase.COMPLETE
     await _settled(node)
+    # Renewed once more after the end instead of released: the keeping loop runs.
+    renewed = table.renewals.count(digest)
+    await wait_until(lambda: table.renewals.count(digest) > renewed, WAIT_S, 0.01)
     # The lease stays ours while the complete spool is served (late askers are sent here).
     assert table.held[digest][0] == NODE_A and table.released == []
     # Meanwhile another node's registry can still read it all from the spool.
@@ -189,6 +197,7 @@ async def test_corrupt_upstream_aborts_every_reader_and_withdraws(tmp_path: Path
         with pytest.raises(SpoolFailedError, match="do not match"):
             await reader
     await _settled(node)
+    await _withdrawn(advertiser, digest)
     assert advertiser.withdrawn == [digest]
     assert table.released == [digest]
     assert node.pool.get(digest) is None
@@ -271,7 +280,7 @@ async def test_tags_are_never_cached_beyond_the_window(tmp_path: Path) -> None:
     table = LeaseTable()
     node, _ = _node(tmp_path, table, NODE_A, upstream, manifest_window=0.05)
     assert await node.claim_manifest(REGISTRY, REPO, "1.0", TAG_KEY) == MANIFEST
-    await asyncio.sleep(0.15)
+    await asyncio.sleep(0.15)  # the 0.05 s window must really close (a TTL: no condition)
     assert node.window_manifest(TAG_KEY) is None
     assert TAG_KEY not in table.held  # released when the window closed
     assert await node.claim_manifest(REGISTRY, REPO, "1.0", TAG_KEY) == MANIFEST
@@ -287,7 +296,7 @@ async def test_a_tags_manifest_is_kept_by_digest_after_the_window(tmp_path: Path
         tmp_path, LeaseTable(), NODE_A, upstream, manifest_window=0.05, grace_period=5.0
     )
     assert await node.claim_manifest(REGISTRY, REPO, "1.0", TAG_KEY) == MANIFEST
-    await asyncio.sleep(0.15)
+    await asyncio.sleep(0.15)  # the 0.05 s window must really close (a TTL: no condition)
     assert node.window_manifest(TAG_KEY) is None
     assert node.window_manifest(MANIFEST.digest) == MANIFEST
     claim = await node.claim_manifest(REGISTRY, REPO, MANIFEST.digest, MANIFEST.digest)
@@ -381,6 +390,7 @@ async def test_stalled_upstream_is_replaced_then_given_up(tmp_path: Path) -> Non
     claim = await node.claim_blob(REGISTRY, REPO, digest)
     assert isinstance(claim, Fetching)
     await _settled(node)
+    await _withdrawn(advertiser, digest)
     assert claim.spool.state.phase is Phase.FAILED
     assert upstream.blob_calls == [(digest, 0), (digest, 0)]
     # The lease is free for the next asker, and peers stop being sent here.
@@ -394,7 +404,7 @@ async def test_manifest_window_entries_are_dropped_when_it_closes(tmp_path: Path
         tmp_path, LeaseTable(), NODE_A, upstream, manifest_window=0.05, grace_period=0.05
     )
     await node.claim_manifest(REGISTRY, REPO, "1.0", TAG_KEY)
-    await asyncio.sleep(0.15)
+    await asyncio.sleep(0.15)  # the 0.05 s window must really close (a TTL: no condition)
     assert node.window_size == 0
     await node.close()
 
@@ -417,6 +427,7 @@ async def test_lease_kept_while_the_complete_spool_is_served_then_released(
     other = table.client(NODE_B)
     assert await _read_all(node, await node.claim_blob(REGISTRY, REPO, digest)) == BLOB
     await _settled(node)
+    # Fixed pauses on purpose: the ttl and the grace period must really elapse.
     await asyncio.sleep(0.3)  # past the ttl, inside the grace period
     assert await other.acquire(digest) == LeaseAnswer(granted=False, holder=NODE_A)
     await asyncio.sleep(0.5)  # the grace period is over: spool gone, lease released

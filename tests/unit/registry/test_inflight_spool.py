@@ -83,7 +83,7 @@ async def _collect(chunks: AsyncIterator[bytes]) -> bytes:
 async def _write_all(spool: Spool, data: bytes, step: int = 50_000) -> None:
     for i in range(0, len(data), step):
         await spool.write(data[i : i + step])
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # one loop turn per piece: readers run between the writes
 
 
 async def test_pieces_written_unjoined_land_in_order_and_verify(tmp_path: Path) -> None:

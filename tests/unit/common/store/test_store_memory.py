@@ -79,7 +79,7 @@ async def test_close_ends_watchers() -> None:
     store = MemoryStore()
     watch = store.watch()
     pending = asyncio.ensure_future(anext(watch))
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # one loop turn: the watcher waits for its first event (a yield)
     await store.close()
     with pytest.raises(StopAsyncIteration):
         await asyncio.wait_for(pending, WAIT_S)

@@ -61,7 +61,7 @@ async def test_limiter_hands_a_slot_to_a_waiter_within_the_wait() -> None:
     limiter = FetchLimiter(max_fetches=1, max_bandwidth=0, queue_wait=5.0)
     await limiter.acquire()
     waiter = asyncio.create_task(limiter.acquire())
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # one loop turn: the waiter queues for a slot (a yield, not a wait)
     assert not waiter.done()
     limiter.release()
     await waiter
