@@ -29,9 +29,11 @@ real cluster; the pull-time target is then judged on that emulation as well. Wit
 a cluster's internet link is: what a wave then saves is the link's time, not only its bytes.
 
 Before each measured pull (the baseline and the wave alike) the bench touches and frees enough
-memory for that pull's writes: this VM backs guest memory lazily, and a first touch costs the
-toucher several times what the write itself does (bench/guest_memory.py); without it whichever
-pull grows the page cache into new memory looks slower. The header prints what a touch cost.
+memory for that pull's writes, and for the whole run it holds off the VM kernel's free page
+reporting (restored after) so those pages stay backed: this VM backs guest memory lazily, and a
+first touch costs the toucher several times what the write itself does (bench/guest_memory.py);
+without both, whichever pull grows the page cache into new memory looks slower. The header
+prints what a touch cost and what was done to reporting.
 
 Run as root: `.venv/bin/python -m bench.first_pull [--waves 3,5] [--image-mib 512]
 [--node-cpus 0.3] [--upstream-mbit 200]`.
@@ -150,6 +152,7 @@ def run(
 ) -> int:
     nodes = max(waves) + 1
     with (
+        guest_memory.freed_pages_kept() as reporting,
         tempfile.TemporaryDirectory(prefix="pm-bench-first-pull-") as tmp,
         Mesh(nodes, overrides=TIMINGS) as mesh,
     ):
@@ -182,6 +185,7 @@ def run(
             f"again {again / max(touched, 1e-9):.2f} s/GiB; each measured pull is preceded by "
             "such a touch (bench/guest_memory.py says why)"
         )
+        print(f"memory: {reporting}")
         for wave in waves:
             warm = warm_gib(wave, size_mib / 1024)
             alone = alone_from_upstream(mesh, upstream, scratch / f"alone{wave}", layer_size, warm)
