@@ -40,13 +40,18 @@ PAGE_REPORTING = Path("/sys/module/page_reporting/parameters")
 HOLD_MS = 300_000
 
 
-def available_bytes() -> int:
-    """MemAvailable from /proc/meminfo."""
+def _meminfo_kib(field: str) -> int:
+    """One field of /proc/meminfo, in KiB."""
     with open("/proc/meminfo", encoding="ascii") as meminfo:
         for line in meminfo:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    raise OSError("/proc/meminfo has no MemAvailable line")
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1])
+    raise OSError(f"/proc/meminfo has no {field} line")
+
+
+def available_bytes() -> int:
+    """MemAvailable from /proc/meminfo."""
+    return _meminfo_kib("MemAvailable") * 1024
 
 
 def touch(gib: float) -> tuple[float, float]:
@@ -61,11 +66,7 @@ def touch(gib: float) -> tuple[float, float]:
 
 def memory_total_mib() -> int:
     """MemTotal from /proc/meminfo, in MiB."""
-    with open("/proc/meminfo", encoding="ascii") as meminfo:
-        for line in meminfo:
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) // 1024
-    raise OSError("/proc/meminfo has no MemTotal line")
+    return _meminfo_kib("MemTotal") // 1024
 
 
 def hold_settings(total_mib: int) -> dict[str, str]:

@@ -11,9 +11,10 @@ async def read_range(
     fd: int, start: int, end: int, chunk_bytes: int, shrank: Callable[[], BaseException]
 ) -> AsyncGenerator[bytes, None]:
     """Bytes `start` to `end` of the file open as `fd`, `chunk_bytes` at a time, each read on a
-    worker thread; `shrank()` is raised when the file ends first. `fd` is this generator's: it
-    is closed when the generator is (close it, e.g. with ``contextlib.aclosing``, when stopping
-    early)."""
+    worker thread; `shrank()` is raised when the file ends first. `fd` is this generator's once
+    iteration has begun: it is closed when the generator is (close it, e.g. with
+    ``contextlib.aclosing``, when stopping early). Iterate at once after creating it: a
+    generator closed before its first step never runs its cleanup."""
     try:
         position = start
         while position < end:
