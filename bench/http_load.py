@@ -1,9 +1,13 @@
 """HTTP load for registry benchmarks: a timed large-blob GET, ApacheBench for small requests.
 
-Both clients treat every server alike (same request bytes, same headers), so figures taken for
+Every client treats every server alike (same request bytes, same headers), so figures taken for
 two registries in one run are comparable. The blob client is a plain socket reading into one
 reused 1 MiB buffer: it costs far less CPU per byte than the servers it measures, and it checks
 status, length and (optionally) the SHA-256 of what arrived, so a fast wrong answer never counts.
+It speaks HTTP/1.1, as containerd does to every registry (its transport sets its own TLS
+config and never asks for HTTP/2). :func:`curl_blob` times the same GET with curl, the client a
+new user tries first; over TLS curl negotiates HTTP/2 with a server that offers it (Go's
+registry does, peermirror does not), so it measures a different protocol on such a server.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ class BlobFetch:
     body_bytes: int
     seconds: float
     sha256: str | None
+    protocol: str = "HTTP/1.1"
 
     @property
     def gb_per_s(self) -> float:
@@ -123,6 +128,46 @@ def fetch_blob(
         seconds=seconds,
         sha256=hasher.hexdigest() if hasher is not None else None,
     )
+
+
+def curl_blob(
+    url: str,
+    headers: Mapping[str, str],
+    *,
+    tls_files: tuple[str, str, str] | None = None,
+    timeout: float = 300.0,
+) -> BlobFetch:
+    """GET `url` with curl at its defaults (HTTP/2 over TLS where the server offers it), the
+    body discarded; with `tls_files` (CA, certificate, key) as a client with a certificate.
+
+    The clock runs from the request to the last body byte (curl's total time less its time to
+    the start of the transfer, so the TLS handshake is left out as in :func:`fetch_blob`)."""
+    curl = shutil.which("curl")
+    if curl is None:
+        raise LoadError("curl not found on PATH: install the Debian package `curl`")
+    argv = [curl, "-sS", "-o", "/dev/null", "-w", _CURL_FIGURES]
+    if tls_files is not None:
+        argv += ["--cacert", tls_files[0], "--cert", tls_files[1], "--key", tls_files[2]]
+    for name, value in headers.items():
+        argv += ["-H", f"{name}: {value}"]
+    argv.append(url)
+    done = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=timeout)
+    figures = done.stdout.split()
+    if done.returncode != 0 or len(figures) != 5:
+        raise LoadError(f"curl {url} failed ({done.returncode}): {done.stderr.strip()}")
+    status, size, started, total, version = figures
+    return BlobFetch(
+        status=int(status),
+        headers={},
+        body_bytes=int(size),
+        seconds=float(total) - float(started),
+        sha256=None,
+        protocol=f"HTTP/{version}",
+    )
+
+
+# Status, body bytes, seconds to the transfer's start, seconds in all, HTTP version.
+_CURL_FIGURES = "%{http_code} %{size_download} %{time_pretransfer} %{time_total} %{http_version}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from bench.distribution_registry import lay_out_storage, write_config
-from bench.http_load import LoadError, fetch_blob, parse_ab, parse_response_head
+from bench.http_load import LoadError, curl_blob, fetch_blob, parse_ab, parse_response_head
 
 AB_REPORT = """\
 This is ApacheBench, Version 2.3 <$Revision$>
@@ -142,3 +142,22 @@ def test_write_config_listens_on_loopback_only(tmp_path: Path) -> None:
     assert config["http"]["addr"] == "127.0.0.1:5123"
     assert config["storage"]["filesystem"]["rootdirectory"] == str(tmp_path / "root")
     assert config["log"]["accesslog"]["disabled"] is True
+
+
+def test_curl_blob_times_the_body_and_names_the_protocol(
+    one_shot_server: tuple[int, bytes],
+) -> None:
+    port, body = one_shot_server
+    got = curl_blob(f"http://127.0.0.1:{port}/blob", {"Accept": "*/*"})
+    assert got.status == 200
+    assert got.body_bytes == len(body)
+    assert got.protocol == "HTTP/1.1"
+    assert got.seconds > 0
+
+
+def test_curl_blob_reports_a_failed_transfer() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+    # Nothing listens there any more: curl fails to connect, and says so.
+    with pytest.raises(LoadError, match=r"curl .* failed"):
+        curl_blob(f"http://127.0.0.1:{port}/blob", {})
