@@ -35,8 +35,12 @@ first touch costs the toucher several times what the write itself does (bench/gu
 without both, whichever pull grows the page cache into new memory looks slower. The header
 prints what a touch cost and what was done to reporting.
 
+With `--tls` the nodes talk mutual TLS, to each other and to their containerd (the production
+default; without it, plain HTTP): a waiter then decrypts, hashes and re-encrypts what it relays,
+and the holder encrypts every byte once per peer instead of handing its spool to `sendfile`.
+
 Run as root: `.venv/bin/python -m bench.first_pull [--waves 3,5] [--image-mib 512]
-[--node-cpus 0.3] [--upstream-mbit 200]`.
+[--node-cpus 0.3] [--upstream-mbit 200] [--tls]`.
 """
 
 from __future__ import annotations
@@ -148,13 +152,17 @@ def warm_gib(wave: int, image_gib: float) -> float:
 
 
 def run(
-    waves: Sequence[int], layer_size: int, node_cpus: float | None, upstream_mbit: float | None
+    waves: Sequence[int],
+    layer_size: int,
+    node_cpus: float | None,
+    upstream_mbit: float | None,
+    tls: bool = False,
 ) -> int:
     nodes = max(waves) + 1
     with (
         guest_memory.freed_pages_kept() as reporting,
         tempfile.TemporaryDirectory(prefix="pm-bench-first-pull-") as tmp,
-        Mesh(nodes, overrides=TIMINGS) as mesh,
+        Mesh(nodes, overrides=TIMINGS, tls=tls) as mesh,
     ):
         upstream = start_counted_upstream(mesh)
         if upstream_mbit is not None:
@@ -173,9 +181,14 @@ def run(
             if upstream_mbit is not None
             else "the upstream's link not limited"
         )
+        wire = (
+            "mutual TLS between nodes and from containerd (the default)"
+            if tls
+            else "plain HTTP between nodes and from containerd"
+        )
         print(
             f"mesh of {nodes} nodes, upstream docker-registry, "
-            f"{LAYERS}-layer {size_mib:.0f} MiB images; {sizing}; {link}"
+            f"{LAYERS}-layer {size_mib:.0f} MiB images; {sizing}; {link}; {wire}"
         )
         (touched, first), (_, again) = [
             guest_memory.touch(warm_gib(max(waves), size_mib / 1024)) for _ in range(2)
@@ -259,6 +272,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             "cluster's internet link is (default: not limited)"
         ),
     )
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="run the mesh over mutual TLS, as production nodes do (default: plain HTTP)",
+    )
     args = parser.parse_args(argv)
     waves = [int(w) for w in args.waves.split(",") if w]
     if args.node_cpus is not None and args.node_cpus <= 0:
@@ -266,7 +284,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.upstream_mbit is not None and not args.upstream_mbit > 0:
         parser.error("--upstream-mbit must be positive")
     try:
-        return run(waves, args.image_mib * 2**20 // LAYERS, args.node_cpus, args.upstream_mbit)
+        return run(
+            waves, args.image_mib * 2**20 // LAYERS, args.node_cpus, args.upstream_mbit, args.tls
+        )
     except MeshError as exc:
         print(f"bench.first_pull could not run: {exc}", file=sys.stderr)
         return 1
