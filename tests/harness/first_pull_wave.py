@@ -56,7 +56,8 @@ def point_mirrors_at(mesh: Mesh, upstream: NetnsHost) -> None:
         hosts = tomllib.loads((node.hosts_dir / MIRRORED / "hosts.toml").read_text())
         # containerd may dial its own mirror and the upstream namespace, nothing else.
         assert hosts["server"] == f"{endpoint}/v2"
-        assert set(hosts["host"]) == {f"http://127.0.0.1:{node.registry_port}/v2"}
+        scheme = "http" if node.tls is None else "https"
+        assert set(hosts["host"]) == {f"{scheme}://127.0.0.1:{node.registry_port}/v2"}
 
 
 def push_new_image(
