@@ -17,7 +17,9 @@ throughput targets are printed against both anchors, each line saying which.
 
 Also CPU-seconds per GB per process for each path run alone (the socket client), and the floor
 of the relaying node: SHA-256 of every byte plus, over TLS, one decryption and one encryption
-(both measured by a microbenchmark in this run, on this CPU). Last, on the TLS mesh, node 2's
+(both measured by a microbenchmark in this run, on this CPU), and from these the ceiling of any
+relay on this machine, where the client, the peer and the relaying node share the same cores (see
+relay_ceiling). Last, on the TLS mesh, node 2's
 link is slowed to a hundredth of the clean relay rate (tc tbf on its interface) and the relay
 GETs are timed again: whichever provider the relay starts from, the pull must take at most
 twice a clean one.
@@ -36,6 +38,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import os
 import resource
 import ssl
 import statistics
@@ -358,6 +361,22 @@ THROUGHPUT = (
     ("plain relay / docker-registry plain", "plain", "relay", "plain_relay_vs_registry"),
 )
 PATHS = ("relay", "local", "registry")
+# The processes that serve a blob straight to the client on the local and anchor paths.
+SERVERS = {"local": "n1 registry", "registry": "docker-registry"}
+
+
+def relay_ceiling(cpu: Mapping[str, Mapping[str, float]], node_floor: float, cores: int) -> float:
+    """The fastest any relay could move a blob on `cores` shared cores, in GB/s.
+
+    Every process of the relay chain shares these cores, so the chain moves at most
+    cores / (CPU-s per GB of the whole chain). Whatever the relay's design, the chain holds the
+    client (as measured on the relay path), a peer serving the blob (at least as cheap as the
+    cheaper of node 1 serving it itself and docker-registry serving it, both measured here) and
+    the relaying node doing no more than its floor (SHA-256, over TLS one decryption and one
+    encryption). An upper bound: it counts none of the relaying node's own network I/O."""
+    serve = min(cpu[path].get(process, 0.0) for path, process in SERVERS.items())
+    chain = cpu["relay"].get("client", 0.0) + serve + node_floor
+    return cores / chain
 
 
 def render(plain: dict[str, Any], mtls: dict[str, Any], sha256: float) -> str:
@@ -400,6 +419,14 @@ def render(plain: dict[str, Any], mtls: dict[str, Any], sha256: float) -> str:
         f"floor of the relaying node: SHA-256 {sha256:.2f} CPU-s/GB; TLS encrypt+decrypt "
         f"{mtls['tls_hop']:.2f}; so plain {floor_plain:.2f}, mTLS {floor_tls:.2f}"
     )
+    cores = os.cpu_count() or 1
+    for kind, figures, floor in (("plain", plain, floor_plain), ("mTLS", mtls, floor_tls)):
+        ceiling = relay_ceiling(figures["cpu"], floor, cores)
+        lines.append(
+            f"ceiling of any relay, {kind}, all processes on {cores} cores: {ceiling:.2f} GB/s"
+            f" = {ceiling / figures['rates']['registry']:.2f}x docker-registry"
+            f" ({ceiling / figures['curl_rates']['registry']:.2f}x with curl)"
+        )
     slow = mtls["slow"]
     lines.append(
         f"slow second provider: relay GET {', '.join(f'{s:.2f}' for s in slow)} s vs clean "

@@ -1,0 +1,28 @@
+"""The relay benchmark's ceiling: what no relay can beat when the whole chain shares the cores."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.relay_paths import relay_ceiling
+
+# CPU-s per GB by process, as bench.relay_paths measures them (an mTLS run on 2 cores).
+CPU = {
+    "relay": {"client": 0.63, "n1 registry": 1.19, "n3 registry": 2.48},
+    "local": {"client": 0.60, "n1 registry": 1.02},
+    "registry": {"client": 0.79, "docker-registry": 1.11},
+}
+
+
+def test_the_chain_is_the_client_the_cheapest_server_and_the_relaying_nodes_floor() -> None:
+    # 0.63 (client) + 1.02 (node 1 serves cheaper than docker-registry) + 1.29 (floor).
+    assert relay_ceiling(CPU, 1.29, 2) == pytest.approx(2 / 2.94)
+
+
+def test_the_cheaper_server_counts_whichever_it_is() -> None:
+    cheap_anchor = {**CPU, "registry": {"client": 0.79, "docker-registry": 0.5}}
+    assert relay_ceiling(cheap_anchor, 1.29, 2) == pytest.approx(2 / (0.63 + 0.5 + 1.29))
+
+
+def test_more_cores_raise_the_ceiling_in_proportion() -> None:
+    assert relay_ceiling(CPU, 0.57, 4) == pytest.approx(2 * relay_ceiling(CPU, 0.57, 2))
