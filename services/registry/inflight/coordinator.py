@@ -434,6 +434,24 @@ class Coordinator:
             return None
         return manifest
 
+    async def peer_manifest(self, key: str, within: float) -> UpstreamManifest | None:
+        """The manifest a peer's request for `key` is answered with: the window's, or the one
+        this node is claiming right now once that claim is settled (at most `within` seconds).
+        A waiter is told this node holds the lease as soon as it is granted, so its request
+        often comes before the upstream answered; a 404 then would cost it a retry round.
+        None: nothing here for `key` (a claim that ended without a manifest included)."""
+        manifest = self.window_manifest(key)
+        if manifest is None:
+            claim = self._manifest_claims.get(key)
+            if claim is None:
+                return None
+            await asyncio.wait([claim], timeout=within)
+            manifest = self.window_manifest(key)
+            if manifest is None:
+                return None
+        self.counters.coalesced["peer"] += 1
+        return manifest
+
     async def claim_manifest(
         self, registry: str, repository: str, reference: str, key: str
     ) -> ManifestClaim:

@@ -4,7 +4,8 @@ Two hooks of the /v2/ handlers call in here:
 
 - :func:`answer_peer`: a peer's request (served from local content only) that missed locally is
   answered from an in-flight spool or the manifest window when there is one. Blob bytes not
-  written yet are waited for, Range works at any offset, HEAD answers the blob's size and digest.
+  written yet are waited for, Range works at any offset, HEAD answers the blob's size and digest;
+  a manifest this node is fetching from upstream right now is waited for too.
 - :func:`answer_local_miss`: a local client's miss that no peer served goes to the coordinator;
   while another node holds the lease, the peer relay is tried again until the holder serves it
   or its lease passes to this node (then this node fetches), within ``inflight.holder_wait``.
@@ -103,10 +104,12 @@ async def answer_peer(
         return Answered(
             await send_spool(request, spool, registry, coordinator.settings.section.stall_timeout)
         )
-    manifest = coordinator.window_manifest(route.digest if route.digest is not None else key)
+    manifest = await coordinator.peer_manifest(
+        route.digest if route.digest is not None else key,
+        coordinator.settings.section.stall_timeout,
+    )
     if manifest is None:
         return None
-    coordinator.counters.coalesced["peer"] += 1
     return Answered(manifest_response(request, manifest, registry))
 
 

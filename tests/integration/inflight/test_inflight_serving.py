@@ -258,6 +258,63 @@ async def test_concurrent_tag_pulls_cost_one_upstream_manifest_request(node: Nod
     assert node.advertiser.advertised == [f"{NS}/{REPO}:1.0", _digest(MANIFEST_BODY)]
 
 
+async def test_a_peer_asking_for_a_manifest_being_fetched_waits_for_it(node: Node) -> None:
+    """A waiter told that this node holds a tag's lease asks it before the upstream answered:
+    it gets the manifest once it is in, not a 404 that costs it a retry round."""
+    node.upstream.manifests["1.0"] = (MANIFEST_TYPE, MANIFEST_BODY)
+    node.upstream.manifest_delay = 1.0
+    base = f"{node.registry.url}/v2/{REPO}/manifests"
+    async with aiohttp.ClientSession(timeout=CLIENT_TIMEOUT) as session:
+        local = asyncio.create_task(_get(session, f"{base}/1.0?ns={NS}", {}))
+        await wait_until(
+            lambda: bool(node.upstream.requests), SETTLE_S, what="the upstream manifest request"
+        )
+        by_tag = asyncio.create_task(_get(session, f"{base}/1.0?ns={NS}", PEER))
+        async with session.head(f"{base}/1.0?ns={NS}", headers=PEER) as head:
+            head_status = head.status
+            head_digest = head.headers.get(DIGEST_HEADER)
+        answers = [await local, await by_tag]
+    assert head_status == 200 and head_digest == _digest(MANIFEST_BODY)
+    for status, headers, body in answers:
+        assert status == 200 and body == MANIFEST_BODY
+        assert headers[DIGEST_HEADER] == _digest(MANIFEST_BODY)
+    assert node.upstream.requests == [(f"/v2/{REPO}/manifests/1.0", None)]
+
+
+async def test_a_peer_asking_for_a_manifest_nobody_fetches_here_is_refused_at_once(
+    tmp_path: Path,
+) -> None:
+    """Only a fetch this node runs is waited for: a manifest another node holds the lease on
+    (this node is itself waiting) is a plain miss for a peer."""
+    async with serve_slow_upstream(SlowUpstream()) as upstream:
+        upstream.manifests["1.0"] = (MANIFEST_TYPE, MANIFEST_BODY)
+        client = SlowUpstreamClient(upstream.port)
+        leases = LeaseTable()
+        # Another node holds the tag's lease: this node's claim turns into HeldElsewhere.
+        await leases.client(Holder("127.0.0.9", 1)).acquire(f"{NS}/{REPO}:1.0")
+        coordinator = Coordinator(
+            InflightSettings(InflightSection(stall_timeout=20, holder_wait=2.0)),
+            SpoolPool(tmp_path / "spool", 64 * MiB, grace_s=60),
+            leases.client(Holder("127.0.0.1", 0)),
+            client,
+            FakeRouter(),
+        )
+        store = OciLayoutStore(tmp_path / "layout", create=True)
+        try:
+            async with serve_registry(store, tmp_path, inflight=coordinator) as registry:
+                base = f"{registry.url}/v2/{REPO}/manifests"
+                async with aiohttp.ClientSession(timeout=CLIENT_TIMEOUT) as session:
+                    local = asyncio.create_task(_get(session, f"{base}/1.0?ns={NS}", {}))
+                    status, _, _ = await _get(session, f"{base}/1.0?ns={NS}", PEER)
+                    assert status == 404
+                    local_status, _, _ = await local
+        finally:
+            await client.close()
+            await store.close()
+    assert local_status == 404
+    assert upstream.requests == []
+
+
 async def test_holder_lost_mid_fetch_the_waiter_takes_over(tmp_path: Path) -> None:
     """A, the lease holder, dies with its fetch stalled part-way; B's pull finds A gone, keeps
     asking, takes the lease once A's runs out and fetches itself: it completes and verifies."""
