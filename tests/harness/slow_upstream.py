@@ -32,6 +32,8 @@ class SlowUpstream:
     # Reference (tag or digest) -> (media type, body).
     manifests: dict[str, tuple[str, bytes]] = field(default_factory=dict)
     manifest_delay: float = 0.0
+    # Seconds before a blob answer's headers (an upstream's token round and first byte).
+    blob_delay: float = 0.0
     head_bytes: int = 256 * 1024
     gate: asyncio.Event = field(default_factory=asyncio.Event)
     # Digests whose body is served with its first byte flipped (a corrupt upstream).
@@ -71,6 +73,8 @@ class SlowUpstream:
     async def _blob(self, request: web.Request) -> web.StreamResponse:
         digest = request.match_info["digest"]
         self.requests.append((request.path, request.headers.get("Range")))
+        # A slow first answer on purpose, as manifest_delay.
+        await asyncio.sleep(self.blob_delay)
         data = self.blobs.get(digest)
         if data is None:
             return web.json_response({"errors": [{"code": "BLOB_UNKNOWN"}]}, status=404)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -215,9 +215,16 @@ class Coordinator:
         elif isinstance(claim, Unavailable):
             self.counters.fallbacks += 1
 
-    def peer_spool(self, digest: str) -> Spool | None:
-        """The spool a peer's request for `digest` is served from (None: not in flight)."""
+    async def peer_spool(self, digest: str, within: float) -> Spool | None:
+        """The spool a peer's request for `digest` is served from, waiting at most `within`
+        seconds for this node's claim on it when one is under way (None: not in flight).
+
+        A waiter is told this node holds the lease as soon as it is granted, but the spool
+        comes only once the upstream's headers gave the blob's size; a 404 in between would
+        cost the waiter a retry round."""
         spool = self.pool.get(digest)
+        if spool is None and await _claim_settled(self._blob_claims, digest, within):
+            spool = self.pool.get(digest)
         if spool is None:
             return None
         fetch = self.fetches.get(digest)
@@ -436,19 +443,14 @@ class Coordinator:
 
     async def peer_manifest(self, key: str, within: float) -> UpstreamManifest | None:
         """The manifest a peer's request for `key` is answered with: the window's, or the one
-        this node is claiming right now once that claim is settled (at most `within` seconds).
-        A waiter is told this node holds the lease as soon as it is granted, so its request
-        often comes before the upstream answered; a 404 then would cost it a retry round.
-        None: nothing here for `key` (a claim that ended without a manifest included)."""
+        this node is claiming right now once that claim is settled (at most `within` seconds),
+        for the reason :meth:`peer_spool` waits. None: nothing here for `key` (a claim that
+        ended without a manifest included)."""
         manifest = self.window_manifest(key)
-        if manifest is None:
-            claim = self._manifest_claims.get(key)
-            if claim is None:
-                return None
-            await asyncio.wait([claim], timeout=within)
+        if manifest is None and await _claim_settled(self._manifest_claims, key, within):
             manifest = self.window_manifest(key)
-            if manifest is None:
-                return None
+        if manifest is None:
+            return None
         self.counters.coalesced["peer"] += 1
         return manifest
 
@@ -535,6 +537,16 @@ class Coordinator:
         await cancel_and_wait(tasks, within=2.0, owner="inflight")
         await cancel_and_wait(list(self._background), within=1.0, owner="inflight")
         self.pool.close()
+
+
+async def _claim_settled(claims: Mapping[str, asyncio.Task[Any]], key: str, within: float) -> bool:
+    """Wait at most `within` seconds for this node's claim on `key` to settle; whether one was
+    under way (its outcome is the claimant's: a peer only looks at what it left behind)."""
+    claim = claims.get(key)
+    if claim is None:
+        return False
+    await asyncio.wait([claim], timeout=within)
+    return True
 
 
 def _checked_manifest(manifest: UpstreamManifest, reference: str) -> UpstreamManifest | None:

@@ -5,7 +5,8 @@ Two hooks of the /v2/ handlers call in here:
 - :func:`answer_peer`: a peer's request (served from local content only) that missed locally is
   answered from an in-flight spool or the manifest window when there is one. Blob bytes not
   written yet are waited for, Range works at any offset, HEAD answers the blob's size and digest;
-  a manifest this node is fetching from upstream right now is waited for too.
+  a blob or manifest this node has claimed but not yet had an upstream answer for is waited for
+  too.
 - :func:`answer_local_miss`: a local client's miss that no peer served goes to the coordinator;
   while another node holds the lease, the peer relay is tried again until the holder serves it
   or its lease passes to this node (then this node fetches), within ``inflight.holder_wait``.
@@ -98,7 +99,9 @@ async def answer_peer(
     """A peer's request for something this node is fetching right now, or None."""
     if route.kind is Kind.BLOB:
         assert route.digest is not None
-        spool = coordinator.peer_spool(route.digest)
+        spool = await coordinator.peer_spool(
+            route.digest, coordinator.settings.section.stall_timeout
+        )
         if spool is None:
             return None
         return Answered(

@@ -147,6 +147,31 @@ async def test_peer_requests_for_an_in_flight_blob_wait_for_the_spool(node: Node
     assert node.coordinator.counters.coalesced["peer"] >= 2
 
 
+async def test_a_peer_asking_before_the_upstream_answered_waits_for_the_spool(
+    node: Node,
+) -> None:
+    """The lease is granted before the upstream's headers give the blob's size, so the spool
+    comes a moment after it: a waiter that asks in that moment gets the blob, not a 404 that
+    costs it a retry round."""
+    blob = os.urandom(MiB + 4321)
+    digest = _digest(blob)
+    node.upstream.blobs[digest] = blob
+    node.upstream.blob_delay = 1.0
+    node.upstream.gate.set()
+    async with aiohttp.ClientSession(timeout=CLIENT_TIMEOUT) as session:
+        local = asyncio.create_task(_get(session, node.url(digest), {}))
+        await wait_until(
+            lambda: bool(node.upstream.requests), SETTLE_S, what="the upstream blob request"
+        )
+        assert node.coordinator.pool.get(digest) is None, "the spool must not exist yet"
+        peer = await _get(session, node.url(digest), PEER)
+        mine = await local
+    for status, headers, body in (peer, mine):
+        assert status == 200 and body == blob
+        assert headers[DIGEST_HEADER] == digest
+    assert [path for path, _ in node.upstream.requests] == [f"/v2/{REPO}/blobs/{digest}"]
+
+
 async def test_local_client_gone_does_not_stop_the_fetch(node: Node) -> None:
     blob = os.urandom(2 * MiB)
     digest = _digest(blob)

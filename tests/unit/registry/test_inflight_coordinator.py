@@ -135,7 +135,7 @@ async def test_fetch_goes_on_when_its_client_disconnects(tmp_path: Path) -> None
     # The lease stays ours while the complete spool is served (late askers are sent here).
     assert table.held[digest][0] == NODE_A and table.released == []
     # Meanwhile another node's registry can still read it all from the spool.
-    spool = node.peer_spool(digest)
+    spool = await node.peer_spool(digest, WAIT_S)
     assert spool is not None
     assert b"".join([c async for c in spool.read(0, spool.size, 5)]) == BLOB
     await node.close()
@@ -187,7 +187,7 @@ async def test_corrupt_upstream_aborts_every_reader_and_withdraws(tmp_path: Path
     node, advertiser = _node(tmp_path, table, NODE_A, upstream)
     claim = await node.claim_blob(REGISTRY, REPO, digest)
     assert isinstance(claim, Fetching)
-    peer = node.peer_spool(digest)
+    peer = await node.peer_spool(digest, WAIT_S)
     assert peer is not None
     readers = [
         asyncio.create_task(_read_all(node, claim)),

@@ -95,7 +95,7 @@ async def test_rows_come_from_the_coordinators_running_fetches(tmp_path: Path) -
     )
     await coordinator.claim_blob("docker.io", "library/app", digest)
     await coordinator.claim_blob("docker.io", "library/app", digest)
-    assert coordinator.peer_spool(digest) is not None
+    assert await coordinator.peer_spool(digest, 1.0) is not None
     (row,) = inflight_rows(coordinator)
     assert (row.digest, row.image, row.size, row.state) == (
         digest,
