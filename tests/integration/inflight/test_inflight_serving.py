@@ -306,7 +306,7 @@ async def test_a_peer_asking_for_a_manifest_being_fetched_waits_for_it(node: Nod
     assert node.upstream.requests == [(f"/v2/{REPO}/manifests/1.0", None)]
 
 
-async def test_a_peer_asking_for_a_manifest_nobody_fetches_here_is_refused_at_once(
+async def test_a_peer_asking_for_a_manifest_another_node_fetches_is_a_miss(
     tmp_path: Path,
 ) -> None:
     """Only a fetch this node runs is waited for: a manifest another node holds the lease on
