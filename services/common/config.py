@@ -720,6 +720,16 @@ class InflightSection:
         "times a broken upstream blob body is resumed with a Range before the fetch fails",
         check=_check_non_negative,
     )
+    # Every waiter relays from its holder, so a holder's uplink carries one copy per waiter: in
+    # a rollout to many nodes one holder for all would be slower than each node pulling itself.
+    max_waiters_per_fetch: int = _key(
+        0,
+        "other nodes one node's upstream fetch of a blob serves at most; past it the next "
+        "node fetches too and serves the next ones (N nodes cost about N / (this + 1) "
+        "downloads; for large clusters or slow node links); 0 = no bound, one fetch for the "
+        "whole cluster. Manifests are always fetched once",
+        check=_check_non_negative,
+    )
 
 
 @dataclass(frozen=True)

@@ -94,8 +94,9 @@ class Router(Protocol):
         """Discovery's start time and key count; None when it cannot tell."""
         ...
 
-    async def acquire(self, key: str) -> LeaseAnswer:
-        """Ask for the fetch lease on `key`."""
+    async def acquire(self, key: str, max_waiters: int = 0) -> LeaseAnswer:
+        """Ask for the fetch lease on `key`, or for the holder to wait for: one that serves at
+        most `max_waiters` other nodes (0: no bound; past it this node gets a lease too)."""
         ...
 
     async def renew(self, key: str) -> bool:
@@ -184,9 +185,10 @@ class GrpcRouter:
         started = (stats.started_at.seconds, stats.started_at.nanos)
         return RouterState(started_at=started, advertised_keys=stats.advertised_keys)
 
-    async def acquire(self, key: str) -> LeaseAnswer:
+    async def acquire(self, key: str, max_waiters: int = 0) -> LeaseAnswer:
         reply = await self._open().AcquireLease(
-            local_pb2.AcquireLeaseRequest(key=key), timeout=self._timeout
+            local_pb2.AcquireLeaseRequest(key=key, max_waiters=max_waiters),
+            timeout=self._timeout,
         )
         ttl = reply.ttl.ToTimedelta().total_seconds()
         if reply.granted:

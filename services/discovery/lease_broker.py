@@ -115,11 +115,9 @@ class LeaseBroker:
     def _me_for(self, key: bytes) -> Contact:
         """This node as holder: the contact its lease was granted under (its address may
         have been learned since), else its current one."""
-        lease = self.table.get(key, self._now())
         me = self._engine.node.me
-        if lease is not None and lease.holder.node_id == me.node_id:
-            return lease.holder
-        return me
+        lease = self.table.lease_of(key, me.node_id, self._now())
+        return lease.holder if lease is not None else me
 
     # -- for this node's registry (LocalDiscovery RPCs) --------------------------------
 
@@ -139,15 +137,17 @@ class LeaseBroker:
         now = self._now()
         return sum(1 for h in self._held.values() if h.expires_at > now)
 
-    async def acquire(self, name: str, ttl: float) -> LeaseView:
-        """Ask the deciding node for the lease on `name`."""
+    async def acquire(self, name: str, ttl: float, max_waiters: int = 0) -> LeaseView:
+        """Ask the deciding node for the lease on `name`, or for the holder to wait for (one
+        serving at most `max_waiters` other nodes; 0: no bound)."""
         key = dht_key(name)
         authority, state = await self._ask(
             key,
             self._known_authority(key),
-            lambda: self._local_acquire(key, ttl),
+            lambda: self._local_acquire(key, ttl, max_waiters),
             lambda stub, request: stub.AcquireLease(request, timeout=self._timeout),
             ttl,
+            max_waiters,
         )
         return self._note(key, authority, state)
 
@@ -250,9 +250,15 @@ class LeaseBroker:
         local: Callable[[], _State],
         call: Callable[[pb_grpc.PeerAsyncStub, pb.PeerLeaseRequest], Awaitable[pb.PeerLeaseState]],
         ttl: float,
+        max_waiters: int = 0,
     ) -> tuple[Contact, _State]:
         """Acquire or renew: `_decide` with a lease request and its state answer."""
-        request = pb.PeerLeaseRequest(sender=self._engine.sender_info(), key=key, ttl=duration(ttl))
+        request = pb.PeerLeaseRequest(
+            sender=self._engine.sender_info(),
+            key=key,
+            ttl=duration(ttl),
+            max_waiters=max_waiters,
+        )
         return await self._decide(key, first, local, lambda stub: call(stub, request), _state_of)
 
     async def _decide(
@@ -286,12 +292,13 @@ class LeaseBroker:
                 return candidate, answer(reply, candidate)
         raise _unavailable()
 
-    def _local_acquire(self, key: bytes, ttl: float) -> _State:
-        grant = self.table.acquire(key, self._me_for(key), ttl, self._now())
+    def _local_acquire(self, key: bytes, ttl: float, max_waiters: int) -> _State:
+        grant = self.table.acquire(key, self._me_for(key), ttl, self._now(), max_waiters)
         return self._state(grant.granted, grant.lease)
 
     def _local_get(self, key: bytes) -> _State:
-        lease = self.table.get(key, self._now())
+        now = self._now()
+        lease = self.table.lease_of(key, self._engine.node_id, now) or self.table.get(key, now)
         if lease is None:
             return _State(False, None, 0.0, 0)
         return self._state(lease.holder.node_id == self._engine.node_id, lease)
@@ -300,7 +307,8 @@ class LeaseBroker:
         return self._state(True, self.table.renew(key, self._me_for(key), ttl, self._now()))
 
     def _state(self, granted: bool, lease: FetchLease) -> _State:
-        return _State(granted, lease.holder, lease.ttl(self._now()), self.table.waiters(lease.key))
+        waiters = self.table.waiters(lease.key, lease.holder.node_id)
+        return _State(granted, lease.holder, lease.ttl(self._now()), waiters)
 
     def _note(self, key: bytes, authority: Contact, state: _State) -> LeaseView:
         now = self._now()

@@ -37,12 +37,14 @@ class LeaseAuthority:
             granted=same_node(lease.holder, caller),
             holder=contact_to_proto(lease.holder),
             ttl=duration(lease.ttl(self._clock())),
-            waiters=self.table.waiters(lease.key),
+            waiters=self.table.waiters(lease.key, lease.holder.node_id),
         )
 
     def acquire_state(self, caller: Contact, request: pb.PeerLeaseRequest) -> pb.PeerLeaseState:
         """AcquireLease: the caller's new lease, or the other holder's."""
-        grant = self.table.acquire(request.key, caller, _ttl(request), self._clock())
+        grant = self.table.acquire(
+            request.key, caller, _ttl(request), self._clock(), request.max_waiters
+        )
         return self._state(caller, grant.lease)
 
     def renew_state(self, caller: Contact, request: pb.PeerLeaseRequest) -> pb.PeerLeaseState:

@@ -258,7 +258,7 @@ class LocalDiscoveryServicer(pb_grpc.LocalDiscoveryServicer):
         self, request: pb.AcquireLeaseRequest, context: Context
     ) -> pb.AcquireLeaseResponse:
         leases, key = self._lease_request(request.key, request.ttl_seconds, context)
-        view = await leases.acquire(key, float(request.ttl_seconds))
+        view = await leases.acquire(key, float(request.ttl_seconds), request.max_waiters)
         reply = pb.AcquireLeaseResponse(
             granted=view.granted, ttl=duration(view.ttl), waiters=view.waiters
         )

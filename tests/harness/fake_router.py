@@ -27,6 +27,8 @@ class LeaseTable:
         self.granted: list[tuple[str, Holder]] = []
         self.renewals: list[str] = []
         self.released: list[str] = []
+        # (key, max_waiters) of every acquire, in order.
+        self.bounds: list[tuple[str, int]] = []
         self.down = False
         # Nodes whose process is gone: nothing they send reaches discovery any more.
         self.crashed: set[Holder] = set()
@@ -78,7 +80,10 @@ class FakeRouter:
     async def close(self) -> None:
         return None
 
-    async def acquire(self, key: str) -> LeaseAnswer:
+    async def acquire(self, key: str, max_waiters: int = 0) -> LeaseAnswer:
+        # One holder per key whatever the bound (the bound's rules are the real table's,
+        # services/discovery/kademlia/leases.py); the bound asked for is recorded.
+        self.table.bounds.append((key, max_waiters))
         if self.table.down:
             raise ConnectionError("discovery unavailable")
         now = time.monotonic()

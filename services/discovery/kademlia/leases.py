@@ -86,7 +86,10 @@ class LeaseTable:
 
     First asker wins; a lease lives `ttl` seconds unless its holder renews it; only the holder
     (same node ID and address) renews or releases it; an expired lease is gone, and the next
-    asker gets it. Bounded: at most `max_leases` in all and `max_per_holder` per holder.
+    asker gets it. An asker may bound how many other nodes one holder is to serve
+    (`max_waiters`): past it the next asker gets a lease of its own, so a key can have several
+    holders, each fetching for its share of the askers. Bounded: at most `max_leases` in all and
+    `max_per_holder` per holder.
     """
 
     def __init__(
@@ -101,16 +104,19 @@ class LeaseTable:
         self.default_ttl = default_ttl
         self.max_ttl = max_ttl
         self.counters = LeaseTableCounters()
-        self._leases: dict[bytes, FetchLease] = {}
+        # Key -> holder node ID -> lease, oldest first.
+        self._leases: dict[bytes, dict[bytes, FetchLease]] = {}
+        self._count = 0
         self._per_holder: Counter[bytes] = Counter()
-        # Key -> IDs of the other nodes told its holder is fetching, since it was granted.
-        self._waiters: dict[bytes, set[bytes]] = {}
-        # (expires_at, key); entries outdated by a renewal or release are skipped lazily.
-        self._expiry: list[tuple[float, bytes]] = []
+        # (key, holder node ID) -> IDs of the other nodes told that holder is fetching.
+        self._waiters: dict[tuple[bytes, bytes], set[bytes]] = {}
+        # (expires_at, key, holder node ID); entries outdated by a renewal or release are
+        # skipped lazily.
+        self._expiry: list[tuple[float, bytes, bytes]] = []
 
     def __len__(self) -> int:
         """Leases kept (call `expire` first to count only live ones)."""
-        return len(self._leases)
+        return self._count
 
     def applied_ttl(self, ttl: float) -> float:
         """The TTL a request for `ttl` gets: 0 means the default, more than the maximum is
@@ -118,53 +124,91 @@ class LeaseTable:
         return min(ttl if ttl > 0 else self.default_ttl, self.max_ttl)
 
     def get(self, key: bytes, now: float) -> FetchLease | None:
-        """The live lease on `key`, if any."""
+        """The oldest live lease on `key`, if any."""
         self.expire(now)
-        return self._leases.get(key)
+        holders = self._leases.get(key)
+        return next(iter(holders.values())) if holders else None
 
-    def acquire(self, key: bytes, caller: Contact, ttl: float, now: float) -> Grant:
-        """Grant `key` to `caller` unless another node holds it; the holder asking again
-        keeps it with a fresh TTL (a retried call must not look like a lost lease)."""
+    def lease_of(self, key: bytes, node_id: bytes, now: float) -> FetchLease | None:
+        """The live lease `node_id` holds on `key`, if any."""
+        self.expire(now)
+        return self._leases.get(key, {}).get(node_id)
+
+    def acquire(
+        self, key: bytes, caller: Contact, ttl: float, now: float, max_waiters: int = 0
+    ) -> Grant:
+        """Grant `key` to `caller` unless a holder of it has room for one more waiter (at most
+        `max_waiters`, 0: no bound), whom it is then told; the holder asking again keeps its
+        lease with a fresh TTL (a retried call must not look like a lost lease), and a node
+        told a holder is told the same one while it lasts."""
         check_id(key)
         self.expire(now)
-        current = self._leases.get(key)
-        if current is not None and not same_node(current.holder, caller):
+        holders = self._leases.get(key, {})
+        own = holders.get(caller.node_id)
+        if own is not None and same_node(own.holder, caller):
+            return Grant(True, self._put(key, caller, ttl, now))
+        told = self._told(key, holders, caller, max_waiters)
+        if told is not None:
+            return Grant(False, told)
+        if self._count >= self.max_leases:
+            self.counters.refused_cap += 1
+            raise LeaseCapReached(f"this node keeps at most {self.max_leases} leases")
+        if self._per_holder[caller.node_id] >= self.max_per_holder:
+            self.counters.refused_cap += 1
+            raise LeaseCapReached(f"at most {self.max_per_holder} leases per node")
+        self.counters.granted += 1
+        return Grant(True, self._put(key, caller, ttl, now))
+
+    def _told(
+        self, key: bytes, holders: dict[bytes, FetchLease], caller: Contact, max_waiters: int
+    ) -> FetchLease | None:
+        """The holder `caller` is to wait for: the one it was told before, else the one with
+        the fewest waiters below the bound (the oldest among equals), else, for a node ID that
+        holds a lease from another address, that lease (it never gets a second one). None:
+        `caller` is to fetch itself."""
+        for holder_id, lease in holders.items():
+            if caller.node_id in self._waiters.get((key, holder_id), ()):
+                self.counters.waiters += 1
+                return lease
+        room = [
+            holder_id
+            for holder_id in holders
+            if holder_id != caller.node_id
+            and (max_waiters <= 0 or self.waiters(key, holder_id) < max_waiters)
+        ]
+        if room:
+            # min() keeps the first of equals: the oldest holder.
+            holder_id = min(room, key=lambda h: self.waiters(key, h))
             self.counters.waiters += 1
-            waiting = self._waiters.setdefault(key, set())
+            waiting = self._waiters.setdefault((key, holder_id), set())
             if len(waiting) < MAX_WAITERS_COUNTED:
                 waiting.add(caller.node_id)
-            return Grant(False, current)
-        if current is None:
-            if len(self._leases) >= self.max_leases:
-                self.counters.refused_cap += 1
-                raise LeaseCapReached(f"this node keeps at most {self.max_leases} leases")
-            if self._per_holder[caller.node_id] >= self.max_per_holder:
-                self.counters.refused_cap += 1
-                raise LeaseCapReached(f"at most {self.max_per_holder} leases per node")
-            self.counters.granted += 1
-        return Grant(True, self._put(key, caller, ttl, now))
+            return holders[holder_id]
+        return holders.get(caller.node_id)
 
     def renew(self, key: bytes, caller: Contact, ttl: float, now: float) -> FetchLease:
         """Extend the caller's lease; NoLease or LeaseHeldElsewhere otherwise."""
         self.expire(now)
-        current = self._leases.get(key)
-        if current is None:
+        holders = self._leases.get(key)
+        if not holders:
             raise NoLease()
-        if not same_node(current.holder, caller):
-            raise LeaseHeldElsewhere(current)
+        own = holders.get(caller.node_id)
+        if own is None or not same_node(own.holder, caller):
+            raise LeaseHeldElsewhere(own if own is not None else next(iter(holders.values())))
         self.counters.renewed += 1
         return self._put(key, caller, ttl, now)
 
     def release(self, key: bytes, caller: Contact, now: float) -> bool:
         """End the caller's lease at once (True), False when none is held on `key`;
-        LeaseHeldElsewhere when another node holds it."""
+        LeaseHeldElsewhere when only other nodes hold it."""
         self.expire(now)
-        current = self._leases.get(key)
-        if current is None:
+        holders = self._leases.get(key)
+        if not holders:
             return False
-        if not same_node(current.holder, caller):
-            raise LeaseHeldElsewhere(current)
-        self._delete(key)
+        own = holders.get(caller.node_id)
+        if own is None or not same_node(own.holder, caller):
+            raise LeaseHeldElsewhere(own if own is not None else next(iter(holders.values())))
+        self._delete(key, caller.node_id)
         self.counters.released += 1
         return True
 
@@ -172,37 +216,46 @@ class LeaseTable:
         """Drop leases past their expiry; returns them."""
         gone: list[FetchLease] = []
         while self._expiry and self._expiry[0][0] <= now:
-            expires_at, key = heapq.heappop(self._expiry)
-            lease = self._leases.get(key)
+            expires_at, key, holder_id = heapq.heappop(self._expiry)
+            lease = self._leases.get(key, {}).get(holder_id)
             if lease is not None and lease.expires_at == expires_at:
-                self._delete(key)
+                self._delete(key, holder_id)
                 gone.append(lease)
         self.counters.expired += len(gone)
         return gone
 
-    def waiters(self, key: bytes) -> int:
-        """Distinct other nodes told the lease on `key` is held, since it was granted: the
-        holder learns from it that others wait for its download."""
-        return len(self._waiters.get(key, ()))
+    def waiters(self, key: bytes, holder_id: bytes | None = None) -> int:
+        """Distinct other nodes told that the holder `holder_id` of `key` (every holder of it
+        when None) is fetching, since its lease was granted: a holder learns from it that
+        others wait for its download."""
+        if holder_id is not None:
+            return len(self._waiters.get((key, holder_id), ()))
+        return sum(len(self._waiters.get((key, h), ())) for h in self._leases.get(key, {}))
 
     def held_by(self, node_id: bytes) -> int:
         """Number of leases `node_id` holds here."""
         return self._per_holder[node_id]
 
     def _put(self, key: bytes, holder: Contact, ttl: float, now: float) -> FetchLease:
-        if key not in self._leases:
+        holders = self._leases.setdefault(key, {})
+        if holder.node_id not in holders:
             self._per_holder[holder.node_id] += 1
+            self._count += 1
         lease = FetchLease(key, holder, expires_at=now + self.applied_ttl(ttl))
-        self._leases[key] = lease
-        heapq.heappush(self._expiry, (lease.expires_at, key))
+        holders[holder.node_id] = lease
+        heapq.heappush(self._expiry, (lease.expires_at, key, holder.node_id))
         return lease
 
-    def _delete(self, key: bytes) -> None:
-        lease = self._leases.pop(key)
-        self._waiters.pop(key, None)
-        self._per_holder[lease.holder.node_id] -= 1
-        if self._per_holder[lease.holder.node_id] <= 0:
-            del self._per_holder[lease.holder.node_id]
+    def _delete(self, key: bytes, holder_id: bytes) -> None:
+        holders = self._leases[key]
+        del holders[holder_id]
+        if not holders:
+            del self._leases[key]
+        self._count -= 1
+        self._waiters.pop((key, holder_id), None)
+        self._per_holder[holder_id] -= 1
+        if self._per_holder[holder_id] <= 0:
+            del self._per_holder[holder_id]
 
 
 def same_node(holder: Contact, caller: Contact) -> bool:

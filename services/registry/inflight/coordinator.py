@@ -10,7 +10,10 @@ discovery for the key's fetch lease:
   upstream body broken mid-way is resumed with a Range from the spooled offset.
 - held by another node: the caller relays from that holder (the ordinary peer relay; the holder
   advertised the digest) and asks again while the relay finds nothing yet, so a holder that died
-  or stalled, whose lease expired, is replaced by whoever asks next.
+  or stalled, whose lease expired, is replaced by whoever asks next. A blob's holder serves at
+  most ``inflight.max_waiters_per_fetch`` other nodes: past that the next asker is granted a
+  lease of its own and fetches too, so a large rollout costs a few downloads, not one holder's
+  uplink carrying every copy.
 - no lease service, no room in the spool, the back-to-source limit or an upstream failure: the
   miss stays a miss (a fast 404, containerd pulls itself, as without peermirror).
 
@@ -233,11 +236,12 @@ class Coordinator:
         self.counters.coalesced["peer"] += 1
         return spool
 
-    async def _acquire(self, key: str) -> HeldElsewhere | Unavailable | None:
-        """None when the lease on `key` is ours, else who holds it or why nobody does."""
+    async def _acquire(self, key: str, max_waiters: int = 0) -> HeldElsewhere | Unavailable | None:
+        """None when the lease on `key` is ours, else who holds it (one serving at most
+        `max_waiters` other nodes, 0: no bound) or why nobody does."""
         try:
             async with asyncio.timeout(DISCOVERY_CALL_S):
-                answer = await self.lease.acquire(key)
+                answer = await self.lease.acquire(key, max_waiters)
         except Exception as exc:
             return Unavailable(f"fetch lease not available ({type(exc).__name__}: {exc})")
         if answer.granted:
@@ -246,10 +250,12 @@ class Coordinator:
             return Unavailable("fetch lease refused without a holder")
         return HeldElsewhere(answer.holder)
 
-    async def _lease_and_slot(self, key: str) -> FetchSlot | HeldElsewhere | Unavailable:
+    async def _lease_and_slot(
+        self, key: str, max_waiters: int = 0
+    ) -> FetchSlot | HeldElsewhere | Unavailable:
         """The lease on `key` and one of this node's upstream slots, both ours now; else who
         holds the lease or why this node may not fetch (the lease is not kept then)."""
-        refused = await self._acquire(key)
+        refused = await self._acquire(key, max_waiters)
         if refused is not None:
             return refused
         slot = await self.limiter.acquire()
@@ -259,7 +265,8 @@ class Coordinator:
         return slot
 
     async def _claim_blob(self, registry: str, repository: str, digest: str) -> BlobClaim:
-        slot = await self._lease_and_slot(digest)
+        # A holder's uplink carries a copy per waiter: past the bound, this node fetches too.
+        slot = await self._lease_and_slot(digest, self.settings.section.max_waiters_per_fetch)
         if isinstance(slot, HeldElsewhere | Unavailable):
             return slot
         try:
@@ -282,8 +289,11 @@ class Coordinator:
         self.fetches[digest] = fetch
         self.counters.fetches_started += 1
         fetch.task = asyncio.create_task(self._run(fetch, body, slot), name=f"fetch {digest}")
-        # Before answering: a node told "held by us" finds us as a provider when it relays.
-        await self._call_discovery("advertise", self.advertiser.advertise, [digest])
+        if self.settings.section.max_waiters_per_fetch == 0:
+            # Before answering: any node relaying the digest finds us as a provider. With a
+            # bound on waiters the lease alone names us (discovery names a told holder first),
+            # so every waiter is one the lease counted.
+            await self._call_discovery("advertise", self.advertiser.advertise, [digest])
         log.info("fetching from upstream for the cluster", digest=digest, size=body.size)
         return Fetching(spool)
 

@@ -18,8 +18,9 @@ __all__ = ["Advertiser", "FetchLimiter", "FetchSlot", "Holder", "LeaseAnswer", "
 class LeaseClient(Protocol):
     """Fetch leases per key (a digest or a tag reference), granted by the DHT's closest nodes."""
 
-    async def acquire(self, key: str) -> LeaseAnswer:
-        """Ask for the lease on `key`; raises on transport failure."""
+    async def acquire(self, key: str, max_waiters: int = 0) -> LeaseAnswer:
+        """Ask for the lease on `key`, or for a holder serving at most `max_waiters` other
+        nodes (0: no bound); raises on transport failure."""
         ...
 
     async def renew(self, key: str) -> bool:

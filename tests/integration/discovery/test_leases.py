@@ -93,6 +93,15 @@ async def _acquire(node: DiscoveryService, name: str, ttl: int = 0) -> lpb.Acqui
     return reply
 
 
+async def _acquire_bounded(
+    node: DiscoveryService, name: str, max_waiters: int
+) -> lpb.AcquireLeaseResponse:
+    request = lpb.AcquireLeaseRequest(key=name, max_waiters=max_waiters)
+    reply = await _local(node, "AcquireLease", request)
+    assert isinstance(reply, lpb.AcquireLeaseResponse)
+    return reply
+
+
 async def _renew(node: DiscoveryService, name: str, ttl: int = 0) -> lpb.RenewLeaseResponse:
     reply = await _local(node, "RenewLease", lpb.RenewLeaseRequest(key=name, ttl_seconds=ttl))
     assert isinstance(reply, lpb.RenewLeaseResponse)
@@ -109,6 +118,23 @@ async def _status_of(call: asyncio.Future[object] | object) -> grpc.StatusCode:
     with pytest.raises(grpc.aio.AioRpcError) as failed:
         await call  # type: ignore[misc]
     return failed.value.code()
+
+
+async def test_a_bound_on_waiters_gives_the_key_a_holder_per_share_of_askers(mesh: Mesh) -> None:
+    """Blob leases asked with max_waiters=1: askers one after another get a lease, its one
+    waiter, the next lease, ...; each holder's renewal counts its own waiters only."""
+    name = _digest("bounded")
+    replies = [await _acquire_bounded(n, name, 1) for n in mesh.nodes]
+    assert [r.granted for r in replies] == [True, False, True, False, True]
+    ids = [n.engine.node_id for n in mesh.nodes]
+    assert replies[1].holder.node_id == ids[0]
+    assert replies[3].holder.node_id == ids[2]
+    # Asking again is told the same holder, not given a lease.
+    again = await _acquire_bounded(mesh.nodes[3], name, 1)
+    assert not again.granted and again.holder.node_id == ids[2]
+    assert [(await _renew(mesh.nodes[i], name)).waiters for i in (0, 2, 4)] == [1, 1, 0]
+    for i in (0, 2, 4):
+        assert await _release(mesh.nodes[i], name)
 
 
 async def test_concurrent_askers_one_granted_all_others_named_the_same_holder(mesh: Mesh) -> None:

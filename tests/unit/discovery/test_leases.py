@@ -75,6 +75,78 @@ def test_the_holder_learns_how_many_other_nodes_wait() -> None:
     assert leases.waiters(KEY) == 0
 
 
+D = contact(4)
+E = contact(5)
+
+
+def test_past_its_bound_of_waiters_a_holder_is_joined_by_another() -> None:
+    """A blob lease asked for with a bound on waiters: each holder serves at most that many
+    other nodes; the next asker past it fetches too, and later askers wait on whichever holder
+    has the fewest."""
+    leases = table()
+    assert leases.acquire(KEY, A, 0, now=0.0, max_waiters=2).granted
+    assert [leases.acquire(KEY, n, 0, now=0.0, max_waiters=2).lease.holder for n in (B, C)] == [
+        A,
+        A,
+    ]
+    second = leases.acquire(KEY, D, 0, now=0.0, max_waiters=2)
+    assert second.granted and second.lease.holder == D
+    assert leases.acquire(KEY, E, 0, now=0.0, max_waiters=2).lease.holder == D
+    assert (leases.waiters(KEY, A.node_id), leases.waiters(KEY, D.node_id)) == (2, 1)
+    assert leases.waiters(KEY) == 3
+    assert len(leases) == 2 and leases.counters.granted == 2
+
+
+def test_an_asker_is_told_the_same_holder_each_time_it_asks() -> None:
+    """A waiter asks again while its relay finds nothing yet: that must not make it a holder,
+    move it to another holder or count it as a second waiter."""
+    leases = table()
+    leases.acquire(KEY, A, 0, now=0.0, max_waiters=1)
+    assert leases.acquire(KEY, B, 0, now=0.0, max_waiters=1).lease.holder == A
+    assert leases.acquire(KEY, C, 0, now=0.0, max_waiters=1).granted
+    for _ in range(3):
+        again = leases.acquire(KEY, B, 0, now=1.0, max_waiters=1)
+        assert not again.granted and again.lease.holder == A
+    assert leases.waiters(KEY, A.node_id) == 1
+
+
+def test_without_a_bound_one_holder_serves_every_asker() -> None:
+    leases = table()
+    leases.acquire(KEY, A, 0, now=0.0)
+    for asker in (B, C, D, E):
+        assert leases.acquire(KEY, asker, 0, now=0.0, max_waiters=0).lease.holder == A
+    assert len(leases) == 1 and leases.waiters(KEY, A.node_id) == 4
+
+
+def test_each_holder_of_a_key_renews_releases_and_expires_alone() -> None:
+    leases = table()
+    leases.acquire(KEY, A, 5, now=0.0, max_waiters=1)
+    leases.acquire(KEY, B, 5, now=0.0, max_waiters=1)
+    leases.acquire(KEY, C, 5, now=0.0, max_waiters=1)
+    assert leases.acquire(KEY, D, 5, now=0.0, max_waiters=1).lease.holder == C
+    assert leases.renew(KEY, C, 30, now=1.0).holder == C
+    with pytest.raises(LeaseHeldElsewhere):
+        leases.renew(KEY, D, 5, now=1.0)
+    assert leases.release(KEY, A, now=2.0)
+    oldest = leases.get(KEY, now=2.0)
+    assert oldest is not None and oldest.holder == C
+    # A's waiter lost its holder: it is sent to one with room or fetches itself.
+    assert leases.acquire(KEY, B, 5, now=2.0, max_waiters=1).granted
+    assert [lease.holder for lease in leases.expire(now=10.0)] == [B]
+    assert leases.lease_of(KEY, C.node_id, now=10.0) is not None
+    assert leases.held_by(C.node_id) == 1 and len(leases) == 1
+
+
+def test_a_node_id_holding_a_lease_is_never_given_a_second_one() -> None:
+    leases = table()
+    leases.acquire(KEY, A, 0, now=0.0, max_waiters=1)
+    leases.acquire(KEY, B, 0, now=0.0, max_waiters=1)
+    impostor = contact(1, address="10.9.9.9")
+    answer = leases.acquire(KEY, impostor, 0, now=0.0, max_waiters=1)
+    assert not answer.granted and answer.lease.holder == A
+    assert len(leases) == 1
+
+
 def test_the_holder_asking_again_keeps_its_lease_with_a_fresh_ttl() -> None:
     leases = table()
     leases.acquire(KEY, A, 5, now=0.0)

@@ -275,6 +275,27 @@ async def test_concurrent_tag_resolutions_cost_one_upstream_request(tmp_path: Pa
     await b.close()
 
 
+async def test_blob_leases_bound_each_holders_waiters_manifest_leases_do_not(
+    tmp_path: Path,
+) -> None:
+    """A blob's lease is asked for with inflight.max_waiters_per_fetch (a holder's uplink
+    carries a copy per waiter); a manifest's with no bound (one upstream request per
+    reference, whatever the cluster's size). Without a bound (the default) the blob in flight
+    is advertised (tests/integration/inflight/test_inflight_serving.py)."""
+    upstream = FakeUpstream(manifests={"1.0": MANIFEST})
+    digest = upstream.add_blob(BLOB)
+    table = LeaseTable()
+    node, advertiser = _node(tmp_path, table, NODE_A, upstream, max_waiters_per_fetch=3)
+    assert isinstance(await node.claim_blob(REGISTRY, REPO, digest), Fetching)
+    assert await node.claim_manifest(REGISTRY, REPO, "1.0", TAG_KEY) == MANIFEST
+    assert table.bounds == [(digest, 3), (TAG_KEY, 0), (MANIFEST.digest, 0)]
+    # The blob in flight is not advertised: only the lease names its holder, so every node
+    # relaying from it is one the lease counted against the bound.
+    assert digest not in advertiser.advertised
+    assert set(advertiser.advertised) == {TAG_KEY, MANIFEST.digest}
+    await node.close()
+
+
 async def test_tags_are_never_cached_beyond_the_window(tmp_path: Path) -> None:
     upstream = FakeUpstream(manifests={"1.0": MANIFEST})
     table = LeaseTable()

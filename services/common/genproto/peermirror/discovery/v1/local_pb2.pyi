@@ -409,21 +409,28 @@ class AcquireLeaseRequest(_message.Message):
 
     KEY_FIELD_NUMBER: _builtins.int
     TTL_SECONDS_FIELD_NUMBER: _builtins.int
+    MAX_WAITERS_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     """Key string (digest or tag reference) of the content to fetch."""
     ttl_seconds: _builtins.int
     """Seconds the lease lasts unless renewed; 0 means discovery.lease_ttl. At most
     discovery.max_lease_ttl.
     """
+    max_waiters: _builtins.int
+    """At most this many other nodes are told one holder fetches the content; past it the asker
+    gets a lease of its own (a key then has several holders, each serving its share). 0 means
+    no bound: one holder for every asker.
+    """
     def __init__(
         self,
         *,
         key: _builtins.str = ...,
         ttl_seconds: _builtins.int = ...,
+        max_waiters: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "max_waiters", b"max_waiters", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

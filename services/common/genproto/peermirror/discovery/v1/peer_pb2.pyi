@@ -434,8 +434,13 @@ class PeerLeaseRequest(_message.Message):
     SENDER_FIELD_NUMBER: _builtins.int
     KEY_FIELD_NUMBER: _builtins.int
     TTL_FIELD_NUMBER: _builtins.int
+    MAX_WAITERS_FIELD_NUMBER: _builtins.int
     key: _builtins.bytes
     """The 256-bit DHT key (32 bytes) of the content to fetch (as in GetProvidersRequest)."""
+    max_waiters: _builtins.int
+    """AcquireLease: at most this many other nodes are told one holder fetches the content; past
+    it the caller gets a lease of its own. 0 means no bound. Ignored by RenewLease.
+    """
     @_builtins.property
     def sender(self) -> Global___SenderInfo:
         """The caller, who is to hold the lease."""
@@ -452,10 +457,11 @@ class PeerLeaseRequest(_message.Message):
         sender: Global___SenderInfo | None = ...,
         key: _builtins.bytes = ...,
         ttl: _duration_pb2.Duration | None = ...,
+        max_waiters: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["sender", b"sender", "ttl", b"ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "sender", b"sender", "ttl", b"ttl"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "max_waiters", b"max_waiters", "sender", b"sender", "ttl", b"ttl"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
