@@ -469,10 +469,6 @@ def install_sigterm(
     return remove
 
 
-def _ignore_late_signal(sig: signal.Signals) -> None:
-    _log.info("stop signal ignored: already stopped", signal=sig.name)
-
-
 async def run_until_signal(
     on_stop: Callable[[], Awaitable[None]],
     *,
@@ -516,8 +512,13 @@ async def run_until_signal(
         # Later stop signals are ignored until the loop closes, not given back their default
         # (fatal) action: a SIGKILLed node's children can be sent their parent-death SIGTERM
         # more than once (once per exiting thread of the node), and a second one must not kill
-        # a service in its last steps, before it has said it stopped.
-        install_sigterm(loop, _ignore_late_signal, installed)
+        # a service in its last steps, before it has said it stopped. Ignored by the kernel,
+        # not by an asyncio handler: the loop's close() closes its wakeup socket before it
+        # removes its signal handlers, and a signal in between made CPython print "Exception
+        # ignored when trying to write to the signal wakeup fd" (EBADF) on the service's
+        # stderr. close() still restores the default actions at the end.
+        for late in installed:
+            signal.signal(late, signal.SIG_IGN)
         if work_task is not None and not work_task.done():
             work_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
