@@ -828,6 +828,12 @@ class Mesh:
         self.hosts.append(host)
         return host
 
+    def limit_ingress(self, host: NetnsHost, mbit: float) -> None:
+        """Hold what `host` receives to `mbit` Mbit/s: the bridge's end of its veth sends at
+        most that (with `host.limit_egress`, a link of that speed both ways); deleting the
+        veth at close removes it."""
+        netns.run(netns.shaping_argv(mbit, iface=self._lease().names.veth(host.index)))
+
     # -- CPU ------------------------------------------------------------------------------------
 
     def cap_cpu(self, cpus: float | None) -> dict[str, CpuCgroup]:
