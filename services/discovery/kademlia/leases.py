@@ -127,7 +127,7 @@ class LeaseTable:
         """The oldest live lease on `key`, if any."""
         self.expire(now)
         holders = self._leases.get(key)
-        return next(iter(holders.values())) if holders else None
+        return _oldest(holders) if holders else None
 
     def lease_of(self, key: bytes, node_id: bytes, now: float) -> FetchLease | None:
         """The live lease `node_id` holds on `key`, if any."""
@@ -192,9 +192,7 @@ class LeaseTable:
         holders = self._leases.get(key)
         if not holders:
             raise NoLease()
-        own = holders.get(caller.node_id)
-        if own is None or not same_node(own.holder, caller):
-            raise LeaseHeldElsewhere(own if own is not None else next(iter(holders.values())))
+        _own_lease(holders, caller)
         self.counters.renewed += 1
         return self._put(key, caller, ttl, now)
 
@@ -205,9 +203,7 @@ class LeaseTable:
         holders = self._leases.get(key)
         if not holders:
             return False
-        own = holders.get(caller.node_id)
-        if own is None or not same_node(own.holder, caller):
-            raise LeaseHeldElsewhere(own if own is not None else next(iter(holders.values())))
+        _own_lease(holders, caller)
         self._delete(key, caller.node_id)
         self.counters.released += 1
         return True
@@ -256,6 +252,20 @@ class LeaseTable:
         self._per_holder[holder_id] -= 1
         if self._per_holder[holder_id] <= 0:
             del self._per_holder[holder_id]
+
+
+def _oldest(holders: dict[bytes, FetchLease]) -> FetchLease:
+    """The first granted of a key's (non-empty) leases."""
+    return next(iter(holders.values()))
+
+
+def _own_lease(holders: dict[bytes, FetchLease], caller: Contact) -> FetchLease:
+    """`caller`'s lease among a key's (non-empty) `holders`; LeaseHeldElsewhere naming the
+    lease of its node ID from another address, else the oldest, when it holds none."""
+    own = holders.get(caller.node_id)
+    if own is None or not same_node(own.holder, caller):
+        raise LeaseHeldElsewhere(own if own is not None else _oldest(holders))
+    return own
 
 
 def same_node(holder: Contact, caller: Contact) -> bool:
