@@ -306,38 +306,22 @@ async def test_a_peer_asking_for_a_manifest_being_fetched_waits_for_it(node: Nod
     assert node.upstream.requests == [(f"/v2/{REPO}/manifests/1.0", None)]
 
 
-async def test_a_peer_asking_for_a_manifest_another_node_fetches_is_a_miss(
-    tmp_path: Path,
-) -> None:
+async def test_a_peer_asking_for_a_manifest_another_node_fetches_is_a_miss(node: Node) -> None:
     """Only a fetch this node runs is waited for: a manifest another node holds the lease on
     (this node is itself waiting) is a plain miss for a peer."""
-    async with serve_slow_upstream(SlowUpstream()) as upstream:
-        upstream.manifests["1.0"] = (MANIFEST_TYPE, MANIFEST_BODY)
-        client = SlowUpstreamClient(upstream.port)
-        leases = LeaseTable()
-        # Another node holds the tag's lease: this node's claim turns into HeldElsewhere.
-        await leases.client(Holder("127.0.0.9", 1)).acquire(f"{NS}/{REPO}:1.0")
-        coordinator = Coordinator(
-            InflightSettings(InflightSection(stall_timeout=20, holder_wait=2.0)),
-            SpoolPool(tmp_path / "spool", 64 * MiB, grace_s=60),
-            leases.client(Holder("127.0.0.1", 0)),
-            client,
-            FakeRouter(),
-        )
-        store = OciLayoutStore(tmp_path / "layout", create=True)
-        try:
-            async with serve_registry(store, tmp_path, inflight=coordinator) as registry:
-                base = f"{registry.url}/v2/{REPO}/manifests"
-                async with aiohttp.ClientSession(timeout=CLIENT_TIMEOUT) as session:
-                    local = asyncio.create_task(_get(session, f"{base}/1.0?ns={NS}", {}))
-                    status, _, _ = await _get(session, f"{base}/1.0?ns={NS}", PEER)
-                    assert status == 404
-                    local_status, _, _ = await local
-        finally:
-            await client.close()
-            await store.close()
+    node.upstream.manifests["1.0"] = (MANIFEST_TYPE, MANIFEST_BODY)
+    # Another node holds the tag's lease: this node's claim turns into HeldElsewhere, and its
+    # own client gets its 404 after a short wait for that holder.
+    await node.leases.client(Holder("127.0.0.9", 1)).acquire(f"{NS}/{REPO}:1.0")
+    node.coordinator.settings = InflightSettings(InflightSection(stall_timeout=20, holder_wait=2))
+    base = f"{node.registry.url}/v2/{REPO}/manifests"
+    async with aiohttp.ClientSession(timeout=CLIENT_TIMEOUT) as session:
+        local = asyncio.create_task(_get(session, f"{base}/1.0?ns={NS}", {}))
+        status, _, _ = await _get(session, f"{base}/1.0?ns={NS}", PEER)
+        assert status == 404
+        local_status, _, _ = await local
     assert local_status == 404
-    assert upstream.requests == []
+    assert node.upstream.requests == []
 
 
 async def test_holder_lost_mid_fetch_the_waiter_takes_over(tmp_path: Path) -> None:
