@@ -31,12 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench import guest_memory
-from bench.first_pull import LAYERS, TIMINGS, timed_pulls, warm_gib
+from bench.first_pull import LAYERS, TIMINGS, new_image_pulled, warm_gib
 from bench.root_run import run_as_root
 from tests.harness.first_pull_wave import (
     Upstream,
-    image_bytes,
-    push_new_image,
     start_counted_upstream,
 )
 from tests.harness.mesh import Mesh
@@ -54,7 +52,7 @@ class Wave:
 
 
 def _prepared(mesh: Mesh, node_mbit: float) -> Upstream:
-    """The mesh's counted upstream, every node's egress held to `node_mbit`."""
+    """The mesh's counted upstream, every node's link held to `node_mbit` both ways."""
     upstream = start_counted_upstream(mesh)
     for node in mesh.nodes:
         node.limit_egress(node_mbit)
@@ -64,11 +62,10 @@ def _prepared(mesh: Mesh, node_mbit: float) -> Upstream:
 
 
 def _wave(label: str, mesh: Mesh, upstream: Upstream, image_mib: int, scratch: Path) -> Wave:
-    image = push_new_image(upstream, scratch, label, layer_size=image_mib * MIB // LAYERS)
-    before = upstream.sent.read()
-    guest_memory.touch(warm_gib(len(mesh.nodes), image_mib / 1024))
-    pulls = timed_pulls(mesh, mesh.nodes, image.name)
-    sent = (upstream.sent.read() - before) / image_bytes(image)
+    warm = warm_gib(len(mesh.nodes), image_mib / 1024)
+    pulls, _, sent = new_image_pulled(
+        mesh, mesh.nodes, upstream, scratch / label, image_mib * MIB // LAYERS, warm
+    )
     return Wave(label, statistics.median(pulls.seconds), sent)
 
 
@@ -88,15 +85,15 @@ def run(nodes: int, bound: int, node_mbit: float, image_mib: int) -> list[Wave]:
             upstream = _prepared(mesh, node_mbit)
             for node in mesh.nodes:
                 node.stop_service("registry")
-            waves.append(_wave("without", mesh, upstream, image_mib, scratch / "without"))
+            waves.append(_wave("without", mesh, upstream, image_mib, scratch))
             for node in mesh.nodes:
                 node.start_service("registry")
             mesh.regroup()
-            waves.append(_wave("unbounded", mesh, upstream, image_mib, scratch / "unbounded"))
+            waves.append(_wave("unbounded", mesh, upstream, image_mib, scratch))
         bounded = {**TIMINGS, "inflight": {"max_waiters_per_fetch": bound}}
         with Mesh(nodes, overrides=bounded) as mesh:
             upstream = _prepared(mesh, node_mbit)
-            waves.append(_wave(f"bound{bound}", mesh, upstream, image_mib, scratch / "bounded"))
+            waves.append(_wave(f"bound{bound}", mesh, upstream, image_mib, scratch))
     return waves
 
 

@@ -129,6 +129,25 @@ def timed_pulls(mesh: Mesh, nodes: Sequence[MeshNode], ref: str) -> Pulls:
     return Pulls([o.seconds for o in outcomes], machine_cpu, node_cpu, service_cpu)
 
 
+def new_image_pulled(
+    mesh: Mesh,
+    nodes: Sequence[MeshNode],
+    upstream: Upstream,
+    scratch: Path,
+    layer_size: int,
+    warm: float,
+) -> tuple[Pulls, int, float]:
+    """A new image pushed to the upstream and pulled by `nodes` at once, `warm` GiB of memory
+    touched first: the pulls, the image's bytes, and what the upstream sent for them in
+    images."""
+    image = push_new_image(upstream, scratch, scratch.name, layer_size=layer_size)
+    size = image_bytes(image)
+    before = upstream.sent.read()
+    guest_memory.touch(warm)
+    pulls = timed_pulls(mesh, nodes, image.name)
+    return pulls, size, (upstream.sent.read() - before) / size
+
+
 def alone_from_upstream(
     mesh: Mesh, upstream: Upstream, scratch: Path, layer_size: int, warm: float
 ) -> Pulls:
@@ -203,13 +222,9 @@ def run(
             warm = warm_gib(wave, size_mib / 1024)
             alone = alone_from_upstream(mesh, upstream, scratch / f"alone{wave}", layer_size, warm)
             baseline = alone.seconds[0]
-            image = push_new_image(
-                upstream, scratch / f"wave{wave}", f"wave{wave}", layer_size=layer_size
+            pulls, size, sent = new_image_pulled(
+                mesh, mesh.nodes[:wave], upstream, scratch / f"wave{wave}", layer_size, warm
             )
-            before = upstream.sent.read()
-            guest_memory.touch(warm)
-            pulls = timed_pulls(mesh, mesh.nodes[:wave], image.name)
-            sent = (upstream.sent.read() - before) / image_bytes(image)
             ratio = statistics.median(pulls.seconds) / baseline
             node_ratio = statistics.median(pulls.node_cpu) / alone.node_cpu[0]
             print(
@@ -230,7 +245,7 @@ def run(
                 f"{', '.join(f'{c:.1f}' for c in pulls.node_cpu)} CPU-s, median "
                 f"{node_ratio:.2f}x the lone node's"
             )
-            gigabytes = image_bytes(image) / 1e9
+            gigabytes = size / 1e9
             for label, of, nodes_in in (("the wave", pulls, wave), ("the lone node", alone, 1)):
                 print(
                     f"     CPU-s per GB of image per node, {label}: "
