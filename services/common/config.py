@@ -284,7 +284,9 @@ class RegistrySection:
     # every byte, so only a rate over a window of time tells it apart from a slow network.
     rate_window: float = _key(
         0.5,
-        "seconds over which a relayed body's rate from one peer is measured and judged",
+        "seconds over which a relayed body's rate from one peer is measured and judged (with "
+        "another provider's rate known, a peer is first judged after a fifth of it, under a "
+        "quarter of slow_peer_ratio)",
         check=_check_positive,
     )
     min_peer_rate: float = _key(

@@ -11,7 +11,8 @@ finish the response. Every rule of the relay lives here and is tested without so
   hashes to its digest (so a body, or a 206 cut from one, is never completed unless right);
 - a peer that fails, ends early, sends nothing for the stall timeout, takes longer than the
   attempt deadline, sends slower than the floor, or far slower than the fastest rate seen from
-  another provider is left, and the rest of the blob is asked for by Range from the next peer;
+  another provider (judged early, after a fifth of the rate window, when that is known) is
+  left, and the rest of the blob is asked for by Range from the next peer;
   slow peers are ranked down, never quarantined (slowness proves nothing);
 - a body that does not hash to its digest is never completed; a peer is quarantined only on
   proof: the body came from it alone, or a second full read shows which span was wrong.
@@ -38,6 +39,13 @@ from services.registry.ranges import ByteRange
 Chunk = bytes | memoryview
 # A transfer shorter than this says little about a peer's rate (slow start, scheduling).
 MIN_RATE_BYTES = 256 * 1024
+# With another provider's rate known, an attempt is first judged after this share of the rate
+# window: a congested link must not hold a pull for a whole window when a fast peer could take
+# over (with 0.5 s windows that was most of a 256 MiB relay's clean time). So short a span is
+# noisy (slow start, a scheduling hiccup), so its test is stricter: under this share of the
+# window's ratio of the other provider's rate.
+EARLY_SHARE = 0.2
+EARLY_STRICTNESS = 0.25
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,7 +290,7 @@ class BlobRelay:
             )
         elapsed = now - self._rate_since
         if elapsed < policy.rate_window:
-            return []
+            return self._early_judgement(elapsed, now)
         rate = (self.offset - self._rate_offset) / elapsed
         self._rate_since, self._rate_offset = now, self.offset
         if rate < policy.min_peer_rate:
@@ -308,6 +316,9 @@ class BlobRelay:
             self._attempt_start + policy.peer_attempt_timeout,
             self._rate_since + policy.rate_window,
         )
+        early = self._early_due()
+        if early is not None and early > now:
+            due = min(due, early)
         return max(0.0, due - now)
 
     def ended(self, now: float) -> list[Action]:
@@ -331,6 +342,28 @@ class BlobRelay:
     def _require(self, condition: bool, event: str) -> None:
         if not condition:
             raise RuntimeError(f"relay event {event!r} out of order")
+
+    def _early_due(self) -> float | None:
+        """When the attempt's early judgement may come (None: there is none: no other
+        provider's rate is known, or the attempt's first window is over)."""
+        if self._reference is None or self._rate_since != self._attempt_start:
+            return None
+        return self._attempt_start + EARLY_SHARE * self.policy.rate_window
+
+    def _early_judgement(self, elapsed: float, now: float) -> list[Action]:
+        early = self._early_due()
+        if early is None or now < early or self._reference is None:
+            return []
+        rate = (self.offset - self._rate_offset) / elapsed
+        threshold = EARLY_STRICTNESS * self.policy.slow_peer_ratio * self._reference
+        if rate >= threshold:
+            return []
+        return self._leave_slow(
+            f"sent {rate:.0f} B/s in its first {elapsed:.2g} s, under {threshold:.0f} B/s "
+            f"(another provider sends {self._reference:.0f} B/s)",
+            rate,
+            now,
+        )
 
     def _attempt_rate(self, now: float) -> float:
         elapsed = now - self._attempt_start

@@ -132,6 +132,43 @@ def test_a_peer_far_slower_than_another_provider_is_left() -> None:
     assert isinstance(actions[2], Resume)
 
 
+def test_a_congested_peer_is_left_early_when_another_provider_is_known() -> None:
+    # A link 100x slower than another provider's must not hold the pull for a whole window:
+    # it is judged after a fifth of it (here 0.2 s of the 1 s window).
+    relay = _relay()
+    relay.begin(A, 0.0, reference_rate=100e6)
+    assert relay.next_check(0.0) == pytest.approx(0.2)
+    actions = relay.received(BLOB[:10_000], 0.19)
+    assert actions == [Send(BLOB[:10_000])]  # too early to judge
+    actions = relay.tick(0.2)  # 50 kB/s against 100 MB/s
+    assert isinstance(actions[0], RankDown)
+    assert "first 0.2 s" in actions[0].reason
+    assert actions[1] == Resume(10_000, len(BLOB) - 1, actions[0].reason)
+
+
+def test_the_early_judgement_is_stricter_and_needs_a_known_provider() -> None:
+    # At a tenth of the reference (under the window's ratio of 0.2, over the early test's
+    # 0.05) the peer keeps its whole first window; the window's own test then leaves it.
+    relay = _relay()
+    relay.begin(A, 0.0, reference_rate=1e6)
+    assert relay.received(BLOB[:20_000], 0.2) == [Send(BLOB[:20_000])]
+    assert relay.next_check(0.2) == pytest.approx(0.8)
+    actions = relay.received(BLOB[20_000:100_000], 1.0)
+    assert isinstance(actions[1], RankDown)
+    assert "another provider" in actions[1].reason
+    # With no other provider known only the floor applies, once a window is over.
+    alone = _relay()
+    alone.begin(A, 0.0)
+    assert alone.next_check(0.0) == pytest.approx(1.0)
+    assert alone.received(BLOB[:2_000], 0.5) == [Send(BLOB[:2_000])]
+    # After the first window the early test is not repeated: the window's rule governs.
+    later = _relay()
+    later.begin(A, 0.0, reference_rate=1e6)
+    later.received(BLOB[:300_000], 1.0)  # kept pace
+    assert later.next_check(1.0) == pytest.approx(1.0)
+    assert later.received(BLOB[300_000:300_010], 1.3) == [Send(BLOB[300_000:300_010])]
+
+
 def test_a_peer_keeping_pace_gets_rate_samples_not_judgements() -> None:
     relay = _relay()
     relay.begin(A, 0.0, reference_rate=100_000.0)
