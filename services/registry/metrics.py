@@ -44,7 +44,8 @@ def source_label(from_peer: bool) -> str:
 
 
 class MirrorMetrics:
-    """What the mirror path reports: peer latencies, resolve times, hedges, quarantines."""
+    """What the mirror path reports: peer latencies, resolve times, hedges, quarantines, resumes
+    and slow peers."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.peer_fetch = Histogram(
@@ -71,6 +72,20 @@ class MirrorMetrics:
             "Times a peer was quarantined for sending content that did not match its digest",
             registry=registry,
         )
+        self.resumes = Counter(
+            f"{PREFIX}_relay_resumes",
+            "Relayed blob bodies continued from another peer by Range (their peer failed, "
+            "stalled, ended early or was left for being slow)",
+            registry=registry,
+        )
+        self.rank_downs = Counter(
+            f"{PREFIX}_peer_rank_downs",
+            "Peers a relay left for being slow, by rule: floor (min_peer_rate), ratio "
+            "(slow_peer_ratio of another provider), early (its early test), deadline "
+            "(peer_attempt_timeout)",
+            ["rule"],
+            registry=registry,
+        )
 
     def peer_fetched(self, kind: str, seconds: float, ok: bool) -> None:
         self.peer_fetch.labels(kind=kind, result="ok" if ok else "error").observe(seconds)
@@ -83,6 +98,12 @@ class MirrorMetrics:
 
     def peer_quarantined(self) -> None:
         self.quarantines.inc()
+
+    def relay_resumed(self) -> None:
+        self.resumes.inc()
+
+    def peer_ranked_down(self, rule: str) -> None:
+        self.rank_downs.labels(rule=rule).inc()
 
 
 class _LiveCollector(Collector):

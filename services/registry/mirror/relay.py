@@ -678,6 +678,8 @@ class _BodyRelay:
                     except OciError as miss:
                         actions = blob.exhausted(miss.message)
                         continue
+                    if self.mirror.metrics is not None:
+                        self.mirror.metrics.relay_resumed()
                     log.info(
                         "blob relay resumed",
                         digest=blob.digest,
@@ -804,8 +806,10 @@ class _BodyRelay:
                     resume = action
                 case core.RecordRate(peer, rate):
                     mirror.book.observe_rate(peer, rate)
-                case core.RankDown(peer, rate, reason):
+                case core.RankDown(peer, rate, reason, rule):
                     mirror.book.rank_down(peer, rate)
+                    if mirror.metrics is not None:
+                        mirror.metrics.peer_ranked_down(rule)
                     log.info("slow peer ranked down", peer=str(peer), reason=reason)
                 case core.QuarantinePeer(peer, reason):
                     mirror.quarantine_peer(peer, reason)

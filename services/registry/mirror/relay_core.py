@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 from services.common.config import RegistrySection
 from services.common.oci.grammar import GrammarError, parse_digest
@@ -82,13 +83,20 @@ class Resume:
     reason: str
 
 
+# Which rule found a peer slow: under the floor (min_peer_rate), under slow_peer_ratio of another
+# provider over a window or at the early test, or past the attempt deadline.
+SlowRule = Literal["floor", "ratio", "early", "deadline"]
+
+
 @dataclass(frozen=True, slots=True)
 class RankDown:
-    """`peer` is slow: ask it after the others from now on (it is not to blame otherwise)."""
+    """`peer` is slow by `rule`: ask it after the others from now on (it is not to blame
+    otherwise)."""
 
     peer: Peer
     rate: float
     reason: str
+    rule: SlowRule
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,7 +294,10 @@ class BlobRelay:
             return self._leave(f"sent no body bytes for {policy.peer_timeout:g} s", now)
         if now - self._attempt_start >= policy.peer_attempt_timeout:
             return self._leave_slow(
-                f"took over {policy.peer_attempt_timeout:g} s", self._attempt_rate(now), now
+                "deadline",
+                f"took over {policy.peer_attempt_timeout:g} s",
+                self._attempt_rate(now),
+                now,
             )
         elapsed = now - self._rate_since
         if elapsed < policy.rate_window:
@@ -295,11 +306,15 @@ class BlobRelay:
         self._rate_since, self._rate_offset = now, self.offset
         if rate < policy.min_peer_rate:
             return self._leave_slow(
-                f"sent {rate:.0f} B/s, below the floor of {policy.min_peer_rate:.0f} B/s", rate, now
+                "floor",
+                f"sent {rate:.0f} B/s, below the floor of {policy.min_peer_rate:.0f} B/s",
+                rate,
+                now,
             )
         reference = self._reference
         if reference is not None and rate < policy.slow_peer_ratio * reference:
             return self._leave_slow(
+                "ratio",
                 f"sent {rate:.0f} B/s, under {policy.slow_peer_ratio:g} of another provider's "
                 f"{reference:.0f} B/s",
                 rate,
@@ -359,6 +374,7 @@ class BlobRelay:
         if rate >= threshold:
             return []
         return self._leave_slow(
+            "early",
             f"sent {rate:.0f} B/s in its first {elapsed:.2g} s, under {threshold:.0f} B/s "
             f"(another provider sends {self._reference:.0f} B/s)",
             rate,
@@ -387,11 +403,11 @@ class BlobRelay:
         actions = self._close_span(now)
         return [*actions, Resume(self.offset, self.size - 1, reason)]
 
-    def _leave_slow(self, reason: str, rate: float, now: float) -> list[Action]:
+    def _leave_slow(self, rule: SlowRule, reason: str, rate: float, now: float) -> list[Action]:
         peer = self.peer
         assert peer is not None
         self._close_span(now)  # a slow peer's rate is the RankDown's, not a sample
-        return [RankDown(peer, rate, reason), Resume(self.offset, self.size - 1, reason)]
+        return [RankDown(peer, rate, reason, rule), Resume(self.offset, self.size - 1, reason)]
 
     def _verdict(self) -> list[Action]:
         self.done = True

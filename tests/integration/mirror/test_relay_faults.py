@@ -12,6 +12,7 @@ import aiohttp
 
 from services.registry.headers import DIGEST_HEADER
 from services.registry.mirror.relay import Mirror
+from tests.harness.metrics_scrape import Samples
 from tests.harness.registry_inproc import RunningRegistry
 from tests.harness.wait import wait_until
 from tests.integration.mirror.conftest import SETTLE_S, Cluster
@@ -24,6 +25,12 @@ QUIET: dict[str, Any] = {
     "rate_window": 0.3,
 }
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+
+
+async def _metrics(cluster: Cluster, node: RunningRegistry) -> Samples:
+    async with cluster.session.get(f"{node.url}/metrics") as resp:
+        assert resp.status == 200
+        return Samples.parse(await resp.text())
 
 
 def _mirror(node: RunningRegistry) -> Mirror:
@@ -45,6 +52,11 @@ async def test_a_drip_feeding_peer_is_left_for_the_next_one_by_range(cluster: Cl
         start = int(good.requests[0].headers["range"].removeprefix("bytes=").split("-")[0])
         assert 100_000 <= start < 100_100
         assert not cluster.quarantined(node, drip)
+        # Operators see it: one resume, one peer left for sending under the floor.
+        metrics = await _metrics(cluster, node)
+        assert metrics.value("peermirror_relay_resumes_total") == 1
+        assert metrics.value("peermirror_peer_rank_downs_total", rule="floor") == 1
+        assert metrics.value("peermirror_peer_rank_downs_total") == 1
         mirror = _mirror(node)
         assert mirror.book.choose(mirror.book.known()) != next(
             p for p in mirror.book.known() if p.port == drip.port
@@ -87,6 +99,10 @@ async def test_a_peer_far_slower_than_the_others_is_left_by_range(cluster: Clust
         assert slow.requests and "range" not in slow.requests[0].headers
         assert fast.requests[-1].headers["range"].startswith("bytes=")
         assert not cluster.quarantined(node, slow)
+        # Left at the early test (a fifth of the window), well before the 3 s it needed.
+        metrics = await _metrics(cluster, node)
+        assert metrics.value("peermirror_peer_rank_downs_total", rule="early") == 1
+        assert metrics.value("peermirror_relay_resumes_total") == 1
 
 
 async def test_a_framing_peer_cannot_get_an_honest_one_quarantined(cluster: Cluster) -> None:

@@ -114,6 +114,7 @@ def test_a_drip_feeding_peer_is_ranked_down_and_left_at_its_offset() -> None:
     assert len(slow) == 1
     assert slow[0].peer == A
     assert "below the floor" in slow[0].reason
+    assert slow[0].rule == "floor"
     resume = actions[-1]
     assert isinstance(resume, Resume)
     assert resume.start == relay.offset
@@ -129,6 +130,7 @@ def test_a_peer_far_slower_than_another_provider_is_left() -> None:
     assert isinstance(actions[0], Send)
     assert isinstance(actions[1], RankDown)
     assert "another provider" in actions[1].reason
+    assert actions[1].rule == "ratio"
     assert isinstance(actions[2], Resume)
 
 
@@ -143,6 +145,7 @@ def test_a_congested_peer_is_left_early_when_another_provider_is_known() -> None
     actions = relay.tick(0.2)  # 50 kB/s against 100 MB/s
     assert isinstance(actions[0], RankDown)
     assert "first 0.2 s" in actions[0].reason
+    assert actions[0].rule == "early"
     assert actions[1] == Resume(10_000, len(BLOB) - 1, actions[0].reason)
 
 
@@ -189,6 +192,7 @@ def test_the_attempt_deadline_leaves_even_a_steady_peer() -> None:
     actions = relay.tick(3.0)
     assert isinstance(actions[0], RankDown)
     assert "took over 3 s" in actions[0].reason
+    assert actions[0].rule == "deadline"
     assert actions[1] == Resume(relay.offset, len(BLOB) - 1, actions[0].reason)
 
 
