@@ -9,6 +9,7 @@ fills in what it knows of itself when its own node-local listeners are not reach
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from collections.abc import Sequence
@@ -27,6 +28,8 @@ from services.common.status.report import build_report, state_of
 from services.common.store.protocol import ImageRecord
 from services.registry.context import RegistryContext
 from services.registry.inflight.coordinator import Coordinator
+from services.registry.mirror.hedging import PeerBook
+from services.registry.mirror.quarantine import Quarantine
 from services.registry.status_view import (
     THIS_NODE,
     ImageRow,
@@ -88,6 +91,33 @@ def ask_discovery(
     return peers, providers
 
 
+def with_relay_state(
+    rows: Sequence[PeerRow], book: PeerBook, quarantine: Quarantine[str]
+) -> list[PeerRow]:
+    """`rows` with what this node's relays know of each peer, matched by node ID (or registry
+    address): quarantined, slow (with the rate it was left at), ok (with its smoothed body rate
+    while the book still believes it, and header latency), or unused."""
+    shown = []
+    for row in rows:
+        known = [
+            p
+            for p in book.known()
+            if (row.node_id and p.node_id == row.node_id) or str(p) == row.registry
+        ]
+        record = book.record(known[-1]) if known else None  # the most recently used
+        if record is None:
+            state, rate = "unused", None
+        elif record.slow:
+            state, rate = "slow", record.rate
+        else:
+            state, rate = "ok", book.rate(known[-1])
+        if any(p.identity in quarantine for p in known) or f"node:{row.node_id}" in quarantine:
+            state = "quarantined"
+        latency = None if record is None else record.latency
+        shown.append(dataclasses.replace(row, relay=state, body_rate=rate, header_latency=latency))
+    return shown
+
+
 def image_rows(images: Sequence[ImageRecord], providers: dict[str, list[str]]) -> list[ImageRow]:
     """One row per image (by name), this node first in each node list."""
     return [
@@ -147,6 +177,9 @@ async def gather(ctx: RegistryContext) -> StatusData:
         asyncio.to_thread(_observe_with_self, ctx, ctx.cfg),
         asyncio.to_thread(ask_discovery, ctx.cfg.discovery.local_address, names),
     )
+    mirror = ctx.mirror
+    if peers is not None and mirror is not None:
+        peers = with_relay_state(peers, mirror.book, mirror.quarantine)
     return StatusData(
         report=report,
         now=time.time(),

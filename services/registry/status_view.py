@@ -8,7 +8,11 @@ air-gapped node, and every text taken from the data is escaped.
 The JSON document, schema version 1: every key of the `peermirror status --json` report, plus::
 
     "peer_list": [{"node_id": str, "registry": str, "discovery_port": int,
-                   "last_seen_seconds_ago": float | null}] | null,   # null: discovery not asked
+                   "last_seen_seconds_ago": float | null,
+                   # this node's relays from the peer: ok, slow (left for a slow body, asked
+                   # after the others), quarantined (sent wrong bytes), unused (none lately)
+                   "relay": str, "body_rate_bytes_per_second": float | null,
+                   "header_latency_seconds": float | null}] | null,   # null: discovery not asked
     "images": [{"name": str, "digest": str, "nodes": [str]}] | null, # null: store not open
     "recent_pulls": [{"seconds_ago": float, "ref": str, "kind": str, "result": str,
                       "client": "local" | "peer", "source": str, "bytes": int,
@@ -41,12 +45,16 @@ ERROR_RESULTS = (Result.NOT_FOUND, Result.REFUSED, Result.CLIENT_ERROR, Result.E
 
 @dataclass(frozen=True)
 class PeerRow:
-    """One routing-table entry of this node's discovery."""
+    """One routing-table entry of this node's discovery, and what this node's relays know of
+    the peer (see status_page.with_relay_state)."""
 
     node_id: str  # hex
     registry: str  # host:port of the peer's registry
     discovery_port: int
     last_seen_ago: float | None
+    relay: str = "unused"  # ok | slow | quarantined | unused
+    body_rate: float | None = None  # bytes per second
+    header_latency: float | None = None  # seconds, smoothed
 
 
 @dataclass(frozen=True)
@@ -137,6 +145,9 @@ def build_document(data: StatusData) -> dict[str, Any]:
                 "registry": p.registry,
                 "discovery_port": p.discovery_port,
                 "last_seen_seconds_ago": p.last_seen_ago,
+                "relay": p.relay,
+                "body_rate_bytes_per_second": p.body_rate,
+                "header_latency_seconds": p.header_latency,
             }
             for p in data.peers
         ]
@@ -165,7 +176,7 @@ th,td{text-align:left;padding:.3em .8em;border-bottom:1px solid #e3e6ec;vertical
 th{background:#eef0f4;font-weight:600}td.n{text-align:right;font-variant-numeric:tabular-nums}
 code{font:12px ui-monospace,monospace}
 .UP,.hit{color:#17803d;font-weight:600}.DOWN,.error{color:#b42318;font-weight:600}
-.NOT_READY,.miss,.peer_hit{color:#9a6700;font-weight:600}
+.NOT_READY,.miss,.peer_hit,.slow{color:#9a6700;font-weight:600}.quarantined{color:#b42318;font-weight:600}
 .none{color:#5b6475;font-style:italic}
 .cards{display:flex;gap:1em;flex-wrap:wrap}
 .card{background:#fff;padding:.6em 1em;box-shadow:0 1px 2px #0001;min-width:9em}
@@ -260,10 +271,14 @@ def _peers(peers: Sequence[PeerRow] | None) -> str:
             f"<td><code>{_e(p.node_id[:16])}</code></td>",
             _td(p.discovery_port, "n"),
             _td(_ago(p.last_seen_ago)),
+            _td(p.relay, p.relay),
+            _td("-" if p.body_rate is None else _size(p.body_rate) + "/s", "n"),
+            _td("-" if p.header_latency is None else f"{p.header_latency * 1000:.0f} ms", "n"),
         ]
         for p in peers
     ]
-    return _table(["Registry", "Node id", "Discovery port", "Last seen"], rows, "no peers known")
+    headers = ["Registry", "Node id", "Discovery port", "Last seen", "Relay", "Body rate"]
+    return _table([*headers, "Header latency"], rows, "no peers known")
 
 
 def _images(images: Sequence[ImageRow] | None) -> str:

@@ -1,7 +1,8 @@
 """A LocalDiscovery whose FindProviders answers from a table the test fills, on a loopback port.
 
 Registry mirror tests use it to name peers (real registries on loopback ports, or fault proxies
-in front of them) without a DHT. Only FindProviders is served; lookups are recorded.
+in front of them) without a DHT. FindProviders is served (lookups are recorded), and ListPeers
+names every provider in the table as a routing-table entry (the status page's peer list).
 """
 
 from __future__ import annotations
@@ -67,7 +68,18 @@ class _Servicer(NoLocalLeases, local_pb2_grpc.LocalDiscoveryServicer):
     async def ListPeers(
         self, request: local_pb2.ListPeersRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> local_pb2.ListPeersResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "fake: FindProviders only")
+        owner = self._owner
+        contacts = sorted({c for listed in owner.providers.values() for c in listed})
+        return local_pb2.ListPeersResponse(
+            peers=[
+                local_pb2.PeerState(
+                    contact=peer_pb2.Contact(
+                        node_id=owner.node_id(address, port), address=address, registry_port=port
+                    )
+                )
+                for address, port in contacts
+            ]
+        )
 
     async def Stats(
         self, request: local_pb2.StatsRequest, context: grpc.aio.ServicerContext[object, object]

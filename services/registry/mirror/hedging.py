@@ -125,6 +125,10 @@ class PeerBook:
                 return
             del self._peers[victim]
 
+    def record(self, peer: Peer) -> PeerLoad | None:
+        """What is known of `peer` (None: nothing), without counting it as used."""
+        return self._peers.get(peer)
+
     def known(self) -> list[Peer]:
         """Every peer the book has a record of, least recently used first."""
         return list(self._peers)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from typing import Any
 
@@ -33,6 +34,14 @@ async def _metrics(cluster: Cluster, node: RunningRegistry) -> Samples:
         return Samples.parse(await resp.text())
 
 
+async def _relay_states(cluster: Cluster, node: RunningRegistry) -> dict[int, str]:
+    """The status page's word on each peer, by the port of its proxy."""
+    async with cluster.session.get(f"{node.url}/status.json") as resp:
+        assert resp.status == 200
+        doc = json.loads(await resp.text())
+    return {int(p["registry"].rsplit(":", 1)[1]): p["relay"] for p in doc["peer_list"]}
+
+
 def _mirror(node: RunningRegistry) -> Mirror:
     mirror = node.app.ctx.mirror
     assert isinstance(mirror, Mirror)
@@ -57,6 +66,9 @@ async def test_a_drip_feeding_peer_is_left_for_the_next_one_by_range(cluster: Cl
         assert metrics.value("peermirror_relay_resumes_total") == 1
         assert metrics.value("peermirror_peer_rank_downs_total", rule="floor") == 1
         assert metrics.value("peermirror_peer_rank_downs_total") == 1
+        # And the status page names the peer slow, the one that took over fine.
+        states = await _relay_states(cluster, node)
+        assert (states[drip.port], states[good.port]) == ("slow", "ok")
         mirror = _mirror(node)
         assert mirror.book.choose(mirror.book.known()) != next(
             p for p in mirror.book.known() if p.port == drip.port
@@ -130,6 +142,8 @@ async def test_a_framing_peer_cannot_get_an_honest_one_quarantined(cluster: Clus
             lambda: cluster.quarantined(node, bad), SETTLE_S, what="the liar quarantined"
         )
         assert not cluster.quarantined(node, honest)
+        states = await _relay_states(cluster, node)
+        assert (states[bad.port], states[honest.port]) == ("quarantined", "ok")
         status, _, body = await cluster.get(node, path)
         assert (status, body) == (200, layer)
 

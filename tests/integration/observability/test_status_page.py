@@ -126,6 +126,7 @@ async def test_status_json_has_the_same_data(node: Node) -> None:
     assert doc["services"]["pinner"]["state"] == "DOWN"
     assert doc["peers"] == 1
     assert [p["registry"] for p in doc["peer_list"]] == [PEER_REGISTRY]
+    assert doc["peer_list"][0]["relay"] == "unused"  # nothing was relayed from it
     assert doc["images"] == [
         {"name": IMAGE, "digest": node.image.target.digest, "nodes": ["this node", PEER_REGISTRY]}
     ]

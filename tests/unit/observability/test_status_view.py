@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import html.parser
 import json
 
 from services.common.status.report import Observed, ServiceObservation, build_report
 from services.common.store.protocol import Descriptor, ImageRecord
+from services.registry.mirror.hedging import Peer, PeerBook
+from services.registry.mirror.quarantine import Quarantine
 from services.registry.stats import CountKey, PullRecord, RequestKind, Result
-from services.registry.status_page import image_rows
+from services.registry.status_page import image_rows, with_relay_state
 from services.registry.status_view import (
     THIS_NODE,
     ImageRow,
@@ -113,6 +116,9 @@ def test_document_adds_peers_images_pulls_and_errors_to_the_cli_report() -> None
             "registry": "10.0.0.2:5000",
             "discovery_port": 5001,
             "last_seen_seconds_ago": 3.0,
+            "relay": "unused",
+            "body_rate_bytes_per_second": None,
+            "header_latency_seconds": None,
         }
     ]
     assert doc["images"][0]["nodes"] == [THIS_NODE, "10.0.0.2:5000"]
@@ -203,3 +209,33 @@ def test_html_shortens_digest_references_and_keeps_the_full_one_as_title() -> No
     assert "docker.io/library/app@sha256:dddddddddddd…" in text
     assert digest not in text
     assert f'title="docker.io/library/app@{digest}"' in page
+
+
+def test_peer_rows_show_what_this_node_knows_of_each_peer_as_a_relay_source() -> None:
+    clock = [100.0]
+    book = PeerBook(clock=lambda: clock[0])
+    quarantine: Quarantine[str] = Quarantine(60.0, clock=lambda: clock[0])
+    fast, slow, liar = (Peer(f"10.0.0.{i}", 6443, f"{i:02x}" * 32) for i in (1, 2, 3))
+    book.observe(fast, 0.004)
+    book.observe_rate(fast, 400e6)
+    book.rank_down(slow, 2e6)
+    book.observe_rate(liar, 300e6)
+    quarantine.add(liar.identity)
+    rows = [
+        PeerRow(p.node_id, str(p), 5001, 1.0)
+        for p in (fast, slow, liar, Peer("10.0.0.4", 6443, "04" * 32))
+    ]
+    shown = with_relay_state(rows, book, quarantine)
+    assert [(r.relay, r.body_rate, r.header_latency) for r in shown] == [
+        ("ok", 400e6, 0.004),
+        ("slow", 2e6, None),  # the rate it was left at
+        ("quarantined", 300e6, None),
+        ("unused", None, None),
+    ]
+    # A rate older than the book believes is not shown as the peer's rate.
+    clock[0] += 3600
+    assert with_relay_state(rows[:1], book, quarantine)[0].body_rate is None
+    page = render_html(dataclasses.replace(data(), peers=shown))
+    text = "".join(parse(page).text)
+    assert "quarantined" in text and "slow" in text and "381.5 MiB/s" in text
+    assert "4 ms" in text
