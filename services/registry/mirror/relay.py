@@ -74,6 +74,9 @@ HAND_OVER_POLL_S = 0.5
 # Pieces a body worker may read ahead of what the event loop has sent: the next piece is
 # received, decrypted and hashed while the loop encrypts and sends the one before.
 PIPELINE = 2
+# How often a body being read learns the fastest rate now known of another provider (other
+# relays measure peers meanwhile); well within the early judgement's fifth of a rate window.
+REFERENCE_REFRESH_S = 0.05
 # Failure reasons kept per request for the 404's message (the count is in `detail`).
 REASONS_SHOWN = 3
 # Full reads that prove which contributor of a failed body lied, running at once per node: they
@@ -691,16 +694,25 @@ class _BodyRelay:
                     )
                     continue
                 assert current is not None
-                actions = await self._pump(current, route, registry)
+                actions = await self._pump(
+                    current, route, registry, functools.partial(pull.reference_rate, current.peer)
+                )
         finally:
             if current is not None:
                 self.mirror.drop_answer(current)
 
-    async def _pump(self, answer: _BlobAnswer, route: Route, registry: str) -> list[core.Action]:
+    async def _pump(
+        self,
+        answer: _BlobAnswer,
+        route: Route,
+        registry: str,
+        reference_rate: Callable[[], float | None],
+    ) -> list[core.Action]:
         """Read `answer`'s body on a worker thread, which feeds the core (and so decrypts and
         hashes) there, while this loop sends the bytes it hands over, in order, at most
-        PIPELINE pieces behind. Returns, once those are sent, the core's first actions that
-        are more than sending bytes (a resume, the verdict)."""
+        PIPELINE pieces behind, and keeps the core's reference rate current
+        (`reference_rate()`, every REFERENCE_REFRESH_S). Returns, once those are sent, the
+        core's first actions that are more than sending bytes (a resume, the verdict)."""
         loop = asyncio.get_running_loop()
         sock = answer.sock
         assert sock is not None
@@ -763,13 +775,20 @@ class _BodyRelay:
                 if actions:
                     hand_over(actions)
 
+        async def refresh() -> None:
+            while True:
+                await asyncio.sleep(REFERENCE_REFRESH_S)
+                self.blob.refer_to(reference_rate())
+
         sending = asyncio.create_task(sender(), name="relay-send")
+        refreshing = asyncio.create_task(refresh(), name="relay-reference")
         try:
             actions = await in_thread(work, cancel, name="relay-body")
             handed.put_nowait(None)
             with contextlib.suppress(BaseException):
                 await sending
         finally:
+            refreshing.cancel()
             sending.cancel()
         if failure:
             raise failure[0]

@@ -258,6 +258,14 @@ class BlobRelay:
             return self._verdict()
         return []
 
+    def refer_to(self, reference_rate: float | None) -> None:
+        """The fastest rate now known of another provider that could take over (None: none
+        could). The driver refreshes it while a body is read: other relays measure peers
+        meanwhile, and a node's first pull knows no rate at all when its first relay begins.
+        The only event that may come from another thread than the others (it is one
+        attribute; the rules read it once per judgement)."""
+        self._reference = reference_rate
+
     def received(self, data: Chunk, now: float) -> list[Action]:
         """Body bytes from the current peer, in order."""
         self._require(self.peer is not None, "received")
@@ -331,7 +339,7 @@ class BlobRelay:
             self._attempt_start + policy.peer_attempt_timeout,
             self._rate_since + policy.rate_window,
         )
-        early = self._early_due()
+        early = self._early_due(self._reference)
         if early is not None and early > now:
             due = min(due, early)
         return max(0.0, due - now)
@@ -358,25 +366,26 @@ class BlobRelay:
         if not condition:
             raise RuntimeError(f"relay event {event!r} out of order")
 
-    def _early_due(self) -> float | None:
+    def _early_due(self, reference: float | None) -> float | None:
         """When the attempt's early judgement may come (None: there is none: no other
         provider's rate is known, or the attempt's first window is over)."""
-        if self._reference is None or self._rate_since != self._attempt_start:
+        if reference is None or self._rate_since != self._attempt_start:
             return None
         return self._attempt_start + EARLY_SHARE * self.policy.rate_window
 
     def _early_judgement(self, elapsed: float, now: float) -> list[Action]:
-        early = self._early_due()
-        if early is None or now < early or self._reference is None:
+        reference = self._reference  # once: refer_to() may change it from another thread
+        early = self._early_due(reference)
+        if early is None or now < early or reference is None:
             return []
         rate = (self.offset - self._rate_offset) / elapsed
-        threshold = EARLY_STRICTNESS * self.policy.slow_peer_ratio * self._reference
+        threshold = EARLY_STRICTNESS * self.policy.slow_peer_ratio * reference
         if rate >= threshold:
             return []
         return self._leave_slow(
             "early",
             f"sent {rate:.0f} B/s in its first {elapsed:.2g} s, under {threshold:.0f} B/s "
-            f"(another provider sends {self._reference:.0f} B/s)",
+            f"(another provider sends {reference:.0f} B/s)",
             rate,
             now,
         )

@@ -117,6 +117,34 @@ async def test_a_peer_far_slower_than_the_others_is_left_by_range(cluster: Clust
         assert metrics.value("peermirror_relay_resumes_total") == 1
 
 
+async def test_a_fresh_node_leaves_a_slow_peer_once_a_parallel_relay_measures_a_fast_one(
+    cluster: Cluster,
+) -> None:
+    # A node's first pull: no rate is known when its first relay starts on the slow peer. A
+    # second relay of the pull, running meanwhile, measures the fast one; the first must then be
+    # judged against that rate, not keep the slow peer for the whole blob (3 s here).
+    layer = cluster.image.read_blob(cluster.layer)
+    slow, fast = cluster.proxies[0], cluster.proxies[1]
+    slow.faults.rate = 1_000_000
+    cluster.provide(slow, fast)
+    path = f"library/app/blobs/{cluster.layer}"
+    async with cluster.mirror(**QUIET) as node:
+        first = asyncio.create_task(cluster.get(node, path))
+        await wait_until(lambda: bool(slow.requests), SETTLE_S, what="the slow peer asked")
+        # The pull's next relay starts at the first provider discovery names: the fast one.
+        cluster.provide(fast, slow)
+        second = await cluster.get(node, path)
+        assert second[0] == 200 and second[2] == layer
+        status, _, body = await first
+        assert (status, body) == (200, layer)
+        assert "range" not in slow.requests[0].headers
+        assert fast.requests[-1].headers["range"].startswith("bytes=")
+        metrics = await _metrics(cluster, node)
+        assert metrics.value("peermirror_peer_rank_downs_total") == 1
+        assert metrics.value("peermirror_relay_resumes_total") == 1
+        assert not cluster.quarantined(node, slow)
+
+
 async def test_a_framing_peer_cannot_get_an_honest_one_quarantined(cluster: Cluster) -> None:
     layer = cluster.image.read_blob(cluster.layer)
     bad, honest = cluster.proxies[0], cluster.proxies[1]

@@ -172,6 +172,25 @@ def test_the_early_judgement_is_stricter_and_needs_a_known_provider() -> None:
     assert later.received(BLOB[300_000:300_010], 1.3) == [Send(BLOB[300_000:300_010])]
 
 
+def test_a_rate_learned_during_an_attempt_is_what_the_peer_is_judged_against() -> None:
+    relay = _relay()
+    relay.begin(A, 0.0)  # nothing known yet: only the floor applies
+    assert relay.next_check(0.0) == pytest.approx(1.0)
+    relay.refer_to(100e6)  # another relay measured a fast provider meanwhile
+    assert relay.next_check(0.1) == pytest.approx(0.1)
+    actions = relay.received(BLOB[:10_000], 0.3)
+    assert isinstance(actions[1], RankDown) and actions[1].rule == "early"
+    # Known no longer (no provider left that could take over): the ratio rules stop.
+    kept = _relay()
+    kept.begin(A, 0.0, reference_rate=100e6)
+    kept.refer_to(None)
+    assert kept.received(BLOB[:10_000], 0.3) == [Send(BLOB[:10_000])]
+    assert kept.received(BLOB[10_000:20_000], 1.0) == [
+        Send(BLOB[10_000:20_000]),
+        RecordRate(A, 20_000.0),
+    ]
+
+
 def test_a_peer_keeping_pace_gets_rate_samples_not_judgements() -> None:
     relay = _relay()
     relay.begin(A, 0.0, reference_rate=100_000.0)
