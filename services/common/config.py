@@ -289,6 +289,13 @@ class RegistrySection:
         "quarter of slow_peer_ratio)",
         check=_check_positive,
     )
+    rate_probe_bytes: int = _key(
+        524288,
+        "bytes a relay asks of another provider, and drops, to measure its rate when no rate "
+        "is known to judge the relay's peer by (a node's first pull; only for blobs of at "
+        "least four times this); 0: never",
+        check=_check_non_negative,
+    )
     min_peer_rate: float = _key(
         131072.0,
         "bytes per second a peer must send a relayed body at (over rate_window); a slower "

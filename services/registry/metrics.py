@@ -78,6 +78,12 @@ class MirrorMetrics:
             "stalled, ended early or was left for being slow)",
             registry=registry,
         )
+        self.probes = Counter(
+            f"{PREFIX}_rate_probes",
+            "Small Range reads of another provider, dropped, that measured its rate because no "
+            "rate was known to judge a relay's peer by (a node's first pulls)",
+            registry=registry,
+        )
         self.rank_downs = Counter(
             f"{PREFIX}_peer_rank_downs",
             "Peers a relay left for being slow, by rule: floor (min_peer_rate), ratio "
@@ -101,6 +107,9 @@ class MirrorMetrics:
 
     def relay_resumed(self) -> None:
         self.resumes.inc()
+
+    def rate_probed(self) -> None:
+        self.probes.inc()
 
     def peer_ranked_down(self, rule: str) -> None:
         self.rank_downs.labels(rule=rule).inc()

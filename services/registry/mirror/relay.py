@@ -16,7 +16,10 @@ The flow of one relayed request (the registry's hook calls :meth:`Mirror.relay`)
    reaches the client (as it arrives, the window's final piece only once the digest is known),
    when a peer is left for the next one (failed, stalled, too slow, past its deadline; the rest
    is asked for by Range), who is ranked down or quarantined, and when the client is cut off.
-   This module only does the I/O it asks for: one data path for plain TCP and TLS alike.
+   This module only does the I/O it asks for: one data path for plain TCP and TLS alike. It
+   also keeps the core's reference rate (the fastest other provider's) current while a body is
+   read, and, when no rate is known at all (a node's first pull), measures another provider
+   on a small Range so that a congested peer is not kept for a whole blob.
 
 Every failure before the first byte is sent is a 404 carrying the local error's code, with the
 attempt count in its ``detail``, so containerd falls back to its next endpoint at once.
@@ -77,6 +80,8 @@ PIPELINE = 2
 # How often a body being read learns the fastest rate now known of another provider (other
 # relays measure peers meanwhile); well within the early judgement's fifth of a rate window.
 REFERENCE_REFRESH_S = 0.05
+# A blob is probed (see _BodyRelay._probe_if_blind) only when it is at least this many probes.
+PROBE_SHARE = 4
 # Failure reasons kept per request for the 404's message (the count is in `detail`).
 REASONS_SHOWN = 3
 # Full reads that prove which contributor of a failed body lied, running at once per node: they
@@ -155,6 +160,12 @@ class _Pull:
         else:
             log.info("peer attempt failed", key=self.lookup.key, peer=str(peer), error=reason)
 
+    def takeovers(self, current: Peer) -> list[Peer]:
+        """The untried providers, other than `current`, that could take over its body (not
+        quarantined, not ranked down as slow)."""
+        book = self.mirror.book
+        return [p for p in self._candidates() if p != current and not book.is_slow(p)]
+
     def reference_rate(self, current: Peer) -> float | None:
         """What `current` is judged against: the fastest known rate of another provider that
         could take over, or, when none of them is known, the best rate this node's relays get
@@ -163,7 +174,7 @@ class _Pull:
         slow: then `current` is kept, unless it is below the floor (a relay never trades a
         peer for one known to be slower)."""
         book = self.mirror.book
-        candidates = [p for p in self._candidates() if p != current and not book.is_slow(p)]
+        candidates = self.takeovers(current)
         if not candidates:
             return None
         known = core.best_rate([book.rate(p) for p in candidates])
@@ -220,6 +231,7 @@ class Mirror:
             quarantine if quarantine is not None else Quarantine(settings.quarantine_duration)
         )
         self._proofs: set[asyncio.Task[None]] = set()
+        self._probes: set[asyncio.Task[None]] = set()  # see probe_rate
         # Prometheus metrics of the mirror path; set by the app (None in bare unit tests).
         self.metrics: MirrorMetrics | None = None
 
@@ -233,9 +245,10 @@ class Mirror:
         )
 
     async def close(self) -> None:
-        for task in self._proofs:
+        background = self._proofs | self._probes
+        for task in background:
             task.cancel()
-        await asyncio.gather(*self._proofs, return_exceptions=True)
+        await asyncio.gather(*background, return_exceptions=True)
         await asyncio.gather(self.client.close(), self.discovery.close())
 
     def is_quarantined(self, peer: Peer) -> bool:
@@ -532,6 +545,54 @@ class Mirror:
         span = check_blob_answer(status, headers, route.digest, wanted, digest_header=DIGEST_HEADER)
         return status, span
 
+    def start_probe(self, peer: Peer, route: Route, registry: str, size: int) -> asyncio.Task[None]:
+        """Run probe_rate in the background (cancel the task when its answer is not wanted)."""
+        task = asyncio.create_task(self.probe_rate(peer, route, registry, size), name="rate-probe")
+        self._probes.add(task)
+        task.add_done_callback(self._probes.discard)
+        return task
+
+    async def probe_rate(self, peer: Peer, route: Route, registry: str, size: int) -> None:
+        """Measure `peer`'s body rate on a Range of `registry.rate_probe_bytes` from the middle
+        of the blob (the bytes are dropped) and enter it in the peer book, so a relay that knows
+        no rate has one to judge its own peer by. Failures only leave the rate unknown."""
+        length = self.settings.rate_probe_bytes
+        start = max(0, size // 2 - length // 2)
+        wanted = ByteRange(start, start + length - 1, size)
+        if self.metrics is not None:
+            self.metrics.rate_probed()
+        try:
+            answer = await self.open_blob(
+                peer, asyncio.Event(), "GET", route, registry, f"bytes={start}-{wanted.end}", wanted
+            )
+        except (*_PEER_ERRORS, OciError) as exc:
+            log.info("rate probe failed", peer=str(peer), error=str(exc))
+            return
+        sock = answer.sock
+        assert sock is not None
+
+        def drain() -> int:
+            got, answer.early = len(answer.early), b""
+            while got < length:
+                data = sock.read(length - got, self.settings.peer_timeout)
+                if not data:
+                    break
+                got += len(data)
+            return got
+
+        try:
+            started = time.monotonic()
+            got = await in_thread(drain, sock.cancel, name="relay-probe")
+            elapsed = time.monotonic() - started
+        except _PEER_ERRORS as exc:
+            log.info("rate probe failed", peer=str(peer), error=str(exc))
+            return
+        finally:
+            self.drop_answer(answer)
+        if got >= length and elapsed > 0:
+            self.book.observe_rate(peer, got / elapsed)
+            log.info("rate probed", peer=str(peer), rate=round(got / elapsed))
+
     def drop_answer(self, answer: _BlobAnswer) -> None:
         """Done with `answer`: its socket is closed (a blob exchange is one per connection)."""
         if answer.sock is not None:
@@ -666,6 +727,7 @@ class _BodyRelay:
         blob = self.blob
         current: _BlobAnswer | None = answer
         actions = blob.begin(answer.peer, time.monotonic(), pull.reference_rate(answer.peer))
+        probe = self._probe_if_blind(pull, route, registry, answer.peer)
         try:
             while True:
                 resume = await self._act(actions, route, registry)
@@ -673,6 +735,9 @@ class _BodyRelay:
                     return
                 if resume is not None:
                     assert current is not None
+                    if probe is not None:
+                        probe.cancel()  # it was to judge the attempt that is over now
+                        probe = None
                     pull.failed(current.peer, resume.reason)
                     self.mirror.drop_answer(current)
                     current = None
@@ -698,8 +763,30 @@ class _BodyRelay:
                     current, route, registry, functools.partial(pull.reference_rate, current.peer)
                 )
         finally:
+            if probe is not None:
+                probe.cancel()
             if current is not None:
                 self.mirror.drop_answer(current)
+
+    def _probe_if_blind(
+        self, pull: _Pull, route: Route, registry: str, current: Peer
+    ) -> asyncio.Task[None] | None:
+        """With no rate known to judge `current` by, measure another provider meanwhile (see
+        Mirror.probe_rate; the reference refresh in _pump picks the rate up): a node's first
+        pull must not keep a congested peer for a whole blob. Only for blobs of at least
+        PROBE_SHARE probes, and only when another provider could take over."""
+        mirror = self.mirror
+        length = mirror.settings.rate_probe_bytes
+        if (
+            length <= 0
+            or self.blob.size - self.blob.offset < PROBE_SHARE * length
+            or pull.reference_rate(current) is not None
+        ):
+            return None
+        other = mirror.book.choose(pull.takeovers(current))
+        if other is None:
+            return None
+        return mirror.start_probe(other, route, registry, self.blob.size)
 
     async def _pump(
         self,

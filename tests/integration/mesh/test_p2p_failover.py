@@ -19,6 +19,7 @@ from tests.harness.mesh_p2p import (
     FAST_TIMINGS,
     PULL_TIMEOUT,
     assert_holds_verified,
+    cri_pull,
     import_image,
     log_events,
     raw_get,
@@ -154,3 +155,31 @@ def test_altered_blob_is_never_delivered_whole_and_its_peer_is_quarantined(
     assert pull.returncode == 0
     assert_holds_verified(n3, image)
     assert served_to_peers(n1) == served_before
+
+
+def test_a_fresh_node_does_not_keep_a_congested_peer_for_a_whole_layer(
+    fo_mesh: Mesh, tmp_path: Path
+) -> None:
+    # The case: a CRI pull of a one-layer image held by two nodes, one behind a ~1 MB/s
+    # link, on a node whose relays know no rate yet (a restarted registry). Whichever holder
+    # discovery names first, the congested one serves at most a small part of the layer: the
+    # relay measures the other on a small Range and leaves the slow one by Range.
+    n1, n2, n3 = fo_mesh.nodes
+    for slow in (n1, n2):
+        image = build_image(
+            tmp_path / slow.name, name=unique_ref("congested"), layers=1, layer_size=24 * MIB
+        )
+        import_image([n1, n2], image, tmp_path)
+        wait_advertised([n3], image, [n1, n2])
+        n3.stop_service("registry")
+        n3.start_service("registry")
+        layer = image.platforms[0].layers[0].descriptor
+        before = registry_stats(slow).bytes_served_local
+        slow.limit_egress(8)
+        try:
+            cri_pull(n3, image.name)
+        finally:
+            slow.unlimit_egress()
+        assert_holds_verified(n3, image)
+        served = registry_stats(slow).bytes_served_local - before
+        assert served < layer.size // 4, (slow.name, served)

@@ -13,6 +13,7 @@ import pytest
 from services.registry.headers import DIGEST_HEADER, PEER_HEADER
 from services.registry.stats import RequestKind, Result
 from tests.fuzz.raw_http import build_request, exchange
+from tests.harness.fault_proxy import FaultProxy
 from tests.harness.wait import wait_until
 from tests.integration.mirror.conftest import SETTLE_S, Cluster
 
@@ -76,17 +77,23 @@ async def test_blob_is_relayed_whole_partial_and_head(cluster: Cluster) -> None:
     assert "range" not in cluster.proxies[0].requests[1].headers
 
 
+def _ranges_asked(proxies: list[FaultProxy]) -> list[str | None]:
+    return [r.headers.get("range") for p in proxies for r in p.requests]
+
+
 async def test_peer_cut_mid_body_is_resumed_from_the_next_peer(cluster: Cluster) -> None:
     layer = cluster.image.read_blob(cluster.layer)
     cut = 1024 * 1024 + 123
-    first, second = cluster.proxies[0], cluster.proxies[1]
+    first = cluster.proxies[0]
     first.faults.truncate_at = cut
     async with cluster.mirror(**NO_HEDGE) as mirror:
         status, _, body = await cluster.get(mirror, f"library/app/blobs/{cluster.layer}")
         assert status == 200
         assert body == layer
         assert not cluster.quarantined(mirror, first)
-    assert second.requests[0].headers["range"] == f"bytes={cut}-{len(layer) - 1}"
+    # The rest was asked of another peer by Range (a fresh node may also have probed one's
+    # rate: the resume goes to a peer not busy with that probe).
+    assert f"bytes={cut}-{len(layer) - 1}" in _ranges_asked(cluster.proxies[1:])
 
 
 async def test_corrupt_peer_bytes_abort_the_client_and_quarantine_the_peer(
@@ -248,7 +255,7 @@ async def test_the_upstream_registry_is_never_dialled(cluster: Cluster) -> None:
 
 async def test_a_client_range_is_read_whole_and_resumed_to_the_blob_end(cluster: Cluster) -> None:
     layer = cluster.image.read_blob(cluster.layer)
-    first, second = cluster.proxies[0], cluster.proxies[1]
+    first = cluster.proxies[0]
     first.faults.truncate_at = 500_000
     async with cluster.mirror(**NO_HEDGE) as mirror:
         status, headers, body = await cluster.get(
@@ -258,7 +265,7 @@ async def test_a_client_range_is_read_whole_and_resumed_to_the_blob_end(cluster:
         assert headers["Content-Range"] == f"bytes 1000-1999999/{len(layer)}"
         assert body == layer[1000:2000000]
     assert "range" not in first.requests[0].headers
-    assert second.requests[0].headers["range"] == f"bytes=500000-{len(layer) - 1}"
+    assert f"bytes=500000-{len(layer) - 1}" in _ranges_asked(cluster.proxies[1:])
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ import aiohttp
 
 from services.registry.headers import DIGEST_HEADER
 from services.registry.mirror.relay import Mirror
+from tests.harness.fault_proxy import FaultProxy
 from tests.harness.metrics_scrape import Samples
 from tests.harness.registry_inproc import RunningRegistry
 from tests.harness.wait import wait_until
@@ -24,6 +25,8 @@ QUIET: dict[str, Any] = {
     "header_timeout": 30.0,
     "peer_timeout": 30.0,
     "rate_window": 0.3,
+    # Each rule is tested on its own: no probe gives a reference where the test has none.
+    "rate_probe_bytes": 0,
 }
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 
@@ -40,6 +43,16 @@ async def _relay_states(cluster: Cluster, node: RunningRegistry) -> dict[int, st
         assert resp.status == 200
         doc = json.loads(await resp.text())
     return {int(p["registry"].rsplit(":", 1)[1]): p["relay"] for p in doc["peer_list"]}
+
+
+def _slow_named_first(cluster: Cluster) -> tuple[bytes, str, FaultProxy, FaultProxy]:
+    """(layer, its path, slow, fast): the layer's providers are a peer behind a 1 MB/s link
+    (3 s for the layer), named first, then a fast one."""
+    slow, fast = cluster.proxies[0], cluster.proxies[1]
+    slow.faults.rate = 1_000_000
+    cluster.provide(slow, fast)
+    layer = cluster.image.read_blob(cluster.layer)
+    return layer, f"library/app/blobs/{cluster.layer}", slow, fast
 
 
 def _mirror(node: RunningRegistry) -> Mirror:
@@ -123,11 +136,7 @@ async def test_a_fresh_node_leaves_a_slow_peer_once_a_parallel_relay_measures_a_
     # A node's first pull: no rate is known when its first relay starts on the slow peer. A
     # second relay of the pull, running meanwhile, measures the fast one; the first must then be
     # judged against that rate, not keep the slow peer for the whole blob (3 s here).
-    layer = cluster.image.read_blob(cluster.layer)
-    slow, fast = cluster.proxies[0], cluster.proxies[1]
-    slow.faults.rate = 1_000_000
-    cluster.provide(slow, fast)
-    path = f"library/app/blobs/{cluster.layer}"
+    layer, path, slow, fast = _slow_named_first(cluster)
     async with cluster.mirror(**QUIET) as node:
         first = asyncio.create_task(cluster.get(node, path))
         await wait_until(lambda: bool(slow.requests), SETTLE_S, what="the slow peer asked")
@@ -140,6 +149,26 @@ async def test_a_fresh_node_leaves_a_slow_peer_once_a_parallel_relay_measures_a_
         assert "range" not in slow.requests[0].headers
         assert fast.requests[-1].headers["range"].startswith("bytes=")
         metrics = await _metrics(cluster, node)
+        assert metrics.value("peermirror_peer_rank_downs_total") == 1
+        assert metrics.value("peermirror_relay_resumes_total") == 1
+        assert not cluster.quarantined(node, slow)
+
+
+async def test_a_fresh_node_probes_another_provider_before_keeping_a_slow_one(
+    cluster: Cluster,
+) -> None:
+    # A node's first pull of a one-layer image: no rate is known and no other relay runs. The
+    # relay measures another provider on a small Range (its bytes dropped), then judges the
+    # slow peer against that rate instead of keeping it for the whole blob (3 s here).
+    layer, path, slow, fast = _slow_named_first(cluster)
+    async with cluster.mirror(**{**QUIET, "rate_probe_bytes": 256 * 1024}) as node:
+        status, _, body = await cluster.get(node, path)
+        assert (status, body) == (200, layer)
+        assert "range" not in slow.requests[0].headers
+        ranges = [r.headers.get("range", "") for r in fast.requests]
+        assert len(ranges) == 2 and all(r.startswith("bytes=") for r in ranges)  # probe, resume
+        metrics = await _metrics(cluster, node)
+        assert metrics.value("peermirror_rate_probes_total") == 1
         assert metrics.value("peermirror_peer_rank_downs_total") == 1
         assert metrics.value("peermirror_relay_resumes_total") == 1
         assert not cluster.quarantined(node, slow)

@@ -120,6 +120,7 @@ def test_the_figures_operators_need_each_have_a_panel() -> None:
         "peermirror_peer_quarantines_total",
         "peermirror_relay_resumes_total",
         "peermirror_peer_rank_downs_total",
+        "peermirror_rate_probes_total",
         "peermirror_routing_table_peers",
         "peermirror_provider_records",
         "peermirror_advertised_keys",
