@@ -114,11 +114,13 @@ async def test_corrupt_peer_bytes_abort_the_client_and_quarantine_the_peer(
         assert len(received) < len(layer)
         assert cluster.quarantined(mirror, bad)
         asked_bad = len(bad.requests)
+        # (good may have completed a rate probe already: a fresh node measures another provider)
+        completed_good = good.completed
         status, _, body = await cluster.get(mirror, path)
         assert status == 200
         assert body == layer
         assert len(bad.requests) == asked_bad
-        assert good.completed == 1
+        assert good.completed == completed_good + 1
         assert mirror.app.ctx.stats.count(RequestKind.BLOB, Result.ERROR) == 1
 
 
