@@ -80,8 +80,8 @@ class MirrorMetrics:
         )
         self.probes = Counter(
             f"{PREFIX}_rate_probes",
-            "Small Range reads of another provider, dropped, that measured its rate because no "
-            "rate was known to judge a relay's peer by (a node's first pulls)",
+            "Small Range reads of another provider (bytes dropped) started to measure its rate, "
+            "because no rate was known to judge a relay's peer by (a node's first pulls)",
             registry=registry,
         )
         self.rank_downs = Counter(

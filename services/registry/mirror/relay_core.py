@@ -42,7 +42,7 @@ Chunk = bytes | memoryview
 MIN_RATE_BYTES = 256 * 1024
 # With another provider's rate known, an attempt is first judged after this share of the rate
 # window: a congested link must not hold a pull for a whole window when a fast peer could take
-# over (with 0.5 s windows that was most of a 256 MiB relay's clean time). So short a span is
+# over (with 0.5 s windows that was most of a 256 MiB relay's clean time). A span that short is
 # noisy (slow start, a scheduling hiccup), so its test is stricter: under this share of the
 # window's ratio of the other provider's rate.
 EARLY_SHARE = 0.2
