@@ -42,6 +42,10 @@ class ByteRange:
     def content_range(self) -> str:
         return f"bytes {self.start}-{self.end}/{self.size}"
 
+    def range_header(self) -> str:
+        """The ``Range`` request header that asks for these bytes."""
+        return f"bytes={self.start}-{self.end}"
+
 
 @dataclass(frozen=True, slots=True)
 class Unsatisfiable:

@@ -28,7 +28,7 @@ from services.common.status.report import build_report, state_of
 from services.common.store.protocol import ImageRecord
 from services.registry.context import RegistryContext
 from services.registry.inflight.coordinator import Coordinator
-from services.registry.mirror.hedging import PeerBook
+from services.registry.mirror.hedging import PeerBook, identity
 from services.registry.mirror.quarantine import Quarantine
 from services.registry.status_view import (
     THIS_NODE,
@@ -111,7 +111,10 @@ def with_relay_state(
             state, rate = "slow", record.rate
         else:
             state, rate = "ok", book.rate(known[-1])
-        if any(p.identity in quarantine for p in known) or f"node:{row.node_id}" in quarantine:
+        if (
+            any(p.identity in quarantine for p in known)
+            or identity(row.node_id, row.registry) in quarantine
+        ):
             state = "quarantined"
         latency = None if record is None else record.latency
         shown.append(dataclasses.replace(row, relay=state, body_rate=rate, header_latency=latency))

@@ -46,10 +46,16 @@ class Peer:
     @property
     def identity(self) -> str:
         """What the peer is judged by (quarantine): its node, whatever port it advertises."""
-        return f"node:{self.node_id}" if self.node_id else f"endpoint:{self}"
+        return identity(self.node_id, str(self))
 
     def __str__(self) -> str:
         return join_host_port(self.address, self.port)
+
+
+def identity(node_id: str, endpoint: str) -> str:
+    """What a peer is judged by: its node ID (hex) when known, else its registry endpoint
+    (host:port)."""
+    return f"node:{node_id}" if node_id else f"endpoint:{endpoint}"
 
 
 def peer_from_contact(address: str, port: int, node_id: bytes = b"") -> Peer | None:

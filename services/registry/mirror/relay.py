@@ -558,40 +558,64 @@ class Mirror:
         no rate has one to judge its own peer by. Failures only leave the rate unknown."""
         length = self.settings.rate_probe_bytes
         start = max(0, size // 2 - length // 2)
-        wanted = ByteRange(start, start + length - 1, size)
         if self.metrics is not None:
             self.metrics.rate_probed()
+        wanted = ByteRange(start, start + length - 1, size)
+        read = await self._read_body(
+            peer, route, registry, wanted, length, lambda _: None, "rate probe"
+        )
+        if read is not None and read[0] >= length and read[1] > 0:
+            rate = read[0] / read[1]
+            self.book.observe_rate(peer, rate)
+            log.info("rate probed", peer=str(peer), rate=round(rate))
+
+    async def _read_body(
+        self,
+        peer: Peer,
+        route: Route,
+        registry: str,
+        wanted: ByteRange | None,
+        length: int,
+        consume: Callable[[core.Chunk], object],
+        what: str,
+    ) -> tuple[int, float] | None:
+        """GET the blob (`wanted` of it; all when None) from `peer`, outside any client's
+        relay, and feed at most `length` bytes of its body to `consume` on a worker thread,
+        for at most registry.peer_attempt_timeout: (bytes read, seconds the body took once its
+        headers were in), or None when `peer` could not be read (logged as "`what` failed")."""
+        range_header = None if wanted is None else wanted.range_header()
         try:
             answer = await self.open_blob(
-                peer, asyncio.Event(), "GET", route, registry, f"bytes={start}-{wanted.end}", wanted
+                peer, asyncio.Event(), "GET", route, registry, range_header, wanted
             )
-        except (*_PEER_ERRORS, OciError) as exc:
-            log.info("rate probe failed", peer=str(peer), error=str(exc))
-            return
+        except _PEER_ERRORS as exc:
+            log.info(f"{what} failed", peer=str(peer), error=str(exc))
+            return None
         sock = answer.sock
         assert sock is not None
 
-        def drain() -> int:
-            got, answer.early = len(answer.early), b""
-            while got < length:
-                data = sock.read(length - got, self.settings.peer_timeout)
+        def read() -> int:
+            early, answer.early = answer.early[:length], b""
+            consume(early)
+            got = len(early)
+            deadline = time.monotonic() + self.settings.peer_attempt_timeout
+            while got < length and time.monotonic() < deadline:
+                data = sock.read(min(CHUNK_BYTES, length - got), self.settings.peer_timeout)
                 if not data:
                     break
+                consume(data)
                 got += len(data)
             return got
 
+        started = time.monotonic()
         try:
-            started = time.monotonic()
-            got = await in_thread(drain, sock.cancel, name="relay-probe")
-            elapsed = time.monotonic() - started
+            got = await in_thread(read, sock.cancel, name=what.replace(" ", "-"))
         except _PEER_ERRORS as exc:
-            log.info("rate probe failed", peer=str(peer), error=str(exc))
-            return
+            log.info(f"{what} failed", peer=str(peer), error=str(exc))
+            return None
         finally:
             self.drop_answer(answer)
-        if got >= length and elapsed > 0:
-            self.book.observe_rate(peer, got / elapsed)
-            log.info("rate probed", peer=str(peer), rate=round(got / elapsed))
+        return got, time.monotonic() - started
 
     def drop_answer(self, answer: _BlobAnswer) -> None:
         """Done with `answer`: its socket is closed (a blob exchange is one per connection)."""
@@ -659,41 +683,17 @@ class Mirror:
             if self.is_quarantined(suspect):
                 continue
             check = evidence.check(suspect)
-            try:
-                answer = await self.open_blob(
-                    suspect, asyncio.Event(), "GET", route, registry, None, None
-                )
-            except _PEER_ERRORS as exc:
-                log.info("relay proof read failed", peer=str(suspect), error=str(exc))
+            what = "relay proof read"
+            read = await self._read_body(
+                suspect, route, registry, None, evidence.size, check.update, what
+            )
+            if read is None:
                 continue
-            try:
-                await in_thread(
-                    functools.partial(self._read_proof, answer, check),
-                    answer.sock.cancel if answer.sock is not None else (lambda: None),
-                    name="relay-proof",
-                )
-            except _PEER_ERRORS as exc:
-                log.info("relay proof read failed", peer=str(suspect), error=str(exc))
-            finally:
-                self.drop_answer(answer)
             liar = check.verdict()
             if check.received == evidence.size:
                 if liar is not None:
                     self.quarantine_peer(liar, f"its bytes of {evidence.digest} are not the blob's")
                 return
-
-    def _read_proof(self, answer: _BlobAnswer, check: core.SpanCheck) -> None:
-        """Feed `answer`'s whole body to `check` (on a worker thread)."""
-        sock = answer.sock
-        assert sock is not None
-        size = check.evidence.size
-        check.update(answer.early[:size])
-        deadline = time.monotonic() + self.settings.peer_attempt_timeout
-        while check.received < size and time.monotonic() < deadline:
-            data = sock.read(min(CHUNK_BYTES, size - check.received), self.settings.peer_timeout)
-            if not data:
-                return
-            check.update(data)
 
 
 def _piece_buffers(actions: list[core.Action]) -> list[object]:
@@ -890,7 +890,7 @@ class _BodyRelay:
             method="GET",
             route=route,
             registry=registry,
-            range_header=f"bytes={wanted.start}-{wanted.end}",
+            range_header=wanted.range_header(),
             wanted=wanted,
         )
         _, answer = await self.mirror.race(pull, attempt, self.mirror.drop_answer)

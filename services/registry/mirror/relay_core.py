@@ -375,8 +375,10 @@ class BlobRelay:
 
     def _early_judgement(self, elapsed: float, now: float) -> list[Action]:
         reference = self._reference  # once: refer_to() may change it from another thread
+        if reference is None:
+            return []
         early = self._early_due(reference)
-        if early is None or now < early or reference is None:
+        if early is None or now < early:
             return []
         rate = (self.offset - self._rate_offset) / elapsed
         threshold = EARLY_STRICTNESS * self.policy.slow_peer_ratio * reference
