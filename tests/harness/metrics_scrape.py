@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 
@@ -32,3 +33,11 @@ class Samples:
 
     def names(self) -> set[str]:
         return {name for name, _, _ in self.rows}
+
+
+async def scrape(session: aiohttp.ClientSession, base_url: str) -> Samples:
+    """GET `base_url`/metrics: a 200 in Prometheus' text format, parsed."""
+    async with session.get(f"{base_url}/metrics") as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("text/plain")
+        return Samples.parse(await resp.text())

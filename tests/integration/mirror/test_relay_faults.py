@@ -14,7 +14,7 @@ import aiohttp
 from services.registry.headers import DIGEST_HEADER
 from services.registry.mirror.relay import Mirror
 from tests.harness.fault_proxy import FaultProxy
-from tests.harness.metrics_scrape import Samples
+from tests.harness.metrics_scrape import scrape
 from tests.harness.registry_inproc import RunningRegistry
 from tests.harness.wait import wait_until
 from tests.integration.mirror.conftest import SETTLE_S, Cluster
@@ -29,12 +29,6 @@ QUIET: dict[str, Any] = {
     "rate_probe_bytes": 0,
 }
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-
-
-async def _metrics(cluster: Cluster, node: RunningRegistry) -> Samples:
-    async with cluster.session.get(f"{node.url}/metrics") as resp:
-        assert resp.status == 200
-        return Samples.parse(await resp.text())
 
 
 async def _relay_states(cluster: Cluster, node: RunningRegistry) -> dict[int, str]:
@@ -75,7 +69,7 @@ async def test_a_drip_feeding_peer_is_left_for_the_next_one_by_range(cluster: Cl
         assert 100_000 <= start < 100_100
         assert not cluster.quarantined(node, drip)
         # Operators see it: one resume, one peer left for sending under the floor.
-        metrics = await _metrics(cluster, node)
+        metrics = await scrape(cluster.session, node.url)
         assert metrics.value("peermirror_relay_resumes_total") == 1
         assert metrics.value("peermirror_peer_rank_downs_total", rule="floor") == 1
         assert metrics.value("peermirror_peer_rank_downs_total") == 1
@@ -125,7 +119,7 @@ async def test_a_peer_far_slower_than_the_others_is_left_by_range(cluster: Clust
         assert fast.requests[-1].headers["range"].startswith("bytes=")
         assert not cluster.quarantined(node, slow)
         # Left at the early test (a fifth of the window), well before the 3 s it needed.
-        metrics = await _metrics(cluster, node)
+        metrics = await scrape(cluster.session, node.url)
         assert metrics.value("peermirror_peer_rank_downs_total", rule="early") == 1
         assert metrics.value("peermirror_relay_resumes_total") == 1
 
@@ -148,7 +142,7 @@ async def test_a_fresh_node_leaves_a_slow_peer_once_a_parallel_relay_measures_a_
         assert (status, body) == (200, layer)
         assert "range" not in slow.requests[0].headers
         assert fast.requests[-1].headers["range"].startswith("bytes=")
-        metrics = await _metrics(cluster, node)
+        metrics = await scrape(cluster.session, node.url)
         assert metrics.value("peermirror_peer_rank_downs_total") == 1
         assert metrics.value("peermirror_relay_resumes_total") == 1
         assert not cluster.quarantined(node, slow)
@@ -167,7 +161,7 @@ async def test_a_fresh_node_probes_another_provider_before_keeping_a_slow_one(
         assert "range" not in slow.requests[0].headers
         ranges = [r.headers.get("range", "") for r in fast.requests]
         assert len(ranges) == 2 and all(r.startswith("bytes=") for r in ranges)  # probe, resume
-        metrics = await _metrics(cluster, node)
+        metrics = await scrape(cluster.session, node.url)
         assert metrics.value("peermirror_rate_probes_total") == 1
         assert metrics.value("peermirror_peer_rank_downs_total") == 1
         assert metrics.value("peermirror_relay_resumes_total") == 1

@@ -19,7 +19,7 @@ from services.common.logsetup import configure_logging
 from services.common.store.oci_layout import OciLayoutStore
 from tests.harness.fake_local_discovery import FakeLocalDiscovery
 from tests.harness.images import BuiltImage, build_image
-from tests.harness.metrics_scrape import Samples
+from tests.harness.metrics_scrape import Samples, scrape
 from tests.harness.registry_inproc import RunningRegistry, serve_registry
 
 IMAGE = "docker.io/library/app:1.0"
@@ -44,10 +44,7 @@ class Pair:
             return resp.status, {k.lower(): v for k, v in resp.headers.items()}, await resp.read()
 
     async def scrape(self, node: RunningRegistry) -> Samples:
-        async with self.session.get(f"{node.url}/metrics") as resp:
-            assert resp.status == 200
-            assert resp.headers["Content-Type"].startswith("text/plain")
-            return Samples.parse(await resp.text())
+        return await scrape(self.session, node.url)
 
 
 @pytest.fixture
