@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.relay_paths import relay_ceiling
+from bench.relay_paths import relay_ceiling, socket_io
 
 # CPU-s per GB by process, as bench.relay_paths measures them (an mTLS run on 2 cores).
 CPU = {
@@ -26,3 +26,15 @@ def test_the_cheaper_server_counts_whichever_it_is() -> None:
 
 def test_more_cores_raise_the_ceiling_in_proportion() -> None:
     assert relay_ceiling(CPU, 0.57, 4) == pytest.approx(2 * relay_ceiling(CPU, 0.57, 2))
+
+
+def test_a_relays_socket_io_is_the_receive_and_the_send_measured_on_the_plain_relay_path() -> None:
+    # The peers serving the blob split it (one GET each); together they sent it once.
+    plain = {
+        "relay": {"client": 0.19, "n1 registry": 0.10, "n2 registry": 0.07, "n3 registry": 1.3}
+    }
+    assert socket_io(plain) == pytest.approx(0.19 + 0.10 + 0.07)
+
+
+def test_the_relaying_node_itself_is_not_counted_as_socket_io() -> None:
+    assert socket_io({"relay": {"n3 registry": 1.3}}) == 0.0
