@@ -13,7 +13,7 @@ from services.common.store.oci_layout import OciLayoutStore
 from services.registry.inflight.coordinator import Coordinator, InflightSettings
 from services.registry.inflight.ports import Holder
 from services.registry.inflight.spool import SpoolPool
-from tests.harness.fake_local_discovery import FakeLocalDiscovery
+from tests.harness.fake_discovery import FakeDiscovery
 from tests.harness.fake_router import LeaseTable
 from tests.harness.registry_inproc import RunningRegistry, serve_registry
 from tests.harness.slow_upstream import SlowUpstreamClient
@@ -25,7 +25,7 @@ class ProvidedAfter:
     """Advertiser that makes the fake discovery name the registry on `port` as a provider
     after `delay` seconds, as a DHT publish takes a moment to be visible."""
 
-    def __init__(self, discovery: FakeLocalDiscovery, delay: float) -> None:
+    def __init__(self, discovery: FakeDiscovery, delay: float) -> None:
         self.discovery = discovery
         self.delay = delay
         self.port = 0
@@ -52,7 +52,7 @@ class InflightNode:
     coordinator: Coordinator
     leases: LeaseTable
     me: Holder
-    discovery: FakeLocalDiscovery
+    discovery: FakeDiscovery
 
     async def crash(self) -> None:
         """Stop this node as a crash would look to the others: its lease is left to expire."""
@@ -73,7 +73,7 @@ async def inflight_cluster(
     """`count` registries under `work_dir` fetching from the SlowUpstream on `upstream_port`;
     a holder that stops renewing loses its lease after `lease_ttl` seconds."""
     leases = LeaseTable(ttl=lease_ttl)
-    async with FakeLocalDiscovery() as discovery, contextlib.AsyncExitStack() as stack:
+    async with FakeDiscovery() as discovery, contextlib.AsyncExitStack() as stack:
         client = SlowUpstreamClient(upstream_port)
         stack.push_async_callback(client.close)
         nodes = []

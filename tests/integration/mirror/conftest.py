@@ -17,7 +17,7 @@ from services.common.config import DiscoverySection, NodeConfig, RegistrySection
 from services.common.store.oci_layout import OciLayoutStore
 from services.registry.app import create_app
 from services.registry.service import HttpServer
-from tests.harness.fake_local_discovery import FakeLocalDiscovery
+from tests.harness.fake_discovery import FakeDiscovery
 from tests.harness.fault_proxy import FaultProxy
 from tests.harness.images import BuiltImage, build_image
 from tests.harness.registry_inproc import RunningRegistry, serve_registry, write_registries_file
@@ -64,7 +64,7 @@ class Cluster:
     image: BuiltImage
     peers: list[RunningRegistry]
     proxies: list[FaultProxy]
-    discovery: FakeLocalDiscovery
+    discovery: FakeDiscovery
     session: aiohttp.ClientSession
     work_dir: Path
 
@@ -127,7 +127,7 @@ async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
             peer = await stack.enter_async_context(serve_registry(store, work))
             peers.append(peer)
             proxies.append(await stack.enter_async_context(FaultProxy(peer.port)))
-        discovery = await stack.enter_async_context(FakeLocalDiscovery())
+        discovery = await stack.enter_async_context(FakeDiscovery())
         session = await stack.enter_async_context(aiohttp.ClientSession(timeout=CLIENT_TIMEOUT))
         cluster = Cluster(image, peers, proxies, discovery, session, tmp_path)
         cluster.provide(*proxies)

@@ -17,7 +17,7 @@ import pytest
 
 from services.common.logsetup import configure_logging
 from services.common.store.oci_layout import OciLayoutStore
-from tests.harness.fake_local_discovery import FakeLocalDiscovery
+from tests.harness.fake_discovery import FakeDiscovery
 from tests.harness.images import BuiltImage, build_image
 from tests.harness.metrics_scrape import Samples, scrape
 from tests.harness.registry_inproc import RunningRegistry, serve_registry
@@ -32,7 +32,7 @@ class Pair:
     image: BuiltImage
     peer: RunningRegistry
     mirror: RunningRegistry
-    discovery: FakeLocalDiscovery
+    discovery: FakeDiscovery
     session: aiohttp.ClientSession
 
     async def get(
@@ -55,7 +55,7 @@ async def pair(tmp_path: Path) -> AsyncIterator[Pair]:
         peer_store = await stack.enter_async_context(OciLayoutStore(layout))
         (tmp_path / "peer").mkdir()
         peer = await stack.enter_async_context(serve_registry(peer_store, tmp_path / "peer"))
-        discovery = await stack.enter_async_context(FakeLocalDiscovery())
+        discovery = await stack.enter_async_context(FakeDiscovery())
         keys = [IMAGE, *(d.digest for d in image.blobs)]
         discovery.provide(keys, ("127.0.0.1", peer.port))
         mirror_store = await stack.enter_async_context(

@@ -24,7 +24,7 @@ from services.discovery.kademlia import AddStatus, Contact, common_prefix_length
 from services.discovery.kademlia.node_id import id_int, int_id
 from services.discovery.service import DiscoveryService
 from tests.harness.discovery_mesh import find_providers
-from tests.harness.fake_local_discovery import FakeLocalDiscovery
+from tests.harness.fake_discovery import FakeDiscovery
 from tests.harness.registry_inproc import RunningRegistry, serve_registry
 from tests.harness.wait import wait_until
 from tests.integration.security.conftest import OTHER_IP, ClusterPki, ConnectionRecorder
@@ -156,7 +156,7 @@ async def test_redirects_from_a_peer_are_not_followed(
     port = runner.addresses[0][1]
     store = OciLayoutStore(tmp_path / "layout", create=True)
     try:
-        async with FakeLocalDiscovery() as discovery:
+        async with FakeDiscovery() as discovery:
             discovery.provide([DIGEST], ("127.0.0.1", port))
             async with serve_registry(
                 store, tmp_path, discovery=discovery.address, tls=cluster.node
