@@ -8,11 +8,15 @@ import socket
 import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
 from services.common import pki
+from services.common.store.oci_layout import OciLayoutStore
 from services.common.tls import TlsFiles, client_context
+from tests.harness.images import BuiltImage
+from tests.harness.registry_inproc import RunningRegistry, serve_registry
 
 LOOPBACK = "127.0.0.1"
 # An address no test node calls from: a certificate naming it is someone else's identity.
@@ -103,3 +107,18 @@ async def recorder() -> AsyncIterator[ConnectionRecorder]:
         yield rec
     finally:
         await rec.stop()
+
+
+@pytest.fixture
+async def registry(
+    cluster: ClusterPki, image: BuiltImage, tmp_path: Path
+) -> AsyncIterator[RunningRegistry]:
+    """The registry under test over mutual TLS with the node certificate, serving the module's
+    `image` from an OCI layout."""
+    store = OciLayoutStore(tmp_path / "layout", create=True)
+    image.write_oci_layout(tmp_path / "layout")
+    try:
+        async with serve_registry(store, tmp_path, mirrors=["docker.io"], tls=cluster.node) as r:
+            yield r
+    finally:
+        await store.close()

@@ -7,18 +7,16 @@ http://127.0.0.1:9, where nothing listens, so a pull succeeds only through the m
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from services.common.store.oci_layout import OciLayoutStore
 from services.common.tls import TlsFiles
 from services.pinner.hosts_toml import HostsOptions
 from services.pinner.hosts_writer import write_containerd_config
 from tests.harness.containerd import ContainerdDaemon, ContainerdError
 from tests.harness.images import BuiltImage, build_image
-from tests.harness.registry_inproc import RunningRegistry, serve_registry
+from tests.harness.registry_inproc import RunningRegistry
 from tests.integration.security.conftest import ClusterPki
 
 pytestmark = pytest.mark.containerd
@@ -30,19 +28,6 @@ DEAD_SERVER = "http://127.0.0.1:9"
 @pytest.fixture(scope="module")
 def image(tmp_path_factory: pytest.TempPathFactory) -> BuiltImage:
     return build_image(tmp_path_factory.mktemp("image"), name=IMAGE, layers=2)
-
-
-@pytest.fixture
-async def registry(
-    cluster: ClusterPki, image: BuiltImage, tmp_path: Path
-) -> AsyncIterator[RunningRegistry]:
-    store = OciLayoutStore(tmp_path / "layout", create=True)
-    image.write_oci_layout(tmp_path / "layout")
-    try:
-        async with serve_registry(store, tmp_path, mirrors=["docker.io"], tls=cluster.node) as r:
-            yield r
-    finally:
-        await store.close()
 
 
 def _hosts_dir(tmp_path: Path, registry: RunningRegistry, files: TlsFiles, client: bool) -> Path:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -31,19 +31,6 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> BuiltImage:
     return build_image(
         tmp_path_factory.mktemp("image"), name=IMAGE, layers=1, layer_size=3 * 1024 * 1024 + 5
     )
-
-
-@pytest.fixture
-async def registry(
-    cluster: ClusterPki, image: BuiltImage, tmp_path: Path
-) -> AsyncIterator[RunningRegistry]:
-    store = OciLayoutStore(tmp_path / "layout", create=True)
-    image.write_oci_layout(tmp_path / "layout")
-    try:
-        async with serve_registry(store, tmp_path, mirrors=["docker.io"], tls=cluster.node) as r:
-            yield r
-    finally:
-        await store.close()
 
 
 async def _get(
