@@ -36,6 +36,20 @@ async def node(cluster: ClusterPki, tmp_path: Path) -> AsyncIterator[DiscoverySe
         yield service
 
 
+@pytest.fixture
+async def pair(
+    cluster: ClusterPki, tmp_path: Path
+) -> AsyncIterator[tuple[DiscoveryService, DiscoveryService]]:
+    """Two honest nodes over mutual TLS, b bootstrapped from a (registry ports 7001 and 7002)."""
+    cfg_a = discovery_config(tmp_path / "a", cluster.node, registry_port=7001)
+    async with discovery_node(cfg_a) as a:
+        cfg_b = discovery_config(
+            tmp_path / "b", cluster.peer, registry_port=7002, bootstrap=[a.peer_address]
+        )
+        async with discovery_node(cfg_b) as b:
+            yield a, b
+
+
 def _records(service: DiscoveryService, key: str) -> list[tuple[bytes, str, int]]:
     engine = service.engine
     return [
@@ -104,29 +118,23 @@ async def test_a_certificate_naming_another_address_cannot_place_records(
 
 
 async def test_two_nodes_find_each_others_content_over_mutual_tls(
-    cluster: ClusterPki, tmp_path: Path
+    pair: tuple[DiscoveryService, DiscoveryService],
 ) -> None:
-    cfg_a = discovery_config(tmp_path / "a", cluster.node, registry_port=7001)
-    async with discovery_node(cfg_a) as a:
-        cfg_b = discovery_config(
-            tmp_path / "b", cluster.peer, registry_port=7002, bootstrap=[a.peer_address]
-        )
-        async with discovery_node(cfg_b) as b:
-            assert b.engine.node_id in a.engine.node.table
-            b.engine.advertise([KEY])
-            found: list[tuple[bytes, str, int]] = []
+    a, b = pair
+    assert b.engine.node_id in a.engine.node.table
+    b.engine.advertise([KEY])
+    found: list[tuple[bytes, str, int]] = []
 
-            async def found_b() -> bool:
-                found[:] = [
-                    (c.node_id, c.address, c.registry_port)
-                    async for c in a.engine.find_providers(KEY)
-                ]
-                # A lookup cached before b advertised would keep answering "nobody".
-                a.engine.cache.drop_node(b.engine.node_id)
-                return bool(found)
+    async def found_b() -> bool:
+        found[:] = [
+            (c.node_id, c.address, c.registry_port) async for c in a.engine.find_providers(KEY)
+        ]
+        # A lookup cached before b advertised would keep answering "nobody".
+        a.engine.cache.drop_node(b.engine.node_id)
+        return bool(found)
 
-            await wait_until(found_b, within=5.0)
-            assert found == [(b.engine.node_id, "127.0.0.1", 7002)]
+    await wait_until(found_b, within=5.0)
+    assert found == [(b.engine.node_id, "127.0.0.1", 7002)]
 
 
 async def test_a_certificate_naming_another_address_cannot_take_a_lease(
@@ -143,26 +151,21 @@ async def test_a_certificate_naming_another_address_cannot_take_a_lease(
 
 
 async def test_two_nodes_share_one_fetch_lease_over_mutual_tls(
-    cluster: ClusterPki, tmp_path: Path
+    pair: tuple[DiscoveryService, DiscoveryService],
 ) -> None:
-    cfg_a = discovery_config(tmp_path / "a", cluster.node, registry_port=7001)
-    async with discovery_node(cfg_a) as a:
-        cfg_b = discovery_config(
-            tmp_path / "b", cluster.peer, registry_port=7002, bootstrap=[a.peer_address]
-        )
-        async with discovery_node(cfg_b) as b:
-            assert a.engine.node_id in b.engine.node.table
-            taken = await b.leases.acquire(KEY, 0)
-            assert taken.granted
-            told = await a.leases.acquire(KEY, 0)
-            assert not told.granted and told.holder is not None
-            assert (told.holder.node_id, told.holder.address, told.holder.registry_port) == (
-                b.engine.node_id,
-                "127.0.0.1",
-                7002,
-            )
-            assert await b.leases.release(KEY)
-            assert (await a.leases.acquire(KEY, 0)).granted
+    a, b = pair
+    assert a.engine.node_id in b.engine.node.table
+    taken = await b.leases.acquire(KEY, 0)
+    assert taken.granted
+    told = await a.leases.acquire(KEY, 0)
+    assert not told.granted and told.holder is not None
+    assert (told.holder.node_id, told.holder.address, told.holder.registry_port) == (
+        b.engine.node_id,
+        "127.0.0.1",
+        7002,
+    )
+    assert await b.leases.release(KEY)
+    assert (await a.leases.acquire(KEY, 0)).granted
 
 
 async def test_a_closer_node_without_leases_is_skipped(cluster: ClusterPki, tmp_path: Path) -> None:
