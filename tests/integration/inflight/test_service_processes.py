@@ -6,9 +6,11 @@ upstream request each; the status page and metrics show the fetch."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -46,19 +48,23 @@ def upstream(tmp_path: Path, image: BuiltImage) -> Iterator[DistributionRegistry
         yield reg
 
 
-@pytest.fixture
-def node(tmp_path: Path, upstream: DistributionRegistry) -> Iterator[NodePorts]:
+@contextlib.contextmanager
+def _node(
+    tmp_path: Path, upstream: DistributionRegistry, inflight: dict[str, Any]
+) -> Iterator[NodePorts]:
+    """A discovery and a registry process of one node, its `inflight` config section as given,
+    mirroring REGISTRY from `upstream` alone (the default endpoint is never dialed); their logs
+    under tmp_path/logs."""
     ports = NodePorts.pick()
     config = write_node_config(tmp_path / "node", ports)
     registries = tmp_path / "node" / "registries.yaml"
-    # The upstream is the mirror's only endpoint: the default one is never dialed.
     registries.write_text(
         yaml.safe_dump({"mirrors": {REGISTRY: {"endpoint": [upstream.url]}}}), encoding="utf-8"
     )
     data = yaml.safe_load(config.read_text(encoding="utf-8"))
     data["registry"]["registries_file"] = str(registries)
     data["pinner"]["disable_default_endpoint"] = True
-    data["inflight"] = {"manifest_window": 2.0}
+    data["inflight"] = inflight
     config.write_text(yaml.safe_dump(data), encoding="utf-8")
     logs = tmp_path / "logs"
     with (
@@ -68,6 +74,12 @@ def node(tmp_path: Path, upstream: DistributionRegistry) -> Iterator[NodePorts]:
         wait_serving(ports.grpc_address("discovery"), discovery)
         wait_serving(ports.grpc_address("registry"), registry)
         wait_http_ok(f"{ports.registry_url}/readyz")
+        yield ports
+
+
+@pytest.fixture
+def node(tmp_path: Path, upstream: DistributionRegistry) -> Iterator[NodePorts]:
+    with _node(tmp_path, upstream, {"manifest_window": 2.0}) as ports:
         yield ports
 
 
@@ -111,27 +123,10 @@ async def test_an_unusable_spool_directory_turns_shared_first_pulls_off_not_the_
     # A read-only root filesystem (a container without a volume for the spool) or a file where
     # the directory should be: the registry still serves, and a miss is a fast 404 again, so
     # containerd pulls itself, as without peermirror.
-    ports = NodePorts.pick()
-    config = write_node_config(tmp_path / "node", ports)
-    registries = tmp_path / "node" / "registries.yaml"
-    registries.write_text(
-        yaml.safe_dump({"mirrors": {REGISTRY: {"endpoint": [upstream.url]}}}), encoding="utf-8"
-    )
     not_a_dir = tmp_path / "spool-is-a-file"
     not_a_dir.write_text("", encoding="utf-8")
-    data = yaml.safe_load(config.read_text(encoding="utf-8"))
-    data["registry"]["registries_file"] = str(registries)
-    data["pinner"]["disable_default_endpoint"] = True
-    data["inflight"] = {"spool_dir": str(not_a_dir / "spool")}
-    config.write_text(yaml.safe_dump(data), encoding="utf-8")
     logs = tmp_path / "logs"
-    with (
-        running(cli_argv("discovery", "--config", str(config)), logs, "discovery") as discovery,
-        running(cli_argv("registry", "--config", str(config)), logs, "registry") as registry,
-    ):
-        wait_serving(ports.grpc_address("discovery"), discovery)
-        wait_serving(ports.grpc_address("registry"), registry)
-        wait_http_ok(f"{ports.registry_url}/readyz")
+    with _node(tmp_path, upstream, {"spool_dir": str(not_a_dir / "spool")}) as ports:
         layer = image.platforms[0].layers[0].descriptor.digest
         url = f"{ports.registry_url}/v2/{REPO}/blobs/{layer}?ns={REGISTRY}"
         async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
