@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import http.server
 import json
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +11,7 @@ import pytest
 
 from services.discovery.service import DiscoveryService
 from tests.harness.discovery_mesh import node_config
+from tests.harness.http_stub import QuietHandler, serve_http
 from tests.harness.service_procs import free_port
 from tests.harness.wait import wait_until
 
@@ -24,7 +23,7 @@ def peer_list() -> Iterator[tuple[str, list[str]]]:
     """A loopback HTTP server answering GET /v1-k3s/p2p with the (mutable) list given."""
     listed: list[str] = []
 
-    class Handler(http.server.BaseHTTPRequestHandler):
+    class Handler(QuietHandler):
         def do_GET(self) -> None:
             body = json.dumps(listed).encode()
             self.send_response(200)
@@ -33,18 +32,8 @@ def peer_list() -> Iterator[tuple[str, list[str]]]:
             self.end_headers()
             self.wfile.write(body)
 
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/v1-k3s/p2p", listed
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+    with serve_http(Handler) as base:
+        yield f"{base}/v1-k3s/p2p", listed
 
 
 async def test_nodes_join_through_a_dns_name_and_a_peer_list_url(

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import http.server
 import json
 import random
-import threading
 from collections.abc import Iterator
 
 import pytest
@@ -19,6 +17,7 @@ from services.discovery.bootstrap import (
     parse_peer_entry,
     parse_peer_list,
 )
+from tests.harness.http_stub import QuietHandler, serve_http
 
 
 @pytest.mark.parametrize(
@@ -76,7 +75,7 @@ def peer_list_url() -> Iterator[str]:
     """An HTTP server on loopback answering a K3s-style peer list."""
     body = json.dumps(["127.0.0.1:5101", "/ip4/127.0.0.2/tcp/5102/p2p/x"]).encode()
 
-    class Handler(http.server.BaseHTTPRequestHandler):
+    class Handler(QuietHandler):
         def do_GET(self) -> None:
             status = 200 if self.path == "/v1-k3s/p2p" else 404
             self.send_response(status)
@@ -84,18 +83,8 @@ def peer_list_url() -> Iterator[str]:
             self.end_headers()
             self.wfile.write(body if status == 200 else b"{}")
 
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+    with serve_http(Handler) as base:
+        yield base
 
 
 async def test_gather_endpoints_from_every_source(peer_list_url: str) -> None:

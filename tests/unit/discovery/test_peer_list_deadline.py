@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import http.server
 import threading
 import time
 from collections.abc import Iterator
@@ -10,6 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from services.discovery.bootstrap import BootstrapSources, gather_endpoints
+from tests.harness.http_stub import QuietHandler, serve_http
 
 
 @pytest.fixture
@@ -17,7 +17,7 @@ def trickling_url() -> Iterator[str]:
     """A loopback server sending one byte of its announced body every 0.2 s."""
     done = threading.Event()
 
-    class Handler(http.server.BaseHTTPRequestHandler):
+    class Handler(QuietHandler):
         def do_GET(self) -> None:
             self.send_response(200)
             self.send_header("Content-Length", "100000")
@@ -30,20 +30,11 @@ def trickling_url() -> Iterator[str]:
             except OSError:
                 pass
 
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/v1-k3s/p2p"
+        with serve_http(Handler) as base:
+            yield f"{base}/v1-k3s/p2p"
     finally:
         done.set()
-        server.shutdown()
-        server.server_close()
-        thread.join()
 
 
 async def test_a_trickling_peer_list_fails_as_a_whole(trickling_url: str) -> None:
