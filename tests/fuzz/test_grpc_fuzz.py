@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 import pytest
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from services.common.genproto.peermirror.discovery.v1 import local_pb2, peer_pb2
@@ -22,6 +22,7 @@ from services.common.genproto.peermirror.pinner.v1 import pinner_pb2
 from services.common.genproto.peermirror.registry.v1 import introspection_pb2
 from tests.fuzz.grpc_calls import call_batch
 from tests.fuzz.proto_strategies import wire_requests
+from tests.fuzz.runs import fuzz_settings
 from tests.harness.fuzz_node import FuzzNode, fuzz_node
 
 CASES_PER_METHOD = 1000
@@ -87,15 +88,7 @@ def test_grpc_method_fuzz(
     codes: Counter[str] = Counter()
     with grpc.insecure_channel(_address(node, process, listener)) as channel:
 
-        @settings(
-            max_examples=CASES_PER_METHOD // BATCH,
-            deadline=None,
-            derandomize=True,
-            database=None,
-            suppress_health_check=list(HealthCheck),
-            # No shrinking: a failing batch is reported as found, within the test's time bound.
-            phases=[Phase.explicit, Phase.generate],
-        )
+        @fuzz_settings(CASES_PER_METHOD // BATCH)
         @given(requests=st.lists(wire_requests(method.input_type), min_size=BATCH, max_size=BATCH))
         def run(requests: list[bytes]) -> None:
             outcomes = call_batch(channel, method, requests, CALL_TIMEOUT_S)

@@ -14,7 +14,6 @@ import pytest
 import requests
 import schemathesis
 import yaml
-from hypothesis import HealthCheck, Phase, settings
 from schemathesis import Case
 from schemathesis.checks import (
     content_type_conformance,
@@ -30,6 +29,7 @@ from schemathesis.core.transport import Response
 
 from services.common.oci.synthetic import BuiltImage
 from services.registry.headers import API_VERSION_HEADER
+from tests.fuzz.runs import fuzz_settings
 from tests.harness.fuzz_node import FuzzNode, fuzz_node
 
 OPENAPI = Path(__file__).resolve().parents[2] / "docs" / "openapi.yaml"
@@ -159,13 +159,7 @@ CHECKS = [
 
 
 @schema.parametrize()
-@settings(
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=list(HealthCheck),
-    phases=[Phase.explicit, Phase.generate],
-)
+@fuzz_settings()
 def test_registry_conforms_to_openapi(
     case: Case[Any],
     node: FuzzNode,

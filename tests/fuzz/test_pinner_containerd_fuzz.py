@@ -26,7 +26,7 @@ import yaml
 from google.protobuf.descriptor import MethodDescriptor
 from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from services.common.containerd.client import ContainerdClient
@@ -38,6 +38,7 @@ from services.pinner.pins import PIN_LABEL, PIN_VALUE
 from services.pinner.prefetch import InvalidPrefetchError, normalise_reference
 from tests.fuzz.grpc_calls import Outcome, call_batch
 from tests.fuzz.proto_strategies import wire_requests
+from tests.fuzz.runs import fuzz_settings
 from tests.harness.containerd import ContainerdDaemon
 from tests.harness.fuzz_node import write_limited_config
 from tests.harness.images import BuiltImage, build_image
@@ -439,15 +440,7 @@ def test_pinner_method_fuzz(
     expect = Expectations(pinner)
     codes: Counter[str] = Counter()
 
-    @settings(
-        max_examples=CASES_PER_METHOD // BATCH,
-        deadline=None,
-        derandomize=True,
-        database=None,
-        suppress_health_check=list(HealthCheck),
-        # No shrinking: a failing batch is reported as found, within the test's time bound.
-        phases=[Phase.explicit, Phase.generate],
-    )
+    @fuzz_settings(CASES_PER_METHOD // BATCH)
     @given(
         requests=st.lists(
             wire_requests(method.input_type, _extra_text(pinner.images)),
