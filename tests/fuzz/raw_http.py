@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import socket
 from dataclasses import dataclass
+
+from tests.harness.fuzz_node import FuzzNode
 
 TIMEOUT_S = 10.0
 
@@ -54,3 +58,26 @@ def build_request(method: str, target: str, headers: list[tuple[str, str]]) -> b
     lines += [f"{name}: {value}" for name, value in headers]
     lines.append("Connection: close")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
+
+
+def pull_served_image(node: FuzzNode) -> None:
+    """GET the manifest of the image `node` serves and every blob it names; checks the bytes
+    against their digests."""
+    port = node.ports.registry_http
+    manifest = exchange(
+        port,
+        build_request(
+            "GET",
+            "/v2/library/fuzz/manifests/1.0?ns=docker.io",
+            [("Accept", node.image.target.media_type)],
+        ),
+    )
+    assert manifest is not None and manifest.status == 200
+    assert "sha256:" + hashlib.sha256(manifest.body).hexdigest() == node.image.target.digest
+    parsed = json.loads(manifest.body)
+    for desc in [parsed["config"], *parsed["layers"]]:
+        blob = exchange(
+            port, build_request("GET", f"/v2/library/fuzz/blobs/{desc['digest']}?ns=docker.io", [])
+        )
+        assert blob is not None and blob.status == 200
+        assert "sha256:" + hashlib.sha256(blob.body).hexdigest() == desc["digest"]

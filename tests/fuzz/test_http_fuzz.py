@@ -8,11 +8,12 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.fuzz.http_cases import HttpCase, http_cases
-from tests.fuzz.raw_http import RawResponse, build_request, exchange
+from tests.fuzz.raw_http import RawResponse, build_request, exchange, pull_served_image
+from tests.fuzz.runs import fuzz_settings
 from tests.harness.fuzz_node import FuzzNode, fuzz_node
 
 HTTP_CASES = 5000
@@ -73,15 +74,7 @@ def test_http_fuzz(node: FuzzNode) -> None:
 
     case_strategy = http_cases(digests)
 
-    @settings(
-        max_examples=HTTP_CASES // BATCH,
-        deadline=None,
-        derandomize=True,
-        database=None,
-        suppress_health_check=list(HealthCheck),
-        # No shrinking: a failing batch is reported as found, within the test's time bound.
-        phases=[Phase.explicit, Phase.generate],
-    )
+    @fuzz_settings(HTTP_CASES // BATCH)
     @given(cases=st.lists(case_strategy, min_size=BATCH, max_size=BATCH))
     def run(cases: list[HttpCase]) -> None:
         nonlocal peak
@@ -104,13 +97,4 @@ def test_http_fuzz(node: FuzzNode) -> None:
     assert sum(statuses.values()) >= HTTP_CASES
     assert peak - baseline < RSS_GROWTH_LIMIT
     # Still serving real pulls after the run.
-    manifest = exchange(
-        port,
-        build_request(
-            "GET",
-            "/v2/library/fuzz/manifests/1.0?ns=docker.io",
-            [("Accept", node.image.target.media_type)],
-        ),
-    )
-    assert manifest is not None and manifest.status == 200
-    assert json.loads(manifest.body)["schemaVersion"] == 2
+    pull_served_image(node)

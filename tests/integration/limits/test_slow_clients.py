@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import socket
 import time
 from collections.abc import Iterator
@@ -11,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fuzz.raw_http import build_request, exchange
+from tests.fuzz.raw_http import pull_served_image
 from tests.harness.fuzz_node import REQUEST_TIMEOUT_S, FuzzNode, fuzz_node, raise_open_files
 
 IDLE_CONNECTIONS = 1000
@@ -27,28 +25,6 @@ def node(tmp_path: Path) -> Iterator[FuzzNode]:
     assert raise_open_files(4 * IDLE_CONNECTIONS) >= 3 * IDLE_CONNECTIONS
     with fuzz_node(tmp_path) as running:
         yield running
-
-
-def _pull(node: FuzzNode) -> None:
-    """GET the manifest and every blob it names; checks the bytes against their digests."""
-    port = node.ports.registry_http
-    manifest = exchange(
-        port,
-        build_request(
-            "GET",
-            "/v2/library/fuzz/manifests/1.0?ns=docker.io",
-            [("Accept", node.image.target.media_type)],
-        ),
-    )
-    assert manifest is not None and manifest.status == 200
-    assert "sha256:" + hashlib.sha256(manifest.body).hexdigest() == node.image.target.digest
-    parsed = json.loads(manifest.body)
-    for desc in [parsed["config"], *parsed["layers"]]:
-        blob = exchange(
-            port, build_request("GET", f"/v2/library/fuzz/blobs/{desc['digest']}?ns=docker.io", [])
-        )
-        assert blob is not None and blob.status == 200
-        assert "sha256:" + hashlib.sha256(blob.body).hexdigest() == desc["digest"]
 
 
 def test_slow_loris_and_idle_connections_do_not_stop_pulls(node: FuzzNode) -> None:
@@ -68,7 +44,7 @@ def test_slow_loris_and_idle_connections_do_not_stop_pulls(node: FuzzNode) -> No
             except OSError:
                 break  # reset by the server
             sent += 1
-            _pull(node)
+            pull_served_image(node)
             pulls += 1
             slow.settimeout(1.0)
             try:
@@ -95,7 +71,7 @@ def test_slow_loris_and_idle_connections_do_not_stop_pulls(node: FuzzNode) -> No
             except (TimeoutError, OSError):
                 pass
         assert closed == IDLE_CONNECTIONS
-        _pull(node)
+        pull_served_image(node)
         assert node.alive("registry")
     finally:
         slow.close()
