@@ -97,16 +97,19 @@ class ConnectionRecorder:
             self._server.close()
             await self._server.wait_closed()
 
+    async def __aenter__(self) -> ConnectionRecorder:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
 
 @pytest.fixture
 async def recorder() -> AsyncIterator[ConnectionRecorder]:
     """Counts connections to a loopback address no node has (OTHER_IP)."""
-    rec = ConnectionRecorder(host=OTHER_IP)
-    await rec.start()
-    try:
+    async with ConnectionRecorder(host=OTHER_IP) as rec:
         yield rec
-    finally:
-        await rec.stop()
 
 
 @pytest.fixture

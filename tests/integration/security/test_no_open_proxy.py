@@ -76,33 +76,37 @@ async def honest(
         yield node
 
 
+@pytest.fixture
+async def verify_port() -> AsyncIterator[ConnectionRecorder]:
+    """A listener on OTHER_IP, where a poisoned contact says its discovery port is: dialling it
+    to verify the contact is allowed, unlike dialling the registry port it names."""
+    async with ConnectionRecorder(host=OTHER_IP) as listener:
+        yield listener
+
+
 async def test_providers_named_by_a_peer_must_prove_their_address(
     honest: DiscoveryService,
     rogue: RoguePeer,
     cluster: ClusterPki,
     recorder: ConnectionRecorder,
+    verify_port: ConnectionRecorder,
     tmp_path: Path,
 ) -> None:
-    verify_port = ConnectionRecorder(host=OTHER_IP)
-    await verify_port.start()
-    try:
-        # A real node the honest one has never heard of: it proves its address over mTLS.
-        cfg_b = discovery_config(tmp_path / "b", cluster.peer, registry_port=7002)
-        async with discovery_node(cfg_b) as b:
-            real = pb.Contact(
-                node_id=b.engine.node_id,
-                address="127.0.0.1",
-                discovery_port=b.engine.discovery_port,
-                registry_port=7002,
-            )
-            rogue.poison = [_poison(recorder, verify_port.port), real]
-            found = await find_providers(honest.local_address, DIGEST)
-        assert [(r.provider.node_id, r.provider.registry_port) for r in found] == [
-            (b.engine.node_id, 7002)
-        ]
-        assert honest.engine.counters.providers_refused == 1
-    finally:
-        await verify_port.stop()
+    # A real node the honest one has never heard of: it proves its address over mTLS.
+    cfg_b = discovery_config(tmp_path / "b", cluster.peer, registry_port=7002)
+    async with discovery_node(cfg_b) as b:
+        real = pb.Contact(
+            node_id=b.engine.node_id,
+            address="127.0.0.1",
+            discovery_port=b.engine.discovery_port,
+            registry_port=7002,
+        )
+        rogue.poison = [_poison(recorder, verify_port.port), real]
+        found = await find_providers(honest.local_address, DIGEST)
+    assert [(r.provider.node_id, r.provider.registry_port) for r in found] == [
+        (b.engine.node_id, 7002)
+    ]
+    assert honest.engine.counters.providers_refused == 1
     assert recorder.connections == 0
 
 
@@ -111,10 +115,9 @@ async def test_poisoned_provider_lists_and_ns_are_never_dialled(
     rogue: RoguePeer,
     cluster: ClusterPki,
     recorder: ConnectionRecorder,
+    verify_port: ConnectionRecorder,
     tmp_path: Path,
 ) -> None:
-    verify_port = ConnectionRecorder(host=OTHER_IP)
-    await verify_port.start()
     rogue.poison = [_poison(recorder, verify_port.port)]
     store = OciLayoutStore(tmp_path / "layout", create=True)
     try:
@@ -133,7 +136,6 @@ async def test_poisoned_provider_lists_and_ns_are_never_dialled(
             assert honest.engine.counters.providers_refused >= 1
     finally:
         await store.close()
-        await verify_port.stop()
     assert recorder.connections == 0
 
 

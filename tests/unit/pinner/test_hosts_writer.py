@@ -21,6 +21,14 @@ from services.pinner.hosts_writer import (
 
 OPTS = HostsOptions(embedded_mirror=False, server_override="http://127.0.0.1:9")
 HAND_WRITTEN = 'server = "https://hand.example.com"\n\n[host."https://x.example.com"]\n'
+# Two mirrored registries, so a directory is generated for each.
+TWO_MIRRORED = (
+    "mirrors:\n"
+    "  docker.io:\n"
+    "    endpoint: [m.example.com]\n"
+    "  ghcr.io:\n"
+    "    endpoint: [m.example.com]\n"
+)
 
 
 def snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
@@ -103,14 +111,7 @@ def test_hand_written_directories_are_never_touched(tmp_path: Path, certs: Path)
 
 
 def test_stale_generated_directories_are_removed_others_kept(tmp_path: Path, certs: Path) -> None:
-    reg = registries(
-        tmp_path,
-        "mirrors:\n"
-        "  docker.io:\n"
-        "    endpoint: [m.example.com]\n"
-        "  ghcr.io:\n"
-        "    endpoint: [m.example.com]\n",
-    )
+    reg = registries(tmp_path, TWO_MIRRORED)
     write_containerd_config(reg, certs, OPTS)
     assert is_generated(certs / "ghcr.io")
     reg.write_text("mirrors:\n  docker.io:\n    endpoint: [m.example.com]\n")
@@ -155,14 +156,7 @@ def test_missing_registries_file_removes_only_ours_when_allowed(
     ],
 )
 def test_invalid_input_changes_no_file(tmp_path: Path, certs: Path, bad: str) -> None:
-    reg = registries(
-        tmp_path,
-        "mirrors:\n"
-        "  docker.io:\n"
-        "    endpoint: [m.example.com]\n"
-        "  ghcr.io:\n"
-        "    endpoint: [m.example.com]\n",
-    )
+    reg = registries(tmp_path, TWO_MIRRORED)
     write_containerd_config(reg, certs, OPTS)
     before = snapshot(certs)
     reg.write_text(bad)
