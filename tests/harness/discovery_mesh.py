@@ -34,6 +34,17 @@ from tests.harness.wait import wait_until as wait_until
 REGISTRY_PORT_BASE = 17000
 
 
+# Discovery timings for tests: a node is probed every second and dropped 3 s after it stops
+# answering, so joins, deaths and rejoins show within seconds.
+FAST_PROBING: dict[str, float] = {
+    "probe_interval": 1.0,
+    "probe_timeout": 1.0,
+    "liveness_window": 3.0,
+}
+# The same, with lookups that are cached for a second and RPCs that give up after one.
+FAST_LOOKUPS: dict[str, float] = {**FAST_PROBING, "lookup_cache_ttl": 1.0, "rpc_timeout": 1.0}
+
+
 def node_config(root: Path, index: int, bootstrap: list[str], **discovery: Any) -> NodeConfig:
     """Config of mesh node `index`: loopback, ports picked by the OS, its own data dir."""
     section = dataclasses.replace(

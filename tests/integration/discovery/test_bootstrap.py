@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 
 from services.discovery.service import DiscoveryService
-from tests.harness.discovery_mesh import node_config
+from tests.harness.discovery_mesh import FAST_PROBING, node_config
 from tests.harness.http_stub import QuietHandler, serve_http
 from tests.harness.service_procs import free_port
 from tests.harness.wait import wait_until
 
-TIMINGS = {"probe_interval": 1.0, "probe_timeout": 1.0, "liveness_window": 3.0}
+TIMINGS = FAST_PROBING
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from services.common.genproto.peermirror.discovery.v1 import peer_pb2 as pb
 from services.common.genproto.peermirror.discovery.v1 import peer_pb2_grpc as pb_grpc
 from services.discovery.kademlia import Contact, dht_key, xor_distance
 from services.discovery.service import DiscoveryService
-from tests.harness.discovery_mesh import Mesh, find_providers
+from tests.harness.discovery_mesh import FAST_LOOKUPS, Mesh, find_providers
 from tests.harness.service_procs import (
     NodePorts,
     cli_argv,
@@ -38,14 +38,7 @@ from tests.harness.wait import wait_until
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 NODES = 5
-TIMINGS = {
-    "probe_interval": 1.0,
-    "probe_timeout": 1.0,
-    "liveness_window": 3.0,
-    "lookup_cache_ttl": 1.0,
-    "rpc_timeout": 1.0,
-    "max_lease_ttl": 30.0,
-}
+TIMINGS = {**FAST_LOOKUPS, "max_lease_ttl": 30.0}
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")

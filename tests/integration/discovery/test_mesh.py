@@ -24,6 +24,7 @@ from services.common.genproto.peermirror.discovery.v1 import peer_pb2_grpc as pb
 from services.discovery.kademlia import dht_key
 from services.discovery.service import DiscoveryService
 from tests.harness.discovery_mesh import (
+    FAST_LOOKUPS,
     REGISTRY_PORT_BASE,
     Mesh,
     find_providers,
@@ -34,13 +35,7 @@ from tests.harness.service_procs import run_cli
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 NODES = 20
-TIMINGS = {
-    "probe_interval": 1.0,
-    "probe_timeout": 1.0,
-    "liveness_window": 3.0,
-    "lookup_cache_ttl": 1.0,
-    "rpc_timeout": 1.0,
-}
+TIMINGS = FAST_LOOKUPS
 # Beyond window + cache TTL: scheduling on a busy two-core machine and the polling itself.
 SLACK = 3.0
 

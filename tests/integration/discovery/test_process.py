@@ -14,7 +14,7 @@ from services.common.genproto.peermirror.discovery.v1 import local_pb2 as lpb
 from services.common.genproto.peermirror.discovery.v1 import local_pb2_grpc as lpb_grpc
 from services.discovery.identity import NODE_ID_FILE
 from services.discovery.kademlia import dht_key
-from tests.harness.discovery_mesh import Mesh, find_providers
+from tests.harness.discovery_mesh import FAST_PROBING, Mesh, find_providers
 from tests.harness.service_procs import (
     NodePorts,
     ServiceProcess,
@@ -27,7 +27,7 @@ from tests.harness.service_procs import (
 )
 from tests.harness.wait import wait_until
 
-TIMINGS = {"probe_interval": 1.0, "probe_timeout": 1.0, "liveness_window": 3.0}
+TIMINGS = FAST_PROBING
 
 
 def _config(directory: Path, **discovery: object) -> tuple[NodePorts, Path]:

@@ -6,11 +6,11 @@ import asyncio
 from pathlib import Path
 
 from services.discovery.service import DiscoveryService
-from tests.harness.discovery_mesh import node_config
+from tests.harness.discovery_mesh import FAST_PROBING, node_config
 from tests.harness.service_procs import free_port
 from tests.harness.wait import wait_until
 
-TIMINGS = {"probe_interval": 1.0, "probe_timeout": 1.0, "liveness_window": 3.0}
+TIMINGS = FAST_PROBING
 
 
 async def test_a_restarted_bootstrap_node_is_pinged_back_into_the_mesh(tmp_path: Path) -> None:
