@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
+from tests.harness.logs import log_tail
 from tests.harness.wait import eventually
 
 # Plugins that need kernel features or host setup we never use; disabling them keeps start-up quiet
@@ -224,11 +225,7 @@ class ContainerdDaemon:
 
     def log_tail(self, lines: int = 40) -> str:
         """The last lines of containerd's own log, for error messages."""
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return "(no log)"
-        return "\n".join(text.splitlines()[-lines:])
+        return log_tail(self.log_path, lines)
 
     def _terminate(self) -> None:
         proc = self._proc

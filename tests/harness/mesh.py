@@ -66,6 +66,7 @@ from services.common.tls import TlsFiles, client_context
 from tests.harness import netns
 from tests.harness.containerd import ContainerdDaemon
 from tests.harness.cpu_cgroup import CpuCgroup
+from tests.harness.logs import log_tail
 from tests.harness.service_procs import REPO_ROOT, health_status, http_get
 from tests.harness.wait import WaitAborted, wait_for
 
@@ -281,11 +282,7 @@ class MeshProcess:
             proc.wait()
 
     def log_tail(self, lines: int = 30) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return "(no output)"
-        return "\n".join(text.splitlines()[-lines:])
+        return log_tail(self.log_path, lines, missing="(no output)")
 
 
 def read_json_lines(path: Path) -> list[dict[str, Any]]:

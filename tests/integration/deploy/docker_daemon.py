@@ -21,6 +21,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from tests.harness.logs import log_tail
 from tests.harness.wait import eventually
 from tests.integration.deploy.debian_base import CACHE_DIR
 
@@ -116,9 +117,7 @@ class DockerDaemon:
                 _wait_gone(pid, STOP_TIMEOUT)
 
     def log_tail(self, lines: int = 40) -> str:
-        with contextlib.suppress(FileNotFoundError):
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        return ""
+        return log_tail(self.log_path, lines, missing="")
 
     def stop(self) -> None:
         """Stop dockerd (it stops its containers and its containerd), release the lock."""

@@ -7,7 +7,6 @@ run inside it with `ctr task exec`, as kubelet's exec probes do through CRI.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import subprocess
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.harness.containerd import ContainerdDaemon
+from tests.harness.logs import log_tail
 from tests.harness.wait import eventually
 from tests.integration.deploy.podspec import Container, Volume, image_reference, oci_spec
 
@@ -38,9 +38,7 @@ class RunningContainer:
         self.log = log
 
     def log_tail(self, lines: int = 20) -> str:
-        with contextlib.suppress(FileNotFoundError):
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        return ""
+        return log_tail(self.log, lines, missing="")
 
 
 class PodRunner:
