@@ -21,6 +21,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from bench.report import percentile
 from services.discovery.kademlia import DhtConfig
 from tests.harness.dht_sim import SimNetwork
 
@@ -38,12 +39,6 @@ class Figures:
     hops_max: int
     queries_mean: float
     build_seconds: float
-
-
-def percentile(values: Sequence[int], fraction: float) -> int:
-    """Nearest-rank percentile."""
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
 
 
 def measure(nodes: int, keys: int, seed: int) -> Figures:

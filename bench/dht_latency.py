@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import math
 import random
 import sys
 import tempfile
@@ -34,6 +33,7 @@ from pathlib import Path
 
 import grpc
 
+from bench.report import percentile
 from services.common.genproto.peermirror.discovery.v1 import local_pb2 as lpb
 from services.common.genproto.peermirror.discovery.v1 import local_pb2_grpc as lpb_grpc
 from services.common.logsetup import configure_logging
@@ -53,12 +53,6 @@ class Figure:
     samples: int
     p50: float
     p99: float
-
-
-def percentile(values: Sequence[float], fraction: float) -> float:
-    """Nearest-rank percentile."""
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
 
 
 def figure(name: str, seconds: Sequence[float]) -> Figure:

@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Sequence
 
+from bench.report import verdict
 from services.discovery.kademlia import Contact, DhtConfig, DhtNode, dht_key
 from services.discovery.kademlia.node_id import int_id
 
@@ -60,13 +61,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     base_s = tick_seconds(base, args.ticks)
     loaded_s = tick_seconds(loaded, args.ticks)
     ratio = loaded_s / base_s
-    verdict = "PASS" if ratio <= TARGET_RATIO else "MISS"
+    met = ratio <= TARGET_RATIO
     print(f"providers: {PROVIDERS}; records: baseline {len(base.store):,}", end="")
     print(f", loaded {len(loaded.store):,}")
     print(f"tick (median of {args.ticks}): baseline {base_s * 1e6:.1f} us", end="")
     print(f", loaded {loaded_s * 1e6:.1f} us")
-    print(f"ratio loaded/baseline {ratio:.2f}x (target <= {TARGET_RATIO}x): {verdict}")
-    return 0 if verdict == "PASS" else 1
+    print(f"ratio loaded/baseline {ratio:.2f}x (target <= {TARGET_RATIO}x): {verdict(met)}")
+    return 0 if met else 1
 
 
 if __name__ == "__main__":

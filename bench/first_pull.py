@@ -56,6 +56,7 @@ from pathlib import Path
 
 from bench import guest_memory
 from bench.process_cpu import cpu_seconds
+from bench.report import verdict
 from tests.harness.first_pull_wave import (
     Upstream,
     image_bytes,
@@ -75,10 +76,6 @@ SERVICES = ("registry", "containerd", "discovery")
 # CPU a wave's nodes would spend that no production node does. The registry's budgets stay
 # widened for this shared machine (see FAST_TIMINGS).
 TIMINGS = {section: keys for section, keys in FAST_TIMINGS.items() if section != "discovery"}
-
-
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "MISS"
 
 
 def busy_cpu_seconds() -> float:

@@ -31,6 +31,7 @@ from pathlib import Path
 import grpc
 
 from bench.dht_latency import Figure, figure, timed
+from bench.report import verdict
 from services.common.genproto.peermirror.discovery.v1 import local_pb2 as lpb
 from services.common.genproto.peermirror.discovery.v1 import local_pb2_grpc as lpb_grpc
 from services.common.logsetup import configure_logging
@@ -103,14 +104,14 @@ def render(figures: list[Figure], nodes: int) -> tuple[str, bool]:
     ]
     ok = True
     for index, f in enumerate(figures):
-        verdict = ""
+        judged = ""
         if index in (1, 2):
             hit = f.p50 / base <= TARGET_RATIO
             ok = ok and hit
-            verdict = f"{'PASS' if hit else 'MISS'} (p50 <= {TARGET_RATIO:g}x base)"
+            judged = f"{verdict(hit)} (p50 <= {TARGET_RATIO:g}x base)"
         lines.append(
             f"{f.name:<34} {f.samples:>5} {f.p50:>8.3f} {f.p99:>8.3f} {f.p50 / base:>11.2f} "
-            f"{f.p99 / figures[0].p99:>11.2f}  {verdict}"
+            f"{f.p99 / figures[0].p99:>11.2f}  {judged}"
         )
     return "\n".join(lines), ok
 

@@ -32,10 +32,8 @@ import contextlib
 import hashlib
 import http.client
 import json
-import math
 import os
 import secrets
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -49,6 +47,7 @@ import yaml
 
 from bench.http_load import LoadError, fetch_blob
 from bench.process_cpu import cpu_seconds
+from bench.report import median, percentile, progress, verdict
 from bench.root_run import run_as_root
 from tests.harness import netns
 from tests.harness.images import BuiltImage, build_image, write_oci_archive
@@ -158,19 +157,6 @@ def run_worker(host: NetnsHost, spec: Mapping[str, Any], timeout: float) -> dict
 # --- figures -----------------------------------------------------------------------------------
 
 
-def median(values: Sequence[float]) -> float:
-    return statistics.median(values) if values else float("nan")
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile (0 < q <= 1)."""
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    rank = max(1, math.ceil(q * len(ordered)))
-    return ordered[min(rank, len(ordered)) - 1]
-
-
 @dataclass
 class Figures:
     relay_gbps: list[float]
@@ -191,17 +177,6 @@ class CpuFigures:
     relay: dict[str, float]
     local: dict[str, float]
     sha256_s_per_gb: float
-
-
-_T0 = time.monotonic()
-
-
-def progress(message: str) -> None:
-    print(f"[{time.monotonic() - _T0:5.0f} s] {message}", flush=True)
-
-
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "MISS"
 
 
 def render(f: Figures) -> str:

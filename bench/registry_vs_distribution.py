@@ -23,7 +23,6 @@ import contextlib
 import functools
 import os
 import signal
-import statistics
 import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -36,6 +35,7 @@ import yaml
 from bench.distribution_registry import lay_out_storage, registry_argv, write_config
 from bench.http_load import BlobFetch, LoadError, ab_binary, fetch_blob, run_ab
 from bench.process_cpu import cpu_seconds
+from bench.report import median, verdict
 from tests.harness.containerd import ContainerdDaemon
 from tests.harness.images import BuiltImage, build_image
 from tests.harness.service_procs import ServiceProcess, cli_argv, free_port, running
@@ -281,10 +281,6 @@ def measure_manifests(servers_: Sequence[Server], settings: Settings) -> None:
 # --- reporting -----------------------------------------------------------------------------------
 
 
-def median(values: Sequence[float]) -> float:
-    return statistics.median(values) if values else 0.0
-
-
 def render(servers_: Sequence[Server], settings: Settings) -> str:
     """The figures (medians, with the range seen), the ratios and one PASS/MISS line per target."""
     header = (
@@ -323,8 +319,8 @@ def render(servers_: Sequence[Server], settings: Settings) -> str:
             ("GET manifest req/s", get, MANIFEST_TARGET),
             ("HEAD manifest req/s", head, MANIFEST_TARGET),
         ):
-            verdict = "PASS" if ratio >= target else "MISS"
-            verdicts.append(f"{verdict} {s.label}: {what} {ratio:.2f}x (target >= {target:.1f}x)")
+            judged = verdict(ratio >= target)
+            verdicts.append(f"{judged} {s.label}: {what} {ratio:.2f}x (target >= {target:.1f}x)")
     return "\n".join([*lines, "", *verdicts])
 
 

@@ -42,7 +42,6 @@ import json
 import os
 import resource
 import ssl
-import statistics
 import sys
 import tempfile
 import time
@@ -54,7 +53,8 @@ import yaml
 
 from bench.distribution_registry import lay_out_storage, registry_argv
 from bench.http_load import BlobFetch, LoadError, curl_blob, fetch_blob
-from bench.p2p_mesh import MESH_TIMINGS, PEER_HEADER, process_cpu_s, progress, verdict
+from bench.p2p_mesh import MESH_TIMINGS, PEER_HEADER, process_cpu_s
+from bench.report import median, progress, verdict
 from bench.root_run import run_as_root
 from services.common.pki import issue_node, write_node
 from services.common.tls import TlsFiles, client_context, server_context
@@ -253,10 +253,6 @@ def _target(label: str, host: str, port: int, digest: str, size: int, peer: bool
     }
 
 
-def _median(values: Sequence[float]) -> float:
-    return statistics.median(values)
-
-
 def measure_mesh(
     tls: bool, image: BuiltImage, layout: Path, archive: Path, reps: int
 ) -> dict[str, Any]:
@@ -283,15 +279,15 @@ def measure_mesh(
         )
         progress(f"[{kind}] throughput, interleaved ...")
         answer = run_worker(n3, {"reps": reps, "targets": targets, "tls": creds, "verify": True})
-        rates = {k: _median(v) for k, v in answer["rates"].items()}
-        clean_s = _median(answer["seconds"]["relay"])
+        rates = {k: median(v) for k, v in answer["rates"].items()}
+        clean_s = median(answer["seconds"]["relay"])
         progress(f"[{kind}] " + ", ".join(f"{k} {v:.2f} GB/s" for k, v in rates.items()))
         progress(f"[{kind}] throughput with curl, interleaved ...")
         by_curl = run_worker(
             n3,
             {"reps": reps, "targets": targets, "tls": creds, "verify": False, "client": "curl"},
         )
-        curl_rates = {k: _median(v) for k, v in by_curl["rates"].items()}
+        curl_rates = {k: median(v) for k, v in by_curl["rates"].items()}
         processes = {
             "n3 registry": n3.services["registry"].pid,
             "n1 registry": n1.services["registry"].pid,
