@@ -21,7 +21,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from bench.report import percentile
+from services.common.percentile import percentile
 from services.discovery.kademlia import DhtConfig
 from tests.harness.dht_sim import SimNetwork
 

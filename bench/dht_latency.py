@@ -33,10 +33,10 @@ from pathlib import Path
 
 import grpc
 
-from bench.report import percentile
 from services.common.genproto.peermirror.discovery.v1 import local_pb2 as lpb
 from services.common.genproto.peermirror.discovery.v1 import local_pb2_grpc as lpb_grpc
 from services.common.logsetup import configure_logging
+from services.common.percentile import percentile
 from services.discovery.kademlia import dht_key, random_node_id
 from tests.harness.discovery_mesh import Mesh
 from tests.harness.wait import wait_until

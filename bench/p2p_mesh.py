@@ -47,8 +47,9 @@ import yaml
 
 from bench.http_load import LoadError, fetch_blob
 from bench.process_cpu import cpu_seconds
-from bench.report import median, percentile, progress, verdict
+from bench.report import median, progress, verdict
 from bench.root_run import run_as_root
+from services.common.percentile import percentile
 from tests.harness import netns
 from tests.harness.images import BuiltImage, build_image, write_oci_archive
 from tests.harness.mesh import K8S_NAMESPACE, Mesh, MeshError, MeshNode, NetnsHost, deep_merge

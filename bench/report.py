@@ -1,14 +1,11 @@
-"""What every benchmark prints with: progress lines, medians, percentiles and PASS/MISS."""
+"""What every benchmark prints with: progress lines, medians and PASS/MISS (percentiles come
+from services/common/percentile.py, which the registry's hedging uses too)."""
 
 from __future__ import annotations
 
-import math
 import statistics
 import time
 from collections.abc import Sequence
-from typing import TypeVar
-
-N = TypeVar("N", int, float)
 
 _T0 = time.monotonic()
 
@@ -25,12 +22,3 @@ def verdict(ok: bool) -> str:
 def median(values: Sequence[float]) -> float:
     """The median; NaN when nothing was measured (it prints, and fails any target, as such)."""
     return statistics.median(values) if values else float("nan")
-
-
-def percentile(values: Sequence[N], q: float) -> N:
-    """The nearest-rank `q` percentile (0 < q <= 1) of `values`; ValueError when empty."""
-    ordered = sorted(values)
-    if not ordered:
-        raise ValueError("no values")
-    rank = max(1, math.ceil(q * len(ordered)))
-    return ordered[min(rank, len(ordered)) - 1]

@@ -14,13 +14,13 @@ it was measured, no longer: a link that slowed since must not stand for a fast p
 from __future__ import annotations
 
 import ipaddress
-import math
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from services.common.hostport import join_host_port
+from services.common.percentile import percentile
 
 DEFAULT_ALPHA = 0.3
 DEFAULT_WINDOW = 128
@@ -68,15 +68,6 @@ def peer_from_contact(address: str, port: int, node_id: bytes = b"") -> Peer | N
     if not 0 < port <= 65535 or ip.is_unspecified or ip.is_multicast:
         return None
     return Peer(ip.compressed, port, node_id.hex())
-
-
-def percentile(samples: Iterable[float], q: float) -> float:
-    """The nearest-rank `q` percentile (0 < q <= 1) of `samples`; ValueError when empty."""
-    ordered = sorted(samples)
-    if not ordered:
-        raise ValueError("no samples")
-    rank = max(1, math.ceil(q * len(ordered)))
-    return ordered[min(rank, len(ordered)) - 1]
 
 
 @dataclass(slots=True)

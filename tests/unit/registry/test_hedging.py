@@ -10,20 +10,9 @@ from services.registry.mirror.hedging import (
     Peer,
     PeerBook,
     peer_from_contact,
-    percentile,
 )
 
 A, B, C = Peer("10.0.0.1", 6443), Peer("10.0.0.2", 6443), Peer("10.0.0.3", 7443)
-
-
-def test_percentile_is_nearest_rank() -> None:
-    samples = [float(i) for i in range(1, 11)]
-    assert percentile(samples, 0.9) == 9.0
-    assert percentile(samples, 1.0) == 10.0
-    assert percentile(samples, 0.01) == 1.0
-    assert percentile([5.0], 0.9) == 5.0
-    with pytest.raises(ValueError):
-        percentile([], 0.9)
 
 
 def test_unknown_peers_keep_discovery_order() -> None:
