@@ -80,9 +80,11 @@ class _Servicer(NoLocalLeases, local_pb2_grpc.LocalDiscoveryServicer):
         contacts = owner.providers.get(request.key, [])
         limit = request.limit or len(contacts)
         for i, (address, port) in enumerate(contacts[:limit]):
-            if i == 0 and owner.first_delay:
-                # A slow lookup on purpose: a fault this fake exists to inject.
-                await asyncio.sleep(owner.first_delay)
+            # A slow lookup, or one that finds more providers as it walks on: faults this fake
+            # exists to inject.
+            delay = owner.first_delay if i == 0 else owner.later_delay
+            if delay:
+                await asyncio.sleep(delay)
             yield local_pb2.FindProvidersResponse(provider=owner.contact(address, port))
         if owner.hold_open:
             # Like a lookup still walking the DHT: the stream stays open until the caller
@@ -103,7 +105,8 @@ class FakeDiscovery:
     """`async with FakeDiscovery() as d:` serves on `d.address` until the block ends.
 
     `providers[key]` lists (address, registry_port) in the order they are streamed;
-    `first_delay` delays the first one; `hold_open` keeps streams open after the last one. A
+    `first_delay` delays the first one, `later_delay` each of the others; `hold_open` keeps
+    streams open after the last one. A
     contact's node ID is derived from its address and port unless `node_ids` names one (two
     contacts of one node: the same ID at two ports). `keys` is the advertised set, `calls` the
     pinner's Advertise and Withdraw calls in order.
@@ -117,6 +120,7 @@ class FakeDiscovery:
         self.providers: dict[str, list[tuple[str, int]]] = {}
         self.lookups: list[str] = []
         self.first_delay = 0.0
+        self.later_delay = 0.0
         self.hold_open = False
         self.node_ids: dict[tuple[str, int], bytes] = {}
         self._server: GrpcServer | None = None

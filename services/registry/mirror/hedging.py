@@ -171,10 +171,14 @@ class PeerBook:
         record.rate_at = self._clock()
         record.slow = True
 
-    def peak_rate(self) -> float | None:
-        """The fastest smoothed rate of any peer not ranked down: what this node's relays
-        normally get."""
-        rates = [rate for r in self._peers.values() if (rate := self._fresh(r)) is not None]
+    def peak_rate(self, excluding: Peer | None = None) -> float | None:
+        """The fastest smoothed rate of any peer not ranked down (but `excluding`): what this
+        node's relays normally get."""
+        rates = [
+            rate
+            for p, r in self._peers.items()
+            if p != excluding and (rate := self._fresh(r)) is not None
+        ]
         return max(rates) if rates else None
 
     def _fresh(self, record: PeerLoad) -> float | None:

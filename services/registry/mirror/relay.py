@@ -166,6 +166,12 @@ class _Pull:
         book = self.mirror.book
         return [p for p in self._candidates() if p != current and not book.is_slow(p)]
 
+    def blind(self, current: Peer) -> bool:
+        """Whether another provider could take over `current` while no rate is known of any
+        peer but `current` itself: `current` could then only be judged against its own rate,
+        which says nothing of what another provider would give."""
+        return bool(self.takeovers(current)) and self.mirror.book.peak_rate(current) is None
+
     def reference_rate(self, current: Peer) -> float | None:
         """What `current` is judged against: the fastest known rate of another provider that
         could take over, or, when none of them is known, the best rate this node's relays get
@@ -722,12 +728,15 @@ class _BodyRelay:
         self.blob = blob
         self.stats = stats
         self.sent = 0
+        # The rate probe of this body (see _probe_if_blind): at most one, while it is wanted.
+        self._probe: asyncio.Task[None] | None = None
+        self._probed = False
 
     async def run(self, pull: _Pull, route: Route, registry: str, answer: _BlobAnswer) -> None:
         blob = self.blob
         current: _BlobAnswer | None = answer
         actions = blob.begin(answer.peer, time.monotonic(), pull.reference_rate(answer.peer))
-        probe = self._probe_if_blind(pull, route, registry, answer.peer)
+        self._probe_if_blind(pull, route, registry, answer.peer)
         try:
             while True:
                 resume = await self._act(actions, route, registry)
@@ -735,9 +744,9 @@ class _BodyRelay:
                     return
                 if resume is not None:
                     assert current is not None
-                    if probe is not None:
-                        probe.cancel()  # it was to judge the attempt that is over now
-                        probe = None
+                    if self._probe is not None:
+                        self._probe.cancel()  # it was to judge the attempt that is over now
+                        self._probe = None
                     pull.failed(current.peer, resume.reason)
                     self.mirror.drop_answer(current)
                     current = None
@@ -759,47 +768,52 @@ class _BodyRelay:
                     )
                     continue
                 assert current is not None
-                actions = await self._pump(
-                    current, route, registry, functools.partial(pull.reference_rate, current.peer)
-                )
+                watch = functools.partial(self._watch, pull, route, registry, current.peer)
+                actions = await self._pump(current, route, registry, watch)
         finally:
-            if probe is not None:
-                probe.cancel()
+            if self._probe is not None:
+                self._probe.cancel()
             if current is not None:
                 self.mirror.drop_answer(current)
 
-    def _probe_if_blind(
-        self, pull: _Pull, route: Route, registry: str, current: Peer
-    ) -> asyncio.Task[None] | None:
-        """With no rate known to judge `current` by, measure another provider meanwhile (see
-        Mirror.probe_rate; the reference refresh in _pump picks the rate up): a node's first
-        pull must not keep a congested peer for a whole blob. Only for blobs of at least
-        PROBE_SHARE probes, and only when another provider could take over."""
+    def _watch(self, pull: _Pull, route: Route, registry: str, current: Peer) -> None:
+        """Keep the core's reference rate for `current` up to date, and probe once a provider
+        to measure becomes known (discovery may name it after the relay began)."""
+        self.blob.refer_to(pull.reference_rate(current))
+        self._probe_if_blind(pull, route, registry, current)
+
+    def _probe_if_blind(self, pull: _Pull, route: Route, registry: str, current: Peer) -> None:
+        """With no rate known to judge `current` by (see _Pull.blind), measure another provider
+        meanwhile (see Mirror.probe_rate; the reference refresh in _pump picks the rate up): a
+        node's first pull must not keep a congested peer for a whole blob. At most once per
+        body, and only for blobs of at least PROBE_SHARE probes."""
         mirror = self.mirror
         length = mirror.settings.rate_probe_bytes
         if (
-            length <= 0
+            self._probed
+            or length <= 0
             or self.blob.size - self.blob.offset < PROBE_SHARE * length
-            or pull.reference_rate(current) is not None
+            or not pull.blind(current)
         ):
-            return None
+            return
         other = mirror.book.choose(pull.takeovers(current))
         if other is None:
-            return None
-        return mirror.start_probe(other, route, registry, self.blob.size)
+            return
+        self._probed = True
+        self._probe = mirror.start_probe(other, route, registry, self.blob.size)
 
     async def _pump(
         self,
         answer: _BlobAnswer,
         route: Route,
         registry: str,
-        reference_rate: Callable[[], float | None],
+        watch: Callable[[], None],
     ) -> list[core.Action]:
         """Read `answer`'s body on a worker thread, which feeds the core (and so decrypts and
         hashes) there, while this loop sends the bytes it hands over, in order, at most
-        PIPELINE pieces behind, and keeps the core's reference rate current
-        (`reference_rate()`, every REFERENCE_REFRESH_S). Returns, once those are sent, the
-        core's first actions that are more than sending bytes (a resume, the verdict)."""
+        PIPELINE pieces behind, and calls `watch()` every REFERENCE_REFRESH_S (it keeps the
+        core's reference rate current). Returns, once those are sent, the core's first actions
+        that are more than sending bytes (a resume, the verdict)."""
         loop = asyncio.get_running_loop()
         sock = answer.sock
         assert sock is not None
@@ -865,7 +879,7 @@ class _BodyRelay:
         async def refresh() -> None:
             while True:
                 await asyncio.sleep(REFERENCE_REFRESH_S)
-                self.blob.refer_to(reference_rate())
+                watch()
 
         sending = asyncio.create_task(sender(), name="relay-send")
         refreshing = asyncio.create_task(refresh(), name="relay-reference")

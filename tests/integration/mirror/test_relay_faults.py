@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 import aiohttp
+import pytest
 
 from services.registry.headers import DIGEST_HEADER
 from services.registry.mirror.relay import Mirror
@@ -148,13 +149,17 @@ async def test_a_fresh_node_leaves_a_slow_peer_once_a_parallel_relay_measures_a_
         assert not cluster.quarantined(node, slow)
 
 
+@pytest.mark.parametrize("named_later", [0.0, 0.3], ids=["named-at-once", "named-later"])
 async def test_a_fresh_node_probes_another_provider_before_keeping_a_slow_one(
-    cluster: Cluster,
+    cluster: Cluster, named_later: float
 ) -> None:
     # A node's first pull of a one-layer image: no rate is known and no other relay runs. The
     # relay measures another provider on a small Range (its bytes dropped), then judges the
-    # slow peer against that rate instead of keeping it for the whole blob (3 s here).
+    # slow peer against that rate instead of keeping it for the whole blob (3 s here). Also
+    # when the lookup names the fast provider only after the relay began on the slow one (a
+    # DHT walk goes on after its first answer).
     layer, path, slow, fast = _slow_named_first(cluster)
+    cluster.discovery.later_delay = named_later
     async with cluster.mirror(**{**QUIET, "rate_probe_bytes": 256 * 1024}) as node:
         status, _, body = await cluster.get(node, path)
         assert (status, body) == (200, layer)

@@ -113,6 +113,16 @@ def test_a_peer_ranked_down_as_slow_is_chosen_last_until_it_is_fast_again() -> N
     assert book.choose([slow, other]) == slow
 
 
+def test_the_peak_rate_can_leave_out_the_peer_being_judged() -> None:
+    # A relay judging a peer must not take that peer's own rate for what others would give.
+    book = PeerBook()
+    book.observe_rate(A, 100e6)
+    assert book.peak_rate(excluding=A) is None
+    book.observe_rate(B, 50e6)
+    assert book.peak_rate(excluding=A) == 50e6
+    assert book.peak_rate(excluding=B) == 100e6
+
+
 def test_a_peer_is_judged_by_its_node_not_its_port() -> None:
     assert Peer("10.0.0.1", 1, "aa").identity == Peer("10.0.0.9", 2, "aa").identity
     assert Peer("10.0.0.1", 1).identity != Peer("10.0.0.1", 2).identity
