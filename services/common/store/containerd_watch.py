@@ -35,10 +35,11 @@ PROBE_TYPE_URL = "peermirror.pinner.SubscriptionProbe"
 PROBE_WAIT_S = 0.25
 PROBE_ATTEMPTS = 40
 # containerd's collector runs after a delete once its pause budget allows (50x the last
-# collection's duration by default): usually well under a second, seconds on a busy daemon. A
-# report costs one content listing; a removal missed by all of them is caught by the watcher's
-# periodic resync.
-COLLECTION_DELAYS_S = (0.5, 3.0, 10.0)
+# collection's duration by default): usually well under a second, but a collection of 0.2 s on
+# a busy node holding many images puts the next one 10 s away. A report costs one content
+# listing; a removal missed by all of them is caught by the watcher's periodic resync, minutes
+# later.
+COLLECTION_DELAYS_S = (0.5, 3.0, 10.0, 30.0, 90.0)
 
 log = get_logger(__name__)
 

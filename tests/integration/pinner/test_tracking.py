@@ -16,6 +16,7 @@ import pytest
 from services.common.config import NodeConfig, load_config
 from services.common.containerd.client import ContainerdClient
 from services.common.k3s.registries import load_registries
+from services.common.store.containerd_watch import COLLECTION_DELAYS_S
 from services.common.store.protocol import Descriptor
 from services.pinner.hosts_writer import LOCK_FILE
 from services.pinner.service import PinnerRuntime
@@ -30,6 +31,10 @@ pytestmark = pytest.mark.containerd
 
 # The bound for an imported image to be advertised.
 ADVERTISE_WITHIN_S = 2.0
+# A collection this long after its image's delete is one the pinner's early re-checks miss.
+LATE_COLLECTION_S = 12.0
+# A collection shows by the pinner's last re-check after a delete (its resync is minutes away).
+COLLECTION_WITHIN_S = COLLECTION_DELAYS_S[-1] + 10.0
 # Upper bound for slower convergence (restarts, GC); only there so a bug fails instead of hangs.
 GC_REF = "containerd.io/gc.ref.content"
 
@@ -169,8 +174,50 @@ async def test_import_advertises_and_delete_withdraws_only_what_is_gone(
                 assert withdrawn == keys_of(a) - {shared}
             else:
                 # The layer B did not protect is collected; the pinner notices without an event.
-                await wait_keys(disco, b_keys)
+                await wait_keys(disco, b_keys, within=COLLECTION_WITHIN_S)
                 assert not containerd_daemon.blob_path(shared).exists()
+
+
+async def test_content_collected_long_after_its_image_was_deleted_is_withdrawn(
+    tmp_path: Path, containerd_daemon: ContainerdDaemon, containerd_namespace: str
+) -> None:
+    # containerd collects on a schedule of its own: 50x its last collection's duration after a
+    # delete, so a collection of 0.2 s on a node holding many images puts the next one 10 s
+    # away. Here the shared layer is kept (a gc.root label) past the pinner's first re-checks,
+    # then let go and collected by a collection another namespace triggers, which this
+    # namespace sees no event of: the pinner must still withdraw it, not only at its resync.
+    a = build_image(tmp_path / "a", "docker.io/library/gamma:1", layers=2, layer_size=4096)
+    shared = a.platforms[0].layers[0].descriptor.digest
+    async with (
+        FakeDiscovery() as disco,
+        ContainerdClient(containerd_daemon.address, containerd_namespace) as client,
+        ContainerdClient(containerd_daemon.address, containerd_namespace + "-gc") as elsewhere,
+    ):
+        cfg = node_config(
+            tmp_path, containerd_daemon, containerd_namespace, disco.address, DOCKER_HUB_ONLY
+        )
+        async with pinner(cfg):
+            await import_image(containerd_daemon, containerd_namespace, a)
+            await wait_keys(disco, keys_of(a))
+            b_name = "docker.io/library/delta:1"
+            manifest, config = await image_sharing_first_layer(
+                client, a, b_name, protect_layer=False
+            )
+            b_keys = {manifest.digest, config.digest, b_name}
+            await wait_keys(disco, keys_of(a) | b_keys)
+            await client.update_content_labels(shared, {"containerd.io/gc.root": "test"})
+            await client.delete_image(a.name)
+            await wait_keys(disco, b_keys | {shared})
+            # Past the re-checks a collection within seconds of the delete would meet.
+            await asyncio.sleep(LATE_COLLECTION_S)  # a fixed delay on purpose: it is the fault
+            await client.update_content_labels(shared, {"containerd.io/gc.root": None})
+            dummy = await put_blob(elsewhere, b"{}", {})
+            await elsewhere.create_image(
+                "docker.io/library/dummy:1", dataclasses.replace(dummy, media_type=OCI_CONFIG)
+            )
+            await elsewhere.delete_image("docker.io/library/dummy:1", sync=True)
+            assert not containerd_daemon.blob_path(shared).exists()
+            await wait_keys(disco, b_keys, within=COLLECTION_WITHIN_S)
 
 
 async def test_multi_platform_index_and_digest_reference(
