@@ -496,6 +496,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.worker is not None:
         return worker_main(args.worker)
+    if args.misses < 1:
+        # Said before the mesh is built: the 404 percentiles need at least one sample each.
+        parser.error("--misses must be at least 1")
     settings = Settings(args.layer_mib, args.blob_reps, args.pull_reps, args.misses)
     return run_as_root(lambda: run(settings))
 
