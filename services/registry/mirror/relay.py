@@ -166,11 +166,15 @@ class _Pull:
         book = self.mirror.book
         return [p for p in self._candidates() if p != current and not book.is_slow(p)]
 
-    def blind(self, current: Peer) -> bool:
-        """Whether another provider could take over `current` while no rate is known of any
-        peer but `current` itself: `current` could then only be judged against its own rate,
-        which says nothing of what another provider would give."""
-        return bool(self.takeovers(current)) and self.mirror.book.peak_rate(current) is None
+    def probe_target(self, current: Peer) -> Peer | None:
+        """The provider to measure while `current` is judged blind: no rate is known of any
+        peer but `current` itself, whose own rate says nothing of what another provider would
+        give. The one of those that could take over it that a relay would choose; None when
+        there is none, or when a rate to judge `current` by is known."""
+        book = self.mirror.book
+        if book.peak_rate(current) is not None:
+            return None
+        return book.choose(self.takeovers(current))
 
     def reference_rate(self, current: Peer) -> float | None:
         """What `current` is judged against: the fastest known rate of another provider that
@@ -783,20 +787,15 @@ class _BodyRelay:
         self._probe_if_blind(pull, route, registry, current)
 
     def _probe_if_blind(self, pull: _Pull, route: Route, registry: str, current: Peer) -> None:
-        """With no rate known to judge `current` by (see _Pull.blind), measure another provider
-        meanwhile (see Mirror.probe_rate; the reference refresh in _pump picks the rate up): a
-        node's first pull must not keep a congested peer for a whole blob. At most once per
-        body, and only for blobs of at least PROBE_SHARE probes."""
+        """With no rate known to judge `current` by (see _Pull.probe_target), measure another
+        provider meanwhile (see Mirror.probe_rate; the reference refresh in _pump picks the rate
+        up): a node's first pull must not keep a congested peer for a whole blob. At most once
+        per body, and only for blobs of at least PROBE_SHARE probes."""
         mirror = self.mirror
         length = mirror.settings.rate_probe_bytes
-        if (
-            self._probed
-            or length <= 0
-            or self.blob.size - self.blob.offset < PROBE_SHARE * length
-            or not pull.blind(current)
-        ):
+        if self._probed or length <= 0 or self.blob.size - self.blob.offset < PROBE_SHARE * length:
             return
-        other = mirror.book.choose(pull.takeovers(current))
+        other = pull.probe_target(current)
         if other is None:
             return
         self._probed = True
