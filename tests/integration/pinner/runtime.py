@@ -11,6 +11,7 @@ from services.pinner.service import PinnerRuntime, prepare
 from tests.harness.fake_discovery import FakeDiscovery
 from tests.harness.images import BuiltImage
 
+# Upper bound for slower convergence (restarts, GC); only there so a bug fails instead of hangs.
 WAIT_S = 30.0
 
 

@@ -35,7 +35,6 @@ ADVERTISE_WITHIN_S = 2.0
 LATE_COLLECTION_S = 12.0
 # A collection shows by the pinner's last re-check after a delete (its resync is minutes away).
 COLLECTION_WITHIN_S = COLLECTION_DELAYS_S[-1] + 10.0
-# Upper bound for slower convergence (restarts, GC); only there so a bug fails instead of hangs.
 GC_REF = "containerd.io/gc.ref.content"
 
 
