@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import http.client
 import json
 import os
@@ -46,7 +45,7 @@ from typing import Any
 import yaml
 
 from bench.http_load import LoadError, fetch_blob
-from bench.process_cpu import cpu_seconds
+from bench.process_cpu import cpu_seconds, sha256_s_per_gb
 from bench.report import median, progress, verdict
 from bench.root_run import run_as_root
 from services.common.percentile import percentile
@@ -336,13 +335,7 @@ def cpu_figures(
         }
         used["client"] = answer["client_cpu_s"][target["label"]] / moved_gb
         per_path[target["label"]] = {name: value for name, value in used.items() if value > 0.005}
-    data = bytes(64 * MIB)
-    hasher = hashlib.sha256()
-    start = time.process_time()
-    for _ in range(8):
-        hasher.update(data)
-    sha256_s_per_gb = (time.process_time() - start) / (8 * len(data) / 1e9)
-    return CpuFigures(per_path["relay"], per_path["local"], sha256_s_per_gb)
+    return CpuFigures(per_path["relay"], per_path["local"], sha256_s_per_gb())
 
 
 @dataclass(frozen=True)

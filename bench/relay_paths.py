@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import os
 import resource
@@ -54,6 +53,7 @@ import yaml
 from bench.distribution_registry import lay_out_storage, registry_argv
 from bench.http_load import BlobFetch, LoadError, curl_blob, fetch_blob
 from bench.p2p_mesh import MESH_TIMINGS, PEER_HEADER, process_cpu_s
+from bench.process_cpu import FLOOR_PASSES, sha256_s_per_gb
 from bench.report import median, progress, verdict
 from bench.root_run import run_as_root
 from services.common.pki import issue_node, write_node
@@ -70,10 +70,6 @@ IMAGE_REF = f"{REGISTRY}/{REPOSITORY}:1"
 UPSTREAM_PORT = 5000
 SETUP_TIMEOUT = 120.0
 SLOWDOWN = 100
-# Passes of each floor microbenchmark, of which the median counts: a single pass took whatever
-# spike of the shared machine passed by (TLS read 0.97 to 1.75 CPU-s per GB in three runs of
-# one session), and the CPU/floor ratio moved with it. Slow stretches of seconds still show.
-FLOOR_PASSES = 5
 TARGETS = {
     "tls_relay_vs_registry": 1.0,
     "tls_local_vs_registry": 1.5,
@@ -150,20 +146,6 @@ def run_worker(host: NetnsHost, spec: Mapping[str, Any]) -> dict[str, Any]:
 
 
 # --- the floor --------------------------------------------------------------------------------
-
-
-def sha256_s_per_gb() -> float:
-    """CPU seconds per GB of SHA-256 (the median of FLOOR_PASSES passes of 512 MiB)."""
-    data = bytes(64 * MIB)
-
-    def one_pass() -> float:
-        hasher = hashlib.sha256()
-        started = time.process_time()
-        for _ in range(8):
-            hasher.update(data)
-        return (time.process_time() - started) / (8 * len(data) / 1e9)
-
-    return median([one_pass() for _ in range(FLOOR_PASSES)])
 
 
 def tls_hop_s_per_gb(files: TlsFiles, ip: str) -> float:
