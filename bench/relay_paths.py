@@ -20,7 +20,8 @@ of the relaying node: SHA-256 of every byte plus, over TLS, one decryption and o
 (both measured by a microbenchmark in this run, on this CPU), that floor plus the socket work
 no relay can skip (one receive, one send: see socket_io), and from these the ceiling of any
 relay on this machine, where the client, the peer and the relaying node share the same cores (see
-relay_ceiling). Last, on the TLS mesh, node 2's
+relay_ceiling), and likewise the ceiling of any server sending the blob over TLS to the local
+path's client (see local_ceiling). Last, on the TLS mesh, node 2's
 link is slowed to a hundredth of the clean relay rate (tc tbf on its interface) and the relay
 GETs are timed again: whichever provider the relay starts from, the pull must take at most
 twice a clean one.
@@ -45,6 +46,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -148,10 +150,23 @@ def run_worker(host: NetnsHost, spec: Mapping[str, Any]) -> dict[str, Any]:
 # --- the floor --------------------------------------------------------------------------------
 
 
-def tls_hop_s_per_gb(files: TlsFiles, ip: str) -> float:
-    """CPU seconds per GB to encrypt and decrypt a stream once with the cluster's TLS setup
-    (in memory: the cipher work a relaying node does once per direction; the median of
-    FLOOR_PASSES passes of 256 MiB)."""
+@dataclass(frozen=True, slots=True)
+class TlsCost:
+    """CPU seconds per GB of the TLS cipher work, each direction measured apart."""
+
+    encrypt: float
+    decrypt: float
+
+    @property
+    def both(self) -> float:
+        """One decryption and one encryption: what a relaying node does to every byte."""
+        return self.encrypt + self.decrypt
+
+
+def tls_cost(files: TlsFiles, ip: str) -> TlsCost:
+    """CPU seconds per GB to encrypt and to decrypt a stream once with the cluster's TLS setup
+    (in memory, so no socket work is counted; each the median of FLOOR_PASSES passes of
+    256 MiB)."""
     client_bios = ssl.MemoryBIO(), ssl.MemoryBIO()
     server_bios = ssl.MemoryBIO(), ssl.MemoryBIO()
     client = client_context(files).wrap_bio(*client_bios, server_hostname=ip)
@@ -169,20 +184,27 @@ def tls_hop_s_per_gb(files: TlsFiles, ip: str) -> float:
     data = bytes(MIB)
     total = 256 * MIB
 
-    def one_pass() -> float:
-        started = time.process_time()
+    def one_pass() -> tuple[float, float]:
+        encrypting = decrypting = 0.0
         moved = 0
         while moved < total:
+            started = time.process_time()
             client.write(data)
-            server_bios[0].write(client_bios[1].read())
+            records = client_bios[1].read()
+            encrypting += time.process_time() - started
+            started = time.process_time()
+            server_bios[0].write(records)
             while True:
                 try:
                     moved += len(server.read(4 * MIB))
                 except ssl.SSLWantReadError:
                     break
-        return (time.process_time() - started) / (total / 1e9)
+            decrypting += time.process_time() - started
+        gb = total / 1e9
+        return encrypting / gb, decrypting / gb
 
-    return median([one_pass() for _ in range(FLOOR_PASSES)])
+    passes = [one_pass() for _ in range(FLOOR_PASSES)]
+    return TlsCost(encrypt=median([e for e, _ in passes]), decrypt=median([d for _, d in passes]))
 
 
 # --- the docker-registry anchor ------------------------------------------------------------------
@@ -311,7 +333,7 @@ def measure_mesh(
         }
         if tls:
             assert n1.tls is not None
-            figures["tls_hop"] = tls_hop_s_per_gb(n1.tls, n1.ip)
+            figures["tls"] = tls_cost(n1.tls, n1.ip)
             figures["slow"] = slow_provider(n2, n3, targets[0], creds, rates["relay"], reps)
         return figures
     finally:
@@ -372,6 +394,20 @@ def relay_ceiling(cpu: Mapping[str, Mapping[str, float]], node_floor: float, cor
     return cores / chain
 
 
+def local_ceiling(
+    cpu: Mapping[str, Mapping[str, float]], encrypt: float, plain_serve: float, cores: int
+) -> float:
+    """The fastest any server could send a blob over TLS to the local path's client on `cores`
+    shared cores, in GB/s, as relay_ceiling is for a relay.
+
+    The chain is the client (as measured on the local path) and a server doing no more than one
+    encryption of every byte plus what serving it without TLS costs (`plain_serve`: node 1's
+    plain local serve, measured, which reads the file and sends it with sendfile, so no dearer
+    than any send a TLS server makes). An upper bound: the server's copy of each byte into the
+    cipher's buffers is not counted."""
+    return cores / (cpu["local"].get("client", 0.0) + encrypt + plain_serve)
+
+
 def socket_io(plain_cpu: Mapping[str, Mapping[str, float]]) -> float:
     """CPU-s per GB of the socket work a relaying node cannot avoid, on top of its floor: it
     receives every byte (as the client on the plain relay path does, measured) and sends it (as
@@ -416,11 +452,13 @@ def render(plain: dict[str, Any], mtls: dict[str, Any], sha256: float) -> str:
         for label, used in figures["cpu"].items():
             parts = ", ".join(f"{k} {v:.2f}" for k, v in sorted(used.items()))
             lines.append(f"  {kind:<6}{label:<10}{parts}")
+    tls: TlsCost = mtls["tls"]
     floor_plain = sha256
-    floor_tls = sha256 + mtls["tls_hop"]  # one decryption (from the peer), one encryption
+    floor_tls = sha256 + tls.both  # one decryption (from the peer), one encryption
     lines.append(
-        f"floor of the relaying node: SHA-256 {sha256:.2f} CPU-s/GB; TLS encrypt+decrypt "
-        f"{mtls['tls_hop']:.2f}; so plain {floor_plain:.2f}, mTLS {floor_tls:.2f}"
+        f"floor of the relaying node: SHA-256 {sha256:.2f} CPU-s/GB; TLS encrypt "
+        f"{tls.encrypt:.2f} + decrypt {tls.decrypt:.2f}; so plain {floor_plain:.2f}, "
+        f"mTLS {floor_tls:.2f}"
     )
     io = socket_io(plain["cpu"])
     cap = TARGETS["relay_cpu_vs_floor"]
@@ -439,6 +477,13 @@ def render(plain: dict[str, Any], mtls: dict[str, Any], sha256: float) -> str:
             f" = {ceiling / figures['rates']['registry']:.2f}x docker-registry"
             f" ({ceiling / figures['curl_rates']['registry']:.2f}x with curl)"
         )
+    plain_serve = plain["cpu"]["local"].get("n1 registry", 0.0)
+    local = local_ceiling(mtls["cpu"], tls.encrypt, plain_serve, cores)
+    lines.append(
+        f"ceiling of any local serve, mTLS (its client, one encryption, the plain serve "
+        f"{plain_serve:.2f}): {local:.2f} GB/s = {local / mtls['rates']['registry']:.2f}x "
+        f"docker-registry ({local / mtls['curl_rates']['registry']:.2f}x with curl)"
+    )
     slow = mtls["slow"]
     lines.append(
         f"slow second provider: relay GET {', '.join(f'{s:.2f}' for s in slow)} s vs clean "

@@ -1,10 +1,11 @@
-"""The relay benchmark's ceiling: what no relay can beat when the whole chain shares the cores."""
+"""The relay benchmark's ceilings: what no relay (or local TLS serve) can beat when the whole chain
+shares the cores."""
 
 from __future__ import annotations
 
 import pytest
 
-from bench.relay_paths import relay_ceiling, socket_io
+from bench.relay_paths import local_ceiling, relay_ceiling, socket_io
 
 # CPU-s per GB by process, as bench.relay_paths measures them (an mTLS run on 2 cores).
 CPU = {
@@ -38,3 +39,13 @@ def test_a_relays_socket_io_is_the_receive_and_the_send_measured_on_the_plain_re
 
 def test_the_relaying_node_itself_is_not_counted_as_socket_io() -> None:
     assert socket_io({"relay": {"n3 registry": 1.3}}) == 0.0
+
+
+def test_a_local_serve_chain_is_its_client_one_encryption_and_the_plain_serve() -> None:
+    # 0.60 (the local path's client) + 0.45 (encrypting each byte once) + 0.25 (serving it plain).
+    assert local_ceiling(CPU, 0.45, 0.25, 2) == pytest.approx(2 / 1.30)
+
+
+def test_the_local_ceiling_ignores_the_relay_paths_client() -> None:
+    dear_relay_client = {**CPU, "relay": {"client": 5.0}}
+    assert local_ceiling(dear_relay_client, 0.45, 0.25, 2) == local_ceiling(CPU, 0.45, 0.25, 2)
