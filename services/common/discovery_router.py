@@ -28,7 +28,7 @@ def local_channel_options(max_message_bytes: int | None = None) -> list[tuple[st
 
 
 @dataclass(frozen=True, slots=True)
-class Contact:
+class Provider:
     """A provider as discovery names it (not yet checked to be dialable)."""
 
     address: str
@@ -73,7 +73,7 @@ class Router(Protocol):
     """Discovery as the registry, the pinner and the CLI use it. Transport failures raise
     (grpc.aio.AioRpcError from the gRPC router) unless a method says otherwise."""
 
-    def lookup(self, key: str, *, limit: int, deadline: float) -> AsyncGenerator[Contact, None]:
+    def lookup(self, key: str, *, limit: int, deadline: float) -> AsyncGenerator[Provider, None]:
         """Providers of `key` as they are found: at most `limit`, for at most `deadline`
         seconds (the deadline ends the stream quietly; other failures raise LookupFailed)."""
         ...
@@ -141,7 +141,7 @@ class GrpcRouter:
 
     async def lookup(
         self, key: str, *, limit: int, deadline: float
-    ) -> AsyncGenerator[Contact, None]:
+    ) -> AsyncGenerator[Provider, None]:
         call = self._open().FindProviders(
             local_pb2.FindProvidersRequest(key=key, limit=limit),
             timeout=deadline,
@@ -151,7 +151,7 @@ class GrpcRouter:
         try:
             async for response in call:
                 contact = response.provider
-                yield Contact(contact.address, contact.registry_port, contact.node_id)
+                yield Provider(contact.address, contact.registry_port, contact.node_id)
         except grpc.aio.AioRpcError as err:
             if err.code() is not grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise LookupFailed(f"discovery: {err.code().name}: {err.details()}") from err

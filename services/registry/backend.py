@@ -22,7 +22,7 @@ from services.registry.cache import ContentCache
 WATCH_SETTLE_S = 0.5
 RETRY_S = 1.0
 
-log = get_logger("registry.store")
+log = get_logger(__name__)
 
 StoreOpener = Callable[[], Awaitable[ContentStore]]
 

@@ -41,7 +41,7 @@ MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 SNIFF_BYTES = 64
 _JSON_WHITESPACE = b" \t\r\n"
 
-log = get_logger("registry.content")
+log = get_logger(__name__)
 
 
 def _unavailable(code: ErrorCode, what: str, exc: StoreUnavailableError) -> OciError:

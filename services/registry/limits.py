@@ -14,7 +14,7 @@ URI_TOO_LONG = 414
 TOO_MANY_REQUESTS = 429
 HEADERS_TOO_LARGE = 431
 
-limit_log = LimitLog("registry.limits")
+limit_log = LimitLog(__name__)
 
 
 class TooManyRelays(OciError):

@@ -18,7 +18,7 @@ from services.common.logsetup import get_logger
 
 DEFAULT_RECHECK_S = 2.0
 
-log = get_logger("registry.mirrors")
+log = get_logger(__name__)
 
 
 @dataclass(eq=False)

@@ -26,7 +26,7 @@ from services.registry.status_page import listener_pages
 STOP_BUDGET = 4.0
 CONNECTION_DRAIN = 1.0
 
-log = get_logger("registry")
+log = get_logger(__name__)
 
 
 class HttpServer:

@@ -8,10 +8,10 @@ from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 
 from services.common.discovery_router import (
-    Contact,
     Holder,
     LeaseAnswer,
     LookupFailed,
+    Provider,
     Router,
     RouterState,
 )
@@ -54,12 +54,12 @@ class FakeRouter:
     me: Holder = field(default_factory=lambda: Holder("127.0.0.1", 0))
     advertised: list[str] = field(default_factory=list)
     withdrawn: list[str] = field(default_factory=list)
-    providers: dict[str, list[Contact]] = field(default_factory=dict)
+    providers: dict[str, list[Provider]] = field(default_factory=dict)
     started_at: tuple[int, int] = (0, 0)
 
     async def lookup(
         self, key: str, *, limit: int, deadline: float
-    ) -> AsyncGenerator[Contact, None]:
+    ) -> AsyncGenerator[Provider, None]:
         if self.table.down:
             raise LookupFailed("discovery: UNAVAILABLE: down")
         for contact in self.providers.get(key, [])[:limit]:

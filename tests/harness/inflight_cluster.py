@@ -22,7 +22,7 @@ SPOOL_BYTES = 1 << 30
 
 
 class ProvidedAfter:
-    """Advertiser that makes the fake discovery name the registry on `port` as a provider
+    """KeyAdvertiser that makes the fake discovery name the registry on `port` as a provider
     after `delay` seconds, as a DHT publish takes a moment to be visible."""
 
     def __init__(self, discovery: FakeDiscovery, delay: float) -> None:

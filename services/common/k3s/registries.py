@@ -99,7 +99,7 @@ class RegistryConfig:
 
 
 @dataclass(frozen=True, slots=True)
-class Mirror:
+class MirrorConfig:
     """`mirrors.<host>`: endpoints tried in order, and repository rewrites (in file order)."""
 
     endpoints: tuple[EndpointURL, ...] = ()
@@ -110,7 +110,7 @@ class Mirror:
 class Registries:
     """A whole registries.yaml; host keys are lowercase, `"*"` is the wildcard, order is kept."""
 
-    mirrors: Mapping[str, Mirror] = field(default_factory=dict)
+    mirrors: Mapping[str, MirrorConfig] = field(default_factory=dict)
     configs: Mapping[str, RegistryConfig] = field(default_factory=dict)
 
     def is_mirrored(self, registry: str) -> bool:
@@ -168,7 +168,7 @@ def parse_registries(text: str, *, source: str = "registries.yaml") -> Registrie
     if doc is None:
         return Registries()
     top = _mapping(doc, source, "", _TOP_KEYS)
-    mirrors: dict[str, Mirror] = {}
+    mirrors: dict[str, MirrorConfig] = {}
     for host, value in _mapping(top.get("mirrors"), source, "mirrors").items():
         key = _host_key(host, source, "mirrors", mirrors)
         mirrors[key] = _parse_mirror(value, source, f"mirrors.{key}")
@@ -238,7 +238,7 @@ def _host_problem(hostport: str) -> str | None:
     return None
 
 
-def _parse_mirror(value: object, source: str, key: str) -> Mirror:
+def _parse_mirror(value: object, source: str, key: str) -> MirrorConfig:
     body = _mapping(value, source, key, _MIRROR_KEYS)
     endpoints_raw = body.get("endpoint")
     endpoints: list[EndpointURL] = []
@@ -262,7 +262,7 @@ def _parse_mirror(value: object, source: str, key: str) -> Mirror:
             )
         _check_regex(pattern, source, where)
         rewrites.append((pattern, replacement))
-    return Mirror(endpoints=tuple(endpoints), rewrites=tuple(rewrites))
+    return MirrorConfig(endpoints=tuple(endpoints), rewrites=tuple(rewrites))
 
 
 def _check_regex(pattern: str, source: str, where: str) -> None:

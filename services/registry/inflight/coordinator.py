@@ -35,10 +35,10 @@ from services.common.cancellation import cancel_and_wait
 from services.common.config import InflightSection, NodeConfig
 from services.common.logsetup import get_logger
 from services.registry.inflight.ports import (
-    Advertiser,
     FetchLimiter,
     FetchSlot,
     Holder,
+    KeyAdvertiser,
     LeaseClient,
     NoLimit,
     UpstreamBody,
@@ -47,13 +47,13 @@ from services.registry.inflight.ports import (
 )
 from services.registry.inflight.spool import Spool, SpoolPool
 from services.registry.inflight.spool_feed import SpoolFeed
-from services.registry.inflight.spool_state import Phase
+from services.registry.inflight.spool_state import SpoolPhase
 
 # Bound on each call to discovery made on a request's behalf: it is node-local and quick, and a
 # hung call must turn into a fast 404, not a hung pull.
 DISCOVERY_CALL_S = 2.0
 
-log = get_logger("registry.inflight")
+log = get_logger(__name__)
 
 # Bytes of upstream body gathered into one spool write (and one wake-up of its readers).
 WRITE_BATCH = 1024 * 1024
@@ -64,7 +64,7 @@ WRITE_BATCH = 1024 * 1024
 # anything a pull would notice.
 FLUSH_AFTER_S = 0.05
 
-# Advertiser.advertise or Advertiser.withdraw.
+# KeyAdvertiser.advertise or KeyAdvertiser.withdraw.
 _KeysCall = Callable[[Sequence[str]], Awaitable[None]]
 
 
@@ -125,7 +125,7 @@ class Fetch:
 
 
 @dataclass
-class Counters:
+class InflightCounters:
     """Monotonic counts for /metrics."""
 
     fetches_started: int = 0
@@ -152,7 +152,7 @@ class Coordinator:
         pool: SpoolPool,
         lease: LeaseClient,
         upstream: UpstreamFetcher,
-        advertiser: Advertiser,
+        advertiser: KeyAdvertiser,
         limiter: FetchLimiter | None = None,
     ) -> None:
         self.settings = settings
@@ -162,7 +162,7 @@ class Coordinator:
         self.advertiser = advertiser
         self.limiter: FetchLimiter = limiter if limiter is not None else NoLimit()
         self.fetches: dict[str, Fetch] = {}
-        self.counters = Counters()
+        self.counters = InflightCounters()
         self._blob_claims: dict[str, asyncio.Task[BlobClaim]] = {}
         self._manifest_claims: dict[str, asyncio.Task[ManifestClaim]] = {}
         self._window: dict[str, tuple[UpstreamManifest, float]] = {}
@@ -174,7 +174,7 @@ class Coordinator:
         cfg: NodeConfig,
         lease: LeaseClient,
         upstream: UpstreamFetcher,
-        advertiser: Advertiser,
+        advertiser: KeyAdvertiser,
         limiter: FetchLimiter | None = None,
     ) -> Coordinator:
         """The coordinator `cfg.inflight` describes, over the given lease, upstream and
@@ -302,7 +302,7 @@ class Coordinator:
         renewer = asyncio.create_task(self._renew(fetch), name=f"renew {fetch.digest}")
         try:
             await self._pump(fetch, body)
-            if spool.state.phase is Phase.GROWING:
+            if spool.state.phase is SpoolPhase.GROWING:
                 await spool.finish()
         except asyncio.CancelledError:
             await spool.fail("the registry is stopping")
@@ -394,7 +394,7 @@ class Coordinator:
                 return
 
     def _finish_in_background(self, fetch: Fetch) -> None:
-        failed = fetch.spool.state.phase is Phase.FAILED
+        failed = fetch.spool.state.phase is SpoolPhase.FAILED
         if failed:
             self.counters.fetches_failed += 1
         else:

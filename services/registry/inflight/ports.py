@@ -12,7 +12,7 @@ from typing import Protocol
 
 from services.common.discovery_router import Holder, LeaseAnswer
 
-__all__ = ["Advertiser", "FetchLimiter", "FetchSlot", "Holder", "LeaseAnswer", "LeaseClient"]
+__all__ = ["FetchLimiter", "FetchSlot", "Holder", "KeyAdvertiser", "LeaseAnswer", "LeaseClient"]
 
 
 class LeaseClient(Protocol):
@@ -74,7 +74,7 @@ class UpstreamFetcher(Protocol):
         ...
 
 
-class Advertiser(Protocol):
+class KeyAdvertiser(Protocol):
     """The local discovery API's Advertise and Withdraw."""
 
     async def advertise(self, keys: Sequence[str]) -> None:

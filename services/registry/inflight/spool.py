@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 from services.common.logsetup import get_logger
-from services.registry.inflight.spool_state import Phase, SpoolFailedError, SpoolState
+from services.registry.inflight.spool_state import SpoolFailedError, SpoolPhase, SpoolState
 
 # Most bytes a reader takes per read (and so per chunk it hands to a socket).
 READ_CHUNK = 1024 * 1024
@@ -32,7 +32,7 @@ THREAD_HASH_BYTES = 64 * 1024
 _MAX_IOV = 512
 _SPOOL_NAME = re.compile(r"^[a-z0-9]+-[a-f0-9]{32,128}\.spool$")
 
-log = get_logger("registry.inflight.spool")
+log = get_logger(__name__)
 
 
 class SpoolStalledError(SpoolFailedError):
@@ -114,9 +114,9 @@ class Spool:
         else:
             state.complete()
         await self._notify()
-        if state.phase is Phase.FAILED:
+        if state.phase is SpoolPhase.FAILED:
             log.warning("spool failed", digest=self.digest, reason=state.error)
-        return state.phase is Phase.COMPLETE
+        return state.phase is SpoolPhase.COMPLETE
 
     async def fail(self, reason: str) -> None:
         """Give up on this spool: every reader's stream is aborted with `reason`."""
@@ -162,7 +162,7 @@ class Spool:
         try:
             async with asyncio.timeout(stall_s), self._progress:
                 await self._progress.wait_for(
-                    lambda: state.available(position) > 0 or state.phase is Phase.FAILED
+                    lambda: state.available(position) > 0 or state.phase is SpoolPhase.FAILED
                 )
         except TimeoutError:
             raise SpoolStalledError(
@@ -229,7 +229,7 @@ class SpoolPool:
     def get(self, digest: str) -> Spool | None:
         """The live spool of `digest` (growing or complete, never failed)."""
         spool = self._spools.get(digest)
-        if spool is not None and spool.state.phase is Phase.FAILED:
+        if spool is not None and spool.state.phase is SpoolPhase.FAILED:
             return None
         return spool
 
@@ -250,7 +250,7 @@ class SpoolPool:
     def settle(self, spool: Spool) -> None:
         """The spool's writer finished: a failed spool goes now, a complete one after the
         grace period."""
-        if spool.state.phase is Phase.FAILED:
+        if spool.state.phase is SpoolPhase.FAILED:
             self._drop(spool)
             return
         loop = asyncio.get_running_loop()

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from services.common.errors import PeermirrorError
 
 
-class Phase(enum.Enum):
+class SpoolPhase(enum.Enum):
     """Where a spool is in its life."""
 
     GROWING = "growing"
@@ -32,13 +32,13 @@ class SpoolState:
     digest: str
     size: int
     written: int = 0
-    phase: Phase = Phase.GROWING
+    phase: SpoolPhase = SpoolPhase.GROWING
     error: str = ""
 
     def readable_end(self) -> int:
         """Offset up to which readers may read now: everything once verified, otherwise all
         written bytes except the blob's last one, which waits for the digest's verdict."""
-        if self.phase is Phase.COMPLETE:
+        if self.phase is SpoolPhase.COMPLETE:
             return self.size
         return min(self.written, max(0, self.size - 1))
 
@@ -48,12 +48,12 @@ class SpoolState:
 
     def check(self) -> None:
         """Raise SpoolFailedError when the spool failed."""
-        if self.phase is Phase.FAILED:
+        if self.phase is SpoolPhase.FAILED:
             raise SpoolFailedError(f"spool of {self.digest} failed: {self.error}")
 
     def check_room(self, length: int) -> None:
         """ValueError unless `length` more bytes may be written (growing, within the size)."""
-        if self.phase is not Phase.GROWING:
+        if self.phase is not SpoolPhase.GROWING:
             raise ValueError(f"spool of {self.digest} is {self.phase.value}, not growing")
         if self.written + length > self.size:
             raise ValueError(f"upstream sent more than the {self.size} bytes of {self.digest}")
@@ -65,14 +65,14 @@ class SpoolState:
 
     def complete(self) -> None:
         """All bytes written and verified."""
-        self.phase = Phase.COMPLETE
+        self.phase = SpoolPhase.COMPLETE
 
     def fail(self, reason: str) -> None:
         """The spool will never be complete; readers are told `reason`."""
-        if self.phase is Phase.GROWING:
-            self.phase = Phase.FAILED
+        if self.phase is SpoolPhase.GROWING:
+            self.phase = SpoolPhase.FAILED
             self.error = reason
 
     @property
     def done(self) -> bool:
-        return self.phase is not Phase.GROWING
+        return self.phase is not SpoolPhase.GROWING

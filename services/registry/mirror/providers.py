@@ -15,7 +15,7 @@ from services.common.discovery_router import LookupFailed, Router
 from services.common.logsetup import get_logger
 from services.registry.mirror.hedging import Peer, peer_from_contact
 
-log = get_logger("registry.mirror.providers")
+log = get_logger(__name__)
 
 
 class ProviderLookup:

@@ -88,7 +88,7 @@ REASONS_SHOWN = 3
 # follow a body that failed, so a flood of them means peers lie, and more would not help.
 MAX_PROOFS = 4
 
-log = get_logger("registry.mirror")
+log = get_logger(__name__)
 
 T = TypeVar("T")
 AnyRequest = Request[Any, Any]

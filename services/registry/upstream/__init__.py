@@ -29,11 +29,10 @@ from services.registry.upstream.errors import (
     UpstreamUnavailable,
 )
 from services.registry.upstream.metrics import UpstreamMetrics
-from services.registry.upstream.routes import Route, routes_for
+from services.registry.upstream.routes import UpstreamRoute, routes_for
 
 __all__ = [
     "MANIFEST_ACCEPT",
-    "Route",
     "UpstreamAuthError",
     "UpstreamBody",
     "UpstreamBusy",
@@ -41,6 +40,7 @@ __all__ = [
     "UpstreamError",
     "UpstreamMetrics",
     "UpstreamNotFound",
+    "UpstreamRoute",
     "UpstreamSettings",
     "UpstreamUnavailable",
     "routes_for",

@@ -9,7 +9,7 @@ from multidict import CIMultiDictProxy
 
 from services.common.closing import AsyncClosing
 from services.registry.upstream.errors import UpstreamUnavailable
-from services.registry.upstream.routes import Route
+from services.registry.upstream.routes import UpstreamRoute
 
 # containerd refuses manifests larger than this (MaxManifestSize in remotes/docker).
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
@@ -27,7 +27,7 @@ class UpstreamBody(AsyncClosing):
     def __init__(
         self,
         response: aiohttp.ClientResponse,
-        route: Route,
+        route: UpstreamRoute,
         *,
         offset: int,
         skip: int,

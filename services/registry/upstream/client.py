@@ -53,7 +53,7 @@ from services.registry.upstream.errors import (
 )
 from services.registry.upstream.limits import FetchLimiter
 from services.registry.upstream.metrics import UpstreamMetrics
-from services.registry.upstream.routes import Route, routes_for
+from services.registry.upstream.routes import UpstreamRoute, routes_for
 from services.registry.upstream.tokens import TokenCache, TokenResponseError, parse_token_response
 
 if TYPE_CHECKING:
@@ -134,7 +134,7 @@ class UpstreamClient:
 
     # --- public API -----------------------------------------------------------------------------
 
-    def routes(self, registry: str) -> tuple[Route, ...]:
+    def routes(self, registry: str) -> tuple[UpstreamRoute, ...]:
         """The endpoints fetches for `registry` go to, in order."""
         s = self.settings
         return routes_for(
@@ -221,8 +221,8 @@ class UpstreamClient:
         return body
 
     async def _try_routes(
-        self, request: _Request, routes: tuple[Route, ...]
-    ) -> tuple[aiohttp.ClientResponse, Route]:
+        self, request: _Request, routes: tuple[UpstreamRoute, ...]
+    ) -> tuple[aiohttp.ClientResponse, UpstreamRoute]:
         what = f"{request.registry}/{request.repository} {request.area} {request.reference}"
         if not routes:
             raise UpstreamUnavailable(
@@ -249,7 +249,7 @@ class UpstreamClient:
             raise UpstreamNotFound(f"upstream has no {what}", tuple(attempts))
         raise UpstreamUnavailable(f"no upstream answered for {what}", tuple(attempts))
 
-    async def _request(self, route: Route, request: _Request) -> aiohttp.ClientResponse:
+    async def _request(self, route: UpstreamRoute, request: _Request) -> aiohttp.ClientResponse:
         """One endpoint: send with what auth is known, answer one 401 challenge, send again."""
         url = route.url(request.repository, request.area, request.reference)
         scope = f"repository:{route.repository(request.repository)}:pull"
@@ -273,7 +273,7 @@ class UpstreamClient:
 
     # --- authentication -------------------------------------------------------------------------
 
-    def _known_auth(self, route: Route, scope: str) -> str | None:
+    def _known_auth(self, route: UpstreamRoute, scope: str) -> str | None:
         token = self.tokens.get(route.host, scope, self._clock())
         if token is not None:
             return f"Bearer {token}"
@@ -281,13 +281,15 @@ class UpstreamClient:
             return self._credentials(route).basic_header()
         return None
 
-    def _credentials(self, route: Route) -> Credentials:
+    def _credentials(self, route: UpstreamRoute) -> Credentials:
         try:
             return credentials_from(route.auth)
         except CredentialsError as exc:
             raise _AttemptFailed("auth", f"configs.{route.host}.auth: {exc}") from None
 
-    async def _authorize(self, route: Route, challenges: list[Challenge], scope: str) -> str:
+    async def _authorize(
+        self, route: UpstreamRoute, challenges: list[Challenge], scope: str
+    ) -> str:
         """The Authorization header answering `challenges` (Bearer preferred, then Basic)."""
         creds = self._credentials(route)
         for challenge in challenges:
@@ -303,7 +305,7 @@ class UpstreamClient:
         raise _AttemptFailed("auth", "401 without a Bearer or Basic challenge")
 
     async def _shared_token(
-        self, route: Route, challenge: Challenge, scope: str, creds: Credentials
+        self, route: UpstreamRoute, challenge: Challenge, scope: str, creds: Credentials
     ) -> str:
         """A token for (host, scope): from the cache, else from the one request in flight for
         it, else from a new one, so a wave of fetches for one repository asks the realm once."""
@@ -325,7 +327,7 @@ class UpstreamClient:
             task.exception()  # retrieved here, so a fetch nobody awaits any more logs nothing
 
     async def _fetch_token(
-        self, route: Route, challenge: Challenge, scope: str, creds: Credentials
+        self, route: UpstreamRoute, challenge: Challenge, scope: str, creds: Credentials
     ) -> str:
         realm = challenge.realm or ""
         if urllib.parse.urlsplit(realm).scheme not in ("http", "https"):
@@ -361,7 +363,7 @@ class UpstreamClient:
 
     async def _send(
         self,
-        route: Route,
+        route: UpstreamRoute,
         method: str,
         url: str,
         headers: dict[str, str],

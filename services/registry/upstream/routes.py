@@ -1,10 +1,11 @@
 """Where this node may fetch a registry's content: containerd's endpoints, rewrites, TLS, auth.
 
 Pure: from a parsed registries.yaml and the registry named in a request to the ordered list of
-:class:`Route` objects, each knowing its URL base, its repository rewrites, its TLS settings and
-its credentials. The endpoint list itself is :func:`services.common.k3s.endpoints.endpoint_list`,
-the same one the pinner writes into containerd's hosts.toml, so peermirror never contacts a host
-containerd would not. The embedded mirror (this node's own registry) is never a route.
+:class:`UpstreamRoute` objects, each knowing its URL base, its repository rewrites, its TLS
+settings and its credentials. The endpoint list itself is
+:func:`services.common.k3s.endpoints.endpoint_list`, the same one the pinner writes into
+containerd's hosts.toml, so peermirror never contacts a host containerd would not. The
+embedded mirror (this node's own registry) is never a route.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ _GO_TEMPLATE = re.compile(r"\$(?:\$|\{(?P<braced>[A-Za-z0-9_]+)\}|(?P<bare>[A-Za
 
 
 @dataclass(frozen=True, slots=True)
-class Route:
+class UpstreamRoute:
     """One endpoint containerd would try for a registry, with what a request to it needs."""
 
     endpoint: Endpoint
@@ -93,7 +94,7 @@ def routes_for(
     *,
     disable_default: bool,
     own_hosts: Iterable[str] = (),
-) -> tuple[Route, ...]:
+) -> tuple[UpstreamRoute, ...]:
     """The routes for `registry`, in containerd's order; `own_hosts` are this node's registry
     addresses (host:port), never used as upstream endpoints."""
     registry = registry.lower()
@@ -103,7 +104,7 @@ def routes_for(
     plan = endpoint_list(listed, default, disable_default=disable_default)
     own = {h.lower() for h in own_hosts}
     rewrites = mirror.rewrites if mirror else ()
-    routes: list[Route] = []
+    routes: list[UpstreamRoute] = []
     for ep in plan.mirrors:
         if ep.hostport in own or ep.written in own:
             continue
@@ -120,10 +121,10 @@ def _route(
     registry: str,
     *,
     is_default: bool,
-) -> Route:
+) -> UpstreamRoute:
     cfg = config_for(registries.configs, ep)
     tls = cfg.tls if cfg is not None and ep.scheme == "https" else None
-    return Route(
+    return UpstreamRoute(
         endpoint=ep,
         rewrites=rewrites,
         tls=tls,

@@ -21,7 +21,7 @@ from services.registry.headers import DIGEST_HEADER, PEER_HEADER
 from services.registry.inflight.coordinator import Coordinator, InflightSettings
 from services.registry.inflight.ports import Holder
 from services.registry.inflight.spool import SpoolPool
-from services.registry.inflight.spool_state import Phase
+from services.registry.inflight.spool_state import SpoolPhase
 from tests.harness.fake_router import FakeRouter, LeaseTable
 from tests.harness.inflight_cluster import inflight_cluster
 from tests.harness.registry_inproc import RunningRegistry, serve_registry
@@ -143,7 +143,7 @@ async def test_peer_requests_for_an_in_flight_blob_wait_for_the_spool(node: Node
     # One upstream request for the whole cluster's worth of readers.
     assert [path for path, _ in node.upstream.requests] == [f"/v2/{REPO}/blobs/{digest}"]
     assert node.advertiser.advertised == [digest]
-    assert spool.state.phase is Phase.COMPLETE
+    assert spool.state.phase is SpoolPhase.COMPLETE
     assert node.coordinator.counters.coalesced["peer"] >= 2
 
 

@@ -24,7 +24,7 @@ from services.registry.inflight.coordinator import (
 from services.registry.inflight.ports import Holder, LeaseAnswer, UpstreamManifest
 from services.registry.inflight.serving import answer_local_miss
 from services.registry.inflight.spool import SpoolPool
-from services.registry.inflight.spool_state import Phase, SpoolFailedError
+from services.registry.inflight.spool_state import SpoolFailedError, SpoolPhase
 from services.registry.paths import parse_v2_path
 from tests.harness.fake_inflight import CountingLimiter, FakeUpstream, sha256
 from tests.harness.fake_router import FakeRouter, LeaseTable
@@ -127,7 +127,7 @@ async def test_fetch_goes_on_when_its_client_disconnects(tmp_path: Path) -> None
     gate.set()
     assert isinstance(claim, Fetching)
     await claim.spool.verdict(5)
-    assert claim.spool.state.phase is Phase.COMPLETE
+    assert claim.spool.state.phase is SpoolPhase.COMPLETE
     await _settled(node)
     # Renewed once more after the end instead of released: the keeping loop runs.
     renewed = table.renewals.count(digest)
@@ -412,7 +412,7 @@ async def test_stalled_upstream_is_replaced_then_given_up(tmp_path: Path) -> Non
     assert isinstance(claim, Fetching)
     await _settled(node)
     await _withdrawn(advertiser, digest)
-    assert claim.spool.state.phase is Phase.FAILED
+    assert claim.spool.state.phase is SpoolPhase.FAILED
     assert upstream.blob_calls == [(digest, 0), (digest, 0)]
     # The lease is free for the next asker, and peers stop being sent here.
     assert table.released == [digest] and advertiser.withdrawn == [digest]

@@ -17,7 +17,7 @@ from services.registry.inflight.spool import (
     SpoolStalledError,
     spool_file_name,
 )
-from services.registry.inflight.spool_state import Phase, SpoolFailedError, SpoolState
+from services.registry.inflight.spool_state import SpoolFailedError, SpoolPhase, SpoolState
 from tests.harness.fake_inflight import sha256
 from tests.harness.wait import wait_until
 
@@ -57,7 +57,7 @@ def test_failed_state_raises_for_readers_and_stays_failed() -> None:
     state.fail("later reason")
     with pytest.raises(SpoolFailedError, match="upstream went away"):
         state.check()
-    assert state.phase is Phase.FAILED
+    assert state.phase is SpoolPhase.FAILED
 
 
 def test_empty_blob_has_nothing_to_hold_back() -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from services.common.discovery_router import Contact
+from services.common.discovery_router import Provider
 from services.registry.mirror.hedging import Peer
 from services.registry.mirror.providers import ProviderLookup
 from tests.harness.fake_router import FakeRouter, LeaseTable
@@ -13,10 +13,10 @@ KEY = "sha256:" + "a" * 64
 async def test_usable_distinct_providers_are_found_in_order() -> None:
     router = FakeRouter()
     router.providers[KEY] = [
-        Contact("10.0.0.1", 6443, b"\x01"),
-        Contact("registry.example", 6443),  # a name, never resolved: skipped
-        Contact("10.0.0.1", 6443, b"\x01"),  # the same peer again
-        Contact("10.0.0.2", 6443),
+        Provider("10.0.0.1", 6443, b"\x01"),
+        Provider("registry.example", 6443),  # a name, never resolved: skipped
+        Provider("10.0.0.1", 6443, b"\x01"),  # the same peer again
+        Provider("10.0.0.2", 6443),
     ]
     lookup = ProviderLookup(router, KEY, limit=5, deadline=1.0)
     assert await lookup.wait_more(1, within=1.0)
