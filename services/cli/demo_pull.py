@@ -18,7 +18,7 @@ from typing import cast
 
 from services.cli.demo_plan import PulledItem, repository_path
 from services.common.errors import PeermirrorError
-from services.common.oci.document import DocumentError, parse_children
+from services.common.oci.document import DocumentError, digest_of, parse_children
 from services.common.oci.media_types import (
     ACCEPT_MANIFESTS,
     OCI_INDEX,
@@ -205,7 +205,7 @@ def _fetch_manifest(
         body = resp.read()
         media_type = (resp.headers.get("Content-Type") or "").split(";", 1)[0].strip()
         claimed = resp.headers.get("Docker-Content-Digest") or ""
-    digest = "sha256:" + hashlib.sha256(body).hexdigest()
+    digest = digest_of(body)
     # By tag the registry's digest header is the only reference; by digest, the request is.
     expected = claimed if not reference.startswith("sha256:") else reference
     layout.add_blob_bytes(body)

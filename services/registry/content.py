@@ -19,12 +19,12 @@ containerd falls back at once; :func:`store_failed` tells them from a miss.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from services.common.logsetup import get_logger
+from services.common.oci.document import digest_matches
 from services.common.oci.errors import ErrorCode, OciError
 from services.common.oci.media_types import detect_manifest_media_type, is_manifest_media_type
 from services.common.store.protocol import (
@@ -85,11 +85,6 @@ class Blob:
     digest: str
     size: int
     path: Path | None
-
-
-def _digest_matches(digest: str, body: bytes) -> bool:
-    algorithm, _, encoded = digest.partition(":")
-    return hashlib.new(algorithm, body).hexdigest() == encoded
 
 
 def _looks_like_json_object(head: bytes) -> bool:
@@ -161,7 +156,7 @@ class ContentService:
             if size > MAX_MANIFEST_BYTES:
                 raise unknown
             body = await self._read_all(store, digest, size)
-        if len(body) != size or not _digest_matches(digest, body):
+        if len(body) != size or not digest_matches(digest, body):
             log.error("stored manifest does not match its digest", digest=digest)
             mismatch = StoreUnavailableError("content does not match digest")
             mismatch.__cause__ = ValueError("content does not match digest")

@@ -22,7 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
 
-from services.common.oci.document import ANNOTATION_CONTAINERD_NAME, ANNOTATION_REF_NAME
+from services.common.oci.document import (
+    ANNOTATION_CONTAINERD_NAME,
+    ANNOTATION_REF_NAME,
+    digest_of,
+)
 from services.common.oci.media_types import (
     DOCKER_CONFIG,
     DOCKER_LAYER_TAR,
@@ -279,7 +283,7 @@ class _LayoutWriter:
         self.paths: dict[str, Path] = {}
 
     def add_bytes(self, data: bytes, media_type: str) -> Descriptor:
-        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        digest = digest_of(data)
         tmp = self.blobs_dir / f".tmp-{digest[7:]}"
         tmp.write_bytes(data)
         return self._remember(Descriptor(digest, len(data), media_type), tmp)

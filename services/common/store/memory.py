@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
+from services.common.oci.document import digest_of
 from services.common.store.protocol import (
     ContentNotFoundError,
     Descriptor,
@@ -70,7 +70,7 @@ class MemoryStore:
         """Store `data` under its digest (`sha256` or `sha512`); returns the digest."""
         if algorithm not in ("sha256", "sha512"):
             raise ValueError(f"unsupported digest algorithm {algorithm!r}")
-        digest = f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
+        digest = digest_of(data, algorithm)
         self._blobs[digest] = bytes(data)
         return digest
 

@@ -36,6 +36,7 @@ from services.common.oci.document import (
     DocumentError,
     annotations_of,
     blob_path,
+    digest_of,
     entry_name,
     manifest_children,
     may_have_children,
@@ -345,7 +346,7 @@ class OciLayoutStore:
 
     def add_blob_bytes(self, data: bytes) -> str:
         """Store `data` as a sha256 blob; returns its digest."""
-        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        digest = digest_of(data)
         path = self.blob_file(digest)
         assert path is not None
         if not path.is_file():

@@ -25,7 +25,6 @@ longer: tags are mutable, so a tag's resolution is reused only within the window
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from typing import Any
 from services.common.cancellation import cancel_and_wait
 from services.common.config import InflightSection, NodeConfig
 from services.common.logsetup import get_logger
+from services.common.oci.document import digest_of
 from services.registry.inflight.ports import (
     FetchLimiter,
     FetchSlot,
@@ -137,10 +137,6 @@ class InflightCounters:
     )
     fallbacks: int = 0
     upstream_manifest_requests: int = 0
-
-
-def digest_of(body: bytes, algorithm: str = "sha256") -> str:
-    return f"{algorithm}:{hashlib.new(algorithm, body).hexdigest()}"
 
 
 class Coordinator:
