@@ -12,7 +12,7 @@ import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import KW_ONLY, dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, NoReturn, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -21,6 +21,15 @@ from services.common.containerd.errors import (
     ContainerdError,
     ContainerdNotFoundError,
     ContainerdUnavailableError,
+)
+from services.common.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    PeermirrorError,
+    UnavailableError,
+    UnimplementedError,
+    error_for_status,
 )
 from services.common.genproto.peermirror.pinner.v1 import pinner_pb2, pinner_pb2_grpc
 from services.pinner.pins import InvalidReferenceError, Pin, PinManager
@@ -140,50 +149,44 @@ class PinnerApi(pinner_pb2_grpc.PinnerServicer):
             SERVICE_NAME, lambda s: pinner_pb2_grpc.add_PinnerServicer_to_server(self, s)
         )
 
-    async def _containerd(self, context: grpc.aio.ServicerContext[object, object]) -> PinManager:
+    def _containerd(self) -> PinManager:
         if self.pins is None:
-            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the pinner has no containerd here")
+            raise UnimplementedError("the pinner has no containerd here")
         return self.pins
 
-    async def _with_pins(
-        self,
-        context: grpc.aio.ServicerContext[object, object],
-        call: Callable[[PinManager], Awaitable[_T]],
-        ref: str = "",
-    ) -> _T:
-        """`call` on the pins, its failures answered with the status they mean."""
-        pins = await self._containerd(context)
+    async def _with_pins(self, call: Callable[[PinManager], Awaitable[_T]], ref: str = "") -> _T:
+        """`call` on the pins; its failures raised as the errors (and so the statuses) they
+        mean to a caller of this API."""
+        pins = self._containerd()
         try:
             return await call(pins)
         except InvalidReferenceError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"ref: {exc}")
+            raise InvalidArgumentError(str(exc), field="ref") from exc
         except ContainerdError as exc:
-            await _abort(context, exc, ref)
+            raise _api_error(exc, ref) from exc
 
     async def ListPins(
         self, request: pinner_pb2.ListPinsRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pinner_pb2.ListPinsResponse:
-        pinned = await self._with_pins(context, lambda pins: pins.pinned())
+        pinned = await self._with_pins(lambda pins: pins.pinned())
         return pinner_pb2.ListPinsResponse(pins=[pin_message(p) for p in pinned])
 
     async def Pin(
         self, request: pinner_pb2.PinRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pinner_pb2.PinResponse:
-        pin = await self._with_pins(context, lambda pins: pins.pin(request.ref), request.ref)
+        pin = await self._with_pins(lambda pins: pins.pin(request.ref), request.ref)
         return pinner_pb2.PinResponse(pin=pin_message(pin))
 
     async def Unpin(
         self, request: pinner_pb2.UnpinRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pinner_pb2.UnpinResponse:
-        was_pinned = await self._with_pins(
-            context, lambda pins: pins.unpin(request.ref), request.ref
-        )
+        was_pinned = await self._with_pins(lambda pins: pins.unpin(request.ref), request.ref)
         return pinner_pb2.UnpinResponse(was_pinned=was_pinned)
 
     async def Status(
         self, request: pinner_pb2.StatusRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pinner_pb2.StatusResponse:
-        pins = await self._containerd(context)
+        pins = self._containerd()
         state = self.sync_state() if self.sync_state is not None else SyncState()
         try:
             pinned = len(await pins.pinned())
@@ -205,12 +208,12 @@ class PinnerApi(pinner_pb2_grpc.PinnerServicer):
     async def Resync(
         self, request: pinner_pb2.ResyncRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pinner_pb2.ResyncResponse:
-        await self._containerd(context)
+        self._containerd()
         try:
             imported = await self.airgap.rescan() if self.airgap is not None else 0
             outcome = await self.resync() if self.resync is not None else SyncOutcome()
         except ContainerdError as exc:
-            await _abort(context, exc)
+            raise _api_error(exc) from exc
         return pinner_pb2.ResyncResponse(
             advertised=outcome.advertised,
             withdrawn=outcome.withdrawn,
@@ -224,21 +227,22 @@ class PinnerApi(pinner_pb2_grpc.PinnerServicer):
         context: grpc.aio.ServicerContext[object, object],
     ) -> AsyncIterator[pinner_pb2.PrefetchProgress]:
         if self.prefetcher is None:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, NO_CONTAINERD)
+            raise FailedPreconditionError(NO_CONTAINERD)
         # An InvalidPrefetchError (the field named) is answered by the ErrorStatuses interceptor.
         try:
             async for update in self.prefetcher.prefetch(request.reference):
                 yield progress_message(update)
         except ContainerdError as exc:
             # Name the field, keep containerd's reason (not found upstream, unreachable, ...).
-            await context.abort(pull_failure_status(exc), f"reference {request.reference!r}: {exc}")
+            message = f"reference {request.reference!r}: {exc}"
+            raise error_for_status(pull_failure_status(exc), message) from exc
 
 
-async def _abort(
-    context: grpc.aio.ServicerContext[object, object], exc: ContainerdError, ref: str = ""
-) -> NoReturn:
+def _api_error(exc: ContainerdError, ref: str = "") -> PeermirrorError:
+    """What a failed containerd call means to this API's caller: a missing image names the
+    reference asked for; containerd out of reach is UNAVAILABLE; anything else INTERNAL."""
     if isinstance(exc, ContainerdNotFoundError):
-        await context.abort(grpc.StatusCode.NOT_FOUND, f"no such image: {ref}")
+        return NotFoundError(f"no such image: {ref}")
     if isinstance(exc, ContainerdUnavailableError):
-        await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-    await context.abort(grpc.StatusCode.INTERNAL, str(exc))
+        return UnavailableError(str(exc))
+    return PeermirrorError(str(exc))
