@@ -18,7 +18,7 @@ from typing import cast
 
 from services.cli.demo_plan import PulledItem, repository_path
 from services.common.errors import PeermirrorError
-from services.common.oci.document import DocumentError, digest_of, parse_children
+from services.common.oci.document import DocumentError, digest_of, parse_children, parse_index
 from services.common.oci.media_types import (
     ACCEPT_MANIFESTS,
     OCI_INDEX,
@@ -26,7 +26,7 @@ from services.common.oci.media_types import (
     detect_manifest_media_type,
     is_index_media_type,
 )
-from services.common.store.oci_layout import OciLayoutStore, named_images, parse_index
+from services.common.store.oci_layout import OciLayoutStore, named_images
 from services.common.store.protocol import Descriptor
 
 CHUNK = 1024 * 1024

@@ -198,6 +198,20 @@ def may_have_children(desc: Descriptor) -> bool:
 # --- index.json --------------------------------------------------------------------------------
 
 
+def parse_index(data: bytes) -> list[dict[str, object]]:
+    """The `manifests` entries of an index.json document; DocumentError when it is not one."""
+    try:
+        doc = json.loads(data)
+    except ValueError as exc:
+        raise DocumentError(f"index.json is not JSON: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise DocumentError("index.json is not a JSON object")
+    manifests = doc.get("manifests", [])
+    if not isinstance(manifests, list):
+        raise DocumentError("index.json `manifests` is not a list")
+    return [m for m in manifests if isinstance(m, dict)]
+
+
 def annotations_of(entry: object) -> dict[str, str]:
     """The string annotations of an index.json entry ({} when it has none)."""
     raw = entry.get("annotations") if isinstance(entry, Mapping) else None

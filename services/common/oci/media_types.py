@@ -57,6 +57,16 @@ def is_image_manifest_media_type(media_type: str) -> bool:
     return _base(media_type) in IMAGE_MANIFEST_MEDIA_TYPES
 
 
+def declared_media_type(body: bytes) -> str | None:
+    """The ``mediaType`` a JSON document declares at its top level (None: it declares none)."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    declared = doc.get("mediaType") if isinstance(doc, dict) else None
+    return declared.strip() if isinstance(declared, str) else None
+
+
 def detect_manifest_media_type(body: bytes) -> str | None:
     """The manifest media type of ``body``, or None when it is not a (schema 2) manifest/index.
 

@@ -25,7 +25,10 @@ from typing import Literal, Protocol
 from services.common.oci.document import (
     ANNOTATION_CONTAINERD_NAME,
     ANNOTATION_REF_NAME,
+    annotations_of,
     digest_of,
+    entry_name,
+    parse_index,
 )
 from services.common.oci.media_types import (
     DOCKER_CONFIG,
@@ -415,21 +418,13 @@ def _write_layout_index(directory: Path, images: Sequence[BuiltImage]) -> None:
     index_path = directory / "index.json"
     entries: list[dict[str, object]] = []
     if index_path.exists():
-        entries = list(json.loads(index_path.read_text()).get("manifests", []))
+        entries = parse_index(index_path.read_bytes())
     names = {image.name for image in images}
-    entries = [e for e in entries if _entry_name(e) not in names]
+    entries = [e for e in entries if entry_name(annotations_of(e)) not in names]
     entries.extend(image.index_entry() for image in images)
     tmp = directory / ".index.json.tmp"
     tmp.write_bytes(_index_bytes(entries))
     os.replace(tmp, index_path)
-
-
-def _entry_name(entry: dict[str, object]) -> str | None:
-    annotations = entry.get("annotations")
-    if not isinstance(annotations, dict):
-        return None
-    name = annotations.get(ANNOTATION_CONTAINERD_NAME) or annotations.get(ANNOTATION_REF_NAME)
-    return name if isinstance(name, str) else None
 
 
 def _index_bytes(entries: Sequence[dict[str, object]]) -> bytes:

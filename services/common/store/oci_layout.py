@@ -40,6 +40,7 @@ from services.common.oci.document import (
     entry_name,
     manifest_children,
     may_have_children,
+    parse_index,
     strict_descriptor,
 )
 from services.common.oci.grammar import SUPPORTED_ALGORITHMS
@@ -65,20 +66,6 @@ def _entry_descriptor(entry: object) -> Descriptor | None:
         return strict_descriptor(entry, "index.json entry")
     except DocumentError:
         return None
-
-
-def parse_index(data: bytes) -> list[dict[str, object]]:
-    """The `manifests` entries of an index.json document; DocumentError when it is not one."""
-    try:
-        doc = json.loads(data)
-    except ValueError as exc:
-        raise DocumentError(f"index.json is not JSON: {exc}") from exc
-    if not isinstance(doc, dict):
-        raise DocumentError("index.json is not a JSON object")
-    manifests = doc.get("manifests", [])
-    if not isinstance(manifests, list):
-        raise DocumentError("index.json `manifests` is not a list")
-    return [m for m in manifests if isinstance(m, dict)]
 
 
 def named_images(

@@ -25,15 +25,18 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from services.common.config import RegistrySection
+from services.common.oci.document import digest_matches
 from services.common.oci.grammar import GrammarError, parse_digest
-from services.common.oci.media_types import detect_manifest_media_type, is_manifest_media_type
+from services.common.oci.media_types import (
+    declared_media_type,
+    detect_manifest_media_type,
+    is_manifest_media_type,
+)
 from services.registry.mirror.hedging import Peer
 from services.registry.mirror.verify import (
     DigestMismatchError,
     PeerAnswerError,
     RunningHash,
-    body_matches,
-    declared_media_type,
 )
 from services.registry.ranges import ByteRange
 
@@ -466,7 +469,7 @@ def manifest_answer(
             expected = str(parse_digest(named.strip()))
         except GrammarError as exc:
             raise PeerAnswerError(f"tag answer names an unusable digest: {exc}") from None
-    if not body_matches(expected, body):
+    if not digest_matches(expected, body):
         raise DigestMismatchError(f"manifest body does not hash to {expected}")
     if named is not None and digest_asked is not None and named.strip() != digest_asked:
         raise PeerAnswerError(f"answer names {named.strip()}, not {digest_asked}")

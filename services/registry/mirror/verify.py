@@ -8,12 +8,11 @@ an exact length and, for a range, a Content-Range that is exactly the span asked
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from collections.abc import Mapping
 
 from services.common.errors import PeermirrorError
-from services.common.oci.grammar import GrammarError, parse_digest
+from services.common.oci.grammar import parse_digest
 from services.registry.ranges import ByteRange
 
 _CONTENT_RANGE_RE = re.compile(r"bytes (\d{1,18})-(\d{1,18})/(\d{1,18})")
@@ -48,26 +47,6 @@ class RunningHash:
     def prefix_digest(self) -> str:
         """The hex digest of everything fed so far (the hash goes on; evidence of a prefix)."""
         return self._hash.copy().hexdigest()
-
-
-def declared_media_type(body: bytes) -> str | None:
-    """The ``mediaType`` a JSON document declares at its top level (None: it declares none)."""
-    try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    declared = doc.get("mediaType") if isinstance(doc, dict) else None
-    return declared.strip() if isinstance(declared, str) else None
-
-
-def body_matches(digest: str, body: bytes) -> bool:
-    """Whether `body` hashes to `digest` (False for a malformed or unsupported digest)."""
-    try:
-        running = RunningHash(digest)
-    except GrammarError:
-        return False
-    running.update(body)
-    return running.matches()
 
 
 def parse_content_range(value: str | None) -> ByteRange | None:

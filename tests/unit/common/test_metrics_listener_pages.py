@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from services.common.metrics import MetricsListener, new_registry
-from tests.unit.observability.test_metrics_listener import fetch
+from tests.unit.common.test_metrics_listener import fetch
 
 
 async def test_serves_pages_next_to_metrics() -> None:
