@@ -12,7 +12,7 @@ import asyncio
 from collections import ChainMap
 from collections.abc import AsyncIterator, Callable, Collection, Iterable, Iterator, Mapping
 
-from services.common.oci.document import MAX_MANIFEST_BYTES, manifest_children, may_have_children
+from services.common.oci.document import MAX_MANIFEST_BYTES, manifest_children, reachable
 from services.common.store.protocol import ContentNotFoundError, ContentStore, Descriptor
 
 # Indexes may nest (an index of indexes); real images go two levels deep. The bound only stops
@@ -27,24 +27,9 @@ def walk_image(
     children: Callable[[Descriptor], tuple[Descriptor, ...] | None],
     present: Collection[str],
 ) -> frozenset[str]:
-    """Every digest reachable from `target` that is in `present`.
-
-    `children(desc)` gives a present manifest's children (None when it could not be read); it
-    is only asked about present descriptors for which `may_have_children` holds. An absent
-    manifest hides its children: they are not reachable through this image.
-    """
-    found: set[str] = set()
-    stack: list[tuple[Descriptor, int]] = [(target, 0)]
-    while stack:
-        desc, depth = stack.pop()
-        if desc.digest in found or desc.digest not in present:
-            continue
-        found.add(desc.digest)
-        if depth >= MAX_DEPTH or not may_have_children(desc):
-            continue
-        for child in children(desc) or ():
-            stack.append((child, depth + 1))
-    return frozenset(found)
+    """Every digest reachable from `target` that is in `present`, at most MAX_DEPTH levels
+    down (see `document.reachable`: an absent manifest hides its children)."""
+    return reachable([target], children, present, max_depth=MAX_DEPTH)
 
 
 def digests_to_read(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Container, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -193,6 +193,33 @@ def manifest_children(body: bytes, media_type: str = "") -> tuple[Descriptor, ..
 def may_have_children(desc: Descriptor) -> bool:
     """Whether `desc` has to be read to find more digests (a manifest/index, or type unknown)."""
     return desc.media_type == "" or is_manifest_media_type(desc.media_type)
+
+
+def reachable(
+    targets: Iterable[Descriptor],
+    children: Callable[[Descriptor], Iterable[Descriptor] | None],
+    present: Container[str],
+    *,
+    max_depth: int | None = None,
+) -> frozenset[str]:
+    """Every digest in `present` reachable from `targets` (images' indexes or manifests).
+
+    `children(desc)` gives a present manifest's children (None when it could not be read); it
+    is only asked about present descriptors for which `may_have_children` holds. An absent
+    manifest hides its children. `max_depth` bounds the nesting a walk follows; None follows
+    every level, as a prune must (stopping short would call a deep blob unused).
+    """
+    found: set[str] = set()
+    stack: list[tuple[Descriptor, int]] = [(target, 0) for target in targets]
+    while stack:
+        desc, depth = stack.pop()
+        if desc.digest in found or desc.digest not in present:
+            continue
+        found.add(desc.digest)
+        if (max_depth is not None and depth >= max_depth) or not may_have_children(desc):
+            continue
+        stack.extend((child, depth + 1) for child in children(desc) or ())
+    return frozenset(found)
 
 
 # --- index.json --------------------------------------------------------------------------------

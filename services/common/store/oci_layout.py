@@ -24,7 +24,7 @@ import hashlib
 import json
 import os
 import threading
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Container, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,8 +39,8 @@ from services.common.oci.document import (
     digest_of,
     entry_name,
     manifest_children,
-    may_have_children,
     parse_index,
+    reachable,
     strict_descriptor,
 )
 from services.common.oci.grammar import SUPPORTED_ALGORITHMS
@@ -139,6 +139,17 @@ class _LayoutWatcher:
         """Stop: pending and future `__anext__` calls end the iteration."""
         self._closed.set()
         self._store._watchers.discard(self)
+
+
+class _BlobFiles(Container[str]):
+    """The digests whose blob file `layout` holds, each looked up when asked."""
+
+    def __init__(self, layout: OciLayoutStore) -> None:
+        self._layout = layout
+
+    def __contains__(self, digest: object) -> bool:
+        path = self._layout.blob_file(digest) if isinstance(digest, str) else None
+        return path is not None and path.is_file()
 
 
 class OciLayoutStore:
@@ -392,20 +403,17 @@ class OciLayoutStore:
     def _entry_is(self, entry: Mapping[str, object], name: str) -> bool:
         return entry_name(annotations_of(entry), self.bare_tag_repository) == name
 
-    def _reachable(self, entries: Iterable[Mapping[str, object]]) -> set[str]:
-        seen: set[str] = set()
-        todo = [d for d in (_entry_descriptor(e) for e in entries) if d is not None]
-        while todo:
-            desc = todo.pop()
-            if desc.digest in seen:
-                continue
-            seen.add(desc.digest)
-            path = self.blob_file(desc.digest)
-            if path is None or not path.is_file():
-                continue
-            if may_have_children(desc) and desc.size <= MAX_MANIFEST_BYTES:
-                todo.extend(manifest_children(path.read_bytes(), desc.media_type))
-        return seen
+    def _reachable(self, entries: Iterable[Mapping[str, object]]) -> frozenset[str]:
+        """The blobs the layout holds that `entries` reach, however deep (this decides what a
+        prune deletes)."""
+        targets = [d for d in (_entry_descriptor(e) for e in entries) if d is not None]
+        return reachable(targets, self._children, _BlobFiles(self))
+
+    def _children(self, desc: Descriptor) -> tuple[Descriptor, ...] | None:
+        path = self.blob_file(desc.digest)
+        if path is None or desc.size > MAX_MANIFEST_BYTES:
+            return None
+        return manifest_children(path.read_bytes(), desc.media_type)
 
     def _write_index(self, entries: list[dict[str, object]]) -> None:
         doc = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries}

@@ -17,6 +17,7 @@ from services.common.oci.document import (
     digest_of,
     manifest_children,
     parse_children,
+    reachable,
     split_digest,
     strict_descriptor,
 )
@@ -113,3 +114,35 @@ def test_the_layout_store_and_the_air_gap_import_name_entries_alike() -> None:
     named, unnamed = parse_oci_index(json.dumps({"manifests": entries}).encode())
     assert set(store_names) == {n.target.digest for n in named}
     assert len(unnamed) == len(entries) - len(store_names)
+
+
+def _chain(length: int) -> dict[str, tuple[Descriptor, ...]]:
+    """Indexes nested `length` deep: index i's one child is index i+1, the last has a layer."""
+    nodes = [Descriptor(digest_of(str(i).encode()), 10, OCI_INDEX) for i in range(length)]
+    layer = Descriptor(digest_of(b"layer"), 10, "application/vnd.oci.image.layer.v1.tar")
+    graph: dict[str, tuple[Descriptor, ...]] = {"top": (nodes[0],)}
+    for i, node in enumerate(nodes):
+        graph[node.digest] = (nodes[i + 1] if i + 1 < length else layer,)
+    return graph
+
+
+def test_a_walk_follows_every_level_unless_bounded() -> None:
+    graph = _chain(12)
+    top = graph["top"][0]
+    everything = set(graph) | {c.digest for kids in graph.values() for c in kids}
+    unbounded = reachable([top], lambda d: graph.get(d.digest), everything)
+    assert len(unbounded) == 13  # 12 indexes and the layer: a prune must see them all
+    bounded = reachable([top], lambda d: graph.get(d.digest), everything, max_depth=8)
+    assert len(bounded) == 9
+
+
+def test_an_absent_manifest_hides_its_children_and_shared_ones_count_once() -> None:
+    graph = _chain(3)
+    top = graph["top"][0]
+    middle = graph[top.digest][0]
+    everything = set(graph) | {c.digest for kids in graph.values() for c in kids}
+    assert reachable([top], lambda d: graph.get(d.digest), everything - {middle.digest}) == {
+        top.digest
+    }
+    both = reachable([top, middle], lambda d: graph.get(d.digest), everything)
+    assert both == reachable([top], lambda d: graph.get(d.digest), everything)
