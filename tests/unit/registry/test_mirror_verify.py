@@ -32,9 +32,13 @@ def test_running_hash_over_pieces() -> None:
 
 
 def test_sha512_is_supported_and_bad_digests_are_refused() -> None:
-    running = RunningHash("sha512:" + hashlib.sha512(DATA).hexdigest())
+    digest = "sha512:" + hashlib.sha512(DATA).hexdigest()
+    running = RunningHash(digest)
     running.update(DATA)
     assert running.matches()
+    truncated = RunningHash(digest)
+    truncated.update(DATA[:-1])
+    assert not truncated.matches()
     with pytest.raises(GrammarError):
         RunningHash("md5:" + "0" * 32)
     with pytest.raises(GrammarError):

@@ -53,6 +53,10 @@ def test_digest_matches() -> None:
     assert digest_matches(SHA256, b"x") and digest_matches(SHA512, b"x")
     assert not digest_matches(SHA256, b"y")
     assert not digest_matches("sha256:nonsense", b"x")
+    # What the relay's manifest check (once its own body_matches) relies on: a sha512 digest
+    # refuses a truncated body, an unsupported algorithm refuses everything.
+    assert not digest_matches(SHA512, b"")
+    assert not digest_matches("md5:abc", b"x")
 
 
 def test_lenient_and_strict_descriptors() -> None:
